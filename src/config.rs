@@ -1,0 +1,797 @@
+//! Configuration: one flat table of settings, layered defaults < file < env < flags.
+//!
+//! Loading goes through the `config` crate so every layer is merged the same
+//! way. The environment is passed in as a map rather than read from the
+//! process, so tests (and the demo) can swap it without `set_var`.
+//!
+//! Validation never stops at the first mistake: every unknown key and every
+//! bad value is collected and reported together, each naming its setting, so a
+//! user fixes a config file in one pass. Secret values are never echoed.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use config::{Environment, File, FileFormat};
+use http::uri::{Authority, Scheme};
+use http::{HeaderName, HeaderValue, Uri};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateDer;
+use serde::Deserialize;
+
+use crate::secret::{ApiKey, KEY_PLACEHOLDER};
+
+/// Prefix of the environment variables that set keyrelay's own settings.
+pub const ENV_PREFIX: &str = "KEYRELAY";
+
+/// One setting: its key in the config file, how to set it elsewhere, its default.
+#[derive(Debug, Clone, Copy)]
+pub struct Setting {
+    /// Key in the TOML file; also the suffix of the `KEYRELAY_` variable.
+    pub key: &'static str,
+    /// Default value as a user would write it, or "" when there is none.
+    pub default: &'static str,
+    /// One line saying what the setting does.
+    pub help: &'static str,
+}
+
+impl Setting {
+    /// The environment variable that sets this setting, e.g. `KEYRELAY_LISTEN`.
+    pub fn env_var(&self) -> String {
+        format!("{ENV_PREFIX}_{}", self.key.to_ascii_uppercase())
+    }
+
+    /// The command-line flag that sets this setting, e.g. `--listen`.
+    pub fn flag(&self) -> String {
+        format!("--{}", self.key.replace('_', "-"))
+    }
+}
+
+/// Every setting keyrelay knows. Anything else in a file or `KEYRELAY_*` is an error.
+pub const SETTINGS: &[Setting] = &[
+    Setting {
+        key: "listen",
+        default: "127.0.0.1:8080",
+        help: "Address the proxy listens on (HTTP/1.1 and h2c on the same port).",
+    },
+    Setting {
+        key: "upstream",
+        default: "",
+        help: "Base URL of the model endpoint; request paths are appended to its path.",
+    },
+    Setting {
+        key: "key_env",
+        default: "BASETEN_API_KEY",
+        help: "Environment variable holding the upstream API key.",
+    },
+    Setting {
+        key: "auth_header",
+        default: "authorization",
+        help: "Header the key is injected into.",
+    },
+    Setting {
+        key: "auth_template",
+        default: "Api-Key {key}",
+        help: "Value of the injected header; {key} is replaced by the key.",
+    },
+    Setting {
+        key: "strip_request_headers",
+        default: "authorization,proxy-authorization,x-api-key",
+        help: "Client credential headers removed before forwarding (comma list).",
+    },
+    Setting {
+        key: "ca_file",
+        default: "",
+        help: "PEM bundle of extra CA certificates trusted for the upstream, beside the web roots.",
+    },
+    Setting {
+        key: "connect_timeout",
+        default: "10s",
+        help: "Limit on DNS + TCP + TLS to the upstream (504 when exceeded).",
+    },
+    Setting {
+        key: "response_header_timeout",
+        default: "off",
+        help: "Limit on waiting for the upstream's response headers (504); off by default for cold starts.",
+    },
+    Setting {
+        key: "idle_timeout",
+        default: "5m",
+        help: "Longest silence between response body frames before the stream is aborted.",
+    },
+    Setting {
+        key: "pool_idle_timeout",
+        default: "20s",
+        help: "How long an idle upstream connection is kept for reuse.",
+    },
+    Setting {
+        key: "pool_max_idle_per_host",
+        default: "64",
+        help: "Most idle upstream connections kept for reuse.",
+    },
+    Setting {
+        key: "upstream_http2",
+        default: "false",
+        help: "Speak HTTP/2 to the upstream (with keepalive pings) instead of HTTP/1.1.",
+    },
+    Setting {
+        key: "http2_keepalive_interval",
+        default: "20s",
+        help: "Interval of HTTP/2 PING keepalives to the upstream when upstream_http2 is on.",
+    },
+    Setting {
+        key: "shutdown_grace",
+        default: "30s",
+        help: "On SIGTERM/SIGINT, how long streams in flight may finish before they are cut.",
+    },
+    Setting {
+        key: "log_format",
+        default: "text",
+        help: "Log output: text or json.",
+    },
+];
+
+/// The settings as they arrive from the merged layers, before validation.
+///
+/// Values a user types (addresses, durations, URLs) are kept as strings here so
+/// that validation can report every bad one at once with its setting's name.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    listen: String,
+    upstream: Option<String>,
+    key_env: String,
+    auth_header: String,
+    auth_template: String,
+    strip_request_headers: Vec<String>,
+    ca_file: Option<String>,
+    connect_timeout: String,
+    response_header_timeout: String,
+    idle_timeout: String,
+    pool_idle_timeout: String,
+    pool_max_idle_per_host: usize,
+    upstream_http2: bool,
+    http2_keepalive_interval: String,
+    shutdown_grace: String,
+    log_format: String,
+}
+
+/// Validated configuration, ready to run.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Where requests go.
+    pub upstream: UpstreamUrl,
+    /// What is injected and what is scrubbed.
+    pub credential: Credential,
+    /// Extra roots trusted for the upstream's TLS certificate.
+    pub extra_ca_certs: Vec<CertificateDer<'static>>,
+    /// Connect, header and idle limits.
+    pub timeouts: Timeouts,
+    /// Upstream connection reuse.
+    pub pool: PoolSettings,
+    /// HTTP/2 to the upstream instead of HTTP/1.1.
+    pub upstream_http2: bool,
+    /// PING interval for HTTP/2 upstream connections.
+    pub http2_keepalive_interval: Duration,
+    /// Time streams in flight get to finish on shutdown.
+    pub shutdown_grace: Duration,
+    /// Text or JSON logs.
+    pub log_format: LogFormat,
+}
+
+/// The upstream base URL, split into the parts each request reuses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamUrl {
+    /// `http` or `https`.
+    pub scheme: Scheme,
+    /// Host and optional port; also the `Host`/`:authority` sent upstream.
+    pub authority: Authority,
+    /// Path prefix with no trailing slash ("" for the root).
+    pub base_path: String,
+}
+
+impl fmt::Display for UpstreamUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}://{}{}", self.scheme, self.authority, self.base_path)
+    }
+}
+
+/// The credential keyrelay adds, and the client headers it removes first.
+#[derive(Debug, Clone)]
+pub struct Credential {
+    /// Name of the environment variable the key came from (for messages).
+    pub key_env: String,
+    /// The key itself; prints as a mask.
+    pub key: ApiKey,
+    /// Header the credential goes into.
+    pub header: HeaderName,
+    /// Rendered, sensitive header value.
+    pub value: HeaderValue,
+    /// Client headers removed before forwarding; always includes `header`.
+    pub strip: Vec<HeaderName>,
+}
+
+/// Limits on waiting for the upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// DNS + TCP connect (the TLS handshake rides on the same connect future).
+    pub connect: Duration,
+    /// Time from sending the request to the response headers; `None` waits forever.
+    pub response_headers: Option<Duration>,
+    /// Silence allowed between response body frames; `None` waits forever.
+    pub idle: Option<Duration>,
+}
+
+/// Upstream connection pool settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolSettings {
+    /// Idle connections older than this are closed rather than reused.
+    pub idle_timeout: Duration,
+    /// Cap on idle connections kept.
+    pub max_idle_per_host: usize,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log pipelines.
+    Json,
+}
+
+/// Where configuration comes from, besides the built-in defaults.
+#[derive(Debug, Default, Clone)]
+pub struct Sources {
+    /// Optional TOML file (`--config`).
+    pub file: Option<PathBuf>,
+    /// The environment: `KEYRELAY_*` settings and the key variable are read from here.
+    pub env: HashMap<String, String>,
+    /// Values from command-line flags, highest precedence, keyed by setting.
+    pub overrides: Vec<(String, OverrideValue)>,
+}
+
+/// A command-line value for a setting.
+#[derive(Debug, Clone)]
+pub enum OverrideValue {
+    /// A scalar, parsed like the file value would be.
+    Text(String),
+    /// A boolean switch.
+    Bool(bool),
+    /// A list (e.g. repeated flags).
+    List(Vec<String>),
+}
+
+impl Sources {
+    /// Sources with the process environment.
+    pub fn from_process_env() -> Self {
+        Self {
+            env: std::env::vars().collect(),
+            ..Self::default()
+        }
+    }
+
+    /// Adds a flag value for `key`.
+    pub fn set(&mut self, key: &str, value: OverrideValue) -> &mut Self {
+        self.overrides.push((key.to_owned(), value));
+        self
+    }
+}
+
+/// One thing wrong with the configuration, naming the setting it concerns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// The setting (or source) at fault.
+    pub setting: String,
+    /// What is wrong and, where useful, how to fix it.
+    pub message: String,
+}
+
+/// Everything wrong with the configuration, reported together.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// At least one problem.
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "invalid configuration:")?;
+        for problem in &self.problems {
+            writeln!(f, "  - {}: {}", problem.setting, problem.message)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl ConfigError {
+    fn single(setting: &str, message: impl Into<String>) -> Self {
+        Self {
+            problems: vec![Problem {
+                setting: setting.to_owned(),
+                message: message.into(),
+            }],
+        }
+    }
+}
+
+/// Merges defaults, the file, `KEYRELAY_*` variables and flags, then validates.
+pub fn load(sources: &Sources) -> Result<Config, ConfigError> {
+    let merged = merge(sources)?;
+    let unknown = unknown_keys(&merged);
+    if !unknown.is_empty() {
+        return Err(ConfigError { problems: unknown });
+    }
+    let raw: RawConfig = merged
+        .try_deserialize()
+        .map_err(|err| ConfigError::single("config", err.to_string()))?;
+    let mut found = Problems(Vec::new());
+    match check(raw, &sources.env, &mut found) {
+        Some(config) if found.0.is_empty() => Ok(config),
+        _ => Err(ConfigError { problems: found.0 }),
+    }
+}
+
+fn merge(sources: &Sources) -> Result<config::Config, ConfigError> {
+    let mut builder = config::Config::builder();
+    for setting in SETTINGS {
+        if setting.default.is_empty() {
+            continue;
+        }
+        let result = if setting.key == "strip_request_headers" {
+            builder.set_default(setting.key, split_list(setting.default))
+        } else {
+            builder.set_default(setting.key, setting.default)
+        };
+        builder = result.map_err(|err| ConfigError::single(setting.key, err.to_string()))?;
+    }
+    if let Some(path) = &sources.file {
+        if !path.is_file() {
+            return Err(ConfigError::single(
+                "config",
+                format!("file {} does not exist or is not a file", path.display()),
+            ));
+        }
+        builder = builder.add_source(File::from(path.as_path()).format(FileFormat::Toml));
+    }
+    builder = builder.add_source(
+        Environment::with_prefix(ENV_PREFIX)
+            .prefix_separator("_")
+            .list_separator(",")
+            .with_list_parse_key("strip_request_headers")
+            .try_parsing(false)
+            .source(Some(sources.env.clone().into_iter().collect())),
+    );
+    for (key, value) in &sources.overrides {
+        let result = match value {
+            OverrideValue::Text(text) => builder.set_override(key.as_str(), text.as_str()),
+            OverrideValue::Bool(flag) => builder.set_override(key.as_str(), *flag),
+            OverrideValue::List(items) => builder.set_override(key.as_str(), items.clone()),
+        };
+        builder = result.map_err(|err| ConfigError::single(key, err.to_string()))?;
+    }
+    builder
+        .build()
+        .map_err(|err| ConfigError::single("config", err.to_string()))
+}
+
+fn unknown_keys(merged: &config::Config) -> Vec<Problem> {
+    let Ok(table) = merged
+        .clone()
+        .try_deserialize::<HashMap<String, config::Value>>()
+    else {
+        return Vec::new();
+    };
+    let mut unknown: Vec<Problem> = table
+        .keys()
+        .filter(|key| !SETTINGS.iter().any(|s| s.key == key.as_str()))
+        .map(|key| Problem {
+            setting: key.clone(),
+            message: format!(
+                "unknown setting (from the config file or {ENV_PREFIX}_{}); known settings: {}",
+                key.to_ascii_uppercase(),
+                SETTINGS
+                    .iter()
+                    .map(|s| s.key)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        })
+        .collect();
+    unknown.sort_by(|a, b| a.setting.cmp(&b.setting));
+    unknown
+}
+
+/// Collects problems while validating, so all of them are reported together.
+struct Problems(Vec<Problem>);
+
+impl Problems {
+    fn report(&mut self, setting: &str, message: impl Into<String>) {
+        self.0.push(Problem {
+            setting: setting.to_owned(),
+            message: message.into(),
+        });
+    }
+
+    /// A duration that may be "off".
+    fn optional_duration(&mut self, setting: &str, text: &str) -> Option<Option<Duration>> {
+        parse_duration(text)
+            .map_err(|message| self.report(setting, message))
+            .ok()
+    }
+
+    /// A duration that must be set; `why` says what "off" would break.
+    fn duration(&mut self, setting: &str, text: &str, why: &str) -> Option<Duration> {
+        match self.optional_duration(setting, text)? {
+            Some(duration) => Some(duration),
+            None => {
+                self.report(setting, format!("cannot be off: {why}"));
+                None
+            }
+        }
+    }
+}
+
+fn check(raw: RawConfig, env: &HashMap<String, String>, found: &mut Problems) -> Option<Config> {
+    let listen = raw.listen.parse::<SocketAddr>().ok();
+    if listen.is_none() {
+        found.report(
+            "listen",
+            format!("{:?} is not an IP:port address", raw.listen),
+        );
+    }
+
+    let upstream = match raw.upstream.as_deref() {
+        None | Some("") => {
+            found.report(
+                "upstream",
+                "not set; pass --upstream URL or set KEYRELAY_UPSTREAM",
+            );
+            None
+        }
+        Some(text) => parse_upstream(text)
+            .map_err(|message| found.report("upstream", message))
+            .ok(),
+    };
+
+    let header = HeaderName::from_bytes(raw.auth_header.as_bytes()).ok();
+    if header.is_none() {
+        found.report(
+            "auth_header",
+            format!("{:?} is not a valid header name", raw.auth_header),
+        );
+    }
+
+    let template_ok = raw.auth_template.contains(KEY_PLACEHOLDER);
+    if !template_ok {
+        found.report(
+            "auth_template",
+            format!("must contain {KEY_PLACEHOLDER} where the key goes"),
+        );
+    }
+
+    let mut strip = Vec::with_capacity(raw.strip_request_headers.len() + 1);
+    for name in raw.strip_request_headers.iter().map(|n| n.trim()) {
+        match HeaderName::from_bytes(name.as_bytes()) {
+            Ok(name) => strip.push(name),
+            Err(_) if name.is_empty() => {}
+            Err(_) => found.report(
+                "strip_request_headers",
+                format!("{name:?} is not a valid header name"),
+            ),
+        }
+    }
+
+    let key = env
+        .get(&raw.key_env)
+        .map(|value| ApiKey::new(value.clone()))
+        .filter(|key| !key.is_blank());
+    if key.is_none() {
+        found.report(
+            "key_env",
+            format!(
+                "environment variable {} is not set or is empty; export the upstream API key in it",
+                raw.key_env
+            ),
+        );
+    }
+    let value = match &key {
+        Some(key) if template_ok => key
+            .header_value(&raw.auth_template)
+            .map_err(|err| {
+                found.report(
+                    "key_env",
+                    format!(
+                        "the key in {} (as rendered by auth_template) {err}",
+                        raw.key_env
+                    ),
+                )
+            })
+            .ok(),
+        _ => None,
+    };
+
+    let extra_ca_certs = match raw.ca_file.as_deref() {
+        None | Some("") => Some(Vec::new()),
+        Some(path) => load_ca_file(Path::new(path))
+            .map_err(|message| found.report("ca_file", message))
+            .ok(),
+    };
+
+    let connect = found.duration(
+        "connect_timeout",
+        &raw.connect_timeout,
+        "a dead upstream would hang requests forever",
+    );
+    let response_headers =
+        found.optional_duration("response_header_timeout", &raw.response_header_timeout);
+    let idle = found.optional_duration("idle_timeout", &raw.idle_timeout);
+    let pool_idle = found.duration(
+        "pool_idle_timeout",
+        &raw.pool_idle_timeout,
+        "keep it shorter than the upstream's keep-alive so stale connections are not reused",
+    );
+    let keepalive = found.duration(
+        "http2_keepalive_interval",
+        &raw.http2_keepalive_interval,
+        "long HTTP/2 streams need keepalive pings",
+    );
+    let shutdown_grace = found
+        .optional_duration("shutdown_grace", &raw.shutdown_grace)
+        .map(Option::unwrap_or_default);
+
+    let log_format = match raw.log_format.as_str() {
+        "text" => Some(LogFormat::Text),
+        "json" => Some(LogFormat::Json),
+        other => {
+            found.report("log_format", format!("{other:?} is not one of: text, json"));
+            None
+        }
+    };
+
+    let header = header?;
+    if !strip.contains(&header) {
+        strip.push(header.clone());
+    }
+    Some(Config {
+        listen: listen?,
+        upstream: upstream?,
+        credential: Credential {
+            key_env: raw.key_env,
+            key: key?,
+            header,
+            value: value?,
+            strip,
+        },
+        extra_ca_certs: extra_ca_certs?,
+        timeouts: Timeouts {
+            connect: connect?,
+            response_headers: response_headers?,
+            idle: idle?,
+        },
+        pool: PoolSettings {
+            idle_timeout: pool_idle?,
+            max_idle_per_host: raw.pool_max_idle_per_host,
+        },
+        upstream_http2: raw.upstream_http2,
+        http2_keepalive_interval: keepalive?,
+        shutdown_grace: shutdown_grace?,
+        log_format: log_format?,
+    })
+}
+
+/// Splits a comma-separated list, dropping blanks.
+fn split_list(text: &str) -> Vec<String> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|item| !item.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Parses an upstream base URL: http(s), a host, an optional path, nothing else.
+pub fn parse_upstream(text: &str) -> Result<UpstreamUrl, String> {
+    let uri: Uri = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not a valid URL"))?;
+    let scheme = match uri.scheme_str() {
+        Some("http") => Scheme::HTTP,
+        Some("https") => Scheme::HTTPS,
+        _ => return Err(format!("{text:?} must start with https:// or http://")),
+    };
+    let authority = uri
+        .authority()
+        .cloned()
+        .ok_or_else(|| format!("{text:?} has no host"))?;
+    if authority.as_str().contains('@') {
+        return Err(
+            "must not carry user:password; keyrelay injects the credential itself".to_owned(),
+        );
+    }
+    if authority.host().is_empty() {
+        return Err(format!("{text:?} has no host"));
+    }
+    if uri.query().is_some() {
+        return Err(format!(
+            "{text:?} must not have a query string; clients send their own"
+        ));
+    }
+    Ok(UpstreamUrl {
+        scheme,
+        authority,
+        base_path: uri.path().trim_end_matches('/').to_owned(),
+    })
+}
+
+/// Parses "250ms", "10s", "5m", "1h", a bare number of seconds, or "off" (None).
+pub fn parse_duration(text: &str) -> Result<Option<Duration>, String> {
+    let text = text.trim();
+    if matches!(text, "off" | "none" | "0") {
+        return Ok(None);
+    }
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let amount: u64 = digits
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration (examples: 250ms, 10s, 5m, 1h, off)"))?;
+    let duration = match unit.trim() {
+        "ms" => Duration::from_millis(amount),
+        "" | "s" => Duration::from_secs(amount),
+        "m" => Duration::from_secs(amount.saturating_mul(60)),
+        "h" => Duration::from_secs(amount.saturating_mul(3600)),
+        _ => {
+            return Err(format!(
+                "{text:?} has an unknown unit (use ms, s, m or h, or off)"
+            ))
+        }
+    };
+    Ok((!duration.is_zero()).then_some(duration))
+}
+
+fn load_ca_file(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|err| format!("cannot read {}: {err}", path.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|err| format!("{} is not a valid PEM bundle: {err}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{} holds no certificates", path.display()));
+    }
+    let mut store = rustls::RootCertStore::empty();
+    for (index, cert) in certs.iter().enumerate() {
+        store.add(cert.clone()).map_err(|err| {
+            format!(
+                "certificate #{} in {} is not a usable CA certificate: {err}",
+                index + 1,
+                path.display()
+            )
+        })?;
+    }
+    Ok(certs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sources(pairs: &[(&str, &str)]) -> Sources {
+        Sources {
+            env: pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            ..Sources::default()
+        }
+    }
+
+    #[test]
+    fn durations_parse_with_units_and_off() {
+        assert_eq!(
+            parse_duration("250ms"),
+            Ok(Some(Duration::from_millis(250)))
+        );
+        assert_eq!(parse_duration("10s"), Ok(Some(Duration::from_secs(10))));
+        assert_eq!(parse_duration("7"), Ok(Some(Duration::from_secs(7))));
+        assert_eq!(parse_duration("5m"), Ok(Some(Duration::from_secs(300))));
+        assert_eq!(parse_duration("off"), Ok(None));
+        assert!(parse_duration("ten").is_err());
+        assert!(parse_duration("10d").is_err());
+    }
+
+    #[test]
+    fn upstream_url_keeps_base_path_without_trailing_slash() {
+        let url = parse_upstream("https://model-abc.api.baseten.co/environments/production/")
+            .expect("valid");
+        assert_eq!(url.scheme, Scheme::HTTPS);
+        assert_eq!(url.authority.as_str(), "model-abc.api.baseten.co");
+        assert_eq!(url.base_path, "/environments/production");
+        assert_eq!(
+            parse_upstream("http://h:8080").expect("valid").base_path,
+            ""
+        );
+    }
+
+    #[test]
+    fn upstream_url_rejects_other_schemes_userinfo_and_queries() {
+        assert!(parse_upstream("ftp://h").is_err());
+        assert!(parse_upstream("h:80").is_err());
+        assert!(parse_upstream("https://u:p@h").is_err());
+        assert!(parse_upstream("https://h/?a=b").is_err());
+    }
+
+    #[test]
+    fn defaults_plus_env_give_a_working_config() {
+        let config = load(&sources(&[
+            ("BASETEN_API_KEY", "k-123"),
+            ("KEYRELAY_UPSTREAM", "https://example.test/base"),
+            ("KEYRELAY_IDLE_TIMEOUT", "2s"),
+        ]))
+        .expect("valid");
+        assert_eq!(config.listen, "127.0.0.1:8080".parse().expect("addr"));
+        assert_eq!(config.timeouts.idle, Some(Duration::from_secs(2)));
+        assert_eq!(config.timeouts.response_headers, None);
+        assert_eq!(config.credential.value.as_bytes(), b"Api-Key k-123");
+        assert!(config.credential.strip.iter().any(|h| h == "x-api-key"));
+        assert!(!format!("{config:?}").contains("k-123"));
+    }
+
+    #[test]
+    fn flags_override_env() {
+        let mut src = sources(&[
+            ("BASETEN_API_KEY", "k"),
+            ("KEYRELAY_UPSTREAM", "https://a.test"),
+        ]);
+        src.set("upstream", OverrideValue::Text("https://b.test".into()));
+        assert_eq!(
+            load(&src).expect("valid").upstream.authority.as_str(),
+            "b.test"
+        );
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let err = load(&sources(&[
+            ("KEYRELAY_LISTEN", "nowhere"),
+            ("KEYRELAY_CONNECT_TIMEOUT", "soon"),
+            ("KEYRELAY_AUTH_TEMPLATE", "Bearer"),
+        ]))
+        .expect_err("invalid");
+        let settings: Vec<&str> = err.problems.iter().map(|p| p.setting.as_str()).collect();
+        for expected in [
+            "listen",
+            "upstream",
+            "auth_template",
+            "key_env",
+            "connect_timeout",
+        ] {
+            assert!(
+                settings.contains(&expected),
+                "{expected} missing from {settings:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn unknown_keys_are_all_named() {
+        let err = load(&sources(&[
+            ("KEYRELAY_LISTN", "x"),
+            ("KEYRELAY_UPSTRAEM", "y"),
+        ]))
+        .expect_err("unknown keys");
+        let settings: Vec<&str> = err.problems.iter().map(|p| p.setting.as_str()).collect();
+        assert_eq!(settings, ["listn", "upstraem"]);
+    }
+
+    #[test]
+    fn missing_key_names_the_variable() {
+        let err = load(&sources(&[("KEYRELAY_UPSTREAM", "https://a.test")])).expect_err("no key");
+        assert!(err.to_string().contains("BASETEN_API_KEY"));
+    }
+}

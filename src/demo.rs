@@ -1,0 +1,179 @@
+//! `keyrelay demo`: the whole product on one machine, with no network and no real key.
+//!
+//! It starts the [`mock_model`](crate::mock_model) endpoint with a freshly
+//! generated key, starts keyrelay in front of it with that key in its
+//! environment, streams one prediction through keyrelay while printing each
+//! token with its arrival time, and then keeps serving and prints commands a
+//! user can paste to try it with curl, Python `requests` and the SSE endpoint.
+
+use std::collections::hash_map::RandomState;
+use std::hash::BuildHasher;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Method, Request};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use tokio::net::TcpListener;
+
+use crate::config::{self, OverrideValue, Sources};
+use crate::secret::ApiKey;
+use crate::{mock_model, signals};
+
+/// Variable the demo puts its generated key in (in keyrelay's swapped environment only).
+const DEMO_KEY_ENV: &str = "DEMO_MODEL_API_KEY";
+
+/// The prompt of the demo request, from Baseten's streaming guide.
+const PROMPT: &str = "What is the Mistral wind?";
+
+/// How the demo failed to start.
+#[derive(Debug)]
+pub enum DemoError {
+    /// A setting was wrong (exit status 64).
+    Config(config::ConfigError),
+    /// Something else: binding, the demo request.
+    Io(std::io::Error),
+}
+
+impl From<std::io::Error> for DemoError {
+    fn from(err: std::io::Error) -> Self {
+        Self::Io(err)
+    }
+}
+
+/// Runs the demo until SIGINT/SIGTERM.
+pub async fn run(mut sources: Sources) -> Result<(), DemoError> {
+    let key = generate_key();
+    let mock_addr = mock_model::start(ApiKey::new(key.clone())).await?;
+
+    // The demo's key goes into keyrelay's copy of the environment only, and the
+    // credential settings are pinned to what the mock expects.
+    sources.env.insert(DEMO_KEY_ENV.to_owned(), key);
+    for (setting, value) in [
+        ("upstream", format!("http://{mock_addr}")),
+        ("key_env", DEMO_KEY_ENV.to_owned()),
+        ("auth_header", "authorization".to_owned()),
+        ("auth_template", "Api-Key {key}".to_owned()),
+    ] {
+        sources.set(setting, OverrideValue::Text(value));
+    }
+    let config = config::load(&sources).map_err(DemoError::Config)?;
+    crate::logging::init(config.log_format);
+
+    let listener = bind_or_fallback(config.listen).await?;
+    let proxy_addr = listener.local_addr()?;
+    let server = tokio::spawn(crate::run(config, listener, signals::shutdown_requested()));
+
+    let mut out = std::io::stdout();
+    writeln!(
+        out,
+        "keyrelay demo\n  mock model endpoint  http://{mock_addr}  (rejects requests without its generated Api-Key)\n  keyrelay             http://{proxy_addr}  (adds the key; clients send none)\n"
+    )?;
+    writeln!(
+        out,
+        "Streaming POST /production/predict through keyrelay; each token as it arrives:"
+    )?;
+    stream_once(proxy_addr, &mut out).await?;
+    print_try_it(proxy_addr, &mut out)?;
+
+    server
+        .await
+        .map_err(|err| std::io::Error::other(err.to_string()))??;
+    Ok(())
+}
+
+/// Binds the configured address; if the default port is taken, any free loopback port.
+async fn bind_or_fallback(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    match TcpListener::bind(addr).await {
+        Ok(listener) => Ok(listener),
+        Err(err) if err.kind() == std::io::ErrorKind::AddrInUse => {
+            eprintln!("keyrelay demo: {addr} is in use; using a free port on 127.0.0.1 instead");
+            TcpListener::bind(("127.0.0.1", 0)).await
+        }
+        Err(err) => Err(err),
+    }
+}
+
+/// Sends the demo request through keyrelay and prints every frame with its arrival time.
+async fn stream_once(proxy: SocketAddr, out: &mut impl Write) -> std::io::Result<()> {
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let body = serde_json::json!({ "prompt": PROMPT, "stream": true }).to_string();
+    let request = Request::builder()
+        .method(Method::POST)
+        .uri(format!("http://{proxy}/production/predict"))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .map_err(std::io::Error::other)?;
+
+    let started = Instant::now();
+    let response = client
+        .request(request)
+        .await
+        .map_err(std::io::Error::other)?;
+    writeln!(
+        out,
+        "  status {}  transfer-encoding: {}\n",
+        response.status(),
+        response
+            .headers()
+            .get("transfer-encoding")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("-")
+    )?;
+    let mut body = response.into_body();
+    let mut text = String::new();
+    let mut frames = 0;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(std::io::Error::other)?;
+        if let Some(data) = frame.data_ref() {
+            let token = String::from_utf8_lossy(data);
+            writeln!(out, "  +{:>6.0} ms  {:?}", ms(started.elapsed()), token)?;
+            text.push_str(&token);
+            frames += 1;
+        }
+    }
+    writeln!(
+        out,
+        "\n  {frames} frames in {:.0} ms: {text}\n",
+        ms(started.elapsed())
+    )
+}
+
+fn print_try_it(proxy: SocketAddr, out: &mut impl Write) -> std::io::Result<()> {
+    writeln!(
+        out,
+        r#"keyrelay keeps serving. Try it (no key needed; keyrelay adds it):
+
+  curl --no-buffer -X POST http://{proxy}/production/predict \
+    -d '{{"prompt": "{PROMPT}", "stream": true}}'
+
+  curl --no-buffer http://{proxy}/v1/chat/completions -H 'content-type: application/json' \
+    -d '{{"model": "mock", "stream": true, "messages": [{{"role": "user", "content": "{PROMPT}"}}]}}'
+
+  python3 - <<'EOF'
+import json, requests
+with requests.post("http://{proxy}/production/predict",
+                   data=json.dumps({{"prompt": "{PROMPT}", "stream": True}}),
+                   stream=True) as resp:
+    for token in resp.iter_content(1):
+        print(token.decode("utf-8"), end="", flush=True)
+print()
+EOF
+
+Press Ctrl-C to stop."#
+    )
+}
+
+fn ms(duration: Duration) -> f64 {
+    duration.as_secs_f64() * 1e3
+}
+
+/// A fresh random key: the std hasher's per-process random seed is enough for a demo.
+fn generate_key() -> String {
+    let high = RandomState::new().hash_one(std::process::id());
+    let low = RandomState::new().hash_one(Instant::now());
+    format!("demo-{high:016x}{low:016x}")
+}

@@ -1,0 +1,172 @@
+//! Header hygiene: hop-by-hop removal and credential replacement.
+//!
+//! Pure functions over `HeaderMap`, used on both directions of the proxy.
+//! Framing headers (`Transfer-Encoding`) are hop-by-hop too: hyper re-frames
+//! each hop from the body itself, so a chunked upstream response stays chunked
+//! and a `Content-Length` response keeps its (end-to-end) length.
+
+use http::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, HOST, TE};
+
+/// Hop-by-hop headers of RFC 9110 section 7.6.1, plus the legacy ones proxies still see.
+const HOP_BY_HOP: [&str; 7] = [
+    "connection",
+    "proxy-connection",
+    "keep-alive",
+    "te",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-authenticate",
+];
+
+/// Removes hop-by-hop headers and every header the `Connection` header names.
+///
+/// `TE: trailers` survives (as exactly that) because gRPC servers require it to
+/// know the client understands trailers; every other `TE` value is dropped.
+pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    let wants_trailers = headers
+        .get_all(TE)
+        .iter()
+        .any(|value| lists_token(value, "trailers"));
+
+    // Collect first: the names live inside `headers`, which we are about to edit.
+    let named: Vec<HeaderName> = headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+
+    if wants_trailers {
+        headers.insert(TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+/// Prepares a client's request headers for the upstream.
+///
+/// Drops `Host` (the client sets it from the upstream URI), hop-by-hop headers
+/// and every client credential in `strip`, then sets `credential_header` to
+/// `credential`. Order matters: injection comes last so that nothing a client
+/// sends, not even `Connection: authorization`, can remove or replace the key.
+pub fn prepare_request(
+    headers: &mut HeaderMap,
+    strip: &[HeaderName],
+    credential_header: &HeaderName,
+    credential: &HeaderValue,
+) {
+    headers.remove(HOST);
+    remove_hop_by_hop(headers);
+    for name in strip {
+        headers.remove(name);
+    }
+    headers.insert(credential_header.clone(), credential.clone());
+}
+
+/// Prepares an upstream response's headers for the client.
+pub fn prepare_response(headers: &mut HeaderMap) {
+    remove_hop_by_hop(headers);
+}
+
+/// True when the comma-separated header `value` contains `token` (case-insensitive).
+fn lists_token(value: &HeaderValue, token: &str) -> bool {
+    value.to_str().is_ok_and(|text| {
+        text.split(',')
+            .any(|item| item.trim().eq_ignore_ascii_case(token))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::header::{AUTHORIZATION, CONTENT_LENGTH};
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        for (name, value) in pairs {
+            headers.append(
+                HeaderName::from_bytes(name.as_bytes()).expect("name"),
+                HeaderValue::from_str(value).expect("value"),
+            );
+        }
+        headers
+    }
+
+    #[test]
+    fn removes_standard_hop_by_hop_and_connection_named_headers() {
+        let mut headers = map(&[
+            ("connection", "keep-alive, x-private-hop"),
+            ("keep-alive", "timeout=5"),
+            ("x-private-hop", "1"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "h2c"),
+            ("proxy-connection", "keep-alive"),
+            ("x-baseten-request-id", "abc"),
+            ("content-type", "application/json"),
+        ]);
+        remove_hop_by_hop(&mut headers);
+        let left: Vec<&str> = headers.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, ["x-baseten-request-id", "content-type"]);
+    }
+
+    #[test]
+    fn te_trailers_is_kept_alone() {
+        let mut headers = map(&[("te", "gzip, trailers")]);
+        remove_hop_by_hop(&mut headers);
+        assert_eq!(headers.get(TE).expect("te"), "trailers");
+
+        let mut headers = map(&[("te", "gzip")]);
+        remove_hop_by_hop(&mut headers);
+        assert!(headers.get(TE).is_none());
+    }
+
+    #[test]
+    fn content_length_is_end_to_end() {
+        let mut headers = map(&[("content-length", "12")]);
+        prepare_response(&mut headers);
+        assert_eq!(headers.get(CONTENT_LENGTH).expect("kept"), "12");
+    }
+
+    #[test]
+    fn request_credentials_are_replaced_not_appended() {
+        let mut headers = map(&[
+            ("host", "127.0.0.1:8080"),
+            ("authorization", "Bearer placeholder"),
+            ("authorization", "Bearer second"),
+            ("x-api-key", "anthropic-style"),
+            ("proxy-authorization", "Basic Zm9v"),
+            ("connection", "authorization"),
+        ]);
+        let strip = [
+            AUTHORIZATION,
+            HeaderName::from_static("x-api-key"),
+            HeaderName::from_static("proxy-authorization"),
+        ];
+        let injected = HeaderValue::from_static("Api-Key real");
+        prepare_request(&mut headers, &strip, &AUTHORIZATION, &injected);
+        assert_eq!(
+            headers.get_all(AUTHORIZATION).iter().collect::<Vec<_>>(),
+            [&injected]
+        );
+        assert_eq!(
+            headers.len(),
+            1,
+            "only the injected header remains: {headers:?}"
+        );
+    }
+
+    #[test]
+    fn custom_credential_header_is_injected() {
+        let mut headers = map(&[("authorization", "Bearer placeholder")]);
+        let name = HeaderName::from_static("baseten-authorization");
+        let value = HeaderValue::from_static("Api-Key real");
+        prepare_request(&mut headers, &[AUTHORIZATION, name.clone()], &name, &value);
+        assert!(headers.get(AUTHORIZATION).is_none());
+        assert_eq!(headers.get(&name).expect("injected"), "Api-Key real");
+    }
+}

@@ -1,0 +1,65 @@
+//! keyrelay: a local authenticating streaming proxy for hosted model endpoints.
+//!
+//! Apps call keyrelay on localhost with no credentials; keyrelay adds the API
+//! key and forwards to the model endpoint, relaying the response as it is
+//! produced. The map of the crate:
+//!
+//! - [`config`]: settings, layered defaults < file < env < flags, validated at once;
+//! - [`secret`]: the API key type that cannot be logged by accident;
+//! - [`server`]: accept loop and graceful shutdown;
+//! - [`proxy`]: the forwarding service, the whole data path;
+//! - [`headers`]: hop-by-hop removal and credential replacement;
+//! - [`relay`]: the response body wrapper (frame by frame, idle timeout, abort on failure);
+//! - [`upstream`]: the pooled HTTPS client;
+//! - [`error`]: failures mapped to status codes and JSON bodies;
+//! - [`access`]: one access-log event per request;
+//! - [`demo`] and [`mock_model`]: the built-in demo with a local mock model endpoint.
+
+pub mod access;
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod error;
+pub mod headers;
+pub mod logging;
+pub mod mock_model;
+pub mod proxy;
+pub mod relay;
+pub mod secret;
+pub mod server;
+pub mod signals;
+pub mod upstream;
+
+use std::future::Future;
+
+use tokio::net::TcpListener;
+
+pub use config::Config;
+
+/// Runs the proxy on `listener` until `shutdown` resolves and open streams drain.
+///
+/// This is the seam tests use: they bind `127.0.0.1:0`, build a [`Config`] with
+/// [`config::load`] and a swapped environment, and call this in a task.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    let proxy = proxy::Proxy::new(&config)?;
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(
+            listen = %addr,
+            upstream = %config.upstream,
+            key_env = %config.credential.key_env,
+            header = %config.credential.header,
+            "keyrelay ready"
+        );
+        if !addr.ip().is_loopback() {
+            tracing::warn!(
+                listen = %addr,
+                "listening on a non-loopback address: anyone who can reach it can spend the API key"
+            );
+        }
+    }
+    server::serve(listener, proxy, shutdown, config.shutdown_grace).await
+}

@@ -1,0 +1,84 @@
+//! The `keyrelay` binary: parse flags, load config, start logging, run.
+
+use std::process::ExitCode;
+
+use keyrelay::cli::{self, Action};
+use keyrelay::config::{self, Sources};
+use keyrelay::demo::{self, DemoError};
+use keyrelay::{logging, signals};
+
+/// EX_USAGE from sysexits.h: the configuration or command line is wrong.
+const EXIT_USAGE: u8 = 64;
+/// EX_UNAVAILABLE: a resource the proxy needs (its port) could not be had.
+const EXIT_UNAVAILABLE: u8 = 69;
+
+fn main() -> ExitCode {
+    let matches = match cli::command().try_get_matches() {
+        Ok(matches) => matches,
+        Err(err) => {
+            let usage_error = err.use_stderr();
+            // Prints help/version to stdout, errors to stderr.
+            let _ = err.print();
+            return if usage_error {
+                ExitCode::from(EXIT_USAGE)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    let (action, sources) = cli::interpret(&matches, Sources::from_process_env());
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("keyrelay: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+
+    match action {
+        Action::Proxy => runtime.block_on(run_proxy(sources)),
+        Action::Demo => match runtime.block_on(demo::run(sources)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(DemoError::Config(err)) => {
+                eprintln!("keyrelay: {err}");
+                ExitCode::from(EXIT_USAGE)
+            }
+            Err(DemoError::Io(err)) => {
+                eprintln!("keyrelay demo: {err}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+async fn run_proxy(sources: Sources) -> ExitCode {
+    let config = match config::load(&sources) {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("keyrelay: {err}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    logging::init(config.log_format);
+    let listener = match tokio::net::TcpListener::bind(config.listen).await {
+        Ok(listener) => listener,
+        Err(err) => {
+            eprintln!(
+                "keyrelay: listen: cannot listen on {}: {err}",
+                config.listen
+            );
+            return ExitCode::from(EXIT_UNAVAILABLE);
+        }
+    };
+    match keyrelay::run(config, listener, signals::shutdown_requested()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("keyrelay: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,180 @@
+//! The forwarding service: rewrite the target, fix the headers, relay the bodies.
+//!
+//! This is the whole data path. The request body (hyper's `Incoming`) goes to
+//! the upstream untouched, and the upstream's body comes back wrapped in a
+//! [`RelayBody`] that hands each frame on as it arrives. Nothing is collected.
+//!
+//! The request target is always rebuilt from the configured upstream plus the
+//! client's path and query (byte for byte), so an absolute-form request such as
+//! `GET http://elsewhere/ HTTP/1.1` can never make keyrelay contact another host.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::uri::PathAndQuery;
+use http::{Method, Request, Response, Uri, Version};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use tracing::Instrument;
+
+use crate::access::{Outcome, RequestLog};
+use crate::config::{Config, Credential, Timeouts, UpstreamUrl};
+use crate::error::ProxyError;
+use crate::headers;
+use crate::relay::RelayBody;
+use crate::upstream::{build_client, UpstreamClient};
+
+/// What the proxy answers with: a relayed upstream body, or keyrelay's own JSON error.
+pub type ResponseBody = Either<RelayBody, Full<Bytes>>;
+
+/// The proxy as a `tower::Service`; cloning it is cheap (one `Arc`).
+#[derive(Clone)]
+pub struct Proxy {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    client: UpstreamClient,
+    upstream: UpstreamUrl,
+    credential: Credential,
+    timeouts: Timeouts,
+    upstream_version: Version,
+    next_request_id: AtomicU64,
+}
+
+impl Proxy {
+    /// Builds the proxy and its upstream client from a validated config.
+    pub fn new(config: &Config) -> std::io::Result<Self> {
+        Ok(Self {
+            shared: Arc::new(Shared {
+                client: build_client(config)?,
+                upstream: config.upstream.clone(),
+                credential: config.credential.clone(),
+                timeouts: config.timeouts,
+                upstream_version: if config.upstream_http2 {
+                    Version::HTTP_2
+                } else {
+                    Version::HTTP_11
+                },
+                next_request_id: AtomicU64::new(1),
+            }),
+        })
+    }
+
+    async fn forward(self, request: Request<Incoming>) -> Response<ResponseBody> {
+        let shared = &self.shared;
+        let id = shared.next_request_id.fetch_add(1, Ordering::Relaxed);
+        let mut log = RequestLog::start(id, request.method().clone(), request.uri().clone());
+        let span = tracing::debug_span!("request", request_id = id);
+
+        let result = async {
+            let upstream_request = shared.upstream_request(request)?;
+            tracing::debug!(uri = %upstream_request.uri(), "forwarding");
+            shared.send(upstream_request).await
+        }
+        .instrument(span)
+        .await;
+
+        match result {
+            Ok(response) => {
+                let (mut parts, body) = response.into_parts();
+                headers::prepare_response(&mut parts.headers);
+                log.set_status(parts.status.as_u16());
+                let body = RelayBody::new(body, shared.timeouts.idle, log);
+                Response::from_parts(parts, Either::Left(body))
+            }
+            Err(err) => {
+                log.set_status(err.status().as_u16());
+                log.finish(match err {
+                    ProxyError::ConnectNotSupported | ProxyError::BadRequestTarget => {
+                        Outcome::Rejected
+                    }
+                    ProxyError::ResponseHeaderTimeout(_)
+                    | ProxyError::UpstreamConnectTimeout(_) => Outcome::Timeout,
+                    _ => Outcome::UpstreamError,
+                });
+                tracing::warn!(request_id = id, kind = err.kind(), error = %err, "request failed");
+                err.to_response().map(Either::Right)
+            }
+        }
+    }
+}
+
+impl Shared {
+    /// Turns the client's request into the upstream's: new target, scrubbed
+    /// headers, injected credential, same method and body.
+    fn upstream_request(
+        &self,
+        request: Request<Incoming>,
+    ) -> Result<Request<Incoming>, ProxyError> {
+        if request.method() == Method::CONNECT {
+            return Err(ProxyError::ConnectNotSupported);
+        }
+        let (mut parts, body) = request.into_parts();
+        parts.uri = self.upstream_uri(&parts.uri)?;
+        parts.version = self.upstream_version;
+        headers::prepare_request(
+            &mut parts.headers,
+            &self.credential.strip,
+            &self.credential.header,
+            &self.credential.value,
+        );
+        Ok(Request::from_parts(parts, body))
+    }
+
+    /// The configured upstream plus the client's path and query, bytes unchanged.
+    fn upstream_uri(&self, target: &Uri) -> Result<Uri, ProxyError> {
+        let path_and_query = match target.path_and_query() {
+            Some(pq) if pq.as_str().starts_with('/') => pq.clone(),
+            Some(_) => return Err(ProxyError::BadRequestTarget),
+            None => PathAndQuery::from_static("/"),
+        };
+        let path_and_query = if self.upstream.base_path.is_empty() {
+            path_and_query
+        } else {
+            let joined = format!("{}{}", self.upstream.base_path, path_and_query);
+            PathAndQuery::try_from(joined).map_err(|_| ProxyError::BadRequestTarget)?
+        };
+        Uri::builder()
+            .scheme(self.upstream.scheme.clone())
+            .authority(self.upstream.authority.clone())
+            .path_and_query(path_and_query)
+            .build()
+            .map_err(|_| ProxyError::BadRequestTarget)
+    }
+
+    /// Sends upstream, applying the response-header timeout when one is set.
+    async fn send(&self, request: Request<Incoming>) -> Result<Response<Incoming>, ProxyError> {
+        let pending = self.client.request(request);
+        let result = match self.timeouts.response_headers {
+            Some(limit) => tokio::time::timeout(limit, pending)
+                .await
+                .map_err(|_| ProxyError::ResponseHeaderTimeout(limit))?,
+            None => pending.await,
+        };
+        result.map_err(|err| {
+            tracing::debug!(error = ?err, "upstream request failed");
+            ProxyError::from_upstream(&err, self.timeouts.connect)
+        })
+    }
+}
+
+impl tower::Service<Request<Incoming>> for Proxy {
+    type Response = Response<ResponseBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<Incoming>) -> Self::Future {
+        let proxy = self.clone();
+        Box::pin(async move { Ok(proxy.forward(request).await) })
+    }
+}

@@ -1,0 +1,172 @@
+//! The response body keyrelay hands to hyper: the upstream's body, frame by frame.
+//!
+//! Nothing is collected or copied: each frame the upstream yields is returned
+//! to hyper as is, which writes it to the client before asking for the next
+//! one. That is what keeps memory bounded by backpressure. Around that the
+//! body does three cheap things: it counts bytes for the access log, it ends a
+//! stream that stays silent longer than the idle timeout, and it turns any
+//! upstream failure into a body error, which makes hyper abort the client's
+//! connection (HTTP/1.1) or reset its stream (HTTP/2) instead of ending it
+//! cleanly.
+
+use std::error::Error as StdError;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use pin_project_lite::pin_project;
+use tokio::time::{Instant, Sleep};
+
+use crate::access::{Outcome, RequestLog};
+
+pin_project! {
+    /// An upstream response body relayed to the client.
+    pub struct RelayBody {
+        #[pin]
+        upstream: Incoming,
+        idle: Option<IdleTimer>,
+        log: RequestLog,
+    }
+}
+
+impl RelayBody {
+    /// Wraps `upstream`; `idle` is the longest allowed silence between frames.
+    pub fn new(upstream: Incoming, idle: Option<Duration>, log: RequestLog) -> Self {
+        Self {
+            upstream,
+            idle: idle.map(IdleTimer::new),
+            log,
+        }
+    }
+}
+
+impl Body for RelayBody {
+    type Data = Bytes;
+    type Error = RelayError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, RelayError>>> {
+        let mut this = self.project();
+        loop {
+            let frame = match this.upstream.as_mut().poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => frame,
+                Poll::Ready(Some(Err(err))) => {
+                    tracing::warn!(
+                        request_id = this.log.id(),
+                        error = %err,
+                        "upstream failed mid-stream; aborting the client's response"
+                    );
+                    this.log.finish(Outcome::UpstreamError);
+                    return Poll::Ready(Some(Err(RelayError::Upstream(err))));
+                }
+                Poll::Ready(None) => {
+                    this.log.finish(Outcome::Ok);
+                    return Poll::Ready(None);
+                }
+                Poll::Pending => {
+                    let Some(idle) = this.idle.as_mut() else {
+                        return Poll::Pending;
+                    };
+                    if !idle.poll_expired(cx) {
+                        return Poll::Pending;
+                    }
+                    tracing::warn!(
+                        request_id = this.log.id(),
+                        idle_timeout = ?idle.limit,
+                        "upstream went silent mid-stream; aborting the client's response"
+                    );
+                    this.log.finish(Outcome::Timeout);
+                    return Poll::Ready(Some(Err(RelayError::Idle(idle.limit))));
+                }
+            };
+            let now = Instant::now();
+            if let Some(idle) = this.idle.as_mut() {
+                idle.last_frame = now;
+            }
+            match frame.data_ref() {
+                // HTTP/2 ends streams with an empty DATA frame; it carries nothing to relay.
+                Some(data) if data.is_empty() => continue,
+                Some(data) => this.log.add_bytes(data.len(), now),
+                None => {}
+            }
+            return Poll::Ready(Some(Ok(frame)));
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.upstream.is_end_stream()
+    }
+
+    // Passing the upstream's exact length through is what keeps a
+    // Content-Length response a Content-Length response.
+    fn size_hint(&self) -> SizeHint {
+        self.upstream.size_hint()
+    }
+}
+
+/// Fires when no frame arrived for `limit`.
+///
+/// The timer is not reset on every frame (that would touch the timer wheel per
+/// chunk); frames only record their arrival time, and when the sleep fires it
+/// is pushed to `last_frame + limit` unless that moment has really passed.
+struct IdleTimer {
+    limit: Duration,
+    last_frame: Instant,
+    sleep: Pin<Box<Sleep>>,
+}
+
+impl IdleTimer {
+    fn new(limit: Duration) -> Self {
+        Self {
+            limit,
+            last_frame: Instant::now(),
+            sleep: Box::pin(tokio::time::sleep(limit)),
+        }
+    }
+
+    fn poll_expired(&mut self, cx: &mut Context<'_>) -> bool {
+        loop {
+            if self.sleep.as_mut().poll(cx).is_pending() {
+                return false;
+            }
+            let deadline = self.last_frame + self.limit;
+            if Instant::now() >= deadline {
+                return true;
+            }
+            self.sleep.as_mut().reset(deadline);
+        }
+    }
+}
+
+/// Why a relayed body ended early.
+#[derive(Debug)]
+pub enum RelayError {
+    /// The upstream connection failed or was reset mid-stream.
+    Upstream(hyper::Error),
+    /// The upstream sent nothing for the idle timeout.
+    Idle(Duration),
+}
+
+impl fmt::Display for RelayError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Upstream(err) => write!(f, "upstream failed mid-stream: {err}"),
+            Self::Idle(limit) => write!(f, "upstream sent nothing for idle_timeout ({limit:?})"),
+        }
+    }
+}
+
+impl StdError for RelayError {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        match self {
+            Self::Upstream(err) => Some(err),
+            Self::Idle(_) => None,
+        }
+    }
+}

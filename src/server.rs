@@ -1,0 +1,86 @@
+//! Accept loop, per-connection serving and graceful shutdown.
+//!
+//! Each accepted socket gets `TCP_NODELAY` (small token frames must not wait
+//! for Nagle) and is served by hyper-util's auto builder, which speaks
+//! HTTP/1.1 or HTTP/2 with prior knowledge on the same port. On shutdown the
+//! listener closes at once, connections are asked to finish what they are
+//! doing (HTTP/1.1 closes after the current response, HTTP/2 sends GOAWAY), and
+//! whatever is still running after the grace period is aborted.
+
+use std::future::Future;
+use std::time::Duration;
+
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+
+use crate::proxy::Proxy;
+
+/// Pause after a failed accept (e.g. out of file descriptors) so the loop does
+/// not spin while the condition lasts.
+const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
+
+/// Serves `proxy` on `listener` until `shutdown` resolves, then drains.
+pub async fn serve(
+    listener: TcpListener,
+    proxy: Proxy,
+    shutdown: impl Future<Output = ()>,
+    grace: Duration,
+) -> std::io::Result<()> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new());
+    builder.http2().timer(TokioTimer::new());
+
+    let graceful = GracefulShutdown::new();
+    let mut connections = JoinSet::new();
+    tokio::pin!(shutdown);
+
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(accepted) => accepted,
+                    Err(err) => {
+                        tracing::warn!(error = %err, "accept failed");
+                        tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
+                        continue;
+                    }
+                };
+                if let Err(err) = stream.set_nodelay(true) {
+                    tracing::debug!(error = %err, "could not set TCP_NODELAY");
+                }
+                let service = TowerToHyperService::new(proxy.clone());
+                let connection = builder
+                    .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                    .into_owned();
+                let connection = graceful.watch(connection);
+                connections.spawn(async move {
+                    if let Err(err) = connection.await {
+                        tracing::debug!(%peer, error = %err, "connection ended with an error");
+                    }
+                });
+            }
+            // Reap finished connection tasks so the set does not grow without bound.
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            () = &mut shutdown => break,
+        }
+    }
+
+    drop(listener);
+    let open = graceful.count();
+    tracing::info!(open_connections = open, grace = ?grace, "shutting down; draining connections");
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            still_open = connections.len(),
+            "grace period over; aborting remaining connections"
+        );
+    }
+    connections.shutdown().await;
+    Ok(())
+}
