@@ -74,12 +74,14 @@ impl ProxyError {
         }
     }
 
-    /// The JSON error response for this failure.
-    pub fn to_response(&self) -> Response<Full<Bytes>> {
+    /// The JSON error response for this failure; `upstream` (host and port,
+    /// never a credential) tells the client which endpoint keyrelay was trying.
+    pub fn to_response(&self, upstream: &str) -> Response<Full<Bytes>> {
         let body = serde_json::json!({
             "error": self.to_string(),
             "type": self.kind(),
             "source": "keyrelay",
+            "upstream": upstream,
         });
         let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
         *response.status_mut() = self.status();
@@ -98,12 +100,12 @@ impl ProxyError {
         let mut current: Option<&(dyn StdError + 'static)> = Some(err);
         while let Some(err) = current {
             cause.inspect(err);
-            // io::Error::source() skips the error it wraps, so look inside it too.
-            if let Some(inner) = err
-                .downcast_ref::<std::io::Error>()
-                .and_then(|io| io.get_ref())
-            {
+            // io::Error::source() skips the error it wraps, and TLS errors come
+            // wrapped in more than one io::Error, so unwrap each layer too.
+            let mut wrapped = io_inner(err);
+            while let Some(inner) = wrapped {
                 cause.inspect(inner);
+                wrapped = io_inner(inner);
             }
             current = err.source();
         }
@@ -191,6 +193,13 @@ impl Cause {
         // and does not export a type for them.
         self.dns |= err.to_string() == "dns error";
     }
+}
+
+/// The error an `io::Error` wraps, if `err` is one.
+fn io_inner<'a>(err: &'a (dyn StdError + 'static)) -> Option<&'a (dyn StdError + 'static)> {
+    err.downcast_ref::<std::io::Error>()?
+        .get_ref()
+        .map(|inner| inner as _)
 }
 
 /// Says in plain words why the upstream's certificate was refused.

@@ -99,7 +99,8 @@ impl Proxy {
                     _ => Outcome::UpstreamError,
                 });
                 tracing::warn!(request_id = id, kind = err.kind(), error = %err, "request failed");
-                err.to_response().map(Either::Right)
+                err.to_response(shared.upstream.authority.as_str())
+                    .map(Either::Right)
             }
         }
     }
