@@ -50,6 +50,7 @@ pub struct RequestLog {
     uri: Uri,
     started: Instant,
     status: Option<u16>,
+    token: Option<String>,
     first_byte: Option<Duration>,
     bytes: u64,
     outcome: Option<Outcome>,
@@ -64,6 +65,7 @@ impl RequestLog {
             uri,
             started: Instant::now(),
             status: None,
+            token: None,
             first_byte: None,
             bytes: 0,
             outcome: None,
@@ -73,6 +75,11 @@ impl RequestLog {
     /// The request id, shared with the request's tracing span.
     pub fn id(&self) -> u64 {
         self.id
+    }
+
+    /// Records which local access token the request used (its name, never its value).
+    pub fn set_token(&mut self, name: Option<String>) {
+        self.token = name;
     }
 
     /// Records the status sent to the client.
@@ -103,6 +110,7 @@ impl Drop for RequestLog {
             method = %self.method,
             path = self.uri.path(),
             status = self.status,
+            token = self.token.as_deref(),
             ttfb_ms,
             duration_ms = millis(self.started.elapsed()),
             bytes = self.bytes,

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use clap::{Arg, ArgAction, ArgMatches, Command};
 
-use crate::config::{OverrideValue, Sources, SETTINGS};
+use crate::config::{Kind, OverrideValue, Sources, SETTINGS};
 
 /// What the user asked keyrelay to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -74,13 +74,13 @@ pub fn command() -> Command {
             .long(setting.flag().trim_start_matches("--").to_owned())
             .global(true)
             .help(help);
-        arg = match setting.key {
-            "upstream_http2" => arg.action(ArgAction::SetTrue),
-            "strip_request_headers" => arg
-                .value_name("HEADER,...")
+        arg = match setting.kind {
+            Kind::Switch => arg.action(ArgAction::SetTrue),
+            Kind::List => arg
+                .value_name("ITEM,...")
                 .value_delimiter(',')
                 .action(ArgAction::Append),
-            _ => arg.value_name(setting.key.to_ascii_uppercase()),
+            Kind::Text => arg.value_name(setting.key.to_ascii_uppercase()),
         };
         command = command.arg(arg);
     }
@@ -99,14 +99,14 @@ pub fn interpret(matches: &ArgMatches, mut sources: Sources) -> (Action, Sources
         sources.file = Some(path.clone());
     }
     for setting in SETTINGS {
-        let value = match setting.key {
-            "upstream_http2" => matches
+        let value = match setting.kind {
+            Kind::Switch => matches
                 .get_flag(setting.key)
                 .then_some(OverrideValue::Bool(true)),
-            "strip_request_headers" => matches
+            Kind::List => matches
                 .get_many::<String>(setting.key)
                 .map(|items| OverrideValue::List(items.cloned().collect())),
-            _ => matches
+            Kind::Text => matches
                 .get_one::<String>(setting.key)
                 .map(|text| OverrideValue::Text(text.clone())),
         };

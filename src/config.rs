@@ -21,6 +21,11 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 use serde::Deserialize;
 
+use crate::guard::cors::CorsPolicy;
+use crate::guard::host::HostPolicy;
+use crate::guard::paths::PathPolicy;
+use crate::guard::tokens::{AccessToken, Rate};
+use crate::key_file;
 use crate::secret::{ApiKey, KEY_PLACEHOLDER};
 
 /// Prefix of the environment variables that set keyrelay's own settings.
@@ -35,6 +40,19 @@ pub struct Setting {
     pub default: &'static str,
     /// One line saying what the setting does.
     pub help: &'static str,
+    /// How the value is written.
+    pub kind: Kind,
+}
+
+/// The shape of a setting's value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// One value.
+    Text,
+    /// A list: a TOML array, a comma-separated variable, or a repeatable flag.
+    List,
+    /// A boolean: `true`/`false`, or a flag without a value.
+    Switch,
 }
 
 impl Setting {
@@ -55,81 +73,145 @@ pub const SETTINGS: &[Setting] = &[
         key: "listen",
         default: "127.0.0.1:8080",
         help: "Address the proxy listens on (HTTP/1.1 and h2c on the same port).",
+        kind: Kind::Text,
     },
     Setting {
         key: "upstream",
         default: "",
         help: "Base URL of the model endpoint; request paths are appended to its path.",
+        kind: Kind::Text,
     },
     Setting {
         key: "key_env",
         default: "BASETEN_API_KEY",
         help: "Environment variable holding the upstream API key.",
+        kind: Kind::Text,
     },
     Setting {
         key: "auth_header",
         default: "authorization",
         help: "Header the key is injected into.",
+        kind: Kind::Text,
     },
     Setting {
         key: "auth_template",
         default: "Api-Key {key}",
         help: "Value of the injected header; {key} is replaced by the key.",
+        kind: Kind::Text,
     },
     Setting {
         key: "strip_request_headers",
         default: "authorization,proxy-authorization,x-api-key",
         help: "Client credential headers removed before forwarding (comma list).",
+        kind: Kind::List,
+    },
+    Setting {
+        key: "key_file",
+        default: "",
+        help: "File holding the upstream API key (e.g. a mounted Secret); re-read on change and SIGHUP. Overrides key_env.",
+        kind: Kind::Text,
+    },
+    Setting {
+        key: "allowed_hosts",
+        default: "",
+        help: "Host names accepted besides localhost, 127.0.0.1 and [::1]; others get 403 (DNS-rebinding defence).",
+        kind: Kind::List,
+    },
+    Setting {
+        key: "allowed_origins",
+        default: "",
+        help: "Browser origins allowed to call keyrelay, exactly (e.g. http://localhost:3000); none by default.",
+        kind: Kind::List,
+    },
+    Setting {
+        key: "access_token_env",
+        default: "",
+        help: "Variables each holding a local access token clients must present (the variable names the token).",
+        kind: Kind::List,
+    },
+    Setting {
+        key: "access_token_files",
+        default: "",
+        help: "Files each holding a local access token clients must present (the file name names the token).",
+        kind: Kind::List,
+    },
+    Setting {
+        key: "token_rate_limit",
+        default: "off",
+        help: "Requests allowed per access token, e.g. 60/m or 5/s (bursts up to the count); 429 beyond it.",
+        kind: Kind::Text,
+    },
+    Setting {
+        key: "allowed_paths",
+        default: "",
+        help: "If set, only these `METHOD /path` rules (a trailing * matches a prefix) are forwarded; others get 403.",
+        kind: Kind::List,
+    },
+    Setting {
+        key: "allow_unauthenticated_network",
+        default: "false",
+        help: "Allow a non-loopback listen address without access tokens: anyone who can reach it can spend the key.",
+        kind: Kind::Switch,
     },
     Setting {
         key: "ca_file",
         default: "",
         help: "PEM bundle of extra CA certificates trusted for the upstream, beside the web roots.",
+        kind: Kind::Text,
     },
     Setting {
         key: "connect_timeout",
         default: "10s",
         help: "Limit on DNS + TCP + TLS to the upstream (504 when exceeded).",
+        kind: Kind::Text,
     },
     Setting {
         key: "response_header_timeout",
         default: "off",
         help: "Limit on waiting for the upstream's response headers (504); off by default for cold starts.",
+        kind: Kind::Text,
     },
     Setting {
         key: "idle_timeout",
         default: "5m",
         help: "Longest silence between response body frames before the stream is aborted.",
+        kind: Kind::Text,
     },
     Setting {
         key: "pool_idle_timeout",
         default: "20s",
         help: "How long an idle upstream connection is kept for reuse.",
+        kind: Kind::Text,
     },
     Setting {
         key: "pool_max_idle_per_host",
         default: "64",
         help: "Most idle upstream connections kept for reuse.",
+        kind: Kind::Text,
     },
     Setting {
         key: "upstream_http2",
         default: "false",
         help: "Speak HTTP/2 to the upstream (with keepalive pings) instead of HTTP/1.1.",
+        kind: Kind::Switch,
     },
     Setting {
         key: "http2_keepalive_interval",
         default: "20s",
         help: "Interval of HTTP/2 PING keepalives to the upstream when upstream_http2 is on.",
+        kind: Kind::Text,
     },
     Setting {
         key: "shutdown_grace",
         default: "30s",
         help: "On SIGTERM/SIGINT, how long streams in flight may finish before they are cut.",
+        kind: Kind::Text,
     },
     Setting {
         key: "log_format",
         default: "text",
         help: "Log output: text or json.",
+        kind: Kind::Text,
     },
 ];
 
@@ -146,6 +228,14 @@ struct RawConfig {
     auth_header: String,
     auth_template: String,
     strip_request_headers: Vec<String>,
+    key_file: Option<String>,
+    allowed_hosts: Vec<String>,
+    allowed_origins: Vec<String>,
+    access_token_env: Vec<String>,
+    access_token_files: Vec<String>,
+    token_rate_limit: String,
+    allowed_paths: Vec<String>,
+    allow_unauthenticated_network: bool,
     ca_file: Option<String>,
     connect_timeout: String,
     response_header_timeout: String,
@@ -167,6 +257,8 @@ pub struct Config {
     pub upstream: UpstreamUrl,
     /// What is injected and what is scrubbed.
     pub credential: Credential,
+    /// Who may use keyrelay, from where, and for what.
+    pub access: AccessSettings,
     /// Extra roots trusted for the upstream's TLS certificate.
     pub extra_ca_certs: Vec<CertificateDer<'static>>,
     /// Connect, header and idle limits.
@@ -200,11 +292,30 @@ impl fmt::Display for UpstreamUrl {
     }
 }
 
+/// Admission policy settings (see [`crate::guard`]).
+#[derive(Debug, Clone, Default)]
+pub struct AccessSettings {
+    /// Accepted `Host` names.
+    pub hosts: HostPolicy,
+    /// Allowed browser origins.
+    pub cors: CorsPolicy,
+    /// Local access tokens; empty means none required.
+    pub tokens: Vec<AccessToken>,
+    /// Per-token request rate.
+    pub token_rate: Option<Rate>,
+    /// Allowed methods and paths.
+    pub paths: PathPolicy,
+}
+
 /// The credential keyrelay adds, and the client headers it removes first.
 #[derive(Debug, Clone)]
 pub struct Credential {
     /// Name of the environment variable the key came from (for messages).
     pub key_env: String,
+    /// The file the key came from, watched for changes; overrides `key_env`.
+    pub key_file: Option<PathBuf>,
+    /// The template the key is rendered with (kept to re-render a reloaded key).
+    pub template: String,
     /// The key itself; prints as a mask.
     pub key: ApiKey,
     /// Header the credential goes into.
@@ -341,13 +452,10 @@ pub fn load(sources: &Sources) -> Result<Config, ConfigError> {
 fn merge(sources: &Sources) -> Result<config::Config, ConfigError> {
     let mut builder = config::Config::builder();
     for setting in SETTINGS {
-        if setting.default.is_empty() {
-            continue;
-        }
-        let result = if setting.key == "strip_request_headers" {
-            builder.set_default(setting.key, split_list(setting.default))
-        } else {
-            builder.set_default(setting.key, setting.default)
+        let result = match setting.kind {
+            Kind::List => builder.set_default(setting.key, split_list(setting.default)),
+            _ if setting.default.is_empty() => continue,
+            _ => builder.set_default(setting.key, setting.default),
         };
         builder = result.map_err(|err| ConfigError::single(setting.key, err.to_string()))?;
     }
@@ -360,14 +468,15 @@ fn merge(sources: &Sources) -> Result<config::Config, ConfigError> {
         }
         builder = builder.add_source(File::from(path.as_path()).format(FileFormat::Toml));
     }
-    builder = builder.add_source(
-        Environment::with_prefix(ENV_PREFIX)
-            .prefix_separator("_")
-            .list_separator(",")
-            .with_list_parse_key("strip_request_headers")
-            .try_parsing(false)
-            .source(Some(sources.env.clone().into_iter().collect())),
-    );
+    let mut environment = Environment::with_prefix(ENV_PREFIX)
+        .prefix_separator("_")
+        .list_separator(",")
+        .try_parsing(false)
+        .source(Some(sources.env.clone().into_iter().collect()));
+    for setting in SETTINGS.iter().filter(|s| s.kind == Kind::List) {
+        environment = environment.with_list_parse_key(setting.key);
+    }
+    builder = builder.add_source(environment);
     for (key, value) in &sources.overrides {
         let result = match value {
             OverrideValue::Text(text) => builder.set_override(key.as_str(), text.as_str()),
@@ -488,19 +597,33 @@ fn check(raw: RawConfig, env: &HashMap<String, String>, found: &mut Problems) ->
         }
     }
 
-    let key = env
-        .get(&raw.key_env)
-        .map(|value| ApiKey::new(value.clone()))
-        .filter(|key| !key.is_blank());
-    if key.is_none() {
-        found.report(
-            "key_env",
-            format!(
-                "environment variable {} is not set or is empty; export the upstream API key in it",
-                raw.key_env
-            ),
-        );
-    }
+    let key_file = raw
+        .key_file
+        .as_deref()
+        .filter(|path| !path.is_empty())
+        .map(PathBuf::from);
+    let key = match &key_file {
+        Some(path) => key_file::read(path)
+            .map_err(|problem| found.report("key_file", problem))
+            .ok(),
+        None => {
+            let key = env
+                .get(&raw.key_env)
+                .map(|value| ApiKey::new(value.clone()))
+                .filter(|key| !key.is_blank());
+            if key.is_none() {
+                found.report(
+                    "key_env",
+                    format!(
+                        "environment variable {} is not set or is empty; export the upstream API key in it \
+                         (or set key_file)",
+                        raw.key_env
+                    ),
+                );
+            }
+            key
+        }
+    };
     let value = match &key {
         Some(key) if template_ok => key
             .header_value(&raw.auth_template)
@@ -516,6 +639,8 @@ fn check(raw: RawConfig, env: &HashMap<String, String>, found: &mut Problems) ->
             .ok(),
         _ => None,
     };
+
+    let access = check_access(&raw, env, listen, found);
 
     let extra_ca_certs = match raw.ca_file.as_deref() {
         None | Some("") => Some(Vec::new()),
@@ -562,8 +687,11 @@ fn check(raw: RawConfig, env: &HashMap<String, String>, found: &mut Problems) ->
     Some(Config {
         listen: listen?,
         upstream: upstream?,
+        access: access?,
         credential: Credential {
             key_env: raw.key_env,
+            key_file,
+            template: raw.auth_template,
             key: key?,
             header,
             value: value?,
@@ -584,6 +712,112 @@ fn check(raw: RawConfig, env: &HashMap<String, String>, found: &mut Problems) ->
         shutdown_grace: shutdown_grace?,
         log_format: log_format?,
     })
+}
+
+/// Validates the admission settings: hosts, origins, tokens, rate, paths, and
+/// that a non-loopback listener is not left open to the network.
+fn check_access(
+    raw: &RawConfig,
+    env: &HashMap<String, String>,
+    listen: Option<SocketAddr>,
+    found: &mut Problems,
+) -> Option<AccessSettings> {
+    let mut tokens = Vec::new();
+    for name in raw.access_token_env.iter().filter(|n| !n.is_empty()) {
+        match env.get(name).map(|v| v.trim()).filter(|v| !v.is_empty()) {
+            Some(value) => tokens.push((name.clone(), value.to_owned())),
+            None => found.report(
+                "access_token_env",
+                format!("environment variable {name} is not set or is empty"),
+            ),
+        }
+    }
+    for path in raw.access_token_files.iter().filter(|p| !p.is_empty()) {
+        let path = Path::new(path);
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| path.display().to_string());
+        match key_file::read_secret(path) {
+            Ok(value) => tokens.push((name, value)),
+            Err(problem) => found.report("access_token_files", problem),
+        }
+    }
+    for (name, value) in &tokens {
+        if value.len() < MIN_TOKEN_LEN {
+            found.report(
+                "access_token_env",
+                format!(
+                    "token {name} is shorter than {MIN_TOKEN_LEN} characters; use a random one"
+                ),
+            );
+        }
+    }
+
+    let token_rate = parse_rate(&raw.token_rate_limit)
+        .map_err(|message| found.report("token_rate_limit", message))
+        .ok();
+    let paths = PathPolicy::parse(&raw.allowed_paths)
+        .map_err(|message| found.report("allowed_paths", message))
+        .ok();
+    for origin in &raw.allowed_origins {
+        if origin == "*" || !(origin.starts_with("http://") || origin.starts_with("https://")) {
+            found.report(
+                "allowed_origins",
+                format!("{origin:?} must be an exact origin such as http://localhost:3000 (no wildcards)"),
+            );
+        }
+    }
+
+    let exposed = listen.is_some_and(|addr| !addr.ip().is_loopback());
+    if exposed && tokens.is_empty() && !raw.allow_unauthenticated_network {
+        found.report(
+            "listen",
+            format!(
+                "{} is reachable from other machines, so keyrelay requires local access tokens there: \
+                 set access_token_env or access_token_files, or pass --allow-unauthenticated-network \
+                 if something else already restricts who can connect",
+                raw.listen
+            ),
+        );
+    }
+
+    Some(AccessSettings {
+        hosts: HostPolicy::new(&raw.allowed_hosts),
+        cors: CorsPolicy::new(&raw.allowed_origins),
+        tokens: tokens
+            .into_iter()
+            .map(|(name, value)| AccessToken::new(name, value))
+            .collect(),
+        token_rate: token_rate?,
+        paths: paths?,
+    })
+}
+
+/// Shortest local access token accepted: long enough that guessing is hopeless.
+const MIN_TOKEN_LEN: usize = 16;
+
+/// Parses "60/m", "5/s", "1000/h", or "off" (no limit).
+pub fn parse_rate(text: &str) -> Result<Option<Rate>, String> {
+    let text = text.trim();
+    if matches!(text, "off" | "none" | "") {
+        return Ok(None);
+    }
+    let usage = || format!("{text:?} is not a rate (examples: 60/m, 5/s, 1000/h, off)");
+    let (count, unit) = text.split_once('/').ok_or_else(usage)?;
+    let requests: u32 = count.trim().parse().map_err(|_| usage())?;
+    let per = match unit.trim() {
+        "s" => Duration::from_secs(1),
+        "m" => Duration::from_secs(60),
+        "h" => Duration::from_secs(3600),
+        _ => return Err(usage()),
+    };
+    if requests == 0 {
+        return Err(format!(
+            "{text:?} allows nothing; use off to disable the limit"
+        ));
+    }
+    Ok(Some(Rate { requests, per }))
 }
 
 /// Splits a comma-separated list, dropping blanks.

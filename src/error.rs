@@ -11,7 +11,7 @@ use std::fmt;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{CACHE_CONTROL, CONTENT_TYPE};
+use http::header::{CACHE_CONTROL, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
 use http::{HeaderValue, Response, StatusCode};
 use http_body_util::Full;
 
@@ -22,6 +22,16 @@ pub enum ProxyError {
     ConnectNotSupported,
     /// The request target is not a path (e.g. `OPTIONS *`).
     BadRequestTarget,
+    /// The `Host` is not a loopback or configured name (DNS rebinding defence).
+    HostNotAllowed,
+    /// The request carries an `Origin` that is not allowed.
+    OriginNotAllowed,
+    /// Access tokens are required and none (or a wrong one) was presented.
+    Unauthorized,
+    /// The access token's request rate is used up; retry after this long.
+    RateLimited(Duration),
+    /// The path policy does not allow this method and path.
+    PathNotAllowed,
     /// The upstream's host name did not resolve.
     UpstreamDns,
     /// The upstream refused the TCP connection.
@@ -46,6 +56,11 @@ impl ProxyError {
         match self {
             Self::ConnectNotSupported => StatusCode::METHOD_NOT_ALLOWED,
             Self::BadRequestTarget => StatusCode::BAD_REQUEST,
+            Self::HostNotAllowed | Self::OriginNotAllowed | Self::PathNotAllowed => {
+                StatusCode::FORBIDDEN
+            }
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::UpstreamConnectTimeout(_) | Self::ResponseHeaderTimeout(_) => {
                 StatusCode::GATEWAY_TIMEOUT
             }
@@ -63,6 +78,11 @@ impl ProxyError {
         match self {
             Self::ConnectNotSupported => "connect_not_supported",
             Self::BadRequestTarget => "bad_request_target",
+            Self::HostNotAllowed => "host_not_allowed",
+            Self::OriginNotAllowed => "origin_not_allowed",
+            Self::Unauthorized => "unauthorized",
+            Self::RateLimited(_) => "rate_limited",
+            Self::PathNotAllowed => "path_not_allowed",
             Self::UpstreamDns => "upstream_dns",
             Self::UpstreamRefused => "upstream_refused",
             Self::UpstreamConnectTimeout(_) => "upstream_connect_timeout",
@@ -88,6 +108,15 @@ impl ProxyError {
         let headers = response.headers_mut();
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        match self {
+            Self::RateLimited(wait) => {
+                headers.insert(RETRY_AFTER, HeaderValue::from(retry_after_secs(*wait)));
+            }
+            Self::Unauthorized => {
+                headers.insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            _ => {}
+        }
         response
     }
 
@@ -136,6 +165,25 @@ impl fmt::Display for ProxyError {
             ),
             Self::BadRequestTarget => {
                 f.write_str("the request target must be a path such as /v1/chat/completions")
+            }
+            Self::HostNotAllowed => f.write_str(
+                "the Host header is not a loopback name or one in allowed_hosts \
+                 (keyrelay refuses other names to defeat DNS rebinding)",
+            ),
+            Self::OriginNotAllowed => {
+                f.write_str("requests from this Origin are not allowed; add it to allowed_origins")
+            }
+            Self::Unauthorized => f.write_str(
+                "a local access token is required: send it as `Authorization: Bearer <token>` \
+                 or in the X-Keyrelay-Token header",
+            ),
+            Self::RateLimited(wait) => write!(
+                f,
+                "this access token's request rate is used up; retry in {}s",
+                retry_after_secs(*wait)
+            ),
+            Self::PathNotAllowed => {
+                f.write_str("this method and path are not in keyrelay's allowed_paths")
             }
             Self::UpstreamDns => f.write_str("upstream host name did not resolve (DNS failure)"),
             Self::UpstreamRefused => f.write_str("upstream refused the connection"),
@@ -193,6 +241,11 @@ impl Cause {
         // and does not export a type for them.
         self.dns |= err.to_string() == "dns error";
     }
+}
+
+/// Whole seconds for `Retry-After`, rounded up so a client never retries too early.
+fn retry_after_secs(wait: Duration) -> u64 {
+    wait.as_secs() + u64::from(wait.subsec_nanos() > 0)
 }
 
 /// The error an `io::Error` wraps, if `err` is one.

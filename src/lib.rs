@@ -20,7 +20,9 @@ pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod error;
+pub mod guard;
 pub mod headers;
+pub mod key_file;
 pub mod logging;
 pub mod mock_model;
 pub mod proxy;
@@ -46,15 +48,25 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
     let proxy = proxy::Proxy::new(&config)?;
+    // Dropped (and so stopped) when `run` returns.
+    let _key_watcher = config.credential.key_file.clone().map(|path| {
+        let watcher = key_file::watch(
+            path,
+            config.credential.template.clone(),
+            proxy.live_credential(),
+        );
+        AbortOnDrop(tokio::spawn(watcher))
+    });
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(
             listen = %addr,
             upstream = %config.upstream,
-            key_env = %config.credential.key_env,
+            key_source = %key_source(&config),
+            access_tokens = config.access.tokens.len(),
             header = %config.credential.header,
             "keyrelay ready"
         );
-        if !addr.ip().is_loopback() {
+        if !addr.ip().is_loopback() && config.access.tokens.is_empty() {
             tracing::warn!(
                 listen = %addr,
                 "listening on a non-loopback address: anyone who can reach it can spend the API key"
@@ -62,4 +74,21 @@ pub async fn run(
         }
     }
     server::serve(listener, proxy, shutdown, config.shutdown_grace).await
+}
+
+/// Where the key comes from, for the startup line (a name, never the key).
+fn key_source(config: &Config) -> String {
+    match &config.credential.key_file {
+        Some(path) => format!("file {}", path.display()),
+        None => format!("env {}", config.credential.key_env),
+    }
+}
+
+/// Aborts a background task when dropped, tying its life to a scope.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }

@@ -17,7 +17,7 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http::uri::PathAndQuery;
-use http::{Method, Request, Response, Uri, Version};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use tracing::Instrument;
@@ -25,7 +25,9 @@ use tracing::Instrument;
 use crate::access::{Outcome, RequestLog};
 use crate::config::{Config, Credential, Timeouts, UpstreamUrl};
 use crate::error::ProxyError;
+use crate::guard::{cors, Admission, Guard};
 use crate::headers;
+use crate::key_file::LiveCredential;
 use crate::relay::RelayBody;
 use crate::upstream::{build_client, UpstreamClient};
 
@@ -42,6 +44,8 @@ struct Shared {
     client: UpstreamClient,
     upstream: UpstreamUrl,
     credential: Credential,
+    credential_value: Arc<LiveCredential>,
+    guard: Guard,
     timeouts: Timeouts,
     upstream_version: Version,
     next_request_id: AtomicU64,
@@ -55,6 +59,8 @@ impl Proxy {
                 client: build_client(config)?,
                 upstream: config.upstream.clone(),
                 credential: config.credential.clone(),
+                credential_value: Arc::new(LiveCredential::new(config.credential.value.clone())),
+                guard: Guard::new(&config.access),
                 timeouts: config.timeouts,
                 upstream_version: if config.upstream_http2 {
                     Version::HTTP_2
@@ -66,21 +72,43 @@ impl Proxy {
         })
     }
 
+    /// The credential the proxy injects, for the key-file watcher to update.
+    pub fn live_credential(&self) -> Arc<LiveCredential> {
+        Arc::clone(&self.shared.credential_value)
+    }
+
     async fn forward(self, request: Request<Incoming>) -> Response<ResponseBody> {
         let shared = &self.shared;
         let id = shared.next_request_id.fetch_add(1, Ordering::Relaxed);
         let mut log = RequestLog::start(id, request.method().clone(), request.uri().clone());
-        let span = tracing::debug_span!("request", request_id = id);
+        let (mut parts, body) = request.into_parts();
 
+        let origin = match shared.guard.admit(&mut parts) {
+            Admission::Forward { origin, token } => {
+                log.set_token(token);
+                origin
+            }
+            Admission::Preflight(headers) => {
+                log.set_status(StatusCode::NO_CONTENT.as_u16());
+                log.finish(Outcome::Ok);
+                let mut response = Response::new(Either::Right(Full::new(Bytes::new())));
+                *response.status_mut() = StatusCode::NO_CONTENT;
+                *response.headers_mut() = headers;
+                return response;
+            }
+            Admission::Reject(err) => return shared.fail(&err, &mut log),
+        };
+
+        let span = tracing::debug_span!("request", request_id = id);
         let result = async {
-            let upstream_request = shared.upstream_request(request)?;
+            let upstream_request = shared.upstream_request(parts, body)?;
             tracing::debug!(uri = %upstream_request.uri(), "forwarding");
             shared.send(upstream_request).await
         }
         .instrument(span)
         .await;
 
-        match result {
+        let mut response = match result {
             Ok(response) => {
                 let (mut parts, body) = response.into_parts();
                 headers::prepare_response(&mut parts.headers);
@@ -88,42 +116,49 @@ impl Proxy {
                 let body = RelayBody::new(body, shared.timeouts.idle, log);
                 Response::from_parts(parts, Either::Left(body))
             }
-            Err(err) => {
-                log.set_status(err.status().as_u16());
-                log.finish(match err {
-                    ProxyError::ConnectNotSupported | ProxyError::BadRequestTarget => {
-                        Outcome::Rejected
-                    }
-                    ProxyError::ResponseHeaderTimeout(_)
-                    | ProxyError::UpstreamConnectTimeout(_) => Outcome::Timeout,
-                    _ => Outcome::UpstreamError,
-                });
-                tracing::warn!(request_id = id, kind = err.kind(), error = %err, "request failed");
-                err.to_response(shared.upstream.authority.as_str())
-                    .map(Either::Right)
-            }
+            Err(err) => shared.fail(&err, &mut log),
+        };
+        // Allowed browser origins may read keyrelay's answers, errors included.
+        if let Some(origin) = origin {
+            cors::add_origin_headers(response.headers_mut(), &origin);
         }
+        response
     }
 }
 
 impl Shared {
+    /// keyrelay's own JSON error response, logged.
+    fn fail(&self, err: &ProxyError, log: &mut RequestLog) -> Response<ResponseBody> {
+        log.set_status(err.status().as_u16());
+        log.finish(match err {
+            ProxyError::ResponseHeaderTimeout(_) | ProxyError::UpstreamConnectTimeout(_) => {
+                Outcome::Timeout
+            }
+            err if err.status().is_client_error() => Outcome::Rejected,
+            _ => Outcome::UpstreamError,
+        });
+        tracing::warn!(request_id = log.id(), kind = err.kind(), error = %err, "request failed");
+        err.to_response(self.upstream.authority.as_str())
+            .map(Either::Right)
+    }
+
     /// Turns the client's request into the upstream's: new target, scrubbed
     /// headers, injected credential, same method and body.
     fn upstream_request(
         &self,
-        request: Request<Incoming>,
+        mut parts: http::request::Parts,
+        body: Incoming,
     ) -> Result<Request<Incoming>, ProxyError> {
-        if request.method() == Method::CONNECT {
+        if parts.method == Method::CONNECT {
             return Err(ProxyError::ConnectNotSupported);
         }
-        let (mut parts, body) = request.into_parts();
         parts.uri = self.upstream_uri(&parts.uri)?;
         parts.version = self.upstream_version;
         headers::prepare_request(
             &mut parts.headers,
             &self.credential.strip,
             &self.credential.header,
-            &self.credential.value,
+            &self.credential_value.current(),
         );
         Ok(Request::from_parts(parts, body))
     }

@@ -136,7 +136,8 @@ async fn upstream_base_path_is_prefixed_to_request_path() {
 #[tokio::test]
 async fn upstream_receives_its_own_authority_as_host() {
     let mut upstream = MockUpstream::start().await;
-    let relay = Relay::start(&upstream.url(), &[]).await;
+    // The client-side name must be accepted by the host check to reach the upstream.
+    let relay = Relay::start(&upstream.url(), &[("allowed_hosts", "client-side.example")]).await;
 
     let request =
         "GET /v1/models HTTP/1.1\r\nHost: client-side.example:9999\r\nConnection: close\r\n\r\n"

@@ -287,7 +287,8 @@ impl Relay {
     }
 }
 
-/// Config sources for tests: [`KEY`] in the swapped environment, flags as overrides.
+/// Config sources for tests: [`KEY`] in the swapped environment, flags as
+/// overrides (comma-separated for list settings).
 pub fn sources(upstream: &str, settings: &[(&str, &str)]) -> Sources {
     let mut sources = Sources {
         env: HashMap::from([("BASETEN_API_KEY".to_owned(), KEY.to_owned())]),
@@ -296,7 +297,15 @@ pub fn sources(upstream: &str, settings: &[(&str, &str)]) -> Sources {
     sources.set("upstream", OverrideValue::Text(upstream.to_owned()));
     sources.set("listen", OverrideValue::Text("127.0.0.1:0".to_owned()));
     for (key, value) in settings {
-        sources.set(key, OverrideValue::Text((*value).to_owned()));
+        let is_list = config::SETTINGS
+            .iter()
+            .any(|s| s.key == *key && s.kind == config::Kind::List);
+        let value = if is_list {
+            OverrideValue::List(value.split(',').map(|v| v.trim().to_owned()).collect())
+        } else {
+            OverrideValue::Text((*value).to_owned())
+        };
+        sources.set(key, value);
     }
     sources
 }

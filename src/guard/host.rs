@@ -1,0 +1,144 @@
+//! Host check: the defence against DNS rebinding.
+//!
+//! A web page can make a browser send requests to keyrelay under a hostile
+//! name that resolves to 127.0.0.1 (DNS rebinding). The browser then reports
+//! that name in `Host`, so accepting only loopback names (and the names the
+//! operator configures) shuts the attack out before anything else runs. This
+//! is kubectl proxy's `--accept-hosts` default, with the holes others fell
+//! into closed: an empty or missing Host is refused, ports and a trailing dot
+//! are tolerated, and `[::1]` is understood.
+
+use http::header::HOST;
+use http::{HeaderMap, Uri};
+
+/// Names accepted without configuration.
+const LOOPBACK_NAMES: [&str; 3] = ["localhost", "127.0.0.1", "[::1]"];
+
+/// Which `Host` values keyrelay answers.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HostPolicy {
+    /// Extra accepted names, normalised (lowercase, no port, no trailing dot).
+    extra: Vec<String>,
+}
+
+impl HostPolicy {
+    /// Accepts the loopback names plus `extra` (e.g. a Kubernetes Service name).
+    pub fn new(extra: &[String]) -> Self {
+        Self {
+            extra: extra.iter().filter_map(|name| normalize(name)).collect(),
+        }
+    }
+
+    /// Checks every authority the request names: the `Host` header and, for
+    /// HTTP/2 and absolute-form requests, the URI's authority. At least one
+    /// must be present, and all present must be accepted.
+    pub fn allows(&self, uri: &Uri, headers: &HeaderMap) -> bool {
+        let mut seen = false;
+        for value in headers.get_all(HOST) {
+            seen = true;
+            if !value.to_str().is_ok_and(|host| self.accepts(host)) {
+                return false;
+            }
+        }
+        if let Some(authority) = uri.authority() {
+            seen = true;
+            if !self.accepts(authority.as_str()) {
+                return false;
+            }
+        }
+        seen
+    }
+
+    fn accepts(&self, host: &str) -> bool {
+        normalize(host).is_some_and(|name| {
+            LOOPBACK_NAMES.contains(&name.as_str()) || self.extra.contains(&name)
+        })
+    }
+}
+
+/// Lowercases, drops the port and a trailing dot; `None` for an empty name.
+fn normalize(host: &str) -> Option<String> {
+    let host = host.trim();
+    let name = if host.starts_with('[') {
+        // IPv6 literal: keep the brackets, drop what follows `]` (the port).
+        &host[..=host.find(']')?]
+    } else {
+        match host.rsplit_once(':') {
+            Some((name, port)) if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) => {
+                name
+            }
+            Some(_) => return None,
+            None => host,
+        }
+    };
+    let name = name.strip_suffix('.').unwrap_or(name);
+    (!name.is_empty()).then(|| name.to_ascii_lowercase())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn allows(policy: &HostPolicy, host: &str) -> bool {
+        let mut headers = HeaderMap::new();
+        headers.insert(HOST, HeaderValue::from_str(host).expect("value"));
+        policy.allows(&Uri::from_static("/"), &headers)
+    }
+
+    #[test]
+    fn loopback_names_pass_in_every_spelling() {
+        let policy = HostPolicy::default();
+        for host in [
+            "localhost",
+            "LOCALHOST",
+            "localhost:8080",
+            "localhost.",
+            "localhost.:80",
+            "127.0.0.1",
+            "127.0.0.1:1",
+            "[::1]",
+            "[::1]:8080",
+        ] {
+            assert!(allows(&policy, host), "{host} should pass");
+        }
+    }
+
+    #[test]
+    fn rebinding_and_odd_names_are_refused() {
+        let policy = HostPolicy::default();
+        for host in [
+            "",
+            " ",
+            "attacker.example",
+            "localhost.attacker.example",
+            "127.0.0.1.nip.io",
+            "127.0.0.2",
+            "0.0.0.0",
+            "[::2]",
+            "localhost:",
+            "localhost:http",
+            "[::1",
+            "::1",
+            "2130706433",
+            "0x7f.0.0.1",
+        ] {
+            assert!(!allows(&policy, host), "{host:?} should be refused");
+        }
+    }
+
+    #[test]
+    fn missing_host_is_refused_unless_the_uri_names_one() {
+        let policy = HostPolicy::default();
+        assert!(!policy.allows(&Uri::from_static("/"), &HeaderMap::new()));
+        assert!(policy.allows(&Uri::from_static("http://localhost:1/x"), &HeaderMap::new()));
+        assert!(!policy.allows(&Uri::from_static("http://evil.test/x"), &HeaderMap::new()));
+    }
+
+    #[test]
+    fn configured_names_pass() {
+        let policy = HostPolicy::new(&["KeyRelay.Team.svc.".to_owned()]);
+        assert!(allows(&policy, "keyrelay.team.svc:8080"));
+        assert!(!allows(&policy, "other.team.svc"));
+    }
+}

@@ -1,0 +1,97 @@
+//! Admission: what a request must pass before keyrelay spends the key on it.
+//!
+//! The checks run in this order, each a small module of its own:
+//! 1. [`host`]: the `Host` must be a loopback name or a configured one (DNS rebinding);
+//! 2. [`cors`]: a request with an `Origin` must come from an allowed origin;
+//!    preflights from allowed origins are answered here and never forwarded;
+//! 3. [`tokens`]: when local access tokens are configured, one must be presented
+//!    (and its rate limit must allow the request);
+//! 4. [`paths`]: when a path policy is configured, the method and path must match it.
+//!
+//! The host check comes first because requests without `Origin` pass CORS.
+
+pub mod cors;
+pub mod host;
+pub mod paths;
+pub mod tokens;
+
+use http::request::Parts;
+use http::{HeaderMap, HeaderValue};
+
+use crate::config::AccessSettings;
+use crate::error::ProxyError;
+use cors::{CorsPolicy, OriginVerdict};
+use host::HostPolicy;
+use paths::PathPolicy;
+use tokens::{AccessTokens, TokenRejection};
+
+/// All admission policy, built once from the config.
+#[derive(Debug, Default)]
+pub struct Guard {
+    /// Accepted `Host` names.
+    pub hosts: HostPolicy,
+    /// Allowed browser origins.
+    pub cors: CorsPolicy,
+    /// Local access tokens and their rate limit.
+    pub tokens: AccessTokens,
+    /// Allowed methods and paths.
+    pub paths: PathPolicy,
+}
+
+/// What to do with a request.
+#[derive(Debug)]
+pub enum Admission {
+    /// Forward it; add CORS headers for this origin to the response, if any.
+    Forward {
+        /// The allowed origin to echo back.
+        origin: Option<HeaderValue>,
+        /// The access token's name, for logs.
+        token: Option<String>,
+    },
+    /// Answer this CORS preflight with these headers (204), without forwarding.
+    Preflight(HeaderMap),
+    /// Refuse it.
+    Reject(ProxyError),
+}
+
+impl Guard {
+    /// Builds the checks from validated settings.
+    pub fn new(settings: &AccessSettings) -> Self {
+        Self {
+            hosts: settings.hosts.clone(),
+            cors: settings.cors.clone(),
+            tokens: AccessTokens::new(settings.tokens.clone(), settings.token_rate),
+            paths: settings.paths.clone(),
+        }
+    }
+
+    /// Runs every check on the request, removing the access token it carries.
+    pub fn admit(&self, request: &mut Parts) -> Admission {
+        if !self.hosts.allows(&request.uri, &request.headers) {
+            return Admission::Reject(ProxyError::HostNotAllowed);
+        }
+        let origin = match self.cors.verdict(&request.headers) {
+            OriginVerdict::Absent => None,
+            OriginVerdict::Allowed(origin) => Some(origin),
+            OriginVerdict::Denied => return Admission::Reject(ProxyError::OriginNotAllowed),
+        };
+        if let Some(origin) = &origin {
+            if cors::is_preflight(&request.method, &request.headers) {
+                return Admission::Preflight(cors::preflight_headers(origin, &request.headers));
+            }
+        }
+        let token = match self.tokens.authenticate(&mut request.headers) {
+            Ok(name) => name.map(str::to_owned),
+            Err(TokenRejection::Unauthorized) => {
+                return Admission::Reject(ProxyError::Unauthorized)
+            }
+            Err(TokenRejection::RateLimited(wait)) => {
+                return Admission::Reject(ProxyError::RateLimited(wait))
+            }
+        };
+        if !self.paths.allows(&request.method, request.uri.path()) {
+            return Admission::Reject(ProxyError::PathNotAllowed);
+        }
+        Admission::Forward { origin, token }
+    }
+}

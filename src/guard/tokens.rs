@@ -1,0 +1,253 @@
+//! Local access tokens: who may use keyrelay at all, and how fast.
+//!
+//! Optional. When configured, every request must present one of the tokens as
+//! `Authorization: Bearer <token>` (so an OpenAI SDK's `api_key` can carry it)
+//! or in the `X-Keyrelay-Token` header. Tokens are compared in constant time
+//! against every configured token, and removed before forwarding (the
+//! credential scrub drops `Authorization`; this drops the dedicated header).
+//! Logs name the token, never its value. Each token can have a request-rate
+//! limit, a token bucket, so a leaked local token cannot drain the account.
+
+use std::fmt;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use http::header::AUTHORIZATION;
+use http::{HeaderMap, HeaderName};
+use subtle::ConstantTimeEq;
+use tokio::time::Instant;
+use zeroize::Zeroizing;
+
+use crate::secret::MASK;
+
+/// The dedicated header a client may put its token in.
+pub const TOKEN_HEADER: &str = "x-keyrelay-token";
+
+/// A named local access token.
+#[derive(Clone)]
+pub struct AccessToken {
+    name: String,
+    value: Zeroizing<Vec<u8>>,
+}
+
+impl AccessToken {
+    /// A token called `name` (shown in logs) with the secret `value`.
+    pub fn new(name: String, value: String) -> Self {
+        Self {
+            name,
+            value: Zeroizing::new(value.into_bytes()),
+        }
+    }
+}
+
+impl fmt::Debug for AccessToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "AccessToken({}: {MASK})", self.name)
+    }
+}
+
+/// A request rate: `requests` per `per`, with bursts up to `requests`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    /// Bucket size and refill amount per `per`.
+    pub requests: u32,
+    /// The refill period.
+    pub per: Duration,
+}
+
+/// Why a request was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenRejection {
+    /// No token, or none that matches.
+    Unauthorized,
+    /// The token's rate is used up; retry after this long.
+    RateLimited(Duration),
+}
+
+/// The configured tokens and their buckets.
+#[derive(Debug, Default)]
+pub struct AccessTokens {
+    tokens: Vec<AccessToken>,
+    rate: Option<Rate>,
+    buckets: Vec<Mutex<Bucket>>,
+}
+
+impl AccessTokens {
+    /// `tokens` with an optional per-token `rate`.
+    pub fn new(tokens: Vec<AccessToken>, rate: Option<Rate>) -> Self {
+        let buckets = tokens
+            .iter()
+            .map(|_| Mutex::new(Bucket::full(rate)))
+            .collect();
+        Self {
+            tokens,
+            rate,
+            buckets,
+        }
+    }
+
+    /// True when requests must present a token.
+    pub fn required(&self) -> bool {
+        !self.tokens.is_empty()
+    }
+
+    /// Checks and removes the client's token; returns the token's name.
+    pub fn authenticate(&self, headers: &mut HeaderMap) -> Result<Option<&str>, TokenRejection> {
+        if !self.required() {
+            return Ok(None);
+        }
+        let dedicated = HeaderName::from_static(TOKEN_HEADER);
+        let presented = headers
+            .get(&dedicated)
+            .map(|v| v.as_bytes().to_vec())
+            .or_else(|| bearer(headers))
+            .map(Zeroizing::new);
+        headers.remove(&dedicated);
+        let presented = presented.ok_or(TokenRejection::Unauthorized)?;
+        let index = self.find(&presented).ok_or(TokenRejection::Unauthorized)?;
+        if let Some(rate) = self.rate {
+            let mut bucket = self.buckets[index]
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            bucket.take(rate, Instant::now())?;
+        }
+        Ok(Some(&self.tokens[index].name))
+    }
+
+    /// Compares against every token without stopping early, so timing does
+    /// not reveal how much of a guess was right or which token it was near.
+    fn find(&self, presented: &[u8]) -> Option<usize> {
+        let mut found = None;
+        for (index, token) in self.tokens.iter().enumerate() {
+            if bool::from(token.value.as_slice().ct_eq(presented)) {
+                found = Some(index);
+            }
+        }
+        found
+    }
+}
+
+fn bearer(headers: &HeaderMap) -> Option<Vec<u8>> {
+    let value = headers.get(AUTHORIZATION)?.as_bytes();
+    let scheme = b"bearer ";
+    (value.len() > scheme.len() && value[..scheme.len()].eq_ignore_ascii_case(scheme))
+        .then(|| value[scheme.len()..].trim_ascii().to_vec())
+}
+
+/// A token bucket: holds up to `rate.requests`, refilled continuously.
+#[derive(Debug)]
+struct Bucket {
+    available: f64,
+    updated: Instant,
+}
+
+impl Bucket {
+    fn full(rate: Option<Rate>) -> Self {
+        Self {
+            available: rate.map_or(0.0, |r| f64::from(r.requests)),
+            updated: Instant::now(),
+        }
+    }
+
+    fn take(&mut self, rate: Rate, now: Instant) -> Result<(), TokenRejection> {
+        let capacity = f64::from(rate.requests);
+        let per_second = capacity / rate.per.as_secs_f64();
+        let elapsed = now.duration_since(self.updated).as_secs_f64();
+        self.available = (self.available + elapsed * per_second).min(capacity);
+        self.updated = now;
+        if self.available >= 1.0 {
+            self.available -= 1.0;
+            Ok(())
+        } else {
+            let wait = (1.0 - self.available) / per_second;
+            Err(TokenRejection::RateLimited(Duration::from_secs_f64(wait)))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn tokens(rate: Option<Rate>) -> AccessTokens {
+        AccessTokens::new(
+            vec![
+                AccessToken::new("frontend".into(), "tok-front-123".into()),
+                AccessToken::new("batch".into(), "tok-batch-456".into()),
+            ],
+            rate,
+        )
+    }
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        pairs
+            .iter()
+            .map(|(k, v)| (HeaderName::from_static(k), HeaderValue::from_static(v)))
+            .collect()
+    }
+
+    #[test]
+    fn bearer_or_dedicated_header_is_accepted_and_removed() {
+        let tokens = tokens(None);
+        let mut h = headers(&[("authorization", "Bearer tok-batch-456")]);
+        assert_eq!(tokens.authenticate(&mut h), Ok(Some("batch")));
+        let mut h = headers(&[(TOKEN_HEADER, "tok-front-123")]);
+        assert_eq!(tokens.authenticate(&mut h), Ok(Some("frontend")));
+        assert!(h.get(TOKEN_HEADER).is_none());
+    }
+
+    #[test]
+    fn wrong_partial_or_missing_tokens_are_refused() {
+        let tokens = tokens(None);
+        for pairs in [
+            &[][..],
+            &[("authorization", "Bearer tok-front-12")][..],
+            &[("authorization", "Bearer tok-front-1234")][..],
+            &[("authorization", "tok-front-123")][..],
+            &[(TOKEN_HEADER, "")][..],
+        ] {
+            assert_eq!(
+                tokens.authenticate(&mut headers(pairs)),
+                Err(TokenRejection::Unauthorized),
+                "{pairs:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn no_tokens_configured_means_open() {
+        assert_eq!(
+            AccessTokens::default().authenticate(&mut HeaderMap::new()),
+            Ok(None)
+        );
+    }
+
+    #[test]
+    fn bucket_allows_a_burst_then_refuses_with_a_wait() {
+        let rate = Rate {
+            requests: 3,
+            per: Duration::from_secs(60),
+        };
+        let mut bucket = Bucket::full(Some(rate));
+        let now = bucket.updated;
+        for _ in 0..3 {
+            assert_eq!(bucket.take(rate, now), Ok(()));
+        }
+        let Err(TokenRejection::RateLimited(wait)) = bucket.take(rate, now) else {
+            panic!("fourth request within the minute must be limited");
+        };
+        assert!(
+            wait > Duration::from_secs(19) && wait <= Duration::from_secs(20),
+            "{wait:?}"
+        );
+        assert_eq!(bucket.take(rate, now + Duration::from_secs(20)), Ok(()));
+    }
+
+    #[test]
+    fn debug_hides_token_values() {
+        let tokens = tokens(None);
+        let text = format!("{tokens:?}");
+        assert!(!text.contains("tok-front-123") && text.contains("frontend"));
+    }
+}

@@ -1,0 +1,103 @@
+//! The upstream key from a file, kept current without a restart.
+//!
+//! Kubernetes mounts Secrets as files and swaps them atomically on rotation.
+//! keyrelay reads the file at startup, then re-reads it every
+//! [`POLL_INTERVAL`] and on SIGHUP. A changed key applies to new requests;
+//! streams in flight keep the connection they have. If the file becomes
+//! empty or unreadable, the previous key stays in use and an error is logged
+//! (once per distinct problem, not every poll).
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use http::HeaderValue;
+use tokio::signal::unix::{signal, SignalKind};
+use zeroize::Zeroizing;
+
+use crate::secret::ApiKey;
+
+/// How often the key file is re-read. Reading a small file once a second
+/// catches every kind of replacement (rewrite, rename, symlink swap) simply.
+pub const POLL_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Reads a key file: surrounding whitespace (the trailing newline editors add)
+/// is dropped, and an empty file counts as no key.
+pub fn read(path: &Path) -> Result<ApiKey, String> {
+    read_secret(path).map(ApiKey::new)
+}
+
+/// Reads a file holding one secret (a key or a token), trimmed; empty is an error.
+pub fn read_secret(path: &Path) -> Result<String, String> {
+    let text = Zeroizing::new(
+        std::fs::read_to_string(path)
+            .map_err(|err| format!("cannot read {}: {err}", path.display()))?,
+    );
+    let secret = text.trim();
+    if secret.is_empty() {
+        return Err(format!("{} is empty", path.display()));
+    }
+    Ok(secret.to_owned())
+}
+
+/// The credential header value in use; swapped when the key file changes.
+#[derive(Debug)]
+pub struct LiveCredential(RwLock<HeaderValue>);
+
+impl LiveCredential {
+    /// Starts with `value`.
+    pub fn new(value: HeaderValue) -> Self {
+        Self(RwLock::new(value))
+    }
+
+    /// The value to inject into the next request.
+    pub fn current(&self) -> HeaderValue {
+        self.0
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    fn replace(&self, value: HeaderValue) {
+        *self
+            .0
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = value;
+    }
+}
+
+/// Re-reads `path` every [`POLL_INTERVAL`] and on SIGHUP, rendering it with
+/// `template` into `live`. Runs until the task is dropped.
+pub async fn watch(path: PathBuf, template: String, live: Arc<LiveCredential>) {
+    let mut hangups = signal(SignalKind::hangup()).ok();
+    let mut ticks = tokio::time::interval(POLL_INTERVAL);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_problem: Option<String> = None;
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            Some(()) = async { hangups.as_mut()?.recv().await } => {
+                tracing::info!(key_file = %path.display(), "SIGHUP: re-reading the key file");
+            }
+        }
+        let rendered = read(&path).and_then(|key| {
+            key.header_value(&template)
+                .map_err(|err| format!("the key in {} {err}", path.display()))
+        });
+        match rendered {
+            Ok(value) => {
+                last_problem = None;
+                if value != live.current() {
+                    live.replace(value);
+                    tracing::info!(key_file = %path.display(), "upstream key reloaded; new requests use it");
+                }
+            }
+            Err(problem) => {
+                if last_problem.as_deref() != Some(problem.as_str()) {
+                    tracing::error!(%problem, "key file unusable; keeping the previous key");
+                    last_problem = Some(problem);
+                }
+            }
+        }
+    }
+}
