@@ -94,6 +94,11 @@ impl RequestLog {
         self.bytes += len as u64;
     }
 
+    /// Records the bytes an upgraded connection relayed to the client.
+    pub fn set_tunnelled_bytes(&mut self, bytes: u64) {
+        self.bytes = bytes;
+    }
+
     /// Records how the request ended; the first outcome recorded wins.
     pub fn finish(&mut self, outcome: Outcome) {
         self.outcome.get_or_insert(outcome);

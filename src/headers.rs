@@ -5,7 +5,9 @@
 //! each hop from the body itself, so a chunked upstream response stays chunked
 //! and a `Content-Length` response keeps its (end-to-end) length.
 
-use http::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, HOST, TE};
+use http::header::{
+    HeaderMap, HeaderName, HeaderValue, CACHE_CONTROL, CONNECTION, CONTENT_TYPE, HOST, TE, UPGRADE,
+};
 
 /// Hop-by-hop headers of RFC 9110 section 7.6.1, plus the legacy ones proxies still see.
 const HOP_BY_HOP: [&str; 7] = [
@@ -68,10 +70,51 @@ pub fn prepare_request(
     headers.insert(credential_header.clone(), credential.clone());
 }
 
+/// The protocol an HTTP/1.1 request asks to switch to (an `Upgrade` header
+/// that `Connection` names), e.g. `websocket`.
+pub fn requested_upgrade(headers: &HeaderMap) -> Option<HeaderValue> {
+    let protocol = headers.get(UPGRADE)?;
+    headers
+        .get_all(CONNECTION)
+        .iter()
+        .any(|value| lists_token(value, "upgrade"))
+        .then(|| protocol.clone())
+}
+
+/// Puts back the handshake headers hop-by-hop removal took out, for an
+/// upgrade keyrelay forwards on purpose (WebSockets).
+pub fn restore_upgrade(headers: &mut HeaderMap, protocol: HeaderValue) {
+    headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(UPGRADE, protocol);
+}
+
 /// Prepares an upstream response's headers for the client.
+///
+/// Server-Sent Events also gain `X-Accel-Buffering: no` and
+/// `Cache-Control: no-cache` (unless the upstream set them), so that a proxy
+/// in front of keyrelay (nginx buffers by default) relays events as they come.
 pub fn prepare_response(headers: &mut HeaderMap) {
     remove_hop_by_hop(headers);
+    let is_event_stream = headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.trim_start()
+                .to_ascii_lowercase()
+                .starts_with("text/event-stream")
+        });
+    if is_event_stream {
+        headers
+            .entry(X_ACCEL_BUFFERING)
+            .or_insert(HeaderValue::from_static("no"));
+        headers
+            .entry(CACHE_CONTROL)
+            .or_insert(HeaderValue::from_static("no-cache"));
+    }
 }
+
+/// nginx's per-response switch for proxy buffering.
+const X_ACCEL_BUFFERING: &str = "x-accel-buffering";
 
 /// True when the comma-separated header `value` contains `token` (case-insensitive).
 fn lists_token(value: &HeaderValue, token: &str) -> bool {
@@ -130,6 +173,41 @@ mod tests {
         let mut headers = map(&[("content-length", "12")]);
         prepare_response(&mut headers);
         assert_eq!(headers.get(CONTENT_LENGTH).expect("kept"), "12");
+    }
+
+    #[test]
+    fn event_streams_are_marked_unbuffered_unless_the_upstream_said_otherwise() {
+        let mut headers = map(&[("content-type", "text/event-stream; charset=utf-8")]);
+        prepare_response(&mut headers);
+        assert_eq!(headers.get(X_ACCEL_BUFFERING).expect("added"), "no");
+        assert_eq!(headers.get(CACHE_CONTROL).expect("added"), "no-cache");
+
+        let mut headers = map(&[
+            ("content-type", "text/event-stream"),
+            ("cache-control", "no-store"),
+        ]);
+        prepare_response(&mut headers);
+        assert_eq!(headers.get(CACHE_CONTROL).expect("kept"), "no-store");
+
+        let mut headers = map(&[("content-type", "application/octet-stream")]);
+        prepare_response(&mut headers);
+        assert!(headers.get(X_ACCEL_BUFFERING).is_none());
+    }
+
+    #[test]
+    fn upgrade_is_recognised_only_when_connection_names_it() {
+        let upgrade = map(&[
+            ("connection", "keep-alive, Upgrade"),
+            ("upgrade", "websocket"),
+        ]);
+        assert_eq!(requested_upgrade(&upgrade).expect("upgrade"), "websocket");
+        assert!(requested_upgrade(&map(&[("upgrade", "websocket")])).is_none());
+
+        let mut headers = upgrade.clone();
+        remove_hop_by_hop(&mut headers);
+        restore_upgrade(&mut headers, HeaderValue::from_static("websocket"));
+        assert_eq!(headers.get(CONNECTION).expect("connection"), "upgrade");
+        assert_eq!(headers.get(UPGRADE).expect("upgrade"), "websocket");
     }
 
     #[test]

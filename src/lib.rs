@@ -30,6 +30,7 @@ pub mod relay;
 pub mod secret;
 pub mod server;
 pub mod signals;
+pub mod tunnel;
 pub mod upstream;
 
 use std::future::Future;

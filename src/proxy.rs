@@ -17,19 +17,20 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http::uri::PathAndQuery;
-use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
 use tracing::Instrument;
 
 use crate::access::{Outcome, RequestLog};
 use crate::config::{Config, Credential, Timeouts, UpstreamUrl};
 use crate::error::ProxyError;
 use crate::guard::{cors, Admission, Guard};
-use crate::headers;
 use crate::key_file::LiveCredential;
 use crate::relay::RelayBody;
 use crate::upstream::{build_client, UpstreamClient};
+use crate::{headers, tunnel};
 
 /// What the proxy answers with: a relayed upstream body, or keyrelay's own JSON error.
 pub type ResponseBody = Either<RelayBody, Full<Bytes>>;
@@ -99,9 +100,18 @@ impl Proxy {
             Admission::Reject(err) => return shared.fail(&err, &mut log),
         };
 
+        // An upgrade (WebSocket) is forwarded deliberately, only over HTTP/1.1
+        // on both sides, where the protocol switch exists.
+        let upgrade = headers::requested_upgrade(&parts.headers).filter(|_| {
+            parts.version == Version::HTTP_11 && shared.upstream_version == Version::HTTP_11
+        });
+        let client_upgrade = upgrade
+            .as_ref()
+            .and_then(|_| parts.extensions.remove::<OnUpgrade>());
+
         let span = tracing::debug_span!("request", request_id = id);
         let result = async {
-            let upstream_request = shared.upstream_request(parts, body)?;
+            let upstream_request = shared.upstream_request(parts, body, upgrade)?;
             tracing::debug!(uri = %upstream_request.uri(), "forwarding");
             shared.send(upstream_request).await
         }
@@ -109,13 +119,18 @@ impl Proxy {
         .await;
 
         let mut response = match result {
-            Ok(response) => {
-                let (mut parts, body) = response.into_parts();
-                headers::prepare_response(&mut parts.headers);
-                log.set_status(parts.status.as_u16());
-                let body = RelayBody::new(body, shared.timeouts.idle, log);
-                Response::from_parts(parts, Either::Left(body))
-            }
+            Ok(mut response) => match client_upgrade {
+                Some(client) if response.status() == StatusCode::SWITCHING_PROTOCOLS => {
+                    switch_protocols(client, &mut response, log)
+                }
+                _ => {
+                    let (mut parts, body) = response.into_parts();
+                    headers::prepare_response(&mut parts.headers);
+                    log.set_status(parts.status.as_u16());
+                    let body = RelayBody::new(body, shared.timeouts.idle, log);
+                    Response::from_parts(parts, Either::Left(body))
+                }
+            },
             Err(err) => shared.fail(&err, &mut log),
         };
         // Allowed browser origins may read keyrelay's answers, errors included.
@@ -124,6 +139,28 @@ impl Proxy {
         }
         response
     }
+}
+
+/// Answers the client's upgrade with the upstream's `101` and splices the two
+/// connections once both have switched.
+fn switch_protocols(
+    client: OnUpgrade,
+    upstream: &mut Response<Incoming>,
+    mut log: RequestLog,
+) -> Response<ResponseBody> {
+    let upstream_upgrade = hyper::upgrade::on(&mut *upstream);
+    let mut headers = std::mem::take(upstream.headers_mut());
+    let protocol = headers.get(http::header::UPGRADE).cloned();
+    headers::prepare_response(&mut headers);
+    if let Some(protocol) = protocol {
+        headers::restore_upgrade(&mut headers, protocol);
+    }
+    log.set_status(StatusCode::SWITCHING_PROTOCOLS.as_u16());
+    tokio::spawn(tunnel::splice(client, upstream_upgrade, log));
+    let mut response = Response::new(Either::Right(Full::new(Bytes::new())));
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    *response.headers_mut() = headers;
+    response
 }
 
 impl Shared {
@@ -148,6 +185,7 @@ impl Shared {
         &self,
         mut parts: http::request::Parts,
         body: Incoming,
+        upgrade: Option<HeaderValue>,
     ) -> Result<Request<Incoming>, ProxyError> {
         if parts.method == Method::CONNECT {
             return Err(ProxyError::ConnectNotSupported);
@@ -160,6 +198,9 @@ impl Shared {
             &self.credential.header,
             &self.credential_value.current(),
         );
+        if let Some(protocol) = upgrade {
+            headers::restore_upgrade(&mut parts.headers, protocol);
+        }
         Ok(Request::from_parts(parts, body))
     }
 

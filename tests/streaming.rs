@@ -64,7 +64,7 @@ async fn sse_events_arrive_one_at_a_time_until_done() {
     let (mut tx, _dropped) = exchange.respond_streaming_with(
         Response::builder()
             .header("content-type", "text/event-stream")
-            .header("cache-control", "no-cache"),
+            .header("cache-control", "private"),
     );
     let response = within("response headers", pending)
         .await
@@ -72,6 +72,10 @@ async fn sse_events_arrive_one_at_a_time_until_done() {
         .expect("response");
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["content-type"], "text/event-stream");
+    // Proxies in front of keyrelay (nginx) must not buffer the events either;
+    // the upstream's own cache-control is kept.
+    assert_eq!(response.headers()["x-accel-buffering"], "no");
+    assert_eq!(response.headers()["cache-control"], "private");
     assert!(
         response.headers().get("content-length").is_none(),
         "an event stream has no length"
