@@ -468,15 +468,27 @@ fn merge(sources: &Sources) -> Result<config::Config, ConfigError> {
         }
         builder = builder.add_source(File::from(path.as_path()).format(FileFormat::Toml));
     }
-    let mut environment = Environment::with_prefix(ENV_PREFIX)
-        .prefix_separator("_")
-        .list_separator(",")
-        .try_parsing(false)
-        .source(Some(sources.env.clone().into_iter().collect()));
+    // The config crate splits list variables only when it also guesses the
+    // types of every other variable, so list settings are split here and
+    // layered as the environment's values (below the flags, set after them).
+    let mut env = sources.env.clone();
+    let mut env_lists = Vec::new();
     for setting in SETTINGS.iter().filter(|s| s.kind == Kind::List) {
-        environment = environment.with_list_parse_key(setting.key);
+        if let Some(value) = env.remove(&setting.env_var()) {
+            env_lists.push((setting.key, split_list(&value)));
+        }
     }
-    builder = builder.add_source(environment);
+    builder = builder.add_source(
+        Environment::with_prefix(ENV_PREFIX)
+            .prefix_separator("_")
+            .try_parsing(false)
+            .source(Some(env.into_iter().collect())),
+    );
+    for (key, items) in env_lists {
+        builder = builder
+            .set_override(key, items)
+            .map_err(|err| ConfigError::single(key, err.to_string()))?;
+    }
     for (key, value) in &sources.overrides {
         let result = match value {
             OverrideValue::Text(text) => builder.set_override(key.as_str(), text.as_str()),
@@ -745,8 +757,13 @@ fn check_access(
     }
     for (name, value) in &tokens {
         if value.len() < MIN_TOKEN_LEN {
+            let setting = if raw.access_token_env.contains(name) {
+                "access_token_env"
+            } else {
+                "access_token_files"
+            };
             found.report(
-                "access_token_env",
+                setting,
                 format!(
                     "token {name} is shorter than {MIN_TOKEN_LEN} characters; use a random one"
                 ),
@@ -974,6 +991,36 @@ mod tests {
         assert_eq!(config.credential.value.as_bytes(), b"Api-Key k-123");
         assert!(config.credential.strip.iter().any(|h| h == "x-api-key"));
         assert!(!format!("{config:?}").contains("k-123"));
+    }
+
+    #[test]
+    fn list_settings_come_from_comma_separated_variables() {
+        let config = load(&sources(&[
+            ("BASETEN_API_KEY", "k"),
+            ("KEYRELAY_UPSTREAM", "https://a.test"),
+            ("KEYRELAY_STRIP_REQUEST_HEADERS", "x-api-key, x-other"),
+            ("KEYRELAY_ALLOWED_PATHS", "/v1/*,POST /predict"),
+        ]))
+        .expect("valid");
+        let strip: Vec<&str> = config.credential.strip.iter().map(|h| h.as_str()).collect();
+        assert_eq!(strip, ["x-api-key", "x-other", "authorization"]);
+        assert!(config.access.paths.allows(&http::Method::POST, "/predict"));
+        assert!(!config.access.paths.allows(&http::Method::GET, "/predict"));
+    }
+
+    #[test]
+    fn list_flags_override_list_variables() {
+        let mut src = sources(&[
+            ("BASETEN_API_KEY", "k"),
+            ("KEYRELAY_UPSTREAM", "https://a.test"),
+            ("KEYRELAY_STRIP_REQUEST_HEADERS", "x-from-env"),
+        ]);
+        src.set(
+            "strip_request_headers",
+            OverrideValue::List(vec!["x-from-flag".into()]),
+        );
+        let config = load(&src).expect("valid");
+        assert_eq!(config.credential.strip[0].as_str(), "x-from-flag");
     }
 
     #[test]

@@ -70,10 +70,13 @@ pub fn prepare_request(
     headers.insert(credential_header.clone(), credential.clone());
 }
 
-/// The protocol an HTTP/1.1 request asks to switch to (an `Upgrade` header
-/// that `Connection` names), e.g. `websocket`.
+/// The WebSocket upgrade an HTTP/1.1 request asks for (an `Upgrade:
+/// websocket` header that `Connection` names). Other protocols (`h2c`, ...)
+/// are not forwarded: after a switch keyrelay could no longer check requests.
 pub fn requested_upgrade(headers: &HeaderMap) -> Option<HeaderValue> {
-    let protocol = headers.get(UPGRADE)?;
+    let protocol = headers
+        .get(UPGRADE)
+        .filter(|value| value.as_bytes().eq_ignore_ascii_case(b"websocket"))?;
     headers
         .get_all(CONNECTION)
         .iter()
@@ -95,14 +98,12 @@ pub fn restore_upgrade(headers: &mut HeaderMap, protocol: HeaderValue) {
 /// in front of keyrelay (nginx buffers by default) relays events as they come.
 pub fn prepare_response(headers: &mut HeaderMap) {
     remove_hop_by_hop(headers);
-    let is_event_stream = headers
-        .get(CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| {
-            v.trim_start()
-                .to_ascii_lowercase()
-                .starts_with("text/event-stream")
-        });
+    const EVENT_STREAM: &[u8] = b"text/event-stream";
+    let is_event_stream = headers.get(CONTENT_TYPE).is_some_and(|value| {
+        let value = value.as_bytes().trim_ascii_start();
+        value.len() >= EVENT_STREAM.len()
+            && value[..EVENT_STREAM.len()].eq_ignore_ascii_case(EVENT_STREAM)
+    });
     if is_event_stream {
         headers
             .entry(X_ACCEL_BUFFERING)
@@ -202,6 +203,9 @@ mod tests {
         ]);
         assert_eq!(requested_upgrade(&upgrade).expect("upgrade"), "websocket");
         assert!(requested_upgrade(&map(&[("upgrade", "websocket")])).is_none());
+        assert!(
+            requested_upgrade(&map(&[("connection", "upgrade"), ("upgrade", "h2c")])).is_none()
+        );
 
         let mut headers = upgrade.clone();
         remove_hop_by_hop(&mut headers);

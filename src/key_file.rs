@@ -66,10 +66,29 @@ impl LiveCredential {
     }
 }
 
-/// Re-reads `path` every [`POLL_INTERVAL`] and on SIGHUP, rendering it with
-/// `template` into `live`. Runs until the task is dropped.
-pub async fn watch(path: PathBuf, template: String, live: Arc<LiveCredential>) {
-    let mut hangups = signal(SignalKind::hangup()).ok();
+/// Starts watching `path`: installs the SIGHUP handler now (so a SIGHUP right
+/// after startup re-reads the key instead of killing the process), then
+/// re-reads the file every [`POLL_INTERVAL`] and on SIGHUP, rendering it with
+/// `template` into `live`. The returned future runs until dropped.
+pub fn watch(
+    path: PathBuf,
+    template: String,
+    live: Arc<LiveCredential>,
+) -> impl std::future::Future<Output = ()> {
+    let hangups = signal(SignalKind::hangup())
+        .map_err(
+            |err| tracing::warn!(error = %err, "no SIGHUP handler; the key file is still polled"),
+        )
+        .ok();
+    poll(path, template, live, hangups)
+}
+
+async fn poll(
+    path: PathBuf,
+    template: String,
+    live: Arc<LiveCredential>,
+    mut hangups: Option<tokio::signal::unix::Signal>,
+) {
     let mut ticks = tokio::time::interval(POLL_INTERVAL);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_problem: Option<String> = None;

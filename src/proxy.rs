@@ -97,7 +97,13 @@ impl Proxy {
                 *response.headers_mut() = headers;
                 return response;
             }
-            Admission::Reject(err) => return shared.fail(&err, &mut log),
+            Admission::Reject { error, origin } => {
+                let mut response = shared.fail(&error, &mut log);
+                if let Some(origin) = origin {
+                    cors::add_origin_headers(response.headers_mut(), &origin);
+                }
+                return response;
+            }
         };
 
         // An upgrade (WebSocket) is forwarded deliberately, only over HTTP/1.1
@@ -112,7 +118,8 @@ impl Proxy {
         let span = tracing::debug_span!("request", request_id = id);
         let result = async {
             let upstream_request = shared.upstream_request(parts, body, upgrade)?;
-            tracing::debug!(uri = %upstream_request.uri(), "forwarding");
+            // The path only: queries can carry secrets of their own.
+            tracing::debug!(path = upstream_request.uri().path(), "forwarding");
             shared.send(upstream_request).await
         }
         .instrument(span)

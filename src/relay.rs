@@ -35,7 +35,11 @@ pin_project! {
 
 impl RelayBody {
     /// Wraps `upstream`; `idle` is the longest allowed silence between frames.
-    pub fn new(upstream: Incoming, idle: Option<Duration>, log: RequestLog) -> Self {
+    pub fn new(upstream: Incoming, idle: Option<Duration>, mut log: RequestLog) -> Self {
+        // hyper never polls a body that says it is empty.
+        if upstream.is_end_stream() {
+            log.finish(Outcome::Ok);
+        }
         Self {
             upstream,
             idle: idle.map(IdleTimer::new),
@@ -94,6 +98,11 @@ impl Body for RelayBody {
                 Some(data) if data.is_empty() => continue,
                 Some(data) => this.log.add_bytes(data.len(), now),
                 None => {}
+            }
+            // hyper stops polling once a sized body says it has ended, so
+            // the last frame is where a Content-Length response completes.
+            if this.upstream.is_end_stream() {
+                this.log.finish(Outcome::Ok);
             }
             return Poll::Ready(Some(Ok(frame)));
         }

@@ -19,11 +19,22 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls::{ClientConfig, RootCertStore};
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::Uri;
+use tower::Service;
 
 use crate::config::Config;
 
 /// The client type the proxy forwards with: request bodies pass through as hyper's `Incoming`.
-pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, Incoming>;
+///
+/// The whole connect (DNS, TCP, TLS handshake) runs under one `connect_timeout`:
+/// hyper-util's own connect timeout covers only each TCP attempt, so a server
+/// that accepts TCP but never finishes TLS would otherwise hang a request.
+pub type UpstreamClient = Client<ConnectTimeout<HttpsConnector<HttpConnector>>, Incoming>;
 
 /// Builds the upstream client from the validated config.
 pub fn build_client(config: &Config) -> std::io::Result<UpstreamClient> {
@@ -42,6 +53,10 @@ pub fn build_client(config: &Config) -> std::io::Result<UpstreamClient> {
         connector.enable_http2().wrap_connector(tcp)
     } else {
         connector.enable_http1().wrap_connector(tcp)
+    };
+    let connector = ConnectTimeout {
+        inner: connector,
+        limit: config.timeouts.connect,
     };
 
     let mut builder = Client::builder(TokioExecutor::new());
@@ -74,4 +89,42 @@ fn tls_config(config: &Config) -> std::io::Result<ClientConfig> {
         .with_root_certificates(roots)
         .with_no_client_auth();
     Ok(tls)
+}
+
+/// A connector that fails with a timed-out error when connecting (DNS, TCP
+/// and TLS together) takes longer than `limit`.
+#[derive(Clone)]
+pub struct ConnectTimeout<C> {
+    inner: C,
+    limit: Duration,
+}
+
+impl<C> Service<Uri> for ConnectTimeout<C>
+where
+    C: Service<Uri>,
+    C::Future: Send + 'static,
+    C::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    type Response = C::Response;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+    type Future = Pin<Box<dyn Future<Output = Result<C::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let connecting = self.inner.call(uri);
+        let limit = self.limit;
+        Box::pin(async move {
+            match tokio::time::timeout(limit, connecting).await {
+                Ok(result) => result.map_err(Into::into),
+                Err(_) => Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "connecting to the upstream (DNS, TCP and TLS) timed out",
+                )
+                .into()),
+            }
+        })
+    }
 }

@@ -139,6 +139,36 @@ async fn refused_connection_is_502_upstream_refused() {
 }
 
 #[tokio::test]
+async fn tls_handshake_that_never_finishes_is_504_connect_timeout() {
+    // Accepts TCP and then says nothing: the TLS handshake can never finish.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let held = tokio::spawn(async move {
+        let mut sockets = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            sockets.push(socket);
+        }
+    });
+    let relay = Relay::start(
+        &format!("https://localhost:{port}"),
+        &[("connect_timeout", "300ms")],
+    )
+    .await;
+    let client = http1_client();
+    let json = expect_keyrelay_error(
+        get(&client, &relay, "/v1/models").await,
+        504,
+        "upstream_connect_timeout",
+    )
+    .await;
+    println!("silent TLS: {json}");
+    relay.stop().await;
+    held.abort();
+}
+
+#[tokio::test]
 async fn unresolvable_host_is_502_upstream_dns() {
     // `.invalid` is reserved (RFC 6761): it never resolves anywhere.
     let relay = Relay::start("http://does-not-exist.invalid", &[]).await;

@@ -32,6 +32,9 @@ const EXPOSED_HEADERS: &str =
 /// How long a browser may cache a preflight answer, in seconds.
 const PREFLIGHT_MAX_AGE_SECS: &str = "600";
 
+/// Fetch metadata: where a browser request comes from, sent even without Origin.
+const SEC_FETCH_SITE: &str = "sec-fetch-site";
+
 /// Chrome's Private Network Access preflight question and answer.
 const PNA_REQUEST: &str = "access-control-request-private-network";
 const PNA_ALLOW: &str = "access-control-allow-private-network";
@@ -70,7 +73,13 @@ impl CorsPolicy {
     pub fn verdict(&self, headers: &HeaderMap) -> OriginVerdict {
         let mut values = headers.get_all(ORIGIN).iter();
         let Some(origin) = values.next() else {
-            return OriginVerdict::Absent;
+            // Browsers omit Origin on no-cors GETs (`<img src>`, `<script src>`,
+            // navigations) but mark them with Sec-Fetch-Site; another site's
+            // page must not be able to spend the key that way either.
+            return match headers.get(SEC_FETCH_SITE).map(HeaderValue::as_bytes) {
+                Some(b"cross-site" | b"same-site") => OriginVerdict::Denied,
+                _ => OriginVerdict::Absent,
+            };
         };
         if values.next().is_some() {
             return OriginVerdict::Denied;
@@ -153,6 +162,21 @@ mod tests {
             OriginVerdict::Denied
         );
         assert_eq!(policy.verdict(&with_origin("null")), OriginVerdict::Denied);
+    }
+
+    #[test]
+    fn cross_site_browser_requests_without_origin_are_denied() {
+        let policy = CorsPolicy::default();
+        for site in ["cross-site", "same-site"] {
+            let mut headers = HeaderMap::new();
+            headers.insert(SEC_FETCH_SITE, HeaderValue::from_static(site));
+            assert_eq!(policy.verdict(&headers), OriginVerdict::Denied, "{site}");
+        }
+        for site in ["same-origin", "none"] {
+            let mut headers = HeaderMap::new();
+            headers.insert(SEC_FETCH_SITE, HeaderValue::from_static(site));
+            assert_eq!(policy.verdict(&headers), OriginVerdict::Absent, "{site}");
+        }
     }
 
     #[test]

@@ -50,8 +50,14 @@ pub enum Admission {
     },
     /// Answer this CORS preflight with these headers (204), without forwarding.
     Preflight(HeaderMap),
-    /// Refuse it.
-    Reject(ProxyError),
+    /// Refuse it. An allowed origin is echoed on the refusal so the page can
+    /// read why (a 401 or a 429's `Retry-After`).
+    Reject {
+        /// Why.
+        error: ProxyError,
+        /// The allowed origin to echo back, if the origin check had passed.
+        origin: Option<HeaderValue>,
+    },
 }
 
 impl Guard {
@@ -67,13 +73,14 @@ impl Guard {
 
     /// Runs every check on the request, removing the access token it carries.
     pub fn admit(&self, request: &mut Parts) -> Admission {
+        let reject = |error, origin| Admission::Reject { error, origin };
         if !self.hosts.allows(&request.uri, &request.headers) {
-            return Admission::Reject(ProxyError::HostNotAllowed);
+            return reject(ProxyError::HostNotAllowed, None);
         }
         let origin = match self.cors.verdict(&request.headers) {
             OriginVerdict::Absent => None,
             OriginVerdict::Allowed(origin) => Some(origin),
-            OriginVerdict::Denied => return Admission::Reject(ProxyError::OriginNotAllowed),
+            OriginVerdict::Denied => return reject(ProxyError::OriginNotAllowed, None),
         };
         if let Some(origin) = &origin {
             if cors::is_preflight(&request.method, &request.headers) {
@@ -82,15 +89,13 @@ impl Guard {
         }
         let token = match self.tokens.authenticate(&mut request.headers) {
             Ok(name) => name.map(str::to_owned),
-            Err(TokenRejection::Unauthorized) => {
-                return Admission::Reject(ProxyError::Unauthorized)
-            }
+            Err(TokenRejection::Unauthorized) => return reject(ProxyError::Unauthorized, origin),
             Err(TokenRejection::RateLimited(wait)) => {
-                return Admission::Reject(ProxyError::RateLimited(wait))
+                return reject(ProxyError::RateLimited(wait), origin)
             }
         };
         if !self.paths.allows(&request.method, request.uri.path()) {
-            return Admission::Reject(ProxyError::PathNotAllowed);
+            return reject(ProxyError::PathNotAllowed, origin);
         }
         Admission::Forward { origin, token }
     }

@@ -53,17 +53,35 @@ impl PathPolicy {
     }
 
     /// True when `method` and `path` (without query) match a rule, or there are none.
+    ///
+    /// With rules in force, a path with dot segments or encoded separators is
+    /// refused outright: an upstream or CDN that normalises `/v1/../admin` (or
+    /// `/v1/%2e%2e/admin`) would otherwise reach outside an allowed prefix.
     pub fn allows(&self, method: &Method, path: &str) -> bool {
         self.rules.is_empty()
-            || self.rules.iter().any(|rule| {
-                rule.method.as_ref().is_none_or(|m| m == method)
-                    && if rule.prefix {
-                        path.starts_with(&rule.path)
-                    } else {
-                        path == rule.path
-                    }
-            })
+            || !is_ambiguous(path)
+                && self.rules.iter().any(|rule| {
+                    rule.method.as_ref().is_none_or(|m| m == method)
+                        && if rule.prefix {
+                            path.starts_with(&rule.path)
+                        } else {
+                            path == rule.path
+                        }
+                })
     }
+}
+
+/// True when `path` has `.`/`..` segments (also percent-encoded) or encoded
+/// slashes or backslashes, which different servers resolve differently.
+fn is_ambiguous(path: &str) -> bool {
+    let lower = path.to_ascii_lowercase();
+    if lower.contains("%2f") || lower.contains("%5c") || lower.contains('\\') {
+        return true;
+    }
+    lower
+        .replace("%2e", ".")
+        .split('/')
+        .any(|segment| segment == "." || segment == "..")
 }
 
 #[cfg(test)]
@@ -81,6 +99,24 @@ mod tests {
         assert!(policy.allows(&Method::GET, "/v1/models"));
         assert!(!policy.allows(&Method::POST, "/v2/chat"));
         assert!(PathPolicy::default().allows(&Method::DELETE, "/anything"));
+    }
+
+    #[test]
+    fn dot_segments_cannot_escape_a_prefix() {
+        let policy = PathPolicy::parse(&["/v1/*".to_owned()]).expect("valid");
+        for path in [
+            "/v1/../admin",
+            "/v1/%2e%2e/admin",
+            "/v1/%2E%2E/admin",
+            "/v1/./../admin",
+            "/v1/..%2fadmin",
+            "/v1/.",
+            "/v1/a\\..\\b",
+        ] {
+            assert!(!policy.allows(&Method::GET, path), "{path}");
+        }
+        assert!(policy.allows(&Method::GET, "/v1/models.json"));
+        assert!(PathPolicy::default().allows(&Method::GET, "/v1/../admin"));
     }
 
     #[test]

@@ -97,12 +97,15 @@ impl AccessTokens {
             return Ok(None);
         }
         let dedicated = HeaderName::from_static(TOKEN_HEADER);
-        let presented = headers
-            .get(&dedicated)
-            .map(|v| v.as_bytes().to_vec())
-            .or_else(|| bearer(headers))
-            .map(Zeroizing::new);
-        headers.remove(&dedicated);
+        let presented = match headers.remove(&dedicated) {
+            Some(value) => Some(value.as_bytes().to_vec()),
+            // Removed here rather than left to the credential scrub, which is
+            // configurable: a token must never reach the upstream.
+            None => bearer(headers).inspect(|_| {
+                headers.remove(AUTHORIZATION);
+            }),
+        }
+        .map(Zeroizing::new);
         let presented = presented.ok_or(TokenRejection::Unauthorized)?;
         let index = self.find(&presented).ok_or(TokenRejection::Unauthorized)?;
         if let Some(rate) = self.rate {
@@ -192,6 +195,7 @@ mod tests {
         let tokens = tokens(None);
         let mut h = headers(&[("authorization", "Bearer tok-batch-456")]);
         assert_eq!(tokens.authenticate(&mut h), Ok(Some("batch")));
+        assert!(h.get(AUTHORIZATION).is_none());
         let mut h = headers(&[(TOKEN_HEADER, "tok-front-123")]);
         assert_eq!(tokens.authenticate(&mut h), Ok(Some("frontend")));
         assert!(h.get(TOKEN_HEADER).is_none());
