@@ -1,15 +1,19 @@
-//! The access log: one structured event per request, emitted when it ends.
+//! The per-request record: one access-log event and the request's metrics,
+//! emitted when the request ends.
 //!
 //! A [`RequestLog`] travels with the request and then with its response body,
-//! collecting timings and byte counts. It emits its event when dropped, so a
-//! stream that ends in any way (finished, failed, or abandoned by the client)
-//! is logged exactly once. Only the method and path are logged: never headers,
-//! queries or bodies, which can carry secrets.
+//! collecting timings and byte counts. It emits its event and metrics when
+//! dropped, so a stream that ends in any way (finished, failed, or abandoned
+//! by the client) is counted exactly once. Only the method and path are
+//! logged: never headers, queries or bodies, which can carry secrets.
 
 use std::time::Duration;
 
-use http::{Method, Uri};
+use http::{HeaderValue, Method, Uri};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
+
+use crate::metrics::RouteMetrics;
 
 /// Target of access-log events, for `RUST_LOG=keyrelay::access=info` style filters.
 pub const TARGET: &str = "keyrelay::access";
@@ -46,6 +50,11 @@ impl Outcome {
 #[derive(Debug)]
 pub struct RequestLog {
     id: u64,
+    request_id: Option<HeaderValue>,
+    metrics: RouteMetrics,
+    last_frame: Option<Instant>,
+    /// A concurrency slot, released when the request (or its stream) ends.
+    permit: Option<OwnedSemaphorePermit>,
     method: Method,
     uri: Uri,
     started: Instant,
@@ -58,9 +67,14 @@ pub struct RequestLog {
 
 impl RequestLog {
     /// Starts the record when the request arrives.
-    pub fn start(id: u64, method: Method, uri: Uri) -> Self {
+    pub fn start(id: u64, method: Method, uri: Uri, metrics: RouteMetrics) -> Self {
+        metrics.started();
         Self {
             id,
+            request_id: None,
+            metrics,
+            last_frame: None,
+            permit: None,
             method,
             uri,
             started: Instant::now(),
@@ -75,6 +89,27 @@ impl RequestLog {
     /// The request id, shared with the request's tracing span.
     pub fn id(&self) -> u64 {
         self.id
+    }
+
+    /// Keeps a concurrency slot until the request ends.
+    pub fn hold(&mut self, permit: OwnedSemaphorePermit) {
+        self.permit = Some(permit);
+    }
+
+    /// Time since the request arrived.
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// The request's metric handles.
+    pub fn metrics(&self) -> &RouteMetrics {
+        &self.metrics
+    }
+
+    /// Records the request id reported in the log (the upstream's
+    /// `X-Baseten-Request-Id` when it sent one, else keyrelay's `X-Request-Id`).
+    pub fn set_request_id(&mut self, id: HeaderValue) {
+        self.request_id = Some(id);
     }
 
     /// Records which local access token the request used (its name, never its value).
@@ -92,6 +127,11 @@ impl RequestLog {
         self.first_byte
             .get_or_insert_with(|| now.duration_since(self.started));
         self.bytes += len as u64;
+        let gap = self
+            .last_frame
+            .replace(now)
+            .map(|previous| now.duration_since(previous).as_secs_f64());
+        self.metrics.frame(len, gap);
     }
 
     /// Records the bytes an upgraded connection relayed to the client.
@@ -108,16 +148,25 @@ impl RequestLog {
 impl Drop for RequestLog {
     fn drop(&mut self) {
         let outcome = self.outcome.unwrap_or(Outcome::ClientCancelled);
+        let duration = self.started.elapsed();
+        let status = self.status.unwrap_or(0);
+        self.metrics.finished(
+            status,
+            outcome.as_str(),
+            duration.as_secs_f64(),
+            self.first_byte.map(|d| d.as_secs_f64()),
+        );
         let ttfb_ms = self.first_byte.map(millis);
+        let request_id = self.request_id.as_ref().and_then(|v| v.to_str().ok());
         tracing::info!(
             target: TARGET,
-            request_id = self.id,
+            request_id,
             method = %self.method,
             path = self.uri.path(),
             status = self.status,
             token = self.token.as_deref(),
             ttfb_ms,
-            duration_ms = millis(self.started.elapsed()),
+            duration_ms = millis(duration),
             bytes = self.bytes,
             outcome = outcome.as_str(),
             "request finished"

@@ -17,6 +17,8 @@ pub enum Action {
     Proxy,
     /// Run the built-in demo: a mock model endpoint behind keyrelay.
     Demo,
+    /// Check a running keyrelay's admin `/healthz` at this URL.
+    Health(String),
 }
 
 const ABOUT: &str = "Local authenticating streaming proxy for hosted model endpoints.\n\n\
@@ -61,6 +63,17 @@ pub fn command() -> Command {
                 .value_parser(clap::value_parser!(PathBuf))
                 .help("TOML file with settings (keys as below, with underscores)"),
         )
+        .subcommand(
+            Command::new("health")
+                .about("Exit 0 if a running keyrelay's admin /healthz answers 200 (for HEALTHCHECK and exec probes)")
+                .arg(
+                    Arg::new("url")
+                        .long("url")
+                        .value_name("URL")
+                        .default_value(crate::health::DEFAULT_URL)
+                        .help("The /healthz URL of the admin listener"),
+                ),
+        )
         .subcommand(Command::new("demo").about(
             "Run a local mock model endpoint behind keyrelay and stream one request through it \
              (no network, no real key)",
@@ -89,8 +102,13 @@ pub fn command() -> Command {
 
 /// Reads parsed flags into the action and the config sources (over `sources`).
 pub fn interpret(matches: &ArgMatches, mut sources: Sources) -> (Action, Sources) {
-    let action = match matches.subcommand_name() {
-        Some("demo") => Action::Demo,
+    let action = match matches.subcommand() {
+        Some(("demo", _)) => Action::Demo,
+        Some(("health", sub)) => Action::Health(
+            sub.get_one::<String>("url")
+                .cloned()
+                .unwrap_or_else(|| crate::health::DEFAULT_URL.to_owned()),
+        ),
         _ => Action::Proxy,
     };
     // Global flags given after the subcommand land in the subcommand's matches.

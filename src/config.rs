@@ -208,6 +208,48 @@ pub const SETTINGS: &[Setting] = &[
         kind: Kind::Text,
     },
     Setting {
+        key: "admin_listen",
+        default: "off",
+        help: "Address of the admin listener (/healthz, /readyz, /metrics, POST /quitquitquit); off by default.",
+        kind: Kind::Text,
+    },
+    Setting {
+        key: "shutdown_delay",
+        default: "off",
+        help: "On SIGTERM/SIGINT, keep accepting this long (readiness already failing) before draining.",
+        kind: Kind::Text,
+    },
+    Setting {
+        key: "max_concurrent_requests",
+        default: "off",
+        help: "Most requests (streams included) in flight at once; beyond it 503 with Retry-After.",
+        kind: Kind::Text,
+    },
+    Setting {
+        key: "max_request_header_size",
+        default: "64KiB",
+        help: "Largest request head accepted (HTTP/1.1 431 beyond it; HTTP/2 header list limit).",
+        kind: Kind::Text,
+    },
+    Setting {
+        key: "max_request_body",
+        default: "off",
+        help: "Largest request body forwarded (e.g. 100MiB); 413 beyond it. Off by default.",
+        kind: Kind::Text,
+    },
+    Setting {
+        key: "header_read_timeout",
+        default: "30s",
+        help: "How long an HTTP/1.1 client may take to send its request head (slow-header defence).",
+        kind: Kind::Text,
+    },
+    Setting {
+        key: "http2_max_concurrent_streams",
+        default: "256",
+        help: "Most concurrent streams per HTTP/2 client connection.",
+        kind: Kind::Text,
+    },
+    Setting {
         key: "log_format",
         default: "text",
         help: "Log output: text or json.",
@@ -245,6 +287,13 @@ struct RawConfig {
     upstream_http2: bool,
     http2_keepalive_interval: String,
     shutdown_grace: String,
+    admin_listen: String,
+    shutdown_delay: String,
+    max_concurrent_requests: String,
+    max_request_header_size: String,
+    max_request_body: String,
+    header_read_timeout: String,
+    http2_max_concurrent_streams: u32,
     log_format: String,
 }
 
@@ -271,6 +320,12 @@ pub struct Config {
     pub http2_keepalive_interval: Duration,
     /// Time streams in flight get to finish on shutdown.
     pub shutdown_grace: Duration,
+    /// Time keyrelay keeps accepting after a shutdown signal.
+    pub shutdown_delay: Option<Duration>,
+    /// Admin listener address, if enabled.
+    pub admin_listen: Option<SocketAddr>,
+    /// Resource limits.
+    pub limits: Limits,
     /// Text or JSON logs.
     pub log_format: LogFormat,
 }
@@ -344,6 +399,21 @@ pub struct PoolSettings {
     pub idle_timeout: Duration,
     /// Cap on idle connections kept.
     pub max_idle_per_host: usize,
+}
+
+/// Limits that keep clients from exhausting keyrelay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Requests in flight at once; `None` is unlimited.
+    pub max_concurrent_requests: Option<usize>,
+    /// Largest request head, in bytes.
+    pub max_request_header_size: usize,
+    /// Largest request body, in bytes; `None` is unlimited.
+    pub max_request_body: Option<u64>,
+    /// Time allowed for an HTTP/1.1 request head.
+    pub header_read_timeout: Option<Duration>,
+    /// Concurrent streams per HTTP/2 connection.
+    pub http2_max_concurrent_streams: u32,
 }
 
 /// How log lines are written.
@@ -683,6 +753,52 @@ fn check(raw: RawConfig, env: &HashMap<String, String>, found: &mut Problems) ->
         .optional_duration("shutdown_grace", &raw.shutdown_grace)
         .map(Option::unwrap_or_default);
 
+    let shutdown_delay = found.optional_duration("shutdown_delay", &raw.shutdown_delay);
+    let header_read_timeout =
+        found.optional_duration("header_read_timeout", &raw.header_read_timeout);
+    let admin_listen = match raw.admin_listen.trim() {
+        "" | "off" => Some(None),
+        text => match text.parse::<SocketAddr>() {
+            Ok(addr) => Some(Some(addr)),
+            Err(_) => {
+                found.report(
+                    "admin_listen",
+                    format!("{text:?} is not an IP:port address or off"),
+                );
+                None
+            }
+        },
+    };
+    let max_concurrent_requests = match raw.max_concurrent_requests.trim() {
+        "off" | "0" => Some(None),
+        text => match text.parse::<usize>() {
+            Ok(count) => Some(Some(count)),
+            Err(_) => {
+                found.report(
+                    "max_concurrent_requests",
+                    format!("{text:?} is not a whole number or off"),
+                );
+                None
+            }
+        },
+    };
+    let max_request_header_size = parse_size(&raw.max_request_header_size)
+        .map_err(|message| found.report("max_request_header_size", message))
+        .ok()
+        .and_then(|size| {
+            let size = size.and_then(|s| usize::try_from(s).ok());
+            if size.is_none_or(|s| s < MIN_HEADER_LIMIT) {
+                found.report(
+                    "max_request_header_size",
+                    format!("must be at least {MIN_HEADER_LIMIT} bytes"),
+                );
+            }
+            size
+        });
+    let max_request_body = parse_size(&raw.max_request_body)
+        .map_err(|message| found.report("max_request_body", message))
+        .ok();
+
     let log_format = match raw.log_format.as_str() {
         "text" => Some(LogFormat::Text),
         "json" => Some(LogFormat::Json),
@@ -722,6 +838,15 @@ fn check(raw: RawConfig, env: &HashMap<String, String>, found: &mut Problems) ->
         upstream_http2: raw.upstream_http2,
         http2_keepalive_interval: keepalive?,
         shutdown_grace: shutdown_grace?,
+        shutdown_delay: shutdown_delay?,
+        admin_listen: admin_listen?,
+        limits: Limits {
+            max_concurrent_requests: max_concurrent_requests?,
+            max_request_header_size: max_request_header_size?,
+            max_request_body: max_request_body?,
+            header_read_timeout: header_read_timeout?,
+            http2_max_concurrent_streams: raw.http2_max_concurrent_streams,
+        },
         log_format: log_format?,
     })
 }
@@ -835,6 +960,39 @@ pub fn parse_rate(text: &str) -> Result<Option<Rate>, String> {
         ));
     }
     Ok(Some(Rate { requests, per }))
+}
+
+/// Smallest request-head limit: hyper needs room for an ordinary request.
+const MIN_HEADER_LIMIT: usize = 8192;
+
+/// Parses "65536", "64KiB", "10MiB", "1GiB" (also KB/MB/GB as powers of 1024), or "off".
+pub fn parse_size(text: &str) -> Result<Option<u64>, String> {
+    let text = text.trim();
+    if matches!(text, "off" | "none") {
+        return Ok(None);
+    }
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let amount: u64 = digits
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size (examples: 65536, 64KiB, 10MiB, off)"))?;
+    let factor: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        _ => {
+            return Err(format!(
+                "{text:?} has an unknown unit (use KiB, MiB or GiB)"
+            ))
+        }
+    };
+    amount
+        .checked_mul(factor)
+        .map(Some)
+        .ok_or_else(|| format!("{text:?} is too large"))
 }
 
 /// Splits a comma-separated list, dropping blanks.

@@ -32,6 +32,10 @@ pub enum ProxyError {
     RateLimited(Duration),
     /// The path policy does not allow this method and path.
     PathNotAllowed,
+    /// `max_concurrent_requests` are already in flight.
+    Overloaded,
+    /// The request body is larger than `max_request_body` (the limit in bytes).
+    PayloadTooLarge(u64),
     /// The upstream's host name did not resolve.
     UpstreamDns,
     /// The upstream refused the TCP connection.
@@ -60,6 +64,8 @@ impl ProxyError {
                 StatusCode::FORBIDDEN
             }
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+            Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::UpstreamConnectTimeout(_) | Self::ResponseHeaderTimeout(_) => {
                 StatusCode::GATEWAY_TIMEOUT
@@ -83,6 +89,8 @@ impl ProxyError {
             Self::Unauthorized => "unauthorized",
             Self::RateLimited(_) => "rate_limited",
             Self::PathNotAllowed => "path_not_allowed",
+            Self::Overloaded => "overloaded",
+            Self::PayloadTooLarge(_) => "payload_too_large",
             Self::UpstreamDns => "upstream_dns",
             Self::UpstreamRefused => "upstream_refused",
             Self::UpstreamConnectTimeout(_) => "upstream_connect_timeout",
@@ -115,6 +123,9 @@ impl ProxyError {
             Self::Unauthorized => {
                 headers.insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             }
+            Self::Overloaded => {
+                headers.insert(RETRY_AFTER, HeaderValue::from_static("1"));
+            }
             _ => {}
         }
         response
@@ -139,7 +150,9 @@ impl ProxyError {
             current = err.source();
         }
 
-        if let Some(tls) = cause.tls {
+        if let Some(limit) = cause.body_too_large {
+            Self::PayloadTooLarge(limit)
+        } else if let Some(tls) = cause.tls {
             Self::UpstreamTls(describe_tls(&tls))
         } else if cause.dns {
             Self::UpstreamDns
@@ -185,6 +198,15 @@ impl fmt::Display for ProxyError {
             Self::PathNotAllowed => {
                 f.write_str("this method and path are not in keyrelay's allowed_paths")
             }
+            Self::Overloaded => {
+                f.write_str("keyrelay is at max_concurrent_requests; retry shortly")
+            }
+            Self::PayloadTooLarge(limit) => {
+                write!(
+                    f,
+                    "request body larger than max_request_body ({limit} bytes)"
+                )
+            }
             Self::UpstreamDns => f.write_str("upstream host name did not resolve (DNS failure)"),
             Self::UpstreamRefused => f.write_str("upstream refused the connection"),
             Self::UpstreamConnectTimeout(limit) => {
@@ -213,6 +235,7 @@ impl StdError for ProxyError {}
 #[derive(Default)]
 struct Cause {
     tls: Option<rustls::Error>,
+    body_too_large: Option<u64>,
     dns: bool,
     refused: bool,
     timed_out: bool,
@@ -223,6 +246,9 @@ struct Cause {
 impl Cause {
     fn inspect(&mut self, err: &(dyn StdError + 'static)) {
         self.innermost = err.to_string();
+        if let Some(too_large) = err.downcast_ref::<crate::request_body::BodyTooLarge>() {
+            self.body_too_large = Some(too_large.0);
+        }
         if let Some(tls) = err.downcast_ref::<rustls::Error>() {
             self.tls.get_or_insert_with(|| tls.clone());
         }

@@ -15,6 +15,7 @@ use http::HeaderValue;
 use tokio::signal::unix::{signal, SignalKind};
 use zeroize::Zeroizing;
 
+use crate::metrics::Metrics;
 use crate::secret::ApiKey;
 
 /// How often the key file is re-read. Reading a small file once a second
@@ -74,19 +75,21 @@ pub fn watch(
     path: PathBuf,
     template: String,
     live: Arc<LiveCredential>,
+    metrics: Arc<Metrics>,
 ) -> impl std::future::Future<Output = ()> {
     let hangups = signal(SignalKind::hangup())
         .map_err(
             |err| tracing::warn!(error = %err, "no SIGHUP handler; the key file is still polled"),
         )
         .ok();
-    poll(path, template, live, hangups)
+    poll(path, template, live, metrics, hangups)
 }
 
 async fn poll(
     path: PathBuf,
     template: String,
     live: Arc<LiveCredential>,
+    metrics: Arc<Metrics>,
     mut hangups: Option<tokio::signal::unix::Signal>,
 ) {
     let mut ticks = tokio::time::interval(POLL_INTERVAL);
@@ -108,6 +111,7 @@ async fn poll(
                 last_problem = None;
                 if value != live.current() {
                     live.replace(value);
+                    metrics.credential_reloaded();
                     tracing::info!(key_file = %path.display(), "upstream key reloaded; new requests use it");
                 }
             }

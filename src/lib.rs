@@ -16,17 +16,22 @@
 //! - [`demo`] and [`mock_model`]: the built-in demo with a local mock model endpoint.
 
 pub mod access;
+pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod error;
 pub mod guard;
 pub mod headers;
+pub mod health;
 pub mod key_file;
+pub mod lifecycle;
 pub mod logging;
+pub mod metrics;
 pub mod mock_model;
 pub mod proxy;
 pub mod relay;
+pub mod request_body;
 pub mod secret;
 pub mod server;
 pub mod signals;
@@ -34,6 +39,7 @@ pub mod tunnel;
 pub mod upstream;
 
 use std::future::Future;
+use std::sync::Arc;
 
 use tokio::net::TcpListener;
 
@@ -43,24 +49,49 @@ pub use config::Config;
 ///
 /// This is the seam tests use: they bind `127.0.0.1:0`, build a [`Config`] with
 /// [`config::load`] and a swapped environment, and call this in a task.
+///
+/// Shutdown (from `shutdown` or `POST /quitquitquit`): readiness fails at
+/// once, keyrelay keeps accepting for `shutdown_delay` (so Kubernetes can take
+/// it out of endpoints), then stops accepting and lets streams finish for up
+/// to `shutdown_grace`.
 pub async fn run(
     config: Config,
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
-    let proxy = proxy::Proxy::new(&config)?;
-    // Dropped (and so stopped) when `run` returns.
+    let metrics = Arc::new(metrics::Metrics::new());
+    let lifecycle = Arc::new(lifecycle::Lifecycle::default());
+    let proxy = proxy::Proxy::new(&config, &metrics)?;
+
+    // Background tasks are aborted when `run` returns.
     let _key_watcher = config.credential.key_file.clone().map(|path| {
         let watcher = key_file::watch(
             path,
             config.credential.template.clone(),
             proxy.live_credential(),
+            Arc::clone(&metrics),
         );
         AbortOnDrop(tokio::spawn(watcher))
     });
+    let admin_addr = match config.admin_listen {
+        Some(addr) => {
+            let admin = TcpListener::bind(addr).await.map_err(|err| {
+                std::io::Error::new(
+                    err.kind(),
+                    format!("admin_listen: cannot listen on {addr}: {err}"),
+                )
+            })?;
+            let bound = admin.local_addr()?;
+            let task = admin::serve(admin, Arc::clone(&metrics), Arc::clone(&lifecycle));
+            Some((bound, AbortOnDrop(tokio::spawn(task))))
+        }
+        None => None,
+    };
+
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(
             listen = %addr,
+            admin = admin_addr.as_ref().map(|(addr, _)| tracing::field::display(addr)),
             upstream = %config.upstream,
             key_source = %key_source(&config),
             access_tokens = config.access.tokens.len(),
@@ -74,7 +105,21 @@ pub async fn run(
             );
         }
     }
-    server::serve(listener, proxy, shutdown, config.shutdown_grace).await
+
+    let draining = Arc::clone(&lifecycle);
+    let shutdown_delay = config.shutdown_delay;
+    let stop_accepting = async move {
+        tokio::select! {
+            () = shutdown => {}
+            () = draining.quit_requested() => {}
+        }
+        draining.start_draining();
+        if let Some(delay) = shutdown_delay {
+            tracing::info!(delay = ?delay, "shutdown: readiness failing; still accepting during shutdown_delay");
+            tokio::time::sleep(delay).await;
+        }
+    };
+    server::serve(listener, proxy, stop_accepting, &config).await
 }
 
 /// Where the key comes from, for the startup line (a name, never the key).

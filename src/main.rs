@@ -41,6 +41,13 @@ fn main() -> ExitCode {
 
     match action {
         Action::Proxy => runtime.block_on(run_proxy(sources)),
+        Action::Health(url) => match runtime.block_on(keyrelay::health::check(&url)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(reason) => {
+                eprintln!("keyrelay health: {reason}");
+                ExitCode::FAILURE
+            }
+        },
         Action::Demo => match runtime.block_on(demo::run(sources)) {
             Ok(()) => ExitCode::SUCCESS,
             Err(DemoError::Config(err)) => {

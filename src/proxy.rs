@@ -1,8 +1,9 @@
 //! The forwarding service: rewrite the target, fix the headers, relay the bodies.
 //!
-//! This is the whole data path. The request body (hyper's `Incoming`) goes to
-//! the upstream untouched, and the upstream's body comes back wrapped in a
-//! [`RelayBody`] that hands each frame on as it arrives. Nothing is collected.
+//! This is the whole data path. The request body goes to the upstream frame by
+//! frame (a [`RequestBody`] only counts it and enforces `max_request_body`),
+//! and the upstream's body comes back wrapped in a [`RelayBody`] that hands
+//! each frame on as it arrives. Nothing is collected.
 //!
 //! The request target is always rebuilt from the configured upstream plus the
 //! client's path and query (byte for byte), so an absolute-form request such as
@@ -21,6 +22,7 @@ use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
+use tokio::sync::Semaphore;
 use tracing::Instrument;
 
 use crate::access::{Outcome, RequestLog};
@@ -28,9 +30,38 @@ use crate::config::{Config, Credential, Timeouts, UpstreamUrl};
 use crate::error::ProxyError;
 use crate::guard::{cors, Admission, Guard};
 use crate::key_file::LiveCredential;
+use crate::metrics::{Metrics, RouteMetrics};
 use crate::relay::RelayBody;
+use crate::request_body::RequestBody;
 use crate::upstream::{build_client, UpstreamClient};
 use crate::{headers, tunnel};
+
+/// The route name in metrics while keyrelay serves one upstream.
+pub const DEFAULT_ROUTE: &str = "default";
+
+/// Baseten's id for a prediction, preferred in logs when the upstream sends it.
+const BASETEN_REQUEST_ID: &str = "x-baseten-request-id";
+
+/// The request id keyrelay sends upstream and back when Baseten's is absent.
+const X_REQUEST_ID: &str = "x-request-id";
+
+/// Tells developers (browser devtools, curl -v) how long keyrelay itself took.
+const SERVER_TIMING: &str = "server-timing";
+
+fn server_timing(overhead: std::time::Duration) -> HeaderValue {
+    let text = format!(
+        "keyrelay;desc=\"proxy overhead\";dur={:.3}",
+        overhead.as_secs_f64() * 1e3
+    );
+    HeaderValue::try_from(text).unwrap_or_else(|_| HeaderValue::from_static("keyrelay"))
+}
+
+/// A random prefix so request ids from different processes do not collide.
+fn request_id_prefix() -> String {
+    use std::hash::BuildHasher;
+    let random = std::collections::hash_map::RandomState::new().hash_one(std::process::id());
+    format!("{:08x}", random as u32)
+}
 
 /// What the proxy answers with: a relayed upstream body, or keyrelay's own JSON error.
 pub type ResponseBody = Either<RelayBody, Full<Bytes>>;
@@ -43,6 +74,11 @@ pub struct Proxy {
 
 struct Shared {
     client: UpstreamClient,
+    metrics: RouteMetrics,
+    concurrency: Option<Arc<Semaphore>>,
+    max_request_body: Option<u64>,
+    /// Random per-process prefix of generated request ids.
+    id_prefix: String,
     upstream: UpstreamUrl,
     credential: Credential,
     credential_value: Arc<LiveCredential>,
@@ -54,10 +90,17 @@ struct Shared {
 
 impl Proxy {
     /// Builds the proxy and its upstream client from a validated config.
-    pub fn new(config: &Config) -> std::io::Result<Self> {
+    pub fn new(config: &Config, metrics: &Arc<Metrics>) -> std::io::Result<Self> {
         Ok(Self {
             shared: Arc::new(Shared {
                 client: build_client(config)?,
+                metrics: metrics.route(DEFAULT_ROUTE),
+                concurrency: config
+                    .limits
+                    .max_concurrent_requests
+                    .map(|n| Arc::new(Semaphore::new(n))),
+                max_request_body: config.limits.max_request_body,
+                id_prefix: request_id_prefix(),
                 upstream: config.upstream.clone(),
                 credential: config.credential.clone(),
                 credential_value: Arc::new(LiveCredential::new(config.credential.value.clone())),
@@ -81,7 +124,12 @@ impl Proxy {
     async fn forward(self, request: Request<Incoming>) -> Response<ResponseBody> {
         let shared = &self.shared;
         let id = shared.next_request_id.fetch_add(1, Ordering::Relaxed);
-        let mut log = RequestLog::start(id, request.method().clone(), request.uri().clone());
+        let mut log = RequestLog::start(
+            id,
+            request.method().clone(),
+            request.uri().clone(),
+            shared.metrics.clone(),
+        );
         let (mut parts, body) = request.into_parts();
 
         let origin = match shared.guard.admit(&mut parts) {
@@ -106,6 +154,25 @@ impl Proxy {
             }
         };
 
+        if let Some(semaphore) = &shared.concurrency {
+            match Arc::clone(semaphore).try_acquire_owned() {
+                Ok(permit) => log.hold(permit),
+                Err(_) => return shared.fail(&ProxyError::Overloaded, &mut log),
+            }
+        }
+        if let Some(limit) = shared.max_request_body {
+            let declared = parts
+                .headers
+                .get(http::header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok());
+            if declared.is_some_and(|length| length > limit) {
+                return shared.fail(&ProxyError::PayloadTooLarge(limit), &mut log);
+            }
+        }
+        let request_id = shared.request_id(&mut parts.headers, id);
+        log.set_request_id(request_id.clone());
+
         // An upgrade (WebSocket) is forwarded deliberately, only over HTTP/1.1
         // on both sides, where the protocol switch exists.
         let upgrade = headers::requested_upgrade(&parts.headers).filter(|_| {
@@ -117,22 +184,32 @@ impl Proxy {
 
         let span = tracing::debug_span!("request", request_id = id);
         let result = async {
+            let body = RequestBody::new(body, shared.max_request_body, shared.metrics.clone());
             let upstream_request = shared.upstream_request(parts, body, upgrade)?;
             // The path only: queries can carry secrets of their own.
             tracing::debug!(path = upstream_request.uri().path(), "forwarding");
-            shared.send(upstream_request).await
+            let overhead = log.elapsed();
+            log.metrics().overhead(overhead.as_secs_f64());
+            shared.send(upstream_request).await.map(|r| (r, overhead))
         }
         .instrument(span)
         .await;
 
         let mut response = match result {
-            Ok(mut response) => match client_upgrade {
+            Ok((mut response, overhead)) => match client_upgrade {
                 Some(client) if response.status() == StatusCode::SWITCHING_PROTOCOLS => {
                     switch_protocols(client, &mut response, log)
                 }
                 _ => {
                     let (mut parts, body) = response.into_parts();
                     headers::prepare_response(&mut parts.headers);
+                    match parts.headers.get(BASETEN_REQUEST_ID) {
+                        Some(upstream_id) => log.set_request_id(upstream_id.clone()),
+                        None => {
+                            parts.headers.entry(X_REQUEST_ID).or_insert(request_id);
+                        }
+                    }
+                    parts.headers.append(SERVER_TIMING, server_timing(overhead));
                     log.set_status(parts.status.as_u16());
                     let body = RelayBody::new(body, shared.timeouts.idle, log);
                     Response::from_parts(parts, Either::Left(body))
@@ -171,8 +248,22 @@ fn switch_protocols(
 }
 
 impl Shared {
+    /// The client's `X-Request-Id`, or a new one set on the request.
+    fn request_id(&self, headers: &mut http::HeaderMap, id: u64) -> HeaderValue {
+        if let Some(existing) = headers.get(X_REQUEST_ID) {
+            return existing.clone();
+        }
+        let generated = HeaderValue::try_from(format!("kr-{}-{id}", self.id_prefix))
+            .unwrap_or_else(|_| HeaderValue::from_static("kr"));
+        headers.insert(X_REQUEST_ID, generated.clone());
+        generated
+    }
+
     /// keyrelay's own JSON error response, logged.
     fn fail(&self, err: &ProxyError, log: &mut RequestLog) -> Response<ResponseBody> {
+        if err.status().is_server_error() {
+            log.metrics().upstream_error(err.kind());
+        }
         log.set_status(err.status().as_u16());
         log.finish(match err {
             ProxyError::ResponseHeaderTimeout(_) | ProxyError::UpstreamConnectTimeout(_) => {
@@ -191,9 +282,9 @@ impl Shared {
     fn upstream_request(
         &self,
         mut parts: http::request::Parts,
-        body: Incoming,
+        body: RequestBody,
         upgrade: Option<HeaderValue>,
-    ) -> Result<Request<Incoming>, ProxyError> {
+    ) -> Result<Request<RequestBody>, ProxyError> {
         if parts.method == Method::CONNECT {
             return Err(ProxyError::ConnectNotSupported);
         }
@@ -233,7 +324,7 @@ impl Shared {
     }
 
     /// Sends upstream, applying the response-header timeout when one is set.
-    async fn send(&self, request: Request<Incoming>) -> Result<Response<Incoming>, ProxyError> {
+    async fn send(&self, request: Request<RequestBody>) -> Result<Response<Incoming>, ProxyError> {
         let pending = self.client.request(request);
         let result = match self.timeouts.response_headers {
             Some(limit) => tokio::time::timeout(limit, pending)

@@ -67,6 +67,7 @@ impl Body for RelayBody {
                         "upstream failed mid-stream; aborting the client's response"
                     );
                     this.log.finish(Outcome::UpstreamError);
+                    this.log.metrics().upstream_error("reset_mid_stream");
                     return Poll::Ready(Some(Err(RelayError::Upstream(err))));
                 }
                 Poll::Ready(None) => {
@@ -86,6 +87,7 @@ impl Body for RelayBody {
                         "upstream went silent mid-stream; aborting the client's response"
                     );
                     this.log.finish(Outcome::Timeout);
+                    this.log.metrics().upstream_error("idle_timeout");
                     return Poll::Ready(Some(Err(RelayError::Idle(idle.limit))));
                 }
             };

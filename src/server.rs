@@ -17,7 +17,18 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 
+use crate::config::Config;
 use crate::proxy::Proxy;
+
+/// HTTP/2 streams a client may reset before keyrelay has accepted them.
+const HTTP2_MAX_PENDING_RESETS: usize = 20;
+
+/// HTTP/2 streams keyrelay may reset for a client's protocol errors before it
+/// closes the connection.
+const HTTP2_MAX_LOCAL_ERROR_RESETS: usize = 1024;
+
+/// PINGs on idle HTTP/2 client connections find dead peers.
+const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 
 /// Pause after a failed accept (e.g. out of file descriptors) so the loop does
 /// not spin while the condition lasts.
@@ -28,11 +39,26 @@ pub async fn serve(
     listener: TcpListener,
     proxy: Proxy,
     shutdown: impl Future<Output = ()>,
-    grace: Duration,
+    config: &Config,
 ) -> std::io::Result<()> {
+    let grace = config.shutdown_grace;
+    let limits = &config.limits;
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new());
-    builder.http2().timer(TokioTimer::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        // Also caps the request head: hyper answers 431 beyond it.
+        .max_buf_size(limits.max_request_header_size);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.http2_max_concurrent_streams)
+        .max_header_list_size(u32::try_from(limits.max_request_header_size).unwrap_or(u32::MAX))
+        // Rapid-reset defence: few streams reset before they are served.
+        .max_pending_accept_reset_streams(HTTP2_MAX_PENDING_RESETS)
+        .max_local_error_reset_streams(HTTP2_MAX_LOCAL_ERROR_RESETS)
+        .keep_alive_interval(HTTP2_KEEPALIVE_INTERVAL);
 
     let graceful = GracefulShutdown::new();
     let mut connections = JoinSet::new();

@@ -13,7 +13,6 @@
 
 use std::sync::Arc;
 
-use hyper::body::Incoming;
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -28,13 +27,14 @@ use http::Uri;
 use tower::Service;
 
 use crate::config::Config;
+use crate::request_body::RequestBody;
 
-/// The client type the proxy forwards with: request bodies pass through as hyper's `Incoming`.
+/// The client type the proxy forwards with: request bodies pass through frame by frame.
 ///
 /// The whole connect (DNS, TCP, TLS handshake) runs under one `connect_timeout`:
 /// hyper-util's own connect timeout covers only each TCP attempt, so a server
 /// that accepts TCP but never finishes TLS would otherwise hang a request.
-pub type UpstreamClient = Client<ConnectTimeout<HttpsConnector<HttpConnector>>, Incoming>;
+pub type UpstreamClient = Client<ConnectTimeout<HttpsConnector<HttpConnector>>, RequestBody>;
 
 /// Builds the upstream client from the validated config.
 pub fn build_client(config: &Config) -> std::io::Result<UpstreamClient> {

@@ -1,0 +1,89 @@
+//! The admin listener: health, readiness and metrics for operators, on a
+//! separate (loopback by default) address. Never forwarded, never needs the key.
+//!
+//! - `GET /healthz`: 200 while the process serves (liveness);
+//! - `GET /readyz`: 200 while accepting, 503 once draining (readiness);
+//! - `GET /metrics`: Prometheus text format;
+//! - `POST /quitquitquit`: starts a graceful shutdown, so a Kubernetes Job can
+//!   end its keyrelay sidecar when the main container is done.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::CONTENT_TYPE;
+use http::{HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+
+use crate::lifecycle::Lifecycle;
+use crate::metrics::Metrics;
+
+/// Content type of the Prometheus text exposition format.
+const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Serves the admin endpoints on `listener` until the task is dropped.
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, lifecycle: Arc<Lifecycle>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let metrics = Arc::clone(&metrics);
+        let lifecycle = Arc::clone(&lifecycle);
+        tokio::spawn(async move {
+            let service = service_fn(move |request| {
+                let response = answer(&request, &metrics, &lifecycle);
+                async move { Ok::<_, Infallible>(response) }
+            });
+            let served = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+            if let Err(err) = served {
+                tracing::debug!(error = %err, "admin connection ended with an error");
+            }
+        });
+    }
+}
+
+fn answer(
+    request: &Request<Incoming>,
+    metrics: &Metrics,
+    lifecycle: &Lifecycle,
+) -> Response<Full<Bytes>> {
+    match (request.method(), request.uri().path()) {
+        (&Method::GET | &Method::HEAD, "/healthz") => json(StatusCode::OK, r#"{"status":"ok"}"#),
+        (&Method::GET | &Method::HEAD, "/readyz") if lifecycle.is_draining() => {
+            json(StatusCode::SERVICE_UNAVAILABLE, r#"{"status":"draining"}"#)
+        }
+        (&Method::GET | &Method::HEAD, "/readyz") => json(StatusCode::OK, r#"{"status":"ready"}"#),
+        (&Method::GET, "/metrics") => {
+            let mut response = Response::new(Full::new(Bytes::from(metrics.encode())));
+            response
+                .headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static(METRICS_CONTENT_TYPE));
+            response
+        }
+        (&Method::POST, "/quitquitquit") => {
+            tracing::info!("quit requested on the admin listener");
+            lifecycle.request_quit();
+            json(StatusCode::OK, r#"{"status":"shutting down"}"#)
+        }
+        _ => json(
+            StatusCode::NOT_FOUND,
+            r#"{"error":"admin endpoints: GET /healthz, GET /readyz, GET /metrics, POST /quitquitquit"}"#,
+        ),
+    }
+}
+
+fn json(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}

@@ -1,0 +1,303 @@
+//! Prometheus metrics, labelled by route, served on the admin listener.
+//!
+//! Handles for one route are resolved once per request ([`RouteMetrics`]), so
+//! the per-frame work on the data path is one histogram observation.
+
+use std::sync::Arc;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::{Registry, Unit};
+
+/// Latency buckets in seconds, 1 ms to 20 minutes (cold starts and long generations).
+const LATENCY_BUCKETS: [f64; 17] = [
+    0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+    1200.0,
+];
+
+/// Buckets in seconds for keyrelay's own overhead and the gaps between frames.
+const FINE_BUCKETS: [f64; 14] = [
+    0.000_01, 0.000_05, 0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0,
+];
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(LATENCY_BUCKETS)
+}
+
+fn fine_histogram() -> Histogram {
+    Histogram::new(FINE_BUCKETS)
+}
+
+/// A route name.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabel {
+    /// The route's name ("default" for the single-upstream configuration).
+    pub route: String,
+}
+
+/// The status class of `status` ("2xx", ...), so the series count stays small.
+pub fn status_class(status: u16) -> &'static str {
+    match status {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
+/// Labels of the request counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// The route.
+    pub route: String,
+    /// The status class sent to the client.
+    pub status: &'static str,
+    /// How the request ended (ok, client_cancelled, upstream_error, timeout, rejected).
+    pub outcome: &'static str,
+}
+
+/// Labels of the upstream error counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    /// The route.
+    pub route: String,
+    /// What failed: the error `type` (upstream_tls, upstream_connect_timeout, ...),
+    /// `reset_mid_stream` or `idle_timeout`.
+    pub kind: String,
+}
+
+/// Every metric keyrelay exports.
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    duration: Family<RouteLabel, Histogram>,
+    first_byte: Family<RouteLabel, Histogram>,
+    frame_gap: Family<RouteLabel, Histogram>,
+    overhead: Family<RouteLabel, Histogram>,
+    active: Family<RouteLabel, Gauge>,
+    bytes_in: Family<RouteLabel, Counter>,
+    bytes_out: Family<RouteLabel, Counter>,
+    upstream_errors: Family<ErrorLabels, Counter>,
+    credential_reloads: Counter,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("keyrelay");
+        let requests = Family::<RequestLabels, Counter>::default();
+        let duration = Family::<RouteLabel, Histogram>::new_with_constructor(
+            latency_histogram as fn() -> Histogram,
+        );
+        let first_byte = Family::<RouteLabel, Histogram>::new_with_constructor(
+            latency_histogram as fn() -> Histogram,
+        );
+        let frame_gap = Family::<RouteLabel, Histogram>::new_with_constructor(
+            fine_histogram as fn() -> Histogram,
+        );
+        let overhead = Family::<RouteLabel, Histogram>::new_with_constructor(
+            fine_histogram as fn() -> Histogram,
+        );
+        let active = Family::<RouteLabel, Gauge>::default();
+        let bytes_in = Family::<RouteLabel, Counter>::default();
+        let bytes_out = Family::<RouteLabel, Counter>::default();
+        let upstream_errors = Family::<ErrorLabels, Counter>::default();
+        let credential_reloads = Counter::default();
+
+        registry.register(
+            "requests",
+            "Requests finished, by route, status class and outcome (client_cancelled counts cancellations)",
+            requests.clone(),
+        );
+        registry.register_with_unit(
+            "request_duration",
+            "Time from request arrival to the end of the response",
+            Unit::Seconds,
+            duration.clone(),
+        );
+        registry.register_with_unit(
+            "time_to_first_byte",
+            "Time from request arrival to the first response body byte",
+            Unit::Seconds,
+            first_byte.clone(),
+        );
+        registry.register_with_unit(
+            "frame_gap",
+            "Time between consecutive response body frames (stream smoothness)",
+            Unit::Seconds,
+            frame_gap.clone(),
+        );
+        registry.register_with_unit(
+            "overhead",
+            "keyrelay's own time: from request arrival to the upstream request being sent",
+            Unit::Seconds,
+            overhead.clone(),
+        );
+        registry.register(
+            "active_requests",
+            "Requests and streams in flight",
+            active.clone(),
+        );
+        registry.register_with_unit(
+            "request_body",
+            "Request body bytes relayed to the upstream",
+            Unit::Bytes,
+            bytes_in.clone(),
+        );
+        registry.register_with_unit(
+            "response_body",
+            "Response body bytes relayed to clients",
+            Unit::Bytes,
+            bytes_out.clone(),
+        );
+        registry.register(
+            "upstream_errors",
+            "Upstream failures by kind (connect, TLS, timeouts, resets mid-stream)",
+            upstream_errors.clone(),
+        );
+        registry.register(
+            "credential_reloads",
+            "Times the upstream key was reloaded from key_file",
+            credential_reloads.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            duration,
+            first_byte,
+            frame_gap,
+            overhead,
+            active,
+            bytes_in,
+            bytes_out,
+            upstream_errors,
+            credential_reloads,
+        }
+    }
+
+    /// The handles for one route, resolved once per request.
+    pub fn route(self: &Arc<Self>, route: &str) -> RouteMetrics {
+        let label = RouteLabel {
+            route: route.to_owned(),
+        };
+        RouteMetrics {
+            first_byte: self.first_byte.get_or_create_owned(&label),
+            duration: self.duration.get_or_create_owned(&label),
+            frame_gap: self.frame_gap.get_or_create_owned(&label),
+            overhead: self.overhead.get_or_create_owned(&label),
+            active: self.active.get_or_create_owned(&label),
+            bytes_in: self.bytes_in.get_or_create_owned(&label),
+            bytes_out: self.bytes_out.get_or_create_owned(&label),
+            all: Arc::clone(self),
+            route: label.route,
+        }
+    }
+
+    /// Counts a reload of the key file.
+    pub fn credential_reloaded(&self) {
+        self.credential_reloads.inc();
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut text = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
+        text
+    }
+}
+
+/// One route's metric handles.
+#[derive(Clone)]
+pub struct RouteMetrics {
+    all: Arc<Metrics>,
+    route: String,
+    first_byte: Histogram,
+    duration: Histogram,
+    frame_gap: Histogram,
+    overhead: Histogram,
+    active: Gauge,
+    bytes_in: Counter,
+    bytes_out: Counter,
+}
+
+impl std::fmt::Debug for RouteMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RouteMetrics({})", self.route)
+    }
+}
+
+impl RouteMetrics {
+    /// A request started.
+    pub fn started(&self) {
+        self.active.inc();
+    }
+
+    /// keyrelay's own time before the upstream request went out.
+    pub fn overhead(&self, seconds: f64) {
+        self.overhead.observe(seconds);
+    }
+
+    /// A response frame of `len` bytes, `gap` seconds after the previous one.
+    pub fn frame(&self, len: usize, gap: Option<f64>) {
+        self.bytes_out.inc_by(len as u64);
+        if let Some(gap) = gap {
+            self.frame_gap.observe(gap);
+        }
+    }
+
+    /// Request body bytes relayed upstream.
+    pub fn request_bytes(&self, len: usize) {
+        self.bytes_in.inc_by(len as u64);
+    }
+
+    /// An upstream failure of `kind`.
+    pub fn upstream_error(&self, kind: &str) {
+        self.all
+            .upstream_errors
+            .get_or_create(&ErrorLabels {
+                route: self.route.clone(),
+                kind: kind.to_owned(),
+            })
+            .inc();
+    }
+
+    /// A request finished.
+    pub fn finished(
+        &self,
+        status: u16,
+        outcome: &'static str,
+        duration: f64,
+        first_byte: Option<f64>,
+    ) {
+        self.active.dec();
+        self.duration.observe(duration);
+        if let Some(first_byte) = first_byte {
+            self.first_byte.observe(first_byte);
+        }
+        self.all
+            .requests
+            .get_or_create(&RequestLabels {
+                route: self.route.clone(),
+                status: status_class(status),
+                outcome,
+            })
+            .inc();
+    }
+}
