@@ -32,6 +32,8 @@ pub enum ProxyError {
     RateLimited(Duration),
     /// The path policy does not allow this method and path.
     PathNotAllowed,
+    /// No route's prefix matches the path; these are the configured prefixes.
+    NoRoute(Vec<String>),
     /// `max_concurrent_requests` are already in flight.
     Overloaded,
     /// The request body is larger than `max_request_body` (the limit in bytes).
@@ -64,6 +66,7 @@ impl ProxyError {
                 StatusCode::FORBIDDEN
             }
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::NoRoute(_) => StatusCode::NOT_FOUND,
             Self::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
@@ -89,6 +92,7 @@ impl ProxyError {
             Self::Unauthorized => "unauthorized",
             Self::RateLimited(_) => "rate_limited",
             Self::PathNotAllowed => "path_not_allowed",
+            Self::NoRoute(_) => "no_route",
             Self::Overloaded => "overloaded",
             Self::PayloadTooLarge(_) => "payload_too_large",
             Self::UpstreamDns => "upstream_dns",
@@ -104,13 +108,18 @@ impl ProxyError {
 
     /// The JSON error response for this failure; `upstream` (host and port,
     /// never a credential) tells the client which endpoint keyrelay was trying.
-    pub fn to_response(&self, upstream: &str) -> Response<Full<Bytes>> {
-        let body = serde_json::json!({
+    pub fn to_response(&self, upstream: Option<&str>) -> Response<Full<Bytes>> {
+        let mut body = serde_json::json!({
             "error": self.to_string(),
             "type": self.kind(),
             "source": "keyrelay",
-            "upstream": upstream,
         });
+        if let Some(upstream) = upstream {
+            body["upstream"] = upstream.into();
+        }
+        if let Self::NoRoute(prefixes) = self {
+            body["routes"] = prefixes.clone().into();
+        }
         let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
         *response.status_mut() = self.status();
         let headers = response.headers_mut();
@@ -194,6 +203,11 @@ impl fmt::Display for ProxyError {
                 f,
                 "this access token's request rate is used up; retry in {}s",
                 retry_after_secs(*wait)
+            ),
+            Self::NoRoute(prefixes) => write!(
+                f,
+                "no route matches this path; configured prefixes: {}",
+                prefixes.join(", ")
             ),
             Self::PathNotAllowed => {
                 f.write_str("this method and path are not in keyrelay's allowed_paths")

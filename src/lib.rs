@@ -17,6 +17,7 @@
 
 pub mod access;
 pub mod admin;
+pub mod baseten;
 pub mod cli;
 pub mod config;
 pub mod demo;
@@ -32,6 +33,7 @@ pub mod mock_model;
 pub mod proxy;
 pub mod relay;
 pub mod request_body;
+pub mod routes;
 pub mod secret;
 pub mod server;
 pub mod signals;
@@ -64,15 +66,19 @@ pub async fn run(
     let proxy = proxy::Proxy::new(&config, &metrics)?;
 
     // Background tasks are aborted when `run` returns.
-    let _key_watcher = config.credential.key_file.clone().map(|path| {
-        let watcher = key_file::watch(
-            path,
-            config.credential.template.clone(),
-            proxy.live_credential(),
-            Arc::clone(&metrics),
-        );
-        AbortOnDrop(tokio::spawn(watcher))
-    });
+    let _key_watchers: Vec<AbortOnDrop> = proxy
+        .routes()
+        .filter_map(|route| {
+            let path = route.credential.key_file.clone()?;
+            let watcher = key_file::watch(
+                path,
+                route.credential.template.clone(),
+                Arc::clone(&route.live),
+                Arc::clone(&metrics),
+            );
+            Some(AbortOnDrop(tokio::spawn(watcher)))
+        })
+        .collect();
     let admin_addr = match config.admin_listen {
         Some(addr) => {
             let admin = TcpListener::bind(addr).await.map_err(|err| {
@@ -88,14 +94,21 @@ pub async fn run(
         None => None,
     };
 
+    for route in proxy.routes() {
+        tracing::info!(
+            route = %route.name,
+            upstream = %route.upstream,
+            key_source = %key_source(&route.credential),
+            header = %route.credential.header,
+            "route"
+        );
+    }
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(
             listen = %addr,
             admin = admin_addr.as_ref().map(|(addr, _)| tracing::field::display(addr)),
-            upstream = %config.upstream,
-            key_source = %key_source(&config),
+            routes = proxy.routes().count(),
             access_tokens = config.access.tokens.len(),
-            header = %config.credential.header,
             "keyrelay ready"
         );
         if !addr.ip().is_loopback() && config.access.tokens.is_empty() {
@@ -123,10 +136,10 @@ pub async fn run(
 }
 
 /// Where the key comes from, for the startup line (a name, never the key).
-fn key_source(config: &Config) -> String {
-    match &config.credential.key_file {
+fn key_source(credential: &config::Credential) -> String {
+    match &credential.key_file {
         Some(path) => format!("file {}", path.display()),
-        None => format!("env {}", config.credential.key_env),
+        None => format!("env {}", credential.key_env),
     }
 }
 

@@ -17,8 +17,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http::uri::PathAndQuery;
-use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
+use http::{HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
@@ -26,18 +25,18 @@ use tokio::sync::Semaphore;
 use tracing::Instrument;
 
 use crate::access::{Outcome, RequestLog};
-use crate::config::{Config, Credential, Timeouts, UpstreamUrl};
+use crate::config::{Config, Timeouts};
 use crate::error::ProxyError;
 use crate::guard::{cors, Admission, Guard};
-use crate::key_file::LiveCredential;
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::relay::RelayBody;
 use crate::request_body::RequestBody;
+use crate::routes::{Route, RouteTable};
 use crate::upstream::{build_client, UpstreamClient};
 use crate::{headers, tunnel};
 
-/// The route name in metrics while keyrelay serves one upstream.
-pub const DEFAULT_ROUTE: &str = "default";
+/// The route label of requests that match no route.
+const UNMATCHED_ROUTE: &str = "unmatched";
 
 /// Baseten's id for a prediction, preferred in logs when the upstream sends it.
 const BASETEN_REQUEST_ID: &str = "x-baseten-request-id";
@@ -73,18 +72,18 @@ pub struct Proxy {
 }
 
 struct Shared {
-    client: UpstreamClient,
-    metrics: RouteMetrics,
+    http1: UpstreamClient,
+    /// Built only when a route speaks HTTP/2 to its upstream.
+    http2: Option<UpstreamClient>,
+    routes: RouteTable,
+    /// Metrics for requests that match no route.
+    unmatched: RouteMetrics,
     concurrency: Option<Arc<Semaphore>>,
     max_request_body: Option<u64>,
     /// Random per-process prefix of generated request ids.
     id_prefix: String,
-    upstream: UpstreamUrl,
-    credential: Credential,
-    credential_value: Arc<LiveCredential>,
     guard: Guard,
     timeouts: Timeouts,
-    upstream_version: Version,
     next_request_id: AtomicU64,
 }
 
@@ -93,42 +92,42 @@ impl Proxy {
     pub fn new(config: &Config, metrics: &Arc<Metrics>) -> std::io::Result<Self> {
         Ok(Self {
             shared: Arc::new(Shared {
-                client: build_client(config)?,
-                metrics: metrics.route(DEFAULT_ROUTE),
+                http1: build_client(config, false)?,
+                http2: if config.routes.iter().any(|r| r.http2) {
+                    Some(build_client(config, true)?)
+                } else {
+                    None
+                },
+                routes: RouteTable::new(&config.routes, metrics),
+                unmatched: metrics.route(UNMATCHED_ROUTE),
                 concurrency: config
                     .limits
                     .max_concurrent_requests
                     .map(|n| Arc::new(Semaphore::new(n))),
                 max_request_body: config.limits.max_request_body,
                 id_prefix: request_id_prefix(),
-                upstream: config.upstream.clone(),
-                credential: config.credential.clone(),
-                credential_value: Arc::new(LiveCredential::new(config.credential.value.clone())),
                 guard: Guard::new(&config.access),
                 timeouts: config.timeouts,
-                upstream_version: if config.upstream_http2 {
-                    Version::HTTP_2
-                } else {
-                    Version::HTTP_11
-                },
                 next_request_id: AtomicU64::new(1),
             }),
         })
     }
 
-    /// The credential the proxy injects, for the key-file watcher to update.
-    pub fn live_credential(&self) -> Arc<LiveCredential> {
-        Arc::clone(&self.shared.credential_value)
+    /// The routes, for the key-file watchers and the startup log.
+    pub fn routes(&self) -> impl Iterator<Item = &Route> {
+        self.shared.routes.iter()
     }
 
     async fn forward(self, request: Request<Incoming>) -> Response<ResponseBody> {
         let shared = &self.shared;
         let id = shared.next_request_id.fetch_add(1, Ordering::Relaxed);
+        let route = shared.routes.find(request.uri().path());
+        let metrics = route.map_or(&shared.unmatched, |route| &route.metrics);
         let mut log = RequestLog::start(
             id,
             request.method().clone(),
             request.uri().clone(),
-            shared.metrics.clone(),
+            metrics.clone(),
         );
         let (mut parts, body) = request.into_parts();
 
@@ -146,18 +145,29 @@ impl Proxy {
                 return response;
             }
             Admission::Reject { error, origin } => {
-                let mut response = shared.fail(&error, &mut log);
-                if let Some(origin) = origin {
-                    cors::add_origin_headers(response.headers_mut(), &origin);
-                }
-                return response;
+                return shared.fail(&error, &mut log, None, origin.as_ref());
             }
         };
+        let Some(route) = route else {
+            let error = ProxyError::NoRoute(shared.routes.prefixes());
+            return shared.fail(&error, &mut log, None, origin.as_ref());
+        };
+        if !route.paths.allows(&parts.method, parts.uri.path()) {
+            return shared.fail(
+                &ProxyError::PathNotAllowed,
+                &mut log,
+                Some(route),
+                origin.as_ref(),
+            );
+        }
 
         if let Some(semaphore) = &shared.concurrency {
             match Arc::clone(semaphore).try_acquire_owned() {
                 Ok(permit) => log.hold(permit),
-                Err(_) => return shared.fail(&ProxyError::Overloaded, &mut log),
+                Err(_) => {
+                    let error = ProxyError::Overloaded;
+                    return shared.fail(&error, &mut log, Some(route), origin.as_ref());
+                }
             }
         }
         if let Some(limit) = shared.max_request_body {
@@ -167,7 +177,8 @@ impl Proxy {
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.parse::<u64>().ok());
             if declared.is_some_and(|length| length > limit) {
-                return shared.fail(&ProxyError::PayloadTooLarge(limit), &mut log);
+                let error = ProxyError::PayloadTooLarge(limit);
+                return shared.fail(&error, &mut log, Some(route), origin.as_ref());
             }
         }
         let request_id = shared.request_id(&mut parts.headers, id);
@@ -175,22 +186,24 @@ impl Proxy {
 
         // An upgrade (WebSocket) is forwarded deliberately, only over HTTP/1.1
         // on both sides, where the protocol switch exists.
-        let upgrade = headers::requested_upgrade(&parts.headers).filter(|_| {
-            parts.version == Version::HTTP_11 && shared.upstream_version == Version::HTTP_11
-        });
+        let upgrade = headers::requested_upgrade(&parts.headers)
+            .filter(|_| parts.version == Version::HTTP_11 && route.version == Version::HTTP_11);
         let client_upgrade = upgrade
             .as_ref()
             .and_then(|_| parts.extensions.remove::<OnUpgrade>());
 
         let span = tracing::debug_span!("request", request_id = id);
         let result = async {
-            let body = RequestBody::new(body, shared.max_request_body, shared.metrics.clone());
-            let upstream_request = shared.upstream_request(parts, body, upgrade)?;
+            let body = RequestBody::new(body, shared.max_request_body, route.metrics.clone());
+            let upstream_request = upstream_request(route, parts, body, upgrade)?;
             // The path only: queries can carry secrets of their own.
             tracing::debug!(path = upstream_request.uri().path(), "forwarding");
             let overhead = log.elapsed();
             log.metrics().overhead(overhead.as_secs_f64());
-            shared.send(upstream_request).await.map(|r| (r, overhead))
+            shared
+                .send(route, upstream_request)
+                .await
+                .map(|r| (r, overhead))
         }
         .instrument(span)
         .await;
@@ -215,9 +228,9 @@ impl Proxy {
                     Response::from_parts(parts, Either::Left(body))
                 }
             },
-            Err(err) => shared.fail(&err, &mut log),
+            Err(err) => return shared.fail(&err, &mut log, Some(route), origin.as_ref()),
         };
-        // Allowed browser origins may read keyrelay's answers, errors included.
+        // Allowed browser origins may read keyrelay's answers.
         if let Some(origin) = origin {
             cors::add_origin_headers(response.headers_mut(), &origin);
         }
@@ -247,6 +260,31 @@ fn switch_protocols(
     response
 }
 
+/// Turns the client's request into the upstream's: new target, scrubbed
+/// headers, injected credential, same method and body.
+fn upstream_request(
+    route: &Route,
+    mut parts: http::request::Parts,
+    body: RequestBody,
+    upgrade: Option<HeaderValue>,
+) -> Result<Request<RequestBody>, ProxyError> {
+    if parts.method == Method::CONNECT {
+        return Err(ProxyError::ConnectNotSupported);
+    }
+    parts.uri = route.upstream_uri(&parts.uri)?;
+    parts.version = route.version;
+    headers::prepare_request(
+        &mut parts.headers,
+        &route.credential.strip,
+        &route.credential.header,
+        &route.live.current(),
+    );
+    if let Some(protocol) = upgrade {
+        headers::restore_upgrade(&mut parts.headers, protocol);
+    }
+    Ok(Request::from_parts(parts, body))
+}
+
 impl Shared {
     /// The client's `X-Request-Id`, or a new one set on the request.
     fn request_id(&self, headers: &mut http::HeaderMap, id: u64) -> HeaderValue {
@@ -259,8 +297,15 @@ impl Shared {
         generated
     }
 
-    /// keyrelay's own JSON error response, logged.
-    fn fail(&self, err: &ProxyError, log: &mut RequestLog) -> Response<ResponseBody> {
+    /// keyrelay's own JSON error response, logged, with CORS headers for an
+    /// allowed origin so the page can read why.
+    fn fail(
+        &self,
+        err: &ProxyError,
+        log: &mut RequestLog,
+        route: Option<&Route>,
+        origin: Option<&HeaderValue>,
+    ) -> Response<ResponseBody> {
         if err.status().is_server_error() {
             log.metrics().upstream_error(err.kind());
         }
@@ -273,59 +318,26 @@ impl Shared {
             _ => Outcome::UpstreamError,
         });
         tracing::warn!(request_id = log.id(), kind = err.kind(), error = %err, "request failed");
-        err.to_response(self.upstream.authority.as_str())
-            .map(Either::Right)
+        let upstream = route.map(|route| route.upstream.authority.as_str());
+        let mut response = err.to_response(upstream).map(Either::Right);
+        if let Some(origin) = origin {
+            cors::add_origin_headers(response.headers_mut(), origin);
+        }
+        response
     }
 
-    /// Turns the client's request into the upstream's: new target, scrubbed
-    /// headers, injected credential, same method and body.
-    fn upstream_request(
+    /// Sends upstream over the route's client, applying the response-header
+    /// timeout when one is set.
+    async fn send(
         &self,
-        mut parts: http::request::Parts,
-        body: RequestBody,
-        upgrade: Option<HeaderValue>,
-    ) -> Result<Request<RequestBody>, ProxyError> {
-        if parts.method == Method::CONNECT {
-            return Err(ProxyError::ConnectNotSupported);
-        }
-        parts.uri = self.upstream_uri(&parts.uri)?;
-        parts.version = self.upstream_version;
-        headers::prepare_request(
-            &mut parts.headers,
-            &self.credential.strip,
-            &self.credential.header,
-            &self.credential_value.current(),
-        );
-        if let Some(protocol) = upgrade {
-            headers::restore_upgrade(&mut parts.headers, protocol);
-        }
-        Ok(Request::from_parts(parts, body))
-    }
-
-    /// The configured upstream plus the client's path and query, bytes unchanged.
-    fn upstream_uri(&self, target: &Uri) -> Result<Uri, ProxyError> {
-        let path_and_query = match target.path_and_query() {
-            Some(pq) if pq.as_str().starts_with('/') => pq.clone(),
-            Some(_) => return Err(ProxyError::BadRequestTarget),
-            None => PathAndQuery::from_static("/"),
+        route: &Route,
+        request: Request<RequestBody>,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let client = match (route.version, &self.http2) {
+            (Version::HTTP_2, Some(http2)) => http2,
+            _ => &self.http1,
         };
-        let path_and_query = if self.upstream.base_path.is_empty() {
-            path_and_query
-        } else {
-            let joined = format!("{}{}", self.upstream.base_path, path_and_query);
-            PathAndQuery::try_from(joined).map_err(|_| ProxyError::BadRequestTarget)?
-        };
-        Uri::builder()
-            .scheme(self.upstream.scheme.clone())
-            .authority(self.upstream.authority.clone())
-            .path_and_query(path_and_query)
-            .build()
-            .map_err(|_| ProxyError::BadRequestTarget)
-    }
-
-    /// Sends upstream, applying the response-header timeout when one is set.
-    async fn send(&self, request: Request<RequestBody>) -> Result<Response<Incoming>, ProxyError> {
-        let pending = self.client.request(request);
+        let pending = client.request(request);
         let result = match self.timeouts.response_headers {
             Some(limit) => tokio::time::timeout(limit, pending)
                 .await

@@ -36,8 +36,9 @@ use crate::request_body::RequestBody;
 /// that accepts TCP but never finishes TLS would otherwise hang a request.
 pub type UpstreamClient = Client<ConnectTimeout<HttpsConnector<HttpConnector>>, RequestBody>;
 
-/// Builds the upstream client from the validated config.
-pub fn build_client(config: &Config) -> std::io::Result<UpstreamClient> {
+/// Builds an upstream client from the validated config; `http2` selects
+/// HTTP/2 (with keepalive PINGs) instead of HTTP/1.1.
+pub fn build_client(config: &Config, http2: bool) -> std::io::Result<UpstreamClient> {
     let tls = tls_config(config)?;
 
     let mut tcp = HttpConnector::new();
@@ -49,7 +50,7 @@ pub fn build_client(config: &Config) -> std::io::Result<UpstreamClient> {
     let connector = HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http();
-    let connector = if config.upstream_http2 {
+    let connector = if http2 {
         connector.enable_http2().wrap_connector(tcp)
     } else {
         connector.enable_http1().wrap_connector(tcp)
@@ -66,7 +67,7 @@ pub fn build_client(config: &Config) -> std::io::Result<UpstreamClient> {
         .pool_idle_timeout(config.pool.idle_timeout)
         .pool_max_idle_per_host(config.pool.max_idle_per_host)
         .retry_canceled_requests(true);
-    if config.upstream_http2 {
+    if http2 {
         builder
             .http2_only(true)
             .http2_keep_alive_interval(config.http2_keepalive_interval)

@@ -229,3 +229,81 @@ fn example_config_file_is_valid() {
     // The flags set by `sources` win over the file, as they would for a user.
     keyrelay::config::load(&sources).expect("config/keyrelay.toml is valid");
 }
+
+#[test]
+fn every_example_config_in_config_dir_is_valid() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(format!("{root}/config")).expect("config dir") {
+        let path = entry.expect("entry").path();
+        if path.extension().and_then(|e| e.to_str()) != Some("toml") {
+            continue;
+        }
+        // Every key variable the examples name, set to a test key.
+        let env = [
+            "BASETEN_API_KEY",
+            "LLAMA_KEY",
+            "WHISPER_KEY",
+            "OPENAI_COMPAT_KEY",
+        ]
+        .map(|name| (name.to_owned(), KEY.to_owned()));
+        let sources = keyrelay::config::Sources {
+            file: Some(path.clone()),
+            env: env.into_iter().collect(),
+            ..Default::default()
+        };
+        if let Err(err) = keyrelay::config::load(&sources) {
+            panic!("{} is invalid:\n{err}", path.display());
+        }
+        checked += 1;
+    }
+    assert!(
+        checked >= 5,
+        "expected the annotated example and four route examples"
+    );
+}
+
+#[test]
+fn invalid_route_tables_are_reported_naming_the_route() {
+    let file = temp_file(
+        "routes.toml",
+        r#"
+[[routes]]
+name = "a"
+prefix = "/x"
+upstream = "https://a.test"
+key_env = "BASETEN_API_KEY"
+
+[[routes]]
+name = "b"
+prefix = "/x/"
+upstream = "https://b.test"
+key_env = "BASETEN_API_KEY"
+
+[[routes]]
+name = "nokey"
+prefix = "/nokey"
+upstream = "https://c.test"
+
+[[routes]]
+name = "badtemplate"
+prefix = "/t"
+upstream = "https://d.test"
+key_env = "BASETEN_API_KEY"
+auth_template = "Bearer"
+"#,
+    );
+    let output = run(
+        &["--config", file.to_str().expect("utf-8 path")],
+        &[("BASETEN_API_KEY", KEY)],
+    );
+    assert_usage_error(
+        &output,
+        &[
+            "routes \"a\" and \"b\"",
+            "routes[2] \"nokey\".key_env",
+            "no credential source",
+            "routes[3] \"badtemplate\".auth_template",
+        ],
+    );
+}

@@ -6,8 +6,8 @@
 //!    preflights from allowed origins are answered here and never forwarded;
 //! 3. [`tokens`]: when local access tokens are configured, one must be presented
 //!    (and its rate limit must allow the request);
-//! 4. [`paths`]: when a path policy is configured, the method and path must match it.
 //!
+//! The per-route path policy ([`paths`]) is checked once the route is known.
 //! The host check comes first because requests without `Origin` pass CORS.
 
 pub mod cors;
@@ -22,7 +22,6 @@ use crate::config::AccessSettings;
 use crate::error::ProxyError;
 use cors::{CorsPolicy, OriginVerdict};
 use host::HostPolicy;
-use paths::PathPolicy;
 use tokens::{AccessTokens, TokenRejection};
 
 /// All admission policy, built once from the config.
@@ -34,8 +33,6 @@ pub struct Guard {
     pub cors: CorsPolicy,
     /// Local access tokens and their rate limit.
     pub tokens: AccessTokens,
-    /// Allowed methods and paths.
-    pub paths: PathPolicy,
 }
 
 /// What to do with a request.
@@ -67,7 +64,6 @@ impl Guard {
             hosts: settings.hosts.clone(),
             cors: settings.cors.clone(),
             tokens: AccessTokens::new(settings.tokens.clone(), settings.token_rate),
-            paths: settings.paths.clone(),
         }
     }
 
@@ -94,9 +90,6 @@ impl Guard {
                 return reject(ProxyError::RateLimited(wait), origin)
             }
         };
-        if !self.paths.allows(&request.method, request.uri.path()) {
-            return reject(ProxyError::PathNotAllowed, origin);
-        }
         Admission::Forward { origin, token }
     }
 }

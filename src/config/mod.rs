@@ -23,10 +23,15 @@ use serde::Deserialize;
 
 use crate::guard::cors::CorsPolicy;
 use crate::guard::host::HostPolicy;
-use crate::guard::paths::PathPolicy;
 use crate::guard::tokens::{AccessToken, Rate};
 use crate::key_file;
-use crate::secret::{ApiKey, KEY_PLACEHOLDER};
+use crate::secret::ApiKey;
+
+mod routes;
+pub use routes::RouteConfig;
+
+/// The config-file key of the route table (`[[routes]]`).
+pub const ROUTES_KEY: &str = "routes";
 
 /// Prefix of the environment variables that set keyrelay's own settings.
 pub const ENV_PREFIX: &str = "KEYRELAY";
@@ -80,6 +85,42 @@ pub const SETTINGS: &[Setting] = &[
         default: "",
         help: "Base URL of the model endpoint; request paths are appended to its path.",
         kind: Kind::Text,
+    },
+    Setting {
+        key: "model",
+        default: "",
+        help: "Baseten shortcut: proxy the model with this id (https://model-ID.api.baseten.co); /predict and /v1/... map under its environment.",
+        kind: Kind::Text,
+    },
+    Setting {
+        key: "chain",
+        default: "",
+        help: "Baseten shortcut: proxy the chain with this id (https://chain-ID.api.baseten.co); /run_remote maps under its environment.",
+        kind: Kind::Text,
+    },
+    Setting {
+        key: "model_apis",
+        default: "false",
+        help: "Baseten shortcut: proxy the shared OpenAI-compatible Model APIs (https://inference.baseten.co).",
+        kind: Kind::Switch,
+    },
+    Setting {
+        key: "environment",
+        default: "",
+        help: "With model or chain: the environment to call (production when no stage is given).",
+        kind: Kind::Text,
+    },
+    Setting {
+        key: "deployment",
+        default: "",
+        help: "With model or chain: call this deployment id instead of an environment.",
+        kind: Kind::Text,
+    },
+    Setting {
+        key: "development",
+        default: "false",
+        help: "With model or chain: call the development deployment.",
+        kind: Kind::Switch,
     },
     Setting {
         key: "key_env",
@@ -266,6 +307,15 @@ pub const SETTINGS: &[Setting] = &[
 struct RawConfig {
     listen: String,
     upstream: Option<String>,
+    model: Option<String>,
+    chain: Option<String>,
+    model_apis: bool,
+    environment: Option<String>,
+    deployment: Option<String>,
+    development: bool,
+    /// Named routes; only from the config file (`[[routes]]`).
+    #[serde(default)]
+    routes: Vec<routes::RawRoute>,
     key_env: String,
     auth_header: String,
     auth_template: String,
@@ -302,10 +352,8 @@ struct RawConfig {
 pub struct Config {
     /// Address to listen on.
     pub listen: SocketAddr,
-    /// Where requests go.
-    pub upstream: UpstreamUrl,
-    /// What is injected and what is scrubbed.
-    pub credential: Credential,
+    /// Where requests go: at least one route, longest prefix first.
+    pub routes: Vec<RouteConfig>,
     /// Who may use keyrelay, from where, and for what.
     pub access: AccessSettings,
     /// Extra roots trusted for the upstream's TLS certificate.
@@ -358,8 +406,6 @@ pub struct AccessSettings {
     pub tokens: Vec<AccessToken>,
     /// Per-token request rate.
     pub token_rate: Option<Rate>,
-    /// Allowed methods and paths.
-    pub paths: PathPolicy,
 }
 
 /// The credential keyrelay adds, and the client headers it removes first.
@@ -581,7 +627,7 @@ fn unknown_keys(merged: &config::Config) -> Vec<Problem> {
     };
     let mut unknown: Vec<Problem> = table
         .keys()
-        .filter(|key| !SETTINGS.iter().any(|s| s.key == key.as_str()))
+        .filter(|key| key.as_str() != ROUTES_KEY && !SETTINGS.iter().any(|s| s.key == key.as_str()))
         .map(|key| Problem {
             setting: key.clone(),
             message: format!(
@@ -638,90 +684,7 @@ fn check(raw: RawConfig, env: &HashMap<String, String>, found: &mut Problems) ->
         );
     }
 
-    let upstream = match raw.upstream.as_deref() {
-        None | Some("") => {
-            found.report(
-                "upstream",
-                "not set; pass --upstream URL or set KEYRELAY_UPSTREAM",
-            );
-            None
-        }
-        Some(text) => parse_upstream(text)
-            .map_err(|message| found.report("upstream", message))
-            .ok(),
-    };
-
-    let header = HeaderName::from_bytes(raw.auth_header.as_bytes()).ok();
-    if header.is_none() {
-        found.report(
-            "auth_header",
-            format!("{:?} is not a valid header name", raw.auth_header),
-        );
-    }
-
-    let template_ok = raw.auth_template.contains(KEY_PLACEHOLDER);
-    if !template_ok {
-        found.report(
-            "auth_template",
-            format!("must contain {KEY_PLACEHOLDER} where the key goes"),
-        );
-    }
-
-    let mut strip = Vec::with_capacity(raw.strip_request_headers.len() + 1);
-    for name in raw.strip_request_headers.iter().map(|n| n.trim()) {
-        match HeaderName::from_bytes(name.as_bytes()) {
-            Ok(name) => strip.push(name),
-            Err(_) if name.is_empty() => {}
-            Err(_) => found.report(
-                "strip_request_headers",
-                format!("{name:?} is not a valid header name"),
-            ),
-        }
-    }
-
-    let key_file = raw
-        .key_file
-        .as_deref()
-        .filter(|path| !path.is_empty())
-        .map(PathBuf::from);
-    let key = match &key_file {
-        Some(path) => key_file::read(path)
-            .map_err(|problem| found.report("key_file", problem))
-            .ok(),
-        None => {
-            let key = env
-                .get(&raw.key_env)
-                .map(|value| ApiKey::new(value.clone()))
-                .filter(|key| !key.is_blank());
-            if key.is_none() {
-                found.report(
-                    "key_env",
-                    format!(
-                        "environment variable {} is not set or is empty; export the upstream API key in it \
-                         (or set key_file)",
-                        raw.key_env
-                    ),
-                );
-            }
-            key
-        }
-    };
-    let value = match &key {
-        Some(key) if template_ok => key
-            .header_value(&raw.auth_template)
-            .map_err(|err| {
-                found.report(
-                    "key_env",
-                    format!(
-                        "the key in {} (as rendered by auth_template) {err}",
-                        raw.key_env
-                    ),
-                )
-            })
-            .ok(),
-        _ => None,
-    };
-
+    let routes = routes::check(&raw, env, found);
     let access = check_access(&raw, env, listen, found);
 
     let extra_ca_certs = match raw.ca_file.as_deref() {
@@ -808,23 +771,10 @@ fn check(raw: RawConfig, env: &HashMap<String, String>, found: &mut Problems) ->
         }
     };
 
-    let header = header?;
-    if !strip.contains(&header) {
-        strip.push(header.clone());
-    }
     Some(Config {
         listen: listen?,
-        upstream: upstream?,
         access: access?,
-        credential: Credential {
-            key_env: raw.key_env,
-            key_file,
-            template: raw.auth_template,
-            key: key?,
-            header,
-            value: value?,
-            strip,
-        },
+        routes: routes?,
         extra_ca_certs: extra_ca_certs?,
         timeouts: Timeouts {
             connect: connect?,
@@ -899,9 +849,6 @@ fn check_access(
     let token_rate = parse_rate(&raw.token_rate_limit)
         .map_err(|message| found.report("token_rate_limit", message))
         .ok();
-    let paths = PathPolicy::parse(&raw.allowed_paths)
-        .map_err(|message| found.report("allowed_paths", message))
-        .ok();
     for origin in &raw.allowed_origins {
         if origin == "*" || !(origin.starts_with("http://") || origin.starts_with("https://")) {
             found.report(
@@ -932,7 +879,6 @@ fn check_access(
             .map(|(name, value)| AccessToken::new(name, value))
             .collect(),
         token_rate: token_rate?,
-        paths: paths?,
     })
 }
 
@@ -1146,8 +1092,8 @@ mod tests {
         assert_eq!(config.listen, "127.0.0.1:8080".parse().expect("addr"));
         assert_eq!(config.timeouts.idle, Some(Duration::from_secs(2)));
         assert_eq!(config.timeouts.response_headers, None);
-        assert_eq!(config.credential.value.as_bytes(), b"Api-Key k-123");
-        assert!(config.credential.strip.iter().any(|h| h == "x-api-key"));
+        assert_eq!(config.routes[0].credential.value.as_bytes(), b"Api-Key k-123");
+        assert!(config.routes[0].credential.strip.iter().any(|h| h == "x-api-key"));
         assert!(!format!("{config:?}").contains("k-123"));
     }
 
@@ -1160,10 +1106,10 @@ mod tests {
             ("KEYRELAY_ALLOWED_PATHS", "/v1/*,POST /predict"),
         ]))
         .expect("valid");
-        let strip: Vec<&str> = config.credential.strip.iter().map(|h| h.as_str()).collect();
+        let strip: Vec<&str> = config.routes[0].credential.strip.iter().map(|h| h.as_str()).collect();
         assert_eq!(strip, ["x-api-key", "x-other", "authorization"]);
-        assert!(config.access.paths.allows(&http::Method::POST, "/predict"));
-        assert!(!config.access.paths.allows(&http::Method::GET, "/predict"));
+        assert!(config.routes[0].paths.allows(&http::Method::POST, "/predict"));
+        assert!(!config.routes[0].paths.allows(&http::Method::GET, "/predict"));
     }
 
     #[test]
@@ -1178,7 +1124,7 @@ mod tests {
             OverrideValue::List(vec!["x-from-flag".into()]),
         );
         let config = load(&src).expect("valid");
-        assert_eq!(config.credential.strip[0].as_str(), "x-from-flag");
+        assert_eq!(config.routes[0].credential.strip[0].as_str(), "x-from-flag");
     }
 
     #[test]
@@ -1189,7 +1135,7 @@ mod tests {
         ]);
         src.set("upstream", OverrideValue::Text("https://b.test".into()));
         assert_eq!(
-            load(&src).expect("valid").upstream.authority.as_str(),
+            load(&src).expect("valid").routes[0].upstream.authority.as_str(),
             "b.test"
         );
     }

@@ -1,0 +1,137 @@
+//! The route table at run time: which route a request belongs to, and the
+//! upstream URI it becomes.
+//!
+//! Matching is by path prefix on segment boundaries (`/llama` matches
+//! `/llama` and `/llama/predict`, not `/llamas`), longest prefix first. The
+//! upstream target is the route's base URL, plus the Baseten stage for
+//! shortcuts, plus the client's path (its prefix stripped if configured) and
+//! query, byte for byte.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+
+use http::uri::PathAndQuery;
+use http::{Uri, Version};
+
+use crate::baseten::{self, Stage};
+use crate::config::{Credential, RouteConfig, UpstreamUrl};
+use crate::error::ProxyError;
+use crate::guard::paths::PathPolicy;
+use crate::key_file::LiveCredential;
+use crate::metrics::{Metrics, RouteMetrics};
+
+/// One route, ready to serve.
+pub struct Route {
+    /// Name in logs and metrics.
+    pub name: String,
+    prefix: String,
+    strip_prefix: bool,
+    /// Where requests go.
+    pub upstream: UpstreamUrl,
+    stage: Option<Stage>,
+    /// Header, scrub list, template and key source.
+    pub credential: Credential,
+    /// The credential value in use (swapped when the key file changes).
+    pub live: Arc<LiveCredential>,
+    /// Allowed methods and paths.
+    pub paths: PathPolicy,
+    /// HTTP version spoken to the upstream.
+    pub version: Version,
+    /// This route's metric handles.
+    pub metrics: RouteMetrics,
+}
+
+/// All routes, longest prefix first.
+pub struct RouteTable {
+    routes: Vec<Route>,
+}
+
+impl RouteTable {
+    /// Builds the table from validated route configs (already longest-first).
+    pub fn new(configs: &[RouteConfig], metrics: &Arc<Metrics>) -> Self {
+        let routes = configs
+            .iter()
+            .map(|config| Route {
+                name: config.name.clone(),
+                prefix: config.prefix.clone(),
+                strip_prefix: config.strip_prefix,
+                upstream: config.upstream.clone(),
+                stage: config.stage.clone(),
+                credential: config.credential.clone(),
+                live: Arc::new(LiveCredential::new(config.credential.value.clone())),
+                paths: config.paths.clone(),
+                version: if config.http2 {
+                    Version::HTTP_2
+                } else {
+                    Version::HTTP_11
+                },
+                metrics: metrics.route(&config.name),
+            })
+            .collect();
+        Self { routes }
+    }
+
+    /// The route serving `path`, if any.
+    pub fn find(&self, path: &str) -> Option<&Route> {
+        self.routes.iter().find(|route| route.matches(path))
+    }
+
+    /// Every route.
+    pub fn iter(&self) -> impl Iterator<Item = &Route> {
+        self.routes.iter()
+    }
+
+    /// The configured prefixes, for the 404 answer.
+    pub fn prefixes(&self) -> Vec<String> {
+        self.routes.iter().map(|r| r.prefix.clone()).collect()
+    }
+}
+
+impl Route {
+    fn matches(&self, path: &str) -> bool {
+        self.prefix == "/"
+            || path
+                .strip_prefix(self.prefix.as_str())
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+    }
+
+    /// The upstream URI for a client's request target.
+    pub fn upstream_uri(&self, target: &Uri) -> Result<Uri, ProxyError> {
+        let local = match target.path_and_query() {
+            Some(pq) if pq.as_str().starts_with('/') => pq.as_str(),
+            Some(_) => return Err(ProxyError::BadRequestTarget),
+            None => "/",
+        };
+        let rest: Cow<'_, str> = if self.strip_prefix && self.prefix != "/" {
+            let rest = &local[self.prefix.len().min(local.len())..];
+            if rest.starts_with('/') {
+                Cow::Borrowed(rest)
+            } else {
+                Cow::Owned(format!("/{rest}"))
+            }
+        } else {
+            Cow::Borrowed(local)
+        };
+        let mapped = match &self.stage {
+            Some(stage) => Cow::Owned(baseten::map_path(stage, &rest)),
+            None => rest,
+        };
+        let path_and_query = if self.upstream.base_path.is_empty() {
+            match (mapped, target.path_and_query()) {
+                // The common case reuses the client's bytes without copying.
+                (Cow::Borrowed(text), Some(pq)) if text.len() == pq.as_str().len() => pq.clone(),
+                (mapped, _) => PathAndQuery::try_from(mapped.as_ref())
+                    .map_err(|_| ProxyError::BadRequestTarget)?,
+            }
+        } else {
+            PathAndQuery::try_from(format!("{}{}", self.upstream.base_path, mapped))
+                .map_err(|_| ProxyError::BadRequestTarget)?
+        };
+        Uri::builder()
+            .scheme(self.upstream.scheme.clone())
+            .authority(self.upstream.authority.clone())
+            .path_and_query(path_and_query)
+            .build()
+            .map_err(|_| ProxyError::BadRequestTarget)
+    }
+}
