@@ -63,7 +63,8 @@ pub async fn run(
 ) -> std::io::Result<()> {
     let metrics = Arc::new(metrics::Metrics::new());
     let lifecycle = Arc::new(lifecycle::Lifecycle::default());
-    let proxy = proxy::Proxy::new(&config, &metrics)?;
+    let tunnels = Arc::new(tunnel::Tunnels::default());
+    let proxy = proxy::Proxy::new(&config, &metrics, Arc::clone(&tunnels))?;
 
     // Background tasks are aborted when `run` returns.
     let _key_watchers: Vec<AbortOnDrop> = proxy
@@ -132,7 +133,7 @@ pub async fn run(
             tokio::time::sleep(delay).await;
         }
     };
-    server::serve(listener, proxy, stop_accepting, &config).await
+    server::serve(listener, proxy, tunnels, stop_accepting, &config).await
 }
 
 /// Where the key comes from, for the startup line (a name, never the key).

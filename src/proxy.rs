@@ -28,12 +28,13 @@ use crate::access::{Outcome, RequestLog};
 use crate::config::{Config, Timeouts};
 use crate::error::ProxyError;
 use crate::guard::{cors, Admission, Guard};
+use crate::headers;
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::relay::RelayBody;
 use crate::request_body::RequestBody;
 use crate::routes::{Route, RouteTable};
+use crate::tunnel::Tunnels;
 use crate::upstream::{build_client, UpstreamClient};
-use crate::{headers, tunnel};
 
 /// The route label of requests that match no route.
 const UNMATCHED_ROUTE: &str = "unmatched";
@@ -83,13 +84,18 @@ struct Shared {
     /// Random per-process prefix of generated request ids.
     id_prefix: String,
     guard: Guard,
+    tunnels: Arc<Tunnels>,
     timeouts: Timeouts,
     next_request_id: AtomicU64,
 }
 
 impl Proxy {
     /// Builds the proxy and its upstream client from a validated config.
-    pub fn new(config: &Config, metrics: &Arc<Metrics>) -> std::io::Result<Self> {
+    pub fn new(
+        config: &Config,
+        metrics: &Arc<Metrics>,
+        tunnels: Arc<Tunnels>,
+    ) -> std::io::Result<Self> {
         Ok(Self {
             shared: Arc::new(Shared {
                 http1: build_client(config, false)?,
@@ -107,6 +113,7 @@ impl Proxy {
                 max_request_body: config.limits.max_request_body,
                 id_prefix: request_id_prefix(),
                 guard: Guard::new(&config.access),
+                tunnels,
                 timeouts: config.timeouts,
                 next_request_id: AtomicU64::new(1),
             }),
@@ -211,7 +218,7 @@ impl Proxy {
         let mut response = match result {
             Ok((mut response, overhead)) => match client_upgrade {
                 Some(client) if response.status() == StatusCode::SWITCHING_PROTOCOLS => {
-                    switch_protocols(client, &mut response, log)
+                    switch_protocols(&shared.tunnels, client, &mut response, log)
                 }
                 _ => {
                     let (mut parts, body) = response.into_parts();
@@ -241,6 +248,7 @@ impl Proxy {
 /// Answers the client's upgrade with the upstream's `101` and splices the two
 /// connections once both have switched.
 fn switch_protocols(
+    tunnels: &Arc<Tunnels>,
     client: OnUpgrade,
     upstream: &mut Response<Incoming>,
     mut log: RequestLog,
@@ -253,7 +261,7 @@ fn switch_protocols(
         headers::restore_upgrade(&mut headers, protocol);
     }
     log.set_status(StatusCode::SWITCHING_PROTOCOLS.as_u16());
-    tokio::spawn(tunnel::splice(client, upstream_upgrade, log));
+    tunnels.spawn(client, upstream_upgrade, log);
     let mut response = Response::new(Either::Right(Full::new(Bytes::new())));
     *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     *response.headers_mut() = headers;

@@ -8,6 +8,7 @@
 //! whatever is still running after the grace period is aborted.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -19,6 +20,7 @@ use tokio::task::JoinSet;
 
 use crate::config::Config;
 use crate::proxy::Proxy;
+use crate::tunnel::Tunnels;
 
 /// HTTP/2 streams a client may reset before keyrelay has accepted them.
 const HTTP2_MAX_PENDING_RESETS: usize = 20;
@@ -38,6 +40,7 @@ const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
 pub async fn serve(
     listener: TcpListener,
     proxy: Proxy,
+    tunnels: Arc<Tunnels>,
     shutdown: impl Future<Output = ()>,
     config: &Config,
 ) -> std::io::Result<()> {
@@ -60,6 +63,8 @@ pub async fn serve(
         .max_local_error_reset_streams(HTTP2_MAX_LOCAL_ERROR_RESETS)
         .keep_alive_interval(HTTP2_KEEPALIVE_INTERVAL);
 
+    let builder = Arc::new(builder);
+    let first_bytes_timeout = limits.header_read_timeout;
     let graceful = GracefulShutdown::new();
     let mut connections = JoinSet::new();
     tokio::pin!(shutdown);
@@ -79,12 +84,23 @@ pub async fn serve(
                     tracing::debug!(error = %err, "could not set TCP_NODELAY");
                 }
                 let service = TowerToHyperService::new(proxy.clone());
-                let connection = builder
-                    .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                    .into_owned();
-                let connection = graceful.watch(connection);
+                let builder = Arc::clone(&builder);
+                let watcher = graceful.watcher();
                 connections.spawn(async move {
-                    if let Err(err) = connection.await {
+                    // hyper waits for the first bytes (to tell HTTP/1.1 from
+                    // HTTP/2) without a limit; a silent client must not hold a
+                    // connection for free.
+                    if let Some(limit) = first_bytes_timeout {
+                        let mut first = [0u8; 1];
+                        if tokio::time::timeout(limit, stream.peek(&mut first)).await.is_err() {
+                            tracing::debug!(%peer, "client sent nothing; closing");
+                            return;
+                        }
+                    }
+                    let connection = builder
+                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                        .into_owned();
+                    if let Err(err) = watcher.watch(connection).await {
                         tracing::debug!(%peer, error = %err, "connection ended with an error");
                     }
                 });
@@ -98,15 +114,26 @@ pub async fn serve(
     drop(listener);
     let open = graceful.count();
     tracing::info!(open_connections = open, grace = ?grace, "shutting down; draining connections");
-    if tokio::time::timeout(grace, graceful.shutdown())
-        .await
-        .is_err()
-    {
+    let drained = async {
+        graceful.shutdown().await;
+        // Upgraded connections (WebSockets) left hyper's watch when they switched.
+        tunnels.wait_idle().await;
+    };
+    let finished = match grace {
+        Some(grace) => tokio::time::timeout(grace, drained).await.is_ok(),
+        None => {
+            drained.await;
+            true
+        }
+    };
+    if !finished {
         tracing::warn!(
             still_open = connections.len(),
+            tunnels = tunnels.active(),
             "grace period over; aborting remaining connections"
         );
     }
+    tunnels.abort_all();
     connections.shutdown().await;
     Ok(())
 }

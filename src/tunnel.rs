@@ -7,13 +7,77 @@
 //! half-close is passed on; when both are done (or either fails), both
 //! connections are dropped, which closes them.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
+use tokio::sync::{watch, Notify};
 
 use crate::access::{Outcome, RequestLog};
 
+/// The upgraded connections in flight, so shutdown can wait for them (within
+/// the grace period) and then cut them.
+#[derive(Debug)]
+pub struct Tunnels {
+    active: AtomicUsize,
+    idle: Notify,
+    abort: watch::Sender<bool>,
+}
+
+impl Default for Tunnels {
+    fn default() -> Self {
+        Self {
+            active: AtomicUsize::new(0),
+            idle: Notify::new(),
+            abort: watch::Sender::new(false),
+        }
+    }
+}
+
+impl Tunnels {
+    /// Tunnels in flight.
+    pub fn active(&self) -> usize {
+        self.active.load(Ordering::Acquire)
+    }
+
+    /// Resolves once no tunnel is in flight.
+    pub async fn wait_idle(&self) {
+        loop {
+            let idle = self.idle.notified();
+            if self.active() == 0 {
+                return;
+            }
+            idle.await;
+        }
+    }
+
+    /// Cuts every tunnel still open.
+    pub fn abort_all(&self) {
+        self.abort.send_replace(true);
+    }
+
+    /// Relays `client` and `upstream` in a tracked task.
+    pub fn spawn(self: &Arc<Self>, client: OnUpgrade, upstream: OnUpgrade, log: RequestLog) {
+        self.active.fetch_add(1, Ordering::AcqRel);
+        let tunnels = Arc::clone(self);
+        let mut abort = self.abort.subscribe();
+        tokio::spawn(async move {
+            tokio::select! {
+                () = splice(client, upstream, log) => {}
+                _ = abort.wait_for(|cut| *cut) => {
+                    tracing::debug!("shutdown: cutting an upgraded connection");
+                }
+            }
+            if tunnels.active.fetch_sub(1, Ordering::AcqRel) == 1 {
+                tunnels.idle.notify_waiters();
+            }
+        });
+    }
+}
+
 /// Waits for both sides to finish switching protocols, then relays until done.
-pub async fn splice(client: OnUpgrade, upstream: OnUpgrade, mut log: RequestLog) {
+async fn splice(client: OnUpgrade, upstream: OnUpgrade, mut log: RequestLog) {
     let (client, upstream) = match tokio::try_join!(client, upstream) {
         Ok(pair) => pair,
         Err(err) => {

@@ -636,3 +636,22 @@ async fn upstream_closing_idle_pooled_connection_does_not_fail_next_request() {
     );
     relay.stop().await;
 }
+
+#[tokio::test]
+async fn silent_client_connection_is_closed_after_header_read_timeout() {
+    let upstream = MockUpstream::start().await;
+    let relay = Relay::start(&upstream.url(), &[("header_read_timeout", "300ms")]).await;
+    let mut silent = tokio::net::TcpStream::connect(relay.addr)
+        .await
+        .expect("connect");
+    // Sends nothing at all: not even enough to tell HTTP/1.1 from HTTP/2.
+    let mut buf = [0u8; 16];
+    let n = within(
+        "keyrelay to close the silent connection",
+        tokio::io::AsyncReadExt::read(&mut silent, &mut buf),
+    )
+    .await
+    .unwrap_or(0);
+    assert_eq!(n, 0, "keyrelay closed the connection");
+    relay.stop().await;
+}

@@ -165,3 +165,34 @@ async fn upgrade_refused_by_upstream_is_relayed_as_a_normal_response() {
     assert!(head.starts_with("http/1.1 426"), "{head}");
     relay.stop().await;
 }
+
+#[tokio::test]
+async fn open_websocket_is_cut_when_the_shutdown_grace_ends() {
+    let (upstream, head, _closed) = echo_upstream().await;
+    let relay = Relay::start(&upstream, &[("shutdown_grace", "300ms")]).await;
+    let mut client = TcpStream::connect(relay.addr).await.expect("connect");
+    client
+        .write_all(
+            format!(
+                "GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n\
+                 Connection: Upgrade\r\nSec-WebSocket-Key: {HANDSHAKE_KEY}\r\n\
+                 Sec-WebSocket-Version: 13\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .expect("write handshake");
+    within("the upgrade request upstream", head)
+        .await
+        .expect("head");
+    assert!(read_head(&mut client).await.starts_with("http/1.1 101"));
+
+    // The tunnel is idle but open; shutdown waits for it up to the grace
+    // period (the behaviour under test), then cuts it instead of hanging.
+    relay.stop().await;
+    let mut buf = [0u8; 16];
+    let n = within("the tunnel to be cut", client.read(&mut buf))
+        .await
+        .unwrap_or(0);
+    assert_eq!(n, 0, "the client sees the tunnel closed");
+}

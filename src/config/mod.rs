@@ -245,7 +245,7 @@ pub const SETTINGS: &[Setting] = &[
     Setting {
         key: "shutdown_grace",
         default: "30s",
-        help: "On SIGTERM/SIGINT, how long streams in flight may finish before they are cut.",
+        help: "On SIGTERM/SIGINT, how long streams in flight may finish before they are cut (off: no limit).",
         kind: Kind::Text,
     },
     Setting {
@@ -367,7 +367,7 @@ pub struct Config {
     /// PING interval for HTTP/2 upstream connections.
     pub http2_keepalive_interval: Duration,
     /// Time streams in flight get to finish on shutdown.
-    pub shutdown_grace: Duration,
+    pub shutdown_grace: Option<Duration>,
     /// Time keyrelay keeps accepting after a shutdown signal.
     pub shutdown_delay: Option<Duration>,
     /// Admin listener address, if enabled.
@@ -712,9 +712,7 @@ fn check(raw: RawConfig, env: &HashMap<String, String>, found: &mut Problems) ->
         &raw.http2_keepalive_interval,
         "long HTTP/2 streams need keepalive pings",
     );
-    let shutdown_grace = found
-        .optional_duration("shutdown_grace", &raw.shutdown_grace)
-        .map(Option::unwrap_or_default);
+    let shutdown_grace = found.optional_duration("shutdown_grace", &raw.shutdown_grace);
 
     let shutdown_delay = found.optional_duration("shutdown_delay", &raw.shutdown_delay);
     let header_read_timeout =
@@ -849,8 +847,20 @@ fn check_access(
     let token_rate = parse_rate(&raw.token_rate_limit)
         .map_err(|message| found.report("token_rate_limit", message))
         .ok();
+    for host in &raw.allowed_hosts {
+        if !HostPolicy::is_valid_name(host) {
+            found.report(
+                "allowed_hosts",
+                format!("{host:?} is not a host name (no scheme, path or named port)"),
+            );
+        }
+    }
     for origin in &raw.allowed_origins {
-        if origin == "*" || !(origin.starts_with("http://") || origin.starts_with("https://")) {
+        let rest = origin
+            .strip_prefix("http://")
+            .or_else(|| origin.strip_prefix("https://"));
+        let has_path = rest.is_some_and(|rest| rest.trim_end_matches('/').contains('/'));
+        if origin == "*" || rest.is_none() || has_path {
             found.report(
                 "allowed_origins",
                 format!("{origin:?} must be an exact origin such as http://localhost:3000 (no wildcards)"),
@@ -1092,8 +1102,15 @@ mod tests {
         assert_eq!(config.listen, "127.0.0.1:8080".parse().expect("addr"));
         assert_eq!(config.timeouts.idle, Some(Duration::from_secs(2)));
         assert_eq!(config.timeouts.response_headers, None);
-        assert_eq!(config.routes[0].credential.value.as_bytes(), b"Api-Key k-123");
-        assert!(config.routes[0].credential.strip.iter().any(|h| h == "x-api-key"));
+        assert_eq!(
+            config.routes[0].credential.value.as_bytes(),
+            b"Api-Key k-123"
+        );
+        assert!(config.routes[0]
+            .credential
+            .strip
+            .iter()
+            .any(|h| h == "x-api-key"));
         assert!(!format!("{config:?}").contains("k-123"));
     }
 
@@ -1106,10 +1123,19 @@ mod tests {
             ("KEYRELAY_ALLOWED_PATHS", "/v1/*,POST /predict"),
         ]))
         .expect("valid");
-        let strip: Vec<&str> = config.routes[0].credential.strip.iter().map(|h| h.as_str()).collect();
+        let strip: Vec<&str> = config.routes[0]
+            .credential
+            .strip
+            .iter()
+            .map(|h| h.as_str())
+            .collect();
         assert_eq!(strip, ["x-api-key", "x-other", "authorization"]);
-        assert!(config.routes[0].paths.allows(&http::Method::POST, "/predict"));
-        assert!(!config.routes[0].paths.allows(&http::Method::GET, "/predict"));
+        assert!(config.routes[0]
+            .paths
+            .allows(&http::Method::POST, "/predict"));
+        assert!(!config.routes[0]
+            .paths
+            .allows(&http::Method::GET, "/predict"));
     }
 
     #[test]
@@ -1135,7 +1161,10 @@ mod tests {
         ]);
         src.set("upstream", OverrideValue::Text("https://b.test".into()));
         assert_eq!(
-            load(&src).expect("valid").routes[0].upstream.authority.as_str(),
+            load(&src).expect("valid").routes[0]
+                .upstream
+                .authority
+                .as_str(),
             "b.test"
         );
     }

@@ -49,6 +49,11 @@ impl HostPolicy {
         seen
     }
 
+    /// True when `name` can be an accepted host name (for config validation).
+    pub fn is_valid_name(name: &str) -> bool {
+        !name.contains('/') && normalize(name).is_some()
+    }
+
     fn accepts(&self, host: &str) -> bool {
         normalize(host).is_some_and(|name| {
             LOOPBACK_NAMES.contains(&name.as_str()) || self.extra.contains(&name)
