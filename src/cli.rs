@@ -30,20 +30,28 @@ or as a KEYRELAY_<NAME> environment variable; flags win over the environment, wh
 wins over the file.";
 
 const EXAMPLES: &str = "Examples:
-  # A dedicated Baseten model; apps then POST to http://127.0.0.1:8080/production/predict
-  BASETEN_API_KEY=... keyrelay --upstream https://model-abc123.api.baseten.co
+  # A dedicated Baseten model; apps then POST to http://127.0.0.1:8080/predict
+  # and point OpenAI SDKs at http://127.0.0.1:8080/v1
+  BASETEN_API_KEY=... keyrelay --model abc123
+  keyrelay --model abc123 --environment staging
+  keyrelay --model abc123 --deployment q4lx9z3
+  keyrelay --model abc123 --development
 
-  # Its OpenAI-compatible server; point an OpenAI SDK at http://127.0.0.1:8080/v1
-  keyrelay --upstream https://model-abc123.api.baseten.co/environments/production/sync
+  # A chain (POST /run_remote) and Baseten Model APIs (/v1/chat/completions)
+  keyrelay --chain xyz789
+  keyrelay --model-apis
 
-  # Baseten Model APIs (shared OpenAI-compatible endpoint)
-  keyrelay --upstream https://inference.baseten.co
+  # Any URL: request paths are appended to its path
+  keyrelay --upstream https://model-abc123.api.baseten.co
 
   # Any HTTP API with a static bearer key
   MY_KEY=... keyrelay --upstream https://api.example.com --key-env MY_KEY --auth-template 'Bearer {key}'
 
-  # Everything from a file (see config/keyrelay.toml)
-  keyrelay --config config/keyrelay.toml
+  # Several models on one port, from a file (see config/)
+  keyrelay --config config/two-models.toml
+
+  # Health check for containers, against --admin-listen 127.0.0.1:9901
+  keyrelay health
 
   # No key, no network: a local mock model streaming through keyrelay
   keyrelay demo";
