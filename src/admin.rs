@@ -5,7 +5,8 @@
 //! - `GET /readyz`: 200 while accepting, 503 once draining (readiness);
 //! - `GET /metrics`: Prometheus text format;
 //! - `POST /quitquitquit`: starts a graceful shutdown, so a Kubernetes Job can
-//!   end its keyrelay sidecar when the main container is done.
+//!   end its keyrelay sidecar when the main container is done (loopback
+//!   callers only).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -28,14 +29,15 @@ const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 /// Serves the admin endpoints on `listener` until the task is dropped.
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, lifecycle: Arc<Lifecycle>) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
+        let Ok((stream, peer)) = listener.accept().await else {
             continue;
         };
+        let local_caller = peer.ip().is_loopback();
         let metrics = Arc::clone(&metrics);
         let lifecycle = Arc::clone(&lifecycle);
         tokio::spawn(async move {
             let service = service_fn(move |request| {
-                let response = answer(&request, &metrics, &lifecycle);
+                let response = answer(&request, &metrics, &lifecycle, local_caller);
                 async move { Ok::<_, Infallible>(response) }
             });
             let served = hyper::server::conn::http1::Builder::new()
@@ -53,6 +55,7 @@ fn answer(
     request: &Request<Incoming>,
     metrics: &Metrics,
     lifecycle: &Lifecycle,
+    local_caller: bool,
 ) -> Response<Full<Bytes>> {
     match (request.method(), request.uri().path()) {
         (&Method::GET | &Method::HEAD, "/healthz") => json(StatusCode::OK, r#"{"status":"ok"}"#),
@@ -67,6 +70,12 @@ fn answer(
                 .insert(CONTENT_TYPE, HeaderValue::from_static(METRICS_CONTENT_TYPE));
             response
         }
+        // Unauthenticated, so only a process in the same pod or machine may
+        // stop keyrelay, even when the admin port is open for scraping.
+        (&Method::POST, "/quitquitquit") if !local_caller => json(
+            StatusCode::FORBIDDEN,
+            r#"{"error":"/quitquitquit is only accepted from loopback"}"#,
+        ),
         (&Method::POST, "/quitquitquit") => {
             tracing::info!("quit requested on the admin listener");
             lifecycle.request_quit();

@@ -588,6 +588,9 @@ fn merge(sources: &Sources) -> Result<config::Config, ConfigError> {
     // types of every other variable, so list settings are split here and
     // layered as the environment's values (below the flags, set after them).
     let mut env = sources.env.clone();
+    // Kubernetes injects KEYRELAY_SERVICE_HOST, KEYRELAY_PORT, ... for a
+    // Service named keyrelay; those are not settings, so they are not errors.
+    env.retain(|name, _| !is_service_link(name));
     let mut env_lists = Vec::new();
     for setting in SETTINGS.iter().filter(|s| s.kind == Kind::List) {
         if let Some(value) = env.remove(&setting.env_var()) {
@@ -918,6 +921,14 @@ pub fn parse_rate(text: &str) -> Result<Option<Rate>, String> {
     Ok(Some(Rate { requests, per }))
 }
 
+/// True for the variables Kubernetes service links define for a Service
+/// named `keyrelay` (`KEYRELAY_SERVICE_HOST`, `KEYRELAY_PORT_8080_TCP`, ...).
+fn is_service_link(name: &str) -> bool {
+    name.strip_prefix(ENV_PREFIX).is_some_and(|rest| {
+        rest == "_PORT" || rest.starts_with("_PORT_") || rest.starts_with("_SERVICE_")
+    })
+}
+
 /// Smallest request-head limit: hyper needs room for an ordinary request.
 const MIN_HEADER_LIMIT: usize = 8192;
 
@@ -1151,6 +1162,19 @@ mod tests {
         );
         let config = load(&src).expect("valid");
         assert_eq!(config.routes[0].credential.strip[0].as_str(), "x-from-flag");
+    }
+
+    #[test]
+    fn kubernetes_service_link_variables_are_not_settings() {
+        let config = load(&sources(&[
+            ("BASETEN_API_KEY", "k"),
+            ("KEYRELAY_UPSTREAM", "https://a.test"),
+            ("KEYRELAY_PORT", "tcp://10.0.0.1:8080"),
+            ("KEYRELAY_PORT_8080_TCP_ADDR", "10.0.0.1"),
+            ("KEYRELAY_SERVICE_HOST", "10.0.0.1"),
+            ("KEYRELAY_SERVICE_PORT", "8080"),
+        ]));
+        assert!(config.is_ok(), "{config:?}");
     }
 
     #[test]
