@@ -23,8 +23,9 @@ use tokio::net::TcpListener;
 use crate::lifecycle::Lifecycle;
 use crate::metrics::Metrics;
 
-/// Content type of the Prometheus text exposition format.
-const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+/// The encoder writes OpenMetrics text (`# EOF`, `# UNIT`), so say so:
+/// Prometheus then keeps counter types instead of guessing.
+const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// Serves the admin endpoints on `listener` until the task is dropped.
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, lifecycle: Arc<Lifecycle>) {

@@ -82,6 +82,22 @@ impl ProxyError {
         }
     }
 
+    /// True when the upstream (or the way to it) failed, as opposed to
+    /// keyrelay refusing the request itself.
+    pub fn is_upstream(&self) -> bool {
+        matches!(
+            self,
+            Self::UpstreamDns
+                | Self::UpstreamRefused
+                | Self::UpstreamConnectTimeout(_)
+                | Self::UpstreamTls(_)
+                | Self::UpstreamConnect(_)
+                | Self::UpstreamClosed
+                | Self::UpstreamProtocol(_)
+                | Self::ResponseHeaderTimeout(_)
+        )
+    }
+
     /// A stable machine-readable name, also used in logs.
     pub fn kind(&self) -> &'static str {
         match self {

@@ -314,7 +314,7 @@ impl Shared {
         route: Option<&Route>,
         origin: Option<&HeaderValue>,
     ) -> Response<ResponseBody> {
-        if err.status().is_server_error() {
+        if err.is_upstream() {
             log.metrics().upstream_error(err.kind());
         }
         log.set_status(err.status().as_u16());
@@ -322,8 +322,9 @@ impl Shared {
             ProxyError::ResponseHeaderTimeout(_) | ProxyError::UpstreamConnectTimeout(_) => {
                 Outcome::Timeout
             }
-            err if err.status().is_client_error() => Outcome::Rejected,
-            _ => Outcome::UpstreamError,
+            err if err.is_upstream() => Outcome::UpstreamError,
+            // keyrelay refused it itself (admission, limits, no route).
+            _ => Outcome::Rejected,
         });
         tracing::warn!(request_id = log.id(), kind = err.kind(), error = %err, "request failed");
         let upstream = route.map(|route| route.upstream.authority.as_str());
