@@ -19,7 +19,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tokio::net::TcpListener;
 
-use crate::config::{self, OverrideValue, Sources};
+use crate::config::{self, ListenAddr, OverrideValue, Sources};
 use crate::secret::ApiKey;
 use crate::{mock_model, signals};
 
@@ -63,7 +63,7 @@ pub async fn run(mut sources: Sources) -> Result<(), DemoError> {
     let config = config::load(&sources).map_err(DemoError::Config)?;
     crate::logging::init(config.log_format);
 
-    let listener = bind_or_fallback(config.listen).await?;
+    let listener = bind_or_fallback(&config.listen).await?;
     let proxy_addr = listener.local_addr()?;
     let server = tokio::spawn(crate::run(config, listener, signals::shutdown_requested()));
 
@@ -86,7 +86,12 @@ pub async fn run(mut sources: Sources) -> Result<(), DemoError> {
 }
 
 /// Binds the configured address; if the default port is taken, any free loopback port.
-async fn bind_or_fallback(addr: SocketAddr) -> std::io::Result<TcpListener> {
+async fn bind_or_fallback(addr: &ListenAddr) -> std::io::Result<TcpListener> {
+    let ListenAddr::Tcp(addr) = addr else {
+        return Err(std::io::Error::other(
+            "the demo prints curl commands for a TCP address; use --listen IP:PORT",
+        ));
+    };
     match TcpListener::bind(addr).await {
         Ok(listener) => Ok(listener),
         Err(err) if err.kind() == std::io::ErrorKind::AddrInUse => {

@@ -27,6 +27,7 @@ pub mod headers;
 pub mod health;
 pub mod key_file;
 pub mod lifecycle;
+pub mod listener;
 pub mod logging;
 pub mod metrics;
 pub mod mock_model;
@@ -58,9 +59,10 @@ pub use config::Config;
 /// to `shutdown_grace`.
 pub async fn run(
     config: Config,
-    listener: TcpListener,
+    listener: impl Into<listener::Listener>,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
+    let listener = listener.into();
     let metrics = Arc::new(metrics::Metrics::new());
     let lifecycle = Arc::new(lifecycle::Lifecycle::default());
     let tunnels = Arc::new(tunnel::Tunnels::default());
@@ -112,7 +114,8 @@ pub async fn run(
             access_tokens = config.access.tokens.len(),
             "keyrelay ready"
         );
-        if !addr.ip().is_loopback() && config.access.tokens.is_empty() {
+        let exposed = matches!(addr, config::ListenAddr::Tcp(tcp) if !tcp.ip().is_loopback());
+        if exposed && config.access.tokens.is_empty() {
             tracing::warn!(
                 listen = %addr,
                 "listening on a non-loopback address: anyone who can reach it can spend the API key"

@@ -71,7 +71,7 @@ async fn run_proxy(sources: Sources) -> ExitCode {
         }
     };
     logging::init(config.log_format);
-    let listener = match tokio::net::TcpListener::bind(config.listen).await {
+    let listener = match keyrelay::listener::bind(&config.listen, config.unix_socket_mode).await {
         Ok(listener) => listener,
         Err(err) => {
             eprintln!(

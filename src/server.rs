@@ -11,11 +11,11 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::listener::Listener;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
-use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 
 use crate::config::Config;
@@ -38,7 +38,7 @@ const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
 
 /// Serves `proxy` on `listener` until `shutdown` resolves, then drains.
 pub async fn serve(
-    listener: TcpListener,
+    listener: Listener,
     proxy: Proxy,
     tunnels: Arc<Tunnels>,
     shutdown: impl Future<Output = ()>,
@@ -80,9 +80,6 @@ pub async fn serve(
                         continue;
                     }
                 };
-                if let Err(err) = stream.set_nodelay(true) {
-                    tracing::debug!(error = %err, "could not set TCP_NODELAY");
-                }
                 let service = TowerToHyperService::new(proxy.clone());
                 let builder = Arc::clone(&builder);
                 let watcher = graceful.watcher();
@@ -91,8 +88,7 @@ pub async fn serve(
                     // HTTP/2) without a limit; a silent client must not hold a
                     // connection for free.
                     if let Some(limit) = first_bytes_timeout {
-                        let mut first = [0u8; 1];
-                        if tokio::time::timeout(limit, stream.peek(&mut first)).await.is_err() {
+                        if tokio::time::timeout(limit, stream.wait_for_data()).await.is_err() {
                             tracing::debug!(%peer, "client sent nothing; closing");
                             return;
                         }

@@ -77,7 +77,7 @@ pub const SETTINGS: &[Setting] = &[
     Setting {
         key: "listen",
         default: "127.0.0.1:8080",
-        help: "Address the proxy listens on (HTTP/1.1 and h2c on the same port).",
+        help: "Address the proxy listens on (HTTP/1.1 and h2c on the same port), or unix:/path for a Unix socket.",
         kind: Kind::Text,
     },
     Setting {
@@ -249,6 +249,12 @@ pub const SETTINGS: &[Setting] = &[
         kind: Kind::Text,
     },
     Setting {
+        key: "unix_socket_mode",
+        default: "0600",
+        help: "Permissions (octal) of the socket file when listen is unix:/path.",
+        kind: Kind::Text,
+    },
+    Setting {
         key: "admin_listen",
         default: "off",
         help: "Address of the admin listener (/healthz, /readyz, /metrics, POST /quitquitquit); off by default.",
@@ -338,6 +344,7 @@ struct RawConfig {
     http2_keepalive_interval: String,
     shutdown_grace: String,
     admin_listen: String,
+    unix_socket_mode: String,
     shutdown_delay: String,
     max_concurrent_requests: String,
     max_request_header_size: String,
@@ -350,8 +357,10 @@ struct RawConfig {
 /// Validated configuration, ready to run.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Address to listen on.
-    pub listen: SocketAddr,
+    /// Where to listen.
+    pub listen: ListenAddr,
+    /// Permissions of the socket file when listening on a Unix socket.
+    pub unix_socket_mode: u32,
     /// Where requests go: at least one route, longest prefix first.
     pub routes: Vec<RouteConfig>,
     /// Who may use keyrelay, from where, and for what.
@@ -445,6 +454,15 @@ pub struct PoolSettings {
     pub idle_timeout: Duration,
     /// Cap on idle connections kept.
     pub max_idle_per_host: usize,
+}
+
+/// Where keyrelay listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddr {
+    /// A TCP address.
+    Tcp(SocketAddr),
+    /// A Unix domain socket file.
+    Unix(PathBuf),
 }
 
 /// Limits that keep clients from exhausting keyrelay.
@@ -679,16 +697,39 @@ impl Problems {
 }
 
 fn check(raw: RawConfig, env: &HashMap<String, String>, found: &mut Problems) -> Option<Config> {
-    let listen = raw.listen.parse::<SocketAddr>().ok();
+    let listen = match raw.listen.strip_prefix("unix:") {
+        Some(path) if path.starts_with('/') => Some(ListenAddr::Unix(PathBuf::from(path))),
+        Some(_) => None,
+        None => raw.listen.parse::<SocketAddr>().ok().map(ListenAddr::Tcp),
+    };
     if listen.is_none() {
         found.report(
             "listen",
-            format!("{:?} is not an IP:port address", raw.listen),
+            format!(
+                "{:?} is not an IP:port address or unix:/absolute/path",
+                raw.listen
+            ),
+        );
+    }
+    let unix_socket_mode = u32::from_str_radix(raw.unix_socket_mode.trim(), 8)
+        .ok()
+        .filter(|mode| *mode <= 0o777);
+    if unix_socket_mode.is_none() {
+        found.report(
+            "unix_socket_mode",
+            format!(
+                "{:?} is not an octal mode such as 0600",
+                raw.unix_socket_mode
+            ),
         );
     }
 
     let routes = routes::check(&raw, env, found);
-    let access = check_access(&raw, env, listen, found);
+    let tcp_listen = match &listen {
+        Some(ListenAddr::Tcp(addr)) => Some(*addr),
+        _ => None,
+    };
+    let access = check_access(&raw, env, tcp_listen, found);
 
     let extra_ca_certs = match raw.ca_file.as_deref() {
         None | Some("") => Some(Vec::new()),
@@ -774,6 +815,7 @@ fn check(raw: RawConfig, env: &HashMap<String, String>, found: &mut Problems) ->
 
     Some(Config {
         listen: listen?,
+        unix_socket_mode: unix_socket_mode?,
         access: access?,
         routes: routes?,
         extra_ca_certs: extra_ca_certs?,
@@ -1110,7 +1152,10 @@ mod tests {
             ("KEYRELAY_IDLE_TIMEOUT", "2s"),
         ]))
         .expect("valid");
-        assert_eq!(config.listen, "127.0.0.1:8080".parse().expect("addr"));
+        assert_eq!(
+            config.listen,
+            ListenAddr::Tcp("127.0.0.1:8080".parse().expect("addr"))
+        );
         assert_eq!(config.timeouts.idle, Some(Duration::from_secs(2)));
         assert_eq!(config.timeouts.response_headers, None);
         assert_eq!(
