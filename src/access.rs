@@ -34,6 +34,15 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// Every outcome, in declaration order (`outcome as usize` indexes it).
+    pub const ALL: [Outcome; 5] = [
+        Self::Ok,
+        Self::ClientCancelled,
+        Self::UpstreamError,
+        Self::Timeout,
+        Self::Rejected,
+    ];
+
     /// The name used in log fields.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -152,7 +161,7 @@ impl Drop for RequestLog {
         let status = self.status.unwrap_or(0);
         self.metrics.finished(
             status,
-            outcome.as_str(),
+            outcome,
             duration.as_secs_f64(),
             self.first_byte.map(|d| d.as_secs_f64()),
         );
@@ -177,4 +186,16 @@ impl Drop for RequestLog {
 /// Milliseconds with microsecond precision, the unit of every timing field.
 fn millis(duration: Duration) -> f64 {
     duration.as_micros() as f64 / 1e3
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Outcome;
+
+    #[test]
+    fn outcome_all_is_indexed_by_discriminant() {
+        for (index, outcome) in Outcome::ALL.iter().enumerate() {
+            assert_eq!(*outcome as usize, index, "{}", outcome.as_str());
+        }
+    }
 }

@@ -12,6 +12,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 
+use crate::access::Outcome;
+
 /// Latency buckets in seconds, 1 ms to 20 minutes (cold starts and long generations).
 const LATENCY_BUCKETS: [f64; 17] = [
     0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
@@ -37,6 +39,9 @@ pub struct RouteLabel {
     /// The route's name ("default" for the single-upstream configuration).
     pub route: String,
 }
+
+/// Status classes, in the order of [`status_class`].
+const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
 /// The status class of `status` ("2xx", ...), so the series count stays small.
 pub fn status_class(status: u16) -> &'static str {
@@ -196,7 +201,19 @@ impl Metrics {
         let label = RouteLabel {
             route: route.to_owned(),
         };
-        RouteMetrics {
+        // Every status class and outcome up front: no lookup per request, and
+        // the series exist (at zero) from startup, which alerting rules like.
+        let requests = STATUS_CLASSES.map(|status| {
+            Outcome::ALL.map(|outcome| {
+                self.requests.get_or_create_owned(&RequestLabels {
+                    route: label.route.clone(),
+                    status,
+                    outcome: outcome.as_str(),
+                })
+            })
+        });
+        RouteMetrics(Arc::new(RouteHandles {
+            requests,
             first_byte: self.first_byte.get_or_create_owned(&label),
             duration: self.duration.get_or_create_owned(&label),
             frame_gap: self.frame_gap.get_or_create_owned(&label),
@@ -206,7 +223,7 @@ impl Metrics {
             bytes_out: self.bytes_out.get_or_create_owned(&label),
             all: Arc::clone(self),
             route: label.route,
-        }
+        }))
     }
 
     /// Counts a reload of the key file.
@@ -223,11 +240,14 @@ impl Metrics {
     }
 }
 
-/// One route's metric handles.
+/// One route's metric handles; cloning is one reference count.
 #[derive(Clone)]
-pub struct RouteMetrics {
+pub struct RouteMetrics(Arc<RouteHandles>);
+
+struct RouteHandles {
     all: Arc<Metrics>,
     route: String,
+    requests: [[Counter; Outcome::ALL.len()]; STATUS_CLASSES.len()],
     first_byte: Histogram,
     duration: Histogram,
     frame_gap: Histogram,
@@ -239,65 +259,58 @@ pub struct RouteMetrics {
 
 impl std::fmt::Debug for RouteMetrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "RouteMetrics({})", self.route)
+        write!(f, "RouteMetrics({})", self.0.route)
     }
 }
 
 impl RouteMetrics {
     /// A request started.
     pub fn started(&self) {
-        self.active.inc();
+        self.0.active.inc();
     }
 
     /// keyrelay's own time before the upstream request went out.
     pub fn overhead(&self, seconds: f64) {
-        self.overhead.observe(seconds);
+        self.0.overhead.observe(seconds);
     }
 
     /// A response frame of `len` bytes, `gap` seconds after the previous one.
     pub fn frame(&self, len: usize, gap: Option<f64>) {
-        self.bytes_out.inc_by(len as u64);
+        self.0.bytes_out.inc_by(len as u64);
         if let Some(gap) = gap {
-            self.frame_gap.observe(gap);
+            self.0.frame_gap.observe(gap);
         }
     }
 
     /// Request body bytes relayed upstream.
     pub fn request_bytes(&self, len: usize) {
-        self.bytes_in.inc_by(len as u64);
+        self.0.bytes_in.inc_by(len as u64);
     }
 
     /// An upstream failure of `kind`.
     pub fn upstream_error(&self, kind: &str) {
-        self.all
+        self.0
+            .all
             .upstream_errors
             .get_or_create(&ErrorLabels {
-                route: self.route.clone(),
+                route: self.0.route.clone(),
                 kind: kind.to_owned(),
             })
             .inc();
     }
 
     /// A request finished.
-    pub fn finished(
-        &self,
-        status: u16,
-        outcome: &'static str,
-        duration: f64,
-        first_byte: Option<f64>,
-    ) {
-        self.active.dec();
-        self.duration.observe(duration);
+    pub fn finished(&self, status: u16, outcome: Outcome, duration: f64, first_byte: Option<f64>) {
+        let handles = &self.0;
+        handles.active.dec();
+        handles.duration.observe(duration);
         if let Some(first_byte) = first_byte {
-            self.first_byte.observe(first_byte);
+            handles.first_byte.observe(first_byte);
         }
-        self.all
-            .requests
-            .get_or_create(&RequestLabels {
-                route: self.route.clone(),
-                status: status_class(status),
-                outcome,
-            })
-            .inc();
+        let class = STATUS_CLASSES
+            .iter()
+            .position(|c| *c == status_class(status))
+            .unwrap_or(STATUS_CLASSES.len() - 1);
+        handles.requests[class][outcome as usize].inc();
     }
 }
