@@ -500,7 +500,7 @@ def run_smoke(proc, prefix, mock, key_file, proxy_port, admin_port, health_test,
     status, _, body = get(admin_port, "/readyz")
     expect(status == 200, f"/readyz answered {status} {body!r}, expected 200")
     status, headers, body = get(admin_port, "/metrics")
-    expect(status == 200 and headers.get("content-type", "").startswith("text/plain"),
+    expect(status == 200 and headers.get("content-type", "").startswith("application/openmetrics-text"),
            f"/metrics answered {status} {headers.get('content-type')!r}")
     expect(b"# TYPE" in body, f"/metrics is not Prometheus text: {body[:200]!r}")
     print(f"  /readyz 200, /metrics 200 ({len(body)} bytes of Prometheus text)")
