@@ -22,6 +22,8 @@ pub enum ProxyError {
     ConnectNotSupported,
     /// The request target is not a path (e.g. `OPTIONS *`).
     BadRequestTarget,
+    /// The client's request body was malformed or cut short.
+    BadRequestBody,
     /// The `Host` is not a loopback or configured name (DNS rebinding defence).
     HostNotAllowed,
     /// The request carries an `Origin` that is not allowed.
@@ -61,7 +63,7 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::ConnectNotSupported => StatusCode::METHOD_NOT_ALLOWED,
-            Self::BadRequestTarget => StatusCode::BAD_REQUEST,
+            Self::BadRequestTarget | Self::BadRequestBody => StatusCode::BAD_REQUEST,
             Self::HostNotAllowed | Self::OriginNotAllowed | Self::PathNotAllowed => {
                 StatusCode::FORBIDDEN
             }
@@ -103,6 +105,7 @@ impl ProxyError {
         match self {
             Self::ConnectNotSupported => "connect_not_supported",
             Self::BadRequestTarget => "bad_request_target",
+            Self::BadRequestBody => "bad_request_body",
             Self::HostNotAllowed => "host_not_allowed",
             Self::OriginNotAllowed => "origin_not_allowed",
             Self::Unauthorized => "unauthorized",
@@ -177,6 +180,8 @@ impl ProxyError {
 
         if let Some(limit) = cause.body_too_large {
             Self::PayloadTooLarge(limit)
+        } else if cause.client_body {
+            Self::BadRequestBody
         } else if let Some(tls) = cause.tls {
             Self::UpstreamTls(describe_tls(&tls))
         } else if cause.dns {
@@ -200,6 +205,10 @@ impl fmt::Display for ProxyError {
         match self {
             Self::ConnectNotSupported => f.write_str(
                 "CONNECT is not supported: keyrelay forwards only to its configured upstream",
+            ),
+            Self::BadRequestBody => f.write_str(
+                "the request body is malformed or ended early (bad chunk framing, or the \
+                 connection closed before the announced length)",
             ),
             Self::BadRequestTarget => {
                 f.write_str("the request target must be a path such as /v1/chat/completions")
@@ -266,6 +275,7 @@ impl StdError for ProxyError {}
 struct Cause {
     tls: Option<rustls::Error>,
     body_too_large: Option<u64>,
+    client_body: bool,
     dns: bool,
     refused: bool,
     timed_out: bool,
@@ -276,6 +286,7 @@ struct Cause {
 impl Cause {
     fn inspect(&mut self, err: &(dyn StdError + 'static)) {
         self.innermost = err.to_string();
+        self.client_body |= err.is::<crate::request_body::ClientBodyError>();
         if let Some(too_large) = err.downcast_ref::<crate::request_body::BodyTooLarge>() {
             self.body_too_large = Some(too_large.0);
         }

@@ -6,8 +6,8 @@
 //! and a `Content-Length` response keeps its (end-to-end) length.
 
 use http::header::{
-    HeaderMap, HeaderName, HeaderValue, CACHE_CONTROL, CONNECTION, CONTENT_TYPE, HOST,
-    PROXY_AUTHENTICATE, TE, TRANSFER_ENCODING, UPGRADE,
+    HeaderMap, HeaderName, HeaderValue, CACHE_CONTROL, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE,
+    HOST, PROXY_AUTHENTICATE, TE, TRANSFER_ENCODING, UPGRADE,
 };
 
 /// Hop-by-hop headers of RFC 9110 section 7.6.1, plus the legacy ones proxies still see.
@@ -99,6 +99,11 @@ pub fn restore_upgrade(headers: &mut HeaderMap, protocol: HeaderValue) {
 /// `Cache-Control: no-cache` (unless the upstream set them), so that a proxy
 /// in front of keyrelay (nginx buffers by default) relays events as they come.
 pub fn prepare_response(headers: &mut HeaderMap) {
+    // hyper decodes a response that has both by its chunked framing; the
+    // length is then wrong and must not reach the client (RFC 9112 6.3).
+    if headers.contains_key(TRANSFER_ENCODING) {
+        headers.remove(CONTENT_LENGTH);
+    }
     remove_hop_by_hop(headers);
     const EVENT_STREAM: &[u8] = b"text/event-stream";
     let is_event_stream = headers.get(CONTENT_TYPE).is_some_and(|value| {
@@ -169,6 +174,13 @@ mod tests {
         let mut headers = map(&[("te", "gzip")]);
         remove_hop_by_hop(&mut headers);
         assert!(headers.get(TE).is_none());
+    }
+
+    #[test]
+    fn content_length_beside_chunked_is_dropped() {
+        let mut headers = map(&[("content-length", "3"), ("transfer-encoding", "chunked")]);
+        prepare_response(&mut headers);
+        assert!(headers.is_empty(), "{headers:?}");
     }
 
     #[test]

@@ -46,7 +46,9 @@ impl Body for RequestBody {
         let this = self.project();
         let frame = match this.client.poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => frame,
-            Poll::Ready(Some(Err(err))) => return Poll::Ready(Some(Err(err.into()))),
+            Poll::Ready(Some(Err(err))) => {
+                return Poll::Ready(Some(Err(Box::new(ClientBodyError(err)))))
+            }
             Poll::Ready(None) => return Poll::Ready(None),
             Poll::Pending => return Poll::Pending,
         };
@@ -68,6 +70,28 @@ impl Body for RequestBody {
 
     fn size_hint(&self) -> SizeHint {
         self.client.size_hint()
+    }
+}
+
+/// The client's request body was malformed or cut short (a bad chunk, a
+/// connection closed before Content-Length): the client's fault, not the
+/// upstream's.
+#[derive(Debug)]
+pub struct ClientBodyError(pub hyper::Error);
+
+impl fmt::Display for ClientBodyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "the client's request body is malformed or incomplete: {}",
+            self.0
+        )
+    }
+}
+
+impl StdError for ClientBodyError {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        Some(&self.0)
     }
 }
 

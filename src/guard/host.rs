@@ -65,8 +65,18 @@ impl HostPolicy {
 fn normalize(host: &str) -> Option<String> {
     let host = host.trim();
     let name = if host.starts_with('[') {
-        // IPv6 literal: keep the brackets, drop what follows `]` (the port).
-        &host[..=host.find(']')?]
+        // IPv6 literal: keep the brackets; after `]` only `:port` may follow.
+        let end = host.find(']')?;
+        match &host[end + 1..] {
+            "" => {}
+            rest => {
+                let port = rest.strip_prefix(':')?;
+                if port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) {
+                    return None;
+                }
+            }
+        }
+        &host[..=end]
     } else {
         match host.rsplit_once(':') {
             Some((name, port)) if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) => {
@@ -127,6 +137,11 @@ mod tests {
             "::1",
             "2130706433",
             "0x7f.0.0.1",
+            "[::1]0",
+            "[::1]evil.example",
+            "[::1]:",
+            "[::1]:80:80",
+            "[::1]]",
         ] {
             assert!(!allows(&policy, host), "{host:?} should be refused");
         }
