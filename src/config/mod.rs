@@ -226,8 +226,8 @@ pub const SETTINGS: &[Setting] = &[
     },
     Setting {
         key: "pool_max_idle_per_host",
-        default: "64",
-        help: "Most idle upstream connections kept for reuse.",
+        default: "1024",
+        help: "Most idle upstream connections kept for reuse (high enough that bursts do not churn connections).",
         kind: Kind::Text,
     },
     Setting {
