@@ -24,6 +24,8 @@ pub enum ProxyError {
     BadRequestTarget,
     /// The client's request body was malformed or cut short.
     BadRequestBody,
+    /// The request uses a transfer coding other than chunked (e.g. gzip).
+    UnsupportedTransferCoding,
     /// The `Host` is not a loopback or configured name (DNS rebinding defence).
     HostNotAllowed,
     /// The request carries an `Origin` that is not allowed.
@@ -64,6 +66,7 @@ impl ProxyError {
         match self {
             Self::ConnectNotSupported => StatusCode::METHOD_NOT_ALLOWED,
             Self::BadRequestTarget | Self::BadRequestBody => StatusCode::BAD_REQUEST,
+            Self::UnsupportedTransferCoding => StatusCode::NOT_IMPLEMENTED,
             Self::HostNotAllowed | Self::OriginNotAllowed | Self::PathNotAllowed => {
                 StatusCode::FORBIDDEN
             }
@@ -106,6 +109,7 @@ impl ProxyError {
             Self::ConnectNotSupported => "connect_not_supported",
             Self::BadRequestTarget => "bad_request_target",
             Self::BadRequestBody => "bad_request_body",
+            Self::UnsupportedTransferCoding => "unsupported_transfer_coding",
             Self::HostNotAllowed => "host_not_allowed",
             Self::OriginNotAllowed => "origin_not_allowed",
             Self::Unauthorized => "unauthorized",
@@ -205,6 +209,10 @@ impl fmt::Display for ProxyError {
         match self {
             Self::ConnectNotSupported => f.write_str(
                 "CONNECT is not supported: keyrelay forwards only to its configured upstream",
+            ),
+            Self::UnsupportedTransferCoding => f.write_str(
+                "only the chunked transfer coding is supported; keyrelay would otherwise \
+                 forward coded bytes the upstream could not tell were coded",
             ),
             Self::BadRequestBody => f.write_str(
                 "the request body is malformed or ended early (bad chunk framing, or the \

@@ -93,6 +93,17 @@ pub fn restore_upgrade(headers: &mut HeaderMap, protocol: HeaderValue) {
     headers.insert(UPGRADE, protocol);
 }
 
+/// True when a request's `Transfer-Encoding` names a coding other than
+/// `chunked` (hyper decodes only chunked; the rest would pass through coded).
+pub fn has_unsupported_transfer_coding(headers: &HeaderMap) -> bool {
+    headers.get_all(TRANSFER_ENCODING).iter().any(|value| {
+        value.to_str().map_or(true, |text| {
+            text.split(',')
+                .any(|coding| !coding.trim().eq_ignore_ascii_case("chunked"))
+        })
+    })
+}
+
 /// Prepares an upstream response's headers for the client.
 ///
 /// Server-Sent Events also gain `X-Accel-Buffering: no` and
@@ -174,6 +185,19 @@ mod tests {
         let mut headers = map(&[("te", "gzip")]);
         remove_hop_by_hop(&mut headers);
         assert!(headers.get(TE).is_none());
+    }
+
+    #[test]
+    fn only_chunked_transfer_coding_is_supported() {
+        assert!(!has_unsupported_transfer_coding(&map(&[(
+            "transfer-encoding",
+            "chunked"
+        )])));
+        assert!(has_unsupported_transfer_coding(&map(&[(
+            "transfer-encoding",
+            "gzip, chunked"
+        )])));
+        assert!(!has_unsupported_transfer_coding(&HeaderMap::new()));
     }
 
     #[test]

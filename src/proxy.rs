@@ -159,6 +159,10 @@ impl Proxy {
             let error = ProxyError::NoRoute(shared.routes.prefixes());
             return shared.fail(&error, &mut log, None, origin.as_ref());
         };
+        if headers::has_unsupported_transfer_coding(&parts.headers) {
+            let error = ProxyError::UnsupportedTransferCoding;
+            return shared.fail(&error, &mut log, Some(route), origin.as_ref());
+        }
         if !route.paths.allows(&parts.method, parts.uri.path()) {
             return shared.fail(
                 &ProxyError::PathNotAllowed,
