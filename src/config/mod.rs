@@ -684,6 +684,26 @@ impl Problems {
             .ok()
     }
 
+    /// A value parsed from `text`, or `None` for "off" (or empty); `what`
+    /// describes a valid value in the message.
+    fn optional<T: std::str::FromStr>(
+        &mut self,
+        setting: &str,
+        text: &str,
+        what: &str,
+    ) -> Option<Option<T>> {
+        match text.trim() {
+            "" | "off" => Some(None),
+            text => match text.parse::<T>() {
+                Ok(value) => Some(Some(value)),
+                Err(_) => {
+                    self.report(setting, format!("{text:?} is not {what} or off"));
+                    None
+                }
+            },
+        }
+    }
+
     /// A duration that must be set; `why` says what "off" would break.
     fn duration(&mut self, setting: &str, text: &str, why: &str) -> Option<Duration> {
         match self.optional_duration(setting, text)? {
@@ -761,32 +781,15 @@ fn check(raw: RawConfig, env: &HashMap<String, String>, found: &mut Problems) ->
     let shutdown_delay = found.optional_duration("shutdown_delay", &raw.shutdown_delay);
     let header_read_timeout =
         found.optional_duration("header_read_timeout", &raw.header_read_timeout);
-    let admin_listen = match raw.admin_listen.trim() {
-        "" | "off" => Some(None),
-        text => match text.parse::<SocketAddr>() {
-            Ok(addr) => Some(Some(addr)),
-            Err(_) => {
-                found.report(
-                    "admin_listen",
-                    format!("{text:?} is not an IP:port address or off"),
-                );
-                None
-            }
-        },
-    };
-    let max_concurrent_requests = match raw.max_concurrent_requests.trim() {
-        "off" | "0" => Some(None),
-        text => match text.parse::<usize>() {
-            Ok(count) => Some(Some(count)),
-            Err(_) => {
-                found.report(
-                    "max_concurrent_requests",
-                    format!("{text:?} is not a whole number or off"),
-                );
-                None
-            }
-        },
-    };
+    let admin_listen =
+        found.optional::<SocketAddr>("admin_listen", &raw.admin_listen, "an IP:port address");
+    let max_concurrent_requests = found
+        .optional::<usize>(
+            "max_concurrent_requests",
+            &raw.max_concurrent_requests,
+            "a whole number",
+        )
+        .map(|limit| limit.filter(|count| *count > 0));
     let max_request_header_size = parse_size(&raw.max_request_header_size)
         .map_err(|message| found.report("max_request_header_size", message))
         .ok()
