@@ -977,19 +977,25 @@ fn is_service_link(name: &str) -> bool {
 /// Smallest request-head limit: hyper needs room for an ordinary request.
 const MIN_HEADER_LIMIT: usize = 8192;
 
+/// Splits "250ms" into (250, "ms"); `what` names a valid value in the error.
+fn amount_and_unit<'a>(text: &'a str, what: &str) -> Result<(u64, &'a str), String> {
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let amount = digits
+        .parse()
+        .map_err(|_| format!("{text:?} is not {what}"))?;
+    Ok((amount, unit))
+}
+
 /// Parses "65536", "64KiB", "10MiB", "1GiB" (also KB/MB/GB as powers of 1024), or "off".
 pub fn parse_size(text: &str) -> Result<Option<u64>, String> {
     let text = text.trim();
     if matches!(text, "off" | "none") {
         return Ok(None);
     }
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (digits, unit) = text.split_at(split);
-    let amount: u64 = digits
-        .parse()
-        .map_err(|_| format!("{text:?} is not a size (examples: 65536, 64KiB, 10MiB, off)"))?;
+    let (amount, unit) = amount_and_unit(text, "a size (examples: 65536, 64KiB, 10MiB, off)")?;
     let factor: u64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1,
         "k" | "kb" | "kib" => 1 << 10,
@@ -1056,13 +1062,7 @@ pub fn parse_duration(text: &str) -> Result<Option<Duration>, String> {
     if matches!(text, "off" | "none" | "0") {
         return Ok(None);
     }
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (digits, unit) = text.split_at(split);
-    let amount: u64 = digits
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration (examples: 250ms, 10s, 5m, 1h, off)"))?;
+    let (amount, unit) = amount_and_unit(text, "a duration (examples: 250ms, 10s, 5m, 1h, off)")?;
     let duration = match unit.trim() {
         "ms" => Duration::from_millis(amount),
         "" | "s" => Duration::from_secs(amount),
