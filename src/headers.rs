@@ -27,6 +27,11 @@ const HOP_BY_HOP: [HeaderName; 7] = [
 /// `TE: trailers` survives (as exactly that) because gRPC servers require it to
 /// know the client understands trailers; every other `TE` value is dropped.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none: one scan over the names (no hashing) then
+    // spares the eight lookups below on every request and response.
+    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+        return;
+    }
     let wants_trailers = headers
         .get_all(TE)
         .iter()
@@ -54,7 +59,7 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
 
 /// Prepares a client's request headers for the upstream.
 ///
-/// Drops `Host` (the client sets it from the upstream URI), hop-by-hop headers
+/// Drops `Host` (the caller sets the upstream's), hop-by-hop headers
 /// and every client credential in `strip`, then sets `credential_header` to
 /// `credential`. Order matters: injection comes last so that nothing a client
 /// sends, not even `Connection: authorization`, can remove or replace the key.
@@ -66,8 +71,11 @@ pub fn prepare_request(
 ) {
     headers.remove(HOST);
     remove_hop_by_hop(headers);
-    for name in strip {
-        headers.remove(name);
+    // As above: look for client credentials once before removing any.
+    if headers.keys().any(|name| strip.contains(name)) {
+        for name in strip {
+            headers.remove(name);
+        }
     }
     headers.insert(credential_header.clone(), credential.clone());
 }

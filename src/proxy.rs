@@ -49,11 +49,68 @@ const X_REQUEST_ID: &str = "x-request-id";
 const SERVER_TIMING: &str = "server-timing";
 
 fn server_timing(overhead: std::time::Duration) -> HeaderValue {
-    let text = format!(
-        "keyrelay;desc=\"proxy overhead\";dur={:.3}",
-        overhead.as_secs_f64() * 1e3
-    );
-    HeaderValue::try_from(text).unwrap_or_else(|_| HeaderValue::from_static("keyrelay"))
+    let micros = overhead.as_micros().min(u128::from(u64::MAX)) as u64;
+    let fraction = micros % 1000;
+    let mut value = ShortValue::default();
+    value
+        .text("keyrelay;desc=\"proxy overhead\";dur=")
+        .decimal(micros / 1000)
+        .text(".")
+        .decimal_padded(fraction, 3);
+    value.finish()
+}
+
+/// Writes a short header value (a request id, a timing) on the stack, so it
+/// costs one allocation and no `fmt` machinery: both run on every request,
+/// and `format!` showed up in the profiles.
+struct ShortValue {
+    bytes: [u8; 64],
+    len: usize,
+}
+
+impl Default for ShortValue {
+    fn default() -> Self {
+        Self {
+            bytes: [0; 64],
+            len: 0,
+        }
+    }
+}
+
+impl ShortValue {
+    fn text(&mut self, text: &str) -> &mut Self {
+        for &byte in text.as_bytes() {
+            self.push(byte);
+        }
+        self
+    }
+
+    fn decimal(&mut self, number: u64) -> &mut Self {
+        let digits = number.checked_ilog10().unwrap_or(0) + 1;
+        self.decimal_padded(number, digits)
+    }
+
+    /// `number` in exactly `digits` digits, zero-padded on the left.
+    fn decimal_padded(&mut self, number: u64, digits: u32) -> &mut Self {
+        for place in (0..digits).rev() {
+            let digit = (number / 10u64.pow(place)) % 10;
+            self.push(b'0' + digit as u8);
+        }
+        self
+    }
+
+    /// Values here are far shorter than the buffer; a longer one is cut.
+    fn push(&mut self, byte: u8) {
+        if let Some(slot) = self.bytes.get_mut(self.len) {
+            *slot = byte;
+            self.len += 1;
+        }
+    }
+
+    fn finish(&self) -> HeaderValue {
+        HeaderValue::from_bytes(&self.bytes[..self.len])
+            .unwrap_or_else(|_| HeaderValue::from_static("keyrelay"))
+    }
 }
 
 /// A random prefix so request ids from different processes do not collide.
@@ -291,6 +348,9 @@ fn upstream_request(
         &route.credential.header,
         &route.live.current(),
     );
+    if let (Version::HTTP_11, Some(host)) = (route.version, &route.host) {
+        parts.headers.insert(http::header::HOST, host.clone());
+    }
     if let Some(protocol) = upgrade {
         headers::restore_upgrade(&mut parts.headers, protocol);
     }
@@ -303,8 +363,12 @@ impl Shared {
         if let Some(existing) = headers.get(X_REQUEST_ID) {
             return existing.clone();
         }
-        let generated = HeaderValue::try_from(format!("kr-{}-{id}", self.id_prefix))
-            .unwrap_or_else(|_| HeaderValue::from_static("kr"));
+        let generated = ShortValue::default()
+            .text("kr-")
+            .text(&self.id_prefix)
+            .text("-")
+            .decimal(id)
+            .finish();
         headers.insert(X_REQUEST_ID, generated.clone());
         generated
     }
@@ -376,5 +440,42 @@ impl tower::Service<Request<Incoming>> for Proxy {
     fn call(&mut self, request: Request<Incoming>) -> Self::Future {
         let proxy = self.clone();
         Box::pin(async move { Ok(proxy.forward(request).await) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::{server_timing, ShortValue};
+
+    #[test]
+    fn short_values_write_decimals_without_fmt() {
+        let mut value = ShortValue::default();
+        value.text("kr-").decimal(0).text("-").decimal(1_234_567);
+        assert_eq!(value.finish(), "kr-0-1234567");
+
+        let mut value = ShortValue::default();
+        value.decimal(u64::MAX).text(" ").decimal_padded(7, 3);
+        assert_eq!(value.finish(), "18446744073709551615 007");
+    }
+
+    #[test]
+    fn short_values_are_cut_at_the_buffer() {
+        let mut value = ShortValue::default();
+        value.text(&"x".repeat(100));
+        assert_eq!(value.finish().len(), 64);
+    }
+
+    #[test]
+    fn server_timing_is_milliseconds_with_three_decimals() {
+        assert_eq!(
+            server_timing(Duration::from_micros(1_234)),
+            "keyrelay;desc=\"proxy overhead\";dur=1.234"
+        );
+        assert_eq!(
+            server_timing(Duration::from_nanos(5_999)),
+            "keyrelay;desc=\"proxy overhead\";dur=0.005"
+        );
     }
 }

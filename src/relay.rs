@@ -126,10 +126,12 @@ impl Body for RelayBody {
 /// The timer is not reset on every frame (that would touch the timer wheel per
 /// chunk); frames only record their arrival time, and when the sleep fires it
 /// is pushed to `last_frame + limit` unless that moment has really passed.
+/// The sleep itself is only created the first time the upstream makes the
+/// client wait: most short responses arrive whole and never need one.
 struct IdleTimer {
     limit: Duration,
     last_frame: Instant,
-    sleep: Pin<Box<Sleep>>,
+    sleep: Option<Pin<Box<Sleep>>>,
 }
 
 impl IdleTimer {
@@ -137,20 +139,24 @@ impl IdleTimer {
         Self {
             limit,
             last_frame: Instant::now(),
-            sleep: Box::pin(tokio::time::sleep(limit)),
+            sleep: None,
         }
     }
 
     fn poll_expired(&mut self, cx: &mut Context<'_>) -> bool {
+        let deadline = self.last_frame + self.limit;
+        let sleep = self
+            .sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
         loop {
-            if self.sleep.as_mut().poll(cx).is_pending() {
+            if sleep.as_mut().poll(cx).is_pending() {
                 return false;
             }
             let deadline = self.last_frame + self.limit;
             if Instant::now() >= deadline {
                 return true;
             }
-            self.sleep.as_mut().reset(deadline);
+            sleep.as_mut().reset(deadline);
         }
     }
 }

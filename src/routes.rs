@@ -10,8 +10,8 @@
 use std::borrow::Cow;
 use std::sync::Arc;
 
-use http::uri::PathAndQuery;
-use http::{Uri, Version};
+use http::uri::{PathAndQuery, Scheme};
+use http::{HeaderValue, Uri, Version};
 
 use crate::baseten::{self, Stage};
 use crate::config::{Credential, RouteConfig, UpstreamUrl};
@@ -28,6 +28,9 @@ pub struct Route {
     strip_prefix: bool,
     /// Where requests go.
     pub upstream: UpstreamUrl,
+    /// The `Host` header HTTP/1.1 requests carry upstream, built once here
+    /// rather than formatted by hyper's client on every request.
+    pub host: Option<HeaderValue>,
     stage: Option<Stage>,
     /// Header, scrub list, template and key source.
     pub credential: Credential,
@@ -56,6 +59,7 @@ impl RouteTable {
                 prefix: config.prefix.clone(),
                 strip_prefix: config.strip_prefix,
                 upstream: config.upstream.clone(),
+                host: host_header(&config.upstream),
                 stage: config.stage.clone(),
                 credential: config.credential.clone(),
                 live: Arc::new(LiveCredential::new(config.credential.value.clone())),
@@ -133,5 +137,50 @@ impl Route {
             .path_and_query(path_and_query)
             .build()
             .map_err(|_| ProxyError::BadRequestTarget)
+    }
+}
+
+/// `host[:port]` of the upstream, leaving out the scheme's default port (as
+/// hyper's client does when it fills `Host` in itself, which it still does
+/// if this is `None`).
+fn host_header(upstream: &UpstreamUrl) -> Option<HeaderValue> {
+    let authority = &upstream.authority;
+    let default_port = if upstream.scheme == Scheme::HTTPS {
+        443
+    } else {
+        80
+    };
+    match authority.port_u16() {
+        Some(port) if port != default_port => {
+            HeaderValue::try_from(format!("{}:{port}", authority.host())).ok()
+        }
+        _ => HeaderValue::try_from(authority.host()).ok(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn upstream(url: &str) -> UpstreamUrl {
+        let uri: Uri = url.parse().expect("url");
+        UpstreamUrl {
+            scheme: uri.scheme().expect("scheme").clone(),
+            authority: uri.authority().expect("authority").clone(),
+            base_path: String::new(),
+        }
+    }
+
+    #[test]
+    fn host_header_leaves_out_only_the_default_port() {
+        let host = |url| host_header(&upstream(url)).expect("host");
+        assert_eq!(
+            host("https://model-abc.api.baseten.co"),
+            "model-abc.api.baseten.co"
+        );
+        assert_eq!(host("https://example.test:443"), "example.test");
+        assert_eq!(host("http://127.0.0.1:80"), "127.0.0.1");
+        assert_eq!(host("http://127.0.0.1:8080"), "127.0.0.1:8080");
+        assert_eq!(host("https://[::1]:8443"), "[::1]:8443");
     }
 }
