@@ -141,7 +141,7 @@ pub fn prepare_response(headers: &mut HeaderMap) {
 }
 
 /// nginx's per-response switch for proxy buffering.
-const X_ACCEL_BUFFERING: &str = "x-accel-buffering";
+const X_ACCEL_BUFFERING: HeaderName = HeaderName::from_static("x-accel-buffering");
 
 /// True when the comma-separated header `value` contains `token` (case-insensitive).
 fn lists_token(value: &HeaderValue, token: &str) -> bool {

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http::{HeaderValue, Method, Request, Response, StatusCode, Version};
+use http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
@@ -40,13 +40,13 @@ use crate::upstream::{build_client, UpstreamClient};
 const UNMATCHED_ROUTE: &str = "unmatched";
 
 /// Baseten's id for a prediction, preferred in logs when the upstream sends it.
-const BASETEN_REQUEST_ID: &str = "x-baseten-request-id";
+const BASETEN_REQUEST_ID: HeaderName = HeaderName::from_static("x-baseten-request-id");
 
 /// The request id keyrelay sends upstream and back when Baseten's is absent.
-const X_REQUEST_ID: &str = "x-request-id";
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Tells developers (browser devtools, curl -v) how long keyrelay itself took.
-const SERVER_TIMING: &str = "server-timing";
+const SERVER_TIMING: HeaderName = HeaderName::from_static("server-timing");
 
 fn server_timing(overhead: std::time::Duration) -> HeaderValue {
     let micros = overhead.as_micros().min(u128::from(u64::MAX)) as u64;

@@ -33,7 +33,7 @@ const EXPOSED_HEADERS: &str =
 const PREFLIGHT_MAX_AGE_SECS: &str = "600";
 
 /// Fetch metadata: where a browser request comes from, sent even without Origin.
-const SEC_FETCH_SITE: &str = "sec-fetch-site";
+const SEC_FETCH_SITE: HeaderName = HeaderName::from_static("sec-fetch-site");
 
 /// Chrome's Private Network Access preflight question and answer.
 const PNA_REQUEST: &str = "access-control-request-private-network";

@@ -25,7 +25,11 @@ impl HostPolicy {
     /// Accepts the loopback names plus `extra` (e.g. a Kubernetes Service name).
     pub fn new(extra: &[String]) -> Self {
         Self {
-            extra: extra.iter().filter_map(|name| normalize(name)).collect(),
+            extra: extra
+                .iter()
+                .filter_map(|name| normalize(name))
+                .map(str::to_ascii_lowercase)
+                .collect(),
         }
     }
 
@@ -54,15 +58,21 @@ impl HostPolicy {
         !name.contains('/') && normalize(name).is_some()
     }
 
+    // Runs on every request, so it compares without allocating a lowercase copy.
     fn accepts(&self, host: &str) -> bool {
         normalize(host).is_some_and(|name| {
-            LOOPBACK_NAMES.contains(&name.as_str()) || self.extra.contains(&name)
+            LOOPBACK_NAMES
+                .iter()
+                .copied()
+                .chain(self.extra.iter().map(String::as_str))
+                .any(|accepted| accepted.eq_ignore_ascii_case(name))
         })
     }
 }
 
-/// Lowercases, drops the port and a trailing dot; `None` for an empty name.
-fn normalize(host: &str) -> Option<String> {
+/// Drops the port and a trailing dot (case is left to the comparison);
+/// `None` for an empty name.
+fn normalize(host: &str) -> Option<&str> {
     let host = host.trim();
     let name = if host.starts_with('[') {
         // IPv6 literal: keep the brackets; after `]` only `:port` may follow.
@@ -87,7 +97,7 @@ fn normalize(host: &str) -> Option<String> {
         }
     };
     let name = name.strip_suffix('.').unwrap_or(name);
-    (!name.is_empty()).then(|| name.to_ascii_lowercase())
+    (!name.is_empty()).then_some(name)
 }
 
 #[cfg(test)]
