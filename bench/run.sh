@@ -85,6 +85,7 @@ CONNS=${BENCH_CONNS:-32 256}
 TARGETS=${BENCH_TARGETS:-direct nginx haproxy keyrelay}
 KEY=bench-key
 AUTH="Api-Key $KEY"
+TRIED_HEADING="## What was tried"
 
 log() { printf '[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 fail() { log "FAILED: $*"; exit 1; }
@@ -661,7 +662,7 @@ $([ "$FOREIGN_PCT" -le 5 ] || printf '> **Warning:** other processes used %s%% o
   \`option http-no-delay\`, \`maxconn $HAPROXY_MAXCONN\`, default connection reuse, no logging.
 - **keyrelay**: \`target/release/keyrelay --listen 127.0.0.1:PORT --upstream http://UPSTREAM\`
   with \`BASETEN_API_KEY\`, default settings (tokio with one worker per CPU,
-  upstream pool of 64 idle connections), **\`RUST_LOG=warn\`** so the per-request
+  upstream pool of up to 1024 idle connections), **\`RUST_LOG=warn\`** so the per-request
   access-log line is not written (at the default \`info\` it would be).
 - Everything listens on 127.0.0.1 on ports picked free at run time; servers
   run as \`$RUN_USER\`. The load tools (wrk with $NPROC threads,
@@ -720,6 +721,11 @@ $(sed "s|$WORK|WORKDIR|g" "$WORK/haproxy/haproxy.cfg" 2>/dev/null || echo "(hapr
 </details>
 EOF
 } >"$OUT.tmp"
+# The hand-written record of optimisations tried lives at the end of the
+# report; a new run keeps it.
+if [ -f "$OUT" ] && grep -q "^$TRIED_HEADING" "$OUT"; then
+  { echo; sed -n "/^$TRIED_HEADING/,\$p" "$OUT"; } >>"$OUT.tmp"
+fi
 mv "$OUT.tmp" "$OUT"
 cp "$RESULTS" "$WORK/results.final.txt"
 SUCCESS=1

@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# CPU instructions keyrelay executes per proxied request, counted by callgrind.
+#
+#   bench/instructions.sh [REQUESTS]      default 4000
+#
+# Wall-clock figures on a shared 2-core machine move by 5-10% from run to run;
+# instruction counts do not (they repeat to within about 0.1%), so this is the
+# measure to compare two builds of keyrelay by. It runs the release binary
+# under `valgrind --tool=callgrind` in front of the benchmark's mock upstream
+# twice: with 1,000 keep-alive `GET /small` requests (4 connections) and with
+# 1,000 + REQUESTS. Start-up, the first connections and shutdown cost the same
+# in both, so the difference divided by REQUESTS is the cost of one request.
+# It counts user-space instructions only: kernel work (the socket calls) is
+# not included, and it says nothing about time spent waiting.
+#
+# Needs valgrind and python3 (installed with apt-get when missing and root).
+set -euo pipefail
+export LC_ALL=C
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+EXTRA=${1:-4000}
+BASE=1000
+
+log() { printf '[instructions %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+fail() { log "FAILED: $*"; exit 1; }
+
+need=()
+command -v valgrind >/dev/null || need+=(valgrind)
+command -v python3 >/dev/null || need+=(python3)
+if [ ${#need[@]} -gt 0 ]; then
+  [ "$(id -u)" = 0 ] || fail "missing ${need[*]}; install them (apt-get install ${need[*]})"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+log "building keyrelay and the mock upstream (release)"
+cargo build --release --quiet --bin keyrelay --example bench-upstream
+
+WORK=$(mktemp -d /tmp/keyrelay-instructions.XXXXXX)
+PIDS=()
+cleanup() {
+  local pid
+  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+"$ROOT/target/release/examples/bench-upstream" >"$WORK/upstream.out" 2>&1 &
+PIDS+=($!)
+for _ in $(seq 100); do
+  grep -q '^listening' "$WORK/upstream.out" 2>/dev/null && break
+  sleep 0.05
+done
+UPSTREAM=$(awk '/^listening/ { print $2 }' "$WORK/upstream.out")
+[ -n "$UPSTREAM" ] || fail "the mock upstream did not start"
+
+# Sends N keep-alive GET /small over 4 connections and checks every answer.
+cat >"$WORK/drive.py" <<'EOF'
+import http.client, sys, threading
+port, total = int(sys.argv[1]), int(sys.argv[2])
+failures = []
+def run(count):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    for _ in range(count):
+        conn.request("GET", "/small")
+        response = conn.getresponse()
+        response.read()
+        if response.status != 200:
+            failures.append(response.status)
+threads = [threading.Thread(target=run, args=(total // 4,)) for _ in range(4)]
+for thread in threads: thread.start()
+for thread in threads: thread.join()
+sys.exit(f"{len(failures)} requests failed: {failures[:3]}" if failures else 0)
+EOF
+
+free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+
+# Instructions keyrelay executes while serving $1 requests.
+count() {
+  local requests=$1 port out pid
+  port=$(free_port)
+  out=$WORK/callgrind.$requests.out
+  BASETEN_API_KEY=bench-key RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$out" \
+    "$ROOT/target/release/keyrelay" --listen "127.0.0.1:$port" --upstream "http://$UPSTREAM" \
+    >"$WORK/keyrelay.$requests.log" 2>&1 &
+  pid=$!
+  PIDS+=("$pid")
+  for _ in $(seq 300); do
+    curl -fsS -o /dev/null "http://127.0.0.1:$port/small" 2>/dev/null && break
+    sleep 0.1
+  done
+  python3 "$WORK/drive.py" "$port" "$requests" || fail "requests through keyrelay failed"
+  kill -TERM "$pid"
+  wait "$pid" || true
+  awk '/^summary:/ { print $2 }' "$out"
+}
+
+log "counting $BASE requests"
+small=$(count "$BASE")
+log "counting $((BASE + EXTRA)) requests"
+large=$(count $((BASE + EXTRA)))
+[ -n "$small" ] && [ -n "$large" ] || fail "callgrind wrote no summary"
+per_request=$(((large - small) / EXTRA))
+echo "instructions_per_request $per_request"
+log "keyrelay: $per_request instructions per request ($small for $BASE, $large for $((BASE + EXTRA)))"
