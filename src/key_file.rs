@@ -77,19 +77,43 @@ pub fn watch(
     live: Arc<LiveCredential>,
     metrics: Arc<Metrics>,
 ) -> impl std::future::Future<Output = ()> {
+    let shown = path.display().to_string();
+    watch_secret(path, "upstream key", move |key| {
+        let value = ApiKey::new(key)
+            .header_value(&template)
+            .map_err(|err| format!("the key in {shown} {err}"))?;
+        if value == live.current() {
+            return Ok(false);
+        }
+        live.replace(value);
+        metrics.credential_reloaded();
+        Ok(true)
+    })
+}
+
+/// Watches a file holding one secret (`what`, for the logs): installs the
+/// SIGHUP handler now, then re-reads the file every [`POLL_INTERVAL`] and on
+/// SIGHUP and hands each secret read to `apply`, which answers whether it
+/// changed anything or why the secret is unusable. An unreadable or unusable
+/// file leaves the previous secret in use and is logged once per distinct
+/// problem, not on every poll. The returned future runs until dropped.
+pub fn watch_secret(
+    path: PathBuf,
+    what: &'static str,
+    apply: impl FnMut(String) -> Result<bool, String> + Send + 'static,
+) -> impl std::future::Future<Output = ()> + Send {
     let hangups = signal(SignalKind::hangup())
         .map_err(
-            |err| tracing::warn!(error = %err, "no SIGHUP handler; the key file is still polled"),
+            |err| tracing::warn!(error = %err, "no SIGHUP handler; secret files are still polled"),
         )
         .ok();
-    poll(path, template, live, metrics, hangups)
+    poll(path, what, apply, hangups)
 }
 
 async fn poll(
     path: PathBuf,
-    template: String,
-    live: Arc<LiveCredential>,
-    metrics: Arc<Metrics>,
+    what: &'static str,
+    mut apply: impl FnMut(String) -> Result<bool, String>,
     mut hangups: Option<tokio::signal::unix::Signal>,
 ) {
     let mut ticks = tokio::time::interval(POLL_INTERVAL);
@@ -99,25 +123,19 @@ async fn poll(
         tokio::select! {
             _ = ticks.tick() => {}
             Some(()) = async { hangups.as_mut()?.recv().await } => {
-                tracing::info!(key_file = %path.display(), "SIGHUP: re-reading the key file");
+                tracing::info!(file = %path.display(), "SIGHUP: re-reading the {what} file");
             }
         }
-        let rendered = read(&path).and_then(|key| {
-            key.header_value(&template)
-                .map_err(|err| format!("the key in {} {err}", path.display()))
-        });
-        match rendered {
-            Ok(value) => {
+        match read_secret(&path).and_then(&mut apply) {
+            Ok(changed) => {
                 last_problem = None;
-                if value != live.current() {
-                    live.replace(value);
-                    metrics.credential_reloaded();
-                    tracing::info!(key_file = %path.display(), "upstream key reloaded; new requests use it");
+                if changed {
+                    tracing::info!(file = %path.display(), "{what} reloaded; new requests use it");
                 }
             }
             Err(problem) => {
                 if last_problem.as_deref() != Some(problem.as_str()) {
-                    tracing::error!(%problem, "key file unusable; keeping the previous key");
+                    tracing::error!(%problem, "{what} file unusable; keeping the previous one");
                     last_problem = Some(problem);
                 }
             }

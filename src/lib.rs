@@ -82,6 +82,17 @@ pub async fn run(
             Some(AbortOnDrop(tokio::spawn(watcher)))
         })
         .collect();
+    let tokens = proxy.access_tokens();
+    let _token_watchers: Vec<AbortOnDrop> = tokens
+        .files()
+        .map(|(index, path)| {
+            let tokens = Arc::clone(tokens);
+            let watcher = key_file::watch_secret(path.to_owned(), "access token", move |value| {
+                tokens.replace(index, value)
+            });
+            AbortOnDrop(tokio::spawn(watcher))
+        })
+        .collect();
     let admin_addr = match config.admin_listen {
         Some(addr) => {
             let admin = TcpListener::bind(addr).await.map_err(|err| {

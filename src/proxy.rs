@@ -27,6 +27,7 @@ use tracing::Instrument;
 use crate::access::{Outcome, RequestLog};
 use crate::config::{Config, Timeouts};
 use crate::error::ProxyError;
+use crate::guard::tokens::AccessTokens;
 use crate::guard::{cors, Admission, Guard};
 use crate::headers;
 use crate::metrics::{Metrics, RouteMetrics};
@@ -180,6 +181,11 @@ impl Proxy {
     /// The routes, for the key-file watchers and the startup log.
     pub fn routes(&self) -> impl Iterator<Item = &Route> {
         self.shared.routes.iter()
+    }
+
+    /// The local access tokens, for the token-file watchers.
+    pub fn access_tokens(&self) -> &Arc<AccessTokens> {
+        &self.shared.guard.tokens
     }
 
     async fn forward(self, request: Request<Incoming>) -> Response<ResponseBody> {

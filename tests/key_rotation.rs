@@ -242,7 +242,7 @@ async fn sighup_rereads_the_key_file_at_once() {
 
     let log = wait_for_log(&relay, "upstream key reloaded", 1).await;
     let hangup = log
-        .find("SIGHUP: re-reading the key file")
+        .find("SIGHUP: re-reading the upstream key file")
         .unwrap_or_else(|| panic!("SIGHUP was not logged:\n{log}"));
     let reloaded = log.find("upstream key reloaded").expect("found above");
     assert!(
@@ -290,4 +290,114 @@ fn missing_or_empty_key_file_at_startup_exits_64_naming_key_file() {
         assert!(text.contains("key_file"), "{}: {text}", path.display());
         assert!(!text.contains(KEY), "{text}");
     }
+}
+
+// ---------------------------------------------------------------------------
+// Access-token files rotate the same way
+// ---------------------------------------------------------------------------
+
+const TOKEN_ONE: &str = "kr-token-one-5d1f0a9c7e";
+const TOKEN_TWO: &str = "kr-token-two-3b8e6c2f41";
+
+/// Sends one request with `Authorization: Bearer token`; returns the status
+/// the client got, answering for the upstream when the request reached it.
+async fn status_with_token(upstream: &mut MockUpstream, addr: SocketAddr, token: &str) -> u16 {
+    let client = http1_client();
+    let mut pending = tokio::spawn(
+        client.request(
+            Request::get(format!("http://{addr}/v1/models"))
+                .header("authorization", format!("Bearer {token}"))
+                .body(empty())
+                .expect("request"),
+        ),
+    );
+    let response = tokio::select! {
+        response = &mut pending => response,
+        exchange = upstream.next() => {
+            let seen = exchange.request.headers()["authorization"].clone();
+            assert_eq!(seen, api_key(KEY).as_str(), "the token must not reach the upstream");
+            exchange.respond_full(200, "ok");
+            within("the response", pending).await
+        }
+    };
+    response.expect("join").expect("response").status().as_u16()
+}
+
+/// Sends requests until `new` is accepted and `old` refused (bounded by
+/// [`ROTATION_LIMIT`]); until then `old` must keep working.
+async fn wait_for_token(upstream: &mut MockUpstream, addr: SocketAddr, old: &str, new: &str) {
+    let started = Instant::now();
+    // Bounded: fails once ROTATION_LIMIT has passed.
+    while status_with_token(upstream, addr, new).await != 200 {
+        assert_eq!(
+            status_with_token(upstream, addr, old).await,
+            200,
+            "the old token stopped working before the new one was accepted"
+        );
+        assert!(
+            started.elapsed() < ROTATION_LIMIT,
+            "the new token was still refused {:?} after the file changed",
+            started.elapsed()
+        );
+        // The change shows on the watcher's next poll; space the probes out.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        status_with_token(upstream, addr, old).await,
+        401,
+        "the rotated-out token must be refused"
+    );
+}
+
+#[tokio::test]
+async fn rotated_access_token_file_applies_without_a_restart() {
+    let mut upstream = MockUpstream::start().await;
+    let dir = TempDir::new("token-rotation");
+    let token_file = dir.write("frontend", &format!("{TOKEN_ONE}\n"));
+    let relay = Relay::start(
+        &upstream.url(),
+        &[(
+            "access_token_files",
+            token_file.to_str().expect("UTF-8 path"),
+        )],
+    )
+    .await;
+    assert_eq!(
+        status_with_token(&mut upstream, relay.addr, TOKEN_ONE).await,
+        200
+    );
+    assert_eq!(
+        status_with_token(&mut upstream, relay.addr, TOKEN_TWO).await,
+        401
+    );
+
+    // The Kubernetes way: a new file renamed into place.
+    replace_atomically(&token_file, &format!("{TOKEN_TWO}\n"));
+    wait_for_token(&mut upstream, relay.addr, TOKEN_ONE, TOKEN_TWO).await;
+
+    // Mistakes never replace a working token: too short, empty, deleted.
+    for (what, contents) in [
+        ("too short", Some("short-token\n")),
+        ("empty", Some("")),
+        ("deleted", None),
+    ] {
+        match contents {
+            Some(text) => std::fs::write(&token_file, text).expect("write token file"),
+            None => std::fs::remove_file(&token_file).expect("remove token file"),
+        }
+        tokio::time::sleep(over_two_polls()).await;
+        assert_eq!(
+            status_with_token(&mut upstream, relay.addr, TOKEN_TWO).await,
+            200,
+            "token file {what}: the previous token must stay in use"
+        );
+        if let Some(text) = contents.filter(|text| !text.trim().is_empty()) {
+            assert_eq!(
+                status_with_token(&mut upstream, relay.addr, text.trim()).await,
+                401,
+                "token file {what}: its content must not become a token"
+            );
+        }
+    }
+    relay.stop().await;
 }

@@ -23,7 +23,7 @@ use serde::Deserialize;
 
 use crate::guard::cors::CorsPolicy;
 use crate::guard::host::HostPolicy;
-use crate::guard::tokens::{AccessToken, Rate};
+use crate::guard::tokens::{AccessToken, Rate, MIN_TOKEN_LEN};
 use crate::key_file;
 use crate::secret::ApiKey;
 
@@ -173,7 +173,7 @@ pub const SETTINGS: &[Setting] = &[
     Setting {
         key: "access_token_files",
         default: "",
-        help: "Files each holding a local access token clients must present (the file name names the token).",
+        help: "Files each holding a local access token clients must present (the file name names the token); re-read on change and SIGHUP.",
         kind: Kind::List,
     },
     Setting {
@@ -858,7 +858,7 @@ fn check_access(
     let mut tokens = Vec::new();
     for name in raw.access_token_env.iter().filter(|n| !n.is_empty()) {
         match env.get(name).map(|v| v.trim()).filter(|v| !v.is_empty()) {
-            Some(value) => tokens.push((name.clone(), value.to_owned())),
+            Some(value) => tokens.push((name.clone(), value.to_owned(), None)),
             None => found.report(
                 "access_token_env",
                 format!("environment variable {name} is not set or is empty"),
@@ -872,11 +872,11 @@ fn check_access(
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| path.display().to_string());
         match key_file::read_secret(path) {
-            Ok(value) => tokens.push((name, value)),
+            Ok(value) => tokens.push((name, value, Some(path.to_owned()))),
             Err(problem) => found.report("access_token_files", problem),
         }
     }
-    for (name, value) in &tokens {
+    for (name, value, _) in &tokens {
         if value.len() < MIN_TOKEN_LEN {
             let setting = if raw.access_token_env.contains(name) {
                 "access_token_env"
@@ -934,14 +934,14 @@ fn check_access(
         cors: CorsPolicy::new(&raw.allowed_origins),
         tokens: tokens
             .into_iter()
-            .map(|(name, value)| AccessToken::new(name, value))
+            .map(|(name, value, file)| match file {
+                Some(file) => AccessToken::from_file(name, value, file),
+                None => AccessToken::new(name, value),
+            })
             .collect(),
         token_rate: token_rate?,
     })
 }
-
-/// Shortest local access token accepted: long enough that guessing is hopeless.
-const MIN_TOKEN_LEN: usize = 16;
 
 /// Parses "60/m", "5/s", "1000/h", or "off" (no limit).
 pub fn parse_rate(text: &str) -> Result<Option<Rate>, String> {

@@ -15,6 +15,8 @@ pub mod host;
 pub mod paths;
 pub mod tokens;
 
+use std::sync::Arc;
+
 use http::request::Parts;
 use http::{HeaderMap, HeaderValue};
 
@@ -31,8 +33,8 @@ pub struct Guard {
     pub hosts: HostPolicy,
     /// Allowed browser origins.
     pub cors: CorsPolicy,
-    /// Local access tokens and their rate limit.
-    pub tokens: AccessTokens,
+    /// Local access tokens and their rate limit (shared with the token-file watchers).
+    pub tokens: Arc<AccessTokens>,
 }
 
 /// What to do with a request.
@@ -63,7 +65,10 @@ impl Guard {
         Self {
             hosts: settings.hosts.clone(),
             cors: settings.cors.clone(),
-            tokens: AccessTokens::new(settings.tokens.clone(), settings.token_rate),
+            tokens: Arc::new(AccessTokens::new(
+                settings.tokens.clone(),
+                settings.token_rate,
+            )),
         }
     }
 

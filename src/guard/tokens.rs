@@ -7,9 +7,12 @@
 //! credential scrub drops `Authorization`; this drops the dedicated header).
 //! Logs name the token, never its value. Each token can have a request-rate
 //! limit, a token bucket, so a leaked local token cannot drain the account.
+//! Tokens read from files are re-read like the key file (see
+//! [`crate::key_file`]), so a rotated Secret applies without a restart.
 
 use std::fmt;
-use std::sync::Mutex;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, RwLock};
 use std::time::Duration;
 
 use http::header::AUTHORIZATION;
@@ -23,11 +26,17 @@ use crate::secret::MASK;
 /// The dedicated header a client may put its token in.
 pub const TOKEN_HEADER: &str = "x-keyrelay-token";
 
+/// Shortest token accepted, at startup and on reload: tokens must be random
+/// strings, not passwords a person picked.
+pub const MIN_TOKEN_LEN: usize = 16;
+
 /// A named local access token.
 #[derive(Clone)]
 pub struct AccessToken {
     name: String,
     value: Zeroizing<Vec<u8>>,
+    /// The file it was read from, re-read while keyrelay runs.
+    file: Option<PathBuf>,
 }
 
 impl AccessToken {
@@ -36,6 +45,15 @@ impl AccessToken {
         Self {
             name,
             value: Zeroizing::new(value.into_bytes()),
+            file: None,
+        }
+    }
+
+    /// A token read from `file`, which keyrelay keeps watching.
+    pub fn from_file(name: String, value: String, file: PathBuf) -> Self {
+        Self {
+            file: Some(file),
+            ..Self::new(name, value)
         }
     }
 }
@@ -67,9 +85,22 @@ pub enum TokenRejection {
 /// The configured tokens and their buckets.
 #[derive(Debug, Default)]
 pub struct AccessTokens {
-    tokens: Vec<AccessToken>,
+    tokens: Vec<LiveToken>,
     rate: Option<Rate>,
     buckets: Vec<Mutex<Bucket>>,
+}
+
+/// A token whose value can be replaced when its file changes.
+struct LiveToken {
+    name: String,
+    file: Option<PathBuf>,
+    value: RwLock<Zeroizing<Vec<u8>>>,
+}
+
+impl fmt::Debug for LiveToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "LiveToken({}: {MASK})", self.name)
+    }
 }
 
 impl AccessTokens {
@@ -79,11 +110,49 @@ impl AccessTokens {
             .iter()
             .map(|_| Mutex::new(Bucket::full(rate)))
             .collect();
+        let tokens = tokens
+            .into_iter()
+            .map(|token| LiveToken {
+                name: token.name,
+                file: token.file,
+                value: RwLock::new(token.value),
+            })
+            .collect();
         Self {
             tokens,
             rate,
             buckets,
         }
+    }
+
+    /// The tokens read from files, by index, for the watchers.
+    pub fn files(&self) -> impl Iterator<Item = (usize, &Path)> {
+        self.tokens
+            .iter()
+            .enumerate()
+            .filter_map(|(index, token)| Some((index, token.file.as_deref()?)))
+    }
+
+    /// Replaces token `index` with `value` (a reloaded file); answers whether
+    /// it changed, or why `value` cannot be a token.
+    pub fn replace(&self, index: usize, value: String) -> Result<bool, String> {
+        let value = Zeroizing::new(value.into_bytes());
+        let token = &self.tokens[index];
+        if value.len() < MIN_TOKEN_LEN {
+            return Err(format!(
+                "token {} is shorter than {MIN_TOKEN_LEN} characters",
+                token.name
+            ));
+        }
+        let mut current = token
+            .value
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if *current == value {
+            return Ok(false);
+        }
+        *current = value;
+        Ok(true)
     }
 
     /// True when requests must present a token.
@@ -122,7 +191,11 @@ impl AccessTokens {
     fn find(&self, presented: &[u8]) -> Option<usize> {
         let mut found = None;
         for (index, token) in self.tokens.iter().enumerate() {
-            if bool::from(token.value.as_slice().ct_eq(presented)) {
+            let value = token
+                .value
+                .read()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            if bool::from(value.as_slice().ct_eq(presented)) {
                 found = Some(index);
             }
         }
@@ -253,5 +326,25 @@ mod tests {
         let tokens = tokens(None);
         let text = format!("{tokens:?}");
         assert!(!text.contains("tok-front-123") && text.contains("frontend"));
+    }
+
+    #[test]
+    fn replaced_tokens_take_effect_and_short_ones_are_refused() {
+        let tokens = tokens(None);
+        assert!(tokens.replace(0, "too-short".into()).is_err());
+        assert_eq!(tokens.replace(0, "tok-front-rotated-789".into()), Ok(true));
+        assert_eq!(tokens.replace(0, "tok-front-rotated-789".into()), Ok(false));
+
+        let mut old = headers(&[("authorization", "Bearer tok-front-123")]);
+        assert_eq!(
+            tokens.authenticate(&mut old),
+            Err(TokenRejection::Unauthorized)
+        );
+        let mut new = headers(&[("authorization", "Bearer tok-front-rotated-789")]);
+        assert_eq!(tokens.authenticate(&mut new), Ok(Some("frontend")));
+        assert!(
+            !format!("{tokens:?}").contains("rotated"),
+            "Debug shows a token"
+        );
     }
 }
