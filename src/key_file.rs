@@ -5,7 +5,8 @@
 //! [`POLL_INTERVAL`] and on SIGHUP. A changed key applies to new requests;
 //! streams in flight keep the connection they have. If the file becomes
 //! empty or unreadable, the previous key stays in use and an error is logged
-//! (once per distinct problem, not every poll).
+//! (once per distinct problem, not every poll). Access-token files are
+//! watched by the same loop ([`watch_secret`]).
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
