@@ -1,4 +1,4 @@
-//! The command line: one flag per setting, generated from [`config::SETTINGS`].
+//! The command line: one flag per setting, generated from [`crate::config::SETTINGS`].
 //!
 //! Generating the flags from the settings table keeps `--help`, the config
 //! file, the `KEYRELAY_*` variables and the README table naming the same

@@ -1,6 +1,6 @@
 //! `keyrelay demo`: the whole product on one machine, with no network and no real key.
 //!
-//! It starts the [`mock_model`](crate::mock_model) endpoint with a freshly
+//! It starts the [`crate::mock_model`] endpoint with a freshly
 //! generated key, starts keyrelay in front of it with that key in its
 //! environment, streams one prediction through keyrelay while printing each
 //! token with its arrival time, and then keeps serving and prints commands a
