@@ -144,7 +144,11 @@ impl IdleTimer {
     }
 
     fn poll_expired(&mut self, cx: &mut Context<'_>) -> bool {
-        let deadline = self.last_frame + self.limit;
+        // A limit too large to add to a clock reading can never expire (the
+        // caller has registered for the upstream's next frame already).
+        let Some(deadline) = self.last_frame.checked_add(self.limit) else {
+            return false;
+        };
         let sleep = self
             .sleep
             .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
@@ -152,7 +156,9 @@ impl IdleTimer {
             if sleep.as_mut().poll(cx).is_pending() {
                 return false;
             }
-            let deadline = self.last_frame + self.limit;
+            let Some(deadline) = self.last_frame.checked_add(self.limit) else {
+                return false;
+            };
             if Instant::now() >= deadline {
                 return true;
             }
@@ -185,5 +191,20 @@ impl StdError for RelayError {
             Self::Upstream(err) => Some(err),
             Self::Idle(_) => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::task::{Context, Waker};
+    use std::time::Duration;
+
+    use super::IdleTimer;
+
+    #[tokio::test]
+    async fn an_idle_limit_beyond_the_clock_never_fires_and_never_panics() {
+        let mut timer = IdleTimer::new(Duration::from_secs(u64::MAX));
+        let mut cx = Context::from_waker(Waker::noop());
+        assert!(!timer.poll_expired(&mut cx));
     }
 }
