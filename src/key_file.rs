@@ -79,10 +79,11 @@ pub fn watch(
     metrics: Arc<Metrics>,
 ) -> impl std::future::Future<Output = ()> {
     let shown = path.display().to_string();
-    watch_secret(path, "upstream key", move |key| {
-        let value = ApiKey::new(key)
+    watch_secret(path, "upstream key", move |read| {
+        let keep = |problem| format!("{problem}; keeping the previous key");
+        let value = ApiKey::new(read.map_err(keep)?)
             .header_value(&template)
-            .map_err(|err| format!("the key in {shown} {err}"))?;
+            .map_err(|err| keep(format!("the key in {shown} {err}")))?;
         if value == live.current() {
             return Ok(false);
         }
@@ -94,14 +95,14 @@ pub fn watch(
 
 /// Watches a file holding one secret (`what`, for the logs): installs the
 /// SIGHUP handler now, then re-reads the file every [`POLL_INTERVAL`] and on
-/// SIGHUP and hands each secret read to `apply`, which answers whether it
-/// changed anything or why the secret is unusable. An unreadable or unusable
-/// file leaves the previous secret in use and is logged once per distinct
-/// problem, not on every poll. The returned future runs until dropped.
+/// SIGHUP and hands each read (the trimmed secret, or why it could not be
+/// read) to `apply`, which answers whether anything changed or what is wrong
+/// and what it did about it. Problems are logged once per distinct problem,
+/// not on every poll. The returned future runs until dropped.
 pub fn watch_secret(
     path: PathBuf,
     what: &'static str,
-    apply: impl FnMut(String) -> Result<bool, String> + Send + 'static,
+    apply: impl FnMut(Result<String, String>) -> Result<bool, String> + Send + 'static,
 ) -> impl std::future::Future<Output = ()> + Send {
     let hangups = signal(SignalKind::hangup())
         .map_err(
@@ -114,7 +115,7 @@ pub fn watch_secret(
 async fn poll(
     path: PathBuf,
     what: &'static str,
-    mut apply: impl FnMut(String) -> Result<bool, String>,
+    mut apply: impl FnMut(Result<String, String>) -> Result<bool, String>,
     mut hangups: Option<tokio::signal::unix::Signal>,
 ) {
     let mut ticks = tokio::time::interval(POLL_INTERVAL);
@@ -127,7 +128,7 @@ async fn poll(
                 tracing::info!(file = %path.display(), "SIGHUP: re-reading the {what} file");
             }
         }
-        match read_secret(&path).and_then(&mut apply) {
+        match apply(read_secret(&path)) {
             Ok(changed) => {
                 last_problem = None;
                 if changed {
@@ -136,7 +137,7 @@ async fn poll(
             }
             Err(problem) => {
                 if last_problem.as_deref() != Some(problem.as_str()) {
-                    tracing::error!(%problem, "{what} file unusable; keeping the previous one");
+                    tracing::error!(%problem, "{what} file unusable");
                     last_problem = Some(problem);
                 }
             }

@@ -87,8 +87,8 @@ pub async fn run(
         .files()
         .map(|(index, path)| {
             let tokens = Arc::clone(tokens);
-            let watcher = key_file::watch_secret(path.to_owned(), "access token", move |value| {
-                tokens.replace(index, value)
+            let watcher = key_file::watch_secret(path.to_owned(), "access token", move |read| {
+                tokens.update(index, read)
             });
             AbortOnDrop(tokio::spawn(watcher))
         })

@@ -1,7 +1,8 @@
 //! The upstream key read from a file, rotated under load: new requests pick
 //! up the new key (by polling and on SIGHUP) while a stream in flight keeps
 //! going, an empty or broken file never replaces a working key, and a missing
-//! or empty file at startup is a configuration error.
+//! or empty file at startup is a configuration error. Access-token files
+//! rotate the same way, except that an unusable token file revokes its token.
 //!
 //! The watcher re-reads the file every `key_file::POLL_INTERVAL`. Where a
 //! test must show that nothing changes over a poll, it waits that period out:
@@ -323,29 +324,26 @@ async fn status_with_token(upstream: &mut MockUpstream, addr: SocketAddr, token:
     response.expect("join").expect("response").status().as_u16()
 }
 
-/// Sends requests until `new` is accepted and `old` refused (bounded by
-/// [`ROTATION_LIMIT`]); until then `old` must keep working.
+/// Sends requests until `old` is refused (bounded by [`ROTATION_LIMIT`]),
+/// then checks that `new` is accepted. Until the reload `old` works; probing
+/// it first leaves no window in which a reload between two probes could look
+/// like a failure, since reloads only go one way.
 async fn wait_for_token(upstream: &mut MockUpstream, addr: SocketAddr, old: &str, new: &str) {
     let started = Instant::now();
     // Bounded: fails once ROTATION_LIMIT has passed.
-    while status_with_token(upstream, addr, new).await != 200 {
-        assert_eq!(
-            status_with_token(upstream, addr, old).await,
-            200,
-            "the old token stopped working before the new one was accepted"
-        );
+    while status_with_token(upstream, addr, old).await == 200 {
         assert!(
             started.elapsed() < ROTATION_LIMIT,
-            "the new token was still refused {:?} after the file changed",
+            "the old token still worked {:?} after the file changed",
             started.elapsed()
         );
         // The change shows on the watcher's next poll; space the probes out.
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(
-        status_with_token(upstream, addr, old).await,
-        401,
-        "the rotated-out token must be refused"
+        status_with_token(upstream, addr, new).await,
+        200,
+        "the old token is refused, so the new one must be accepted"
     );
 }
 
@@ -375,22 +373,21 @@ async fn rotated_access_token_file_applies_without_a_restart() {
     replace_atomically(&token_file, &format!("{TOKEN_TWO}\n"));
     wait_for_token(&mut upstream, relay.addr, TOKEN_ONE, TOKEN_TWO).await;
 
-    // Mistakes never replace a working token: too short, empty, deleted.
+    // Emptying or deleting the file revokes the token, and so does a value
+    // that cannot be a token: a leaked token must not outlive its file.
     for (what, contents) in [
         ("too short", Some("short-token\n")),
+        ("two words", Some("kr-token two-words-77\n")),
         ("empty", Some("")),
         ("deleted", None),
     ] {
+        replace_atomically(&token_file, &format!("{TOKEN_TWO}\n"));
+        wait_for_status(&mut upstream, relay.addr, TOKEN_TWO, 200).await;
         match contents {
             Some(text) => std::fs::write(&token_file, text).expect("write token file"),
             None => std::fs::remove_file(&token_file).expect("remove token file"),
         }
-        tokio::time::sleep(over_two_polls()).await;
-        assert_eq!(
-            status_with_token(&mut upstream, relay.addr, TOKEN_TWO).await,
-            200,
-            "token file {what}: the previous token must stay in use"
-        );
+        wait_for_status(&mut upstream, relay.addr, TOKEN_TWO, 401).await;
         if let Some(text) = contents.filter(|text| !text.trim().is_empty()) {
             assert_eq!(
                 status_with_token(&mut upstream, relay.addr, text.trim()).await,
@@ -400,4 +397,19 @@ async fn rotated_access_token_file_applies_without_a_restart() {
         }
     }
     relay.stop().await;
+}
+
+/// Sends `token` until it gets `status` (bounded by [`ROTATION_LIMIT`]): the
+/// watcher applies a file change on its next poll.
+async fn wait_for_status(upstream: &mut MockUpstream, addr: SocketAddr, token: &str, status: u16) {
+    let started = Instant::now();
+    // Bounded: fails once ROTATION_LIMIT has passed.
+    while status_with_token(upstream, addr, token).await != status {
+        assert!(
+            started.elapsed() < ROTATION_LIMIT,
+            "token still not answered {status} {:?} after its file changed",
+            started.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

@@ -23,7 +23,7 @@ use serde::Deserialize;
 
 use crate::guard::cors::CorsPolicy;
 use crate::guard::host::HostPolicy;
-use crate::guard::tokens::{AccessToken, Rate, MIN_TOKEN_LEN};
+use crate::guard::tokens::{check_value, AccessToken, Rate};
 use crate::key_file;
 use crate::secret::ApiKey;
 
@@ -877,18 +877,13 @@ fn check_access(
         }
     }
     for (name, value, _) in &tokens {
-        if value.len() < MIN_TOKEN_LEN {
+        if let Err(problem) = check_value(name, value) {
             let setting = if raw.access_token_env.contains(name) {
                 "access_token_env"
             } else {
                 "access_token_files"
             };
-            found.report(
-                setting,
-                format!(
-                    "token {name} is shorter than {MIN_TOKEN_LEN} characters; use a random one"
-                ),
-            );
+            found.report(setting, problem);
         }
     }
 

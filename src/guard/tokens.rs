@@ -8,7 +8,10 @@
 //! Logs name the token, never its value. Each token can have a request-rate
 //! limit, a token bucket, so a leaked local token cannot drain the account.
 //! Tokens read from files are re-read like the key file (see
-//! [`crate::key_file`]), so a rotated Secret applies without a restart.
+//! [`crate::key_file`]), so a rotated Secret applies without a restart. Unlike
+//! the key, a token file that becomes unusable (deleted, emptied, invalid)
+//! disables its token: emptying the file is how an operator revokes a leaked
+//! token, so that must not leave the old value working.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -29,6 +32,23 @@ pub const TOKEN_HEADER: &str = "x-keyrelay-token";
 /// Shortest token accepted, at startup and on reload: tokens must be random
 /// strings, not passwords a person picked.
 pub const MIN_TOKEN_LEN: usize = 16;
+
+/// Why `value` cannot be token `name`: too short, or holding characters a
+/// client cannot send as-is in a header (spaces, line breaks, control bytes),
+/// which would make a token nobody can present.
+pub fn check_value(name: &str, value: &str) -> Result<(), String> {
+    if value.len() < MIN_TOKEN_LEN {
+        return Err(format!(
+            "token {name} is shorter than {MIN_TOKEN_LEN} characters; use a random one"
+        ));
+    }
+    if !value.bytes().all(|byte| byte.is_ascii_graphic()) {
+        return Err(format!(
+            "token {name} contains spaces, line breaks or non-ASCII characters"
+        ));
+    }
+    Ok(())
+}
 
 /// A named local access token.
 #[derive(Clone)]
@@ -94,7 +114,8 @@ pub struct AccessTokens {
 struct LiveToken {
     name: String,
     file: Option<PathBuf>,
-    value: RwLock<Zeroizing<Vec<u8>>>,
+    /// `None` while the token's file is unusable: nothing matches it then.
+    value: RwLock<Option<Zeroizing<Vec<u8>>>>,
 }
 
 impl fmt::Debug for LiveToken {
@@ -115,7 +136,7 @@ impl AccessTokens {
             .map(|token| LiveToken {
                 name: token.name,
                 file: token.file,
-                value: RwLock::new(token.value),
+                value: RwLock::new(Some(token.value)),
             })
             .collect();
         Self {
@@ -133,26 +154,33 @@ impl AccessTokens {
             .filter_map(|(index, token)| Some((index, token.file.as_deref()?)))
     }
 
-    /// Replaces token `index` with `value` (a reloaded file); answers whether
-    /// it changed, or why `value` cannot be a token.
-    pub fn replace(&self, index: usize, value: String) -> Result<bool, String> {
-        let value = Zeroizing::new(value.into_bytes());
+    /// Applies a re-read of token `index`'s file: a valid value replaces the
+    /// token (answering whether it changed); a read error or an invalid value
+    /// disables the token until the file holds a valid one, and says why.
+    pub fn update(&self, index: usize, read: Result<String, String>) -> Result<bool, String> {
         let token = &self.tokens[index];
-        if value.len() < MIN_TOKEN_LEN {
-            return Err(format!(
-                "token {} is shorter than {MIN_TOKEN_LEN} characters",
-                token.name
-            ));
-        }
+        let checked = read.and_then(|value| {
+            check_value(&token.name, &value)?;
+            Ok(Zeroizing::new(value.into_bytes()))
+        });
         let mut current = token
             .value
             .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if *current == value {
-            return Ok(false);
+        match checked {
+            Ok(value) if current.as_ref() == Some(&value) => Ok(false),
+            Ok(value) => {
+                *current = Some(value);
+                Ok(true)
+            }
+            Err(problem) => {
+                *current = None;
+                Err(format!(
+                    "{problem}; token {} is refused until its file holds a valid one",
+                    token.name
+                ))
+            }
         }
-        *current = value;
-        Ok(true)
     }
 
     /// True when requests must present a token.
@@ -195,7 +223,10 @@ impl AccessTokens {
                 .value
                 .read()
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
-            if bool::from(value.as_slice().ct_eq(presented)) {
+            let matches = value
+                .as_ref()
+                .is_some_and(|value| bool::from(value.as_slice().ct_eq(presented)));
+            if matches {
                 found = Some(index);
             }
         }
@@ -329,22 +360,47 @@ mod tests {
     }
 
     #[test]
-    fn replaced_tokens_take_effect_and_short_ones_are_refused() {
+    fn reloaded_tokens_take_effect_and_unusable_files_disable_the_token() {
         let tokens = tokens(None);
-        assert!(tokens.replace(0, "too-short".into()).is_err());
-        assert_eq!(tokens.replace(0, "tok-front-rotated-789".into()), Ok(true));
-        assert_eq!(tokens.replace(0, "tok-front-rotated-789".into()), Ok(false));
-
-        let mut old = headers(&[("authorization", "Bearer tok-front-123")]);
+        let present = |token: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(
+                AUTHORIZATION,
+                HeaderValue::from_str(&format!("Bearer {token}")).expect("value"),
+            );
+            tokens.authenticate(&mut h)
+        };
         assert_eq!(
-            tokens.authenticate(&mut old),
-            Err(TokenRejection::Unauthorized)
+            tokens.update(0, Ok("tok-front-rotated-789".into())),
+            Ok(true)
         );
-        let mut new = headers(&[("authorization", "Bearer tok-front-rotated-789")]);
-        assert_eq!(tokens.authenticate(&mut new), Ok(Some("frontend")));
+        assert_eq!(
+            tokens.update(0, Ok("tok-front-rotated-789".into())),
+            Ok(false)
+        );
+        assert_eq!(present("tok-front-123"), Err(TokenRejection::Unauthorized));
+        assert_eq!(present("tok-front-rotated-789"), Ok(Some("frontend")));
         assert!(
             !format!("{tokens:?}").contains("rotated"),
             "Debug shows a token"
         );
+
+        for unusable in [
+            Ok("too-short".to_owned()),
+            Ok("tok-front two-words-000".to_owned()),
+            Err("cannot read frontend: not found".to_owned()),
+        ] {
+            assert!(tokens.update(0, Ok("tok-front-rotated-789".into())).is_ok());
+            let problem = tokens.update(0, unusable).expect_err("unusable");
+            assert!(problem.contains("refused"), "{problem}");
+            assert_eq!(
+                present("tok-front-rotated-789"),
+                Err(TokenRejection::Unauthorized),
+                "{problem}"
+            );
+            // An empty bearer never matches a disabled token.
+            assert_eq!(present(""), Err(TokenRejection::Unauthorized));
+        }
+        assert_eq!(present("tok-batch-456"), Ok(Some("batch")));
     }
 }
