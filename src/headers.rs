@@ -28,7 +28,7 @@ const HOP_BY_HOP: [HeaderName; 7] = [
 /// know the client understands trailers; every other `TE` value is dropped.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     // Most messages carry none: one scan over the names (no hashing) then
-    // spares the eight lookups below on every request and response.
+    // spares the hashed lookups below on every request and response.
     if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
         return;
     }
@@ -59,7 +59,7 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
 
 /// Prepares a client's request headers for the upstream.
 ///
-/// Drops `Host` (the caller sets the upstream's), hop-by-hop headers
+/// Drops `Host` (the caller, or hyper, sets the upstream's), hop-by-hop headers
 /// and every client credential in `strip`, then sets `credential_header` to
 /// `credential`. Order matters: injection comes last so that nothing a client
 /// sends, not even `Connection: authorization`, can remove or replace the key.

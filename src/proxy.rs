@@ -354,7 +354,7 @@ fn upstream_request(
         &route.credential.header,
         &route.live.current(),
     );
-    if let (Version::HTTP_11, Some(host)) = (route.version, &route.host) {
+    if let Some(host) = &route.host {
         parts.headers.insert(http::header::HOST, host.clone());
     }
     if let Some(protocol) = upgrade {

@@ -28,8 +28,9 @@ pub struct Route {
     strip_prefix: bool,
     /// Where requests go.
     pub upstream: UpstreamUrl,
-    /// The `Host` header HTTP/1.1 requests carry upstream, built once here
-    /// rather than formatted by hyper's client on every request.
+    /// The `Host` header requests carry upstream on an HTTP/1.1 route, built
+    /// once here rather than formatted by hyper's client on every request
+    /// (HTTP/2 routes send `:authority` instead).
     pub host: Option<HeaderValue>,
     stage: Option<Stage>,
     /// Header, scrub list, template and key source.
@@ -59,7 +60,9 @@ impl RouteTable {
                 prefix: config.prefix.clone(),
                 strip_prefix: config.strip_prefix,
                 upstream: config.upstream.clone(),
-                host: host_header(&config.upstream),
+                host: (!config.http2)
+                    .then(|| host_header(&config.upstream))
+                    .flatten(),
                 stage: config.stage.clone(),
                 credential: config.credential.clone(),
                 live: Arc::new(LiveCredential::new(config.credential.value.clone())),
