@@ -67,7 +67,7 @@ pub fn prepare_request(
     headers: &mut HeaderMap,
     strip: &[HeaderName],
     credential_header: &HeaderName,
-    credential: &HeaderValue,
+    credential: HeaderValue,
 ) {
     headers.remove(HOST);
     remove_hop_by_hop(headers);
@@ -77,7 +77,7 @@ pub fn prepare_request(
             headers.remove(name);
         }
     }
-    headers.insert(credential_header.clone(), credential.clone());
+    headers.insert(credential_header.clone(), credential);
 }
 
 /// The WebSocket upgrade an HTTP/1.1 request asks for (an `Upgrade:
@@ -276,7 +276,7 @@ mod tests {
             HeaderName::from_static("proxy-authorization"),
         ];
         let injected = HeaderValue::from_static("Api-Key real");
-        prepare_request(&mut headers, &strip, &AUTHORIZATION, &injected);
+        prepare_request(&mut headers, &strip, &AUTHORIZATION, injected.clone());
         assert_eq!(
             headers.get_all(AUTHORIZATION).iter().collect::<Vec<_>>(),
             [&injected]
@@ -293,7 +293,7 @@ mod tests {
         let mut headers = map(&[("authorization", "Bearer placeholder")]);
         let name = HeaderName::from_static("baseten-authorization");
         let value = HeaderValue::from_static("Api-Key real");
-        prepare_request(&mut headers, &[AUTHORIZATION, name.clone()], &name, &value);
+        prepare_request(&mut headers, &[AUTHORIZATION, name.clone()], &name, value);
         assert!(headers.get(AUTHORIZATION).is_none());
         assert_eq!(headers.get(&name).expect("injected"), "Api-Key real");
     }

@@ -245,11 +245,8 @@ impl Proxy {
             }
         }
         if let Some(limit) = shared.max_request_body {
-            let declared = parts
-                .headers
-                .get(http::header::CONTENT_LENGTH)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse::<u64>().ok());
+            // hyper has parsed (and checked) Content-Length already.
+            let declared = hyper::body::Body::size_hint(&body).exact();
             if declared.is_some_and(|length| length > limit) {
                 let error = ProxyError::PayloadTooLarge(limit);
                 return shared.fail(&error, &mut log, Some(route), origin.as_ref());
@@ -352,7 +349,7 @@ fn upstream_request(
         &mut parts.headers,
         &route.credential.strip,
         &route.credential.header,
-        &route.live.current(),
+        route.live.current(),
     );
     if let Some(host) = &route.host {
         parts.headers.insert(http::header::HOST, host.clone());

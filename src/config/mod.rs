@@ -25,7 +25,6 @@ use crate::guard::cors::CorsPolicy;
 use crate::guard::host::HostPolicy;
 use crate::guard::tokens::{check_value, AccessToken, Rate};
 use crate::key_file;
-use crate::secret::ApiKey;
 
 mod routes;
 pub use routes::RouteConfig;
@@ -426,11 +425,10 @@ pub struct Credential {
     pub key_file: Option<PathBuf>,
     /// The template the key is rendered with (kept to re-render a reloaded key).
     pub template: String,
-    /// The key itself; prints as a mask.
-    pub key: ApiKey,
     /// Header the credential goes into.
     pub header: HeaderName,
-    /// Rendered, sensitive header value.
+    /// Rendered, sensitive header value as loaded (a reloaded key file
+    /// changes the route's live copy, not this).
     pub value: HeaderValue,
     /// Client headers removed before forwarding; always includes `header`.
     pub strip: Vec<HeaderName>,
@@ -855,15 +853,22 @@ fn check_access(
     listen: Option<SocketAddr>,
     found: &mut Problems,
 ) -> Option<AccessSettings> {
+    // Each token is checked where its setting is known, so a problem names it.
     let mut tokens = Vec::new();
+    let mut add = |setting, name: String, read: Result<String, String>, file| match read
+        .and_then(|value| check_value(&name, &value).map(|()| value))
+    {
+        Ok(value) => tokens.push((name, value, file)),
+        Err(problem) => found.report(setting, problem),
+    };
     for name in raw.access_token_env.iter().filter(|n| !n.is_empty()) {
-        match env.get(name).map(|v| v.trim()).filter(|v| !v.is_empty()) {
-            Some(value) => tokens.push((name.clone(), value.to_owned(), None)),
-            None => found.report(
-                "access_token_env",
-                format!("environment variable {name} is not set or is empty"),
-            ),
-        }
+        let read = env
+            .get(name)
+            .map(|v| v.trim())
+            .filter(|v| !v.is_empty())
+            .map(str::to_owned)
+            .ok_or_else(|| format!("environment variable {name} is not set or is empty"));
+        add("access_token_env", name.clone(), read, None);
     }
     for path in raw.access_token_files.iter().filter(|p| !p.is_empty()) {
         let path = Path::new(path);
@@ -871,20 +876,8 @@ fn check_access(
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| path.display().to_string());
-        match key_file::read_secret(path) {
-            Ok(value) => tokens.push((name, value, Some(path.to_owned()))),
-            Err(problem) => found.report("access_token_files", problem),
-        }
-    }
-    for (name, value, _) in &tokens {
-        if let Err(problem) = check_value(name, value) {
-            let setting = if raw.access_token_env.contains(name) {
-                "access_token_env"
-            } else {
-                "access_token_files"
-            };
-            found.report(setting, problem);
-        }
+        let read = key_file::read_secret(path);
+        add("access_token_files", name, read, Some(path.to_owned()));
     }
 
     let token_rate = parse_rate(&raw.token_rate_limit)
@@ -1257,6 +1250,26 @@ mod tests {
                 "{expected} missing from {settings:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_bad_token_names_the_setting_it_came_from() {
+        let dir = std::env::temp_dir().join(format!("kr-token-blame-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        // A file token named like an env token: the problem is the file's.
+        let file = dir.join("team");
+        std::fs::write(&file, "two words-0123456789\n").expect("token file");
+        let err = load(&sources(&[
+            ("BASETEN_API_KEY", "k"),
+            ("KEYRELAY_UPSTREAM", "https://example.test"),
+            ("KEYRELAY_ACCESS_TOKEN_ENV", "team"),
+            ("team", "good-token-0123456789"),
+            ("KEYRELAY_ACCESS_TOKEN_FILES", file.to_str().expect("UTF-8")),
+        ]))
+        .expect_err("invalid token");
+        std::fs::remove_dir_all(&dir).expect("clean up");
+        let settings: Vec<&str> = err.problems.iter().map(|p| p.setting.as_str()).collect();
+        assert_eq!(settings, ["access_token_files"], "{err}");
     }
 
     #[test]

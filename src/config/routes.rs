@@ -465,7 +465,6 @@ fn credential(
         key_env: spec.key_env.to_owned(),
         key_file,
         template: spec.template.to_owned(),
-        key: key?,
         header,
         value: value?,
         strip,

@@ -28,6 +28,7 @@ use crate::secret::MASK;
 
 /// The dedicated header a client may put its token in.
 pub const TOKEN_HEADER: &str = "x-keyrelay-token";
+const TOKEN_HEADER_NAME: HeaderName = HeaderName::from_static(TOKEN_HEADER);
 
 /// Shortest token accepted, at startup and on reload: tokens must be random
 /// strings, not passwords a person picked.
@@ -102,12 +103,11 @@ pub enum TokenRejection {
     RateLimited(Duration),
 }
 
-/// The configured tokens and their buckets.
+/// The configured tokens and their rate limit.
 #[derive(Debug, Default)]
 pub struct AccessTokens {
     tokens: Vec<LiveToken>,
     rate: Option<Rate>,
-    buckets: Vec<Mutex<Bucket>>,
 }
 
 /// A token whose value can be replaced when its file changes.
@@ -116,6 +116,7 @@ struct LiveToken {
     file: Option<PathBuf>,
     /// `None` while the token's file is unusable: nothing matches it then.
     value: RwLock<Option<Zeroizing<Vec<u8>>>>,
+    bucket: Mutex<Bucket>,
 }
 
 impl fmt::Debug for LiveToken {
@@ -127,23 +128,16 @@ impl fmt::Debug for LiveToken {
 impl AccessTokens {
     /// `tokens` with an optional per-token `rate`.
     pub fn new(tokens: Vec<AccessToken>, rate: Option<Rate>) -> Self {
-        let buckets = tokens
-            .iter()
-            .map(|_| Mutex::new(Bucket::full(rate)))
-            .collect();
         let tokens = tokens
             .into_iter()
             .map(|token| LiveToken {
                 name: token.name,
                 file: token.file,
                 value: RwLock::new(Some(token.value)),
+                bucket: Mutex::new(Bucket::full(rate)),
             })
             .collect();
-        Self {
-            tokens,
-            rate,
-            buckets,
-        }
+        Self { tokens, rate }
     }
 
     /// The tokens read from files, by index, for the watchers.
@@ -193,20 +187,27 @@ impl AccessTokens {
         if !self.required() {
             return Ok(None);
         }
-        let dedicated = HeaderName::from_static(TOKEN_HEADER);
-        let presented = match headers.remove(&dedicated) {
-            Some(value) => Some(value.as_bytes().to_vec()),
-            // Removed here rather than left to the credential scrub, which is
-            // configurable: a token must never reach the upstream.
-            None => bearer(headers).inspect(|_| {
-                headers.remove(AUTHORIZATION);
-            }),
-        }
-        .map(Zeroizing::new);
-        let presented = presented.ok_or(TokenRejection::Unauthorized)?;
-        let index = self.find(&presented).ok_or(TokenRejection::Unauthorized)?;
+        // Compared where they lie in the headers: a copy would not make the
+        // request's own bytes any less present.
+        let found = match headers.remove(TOKEN_HEADER_NAME) {
+            Some(value) => self.find(value.as_bytes()),
+            None => {
+                let found = headers
+                    .get(AUTHORIZATION)
+                    .and_then(|value| bearer(value.as_bytes()))
+                    .map(|token| self.find(token));
+                // Removed here rather than left to the credential scrub, which
+                // is configurable: a token must never reach the upstream.
+                if found.is_some() {
+                    headers.remove(AUTHORIZATION);
+                }
+                found.flatten()
+            }
+        };
+        let index = found.ok_or(TokenRejection::Unauthorized)?;
         if let Some(rate) = self.rate {
-            let mut bucket = self.buckets[index]
+            let mut bucket = self.tokens[index]
+                .bucket
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
             bucket.take(rate, Instant::now())?;
@@ -234,11 +235,11 @@ impl AccessTokens {
     }
 }
 
-fn bearer(headers: &HeaderMap) -> Option<Vec<u8>> {
-    let value = headers.get(AUTHORIZATION)?.as_bytes();
+/// The token in an `Authorization: Bearer <token>` value.
+fn bearer(value: &[u8]) -> Option<&[u8]> {
     let scheme = b"bearer ";
     (value.len() > scheme.len() && value[..scheme.len()].eq_ignore_ascii_case(scheme))
-        .then(|| value[scheme.len()..].trim_ascii().to_vec())
+        .then(|| value[scheme.len()..].trim_ascii())
 }
 
 /// A token bucket: holds up to `rate.requests`, refilled continuously.
