@@ -30,8 +30,14 @@ const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0;
 /// Serves the admin endpoints on `listener` until the task is dropped.
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, lifecycle: Arc<Lifecycle>) {
     loop {
-        let Ok((stream, peer)) = listener.accept().await else {
-            continue;
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(err) => {
+                // Out of descriptors, say: wait rather than spin.
+                tracing::warn!(error = %err, "admin accept failed");
+                tokio::time::sleep(crate::server::ACCEPT_ERROR_BACKOFF).await;
+                continue;
+            }
         };
         let local_caller = peer.ip().is_loopback();
         let metrics = Arc::clone(&metrics);

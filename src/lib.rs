@@ -68,31 +68,27 @@ pub async fn run(
     let tunnels = Arc::new(tunnel::Tunnels::default());
     let proxy = proxy::Proxy::new(&config, &metrics, Arc::clone(&tunnels))?;
 
-    // Background tasks are aborted when `run` returns.
-    let _key_watchers: Vec<AbortOnDrop> = proxy
-        .routes()
-        .filter_map(|route| {
-            let path = route.credential.key_file.clone()?;
-            let watcher = key_file::watch(
+    // Background tasks: a JoinSet aborts them all when `run` returns.
+    let mut background = tokio::task::JoinSet::new();
+    for route in proxy.routes() {
+        if let Some(path) = route.credential.key_file.clone() {
+            background.spawn(key_file::watch(
                 path,
                 route.credential.template.clone(),
                 Arc::clone(&route.live),
                 Arc::clone(&metrics),
-            );
-            Some(AbortOnDrop(tokio::spawn(watcher)))
-        })
-        .collect();
+            ));
+        }
+    }
     let tokens = proxy.access_tokens();
-    let _token_watchers: Vec<AbortOnDrop> = tokens
-        .files()
-        .map(|(index, path)| {
-            let tokens = Arc::clone(tokens);
-            let watcher = key_file::watch_secret(path.to_owned(), "access token", move |read| {
-                tokens.update(index, read)
-            });
-            AbortOnDrop(tokio::spawn(watcher))
-        })
-        .collect();
+    for (index, path) in tokens.files() {
+        let tokens = Arc::clone(tokens);
+        background.spawn(key_file::watch_secret(
+            path.to_owned(),
+            "access token",
+            move |read| tokens.update(index, read),
+        ));
+    }
     let admin_addr = match config.admin_listen {
         Some(addr) => {
             let admin = TcpListener::bind(addr).await.map_err(|err| {
@@ -102,8 +98,12 @@ pub async fn run(
                 )
             })?;
             let bound = admin.local_addr()?;
-            let task = admin::serve(admin, Arc::clone(&metrics), Arc::clone(&lifecycle));
-            Some((bound, AbortOnDrop(tokio::spawn(task))))
+            background.spawn(admin::serve(
+                admin,
+                Arc::clone(&metrics),
+                Arc::clone(&lifecycle),
+            ));
+            Some(bound)
         }
         None => None,
     };
@@ -120,7 +120,7 @@ pub async fn run(
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(
             listen = %addr,
-            admin = admin_addr.as_ref().map(|(addr, _)| tracing::field::display(addr)),
+            admin = admin_addr.as_ref().map(tracing::field::display),
             routes = proxy.routes().count(),
             access_tokens = config.access.tokens.len(),
             "keyrelay ready"
@@ -155,14 +155,5 @@ fn key_source(credential: &config::Credential) -> String {
     match &credential.key_file {
         Some(path) => format!("file {}", path.display()),
         None => format!("env {}", credential.key_env),
-    }
-}
-
-/// Aborts a background task when dropped, tying its life to a scope.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }

@@ -40,17 +40,18 @@ pub struct RouteLabel {
     pub route: String,
 }
 
-/// Status classes, in the order of [`status_class`].
+/// Status classes, indexed by [`status_class_index`].
 const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
-/// The status class of `status` ("2xx", ...), so the series count stays small.
-pub fn status_class(status: u16) -> &'static str {
+/// Where `status`'s class ("2xx", ...) is in [`STATUS_CLASSES`]; grouping by
+/// class keeps the series count small. Anything outside 1xx–4xx counts as 5xx.
+fn status_class_index(status: u16) -> usize {
     match status {
-        100..=199 => "1xx",
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        _ => "5xx",
+        100..=199 => 0,
+        200..=299 => 1,
+        300..=399 => 2,
+        400..=499 => 3,
+        _ => 4,
     }
 }
 
@@ -72,7 +73,7 @@ pub struct ErrorLabels {
     pub route: String,
     /// What failed: the error `type` (upstream_tls, upstream_connect_timeout, ...),
     /// `reset_mid_stream` or `idle_timeout`.
-    pub kind: String,
+    pub kind: &'static str,
 }
 
 /// Every metric keyrelay exports.
@@ -288,13 +289,13 @@ impl RouteMetrics {
     }
 
     /// An upstream failure of `kind`.
-    pub fn upstream_error(&self, kind: &str) {
+    pub fn upstream_error(&self, kind: &'static str) {
         self.0
             .all
             .upstream_errors
             .get_or_create(&ErrorLabels {
                 route: self.0.route.clone(),
-                kind: kind.to_owned(),
+                kind,
             })
             .inc();
     }
@@ -307,10 +308,7 @@ impl RouteMetrics {
         if let Some(first_byte) = first_byte {
             handles.first_byte.observe(first_byte);
         }
-        let class = STATUS_CLASSES
-            .iter()
-            .position(|c| *c == status_class(status))
-            .unwrap_or(STATUS_CLASSES.len() - 1);
+        let class = status_class_index(status);
         handles.requests[class][outcome as usize].inc();
     }
 }

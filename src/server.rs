@@ -34,7 +34,7 @@ const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 
 /// Pause after a failed accept (e.g. out of file descriptors) so the loop does
 /// not spin while the condition lasts.
-const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
+pub(crate) const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
 
 /// Serves `proxy` on `listener` until `shutdown` resolves, then drains.
 pub async fn serve(
