@@ -12,14 +12,10 @@ mod support;
 #[path = "support/raw.rs"]
 mod raw;
 
-use std::net::SocketAddr;
-
 use http::{HeaderMap, Request};
 use http_body_util::BodyExt;
 use keyrelay::config;
 use support::*;
-use tokio::net::TcpListener;
-use tokio::sync::oneshot;
 
 /// Sends a GET with `headers` through keyrelay (HTTP/1.1) and returns the
 /// headers the upstream received.
@@ -295,34 +291,6 @@ async fn h2c_client_credentials_are_replaced_too() {
 /// A key distinct from [`KEY`], so the test can tell which variable was read.
 const OTHER_KEY: &str = "kr-other-KEY-0a9b8c7d6e5f";
 
-/// keyrelay started from hand-built sources (Relay::start always uses the default env).
-struct CustomRelay {
-    addr: SocketAddr,
-    stop: oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<std::io::Result<()>>,
-}
-
-impl CustomRelay {
-    async fn start(sources: &config::Sources) -> Self {
-        let config = config::load(sources).expect("valid config");
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind relay");
-        let addr = listener.local_addr().expect("addr");
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(keyrelay::run(config, listener, async {
-            let _ = stopped.await;
-        }));
-        Self { addr, stop, task }
-    }
-
-    async fn stop(self) {
-        let _ = self.stop.send(());
-        within("keyrelay to stop", self.task)
-            .await
-            .expect("join")
-            .expect("run");
-    }
-}
-
 #[tokio::test]
 async fn key_env_selects_the_variable_holding_the_key() {
     let mut upstream = MockUpstream::start().await;
@@ -331,7 +299,7 @@ async fn key_env_selects_the_variable_holding_the_key() {
     sources
         .env
         .insert("MY_MODEL_KEY".to_owned(), OTHER_KEY.to_owned());
-    let relay = CustomRelay::start(&sources).await;
+    let relay = Relay::from_sources(&sources).await;
 
     let client = http1_client();
     let pending = tokio::spawn(

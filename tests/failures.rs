@@ -105,12 +105,6 @@ async fn raw_upstream_still_serves(client: &TestClient, relay: &Relay, upstream:
     assert_eq!(body_bytes(response).await, "still fine");
 }
 
-/// A port on 127.0.0.1 with nothing listening: bound by the OS, then released.
-fn closed_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    listener.local_addr().expect("addr").port()
-}
-
 // ---------------------------------------------------------------------------
 // Failures before the response head: keyrelay's own JSON errors
 // ---------------------------------------------------------------------------

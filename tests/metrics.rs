@@ -54,15 +54,6 @@ fn all_requests(scrape: &Scrape) -> f64 {
         .sum()
 }
 
-/// A port on 127.0.0.1 with nothing listening: bound by the OS, then released.
-fn closed_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-
 #[tokio::test]
 async fn completed_streams_count_ok_bytes_histograms_and_the_active_gauge() {
     let mut upstream = MockUpstream::start().await;

@@ -33,15 +33,6 @@ fn upstream_connections(upstream: &MockUpstream) -> usize {
     *upstream.connections.lock().expect("lock")
 }
 
-/// A port on 127.0.0.1 with nothing listening: bound by the OS, then released.
-fn closed_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-
 /// Sends the raw `request` on a fresh connection in the background.
 fn spawn_exchange(
     addr: std::net::SocketAddr,

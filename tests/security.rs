@@ -70,15 +70,6 @@ fn upstream_connections(upstream: &MockUpstream) -> usize {
     *upstream.connections.lock().expect("lock")
 }
 
-/// A port nothing listens on (the listener is dropped at once).
-fn refused_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-
 // ---------------------------------------------------------------------------
 // 1. Host: DNS rebinding
 // ---------------------------------------------------------------------------
@@ -574,7 +565,7 @@ async fn allowed_origin_streams_in_lockstep_with_cors_headers() {
 #[tokio::test]
 async fn keyrelay_errors_carry_cors_headers_for_an_allowed_origin() {
     let relay = Relay::start(
-        &format!("http://127.0.0.1:{}", refused_port()),
+        &format!("http://127.0.0.1:{}", closed_port()),
         &[("allowed_origins", APP_ORIGIN)],
     )
     .await;
@@ -610,7 +601,7 @@ async fn admission_refusals_for_an_allowed_origin_are_readable_by_it() {
             ("allowed_paths", "/v1/*"),
         ],
     );
-    let relay = CustomRelay::start(&sources).await;
+    let relay = Relay::from_sources(&sources).await;
     let bearer = format!("Bearer {ENV_TOKEN}");
 
     let unauthorized = refused(
@@ -686,7 +677,7 @@ fn token_sources(upstream: &str, dir: &TempDir, extra: &[(&str, &str)]) -> Sourc
 async fn missing_wrong_and_near_miss_tokens_are_refused() {
     let mut upstream = MockUpstream::start().await;
     let dir = TempDir::new("tokens-refused");
-    let relay = CustomRelay::start(&token_sources(&upstream.url(), &dir, &[])).await;
+    let relay = Relay::from_sources(&token_sources(&upstream.url(), &dir, &[])).await;
 
     let prefix = &ENV_TOKEN[..ENV_TOKEN.len() - 1];
     let extended = format!("{ENV_TOKEN}0");
@@ -751,7 +742,7 @@ async fn missing_wrong_and_near_miss_tokens_are_refused() {
 async fn valid_tokens_pass_and_are_never_forwarded() {
     let mut upstream = MockUpstream::start().await;
     let dir = TempDir::new("tokens-pass");
-    let relay = CustomRelay::start(&token_sources(&upstream.url(), &dir, &[])).await;
+    let relay = Relay::from_sources(&token_sources(&upstream.url(), &dir, &[])).await;
 
     // Authorization: Bearer, as an OpenAI SDK sends its api_key.
     let (seen, response) = forwarded(
@@ -820,7 +811,7 @@ async fn bearer_token_is_not_forwarded_when_authorization_is_not_scrubbed() {
     // not travel to the upstream.
     let mut upstream = MockUpstream::start().await;
     let dir = TempDir::new("tokens-custom-header");
-    let relay = CustomRelay::start(&token_sources(
+    let relay = Relay::from_sources(&token_sources(
         &upstream.url(),
         &dir,
         &[
@@ -855,7 +846,7 @@ async fn bearer_token_is_not_forwarded_when_authorization_is_not_scrubbed() {
 async fn preflight_from_an_allowed_origin_needs_no_token() {
     let mut upstream = MockUpstream::start().await;
     let dir = TempDir::new("tokens-preflight");
-    let relay = CustomRelay::start(&token_sources(
+    let relay = Relay::from_sources(&token_sources(
         &upstream.url(),
         &dir,
         &[("allowed_origins", APP_ORIGIN)],
@@ -1025,7 +1016,7 @@ async fn token_values_never_appear_in_trace_logs_but_their_names_do() {
 async fn token_rate_limit_refuses_the_fourth_request_with_retry_after() {
     let mut upstream = MockUpstream::start().await;
     let dir = TempDir::new("tokens-rate");
-    let relay = CustomRelay::start(&token_sources(
+    let relay = Relay::from_sources(&token_sources(
         &upstream.url(),
         &dir,
         &[("token_rate_limit", "3/m")],
@@ -1095,7 +1086,7 @@ fn non_loopback_listen_without_tokens_exits_64_naming_the_way_out() {
             "--listen",
             "0.0.0.0:0",
             "--upstream",
-            &format!("http://127.0.0.1:{}", refused_port()),
+            &format!("http://127.0.0.1:{}", closed_port()),
         ])
         .env("BASETEN_API_KEY", KEY)
         .stdout(Stdio::piped())
@@ -1135,7 +1126,7 @@ async fn non_loopback_listen_starts_with_the_explicit_opt_out() {
             "0.0.0.0:0",
             "--allow-unauthenticated-network",
             "--upstream",
-            &format!("http://127.0.0.1:{}", refused_port()),
+            &format!("http://127.0.0.1:{}", closed_port()),
         ])
         .env("BASETEN_API_KEY", KEY);
     // Bound to 0.0.0.0 only for as long as it takes to see it start.

@@ -151,11 +151,6 @@ async fn next_via_mock(client: &TestClient, relay: &Relay, upstream: &mut MockUp
     "200 served".to_owned()
 }
 
-fn closed_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    listener.local_addr().expect("addr").port()
-}
-
 /// Serves a raw fault: reads the request head on a new upstream connection
 /// and hands the connection to `fault`.
 async fn raw_fault(

@@ -16,45 +16,10 @@ use http::{HeaderMap, Request, Response};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use keyrelay::config::{self, Sources};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::oneshot;
+use tokio::net::TcpStream;
 
 use crate::raw::{self, RawResponse};
 use crate::support::{within, MockUpstream, RelayProcess, TestBody, STEP};
-
-/// keyrelay started from sources the test built itself (e.g. with token
-/// variables added to `env`), on 127.0.0.1:0.
-pub struct CustomRelay {
-    pub addr: SocketAddr,
-    stop: oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<std::io::Result<()>>,
-}
-
-impl CustomRelay {
-    pub async fn start(sources: &Sources) -> Self {
-        let config = config::load(sources).expect("test config is valid");
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind relay");
-        let addr = listener.local_addr().expect("addr");
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(keyrelay::run(config, listener, async {
-            let _ = stopped.await;
-        }));
-        Self { addr, stop, task }
-    }
-
-    pub fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
-    }
-
-    pub async fn stop(self) {
-        let _ = self.stop.send(());
-        within("keyrelay to stop", self.task)
-            .await
-            .expect("join")
-            .expect("run");
-    }
-}
 
 /// Sends `request` raw to `addr` and expects keyrelay to answer it itself:
 /// panics at once if the request reaches `upstream` instead.

@@ -257,7 +257,13 @@ pub struct Relay {
 impl Relay {
     /// Starts keyrelay in front of `upstream` with [`KEY`] and extra settings.
     pub async fn start(upstream: &str, settings: &[(&str, &str)]) -> Self {
-        let config = config::load(&sources(upstream, settings)).expect("test config is valid");
+        Self::from_sources(&sources(upstream, settings)).await
+    }
+
+    /// Starts keyrelay from sources the test built itself (e.g. with more
+    /// variables in `env`).
+    pub async fn from_sources(sources: &Sources) -> Self {
+        let config = config::load(sources).expect("test config is valid");
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind relay");
         let addr = listener.local_addr().expect("addr");
         let (shutdown, stop) = oneshot::channel::<()>();
@@ -285,6 +291,15 @@ impl Relay {
             .expect("join")
             .expect("run");
     }
+}
+
+/// A port on 127.0.0.1 with nothing listening: bound by the OS, then released.
+pub fn closed_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
 }
 
 /// Config sources for tests: [`KEY`] in the swapped environment, flags as
