@@ -5,6 +5,8 @@
 //! after the client process has written token k to its stdout, so a buffering
 //! proxy would stall the test instead of passing it.
 
+#[path = "support/python.rs"]
+mod python;
 mod support;
 
 use std::process::Stdio;
@@ -109,7 +111,7 @@ async fn curl_no_buffer_prints_each_token_as_it_is_produced() {
 #[tokio::test]
 async fn python_requests_iter_content_receives_tokens_one_by_one() {
     lockstep_through(|url| {
-        let mut python = Command::new("python3");
+        let mut python = Command::new(python::interpreter());
         python
             .arg(concat!(
                 env!("CARGO_MANIFEST_DIR"),

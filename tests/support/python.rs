@@ -7,12 +7,17 @@
 //! Python traceback shows up in the test output. Children are killed when
 //! dropped.
 //!
+//! The interpreter is [`interpreter`]: a virtual environment under the
+//! target directory, built from `tests/requirements.txt` on first use, so
+//! `cargo test` needs nothing but python3 on the machine.
+//!
 //! Declared by test files with `#[path = "support/python.rs"] mod python;`
 //! next to `mod support;`.
 #![allow(dead_code)]
 
+use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, Lines};
@@ -35,7 +40,59 @@ const PROXY_VARIABLES: [&str; 8] = [
     "GRPC_PROXY",
 ];
 
-/// A running `python3 tests/clients/<script>`.
+/// Names an interpreter to use instead of building the test environment
+/// (one that already has the packages in `tests/requirements.txt`).
+pub const OVERRIDE: &str = "KEYRELAY_TEST_PYTHON";
+
+/// The Python the tests run their clients and servers with.
+///
+/// Unless [`OVERRIDE`] names one, this is the virtual environment that
+/// `tests/clients/test_venv.py` builds from `tests/requirements.txt` under
+/// Cargo's target directory: once per machine, and again only when the
+/// requirements change. That script locks against the other test binaries;
+/// the `OnceLock` makes the threads of this one ask only once. A failure to
+/// build it fails the test with the script's explanation; nothing is skipped.
+pub fn interpreter() -> &'static Path {
+    static PYTHON: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    match PYTHON.get_or_init(build_environment) {
+        Ok(path) => path,
+        Err(why) => panic!("no Python test environment: {why}"),
+    }
+}
+
+fn build_environment() -> Result<PathBuf, String> {
+    if let Some(python) = std::env::var_os(OVERRIDE).filter(|value| !value.is_empty()) {
+        return Ok(PathBuf::from(python));
+    }
+    let root = env!("CARGO_MANIFEST_DIR");
+    let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("python-venv");
+    // Blocking is fine: this runs once, before the test's first script, and
+    // the test can do nothing useful until it is done.
+    let output = std::process::Command::new("python3")
+        .arg(format!("{root}/tests/clients/test_venv.py"))
+        .arg(&venv)
+        .arg(format!("{root}/tests/requirements.txt"))
+        .stdin(Stdio::null())
+        // Progress and errors go straight to the terminal, past libtest's capture.
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|err| {
+            format!("cannot run python3 ({err}); the integration tests drive Python clients, so install python3")
+        })?;
+    if !output.status.success() {
+        return Err(format!(
+            "tests/clients/test_venv.py exited with {} (its explanation is printed above)",
+            output.status
+        ));
+    }
+    let path = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+    if path.is_empty() {
+        return Err("tests/clients/test_venv.py printed no interpreter path".to_owned());
+    }
+    Ok(PathBuf::from(path))
+}
+
+/// A running `tests/clients/<script>` under [`interpreter`].
 pub struct Script {
     name: String,
     child: Child,
@@ -50,7 +107,7 @@ impl Script {
     /// Starts `tests/clients/<script>` with `args`, stdin and stdout piped.
     pub fn spawn(script: &str, args: &[&str]) -> Self {
         let path = format!("{}/tests/clients/{script}", env!("CARGO_MANIFEST_DIR"));
-        let mut command = Command::new("python3");
+        let mut command = Command::new(interpreter());
         command
             .arg(&path)
             .args(args)
@@ -66,7 +123,7 @@ impl Script {
         }
         let mut child = command
             .spawn()
-            .unwrap_or_else(|err| panic!("spawn python3 {path}: {err}"));
+            .unwrap_or_else(|err| panic!("spawn {} {path}: {err}", interpreter().display()));
         let stdin = child.stdin.take();
         let stdout = BufReader::new(child.stdout.take().expect("piped stdout")).lines();
         let mut pipe = child.stderr.take().expect("piped stderr");
