@@ -2,44 +2,35 @@
 //!
 //! Apps call keyrelay on localhost with no credentials; keyrelay adds the API
 //! key and forwards to the model endpoint, relaying the response as it is
-//! produced. The map of the crate:
+//! produced. The folders are the architecture (`ARCHITECTURE.md` walks
+//! through it):
 //!
-//! - [`config`]: settings, layered defaults < file < env < flags, validated at once;
-//! - [`secret`]: the API key type that cannot be logged by accident;
-//! - [`server`]: accept loop and graceful shutdown;
-//! - [`proxy`]: the forwarding service, the whole data path;
-//! - [`headers`]: hop-by-hop removal and credential replacement;
-//! - [`relay`]: the response body wrapper (frame by frame, idle timeout, abort on failure);
-//! - [`upstream`]: the pooled HTTPS client;
-//! - [`error`]: failures mapped to status codes and JSON bodies;
-//! - [`access`]: one access-log event per request;
-//! - [`demo`] and [`mock_model`]: the built-in demo with a local mock model endpoint.
+//! - [`config`]: what to do. The settings table, layering (defaults < file <
+//!   env < flags), checks that report every problem at once, value parsers,
+//!   the route table's settings, the command line and the Baseten shortcuts.
+//! - [`guard`]: who may. Admission in order: host (DNS rebinding), origin and
+//!   CORS, access tokens, path policy.
+//! - [`proxy`]: the data path. The `tower::Service` whose `forward` runs
+//!   admit -> route -> build upstream request -> send -> relay; the request
+//!   and response bodies (frames in, frames out, nothing collected); header
+//!   hygiene; WebSocket tunnels; the upstream client; the route table;
+//!   request ids; errors grouped by where they came from.
+//! - [`ops`]: what runs around it. Listeners and the accept loop, graceful
+//!   drain, signals, the admin listener (health, readiness, metrics),
+//!   `keyrelay health`, logging, metrics and the per-request record.
+//! - [`secrets`]: the key as a type that cannot be logged, and the watcher that
+//!   re-reads key and token files without a restart.
+//! - [`demo`]: `keyrelay demo` and its local mock model endpoint.
+//!
+//! [`run`] ties them together; `src/main.rs` only parses the command line and
+//! maps failures to exit codes.
 
-pub mod access;
-pub mod admin;
-pub mod baseten;
-pub mod cli;
 pub mod config;
 pub mod demo;
-pub mod error;
 pub mod guard;
-pub mod headers;
-pub mod health;
-pub mod key_file;
-pub mod lifecycle;
-pub mod listener;
-pub mod logging;
-pub mod metrics;
-pub mod mock_model;
+pub mod ops;
 pub mod proxy;
-pub mod relay;
-pub mod request_body;
-pub mod routes;
-pub mod secret;
-pub mod server;
-pub mod signals;
-pub mod tunnel;
-pub mod upstream;
+pub mod secrets;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -59,20 +50,20 @@ pub use config::Config;
 /// to `shutdown_grace`.
 pub async fn run(
     config: Config,
-    listener: impl Into<listener::Listener>,
+    listener: impl Into<ops::listener::Listener>,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
     let listener = listener.into();
-    let metrics = Arc::new(metrics::Metrics::new());
-    let lifecycle = Arc::new(lifecycle::Lifecycle::default());
-    let tunnels = Arc::new(tunnel::Tunnels::default());
+    let metrics = Arc::new(ops::metrics::Metrics::new());
+    let lifecycle = Arc::new(ops::lifecycle::Lifecycle::default());
+    let tunnels = Arc::new(proxy::tunnel::Tunnels::default());
     let proxy = proxy::Proxy::new(&config, &metrics, Arc::clone(&tunnels))?;
 
     // Background tasks: a JoinSet aborts them all when `run` returns.
     let mut background = tokio::task::JoinSet::new();
     for route in proxy.routes() {
         if let Some(path) = route.credential.key_file.clone() {
-            background.spawn(key_file::watch(
+            background.spawn(secrets::secret_file::watch(
                 path,
                 route.credential.template.clone(),
                 Arc::clone(&route.live),
@@ -83,7 +74,7 @@ pub async fn run(
     let tokens = proxy.access_tokens();
     for (index, path) in tokens.files() {
         let tokens = Arc::clone(tokens);
-        background.spawn(key_file::watch_secret(
+        background.spawn(secrets::secret_file::watch_secret(
             path.to_owned(),
             "access token",
             move |read| tokens.update(index, read),
@@ -98,7 +89,7 @@ pub async fn run(
                 )
             })?;
             let bound = admin.local_addr()?;
-            background.spawn(admin::serve(
+            background.spawn(ops::admin::serve(
                 admin,
                 Arc::clone(&metrics),
                 Arc::clone(&lifecycle),
@@ -147,7 +138,7 @@ pub async fn run(
             tokio::time::sleep(delay).await;
         }
     };
-    server::serve(listener, proxy, tunnels, stop_accepting, &config).await
+    ops::server::serve(listener, proxy, tunnels, stop_accepting, &config).await
 }
 
 /// Where the key comes from, for the startup line (a name, never the key).

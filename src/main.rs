@@ -2,10 +2,10 @@
 
 use std::process::ExitCode;
 
-use keyrelay::cli::{self, Action};
+use keyrelay::config::cli::{self, Action};
 use keyrelay::config::{self, Sources};
 use keyrelay::demo::{self, DemoError};
-use keyrelay::{logging, signals};
+use keyrelay::ops::{logging, signals};
 
 /// EX_USAGE from sysexits.h: the configuration or command line is wrong.
 const EXIT_USAGE: u8 = 64;
@@ -41,7 +41,7 @@ fn main() -> ExitCode {
 
     match action {
         Action::Proxy => runtime.block_on(run_proxy(sources)),
-        Action::Health(url) => match runtime.block_on(keyrelay::health::check(&url)) {
+        Action::Health(url) => match runtime.block_on(keyrelay::ops::health::check(&url)) {
             Ok(()) => ExitCode::SUCCESS,
             Err(reason) => {
                 eprintln!("keyrelay health: {reason}");
@@ -71,16 +71,17 @@ async fn run_proxy(sources: Sources) -> ExitCode {
         }
     };
     logging::init(config.log_format);
-    let listener = match keyrelay::listener::bind(&config.listen, config.unix_socket_mode).await {
-        Ok(listener) => listener,
-        Err(err) => {
-            eprintln!(
-                "keyrelay: listen: cannot listen on {}: {err}",
-                config.listen
-            );
-            return ExitCode::from(EXIT_UNAVAILABLE);
-        }
-    };
+    let listener =
+        match keyrelay::ops::listener::bind(&config.listen, config.unix_socket_mode).await {
+            Ok(listener) => listener,
+            Err(err) => {
+                eprintln!(
+                    "keyrelay: listen: cannot listen on {}: {err}",
+                    config.listen
+                );
+                return ExitCode::from(EXIT_UNAVAILABLE);
+            }
+        };
     match keyrelay::run(config, listener, signals::shutdown_requested()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {

@@ -7,7 +7,7 @@ mod support;
 use std::process::Stdio;
 use std::time::Duration;
 
-use keyrelay::mock_model::{tokens, ANSWER, TOKEN_INTERVAL};
+use keyrelay::demo::mock_model::{tokens, ANSWER, TOKEN_INTERVAL};
 use support::*;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;

@@ -24,7 +24,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use guard_util::{wait_for_log, TempDir};
 use http::Request;
-use keyrelay::key_file::POLL_INTERVAL;
+use keyrelay::secrets::secret_file::POLL_INTERVAL;
 use support::*;
 use tokio::time::Instant;
 

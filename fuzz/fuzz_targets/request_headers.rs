@@ -28,13 +28,13 @@ use std::sync::{Arc, OnceLock};
 
 use http::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, HOST, TE, UPGRADE};
 use http::{Method, Request, Uri};
-use keyrelay::baseten::{self, Stage};
+use keyrelay::config::baseten::{self, Stage};
 use keyrelay::config::{self, OverrideValue, RouteConfig, Sources};
 use keyrelay::guard::host::HostPolicy;
 use keyrelay::guard::paths::PathPolicy;
-use keyrelay::headers;
-use keyrelay::metrics::Metrics;
-use keyrelay::routes::RouteTable;
+use keyrelay::proxy::headers;
+use keyrelay::ops::metrics::Metrics;
+use keyrelay::proxy::route_table::RouteTable;
 use libfuzzer_sys::fuzz_target;
 
 /// Names keyrelay handles specially (`@N` in a header line picks one).

@@ -24,8 +24,10 @@ use serde::Deserialize;
 use crate::guard::cors::CorsPolicy;
 use crate::guard::host::HostPolicy;
 use crate::guard::tokens::{check_value, AccessToken, Rate};
-use crate::key_file;
+use crate::secrets::secret_file;
 
+pub mod baseten;
+pub mod cli;
 mod routes;
 pub use routes::RouteConfig;
 
@@ -876,7 +878,7 @@ fn check_access(
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| path.display().to_string());
-        let read = key_file::read_secret(path);
+        let read = secret_file::read_secret(path);
         add("access_token_files", name, read, Some(path.to_owned()));
     }
 

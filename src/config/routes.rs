@@ -24,10 +24,10 @@ use http::HeaderName;
 use serde::Deserialize;
 
 use super::{parse_upstream, Credential, Problems, RawConfig, UpstreamUrl};
-use crate::baseten::{self, Stage, Target};
+use crate::config::baseten::{self, Stage, Target};
 use crate::guard::paths::PathPolicy;
-use crate::key_file;
-use crate::secret::{ApiKey, KEY_PLACEHOLDER};
+use crate::secrets::key::{ApiKey, KEY_PLACEHOLDER};
+use crate::secrets::secret_file;
 
 /// A route as written in the config file.
 #[derive(Debug, Deserialize)]
@@ -421,7 +421,7 @@ fn credential(
     let key_file = spec.key_file.filter(|p| !p.is_empty()).map(PathBuf::from);
     let (key, source_setting, source) = match &key_file {
         Some(path) => (
-            key_file::read(path)
+            secret_file::read(path)
                 .map_err(|problem| found.report(&scope.setting("key_file"), problem))
                 .ok(),
             "key_file",

@@ -21,7 +21,7 @@ use http::request::Parts;
 use http::{HeaderMap, HeaderValue};
 
 use crate::config::AccessSettings;
-use crate::error::ProxyError;
+use crate::proxy::error::ProxyError;
 use cors::{CorsPolicy, OriginVerdict};
 use host::HostPolicy;
 use tokens::{AccessTokens, TokenRejection};

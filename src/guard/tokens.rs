@@ -8,7 +8,7 @@
 //! Logs name the token, never its value. Each token can have a request-rate
 //! limit, a token bucket, so a leaked local token cannot drain the account.
 //! Tokens read from files are re-read like the key file (see
-//! [`crate::key_file`]), so a rotated Secret applies without a restart. Unlike
+//! [`crate::secrets::secret_file`]), so a rotated Secret applies without a restart. Unlike
 //! the key, a token file that becomes unusable (deleted, emptied, invalid)
 //! disables its token: emptying the file is how an operator revokes a leaked
 //! token, so that must not leave the old value working.
@@ -24,7 +24,7 @@ use subtle::ConstantTimeEq;
 use tokio::time::Instant;
 use zeroize::Zeroizing;
 
-use crate::secret::MASK;
+use crate::secrets::key::MASK;
 
 /// The dedicated header a client may put its token in.
 pub const TOKEN_HEADER: &str = "x-keyrelay-token";

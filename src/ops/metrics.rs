@@ -12,7 +12,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 
-use crate::access::Outcome;
+use crate::ops::request_record::Outcome;
 
 /// Latency buckets in seconds, 1 ms to 20 minutes (cold starts and long generations).
 const LATENCY_BUCKETS: [f64; 17] = [

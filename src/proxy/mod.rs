@@ -9,6 +9,14 @@
 //! client's path and query (byte for byte), so an absolute-form request such as
 //! `GET http://elsewhere/ HTTP/1.1` can never make keyrelay contact another host.
 
+pub mod error;
+pub mod headers;
+pub mod request_body;
+pub mod response_body;
+pub mod route_table;
+pub mod tunnel;
+pub mod upstream;
+
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
@@ -24,18 +32,17 @@ use hyper::upgrade::OnUpgrade;
 use tokio::sync::Semaphore;
 use tracing::Instrument;
 
-use crate::access::{Outcome, RequestLog};
 use crate::config::{Config, Timeouts};
-use crate::error::ProxyError;
 use crate::guard::tokens::AccessTokens;
 use crate::guard::{cors, Admission, Guard};
-use crate::headers;
-use crate::metrics::{Metrics, RouteMetrics};
-use crate::relay::RelayBody;
-use crate::request_body::RequestBody;
-use crate::routes::{Route, RouteTable};
-use crate::tunnel::Tunnels;
-use crate::upstream::{build_client, UpstreamClient};
+use crate::ops::metrics::{Metrics, RouteMetrics};
+use crate::ops::request_record::{Outcome, RequestLog};
+use crate::proxy::error::ProxyError;
+use crate::proxy::request_body::RequestBody;
+use crate::proxy::response_body::RelayBody;
+use crate::proxy::route_table::{Route, RouteTable};
+use crate::proxy::tunnel::Tunnels;
+use crate::proxy::upstream::{build_client, UpstreamClient};
 
 /// The route label of requests that match no route.
 const UNMATCHED_ROUTE: &str = "unmatched";

@@ -16,8 +16,8 @@ use http::HeaderValue;
 use tokio::signal::unix::{signal, SignalKind};
 use zeroize::Zeroizing;
 
-use crate::metrics::Metrics;
-use crate::secret::ApiKey;
+use crate::ops::metrics::Metrics;
+use crate::secrets::key::ApiKey;
 
 /// How often the key file is re-read. Reading a small file once a second
 /// catches every kind of replacement (rewrite, rename, symlink swap) simply.

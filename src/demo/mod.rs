@@ -1,10 +1,12 @@
 //! `keyrelay demo`: the whole product on one machine, with no network and no real key.
 //!
-//! It starts the [`crate::mock_model`] endpoint with a freshly
+//! It starts the [`crate::demo::mock_model`] endpoint with a freshly
 //! generated key, starts keyrelay in front of it with that key in its
 //! environment, streams one prediction through keyrelay while printing each
 //! token with its arrival time, and then keeps serving and prints commands a
 //! user can paste to try it with curl, Python `requests` and the SSE endpoint.
+
+pub mod mock_model;
 
 use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
@@ -20,8 +22,8 @@ use hyper_util::rt::TokioExecutor;
 use tokio::net::TcpListener;
 
 use crate::config::{self, ListenAddr, OverrideValue, Sources};
-use crate::secret::ApiKey;
-use crate::{mock_model, signals};
+use crate::ops::signals;
+use crate::secrets::key::ApiKey;
 
 /// Variable the demo puts its generated key in (in keyrelay's swapped environment only).
 const DEMO_KEY_ENV: &str = "DEMO_MODEL_API_KEY";
@@ -61,7 +63,7 @@ pub async fn run(mut sources: Sources) -> Result<(), DemoError> {
         sources.set(setting, OverrideValue::Text(value));
     }
     let config = config::load(&sources).map_err(DemoError::Config)?;
-    crate::logging::init(config.log_format);
+    crate::ops::logging::init(config.log_format);
 
     let listener = bind_or_fallback(&config.listen).await?;
     let proxy_addr = listener.local_addr()?;

@@ -11,7 +11,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::listener::Listener;
+use crate::ops::listener::Listener;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
@@ -19,8 +19,8 @@ use hyper_util::service::TowerToHyperService;
 use tokio::task::JoinSet;
 
 use crate::config::Config;
+use crate::proxy::tunnel::Tunnels;
 use crate::proxy::Proxy;
-use crate::tunnel::Tunnels;
 
 /// HTTP/2 streams a client may reset before keyrelay has accepted them.
 const HTTP2_MAX_PENDING_RESETS: usize = 20;

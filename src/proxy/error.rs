@@ -294,8 +294,8 @@ struct Cause {
 impl Cause {
     fn inspect(&mut self, err: &(dyn StdError + 'static)) {
         self.innermost = err.to_string();
-        self.client_body |= err.is::<crate::request_body::ClientBodyError>();
-        if let Some(too_large) = err.downcast_ref::<crate::request_body::BodyTooLarge>() {
+        self.client_body |= err.is::<crate::proxy::request_body::ClientBodyError>();
+        if let Some(too_large) = err.downcast_ref::<crate::proxy::request_body::BodyTooLarge>() {
             self.body_too_large = Some(too_large.0);
         }
         if let Some(tls) = err.downcast_ref::<rustls::Error>() {

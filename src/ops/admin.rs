@@ -20,8 +20,8 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
-use crate::lifecycle::Lifecycle;
-use crate::metrics::Metrics;
+use crate::ops::lifecycle::Lifecycle;
+use crate::ops::metrics::Metrics;
 
 /// The encoder writes OpenMetrics text (`# EOF`, `# UNIT`), so say so:
 /// Prometheus then keeps counter types instead of guessing.
@@ -35,7 +35,7 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, lifecycle: Arc<
             Err(err) => {
                 // Out of descriptors, say: wait rather than spin.
                 tracing::warn!(error = %err, "admin accept failed");
-                tokio::time::sleep(crate::server::ACCEPT_ERROR_BACKOFF).await;
+                tokio::time::sleep(crate::ops::server::ACCEPT_ERROR_BACKOFF).await;
                 continue;
             }
         };

@@ -27,7 +27,7 @@ use http::Uri;
 use tower::Service;
 
 use crate::config::Config;
-use crate::request_body::RequestBody;
+use crate::proxy::request_body::RequestBody;
 
 /// The client type the proxy forwards with: request bodies pass through frame by frame.
 ///

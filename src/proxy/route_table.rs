@@ -13,12 +13,12 @@ use std::sync::Arc;
 use http::uri::{PathAndQuery, Scheme};
 use http::{HeaderValue, Uri, Version};
 
-use crate::baseten::{self, Stage};
+use crate::config::baseten::{self, Stage};
 use crate::config::{Credential, RouteConfig, UpstreamUrl};
-use crate::error::ProxyError;
 use crate::guard::paths::PathPolicy;
-use crate::key_file::LiveCredential;
-use crate::metrics::{Metrics, RouteMetrics};
+use crate::ops::metrics::{Metrics, RouteMetrics};
+use crate::proxy::error::ProxyError;
+use crate::secrets::secret_file::LiveCredential;
 
 /// One route, ready to serve.
 pub struct Route {

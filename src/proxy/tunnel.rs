@@ -14,7 +14,7 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::sync::{watch, Notify};
 
-use crate::access::{Outcome, RequestLog};
+use crate::ops::request_record::{Outcome, RequestLog};
 
 /// The upgraded connections in flight, so shutdown can wait for them (within
 /// the grace period) and then cut them.

@@ -27,7 +27,7 @@ use hyper_util::server::conn::auto;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
 
-use crate::secret::ApiKey;
+use crate::secrets::key::ApiKey;
 
 /// The mock's answer, streamed a token at a time.
 pub const ANSWER: &str = "The mistral is a strong, cold northwesterly wind that blows from \

@@ -78,7 +78,7 @@ pub fn command() -> Command {
                     Arg::new("url")
                         .long("url")
                         .value_name("URL")
-                        .default_value(crate::health::DEFAULT_URL)
+                        .default_value(crate::ops::health::DEFAULT_URL)
                         .help("The /healthz URL of the admin listener"),
                 ),
         )
@@ -115,7 +115,7 @@ pub fn interpret(matches: &ArgMatches, mut sources: Sources) -> (Action, Sources
         Some(("health", sub)) => Action::Health(
             sub.get_one::<String>("url")
                 .cloned()
-                .unwrap_or_else(|| crate::health::DEFAULT_URL.to_owned()),
+                .unwrap_or_else(|| crate::ops::health::DEFAULT_URL.to_owned()),
         ),
         _ => Action::Proxy,
     };

@@ -21,7 +21,7 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 
-use crate::access::{Outcome, RequestLog};
+use crate::ops::request_record::{Outcome, RequestLog};
 
 pin_project! {
     /// An upstream response body relayed to the client.

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use pin_project_lite::pin_project;
 
-use crate::metrics::RouteMetrics;
+use crate::ops::metrics::RouteMetrics;
 
 pin_project! {
     /// A client's request body on its way upstream.

@@ -13,7 +13,7 @@ use http::{HeaderValue, Method, Uri};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
-use crate::metrics::RouteMetrics;
+use crate::ops::metrics::RouteMetrics;
 
 /// Target of access-log events, for `RUST_LOG=keyrelay::access=info` style filters.
 pub const TARGET: &str = "keyrelay::access";
