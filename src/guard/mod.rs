@@ -10,10 +10,10 @@
 //! The per-route path policy ([`paths`]) is checked once the route is known.
 //! The host check comes first because requests without `Origin` pass CORS.
 
-pub mod cors;
+pub(crate) mod cors;
 pub mod host;
 pub mod paths;
-pub mod tokens;
+pub(crate) mod tokens;
 
 use std::sync::Arc;
 

@@ -3,12 +3,12 @@
 //! readiness and metrics endpoints, logging, and the per-request record that
 //! feeds the access log and the metrics.
 
-pub mod admin;
+pub(crate) mod admin;
 pub mod health;
-pub mod lifecycle;
+pub(crate) mod lifecycle;
 pub mod listener;
 pub mod logging;
 pub mod metrics;
-pub mod request_record;
-pub mod server;
+pub(crate) mod request_record;
+pub(crate) mod server;
 pub mod signals;

@@ -9,13 +9,13 @@
 //! client's path and query (byte for byte), so an absolute-form request such as
 //! `GET http://elsewhere/ HTTP/1.1` can never make keyrelay contact another host.
 
-pub mod error;
+pub(crate) mod error;
 pub mod headers;
-pub mod request_body;
-pub mod response_body;
+pub(crate) mod request_body;
+pub(crate) mod response_body;
 pub mod route_table;
-pub mod tunnel;
-pub mod upstream;
+pub(crate) mod tunnel;
+pub(crate) mod upstream;
 
 use std::convert::Infallible;
 use std::future::Future;

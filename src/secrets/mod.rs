@@ -2,5 +2,5 @@
 //! ([`key`]), and the watcher that keeps key and access-token files current
 //! without a restart ([`secret_file`]).
 
-pub mod key;
+pub(crate) mod key;
 pub mod secret_file;
