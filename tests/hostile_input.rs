@@ -1332,7 +1332,7 @@ async fn framing_conflicts_and_smuggling_never_reach_the_upstream_as_a_second_re
 /// stops before its Content-Length) is answered `502 upstream_protocol` and
 /// counted in `upstream_errors_total`, although the upstream did nothing
 /// wrong. The client's body error comes back inside the upstream client's
-/// error, and `ProxyError::from_upstream` (src/error.rs) maps anything it
+/// error, and `ProxyError::from_send_failure` (src/proxy/error.rs) maps anything it
 /// does not recognise to `UpstreamProtocol`. Expected: a 4xx that names the
 /// request body (as `max_request_body` already gets its own 413).
 #[tokio::test]

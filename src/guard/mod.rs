@@ -21,7 +21,7 @@ use http::request::Parts;
 use http::{HeaderMap, HeaderValue};
 
 use crate::config::AccessSettings;
-use crate::proxy::error::ProxyError;
+use crate::proxy::error::Refusal;
 use cors::{CorsPolicy, OriginVerdict};
 use host::HostPolicy;
 use tokens::{AccessTokens, TokenRejection};
@@ -53,7 +53,7 @@ pub enum Admission {
     /// read why (a 401 or a 429's `Retry-After`).
     Reject {
         /// Why.
-        error: ProxyError,
+        error: Refusal,
         /// The allowed origin to echo back, if the origin check had passed.
         origin: Option<HeaderValue>,
     },
@@ -76,12 +76,12 @@ impl Guard {
     pub fn admit(&self, request: &mut Parts) -> Admission {
         let reject = |error, origin| Admission::Reject { error, origin };
         if !self.hosts.allows(&request.uri, &request.headers) {
-            return reject(ProxyError::HostNotAllowed, None);
+            return reject(Refusal::HostNotAllowed, None);
         }
         let origin = match self.cors.verdict(&request.headers) {
             OriginVerdict::Absent => None,
             OriginVerdict::Allowed(origin) => Some(origin),
-            OriginVerdict::Denied => return reject(ProxyError::OriginNotAllowed, None),
+            OriginVerdict::Denied => return reject(Refusal::OriginNotAllowed, None),
         };
         if let Some(origin) = &origin {
             if cors::is_preflight(&request.method, &request.headers) {
@@ -90,9 +90,9 @@ impl Guard {
         }
         let token = match self.tokens.authenticate(&mut request.headers) {
             Ok(name) => name.map(str::to_owned),
-            Err(TokenRejection::Unauthorized) => return reject(ProxyError::Unauthorized, origin),
+            Err(TokenRejection::Unauthorized) => return reject(Refusal::Unauthorized, origin),
             Err(TokenRejection::RateLimited(wait)) => {
-                return reject(ProxyError::RateLimited(wait), origin)
+                return reject(Refusal::RateLimited(wait), origin)
             }
         };
         Admission::Forward { origin, token }

@@ -1,7 +1,7 @@
 //! The per-request record: one access-log event and the request's metrics,
 //! emitted when the request ends.
 //!
-//! A [`RequestLog`] travels with the request and then with its response body,
+//! A [`RequestRecord`] travels with the request and then with its response body,
 //! collecting timings and byte counts. It emits its event and metrics when
 //! dropped, so a stream that ends in any way (finished, failed, or abandoned
 //! by the client) is counted exactly once. Only the method and path are
@@ -57,7 +57,7 @@ impl Outcome {
 
 /// Everything the access-log event reports about one request.
 #[derive(Debug)]
-pub struct RequestLog {
+pub struct RequestRecord {
     id: u64,
     request_id: Option<HeaderValue>,
     metrics: RouteMetrics,
@@ -74,7 +74,7 @@ pub struct RequestLog {
     outcome: Option<Outcome>,
 }
 
-impl RequestLog {
+impl RequestRecord {
     /// Starts the record when the request arrives.
     pub fn start(id: u64, method: Method, uri: Uri, metrics: RouteMetrics) -> Self {
         metrics.started();
@@ -154,7 +154,7 @@ impl RequestLog {
     }
 }
 
-impl Drop for RequestLog {
+impl Drop for RequestRecord {
     fn drop(&mut self) {
         let outcome = self.outcome.unwrap_or(Outcome::ClientCancelled);
         let duration = self.started.elapsed();

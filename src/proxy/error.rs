@@ -1,4 +1,4 @@
-//! Proxy failures, each mapped to a status code and a short JSON body.
+//! Proxy failures, grouped by source, each mapped to a status code and a short JSON body.
 //!
 //! Clients get `{"error": "...", "type": "...", "source": "keyrelay"}`: the
 //! `error` string matches the shape of Baseten's own error bodies, `type` is
@@ -7,7 +7,6 @@
 //! Nothing here ever includes a credential.
 
 use std::error::Error as StdError;
-use std::fmt;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -15,117 +14,146 @@ use http::header::{CACHE_CONTROL, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
 use http::{HeaderValue, Response, StatusCode};
 use http_body_util::Full;
 
-/// Why keyrelay could not relay a request.
-#[derive(Debug, Clone, PartialEq, Eq)]
+use crate::ops::request_record::Outcome;
+
+/// Why keyrelay could not relay a request, grouped by where the failure came
+/// from: the status class, the metric, the outcome and "is it upstream's
+/// fault" follow from the group, so a new variant cannot be forgotten in one
+/// of them.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ProxyError {
-    /// The client used CONNECT; keyrelay only forwards to its one upstream.
-    ConnectNotSupported,
-    /// The request target is not a path (e.g. `OPTIONS *`).
-    BadRequestTarget,
-    /// The client's request body was malformed or cut short.
-    BadRequestBody,
-    /// The request uses a transfer coding other than chunked (e.g. gzip).
-    UnsupportedTransferCoding,
+    /// keyrelay's own policy said no: admission, limits, routing (4xx, 503).
+    #[error(transparent)]
+    Refused(#[from] Refusal),
+    /// The client's request cannot be forwarded as sent (4xx, 501).
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    /// The upstream, or the way to it, failed (502, 504).
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+}
+
+/// Requests keyrelay turns away by policy.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
     /// The `Host` is not a loopback or configured name (DNS rebinding defence).
+    #[error(
+        "the Host header is not a loopback name or one in allowed_hosts \
+         (keyrelay refuses other names to defeat DNS rebinding)"
+    )]
     HostNotAllowed,
     /// The request carries an `Origin` that is not allowed.
+    #[error("requests from this Origin are not allowed; add it to allowed_origins")]
     OriginNotAllowed,
     /// Access tokens are required and none (or a wrong one) was presented.
+    #[error(
+        "a local access token is required: send it as `Authorization: Bearer <token>` \
+         or in the X-Keyrelay-Token header"
+    )]
     Unauthorized,
     /// The access token's request rate is used up; retry after this long.
+    #[error("this access token's request rate is used up; retry in {}s", retry_after_secs(*.0))]
     RateLimited(Duration),
     /// The path policy does not allow this method and path.
+    #[error("this method and path are not in keyrelay's allowed_paths")]
     PathNotAllowed,
     /// No route's prefix matches the path; these are the configured prefixes.
+    #[error("no route matches this path; configured prefixes: {}", .0.join(", "))]
     NoRoute(Vec<String>),
     /// `max_concurrent_requests` are already in flight.
+    #[error("keyrelay is at max_concurrent_requests; retry shortly")]
     Overloaded,
     /// The request body is larger than `max_request_body` (the limit in bytes).
+    #[error("request body larger than max_request_body ({0} bytes)")]
     PayloadTooLarge(u64),
+}
+
+/// Requests that cannot be forwarded as the client sent them.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClientError {
+    /// The client used CONNECT; keyrelay only forwards to its one upstream.
+    #[error("CONNECT is not supported: keyrelay forwards only to its configured upstream")]
+    ConnectNotSupported,
+    /// The request target is not a path (e.g. `OPTIONS *`).
+    #[error("the request target must be a path such as /v1/chat/completions")]
+    BadRequestTarget,
+    /// The client's request body was malformed or cut short.
+    #[error(
+        "the request body is malformed or ended early (bad chunk framing, or the \
+         connection closed before the announced length)"
+    )]
+    BadRequestBody,
+    /// The request uses a transfer coding other than chunked (e.g. gzip).
+    #[error(
+        "only the chunked transfer coding is supported; keyrelay would otherwise \
+         forward coded bytes the upstream could not tell were coded"
+    )]
+    UnsupportedTransferCoding,
+}
+
+/// Failures of the upstream or of the way to it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UpstreamError {
     /// The upstream's host name did not resolve.
-    UpstreamDns,
+    #[error("upstream host name did not resolve (DNS failure)")]
+    Dns,
     /// The upstream refused the TCP connection.
-    UpstreamRefused,
+    #[error("upstream refused the connection")]
+    Refused,
     /// DNS + TCP + TLS did not complete within `connect_timeout`.
-    UpstreamConnectTimeout(Duration),
+    #[error("connecting to the upstream took longer than connect_timeout ({0:?})")]
+    ConnectTimeout(Duration),
     /// The TLS handshake failed; the text says why (untrusted, wrong name, ...).
-    UpstreamTls(String),
+    #[error("TLS handshake with the upstream failed: {0}")]
+    Tls(String),
     /// Any other failure to connect.
-    UpstreamConnect(String),
+    #[error("could not connect to the upstream: {0}")]
+    Connect(String),
     /// The upstream closed the connection before sending response headers.
-    UpstreamClosed,
+    #[error("upstream closed the connection before sending a response")]
+    Closed,
     /// The upstream answered with something that is not valid HTTP.
-    UpstreamProtocol(String),
+    #[error("upstream sent an invalid response: {0}")]
+    Protocol(String),
     /// No response headers within `response_header_timeout`.
-    ResponseHeaderTimeout(Duration),
+    #[error("upstream sent no response headers within response_header_timeout ({0:?})")]
+    HeaderTimeout(Duration),
 }
 
 impl ProxyError {
     /// The status code the client receives.
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::ConnectNotSupported => StatusCode::METHOD_NOT_ALLOWED,
-            Self::BadRequestTarget | Self::BadRequestBody => StatusCode::BAD_REQUEST,
-            Self::UnsupportedTransferCoding => StatusCode::NOT_IMPLEMENTED,
-            Self::HostNotAllowed | Self::OriginNotAllowed | Self::PathNotAllowed => {
-                StatusCode::FORBIDDEN
-            }
-            Self::Unauthorized => StatusCode::UNAUTHORIZED,
-            Self::NoRoute(_) => StatusCode::NOT_FOUND,
-            Self::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
-            Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
-            Self::UpstreamConnectTimeout(_) | Self::ResponseHeaderTimeout(_) => {
-                StatusCode::GATEWAY_TIMEOUT
-            }
-            Self::UpstreamDns
-            | Self::UpstreamRefused
-            | Self::UpstreamTls(_)
-            | Self::UpstreamConnect(_)
-            | Self::UpstreamClosed
-            | Self::UpstreamProtocol(_) => StatusCode::BAD_GATEWAY,
+            Self::Refused(refusal) => refusal.status(),
+            Self::Client(error) => error.status(),
+            Self::Upstream(error) => error.status(),
         }
     }
 
-    /// True when the upstream (or the way to it) failed, as opposed to
-    /// keyrelay refusing the request itself.
-    pub fn is_upstream(&self) -> bool {
-        matches!(
-            self,
-            Self::UpstreamDns
-                | Self::UpstreamRefused
-                | Self::UpstreamConnectTimeout(_)
-                | Self::UpstreamTls(_)
-                | Self::UpstreamConnect(_)
-                | Self::UpstreamClosed
-                | Self::UpstreamProtocol(_)
-                | Self::ResponseHeaderTimeout(_)
-        )
+    /// The upstream's failure, when it was the upstream (or the way to it)
+    /// that failed, as opposed to keyrelay refusing the request.
+    pub fn upstream(&self) -> Option<&UpstreamError> {
+        match self {
+            Self::Upstream(error) => Some(error),
+            Self::Refused(_) | Self::Client(_) => None,
+        }
     }
 
-    /// A stable machine-readable name, also used in logs.
+    /// How the request ended, for the per-request record.
+    pub fn outcome(&self) -> Outcome {
+        match self {
+            Self::Upstream(error) if error.is_timeout() => Outcome::Timeout,
+            Self::Upstream(_) => Outcome::UpstreamError,
+            Self::Refused(_) | Self::Client(_) => Outcome::Rejected,
+        }
+    }
+
+    /// A stable machine-readable name, also used in logs and metric labels.
     pub fn kind(&self) -> &'static str {
         match self {
-            Self::ConnectNotSupported => "connect_not_supported",
-            Self::BadRequestTarget => "bad_request_target",
-            Self::BadRequestBody => "bad_request_body",
-            Self::UnsupportedTransferCoding => "unsupported_transfer_coding",
-            Self::HostNotAllowed => "host_not_allowed",
-            Self::OriginNotAllowed => "origin_not_allowed",
-            Self::Unauthorized => "unauthorized",
-            Self::RateLimited(_) => "rate_limited",
-            Self::PathNotAllowed => "path_not_allowed",
-            Self::NoRoute(_) => "no_route",
-            Self::Overloaded => "overloaded",
-            Self::PayloadTooLarge(_) => "payload_too_large",
-            Self::UpstreamDns => "upstream_dns",
-            Self::UpstreamRefused => "upstream_refused",
-            Self::UpstreamConnectTimeout(_) => "upstream_connect_timeout",
-            Self::UpstreamTls(_) => "upstream_tls",
-            Self::UpstreamConnect(_) => "upstream_connect",
-            Self::UpstreamClosed => "upstream_closed",
-            Self::UpstreamProtocol(_) => "upstream_protocol",
-            Self::ResponseHeaderTimeout(_) => "upstream_header_timeout",
+            Self::Refused(refusal) => refusal.kind(),
+            Self::Client(error) => error.kind(),
+            Self::Upstream(error) => error.kind(),
         }
     }
 
@@ -140,7 +168,7 @@ impl ProxyError {
         if let Some(upstream) = upstream {
             body["upstream"] = upstream.into();
         }
-        if let Self::NoRoute(prefixes) = self {
+        if let Self::Refused(Refusal::NoRoute(prefixes)) = self {
             body["routes"] = prefixes.clone().into();
         }
         let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
@@ -149,13 +177,13 @@ impl ProxyError {
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
         match self {
-            Self::RateLimited(wait) => {
+            Self::Refused(Refusal::RateLimited(wait)) => {
                 headers.insert(RETRY_AFTER, HeaderValue::from(retry_after_secs(*wait)));
             }
-            Self::Unauthorized => {
+            Self::Refused(Refusal::Unauthorized) => {
                 headers.insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             }
-            Self::Overloaded => {
+            Self::Refused(Refusal::Overloaded) => {
                 headers.insert(RETRY_AFTER, HeaderValue::from_static("1"));
             }
             _ => {}
@@ -163,8 +191,12 @@ impl ProxyError {
         response
     }
 
-    /// Maps a failed upstream request to the most specific cause in its error chain.
-    pub fn from_upstream(
+    /// Maps a request that failed on its way upstream to the most specific
+    /// cause in its error chain. That is usually the upstream, but the chain
+    /// also carries failures of the client's own body as the upstream client
+    /// streamed it (malformed, or over `max_request_body`), and those are the
+    /// client's.
+    pub fn from_send_failure(
         err: &hyper_util::client::legacy::Error,
         connect_timeout: Duration,
     ) -> Self {
@@ -183,100 +215,102 @@ impl ProxyError {
         }
 
         if let Some(limit) = cause.body_too_large {
-            Self::PayloadTooLarge(limit)
+            Refusal::PayloadTooLarge(limit).into()
         } else if cause.client_body {
-            Self::BadRequestBody
+            ClientError::BadRequestBody.into()
         } else if let Some(tls) = cause.tls {
-            Self::UpstreamTls(describe_tls(&tls))
+            UpstreamError::Tls(describe_tls(&tls)).into()
         } else if cause.dns {
-            Self::UpstreamDns
+            UpstreamError::Dns.into()
         } else if cause.refused {
-            Self::UpstreamRefused
+            UpstreamError::Refused.into()
         } else if cause.timed_out && err.is_connect() {
-            Self::UpstreamConnectTimeout(connect_timeout)
+            UpstreamError::ConnectTimeout(connect_timeout).into()
         } else if err.is_connect() {
-            Self::UpstreamConnect(cause.innermost)
+            UpstreamError::Connect(cause.innermost).into()
         } else if cause.closed {
-            Self::UpstreamClosed
+            UpstreamError::Closed.into()
         } else {
-            Self::UpstreamProtocol(cause.innermost)
+            UpstreamError::Protocol(cause.innermost).into()
         }
     }
 }
 
-impl fmt::Display for ProxyError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+impl Refusal {
+    fn status(&self) -> StatusCode {
         match self {
-            Self::ConnectNotSupported => f.write_str(
-                "CONNECT is not supported: keyrelay forwards only to its configured upstream",
-            ),
-            Self::UnsupportedTransferCoding => f.write_str(
-                "only the chunked transfer coding is supported; keyrelay would otherwise \
-                 forward coded bytes the upstream could not tell were coded",
-            ),
-            Self::BadRequestBody => f.write_str(
-                "the request body is malformed or ended early (bad chunk framing, or the \
-                 connection closed before the announced length)",
-            ),
-            Self::BadRequestTarget => {
-                f.write_str("the request target must be a path such as /v1/chat/completions")
+            Self::HostNotAllowed | Self::OriginNotAllowed | Self::PathNotAllowed => {
+                StatusCode::FORBIDDEN
             }
-            Self::HostNotAllowed => f.write_str(
-                "the Host header is not a loopback name or one in allowed_hosts \
-                 (keyrelay refuses other names to defeat DNS rebinding)",
-            ),
-            Self::OriginNotAllowed => {
-                f.write_str("requests from this Origin are not allowed; add it to allowed_origins")
-            }
-            Self::Unauthorized => f.write_str(
-                "a local access token is required: send it as `Authorization: Bearer <token>` \
-                 or in the X-Keyrelay-Token header",
-            ),
-            Self::RateLimited(wait) => write!(
-                f,
-                "this access token's request rate is used up; retry in {}s",
-                retry_after_secs(*wait)
-            ),
-            Self::NoRoute(prefixes) => write!(
-                f,
-                "no route matches this path; configured prefixes: {}",
-                prefixes.join(", ")
-            ),
-            Self::PathNotAllowed => {
-                f.write_str("this method and path are not in keyrelay's allowed_paths")
-            }
-            Self::Overloaded => {
-                f.write_str("keyrelay is at max_concurrent_requests; retry shortly")
-            }
-            Self::PayloadTooLarge(limit) => {
-                write!(
-                    f,
-                    "request body larger than max_request_body ({limit} bytes)"
-                )
-            }
-            Self::UpstreamDns => f.write_str("upstream host name did not resolve (DNS failure)"),
-            Self::UpstreamRefused => f.write_str("upstream refused the connection"),
-            Self::UpstreamConnectTimeout(limit) => {
-                write!(
-                    f,
-                    "connecting to the upstream took longer than connect_timeout ({limit:?})"
-                )
-            }
-            Self::UpstreamTls(why) => write!(f, "TLS handshake with the upstream failed: {why}"),
-            Self::UpstreamConnect(why) => write!(f, "could not connect to the upstream: {why}"),
-            Self::UpstreamClosed => {
-                f.write_str("upstream closed the connection before sending a response")
-            }
-            Self::UpstreamProtocol(why) => write!(f, "upstream sent an invalid response: {why}"),
-            Self::ResponseHeaderTimeout(limit) => write!(
-                f,
-                "upstream sent no response headers within response_header_timeout ({limit:?})"
-            ),
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
+            Self::NoRoute(_) => StatusCode::NOT_FOUND,
+            Self::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+            Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        match self {
+            Self::HostNotAllowed => "host_not_allowed",
+            Self::OriginNotAllowed => "origin_not_allowed",
+            Self::Unauthorized => "unauthorized",
+            Self::RateLimited(_) => "rate_limited",
+            Self::PathNotAllowed => "path_not_allowed",
+            Self::NoRoute(_) => "no_route",
+            Self::Overloaded => "overloaded",
+            Self::PayloadTooLarge(_) => "payload_too_large",
         }
     }
 }
 
-impl StdError for ProxyError {}
+impl ClientError {
+    fn status(&self) -> StatusCode {
+        match self {
+            Self::ConnectNotSupported => StatusCode::METHOD_NOT_ALLOWED,
+            Self::BadRequestTarget | Self::BadRequestBody => StatusCode::BAD_REQUEST,
+            Self::UnsupportedTransferCoding => StatusCode::NOT_IMPLEMENTED,
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        match self {
+            Self::ConnectNotSupported => "connect_not_supported",
+            Self::BadRequestTarget => "bad_request_target",
+            Self::BadRequestBody => "bad_request_body",
+            Self::UnsupportedTransferCoding => "unsupported_transfer_coding",
+        }
+    }
+}
+
+impl UpstreamError {
+    /// Timeouts answer 504 and count as the `timeout` outcome.
+    fn is_timeout(&self) -> bool {
+        matches!(self, Self::ConnectTimeout(_) | Self::HeaderTimeout(_))
+    }
+
+    fn status(&self) -> StatusCode {
+        if self.is_timeout() {
+            StatusCode::GATEWAY_TIMEOUT
+        } else {
+            StatusCode::BAD_GATEWAY
+        }
+    }
+
+    /// The metric label and the JSON `type`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Dns => "upstream_dns",
+            Self::Refused => "upstream_refused",
+            Self::ConnectTimeout(_) => "upstream_connect_timeout",
+            Self::Tls(_) => "upstream_tls",
+            Self::Connect(_) => "upstream_connect",
+            Self::Closed => "upstream_closed",
+            Self::Protocol(_) => "upstream_protocol",
+            Self::HeaderTimeout(_) => "upstream_header_timeout",
+        }
+    }
+}
 
 /// What the error chain of a failed upstream request revealed.
 #[derive(Default)]
@@ -355,18 +389,37 @@ mod tests {
 
     #[test]
     fn statuses_follow_gateway_conventions() {
+        let refused = ProxyError::from(UpstreamError::Refused);
+        assert_eq!(refused.status(), StatusCode::BAD_GATEWAY);
+        assert_eq!(refused.outcome(), Outcome::UpstreamError);
+        let slow = ProxyError::from(UpstreamError::HeaderTimeout(Duration::from_secs(1)));
+        assert_eq!(slow.status(), StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(slow.outcome(), Outcome::Timeout);
+        let connect = ProxyError::from(ClientError::ConnectNotSupported);
+        assert_eq!(connect.status(), StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(connect.outcome(), Outcome::Rejected);
+        assert!(connect.upstream().is_none());
+    }
+
+    #[test]
+    fn messages_and_kinds_stay_as_clients_see_them() {
+        let wait = ProxyError::from(Refusal::RateLimited(Duration::from_millis(1_500)));
         assert_eq!(
-            ProxyError::UpstreamRefused.status(),
-            StatusCode::BAD_GATEWAY
+            wait.to_string(),
+            "this access token's request rate is used up; retry in 2s"
         );
+        assert_eq!(wait.kind(), "rate_limited");
+        let no_route = ProxyError::from(Refusal::NoRoute(vec!["/a".into(), "/b".into()]));
         assert_eq!(
-            ProxyError::ResponseHeaderTimeout(Duration::from_secs(1)).status(),
-            StatusCode::GATEWAY_TIMEOUT
+            no_route.to_string(),
+            "no route matches this path; configured prefixes: /a, /b"
         );
+        let tls = ProxyError::from(UpstreamError::Tls("wrong name".into()));
         assert_eq!(
-            ProxyError::ConnectNotSupported.status(),
-            StatusCode::METHOD_NOT_ALLOWED
+            tls.to_string(),
+            "TLS handshake with the upstream failed: wrong name"
         );
+        assert_eq!(tls.kind(), "upstream_tls");
     }
 
     #[test]

@@ -12,6 +12,7 @@
 pub(crate) mod error;
 pub mod headers;
 pub(crate) mod request_body;
+pub(crate) mod request_id;
 pub(crate) mod response_body;
 pub mod route_table;
 pub(crate) mod tunnel;
@@ -20,12 +21,11 @@ pub(crate) mod upstream;
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version};
+use http::{HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
@@ -36,97 +36,17 @@ use crate::config::{Config, Timeouts};
 use crate::guard::tokens::AccessTokens;
 use crate::guard::{cors, Admission, Guard};
 use crate::ops::metrics::{Metrics, RouteMetrics};
-use crate::ops::request_record::{Outcome, RequestLog};
-use crate::proxy::error::ProxyError;
+use crate::ops::request_record::{Outcome, RequestRecord};
 use crate::proxy::request_body::RequestBody;
 use crate::proxy::response_body::RelayBody;
 use crate::proxy::route_table::{Route, RouteTable};
 use crate::proxy::tunnel::Tunnels;
 use crate::proxy::upstream::{build_client, UpstreamClient};
+use error::{ClientError, ProxyError, Refusal, UpstreamError};
+use request_id::{server_timing, RequestIds, BASETEN_REQUEST_ID, SERVER_TIMING, X_REQUEST_ID};
 
 /// The route label of requests that match no route.
 const UNMATCHED_ROUTE: &str = "unmatched";
-
-/// Baseten's id for a prediction, preferred in logs when the upstream sends it.
-const BASETEN_REQUEST_ID: HeaderName = HeaderName::from_static("x-baseten-request-id");
-
-/// The request id keyrelay sends upstream and back when Baseten's is absent.
-const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-
-/// Tells developers (browser devtools, curl -v) how long keyrelay itself took.
-const SERVER_TIMING: HeaderName = HeaderName::from_static("server-timing");
-
-fn server_timing(overhead: std::time::Duration) -> HeaderValue {
-    let micros = overhead.as_micros().min(u128::from(u64::MAX)) as u64;
-    let fraction = micros % 1000;
-    let mut value = ShortValue::default();
-    value
-        .text("keyrelay;desc=\"proxy overhead\";dur=")
-        .decimal(micros / 1000)
-        .text(".")
-        .decimal_padded(fraction, 3);
-    value.finish()
-}
-
-/// Writes a short header value (a request id, a timing) on the stack, so it
-/// costs one allocation and no `fmt` machinery: both run on every request,
-/// and `format!` showed up in the profiles.
-struct ShortValue {
-    bytes: [u8; 64],
-    len: usize,
-}
-
-impl Default for ShortValue {
-    fn default() -> Self {
-        Self {
-            bytes: [0; 64],
-            len: 0,
-        }
-    }
-}
-
-impl ShortValue {
-    fn text(&mut self, text: &str) -> &mut Self {
-        for &byte in text.as_bytes() {
-            self.push(byte);
-        }
-        self
-    }
-
-    fn decimal(&mut self, number: u64) -> &mut Self {
-        let digits = number.checked_ilog10().unwrap_or(0) + 1;
-        self.decimal_padded(number, digits)
-    }
-
-    /// `number` in exactly `digits` digits, zero-padded on the left.
-    fn decimal_padded(&mut self, number: u64, digits: u32) -> &mut Self {
-        for place in (0..digits).rev() {
-            let digit = (number / 10u64.pow(place)) % 10;
-            self.push(b'0' + digit as u8);
-        }
-        self
-    }
-
-    /// Values here are far shorter than the buffer; a longer one is cut.
-    fn push(&mut self, byte: u8) {
-        if let Some(slot) = self.bytes.get_mut(self.len) {
-            *slot = byte;
-            self.len += 1;
-        }
-    }
-
-    fn finish(&self) -> HeaderValue {
-        HeaderValue::from_bytes(&self.bytes[..self.len])
-            .unwrap_or_else(|_| HeaderValue::from_static("keyrelay"))
-    }
-}
-
-/// A random prefix so request ids from different processes do not collide.
-fn request_id_prefix() -> String {
-    use std::hash::BuildHasher;
-    let random = std::collections::hash_map::RandomState::new().hash_one(std::process::id());
-    format!("{:08x}", random as u32)
-}
 
 /// What the proxy answers with: a relayed upstream body, or keyrelay's own JSON error.
 pub type ResponseBody = Either<RelayBody, Full<Bytes>>;
@@ -146,12 +66,37 @@ struct Shared {
     unmatched: RouteMetrics,
     concurrency: Option<Arc<Semaphore>>,
     max_request_body: Option<u64>,
-    /// Random per-process prefix of generated request ids.
-    id_prefix: String,
+    ids: RequestIds,
     guard: Guard,
     tunnels: Arc<Tunnels>,
     timeouts: Timeouts,
-    next_request_id: AtomicU64,
+}
+
+/// What is known of a request when it fails, for the error answer: the
+/// allowed origin (so a page can read why) and the route (whose upstream the
+/// body names). Each phase fills in what it learns.
+#[derive(Default)]
+struct FailureContext<'a> {
+    origin: Option<HeaderValue>,
+    route: Option<&'a Route>,
+}
+
+/// How a request that passed every phase is answered.
+enum Answer {
+    /// A CORS preflight, answered by keyrelay itself.
+    Preflight(http::HeaderMap),
+    /// The upstream's response, to relay.
+    Relay(Sent),
+}
+
+/// A request the upstream has answered.
+struct Sent {
+    response: Response<Incoming>,
+    request_id: HeaderValue,
+    /// keyrelay's own time before the request left, for `Server-Timing`.
+    overhead: std::time::Duration,
+    /// The client's side of a WebSocket upgrade, if it asked for one.
+    client_upgrade: Option<OnUpgrade>,
 }
 
 impl Proxy {
@@ -176,11 +121,10 @@ impl Proxy {
                     .max_concurrent_requests
                     .map(|n| Arc::new(Semaphore::new(n))),
                 max_request_body: config.limits.max_request_body,
-                id_prefix: request_id_prefix(),
+                ids: RequestIds::new(),
                 guard: Guard::new(&config.access),
                 tunnels,
                 timeouts: config.timeouts,
-                next_request_id: AtomicU64::new(1),
             }),
         })
     }
@@ -195,73 +139,71 @@ impl Proxy {
         &self.shared.guard.tokens
     }
 
+    /// One request, start to end: the phases run in [`Shared::admit_and_send`],
+    /// and every failure leaves through [`Shared::fail`].
     async fn forward(self, request: Request<Incoming>) -> Response<ResponseBody> {
-        let shared = &self.shared;
-        let id = shared.next_request_id.fetch_add(1, Ordering::Relaxed);
-        let route = shared.routes.find(request.uri().path());
-        let metrics = route.map_or(&shared.unmatched, |route| &route.metrics);
-        let mut log = RequestLog::start(
-            id,
-            request.method().clone(),
-            request.uri().clone(),
+        let shared = &*self.shared;
+        let number = shared.ids.next();
+        let (parts, body) = request.into_parts();
+        let matched = shared.routes.find(parts.uri.path());
+        let metrics = matched.map_or(&shared.unmatched, |route| &route.metrics);
+        let mut record = RequestRecord::start(
+            number,
+            parts.method.clone(),
+            parts.uri.clone(),
             metrics.clone(),
         );
-        let (mut parts, body) = request.into_parts();
+        let mut context = FailureContext::default();
 
-        let origin = match shared.guard.admit(&mut parts) {
+        let answer = shared
+            .admit_and_send(parts, body, matched, &mut record, &mut context)
+            .instrument(tracing::debug_span!("request", request_id = number))
+            .await;
+        let mut response = match answer {
+            Ok(Answer::Preflight(headers)) => return preflight(headers, record),
+            Ok(Answer::Relay(sent)) => shared.relay(sent, record),
+            Err(error) => return shared.fail(&error, record, &context),
+        };
+        // Allowed browser origins may read keyrelay's answers.
+        if let Some(origin) = &context.origin {
+            cors::add_origin_headers(response.headers_mut(), origin);
+        }
+        response
+    }
+}
+
+impl Shared {
+    /// The phases up to the upstream's response headers: admit, route, build
+    /// the upstream request, send.
+    async fn admit_and_send<'a>(
+        &self,
+        mut parts: http::request::Parts,
+        body: Incoming,
+        matched: Option<&'a Route>,
+        record: &mut RequestRecord,
+        context: &mut FailureContext<'a>,
+    ) -> Result<Answer, ProxyError> {
+        // 1. Admit: host, origin, preflight, access token (guard/).
+        match self.guard.admit(&mut parts) {
             Admission::Forward { origin, token } => {
-                log.set_token(token);
-                origin
+                context.origin = origin;
+                record.set_token(token);
             }
-            Admission::Preflight(headers) => {
-                log.set_status(StatusCode::NO_CONTENT.as_u16());
-                log.finish(Outcome::Ok);
-                let mut response = Response::new(Either::Right(Full::new(Bytes::new())));
-                *response.status_mut() = StatusCode::NO_CONTENT;
-                *response.headers_mut() = headers;
-                return response;
-            }
+            Admission::Preflight(headers) => return Ok(Answer::Preflight(headers)),
             Admission::Reject { error, origin } => {
-                return shared.fail(&error, &mut log, None, origin.as_ref());
+                context.origin = origin;
+                return Err(error.into());
             }
-        };
-        let Some(route) = route else {
-            let error = ProxyError::NoRoute(shared.routes.prefixes());
-            return shared.fail(&error, &mut log, None, origin.as_ref());
-        };
-        if headers::has_unsupported_transfer_coding(&parts.headers) {
-            let error = ProxyError::UnsupportedTransferCoding;
-            return shared.fail(&error, &mut log, Some(route), origin.as_ref());
-        }
-        if !route.paths.allows(&parts.method, parts.uri.path()) {
-            return shared.fail(
-                &ProxyError::PathNotAllowed,
-                &mut log,
-                Some(route),
-                origin.as_ref(),
-            );
         }
 
-        if let Some(semaphore) = &shared.concurrency {
-            match Arc::clone(semaphore).try_acquire_owned() {
-                Ok(permit) => log.hold(permit),
-                Err(_) => {
-                    let error = ProxyError::Overloaded;
-                    return shared.fail(&error, &mut log, Some(route), origin.as_ref());
-                }
-            }
-        }
-        if let Some(limit) = shared.max_request_body {
-            // hyper has parsed (and checked) Content-Length already.
-            let declared = hyper::body::Body::size_hint(&body).exact();
-            if declared.is_some_and(|length| length > limit) {
-                let error = ProxyError::PayloadTooLarge(limit);
-                return shared.fail(&error, &mut log, Some(route), origin.as_ref());
-            }
-        }
-        let request_id = shared.request_id(&mut parts.headers, id);
-        log.set_request_id(request_id.clone());
+        // 2. Route, and the route's limits.
+        let route = matched.ok_or_else(|| Refusal::NoRoute(self.routes.prefixes()))?;
+        context.route = Some(route);
+        self.check_limits(route, &parts, &body, record)?;
 
+        // 3. Build the upstream request.
+        let request_id = self.ids.assign(&mut parts.headers, record.id());
+        record.set_request_id(request_id.clone());
         // An upgrade (WebSocket) is forwarded deliberately, only over HTTP/1.1
         // on both sides, where the protocol switch exists.
         let upgrade = headers::requested_upgrade(&parts.headers)
@@ -269,51 +211,137 @@ impl Proxy {
         let client_upgrade = upgrade
             .as_ref()
             .and_then(|_| parts.extensions.remove::<OnUpgrade>());
+        let body = RequestBody::new(body, self.max_request_body, route.metrics.clone());
+        let upstream_request = upstream_request(route, parts, body, upgrade)?;
 
-        let span = tracing::debug_span!("request", request_id = id);
-        let result = async {
-            let body = RequestBody::new(body, shared.max_request_body, route.metrics.clone());
-            let upstream_request = upstream_request(route, parts, body, upgrade)?;
-            // The path only: queries can carry secrets of their own.
-            tracing::debug!(path = upstream_request.uri().path(), "forwarding");
-            let overhead = log.elapsed();
-            log.metrics().overhead(overhead.as_secs_f64());
-            shared
-                .send(route, upstream_request)
-                .await
-                .map(|r| (r, overhead))
+        // 4. Send.
+        // The path only: queries can carry secrets of their own.
+        tracing::debug!(path = upstream_request.uri().path(), "forwarding");
+        let overhead = record.elapsed();
+        record.metrics().overhead(overhead.as_secs_f64());
+        let response = self.send(route, upstream_request).await?;
+        Ok(Answer::Relay(Sent {
+            response,
+            request_id,
+            overhead,
+            client_upgrade,
+        }))
+    }
+
+    /// The route's own refusals and the process-wide limits, before any
+    /// upstream work: transfer coding, path policy, concurrency, body size.
+    fn check_limits(
+        &self,
+        route: &Route,
+        parts: &http::request::Parts,
+        body: &Incoming,
+        record: &mut RequestRecord,
+    ) -> Result<(), ProxyError> {
+        if headers::has_unsupported_transfer_coding(&parts.headers) {
+            return Err(ClientError::UnsupportedTransferCoding.into());
         }
-        .instrument(span)
-        .await;
+        if !route.paths.allows(&parts.method, parts.uri.path()) {
+            return Err(Refusal::PathNotAllowed.into());
+        }
+        if let Some(semaphore) = &self.concurrency {
+            let permit = Arc::clone(semaphore)
+                .try_acquire_owned()
+                .map_err(|_| Refusal::Overloaded)?;
+            record.hold(permit);
+        }
+        if let Some(limit) = self.max_request_body {
+            // hyper has parsed (and checked) Content-Length already.
+            let declared = hyper::body::Body::size_hint(body).exact();
+            if declared.is_some_and(|length| length > limit) {
+                return Err(Refusal::PayloadTooLarge(limit).into());
+            }
+        }
+        Ok(())
+    }
 
-        let mut response = match result {
-            Ok((mut response, overhead)) => match client_upgrade {
-                Some(client) if response.status() == StatusCode::SWITCHING_PROTOCOLS => {
-                    switch_protocols(&shared.tunnels, client, &mut response, log)
-                }
-                _ => {
-                    let (mut parts, body) = response.into_parts();
-                    headers::prepare_response(&mut parts.headers);
-                    match parts.headers.get(BASETEN_REQUEST_ID) {
-                        Some(upstream_id) => log.set_request_id(upstream_id.clone()),
-                        None => {
-                            parts.headers.entry(X_REQUEST_ID).or_insert(request_id);
-                        }
-                    }
-                    parts.headers.append(SERVER_TIMING, server_timing(overhead));
-                    log.set_status(parts.status.as_u16());
-                    let body = RelayBody::new(body, shared.timeouts.idle, log);
-                    Response::from_parts(parts, Either::Left(body))
-                }
-            },
-            Err(err) => return shared.fail(&err, &mut log, Some(route), origin.as_ref()),
+    /// Sends upstream over the route's client, applying the response-header
+    /// timeout when one is set.
+    async fn send(
+        &self,
+        route: &Route,
+        request: Request<RequestBody>,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let client = match (route.version, &self.http2) {
+            (Version::HTTP_2, Some(http2)) => http2,
+            _ => &self.http1,
         };
-        // Allowed browser origins may read keyrelay's answers.
-        if let Some(origin) = origin {
-            cors::add_origin_headers(response.headers_mut(), &origin);
+        let pending = client.request(request);
+        let result = match self.timeouts.response_headers {
+            Some(limit) => tokio::time::timeout(limit, pending)
+                .await
+                .map_err(|_| UpstreamError::HeaderTimeout(limit))?,
+            None => pending.await,
+        };
+        result.map_err(|err| {
+            tracing::debug!(error = ?err, "upstream request failed");
+            ProxyError::from_send_failure(&err, self.timeouts.connect)
+        })
+    }
+
+    /// Phase 5, relay: the upstream's response to the client, frame by frame, or
+    /// the tunnel when both sides switched protocols.
+    fn relay(&self, sent: Sent, mut record: RequestRecord) -> Response<ResponseBody> {
+        let Sent {
+            mut response,
+            request_id,
+            overhead,
+            client_upgrade,
+        } = sent;
+        if let Some(client) = client_upgrade {
+            if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+                return switch_protocols(&self.tunnels, client, &mut response, record);
+            }
+        }
+        let (mut parts, body) = response.into_parts();
+        headers::prepare_response(&mut parts.headers);
+        match parts.headers.get(BASETEN_REQUEST_ID) {
+            Some(upstream_id) => record.set_request_id(upstream_id.clone()),
+            None => {
+                parts.headers.entry(X_REQUEST_ID).or_insert(request_id);
+            }
+        }
+        parts.headers.append(SERVER_TIMING, server_timing(overhead));
+        record.set_status(parts.status.as_u16());
+        let body = RelayBody::new(body, self.timeouts.idle, record);
+        Response::from_parts(parts, Either::Left(body))
+    }
+
+    /// keyrelay's own JSON error response, logged and counted, with CORS
+    /// headers for an allowed origin so the page can read why.
+    fn fail(
+        &self,
+        err: &ProxyError,
+        mut record: RequestRecord,
+        context: &FailureContext<'_>,
+    ) -> Response<ResponseBody> {
+        if let Some(upstream) = err.upstream() {
+            record.metrics().upstream_error(upstream.kind());
+        }
+        record.set_status(err.status().as_u16());
+        record.finish(err.outcome());
+        tracing::warn!(request_id = record.id(), kind = err.kind(), error = %err, "request failed");
+        let upstream = context.route.map(|route| route.upstream.authority.as_str());
+        let mut response = err.to_response(upstream).map(Either::Right);
+        if let Some(origin) = &context.origin {
+            cors::add_origin_headers(response.headers_mut(), origin);
         }
         response
     }
+}
+
+/// keyrelay's answer to a CORS preflight: 204 with the allow headers.
+fn preflight(headers: http::HeaderMap, mut record: RequestRecord) -> Response<ResponseBody> {
+    record.set_status(StatusCode::NO_CONTENT.as_u16());
+    record.finish(Outcome::Ok);
+    let mut response = Response::new(Either::Right(Full::new(Bytes::new())));
+    *response.status_mut() = StatusCode::NO_CONTENT;
+    *response.headers_mut() = headers;
+    response
 }
 
 /// Answers the client's upgrade with the upstream's `101` and splices the two
@@ -322,7 +350,7 @@ fn switch_protocols(
     tunnels: &Arc<Tunnels>,
     client: OnUpgrade,
     upstream: &mut Response<Incoming>,
-    mut log: RequestLog,
+    mut record: RequestRecord,
 ) -> Response<ResponseBody> {
     let upstream_upgrade = hyper::upgrade::on(&mut *upstream);
     let mut headers = std::mem::take(upstream.headers_mut());
@@ -331,8 +359,8 @@ fn switch_protocols(
     if let Some(protocol) = protocol {
         headers::restore_upgrade(&mut headers, protocol);
     }
-    log.set_status(StatusCode::SWITCHING_PROTOCOLS.as_u16());
-    tunnels.spawn(client, upstream_upgrade, log);
+    record.set_status(StatusCode::SWITCHING_PROTOCOLS.as_u16());
+    tunnels.spawn(client, upstream_upgrade, record);
     let mut response = Response::new(Either::Right(Full::new(Bytes::new())));
     *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     *response.headers_mut() = headers;
@@ -348,7 +376,7 @@ fn upstream_request(
     upgrade: Option<HeaderValue>,
 ) -> Result<Request<RequestBody>, ProxyError> {
     if parts.method == Method::CONNECT {
-        return Err(ProxyError::ConnectNotSupported);
+        return Err(ClientError::ConnectNotSupported.into());
     }
     parts.uri = route.upstream_uri(&parts.uri)?;
     parts.version = route.version;
@@ -367,77 +395,6 @@ fn upstream_request(
     Ok(Request::from_parts(parts, body))
 }
 
-impl Shared {
-    /// The client's `X-Request-Id`, or a new one set on the request.
-    fn request_id(&self, headers: &mut http::HeaderMap, id: u64) -> HeaderValue {
-        if let Some(existing) = headers.get(X_REQUEST_ID) {
-            return existing.clone();
-        }
-        let generated = ShortValue::default()
-            .text("kr-")
-            .text(&self.id_prefix)
-            .text("-")
-            .decimal(id)
-            .finish();
-        headers.insert(X_REQUEST_ID, generated.clone());
-        generated
-    }
-
-    /// keyrelay's own JSON error response, logged, with CORS headers for an
-    /// allowed origin so the page can read why.
-    fn fail(
-        &self,
-        err: &ProxyError,
-        log: &mut RequestLog,
-        route: Option<&Route>,
-        origin: Option<&HeaderValue>,
-    ) -> Response<ResponseBody> {
-        if err.is_upstream() {
-            log.metrics().upstream_error(err.kind());
-        }
-        log.set_status(err.status().as_u16());
-        log.finish(match err {
-            ProxyError::ResponseHeaderTimeout(_) | ProxyError::UpstreamConnectTimeout(_) => {
-                Outcome::Timeout
-            }
-            err if err.is_upstream() => Outcome::UpstreamError,
-            // keyrelay refused it itself (admission, limits, no route).
-            _ => Outcome::Rejected,
-        });
-        tracing::warn!(request_id = log.id(), kind = err.kind(), error = %err, "request failed");
-        let upstream = route.map(|route| route.upstream.authority.as_str());
-        let mut response = err.to_response(upstream).map(Either::Right);
-        if let Some(origin) = origin {
-            cors::add_origin_headers(response.headers_mut(), origin);
-        }
-        response
-    }
-
-    /// Sends upstream over the route's client, applying the response-header
-    /// timeout when one is set.
-    async fn send(
-        &self,
-        route: &Route,
-        request: Request<RequestBody>,
-    ) -> Result<Response<Incoming>, ProxyError> {
-        let client = match (route.version, &self.http2) {
-            (Version::HTTP_2, Some(http2)) => http2,
-            _ => &self.http1,
-        };
-        let pending = client.request(request);
-        let result = match self.timeouts.response_headers {
-            Some(limit) => tokio::time::timeout(limit, pending)
-                .await
-                .map_err(|_| ProxyError::ResponseHeaderTimeout(limit))?,
-            None => pending.await,
-        };
-        result.map_err(|err| {
-            tracing::debug!(error = ?err, "upstream request failed");
-            ProxyError::from_upstream(&err, self.timeouts.connect)
-        })
-    }
-}
-
 impl tower::Service<Request<Incoming>> for Proxy {
     type Response = Response<ResponseBody>;
     type Error = Infallible;
@@ -450,42 +407,5 @@ impl tower::Service<Request<Incoming>> for Proxy {
     fn call(&mut self, request: Request<Incoming>) -> Self::Future {
         let proxy = self.clone();
         Box::pin(async move { Ok(proxy.forward(request).await) })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::time::Duration;
-
-    use super::{server_timing, ShortValue};
-
-    #[test]
-    fn short_values_write_decimals_without_fmt() {
-        let mut value = ShortValue::default();
-        value.text("kr-").decimal(0).text("-").decimal(1_234_567);
-        assert_eq!(value.finish(), "kr-0-1234567");
-
-        let mut value = ShortValue::default();
-        value.decimal(u64::MAX).text(" ").decimal_padded(7, 3);
-        assert_eq!(value.finish(), "18446744073709551615 007");
-    }
-
-    #[test]
-    fn short_values_are_cut_at_the_buffer() {
-        let mut value = ShortValue::default();
-        value.text(&"x".repeat(100));
-        assert_eq!(value.finish().len(), 64);
-    }
-
-    #[test]
-    fn server_timing_is_milliseconds_with_three_decimals() {
-        assert_eq!(
-            server_timing(Duration::from_micros(1_234)),
-            "keyrelay;desc=\"proxy overhead\";dur=1.234"
-        );
-        assert_eq!(
-            server_timing(Duration::from_nanos(5_999)),
-            "keyrelay;desc=\"proxy overhead\";dur=0.005"
-        );
     }
 }

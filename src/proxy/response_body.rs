@@ -21,7 +21,7 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 
-use crate::ops::request_record::{Outcome, RequestLog};
+use crate::ops::request_record::{Outcome, RequestRecord};
 
 pin_project! {
     /// An upstream response body relayed to the client.
@@ -29,13 +29,13 @@ pin_project! {
         #[pin]
         upstream: Incoming,
         idle: Option<IdleTimer>,
-        log: RequestLog,
+        log: RequestRecord,
     }
 }
 
 impl RelayBody {
     /// Wraps `upstream`; `idle` is the longest allowed silence between frames.
-    pub fn new(upstream: Incoming, idle: Option<Duration>, mut log: RequestLog) -> Self {
+    pub fn new(upstream: Incoming, idle: Option<Duration>, mut log: RequestRecord) -> Self {
         // hyper never polls a body that says it is empty.
         if upstream.is_end_stream() {
             log.finish(Outcome::Ok);

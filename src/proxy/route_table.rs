@@ -17,7 +17,7 @@ use crate::config::baseten::{self, Stage};
 use crate::config::{Credential, RouteConfig, UpstreamUrl};
 use crate::guard::paths::PathPolicy;
 use crate::ops::metrics::{Metrics, RouteMetrics};
-use crate::proxy::error::ProxyError;
+use crate::proxy::error::ClientError;
 use crate::secrets::secret_file::LiveCredential;
 
 /// One route, ready to serve.
@@ -103,10 +103,10 @@ impl Route {
     }
 
     /// The upstream URI for a client's request target.
-    pub fn upstream_uri(&self, target: &Uri) -> Result<Uri, ProxyError> {
+    pub fn upstream_uri(&self, target: &Uri) -> Result<Uri, ClientError> {
         let local = match target.path_and_query() {
             Some(pq) if pq.as_str().starts_with('/') => pq.as_str(),
-            Some(_) => return Err(ProxyError::BadRequestTarget),
+            Some(_) => return Err(ClientError::BadRequestTarget),
             None => "/",
         };
         let rest: Cow<'_, str> = if self.strip_prefix && self.prefix != "/" {
@@ -128,18 +128,18 @@ impl Route {
                 // The common case reuses the client's bytes without copying.
                 (Cow::Borrowed(text), Some(pq)) if text.len() == pq.as_str().len() => pq.clone(),
                 (mapped, _) => PathAndQuery::try_from(mapped.as_ref())
-                    .map_err(|_| ProxyError::BadRequestTarget)?,
+                    .map_err(|_| ClientError::BadRequestTarget)?,
             }
         } else {
             PathAndQuery::try_from(format!("{}{}", self.upstream.base_path, mapped))
-                .map_err(|_| ProxyError::BadRequestTarget)?
+                .map_err(|_| ClientError::BadRequestTarget)?
         };
         Uri::builder()
             .scheme(self.upstream.scheme.clone())
             .authority(self.upstream.authority.clone())
             .path_and_query(path_and_query)
             .build()
-            .map_err(|_| ProxyError::BadRequestTarget)
+            .map_err(|_| ClientError::BadRequestTarget)
     }
 }
 

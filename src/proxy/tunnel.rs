@@ -14,7 +14,7 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::sync::{watch, Notify};
 
-use crate::ops::request_record::{Outcome, RequestLog};
+use crate::ops::request_record::{Outcome, RequestRecord};
 
 /// The upgraded connections in flight, so shutdown can wait for them (within
 /// the grace period) and then cut them.
@@ -58,7 +58,7 @@ impl Tunnels {
     }
 
     /// Relays `client` and `upstream` in a tracked task.
-    pub fn spawn(self: &Arc<Self>, client: OnUpgrade, upstream: OnUpgrade, log: RequestLog) {
+    pub fn spawn(self: &Arc<Self>, client: OnUpgrade, upstream: OnUpgrade, log: RequestRecord) {
         self.active.fetch_add(1, Ordering::AcqRel);
         let tunnels = Arc::clone(self);
         let mut abort = self.abort.subscribe();
@@ -77,7 +77,7 @@ impl Tunnels {
 }
 
 /// Waits for both sides to finish switching protocols, then relays until done.
-async fn splice(client: OnUpgrade, upstream: OnUpgrade, mut log: RequestLog) {
+async fn splice(client: OnUpgrade, upstream: OnUpgrade, mut log: RequestRecord) {
     let (client, upstream) = match tokio::try_join!(client, upstream) {
         Ok(pair) => pair,
         Err(err) => {
