@@ -25,6 +25,10 @@
 //! [`run`] ties them together; `src/main.rs` only parses the command line and
 //! maps failures to exit codes.
 
+// Module docs link the crate-private data path on purpose: `cargo doc`
+// documents private items (.cargo/config.toml), so the links resolve.
+#![allow(rustdoc::private_intra_doc_links)]
+
 pub mod config;
 pub mod demo;
 pub mod guard;
@@ -42,7 +46,7 @@ pub use config::Config;
 /// Runs the proxy on `listener` until `shutdown` resolves and open streams drain.
 ///
 /// This is the seam tests use: they bind `127.0.0.1:0`, build a [`Config`] with
-/// [`config::load`] and a swapped environment, and call this in a task.
+/// [`config::load()`] and a swapped environment, and call this in a task.
 ///
 /// Shutdown (from `shutdown` or `POST /quitquitquit`): readiness fails at
 /// once, keyrelay keeps accepting for `shutdown_delay` (so Kubernetes can take

@@ -23,7 +23,9 @@ use std::path::PathBuf;
 use http::HeaderName;
 use serde::Deserialize;
 
-use super::{parse_upstream, Credential, Problems, RawConfig, UpstreamUrl};
+use super::check::Problems;
+use super::parse::parse_upstream;
+use super::{Credential, RawConfig, UpstreamUrl};
 use crate::config::baseten::{self, Stage, Target};
 use crate::guard::paths::PathPolicy;
 use crate::secrets::key::{ApiKey, KEY_PLACEHOLDER};

@@ -1,0 +1,424 @@
+//! Checking: turns the merged raw settings into a [`Config`], collecting
+//! every problem instead of stopping at the first, each naming its setting
+//! and never echoing a secret value.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateDer;
+
+use super::parse::{parse_duration, parse_rate, parse_size};
+use super::{
+    routes, AccessSettings, Config, Limits, ListenAddr, LogFormat, PoolSettings, RawConfig,
+    Timeouts,
+};
+use crate::guard::cors::CorsPolicy;
+use crate::guard::host::HostPolicy;
+use crate::guard::tokens::{check_value, AccessToken};
+use crate::secrets::secret_file;
+
+/// One thing wrong with the configuration, naming the setting it concerns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// The setting (or source) at fault.
+    pub setting: String,
+    /// What is wrong and, where useful, how to fix it.
+    pub message: String,
+}
+
+/// Everything wrong with the configuration, reported together.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// At least one problem.
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "invalid configuration:")?;
+        for problem in &self.problems {
+            writeln!(f, "  - {}: {}", problem.setting, problem.message)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl ConfigError {
+    pub(super) fn single(setting: &str, message: impl Into<String>) -> Self {
+        Self {
+            problems: vec![Problem {
+                setting: setting.to_owned(),
+                message: message.into(),
+            }],
+        }
+    }
+}
+
+/// Collects problems while validating, so all of them are reported together.
+pub(super) struct Problems(pub(super) Vec<Problem>);
+
+impl Problems {
+    pub(super) fn report(&mut self, setting: &str, message: impl Into<String>) {
+        self.0.push(Problem {
+            setting: setting.to_owned(),
+            message: message.into(),
+        });
+    }
+
+    /// A duration that may be "off".
+    pub(super) fn optional_duration(
+        &mut self,
+        setting: &str,
+        text: &str,
+    ) -> Option<Option<Duration>> {
+        parse_duration(text)
+            .map_err(|message| self.report(setting, message))
+            .ok()
+    }
+
+    /// A value parsed from `text`, or `None` for "off" (or empty); `what`
+    /// describes a valid value in the message.
+    pub(super) fn optional<T: std::str::FromStr>(
+        &mut self,
+        setting: &str,
+        text: &str,
+        what: &str,
+    ) -> Option<Option<T>> {
+        match text.trim() {
+            "" | "off" => Some(None),
+            text => match text.parse::<T>() {
+                Ok(value) => Some(Some(value)),
+                Err(_) => {
+                    self.report(setting, format!("{text:?} is not {what} or off"));
+                    None
+                }
+            },
+        }
+    }
+
+    /// A duration that must be set; `why` says what "off" would break.
+    pub(super) fn duration(&mut self, setting: &str, text: &str, why: &str) -> Option<Duration> {
+        match self.optional_duration(setting, text)? {
+            Some(duration) => Some(duration),
+            None => {
+                self.report(setting, format!("cannot be off: {why}"));
+                None
+            }
+        }
+    }
+}
+
+pub(super) fn validate(
+    raw: RawConfig,
+    env: &HashMap<String, String>,
+    found: &mut Problems,
+) -> Option<Config> {
+    let listen = match raw.listen.strip_prefix("unix:") {
+        Some(path) if path.starts_with('/') => Some(ListenAddr::Unix(PathBuf::from(path))),
+        Some(_) => None,
+        None => raw.listen.parse::<SocketAddr>().ok().map(ListenAddr::Tcp),
+    };
+    if listen.is_none() {
+        found.report(
+            "listen",
+            format!(
+                "{:?} is not an IP:port address or unix:/absolute/path",
+                raw.listen
+            ),
+        );
+    }
+    let unix_socket_mode = u32::from_str_radix(raw.unix_socket_mode.trim(), 8)
+        .ok()
+        .filter(|mode| *mode <= 0o777);
+    if unix_socket_mode.is_none() {
+        found.report(
+            "unix_socket_mode",
+            format!(
+                "{:?} is not an octal mode such as 0600",
+                raw.unix_socket_mode
+            ),
+        );
+    }
+
+    let routes = routes::check(&raw, env, found);
+    let tcp_listen = match &listen {
+        Some(ListenAddr::Tcp(addr)) => Some(*addr),
+        _ => None,
+    };
+    let access = check_access(&raw, env, tcp_listen, found);
+
+    let extra_ca_certs = match raw.ca_file.as_deref() {
+        None | Some("") => Some(Vec::new()),
+        Some(path) => load_ca_file(Path::new(path))
+            .map_err(|message| found.report("ca_file", message))
+            .ok(),
+    };
+
+    let connect = found.duration(
+        "connect_timeout",
+        &raw.connect_timeout,
+        "a dead upstream would hang requests forever",
+    );
+    let response_headers =
+        found.optional_duration("response_header_timeout", &raw.response_header_timeout);
+    let idle = found.optional_duration("idle_timeout", &raw.idle_timeout);
+    let pool_idle = found.duration(
+        "pool_idle_timeout",
+        &raw.pool_idle_timeout,
+        "keep it shorter than the upstream's keep-alive so stale connections are not reused",
+    );
+    let keepalive = found.duration(
+        "http2_keepalive_interval",
+        &raw.http2_keepalive_interval,
+        "long HTTP/2 streams need keepalive pings",
+    );
+    let shutdown_grace = found.optional_duration("shutdown_grace", &raw.shutdown_grace);
+
+    let shutdown_delay = found.optional_duration("shutdown_delay", &raw.shutdown_delay);
+    let header_read_timeout =
+        found.optional_duration("header_read_timeout", &raw.header_read_timeout);
+    let admin_listen =
+        found.optional::<SocketAddr>("admin_listen", &raw.admin_listen, "an IP:port address");
+    let max_concurrent_requests = found
+        .optional::<usize>(
+            "max_concurrent_requests",
+            &raw.max_concurrent_requests,
+            "a whole number",
+        )
+        .map(|limit| limit.filter(|count| *count > 0));
+    let max_request_header_size = parse_size(&raw.max_request_header_size)
+        .map_err(|message| found.report("max_request_header_size", message))
+        .ok()
+        .and_then(|size| {
+            let size = size.and_then(|s| usize::try_from(s).ok());
+            if size.is_none_or(|s| s < MIN_HEADER_LIMIT) {
+                found.report(
+                    "max_request_header_size",
+                    format!("must be at least {MIN_HEADER_LIMIT} bytes"),
+                );
+            }
+            size
+        });
+    let max_request_body = parse_size(&raw.max_request_body)
+        .map_err(|message| found.report("max_request_body", message))
+        .ok();
+
+    let log_format = match raw.log_format.as_str() {
+        "text" => Some(LogFormat::Text),
+        "json" => Some(LogFormat::Json),
+        other => {
+            found.report("log_format", format!("{other:?} is not one of: text, json"));
+            None
+        }
+    };
+
+    Some(Config {
+        listen: listen?,
+        unix_socket_mode: unix_socket_mode?,
+        access: access?,
+        routes: routes?,
+        extra_ca_certs: extra_ca_certs?,
+        timeouts: Timeouts {
+            connect: connect?,
+            response_headers: response_headers?,
+            idle: idle?,
+        },
+        pool: PoolSettings {
+            idle_timeout: pool_idle?,
+            max_idle_per_host: raw.pool_max_idle_per_host,
+        },
+        upstream_http2: raw.upstream_http2,
+        http2_keepalive_interval: keepalive?,
+        shutdown_grace: shutdown_grace?,
+        shutdown_delay: shutdown_delay?,
+        admin_listen: admin_listen?,
+        limits: Limits {
+            max_concurrent_requests: max_concurrent_requests?,
+            max_request_header_size: max_request_header_size?,
+            max_request_body: max_request_body?,
+            header_read_timeout: header_read_timeout?,
+            http2_max_concurrent_streams: raw.http2_max_concurrent_streams,
+        },
+        log_format: log_format?,
+    })
+}
+
+/// Validates the admission settings: hosts, origins, tokens, rate, paths, and
+/// that a non-loopback listener is not left open to the network.
+fn check_access(
+    raw: &RawConfig,
+    env: &HashMap<String, String>,
+    listen: Option<SocketAddr>,
+    found: &mut Problems,
+) -> Option<AccessSettings> {
+    // Each token is checked where its setting is known, so a problem names it.
+    let mut tokens = Vec::new();
+    let mut add = |setting, name: String, read: Result<String, String>, file| match read
+        .and_then(|value| check_value(&name, &value).map(|()| value))
+    {
+        Ok(value) => tokens.push((name, value, file)),
+        Err(problem) => found.report(setting, problem),
+    };
+    for name in raw.access_token_env.iter().filter(|n| !n.is_empty()) {
+        let read = env
+            .get(name)
+            .map(|v| v.trim())
+            .filter(|v| !v.is_empty())
+            .map(str::to_owned)
+            .ok_or_else(|| format!("environment variable {name} is not set or is empty"));
+        add("access_token_env", name.clone(), read, None);
+    }
+    for path in raw.access_token_files.iter().filter(|p| !p.is_empty()) {
+        let path = Path::new(path);
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| path.display().to_string());
+        let read = secret_file::read_secret(path);
+        add("access_token_files", name, read, Some(path.to_owned()));
+    }
+
+    let token_rate = parse_rate(&raw.token_rate_limit)
+        .map_err(|message| found.report("token_rate_limit", message))
+        .ok();
+    for host in &raw.allowed_hosts {
+        if !HostPolicy::is_valid_name(host) {
+            found.report(
+                "allowed_hosts",
+                format!("{host:?} is not a host name (no scheme, path or named port)"),
+            );
+        }
+    }
+    for origin in &raw.allowed_origins {
+        let rest = origin
+            .strip_prefix("http://")
+            .or_else(|| origin.strip_prefix("https://"));
+        let has_path = rest.is_some_and(|rest| rest.trim_end_matches('/').contains('/'));
+        if origin == "*" || rest.is_none() || has_path {
+            found.report(
+                "allowed_origins",
+                format!("{origin:?} must be an exact origin such as http://localhost:3000 (no wildcards)"),
+            );
+        }
+    }
+
+    let exposed = listen.is_some_and(|addr| !addr.ip().is_loopback());
+    if exposed && tokens.is_empty() && !raw.allow_unauthenticated_network {
+        found.report(
+            "listen",
+            format!(
+                "{} is reachable from other machines, so keyrelay requires local access tokens there: \
+                 set access_token_env or access_token_files, or pass --allow-unauthenticated-network \
+                 if something else already restricts who can connect",
+                raw.listen
+            ),
+        );
+    }
+
+    Some(AccessSettings {
+        hosts: HostPolicy::new(&raw.allowed_hosts),
+        cors: CorsPolicy::new(&raw.allowed_origins),
+        tokens: tokens
+            .into_iter()
+            .map(|(name, value, file)| match file {
+                Some(file) => AccessToken::from_file(name, value, file),
+                None => AccessToken::new(name, value),
+            })
+            .collect(),
+        token_rate: token_rate?,
+    })
+}
+
+/// Smallest request-head limit: hyper needs room for an ordinary request.
+const MIN_HEADER_LIMIT: usize = 8192;
+
+fn load_ca_file(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|err| format!("cannot read {}: {err}", path.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|err| format!("{} is not a valid PEM bundle: {err}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{} holds no certificates", path.display()));
+    }
+    let mut store = rustls::RootCertStore::empty();
+    for (index, cert) in certs.iter().enumerate() {
+        store.add(cert.clone()).map_err(|err| {
+            format!(
+                "certificate #{} in {} is not a usable CA certificate: {err}",
+                index + 1,
+                path.display()
+            )
+        })?;
+    }
+    Ok(certs)
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::{load, Sources};
+
+    fn sources(pairs: &[(&str, &str)]) -> Sources {
+        Sources {
+            env: pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            ..Sources::default()
+        }
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let err = load(&sources(&[
+            ("KEYRELAY_LISTEN", "nowhere"),
+            ("KEYRELAY_CONNECT_TIMEOUT", "soon"),
+            ("KEYRELAY_AUTH_TEMPLATE", "Bearer"),
+        ]))
+        .expect_err("invalid");
+        let settings: Vec<&str> = err.problems.iter().map(|p| p.setting.as_str()).collect();
+        for expected in [
+            "listen",
+            "upstream",
+            "auth_template",
+            "key_env",
+            "connect_timeout",
+        ] {
+            assert!(
+                settings.contains(&expected),
+                "{expected} missing from {settings:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_bad_token_names_the_setting_it_came_from() {
+        let dir = std::env::temp_dir().join(format!("kr-token-blame-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        // A file token named like an env token: the problem is the file's.
+        let file = dir.join("team");
+        std::fs::write(&file, "two words-0123456789\n").expect("token file");
+        let err = load(&sources(&[
+            ("BASETEN_API_KEY", "k"),
+            ("KEYRELAY_UPSTREAM", "https://example.test"),
+            ("KEYRELAY_ACCESS_TOKEN_ENV", "team"),
+            ("team", "good-token-0123456789"),
+            ("KEYRELAY_ACCESS_TOKEN_FILES", file.to_str().expect("UTF-8")),
+        ]))
+        .expect_err("invalid token");
+        std::fs::remove_dir_all(&dir).expect("clean up");
+        let settings: Vec<&str> = err.problems.iter().map(|p| p.setting.as_str()).collect();
+        assert_eq!(settings, ["access_token_files"], "{err}");
+    }
+
+    #[test]
+    fn missing_key_names_the_variable() {
+        let err = load(&sources(&[("KEYRELAY_UPSTREAM", "https://a.test")])).expect_err("no key");
+        assert!(err.to_string().contains("BASETEN_API_KEY"));
+    }
+}

@@ -1,0 +1,278 @@
+//! The settings table: every key keyrelay accepts, its default, its help
+//! text and the shape of its value. `--help`, the config file, the
+//! `KEYRELAY_*` variables and the README's table are all generated from or
+//! checked against it, so they cannot drift apart.
+
+/// The config-file key of the route table (`[[routes]]`).
+pub const ROUTES_KEY: &str = "routes";
+
+/// Prefix of the environment variables that set keyrelay's own settings.
+pub const ENV_PREFIX: &str = "KEYRELAY";
+
+/// One setting: its key in the config file, how to set it elsewhere, its default.
+#[derive(Debug, Clone, Copy)]
+pub struct Setting {
+    /// Key in the TOML file; also the suffix of the `KEYRELAY_` variable.
+    pub key: &'static str,
+    /// Default value as a user would write it, or "" when there is none.
+    pub default: &'static str,
+    /// One line saying what the setting does.
+    pub help: &'static str,
+    /// How the value is written.
+    pub kind: Kind,
+}
+
+/// The shape of a setting's value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// One value.
+    Text,
+    /// A list: a TOML array, a comma-separated variable, or a repeatable flag.
+    List,
+    /// A boolean: `true`/`false`, or a flag without a value.
+    Switch,
+}
+
+impl Setting {
+    /// The environment variable that sets this setting, e.g. `KEYRELAY_LISTEN`.
+    pub fn env_var(&self) -> String {
+        format!("{ENV_PREFIX}_{}", self.key.to_ascii_uppercase())
+    }
+
+    /// The command-line flag that sets this setting, e.g. `--listen`.
+    pub fn flag(&self) -> String {
+        format!("--{}", self.key.replace('_', "-"))
+    }
+}
+
+/// Every setting keyrelay knows. Anything else in a file or `KEYRELAY_*` is an error.
+pub const SETTINGS: &[Setting] = &[
+    Setting {
+        key: "listen",
+        default: "127.0.0.1:8080",
+        help: "Address the proxy listens on (HTTP/1.1 and h2c on the same port), or unix:/path for a Unix socket.",
+        kind: Kind::Text,
+    },
+    Setting {
+        key: "upstream",
+        default: "",
+        help: "Base URL of the model endpoint; request paths are appended to its path.",
+        kind: Kind::Text,
+    },
+    Setting {
+        key: "model",
+        default: "",
+        help: "Baseten shortcut: proxy the model with this id (https://model-ID.api.baseten.co); /predict and /v1/... map under its environment.",
+        kind: Kind::Text,
+    },
+    Setting {
+        key: "chain",
+        default: "",
+        help: "Baseten shortcut: proxy the chain with this id (https://chain-ID.api.baseten.co); /run_remote maps under its environment.",
+        kind: Kind::Text,
+    },
+    Setting {
+        key: "model_apis",
+        default: "false",
+        help: "Baseten shortcut: proxy the shared OpenAI-compatible Model APIs (https://inference.baseten.co).",
+        kind: Kind::Switch,
+    },
+    Setting {
+        key: "environment",
+        default: "",
+        help: "With model or chain: the environment to call (production when no stage is given).",
+        kind: Kind::Text,
+    },
+    Setting {
+        key: "deployment",
+        default: "",
+        help: "With model or chain: call this deployment id instead of an environment.",
+        kind: Kind::Text,
+    },
+    Setting {
+        key: "development",
+        default: "false",
+        help: "With model or chain: call the development deployment.",
+        kind: Kind::Switch,
+    },
+    Setting {
+        key: "key_env",
+        default: "BASETEN_API_KEY",
+        help: "Environment variable holding the upstream API key.",
+        kind: Kind::Text,
+    },
+    Setting {
+        key: "auth_header",
+        default: "authorization",
+        help: "Header the key is injected into.",
+        kind: Kind::Text,
+    },
+    Setting {
+        key: "auth_template",
+        default: "Api-Key {key}",
+        help: "Value of the injected header; {key} is replaced by the key.",
+        kind: Kind::Text,
+    },
+    Setting {
+        key: "strip_request_headers",
+        default: "authorization,proxy-authorization,x-api-key",
+        help: "Client credential headers removed before forwarding (comma list).",
+        kind: Kind::List,
+    },
+    Setting {
+        key: "key_file",
+        default: "",
+        help: "File holding the upstream API key (e.g. a mounted Secret); re-read on change and SIGHUP. Overrides key_env.",
+        kind: Kind::Text,
+    },
+    Setting {
+        key: "allowed_hosts",
+        default: "",
+        help: "Host names accepted besides localhost, 127.0.0.1 and [::1]; others get 403 (DNS-rebinding defence).",
+        kind: Kind::List,
+    },
+    Setting {
+        key: "allowed_origins",
+        default: "",
+        help: "Browser origins allowed to call keyrelay, exactly (e.g. http://localhost:3000); none by default.",
+        kind: Kind::List,
+    },
+    Setting {
+        key: "access_token_env",
+        default: "",
+        help: "Variables each holding a local access token clients must present (the variable names the token).",
+        kind: Kind::List,
+    },
+    Setting {
+        key: "access_token_files",
+        default: "",
+        help: "Files each holding a local access token clients must present (the file name names the token); re-read on change and SIGHUP.",
+        kind: Kind::List,
+    },
+    Setting {
+        key: "token_rate_limit",
+        default: "off",
+        help: "Requests allowed per access token, e.g. 60/m or 5/s (bursts up to the count); 429 beyond it.",
+        kind: Kind::Text,
+    },
+    Setting {
+        key: "allowed_paths",
+        default: "",
+        help: "If set, only these `METHOD /path` rules (a trailing * matches a prefix) are forwarded; others get 403.",
+        kind: Kind::List,
+    },
+    Setting {
+        key: "allow_unauthenticated_network",
+        default: "false",
+        help: "Allow a non-loopback listen address without access tokens: anyone who can reach it can spend the key.",
+        kind: Kind::Switch,
+    },
+    Setting {
+        key: "ca_file",
+        default: "",
+        help: "PEM bundle of extra CA certificates trusted for the upstream, beside the web roots.",
+        kind: Kind::Text,
+    },
+    Setting {
+        key: "connect_timeout",
+        default: "10s",
+        help: "Limit on DNS + TCP + TLS to the upstream (504 when exceeded).",
+        kind: Kind::Text,
+    },
+    Setting {
+        key: "response_header_timeout",
+        default: "off",
+        help: "Limit on waiting for the upstream's response headers (504); off by default for cold starts.",
+        kind: Kind::Text,
+    },
+    Setting {
+        key: "idle_timeout",
+        default: "5m",
+        help: "Longest silence between response body frames before the stream is aborted.",
+        kind: Kind::Text,
+    },
+    Setting {
+        key: "pool_idle_timeout",
+        default: "20s",
+        help: "How long an idle upstream connection is kept for reuse.",
+        kind: Kind::Text,
+    },
+    Setting {
+        key: "pool_max_idle_per_host",
+        default: "1024",
+        help: "Most idle upstream connections kept for reuse (high enough that bursts do not churn connections).",
+        kind: Kind::Text,
+    },
+    Setting {
+        key: "upstream_http2",
+        default: "false",
+        help: "Speak HTTP/2 to the upstream (with keepalive pings) instead of HTTP/1.1.",
+        kind: Kind::Switch,
+    },
+    Setting {
+        key: "http2_keepalive_interval",
+        default: "20s",
+        help: "Interval of HTTP/2 PING keepalives to the upstream when upstream_http2 is on.",
+        kind: Kind::Text,
+    },
+    Setting {
+        key: "shutdown_grace",
+        default: "30s",
+        help: "On SIGTERM/SIGINT, how long streams in flight may finish before they are cut (off: no limit).",
+        kind: Kind::Text,
+    },
+    Setting {
+        key: "unix_socket_mode",
+        default: "0600",
+        help: "Permissions (octal) of the socket file when listen is unix:/path.",
+        kind: Kind::Text,
+    },
+    Setting {
+        key: "admin_listen",
+        default: "off",
+        help: "Address of the admin listener (/healthz, /readyz, /metrics, POST /quitquitquit); off by default.",
+        kind: Kind::Text,
+    },
+    Setting {
+        key: "shutdown_delay",
+        default: "off",
+        help: "On SIGTERM/SIGINT, keep accepting this long (readiness already failing) before draining.",
+        kind: Kind::Text,
+    },
+    Setting {
+        key: "max_concurrent_requests",
+        default: "off",
+        help: "Most requests (streams included) in flight at once; beyond it 503 with Retry-After.",
+        kind: Kind::Text,
+    },
+    Setting {
+        key: "max_request_header_size",
+        default: "64KiB",
+        help: "Largest request head accepted (HTTP/1.1 431 beyond it; HTTP/2 header list limit).",
+        kind: Kind::Text,
+    },
+    Setting {
+        key: "max_request_body",
+        default: "off",
+        help: "Largest request body forwarded (e.g. 100MiB); 413 beyond it. Off by default.",
+        kind: Kind::Text,
+    },
+    Setting {
+        key: "header_read_timeout",
+        default: "30s",
+        help: "How long an HTTP/1.1 client may take to send its request head (slow-header defence).",
+        kind: Kind::Text,
+    },
+    Setting {
+        key: "http2_max_concurrent_streams",
+        default: "256",
+        help: "Most concurrent streams per HTTP/2 client connection.",
+        kind: Kind::Text,
+    },
+    Setting {
+        key: "log_format",
+        default: "text",
+        help: "Log output: text or json.",
+        kind: Kind::Text,
+    },
+];
