@@ -361,17 +361,8 @@ fn load_ca_file(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
 
 #[cfg(test)]
 mod tests {
-    use crate::config::{load, Sources};
-
-    fn sources(pairs: &[(&str, &str)]) -> Sources {
-        Sources {
-            env: pairs
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-                .collect(),
-            ..Sources::default()
-        }
-    }
+    use crate::config::load;
+    use crate::config::load::tests::sources;
 
     #[test]
     fn every_problem_is_reported_at_once() {

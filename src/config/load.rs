@@ -161,13 +161,14 @@ fn is_service_link(name: &str) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use std::time::Duration;
 
     use super::*;
     use crate::config::ListenAddr;
 
-    fn sources(pairs: &[(&str, &str)]) -> Sources {
+    /// Sources with only these environment variables (no file, no flags).
+    pub(in crate::config) fn sources(pairs: &[(&str, &str)]) -> Sources {
         Sources {
             env: pairs
                 .iter()
