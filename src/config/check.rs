@@ -233,7 +233,6 @@ pub(super) fn validate(
             idle_timeout: pool_idle?,
             max_idle_per_host: raw.pool_max_idle_per_host,
         },
-        upstream_http2: raw.upstream_http2,
         http2_keepalive_interval: keepalive?,
         shutdown_grace: shutdown_grace?,
         shutdown_delay: shutdown_delay?,

@@ -161,14 +161,14 @@ fn is_service_link(name: &str) -> bool {
 }
 
 #[cfg(test)]
-pub(super) mod tests {
+pub(crate) mod tests {
     use std::time::Duration;
 
     use super::*;
     use crate::config::ListenAddr;
 
     /// Sources with only these environment variables (no file, no flags).
-    pub(in crate::config) fn sources(pairs: &[(&str, &str)]) -> Sources {
+    pub(crate) fn sources(pairs: &[(&str, &str)]) -> Sources {
         Sources {
             env: pairs
                 .iter()

@@ -53,8 +53,6 @@ pub struct Config {
     pub timeouts: Timeouts,
     /// Upstream connection reuse.
     pub pool: PoolSettings,
-    /// HTTP/2 to the upstream instead of HTTP/1.1.
-    pub upstream_http2: bool,
     /// PING interval for HTTP/2 upstream connections.
     pub http2_keepalive_interval: Duration,
     /// Time streams in flight get to finish on shutdown.

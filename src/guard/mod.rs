@@ -98,3 +98,90 @@ impl Guard {
         Admission::Forward { origin, token }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::load::tests::sources;
+
+    const TOKEN: &str = "a-local-token-0123456789";
+
+    /// A guard allowing one origin and requiring the token in `APP_TOKEN`.
+    fn guard() -> Guard {
+        let config = crate::config::load(&sources(&[
+            ("BASETEN_API_KEY", "k-123"),
+            ("KEYRELAY_UPSTREAM", "https://example.test"),
+            ("KEYRELAY_ALLOWED_ORIGINS", "http://localhost:5173"),
+            ("KEYRELAY_ACCESS_TOKEN_ENV", "APP_TOKEN"),
+            ("APP_TOKEN", TOKEN),
+        ]))
+        .expect("valid config");
+        Guard::new(&config.access)
+    }
+
+    fn parts(method: &str, headers: &[(&str, &str)]) -> Parts {
+        let mut request = http::Request::builder()
+            .method(method)
+            .uri("/v1/chat/completions");
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        request.body(()).expect("request").into_parts().0
+    }
+
+    fn refusal(admission: Admission) -> (Refusal, Option<HeaderValue>) {
+        match admission {
+            Admission::Reject { error, origin } => (error, origin),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    const GOOD_HOST: (&str, &str) = ("host", "127.0.0.1:8080");
+    const BAD_HOST: (&str, &str) = ("host", "attacker.test");
+    const GOOD_ORIGIN: (&str, &str) = ("origin", "http://localhost:5173");
+    const BAD_ORIGIN: (&str, &str) = ("origin", "https://evil.test");
+    const PREFLIGHT: (&str, &str) = ("access-control-request-method", "POST");
+    const BEARER: (&str, &str) = ("authorization", "Bearer a-local-token-0123456789");
+
+    #[test]
+    fn admission_checks_host_then_origin_then_preflight_then_token() {
+        let guard = guard();
+
+        // The host comes first: a rebinding page is refused whatever else it sends.
+        let (error, origin) = refusal(guard.admit(&mut parts("POST", &[BAD_HOST, BAD_ORIGIN])));
+        assert_eq!(error, Refusal::HostNotAllowed);
+        assert!(origin.is_none());
+
+        // Then the origin, before any token is looked at.
+        let (error, origin) = refusal(guard.admit(&mut parts("POST", &[GOOD_HOST, BAD_ORIGIN])));
+        assert_eq!(error, Refusal::OriginNotAllowed);
+        assert!(origin.is_none(), "a disallowed origin is told nothing");
+
+        // An allowed origin's preflight is answered without a token (browsers send none).
+        let mut preflight = parts("OPTIONS", &[GOOD_HOST, GOOD_ORIGIN, PREFLIGHT]);
+        assert!(matches!(
+            guard.admit(&mut preflight),
+            Admission::Preflight(_)
+        ));
+
+        // Its real request still needs the token, and the refusal carries the
+        // origin so the page can read why.
+        let (error, origin) = refusal(guard.admit(&mut parts("POST", &[GOOD_HOST, GOOD_ORIGIN])));
+        assert_eq!(error, Refusal::Unauthorized);
+        assert_eq!(
+            origin.as_ref().map(HeaderValue::as_bytes),
+            Some(&b"http://localhost:5173"[..])
+        );
+
+        // With the token it is forwarded, named, and the token is taken off the request.
+        let mut admitted = parts("POST", &[GOOD_HOST, GOOD_ORIGIN, BEARER]);
+        match guard.admit(&mut admitted) {
+            Admission::Forward { origin, token } => {
+                assert!(origin.is_some());
+                assert_eq!(token.as_deref(), Some("APP_TOKEN"));
+            }
+            other => panic!("expected Forward, got {other:?}"),
+        }
+        assert!(admitted.headers.get("authorization").is_none());
+    }
+}

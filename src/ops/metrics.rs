@@ -1,7 +1,8 @@
 //! Prometheus metrics, labelled by route, served on the admin listener.
 //!
-//! Handles for one route are resolved once per request ([`RouteMetrics`]), so
-//! the per-frame work on the data path is one histogram observation.
+//! Handles for one route are resolved once, when the route table is built at
+//! startup ([`RouteMetrics`]), so the per-request work is a few atomic
+//! increments and the per-frame work one histogram observation.
 
 use std::sync::Arc;
 
@@ -40,13 +41,16 @@ pub struct RouteLabel {
     pub route: String,
 }
 
-/// Status classes, indexed by [`status_class_index`].
-const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+/// Status classes, indexed by [`status_class_index`]. `none` is a request
+/// that ended before any status was sent (the client went away while the
+/// upstream had not answered): counting it as 5xx would blame a server.
+const STATUS_CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "none"];
 
 /// Where `status`'s class ("2xx", ...) is in [`STATUS_CLASSES`]; grouping by
-/// class keeps the series count small. Anything outside 1xx–4xx counts as 5xx.
+/// class keeps the series count small. 0 means no status was sent.
 fn status_class_index(status: u16) -> usize {
     match status {
+        0 => 5,
         100..=199 => 0,
         200..=299 => 1,
         300..=399 => 2,
@@ -197,7 +201,7 @@ impl Metrics {
         }
     }
 
-    /// The handles for one route, resolved once per request.
+    /// The handles for one route, resolved once when the route table is built.
     pub fn route(self: &Arc<Self>, route: &str) -> RouteMetrics {
         let label = RouteLabel {
             route: route.to_owned(),
@@ -310,5 +314,33 @@ impl RouteMetrics {
         }
         let class = status_class_index(status);
         handles.requests[class][outcome as usize].inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_cancelled_before_any_status_has_its_own_class() {
+        let metrics = Arc::new(Metrics::new());
+        let route = metrics.route("default");
+        route.started();
+        route.finished(0, Outcome::ClientCancelled, 0.1, None);
+        route.started();
+        route.finished(502, Outcome::UpstreamError, 0.1, Some(0.05));
+        let text = metrics.encode();
+        let count = |status: &str, outcome: &str| {
+            let series = format!(
+                "keyrelay_requests_total{{route=\"default\",status=\"{status}\",outcome=\"{outcome}\"}} "
+            );
+            text.lines()
+                .find_map(|line| line.strip_prefix(&series))
+                .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+                .to_owned()
+        };
+        assert_eq!(count("none", "client_cancelled"), "1");
+        assert_eq!(count("5xx", "client_cancelled"), "0");
+        assert_eq!(count("5xx", "upstream_error"), "1");
     }
 }
