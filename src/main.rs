@@ -71,17 +71,22 @@ async fn run_proxy(sources: Sources) -> ExitCode {
         }
     };
     logging::init(config.log_format);
-    let listener =
-        match keyrelay::ops::listener::bind(&config.listen, config.unix_socket_mode).await {
-            Ok(listener) => listener,
-            Err(err) => {
-                eprintln!(
-                    "keyrelay: listen: cannot listen on {}: {err}",
-                    config.listen
-                );
-                return ExitCode::from(EXIT_UNAVAILABLE);
-            }
-        };
+    let listener = match keyrelay::ops::listener::bind(
+        &config.listen,
+        config.unix_socket_mode,
+        config.listen_backlog,
+    )
+    .await
+    {
+        Ok(listener) => listener,
+        Err(err) => {
+            eprintln!(
+                "keyrelay: listen: cannot listen on {}: {err}",
+                config.listen
+            );
+            return ExitCode::from(EXIT_UNAVAILABLE);
+        }
+    };
     match keyrelay::run(config, listener, signals::shutdown_requested()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {

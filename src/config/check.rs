@@ -133,6 +133,21 @@ pub(super) fn validate(
             ),
         );
     }
+    let listen_backlog = raw
+        .listen_backlog
+        .trim()
+        .parse::<u32>()
+        .ok()
+        .filter(|backlog| (1..=MAX_LISTEN_BACKLOG).contains(backlog));
+    if listen_backlog.is_none() {
+        found.report(
+            "listen_backlog",
+            format!(
+                "{:?} is not a number of connections from 1 to {MAX_LISTEN_BACKLOG}",
+                raw.listen_backlog
+            ),
+        );
+    }
     let unix_socket_mode = u32::from_str_radix(raw.unix_socket_mode.trim(), 8)
         .ok()
         .filter(|mode| *mode <= 0o777);
@@ -220,6 +235,7 @@ pub(super) fn validate(
 
     Some(Config {
         listen: listen?,
+        listen_backlog: listen_backlog?,
         unix_socket_mode: unix_socket_mode?,
         access: access?,
         routes: routes?,
@@ -334,6 +350,10 @@ fn check_access(
     })
 }
 
+/// Largest accepted `listen_backlog`: the kernel keeps the backlog in a
+/// 16-bit field on some systems, and more than this is never useful.
+const MAX_LISTEN_BACKLOG: u32 = 65_535;
+
 /// Smallest request-head limit: hyper needs room for an ordinary request.
 const MIN_HEADER_LIMIT: usize = 8192;
 
@@ -369,11 +389,13 @@ mod tests {
             ("KEYRELAY_LISTEN", "nowhere"),
             ("KEYRELAY_CONNECT_TIMEOUT", "soon"),
             ("KEYRELAY_AUTH_TEMPLATE", "Bearer"),
+            ("KEYRELAY_LISTEN_BACKLOG", "0"),
         ]))
         .expect_err("invalid");
         let settings: Vec<&str> = err.problems.iter().map(|p| p.setting.as_str()).collect();
         for expected in [
             "listen",
+            "listen_backlog",
             "upstream",
             "auth_template",
             "key_env",

@@ -41,6 +41,8 @@ pub use settings::{Kind, Setting, ENV_PREFIX, ROUTES_KEY, SETTINGS};
 pub struct Config {
     /// Where to listen.
     pub listen: ListenAddr,
+    /// Pending connections the kernel may queue on the listener.
+    pub listen_backlog: u32,
     /// Permissions of the socket file when listening on a Unix socket.
     pub unix_socket_mode: u32,
     /// Where requests go: at least one route, longest prefix first.
@@ -208,6 +210,7 @@ struct RawConfig {
     http2_keepalive_interval: String,
     shutdown_grace: String,
     admin_listen: String,
+    listen_backlog: String,
     unix_socket_mode: String,
     shutdown_delay: String,
     max_concurrent_requests: String,

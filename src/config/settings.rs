@@ -54,6 +54,12 @@ pub const SETTINGS: &[Setting] = &[
         kind: Kind::Text,
     },
     Setting {
+        key: "listen_backlog",
+        default: "4096",
+        help: "Connections the kernel queues for keyrelay before it accepts them; a burst larger than this waits seconds on SYN retries. Capped by net.core.somaxconn.",
+        kind: Kind::Text,
+    },
+    Setting {
         key: "upstream",
         default: "",
         help: "Base URL of the model endpoint; request paths are appended to its path.",

@@ -12,7 +12,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream, UnixListener, UnixSocket, UnixStream};
 
 use crate::config::ListenAddr;
 
@@ -41,11 +41,29 @@ impl From<TcpListener> for Listener {
     }
 }
 
-/// Binds `addr`; a Unix socket file gets permissions `mode` (e.g. 0o600).
-/// A stale socket file left by a previous run is replaced; any other file is not.
-pub async fn bind(addr: &ListenAddr, mode: u32) -> io::Result<Listener> {
+/// Binds `addr` with room for `backlog` pending connections; a Unix socket
+/// file gets permissions `mode` (e.g. 0o600). A stale socket file left by a
+/// previous run is replaced; any other file is not.
+///
+/// The backlog is what a burst of new connections (a frontend fanning out, a
+/// restarted app pool) queues in before keyrelay accepts them: when it is
+/// full the kernel drops SYNs and each such client waits 1 s, then 3 s, to
+/// retry. std and tokio bind with 128 or 1024; keyrelay asks for more.
+pub async fn bind(addr: &ListenAddr, mode: u32, backlog: u32) -> io::Result<Listener> {
+    let backlog = effective_backlog(backlog);
     match addr {
-        ListenAddr::Tcp(addr) => Ok(Listener::Tcp(TcpListener::bind(addr).await?)),
+        ListenAddr::Tcp(addr) => {
+            let socket = if addr.is_ipv4() {
+                TcpSocket::new_v4()?
+            } else {
+                TcpSocket::new_v6()?
+            };
+            // What std's TcpListener::bind does on Unix: a restart can bind
+            // while old connections sit in TIME_WAIT.
+            socket.set_reuseaddr(true)?;
+            socket.bind(*addr)?;
+            Ok(Listener::Tcp(socket.listen(backlog)?))
+        }
         ListenAddr::Unix(path) => {
             if let Ok(meta) = std::fs::symlink_metadata(path) {
                 if !meta.file_type().is_socket() {
@@ -56,11 +74,45 @@ pub async fn bind(addr: &ListenAddr, mode: u32) -> io::Result<Listener> {
                 }
                 std::fs::remove_file(path)?;
             }
-            let listener = UnixListener::bind(path)?;
+            let socket = UnixSocket::new_stream()?;
+            socket.bind(path)?;
+            let listener = socket.listen(backlog)?;
             std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
             Ok(Listener::Unix(listener, SocketFile(path.clone())))
         }
     }
+}
+
+/// `requested`, or the kernel's ceiling when that is lower (the kernel would
+/// cut it silently; saying so at startup tells the operator which knob to turn).
+fn effective_backlog(requested: u32) -> u32 {
+    match max_backlog() {
+        Some(ceiling) if ceiling < requested => {
+            tracing::info!(
+                listen_backlog = requested,
+                somaxconn = ceiling,
+                "listen_backlog capped by the kernel's net.core.somaxconn; raise that sysctl for a larger queue"
+            );
+            ceiling
+        }
+        _ => requested,
+    }
+}
+
+/// The kernel's ceiling on listen backlogs, where it can be read.
+#[cfg(target_os = "linux")]
+fn max_backlog() -> Option<u32> {
+    std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Elsewhere (macOS: kern.ipc.somaxconn) the kernel caps it without telling.
+#[cfg(not(target_os = "linux"))]
+fn max_backlog() -> Option<u32> {
+    None
 }
 
 impl Listener {

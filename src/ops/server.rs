@@ -71,6 +71,11 @@ pub async fn serve(
 
     loop {
         tokio::select! {
+            // In order: a shutdown is seen at once; then every connection the
+            // kernel has queued is accepted before finished ones are reaped,
+            // so a burst drains from the backlog as fast as it can.
+            biased;
+            () = &mut shutdown => break,
             accepted = listener.accept() => {
                 let (stream, peer) = match accepted {
                     Ok(accepted) => accepted,
@@ -103,7 +108,6 @@ pub async fn serve(
             }
             // Reap finished connection tasks so the set does not grow without bound.
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
-            () = &mut shutdown => break,
         }
     }
 
