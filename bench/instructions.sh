@@ -13,6 +13,10 @@
 # It counts user-space instructions only: kernel work (the socket calls) is
 # not included, and it says nothing about time spent waiting.
 #
+# keyrelay runs at its default log level, as users run it: one access-log
+# line per request, written by the log thread (counted too). For the quiet
+# figure: RUST_LOG=warn bench/instructions.sh
+#
 # Needs valgrind and python3 (installed with apt-get when missing and root).
 set -euo pipefail
 export LC_ALL=C
@@ -82,7 +86,7 @@ count() {
   local requests=$1 port out pid
   port=$(free_port)
   out=$WORK/callgrind.$requests.out
-  BASETEN_API_KEY=bench-key RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$out" \
+  BASETEN_API_KEY=bench-key valgrind --tool=callgrind --callgrind-out-file="$out" \
     "$ROOT/target/release/keyrelay" --listen "127.0.0.1:$port" --upstream "http://$UPSTREAM" \
     >"$WORK/keyrelay.$requests.log" 2>&1 &
   pid=$!
@@ -104,4 +108,4 @@ large=$(count $((BASE + EXTRA)))
 [ -n "$small" ] && [ -n "$large" ] || fail "callgrind wrote no summary"
 per_request=$(((large - small) / EXTRA))
 echo "instructions_per_request $per_request"
-log "keyrelay: $per_request instructions per request ($small for $BASE, $large for $((BASE + EXTRA)))"
+log "keyrelay (log level ${RUST_LOG:-default}): $per_request instructions per request ($small for $BASE, $large for $((BASE + EXTRA)))"

@@ -75,6 +75,7 @@ pub async fn run(
             ));
         }
     }
+    background.spawn(ops::logging::report_dropped_lines());
     let tokens = proxy.access_tokens();
     for (index, path) in tokens.files() {
         let tokens = Arc::clone(tokens);

@@ -70,7 +70,8 @@ async fn run_proxy(sources: Sources) -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    logging::init(config.log_format);
+    // Held to the end: dropping it writes out every queued log line.
+    let _log = logging::init(config.log_format);
     let listener = match keyrelay::ops::listener::bind(
         &config.listen,
         config.unix_socket_mode,

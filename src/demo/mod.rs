@@ -63,7 +63,7 @@ pub async fn run(mut sources: Sources) -> Result<(), DemoError> {
         sources.set(setting, OverrideValue::Text(value));
     }
     let config = config::load(&sources).map_err(DemoError::Config)?;
-    crate::ops::logging::init(config.log_format);
+    let _log = crate::ops::logging::init(config.log_format);
 
     let listener = bind_or_fallback(&config.listen).await?;
     let proxy_addr = listener.local_addr()?;

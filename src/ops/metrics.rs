@@ -13,6 +13,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 
+use crate::ops::logging;
 use crate::ops::request_record::Outcome;
 
 /// Latency buckets in seconds, 1 ms to 20 minutes (cold starts and long generations).
@@ -93,6 +94,9 @@ pub struct Metrics {
     bytes_out: Family<RouteLabel, Counter>,
     upstream_errors: Family<ErrorLabels, Counter>,
     credential_reloads: Counter,
+    /// Mirrors [`logging::dropped_lines`], brought up to date on each scrape;
+    /// the lock keeps two concurrent scrapes from adding the same lines twice.
+    log_lines_dropped: std::sync::Mutex<Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -186,6 +190,12 @@ impl Metrics {
             "Times the upstream key was reloaded from key_file",
             credential_reloads.clone(),
         );
+        let log_lines_dropped = Counter::default();
+        registry.register(
+            "log_lines_dropped",
+            "Log lines dropped because the log writer fell behind (requests never wait on it)",
+            log_lines_dropped.clone(),
+        );
         Self {
             registry,
             requests,
@@ -198,6 +208,7 @@ impl Metrics {
             bytes_out,
             upstream_errors,
             credential_reloads,
+            log_lines_dropped: std::sync::Mutex::new(log_lines_dropped),
         }
     }
 
@@ -238,6 +249,10 @@ impl Metrics {
 
     /// The Prometheus text exposition of every metric.
     pub fn encode(&self) -> String {
+        if let Ok(counter) = self.log_lines_dropped.lock() {
+            let behind = logging::dropped_lines().saturating_sub(counter.get());
+            counter.inc_by(behind);
+        }
         let mut text = String::new();
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
