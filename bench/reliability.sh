@@ -13,7 +13,7 @@
 #   bench/reliability.sh --out FILE   write the report elsewhere (default RELIABILITY.md)
 #
 # Steps:
-#   1. cargo test --test hostile_input --test upstream_faults -- --nocapture:
+#   1. cargo test --test it -- hostile_input:: upstream_faults:: --nocapture:
 #      every case prints `RELIABILITY|table|cell|cell|...`; the lines become
 #      the tables, and each test's verdict is listed (a failing test is a bug
 #      found, named in the report; the run goes on).
@@ -49,10 +49,10 @@ trap 'rm -rf "$WORK"' EXIT
 log "1/3 hostile-input and upstream-fault tests"
 started=$SECONDS
 set +e
-nice cargo test --no-fail-fast --test hostile_input --test upstream_faults -- --nocapture \
+nice cargo test --no-fail-fast --test it -- hostile_input:: upstream_faults:: --nocapture \
   >"$WORK/tests.out" 2>&1
 TESTS_STATUS=$?
-cargo test --quiet --test hostile_input --test upstream_faults -- --list >"$WORK/tests.list" 2>/dev/null
+cargo test --quiet --test it -- hostile_input:: upstream_faults:: --list >"$WORK/tests.list" 2>/dev/null
 set -e
 cp "$WORK/tests.out" "$WORK/tests.err"
 TESTS_SECS=$((SECONDS - started))
@@ -190,8 +190,8 @@ w("## Summary")
 w("")
 total_cases = sum(len(v) for k, v in rows.items() if k != "fault")
 w(f"- **Hostile input**: {total_cases} bad inputs sent through real sockets "
-  f"(`tests/hostile_input.rs`); **upstream faults**: {len(rows.get('fault', []))} injected "
-  f"(`tests/upstream_faults.rs`). Tests: {sum(1 for _, v in verdicts if v == 'ok')} passed, "
+  f"(`tests/it/hostile_input.rs`); **upstream faults**: {len(rows.get('fault', []))} injected "
+  f"(`tests/it/upstream_faults.rs`). Tests: {sum(1 for _, v in verdicts if v == 'ok')} passed, "
   f"{len(failed)} failed in {tests_secs} s.")
 if failed:
     w("- **Failing tests (bugs found, not yet fixed)**:")

@@ -1,4 +1,4 @@
-"""A `grpcio` client for tests/grpc.rs: one server-streaming call, no stubs.
+"""A `grpcio` client for tests/it/grpc.rs: one server-streaming call, no stubs.
 
 Usage: grpc_client.py TARGET REQUEST [CA_PEM]
 

@@ -1,4 +1,4 @@
-"""A gRPC upstream over TLS for tests/grpc.rs, built on `grpcio` without stubs.
+"""A gRPC upstream over TLS for tests/it/grpc.rs, built on `grpcio` without stubs.
 
 Usage: grpc_server.py CERT_DER KEY_DER EXPECTED_AUTH
 

@@ -1,4 +1,4 @@
-"""Calls a chat completion with the official `openai` SDK, for tests/sdk_openai.rs.
+"""Calls a chat completion with the official `openai` SDK, for tests/it/sdk_openai.rs.
 
 Usage: openai_stream.py BASE_URL stream|once
 

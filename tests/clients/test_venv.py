@@ -4,7 +4,7 @@ Python clients and servers in, and prints its interpreter's path.
 
     python3 tests/clients/test_venv.py VENV_DIR REQUIREMENTS_FILE
 
-`cargo test` calls this (tests/support/python.rs) the first time a test needs
+`cargo test` calls this (tests/it/support/python.rs) the first time a test needs
 Python, so a fresh machine with only the Rust toolchain and python3 passes the
 README's test command: nothing is installed into the user's Python.
 

@@ -1,4 +1,4 @@
-"""A `websockets` client for tests/websocket_client.rs, driven by its stdin.
+"""A `websockets` client for tests/it/websocket_client.rs, driven by its stdin.
 
 Usage: ws_echo_client.py URL
 

@@ -1,4 +1,4 @@
-"""A WebSocket upstream for tests/websocket_client.rs, built on `websockets`.
+"""A WebSocket upstream for tests/it/websocket_client.rs, built on `websockets`.
 
 Usage: ws_echo_server.py EXPECTED_AUTHORIZATION
 

@@ -1,0 +1,34 @@
+//! keyrelay's integration tests: one test binary (one link on a 2-core
+//! machine, not 25), a module per behaviour family, and the helpers in
+//! [`support`] declared once. Every test drives keyrelay through real
+//! sockets on 127.0.0.1:0, in-process (`keyrelay::run`) or as the binary.
+//!
+//! Run one family with `cargo test --test it <module>::`.
+
+mod support;
+
+mod access_log;
+mod backpressure;
+mod burst;
+mod cancellation;
+mod clients;
+mod config_errors;
+mod credentials;
+mod demo;
+mod failures;
+mod forwarding;
+mod grpc;
+mod hostile_input;
+mod key_rotation;
+mod lifecycle;
+mod metrics;
+mod operations;
+mod routes;
+mod sdk_openai;
+mod secrets;
+mod security;
+mod streaming;
+mod unix_socket;
+mod upstream_faults;
+mod websocket;
+mod websocket_client;

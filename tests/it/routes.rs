@@ -1,0 +1,203 @@
+//! Several routes on one port: longest prefix wins, the prefix is stripped
+//! (or kept), each route injects its own key in its own header, and a path
+//! matching no route gets a 404 listing the prefixes (never keys).
+
+use crate::support;
+
+use std::collections::HashMap;
+
+use http::Request;
+use http_body_util::BodyExt;
+use keyrelay::config::{self, Sources};
+use support::*;
+use tokio::net::TcpListener;
+
+const OTHER_KEY: &str = "kr-test-OTHER-KEY-91b2c3";
+
+/// Starts keyrelay in-process from a TOML route table.
+async fn start_with_file(toml: &str) -> (std::net::SocketAddr, tokio::sync::oneshot::Sender<()>) {
+    let path = std::env::temp_dir().join(format!(
+        "keyrelay-routes-{}-{}.toml",
+        std::process::id(),
+        toml.len()
+    ));
+    std::fs::write(&path, toml).expect("write config");
+    let sources = Sources {
+        file: Some(path),
+        env: HashMap::from([
+            ("BASETEN_API_KEY".to_owned(), KEY.to_owned()),
+            ("OTHER_KEY".to_owned(), OTHER_KEY.to_owned()),
+        ]),
+        ..Sources::default()
+    };
+    let config = config::load(&sources).expect("valid route table");
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(keyrelay::run(config, listener, async {
+        let _ = stopped.await;
+    }));
+    (addr, stop)
+}
+
+async fn get(
+    addr: std::net::SocketAddr,
+    path: &str,
+) -> tokio::task::JoinHandle<http::Response<hyper::body::Incoming>> {
+    let client = http1_client();
+    let request = Request::get(format!("http://{addr}{path}"))
+        .header("authorization", "Bearer placeholder")
+        .body(empty())
+        .expect("request");
+    tokio::spawn(async move { client.request(request).await.expect("response") })
+}
+
+#[tokio::test]
+async fn longest_prefix_wins_and_each_route_injects_its_own_key() {
+    let mut llama = MockUpstream::start().await;
+    let mut grpc_like = MockUpstream::start().await;
+    let mut fallback = MockUpstream::start().await;
+    let toml = format!(
+        r#"
+upstream = "{fallback}"
+
+[[routes]]
+name = "llama"
+prefix = "/llama"
+upstream = "{llama}/base"
+key_env = "BASETEN_API_KEY"
+
+[[routes]]
+name = "llama-keep"
+prefix = "/llama/keep"
+upstream = "{other}"
+key_env = "OTHER_KEY"
+auth_header = "baseten-authorization"
+auth_template = "Api-Key {{key}}"
+strip_prefix = false
+"#,
+        fallback = fallback.url(),
+        llama = llama.url(),
+        other = grpc_like.url(),
+    );
+    let (addr, _stop) = start_with_file(&toml).await;
+
+    // /llama/... -> the llama upstream, prefix stripped, base path joined.
+    let pending = get(addr, "/llama/v1/models?x=1").await;
+    let exchange = llama.next().await;
+    assert_eq!(
+        exchange
+            .request
+            .uri()
+            .path_and_query()
+            .expect("pq")
+            .as_str(),
+        "/base/v1/models?x=1"
+    );
+    assert_eq!(exchange.request.headers()["authorization"], EXPECTED_AUTH);
+    exchange.respond_full(200, "llama");
+    assert_eq!(within("llama", pending).await.expect("join").status(), 200);
+
+    // The bare prefix maps to the upstream's base path.
+    let pending = get(addr, "/llama").await;
+    let exchange = llama.next().await;
+    assert_eq!(exchange.request.uri().path(), "/base/");
+    exchange.respond_full(200, "root");
+    within("llama root", pending).await.expect("join");
+
+    // The longer prefix wins; strip_prefix = false keeps it; its own header and key.
+    let pending = get(addr, "/llama/keep/predict").await;
+    let exchange = grpc_like.next().await;
+    assert_eq!(exchange.request.uri().path(), "/llama/keep/predict");
+    assert_eq!(
+        exchange.request.headers()["baseten-authorization"],
+        format!("Api-Key {OTHER_KEY}").as_str()
+    );
+    assert!(
+        exchange.request.headers().get("authorization").is_none(),
+        "the client's placeholder is scrubbed, and nothing else is injected there"
+    );
+    exchange.respond_full(200, "keep");
+    within("keep", pending).await.expect("join");
+
+    // Prefixes match whole segments: /llamas is not /llama; it goes to the default route.
+    let pending = get(addr, "/llamas/predict").await;
+    let exchange = fallback.next().await;
+    assert_eq!(exchange.request.uri().path(), "/llamas/predict");
+    assert_eq!(exchange.request.headers()["authorization"], EXPECTED_AUTH);
+    exchange.respond_full(200, "fallback");
+    within("fallback", pending).await.expect("join");
+
+    assert!(llama.nothing_received() && grpc_like.nothing_received());
+}
+
+#[tokio::test]
+async fn unmatched_path_gets_404_listing_prefixes_and_never_keys() {
+    let mut upstream = MockUpstream::start().await;
+    let toml = format!(
+        r#"
+[[routes]]
+name = "a"
+prefix = "/a"
+upstream = "{url}"
+key_env = "BASETEN_API_KEY"
+
+[[routes]]
+name = "b"
+prefix = "/b"
+upstream = "{url}"
+key_env = "OTHER_KEY"
+"#,
+        url = upstream.url()
+    );
+    let (addr, _stop) = start_with_file(&toml).await;
+    let response = within("404", get(addr, "/c/predict").await)
+        .await
+        .expect("join");
+    assert_eq!(response.status(), 404);
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    let text = String::from_utf8_lossy(&body);
+    let json: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
+    assert_eq!(json["type"], "no_route");
+    let mut routes: Vec<&str> = json["routes"]
+        .as_array()
+        .expect("routes list")
+        .iter()
+        .filter_map(|v| v.as_str())
+        .collect();
+    routes.sort_unstable();
+    assert_eq!(routes, ["/a", "/b"]);
+    assert!(!text.contains(KEY) && !text.contains(OTHER_KEY), "{text}");
+    assert!(upstream.nothing_received());
+}
+
+#[tokio::test]
+async fn route_path_policy_applies_to_local_paths() {
+    let mut upstream = MockUpstream::start().await;
+    let toml = format!(
+        r#"
+[[routes]]
+name = "whisper"
+prefix = "/whisper"
+upstream = "{url}"
+key_env = "BASETEN_API_KEY"
+allowed_paths = ["GET /whisper/health"]
+"#,
+        url = upstream.url()
+    );
+    let (addr, _stop) = start_with_file(&toml).await;
+    let response = within("403", get(addr, "/whisper/other").await)
+        .await
+        .expect("join");
+    assert_eq!(response.status(), 403);
+    let pending = get(addr, "/whisper/health").await;
+    let exchange = upstream.next().await;
+    assert_eq!(exchange.request.uri().path(), "/health");
+    exchange.respond_full(200, "ok");
+    assert_eq!(within("200", pending).await.expect("join").status(), 200);
+}

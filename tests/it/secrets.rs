@@ -1,0 +1,176 @@
+//! The key never leaks: not in logs at any level (the real binary at
+//! RUST_LOG=trace), not in error bodies, not in `Debug` output, and never to a
+//! host other than the configured upstream.
+
+use crate::support;
+
+use std::process::Stdio;
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::BodyExt;
+use support::*;
+
+/// A client-side secret: SDK placeholders can be real tokens too; they must not be logged either.
+const CLIENT_SECRET: &str = "client-bearer-7d41e0c2";
+
+/// Sends a streamed request and a failing one through `relay`, checking responses on the way.
+async fn exercise(upstream: &mut MockUpstream, relay: std::net::SocketAddr, h2: bool) {
+    let client = if h2 { h2c_client() } else { http1_client() };
+    let request = Request::post(format!("http://{relay}/production/predict?q=1"))
+        .header("authorization", format!("Bearer {CLIENT_SECRET}"))
+        .header("x-api-key", CLIENT_SECRET)
+        .body(full(r#"{"stream": true}"#))
+        .expect("request");
+    let pending = tokio::spawn(client.request(request));
+    let exchange = upstream.next().await;
+    assert_eq!(exchange.request.headers()["authorization"], EXPECTED_AUTH);
+    let (mut tx, _dropped) = exchange.respond_streaming();
+    let response = within("response", pending)
+        .await
+        .expect("join")
+        .expect("response");
+    let mut body = response.into_body();
+    for token in ["a", "b", "c"] {
+        tx.send_data(Bytes::from(token)).await.expect("send");
+        next_data(&mut body).await.expect("frame").expect("data");
+    }
+    drop(tx);
+    let end = next_data(&mut body).await;
+    assert!(end.is_none(), "stream should end cleanly, got {end:?}");
+
+    // An upstream error passes through, and its body must not echo the key.
+    let pending = tokio::spawn(
+        client.request(
+            Request::get(format!("http://{relay}/missing"))
+                .body(empty())
+                .expect("request"),
+        ),
+    );
+    upstream
+        .next()
+        .await
+        .respond_full(401, r#"{"error": "bad key"}"#);
+    let response = within("response", pending)
+        .await
+        .expect("join")
+        .expect("response");
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    assert!(!String::from_utf8_lossy(&body).contains(KEY));
+}
+
+fn assert_clean(output: &str) {
+    assert!(!output.is_empty(), "expected trace output to scan");
+    assert!(
+        !output.contains(KEY),
+        "the upstream key appeared in output:\n{output}"
+    );
+    assert!(
+        !output.contains(CLIENT_SECRET),
+        "a client credential appeared in output"
+    );
+}
+
+async fn scan_binary_at_trace(extra: &[&str], h2_client: bool) {
+    let mut upstream = MockUpstream::start().await;
+    let mut command = binary();
+    command
+        .args(["--listen", "127.0.0.1:0", "--upstream", &upstream.url()])
+        .args(extra)
+        .env("BASETEN_API_KEY", KEY)
+        .env("RUST_LOG", "trace");
+    let mut relay = RelayProcess::spawn(command).await;
+    exercise(&mut upstream, relay.addr, h2_client).await;
+    relay.child.start_kill().expect("kill");
+    let mut stdout = relay.child.stdout.take().expect("stdout");
+    let _ = relay.child.wait().await;
+    let mut printed = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut stdout, &mut printed)
+        .await
+        .expect("stdout");
+    let log = relay.log();
+    assert!(
+        log.contains("TRACE") || log.contains("DEBUG"),
+        "trace logging was on:\n{log}"
+    );
+    assert_clean(&(log + &printed));
+}
+
+#[tokio::test]
+async fn key_never_appears_in_trace_logs_http1() {
+    scan_binary_at_trace(&[], false).await;
+}
+
+#[tokio::test]
+async fn key_never_appears_in_trace_logs_h2_both_sides() {
+    scan_binary_at_trace(&["--upstream-http2"], true).await;
+}
+
+#[tokio::test]
+async fn key_never_appears_in_json_logs() {
+    scan_binary_at_trace(&["--log-format", "json"], false).await;
+}
+
+#[tokio::test]
+async fn key_never_appears_in_error_bodies() {
+    // Nothing listens on this port once the listener is dropped.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let relay = Relay::start(&format!("http://127.0.0.1:{port}"), &[]).await;
+    let response = within(
+        "502",
+        http1_client().request(
+            Request::get(relay.url("/x"))
+                .body(empty())
+                .expect("request"),
+        ),
+    )
+    .await
+    .expect("response");
+    assert_eq!(response.status(), 502);
+    let headers = format!("{:?}", response.headers());
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    assert!(!headers.contains(KEY));
+    assert!(!String::from_utf8_lossy(&body).contains(KEY));
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn config_debug_output_masks_the_key() {
+    let config = keyrelay::config::load(&sources("https://a.test", &[])).expect("config");
+    for rendering in [format!("{config:?}"), format!("{config:#?}")] {
+        assert!(
+            !rendering.contains(KEY),
+            "Debug leaked the key: {rendering}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn startup_errors_do_not_print_the_key() {
+    let output = binary()
+        .args(["--upstream", "not a url", "--listen", "nowhere"])
+        .env("BASETEN_API_KEY", KEY)
+        .env("RUST_LOG", "trace")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .output()
+        .expect("run");
+    let text = String::from_utf8_lossy(&output.stderr).into_owned()
+        + &String::from_utf8_lossy(&output.stdout);
+    assert!(text.contains("upstream"), "{text}");
+    assert!(!text.contains(KEY));
+}

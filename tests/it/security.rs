@@ -1,0 +1,1330 @@
+//! Admission, attacked through real sockets: DNS-rebinding `Host` values,
+//! cross-site browser requests and preflights, local access tokens and their
+//! rate limit, the non-loopback bind guard, and the path policy.
+//!
+//! Requests whose exact bytes matter (a hostile `Host`, none at all, HTTP/1.0,
+//! absolute-form targets) go through the raw TCP client. Every refusal is
+//! checked two ways: keyrelay's JSON error reaches the client, and the mock
+//! upstream sees nothing (the request races the upstream, so a forwarded
+//! request fails the test at once instead of timing out).
+
+use crate::support;
+
+use crate::support::raw;
+
+use crate::support::guard_util;
+
+use std::process::Stdio;
+
+use bytes::Bytes;
+use guard_util::*;
+use http::{Request, Response};
+use keyrelay::config::{self, OverrideValue, Sources};
+use support::*;
+
+/// The origin the CORS tests allow.
+const APP_ORIGIN: &str = "http://localhost:3000";
+
+/// A local access token held in an environment variable; the variable names it.
+/// (Not `KEYRELAY_*`: those variables are keyrelay's own settings.)
+const ENV_TOKEN_VAR: &str = "FRONTEND_TOKEN";
+const ENV_TOKEN: &str = "tok-frontend-3b8e1f0a9c7d5e2b";
+
+/// A local access token held in a file; the file name names it.
+const FILE_TOKEN_NAME: &str = "batch-token";
+const FILE_TOKEN: &str = "tok-batch-6a2d9e4c1f8b7a30";
+
+/// A raw HTTP/1.1 request with the given `Host` line (or none) and extra header lines.
+fn with_host(method: &str, target: &str, host: Option<&str>, headers: &[(&str, &str)]) -> String {
+    let mut text = format!("{method} {target} HTTP/1.1\r\n");
+    if let Some(host) = host {
+        text.push_str(&format!("Host: {host}\r\n"));
+    }
+    for (name, value) in headers {
+        text.push_str(&format!("{name}: {value}\r\n"));
+    }
+    text.push_str("Content-Length: 0\r\nConnection: close\r\n\r\n");
+    text
+}
+
+/// A raw request to a loopback `Host`, with extra header lines and a body.
+fn request(method: &str, target: &str, headers: &[(&str, &str)], body: &str) -> String {
+    let mut text = format!("{method} {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n");
+    for (name, value) in headers {
+        text.push_str(&format!("{name}: {value}\r\n"));
+    }
+    text.push_str(&format!(
+        "Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    ));
+    text
+}
+
+fn ok() -> Response<TestBody> {
+    Response::new(full("ok"))
+}
+
+fn upstream_connections(upstream: &MockUpstream) -> usize {
+    *upstream.connections.lock().expect("lock")
+}
+
+// ---------------------------------------------------------------------------
+// 1. Host: DNS rebinding
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn rebinding_host_names_are_refused_and_reach_nothing() {
+    let mut upstream = MockUpstream::start().await;
+    let relay = Relay::start(&upstream.url(), &[]).await;
+    let port = relay.addr.port();
+    let mut hosts: Vec<String> = Vec::new();
+    for name in [
+        // Attacker-controlled names that resolve to 127.0.0.1.
+        "evil.example",
+        "localhost.evil.example",
+        "localhost.evil.example.",
+        "127.0.0.1.nip.io",
+        "evilocalhost",
+        // Other spellings of "this machine" a rebinding page could use.
+        "127.0.0.2",
+        "0.0.0.0",
+        "2130706433",
+        "0x7f000001",
+        "127.1",
+        "[::2]",
+        "[::]",
+    ] {
+        hosts.push(name.to_owned());
+        hosts.push(format!("{name}:{port}"));
+    }
+    hosts.extend(["localhost:http".to_owned(), "localhost:".to_owned()]);
+
+    for host in &hosts {
+        let response = refused(
+            &mut upstream,
+            relay.addr,
+            &with_host("GET", "/v1/models", Some(host), &[]),
+        )
+        .await;
+        assert_keyrelay_error(&response, 403, "host_not_allowed");
+        assert!(
+            response.header("access-control-allow-origin").is_none(),
+            "{host}"
+        );
+    }
+    // A rebinding page also sends its own origin; the host check still answers.
+    let response = refused(
+        &mut upstream,
+        relay.addr,
+        &with_host(
+            "POST",
+            "/v1/chat/completions",
+            Some(&format!("evil.example:{port}")),
+            &[
+                ("Origin", &format!("http://evil.example:{port}")),
+                ("Content-Type", "text/plain"),
+            ],
+        ),
+    )
+    .await;
+    assert_keyrelay_error(&response, 403, "host_not_allowed");
+
+    assert_eq!(
+        upstream_connections(&upstream),
+        0,
+        "keyrelay must not even connect upstream for a refused Host"
+    );
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn empty_missing_and_conflicting_hosts_are_refused() {
+    let mut upstream = MockUpstream::start().await;
+    let relay = Relay::start(&upstream.url(), &[]).await;
+    let port = relay.addr.port();
+    let cases = [
+        (
+            "empty Host",
+            "GET /v1/models HTTP/1.1\r\nHost: \r\nConnection: close\r\n\r\n".to_owned(),
+        ),
+        (
+            "blank Host",
+            "GET /v1/models HTTP/1.1\r\nHost:    \r\nConnection: close\r\n\r\n".to_owned(),
+        ),
+        (
+            "HTTP/1.1 without Host",
+            "GET /v1/models HTTP/1.1\r\nConnection: close\r\n\r\n".to_owned(),
+        ),
+        (
+            "HTTP/1.0 without Host",
+            "GET /v1/models HTTP/1.0\r\n\r\n".to_owned(),
+        ),
+        (
+            "HTTP/1.0 with an attacker Host",
+            "GET /v1/models HTTP/1.0\r\nHost: evil.example\r\n\r\n".to_owned(),
+        ),
+        (
+            "a second, hostile Host",
+            format!(
+                "GET /v1/models HTTP/1.1\r\nHost: localhost:{port}\r\nHost: evil.example\r\n\
+                 Connection: close\r\n\r\n"
+            ),
+        ),
+        (
+            "absolute-form naming an attacker host",
+            format!(
+                "GET http://evil.example:{port}/v1/models HTTP/1.1\r\nHost: localhost:{port}\r\n\
+                 Connection: close\r\n\r\n"
+            ),
+        ),
+        (
+            "absolute-form to localhost with an attacker Host",
+            format!(
+                "GET http://localhost:{port}/v1/models HTTP/1.1\r\nHost: evil.example\r\n\
+                 Connection: close\r\n\r\n"
+            ),
+        ),
+    ];
+    for (what, request) in &cases {
+        let response = refused(&mut upstream, relay.addr, request).await;
+        assert_eq!(response.status(), 403, "{what}: {:?}", response.head);
+        assert_keyrelay_error(&response, 403, "host_not_allowed");
+    }
+    assert_eq!(upstream_connections(&upstream), 0);
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn loopback_hosts_in_every_spelling_and_configured_hosts_are_accepted() {
+    let mut upstream = MockUpstream::start().await;
+    let relay = Relay::start(
+        &upstream.url(),
+        &[("allowed_hosts", "keyrelay.internal,Models.Team.Svc.")],
+    )
+    .await;
+    let port = relay.addr.port();
+    let accepted = [
+        "localhost".to_owned(),
+        "LOCALHOST".to_owned(),
+        "LocalHost.".to_owned(),
+        format!("localhost:{port}"),
+        format!("localhost.:{port}"),
+        "127.0.0.1".to_owned(),
+        format!("127.0.0.1:{port}"),
+        "127.0.0.1.".to_owned(),
+        "[::1]".to_owned(),
+        format!("[::1]:{port}"),
+        "keyrelay.internal".to_owned(),
+        "KEYRELAY.INTERNAL.:8080".to_owned(),
+        "models.team.svc".to_owned(),
+        format!("models.team.svc:{port}"),
+    ];
+    for host in &accepted {
+        let (_, response) = forwarded(
+            &mut upstream,
+            relay.addr,
+            &with_host("GET", "/v1/models", Some(host), &[]),
+            ok(),
+        )
+        .await;
+        assert_eq!(response.status(), 200, "{host}: {:?}", response.head);
+        assert_eq!(response.body_text(), "ok");
+    }
+    // Configured names are exact, not suffixes or prefixes.
+    for host in [
+        "evil.keyrelay.internal",
+        "keyrelay.internal.evil.example",
+        "keyrelay.internals",
+        "team.svc",
+    ] {
+        let response = refused(
+            &mut upstream,
+            relay.addr,
+            &with_host("GET", "/v1/models", Some(host), &[]),
+        )
+        .await;
+        assert_keyrelay_error(&response, 403, "host_not_allowed");
+    }
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn h2c_with_a_hostile_authority_is_refused() {
+    let mut upstream = MockUpstream::start().await;
+    let relay = Relay::start(&upstream.url(), &[]).await;
+    let port = relay.addr.port();
+
+    for (authority, host_header) in [
+        (format!("evil.example:{port}"), None),
+        (format!("127.0.0.1.nip.io:{port}"), None),
+        ("2130706433".to_owned(), None),
+        // Good :authority, hostile Host header: every authority must pass.
+        (format!("localhost:{port}"), Some("evil.example")),
+    ] {
+        let mut builder = Request::get(format!("http://{authority}/v1/models"));
+        if let Some(host) = host_header {
+            builder = builder.header("host", host);
+        }
+        let pending = tokio::spawn(h2_send(relay.addr, builder.body(empty()).expect("request")));
+        let response = tokio::select! {
+            response = pending => response.expect("h2 client"),
+            exchange = upstream.next() => panic!(
+                ":authority {authority} reached the upstream: {:?}",
+                exchange.request.headers()
+            ),
+        };
+        assert_eq!(response.version(), http::Version::HTTP_2);
+        assert_eq!(response.status(), 403, ":authority {authority}");
+        let body = body_bytes(response).await;
+        let json: serde_json::Value = serde_json::from_slice(&body).expect("JSON error");
+        assert_eq!(json["type"], "host_not_allowed", "{json}");
+    }
+    assert_eq!(upstream_connections(&upstream), 0);
+
+    // The same client with a loopback :authority is served: the refusals above
+    // are about the name, not about h2c.
+    let pending = tokio::spawn(h2_send(
+        relay.addr,
+        Request::get(format!("http://localhost:{port}/v1/models"))
+            .body(empty())
+            .expect("request"),
+    ));
+    upstream.next().await.respond_full(200, "ok");
+    let response = within("h2 response", pending).await.expect("join");
+    assert_eq!(response.status(), 200);
+    relay.stop().await;
+}
+
+// ---------------------------------------------------------------------------
+// 2. Origin and CORS
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn any_origin_is_refused_by_default_and_requests_without_one_pass() {
+    let mut upstream = MockUpstream::start().await;
+    let relay = Relay::start(&upstream.url(), &[]).await;
+    let cross_site = [
+        (
+            "GET from a local app",
+            request("GET", "/v1/models", &[("Origin", APP_ORIGIN)], ""),
+        ),
+        (
+            "simple cross-site POST (text/plain, no preflight)",
+            request(
+                "POST",
+                "/v1/chat/completions",
+                &[
+                    ("Origin", "https://evil.example"),
+                    ("Content-Type", "text/plain"),
+                ],
+                r#"{"model":"m","messages":[{"role":"user","content":"spend"}]}"#,
+            ),
+        ),
+        (
+            "form POST",
+            request(
+                "POST",
+                "/production/predict",
+                &[
+                    ("Origin", "https://evil.example"),
+                    ("Content-Type", "application/x-www-form-urlencoded"),
+                ],
+                "a=b",
+            ),
+        ),
+        (
+            "Origin: null (sandboxed iframe, file://)",
+            request(
+                "POST",
+                "/v1/chat/completions",
+                &[("Origin", "null"), ("Content-Type", "text/plain")],
+                "{}",
+            ),
+        ),
+        (
+            "preflight",
+            request(
+                "OPTIONS",
+                "/v1/chat/completions",
+                &[
+                    ("Origin", "https://evil.example"),
+                    ("Access-Control-Request-Method", "POST"),
+                ],
+                "",
+            ),
+        ),
+    ];
+    for (what, text) in &cross_site {
+        let response = refused(&mut upstream, relay.addr, text).await;
+        assert_eq!(response.status(), 403, "{what}: {:?}", response.head);
+        assert_keyrelay_error(&response, 403, "origin_not_allowed");
+        assert!(
+            response.header("access-control-allow-origin").is_none(),
+            "{what}: a refused origin must not be granted CORS"
+        );
+    }
+    assert_eq!(upstream_connections(&upstream), 0);
+
+    let (_, response) = forwarded(
+        &mut upstream,
+        relay.addr,
+        &request("POST", "/v1/chat/completions", &[], "{}"),
+        ok(),
+    )
+    .await;
+    assert_eq!(response.status(), 200);
+    assert!(response.header("access-control-allow-origin").is_none());
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn allowed_origin_gets_its_exact_origin_back_and_others_are_refused() {
+    let mut upstream = MockUpstream::start().await;
+    let relay = Relay::start(&upstream.url(), &[("allowed_origins", APP_ORIGIN)]).await;
+
+    // The upstream tries to be permissive; keyrelay's exact answer must win.
+    let answer = Response::builder()
+        .header("x-baseten-request-id", "req-123")
+        .header("access-control-allow-origin", "*")
+        .header("vary", "accept-encoding")
+        .body(full("ok"))
+        .expect("response");
+    let (_, response) = forwarded(
+        &mut upstream,
+        relay.addr,
+        &request(
+            "POST",
+            "/v1/chat/completions",
+            &[("Origin", APP_ORIGIN), ("Content-Type", "application/json")],
+            "{}",
+        ),
+        answer,
+    )
+    .await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        count(&response, "access-control-allow-origin"),
+        1,
+        "{:?}",
+        response.head
+    );
+    assert_eq!(
+        response.header("access-control-allow-origin"),
+        Some(APP_ORIGIN)
+    );
+    let vary = list_values(&response, "vary");
+    assert!(vary.contains(&"origin".to_owned()), "Vary: {vary:?}");
+    let exposed = list_values(&response, "access-control-expose-headers");
+    assert!(
+        exposed.contains(&"x-baseten-request-id".to_owned()),
+        "{exposed:?}"
+    );
+    assert_eq!(response.header("x-baseten-request-id"), Some("req-123"));
+    assert_eq!(response.body_text(), "ok");
+
+    for other in [
+        "http://localhost:3001",
+        "https://localhost:3000",
+        "http://localhost:3000.evil.example",
+        "http://127.0.0.1:3000",
+        "null",
+    ] {
+        let response = refused(
+            &mut upstream,
+            relay.addr,
+            &request("GET", "/v1/models", &[("Origin", other)], ""),
+        )
+        .await;
+        assert_keyrelay_error(&response, 403, "origin_not_allowed");
+        assert!(response.header("access-control-allow-origin").is_none());
+    }
+    // Two Origin headers, one allowed: refused, not granted.
+    let response = refused(
+        &mut upstream,
+        relay.addr,
+        &request(
+            "GET",
+            "/v1/models",
+            &[("Origin", APP_ORIGIN), ("Origin", "https://evil.example")],
+            "",
+        ),
+    )
+    .await;
+    assert_keyrelay_error(&response, 403, "origin_not_allowed");
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn preflight_from_an_allowed_origin_is_answered_locally() {
+    let mut upstream = MockUpstream::start().await;
+    let relay = Relay::start(&upstream.url(), &[("allowed_origins", APP_ORIGIN)]).await;
+    let asked_headers = "authorization, content-type, x-stainless-os";
+    let preflight = |origin: &str| {
+        request(
+            "OPTIONS",
+            "/v1/chat/completions",
+            &[
+                ("Origin", origin),
+                ("Access-Control-Request-Method", "POST"),
+                ("Access-Control-Request-Headers", asked_headers),
+                ("Access-Control-Request-Private-Network", "true"),
+            ],
+            "",
+        )
+    };
+
+    let response = refused(&mut upstream, relay.addr, &preflight(APP_ORIGIN)).await;
+    assert_eq!(response.status(), 204, "{:?}", response.head);
+    assert!(response.body.is_empty());
+    assert_eq!(
+        response.header("access-control-allow-origin"),
+        Some(APP_ORIGIN)
+    );
+    assert!(list_values(&response, "vary").contains(&"origin".to_owned()));
+    let methods = list_values(&response, "access-control-allow-methods");
+    assert!(methods.contains(&"post".to_owned()), "{methods:?}");
+    assert_eq!(
+        response.header("access-control-allow-headers"),
+        Some(asked_headers)
+    );
+    let max_age: u64 = response
+        .header("access-control-max-age")
+        .expect("max-age")
+        .parse()
+        .expect("integer max-age");
+    assert!(max_age > 0);
+    assert_eq!(
+        response.header("access-control-allow-private-network"),
+        Some("true")
+    );
+
+    let response = refused(
+        &mut upstream,
+        relay.addr,
+        &preflight("https://evil.example"),
+    )
+    .await;
+    assert_keyrelay_error(&response, 403, "origin_not_allowed");
+    assert!(response.header("access-control-allow-origin").is_none());
+    assert!(response
+        .header("access-control-allow-private-network")
+        .is_none());
+
+    assert_eq!(
+        upstream_connections(&upstream),
+        0,
+        "preflights are never forwarded"
+    );
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn allowed_origin_streams_in_lockstep_with_cors_headers() {
+    let mut upstream = MockUpstream::start().await;
+    let relay = Relay::start(&upstream.url(), &[("allowed_origins", APP_ORIGIN)]).await;
+    let client = http1_client();
+    let pending = tokio::spawn(
+        client.request(
+            Request::post(relay.url("/v1/chat/completions"))
+                .header("origin", APP_ORIGIN)
+                .header("content-type", "application/json")
+                .body(full(r#"{"stream":true}"#))
+                .expect("request"),
+        ),
+    );
+    let exchange = upstream.next().await;
+    assert_eq!(exchange.request.headers()["authorization"], EXPECTED_AUTH);
+    let (mut tx, _dropped) = exchange.respond_streaming_with(
+        Response::builder()
+            .header("content-type", "text/event-stream")
+            .header("x-baseten-request-id", "req-stream"),
+    );
+    let response = within("streaming response head", pending)
+        .await
+        .expect("join")
+        .expect("response");
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response.headers()["access-control-allow-origin"],
+        APP_ORIGIN
+    );
+    let mut body = response.into_body();
+    for frame in ["data: {\"t\":\"Hel\"}\n\n", "data: {\"t\":\"lo\"}\n\n"] {
+        tx.send_data(Bytes::from(frame)).await.expect("send frame");
+        let got = next_data(&mut body).await.expect("a frame").expect("data");
+        assert_eq!(got, frame);
+    }
+    drop(tx);
+    let end = next_data(&mut body).await;
+    assert!(end.is_none(), "stream should end cleanly, got {end:?}");
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn keyrelay_errors_carry_cors_headers_for_an_allowed_origin() {
+    let relay = Relay::start(
+        &format!("http://127.0.0.1:{}", closed_port()),
+        &[("allowed_origins", APP_ORIGIN)],
+    )
+    .await;
+    let response = raw::exchange(
+        relay.addr,
+        &request("GET", "/v1/models", &[("Origin", APP_ORIGIN)], ""),
+    )
+    .await;
+    assert_keyrelay_error(&response, 502, "upstream_refused");
+    assert_eq!(
+        response.header("access-control-allow-origin"),
+        Some(APP_ORIGIN)
+    );
+    assert!(list_values(&response, "vary").contains(&"origin".to_owned()));
+    assert!(list_values(&response, "access-control-expose-headers")
+        .contains(&"x-baseten-request-id".to_owned()));
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn admission_refusals_for_an_allowed_origin_are_readable_by_it() {
+    // A page on an allowed origin must be able to read why keyrelay said no
+    // (401, 429 with Retry-After, 403 path): without CORS headers the browser
+    // hides the response and the app only sees an opaque network error.
+    let mut upstream = MockUpstream::start().await;
+    let dir = TempDir::new("cors-refusals");
+    let sources = token_sources(
+        &upstream.url(),
+        &dir,
+        &[
+            ("allowed_origins", APP_ORIGIN),
+            ("token_rate_limit", "1/m"),
+            ("allowed_paths", "/v1/*"),
+        ],
+    );
+    let relay = Relay::from_sources(&sources).await;
+    let bearer = format!("Bearer {ENV_TOKEN}");
+
+    let unauthorized = refused(
+        &mut upstream,
+        relay.addr,
+        &request("GET", "/v1/models", &[("Origin", APP_ORIGIN)], ""),
+    )
+    .await;
+    let path = refused(
+        &mut upstream,
+        relay.addr,
+        &request(
+            "GET",
+            "/admin",
+            &[("Origin", APP_ORIGIN), ("Authorization", &bearer)],
+            "",
+        ),
+    )
+    .await;
+    // The path refusal above spent the token's only request of the minute
+    // (tokens are checked before paths), so this one is rate limited.
+    let limited = refused(
+        &mut upstream,
+        relay.addr,
+        &request(
+            "GET",
+            "/v1/models",
+            &[("Origin", APP_ORIGIN), ("Authorization", &bearer)],
+            "",
+        ),
+    )
+    .await;
+    let mut missing = Vec::new();
+    for (kind, status, response) in [
+        ("unauthorized", 401, &unauthorized),
+        ("path_not_allowed", 403, &path),
+        ("rate_limited", 429, &limited),
+    ] {
+        assert_keyrelay_error(response, status, kind);
+        if response.header("access-control-allow-origin") != Some(APP_ORIGIN) {
+            missing.push(kind);
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "refusals without Access-Control-Allow-Origin for the allowed origin: {missing:?}"
+    );
+    relay.stop().await;
+}
+
+// ---------------------------------------------------------------------------
+// 3. Local access tokens
+// ---------------------------------------------------------------------------
+
+/// Sources with one token in the environment and one in a file (with the
+/// trailing newline editors add), plus `extra` settings.
+fn token_sources(upstream: &str, dir: &TempDir, extra: &[(&str, &str)]) -> Sources {
+    let file = dir.write(FILE_TOKEN_NAME, &format!("{FILE_TOKEN}\n"));
+    let file = file.to_str().expect("UTF-8 temp path").to_owned();
+    let mut settings = vec![
+        ("access_token_env", ENV_TOKEN_VAR),
+        ("access_token_files", file.as_str()),
+    ];
+    settings.extend_from_slice(extra);
+    let mut sources = support::sources(upstream, &settings);
+    sources
+        .env
+        .insert(ENV_TOKEN_VAR.to_owned(), ENV_TOKEN.to_owned());
+    sources
+}
+
+#[tokio::test]
+async fn missing_wrong_and_near_miss_tokens_are_refused() {
+    let mut upstream = MockUpstream::start().await;
+    let dir = TempDir::new("tokens-refused");
+    let relay = Relay::from_sources(&token_sources(&upstream.url(), &dir, &[])).await;
+
+    let prefix = &ENV_TOKEN[..ENV_TOKEN.len() - 1];
+    let extended = format!("{ENV_TOKEN}0");
+    let upper = ENV_TOKEN.to_ascii_uppercase();
+    let both = format!("{ENV_TOKEN}{FILE_TOKEN}");
+    let bearer = |t: &str| format!("Bearer {t}");
+    let cases: Vec<(&str, Vec<(&str, String)>)> = vec![
+        ("no token", vec![]),
+        (
+            "wrong bearer",
+            vec![("Authorization", bearer("tok-guess-000000000000"))],
+        ),
+        ("prefix", vec![("Authorization", bearer(prefix))]),
+        ("extension", vec![("Authorization", bearer(&extended))]),
+        ("other case", vec![("Authorization", bearer(&upper))]),
+        ("two tokens glued", vec![("Authorization", bearer(&both))]),
+        ("no scheme", vec![("Authorization", ENV_TOKEN.to_owned())]),
+        (
+            "Basic scheme",
+            vec![("Authorization", format!("Basic {ENV_TOKEN}"))],
+        ),
+        (
+            "empty bearer",
+            vec![("Authorization", "Bearer ".to_owned())],
+        ),
+        (
+            "dedicated header, prefix",
+            vec![("X-Keyrelay-Token", FILE_TOKEN[..8].to_owned())],
+        ),
+        (
+            "dedicated header, token plus junk",
+            vec![("X-Keyrelay-Token", format!("{FILE_TOKEN} x"))],
+        ),
+        (
+            "token as the upstream's Api-Key scheme",
+            vec![("Authorization", format!("Api-Key {ENV_TOKEN}"))],
+        ),
+    ];
+    for (what, headers) in &cases {
+        let headers: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+        let response = refused(
+            &mut upstream,
+            relay.addr,
+            &request("POST", "/v1/chat/completions", &headers, "{}"),
+        )
+        .await;
+        assert_keyrelay_error(&response, 401, "unauthorized");
+        let challenge = response
+            .header("www-authenticate")
+            .unwrap_or_else(|| panic!("{what}: 401 without WWW-Authenticate"));
+        assert!(challenge.starts_with("Bearer"), "{what}: {challenge}");
+        assert!(
+            !response.body_text().contains(ENV_TOKEN) && !response.body_text().contains(FILE_TOKEN),
+            "{what}: the error body names a token"
+        );
+    }
+    assert_eq!(upstream_connections(&upstream), 0);
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn valid_tokens_pass_and_are_never_forwarded() {
+    let mut upstream = MockUpstream::start().await;
+    let dir = TempDir::new("tokens-pass");
+    let relay = Relay::from_sources(&token_sources(&upstream.url(), &dir, &[])).await;
+
+    // Authorization: Bearer, as an OpenAI SDK sends its api_key.
+    let (seen, response) = forwarded(
+        &mut upstream,
+        relay.addr,
+        &request(
+            "POST",
+            "/v1/chat/completions",
+            &[("Authorization", &format!("Bearer {ENV_TOKEN}"))],
+            "{}",
+        ),
+        ok(),
+    )
+    .await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(seen.get_all("authorization").iter().count(), 1);
+    assert_eq!(seen["authorization"], EXPECTED_AUTH);
+    assert!(
+        !headers_contain(&seen, ENV_TOKEN),
+        "upstream saw the token: {seen:?}"
+    );
+
+    // The dedicated header, with the file's token (its newline trimmed).
+    let (seen, response) = forwarded(
+        &mut upstream,
+        relay.addr,
+        &request(
+            "POST",
+            "/production/predict",
+            &[("X-Keyrelay-Token", FILE_TOKEN)],
+            "{}",
+        ),
+        ok(),
+    )
+    .await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(seen["authorization"], EXPECTED_AUTH);
+    assert!(seen.get("x-keyrelay-token").is_none(), "{seen:?}");
+    assert!(
+        !headers_contain(&seen, FILE_TOKEN),
+        "upstream saw the token: {seen:?}"
+    );
+
+    // Lowercase scheme, as some clients send it.
+    let (seen, response) = forwarded(
+        &mut upstream,
+        relay.addr,
+        &request(
+            "GET",
+            "/v1/models",
+            &[("authorization", &format!("bearer {FILE_TOKEN}"))],
+            "",
+        ),
+        ok(),
+    )
+    .await;
+    assert_eq!(response.status(), 200);
+    assert!(!headers_contain(&seen, FILE_TOKEN), "{seen:?}");
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn bearer_token_is_not_forwarded_when_authorization_is_not_scrubbed() {
+    // An upstream keyed by x-api-key, with a strip list that leaves
+    // Authorization alone: the local token read from Authorization must still
+    // not travel to the upstream.
+    let mut upstream = MockUpstream::start().await;
+    let dir = TempDir::new("tokens-custom-header");
+    let relay = Relay::from_sources(&token_sources(
+        &upstream.url(),
+        &dir,
+        &[
+            ("auth_header", "x-api-key"),
+            ("auth_template", "{key}"),
+            ("strip_request_headers", "x-api-key"),
+        ],
+    ))
+    .await;
+    let (seen, response) = forwarded(
+        &mut upstream,
+        relay.addr,
+        &request(
+            "POST",
+            "/v1/messages",
+            &[("Authorization", &format!("Bearer {ENV_TOKEN}"))],
+            "{}",
+        ),
+        ok(),
+    )
+    .await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(seen["x-api-key"], KEY);
+    assert!(
+        !headers_contain(&seen, ENV_TOKEN),
+        "the local access token was forwarded to the upstream: {seen:?}"
+    );
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn preflight_from_an_allowed_origin_needs_no_token() {
+    let mut upstream = MockUpstream::start().await;
+    let dir = TempDir::new("tokens-preflight");
+    let relay = Relay::from_sources(&token_sources(
+        &upstream.url(),
+        &dir,
+        &[("allowed_origins", APP_ORIGIN)],
+    ))
+    .await;
+    let response = refused(
+        &mut upstream,
+        relay.addr,
+        &request(
+            "OPTIONS",
+            "/v1/chat/completions",
+            &[
+                ("Origin", APP_ORIGIN),
+                ("Access-Control-Request-Method", "POST"),
+                ("Access-Control-Request-Headers", "authorization"),
+            ],
+            "",
+        ),
+    )
+    .await;
+    assert_eq!(response.status(), 204, "{:?}", response.head);
+    assert_eq!(
+        response.header("access-control-allow-origin"),
+        Some(APP_ORIGIN)
+    );
+    // The actual request from that origin still needs the token.
+    let (_, response) = forwarded(
+        &mut upstream,
+        relay.addr,
+        &request(
+            "POST",
+            "/v1/chat/completions",
+            &[
+                ("Origin", APP_ORIGIN),
+                ("Authorization", &format!("Bearer {ENV_TOKEN}")),
+            ],
+            "{}",
+        ),
+        ok(),
+    )
+    .await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response.header("access-control-allow-origin"),
+        Some(APP_ORIGIN)
+    );
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn token_values_never_appear_in_trace_logs_but_their_names_do() {
+    let mut upstream = MockUpstream::start().await;
+    let dir = TempDir::new("tokens-logs");
+    let file = dir.write(FILE_TOKEN_NAME, &format!("{FILE_TOKEN}\n"));
+    let near_miss = format!("{ENV_TOKEN}-wrong");
+    let mut command = binary();
+    command
+        .args(["--listen", "127.0.0.1:0", "--upstream", &upstream.url()])
+        .args(["--access-token-env", ENV_TOKEN_VAR])
+        .arg("--access-token-files")
+        .arg(&file)
+        .env("BASETEN_API_KEY", KEY)
+        .env(ENV_TOKEN_VAR, ENV_TOKEN)
+        .env("RUST_LOG", "trace");
+    let mut relay = RelayProcess::spawn(command).await;
+
+    // HTTP/1.1 with the bearer token.
+    let (seen, response) = forwarded(
+        &mut upstream,
+        relay.addr,
+        &request(
+            "POST",
+            "/v1/chat/completions",
+            &[("Authorization", &format!("Bearer {ENV_TOKEN}"))],
+            "{}",
+        ),
+        ok(),
+    )
+    .await;
+    assert_eq!(response.status(), 200);
+    assert!(!headers_contain(&seen, ENV_TOKEN));
+
+    // h2c with the dedicated header (h2 logs frames at trace level).
+    let client = h2c_client();
+    let pending = tokio::spawn(
+        client.request(
+            Request::post(format!("http://{}/production/predict", relay.addr))
+                .header("x-keyrelay-token", FILE_TOKEN)
+                .body(full("{}"))
+                .expect("request"),
+        ),
+    );
+    let exchange = upstream.next().await;
+    assert!(!headers_contain(exchange.request.headers(), FILE_TOKEN));
+    exchange.respond_full(200, "ok");
+    let response = within("h2 response", pending)
+        .await
+        .expect("join")
+        .expect("response");
+    assert_eq!(response.status(), 200);
+    let _ = within(
+        "h2 body",
+        http_body_util::BodyExt::collect(response.into_body()),
+    )
+    .await;
+
+    // A near miss is refused, and must not be logged either.
+    let response = refused(
+        &mut upstream,
+        relay.addr,
+        &request(
+            "GET",
+            "/v1/models",
+            &[("X-Keyrelay-Token", near_miss.as_str())],
+            "",
+        ),
+    )
+    .await;
+    assert_eq!(response.status(), 401);
+
+    let log = wait_for_log(&relay, "request finished", 3).await;
+    relay.child.start_kill().expect("kill");
+    let mut stdout = relay.child.stdout.take().expect("stdout");
+    let _ = relay.child.wait().await;
+    let mut printed = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut stdout, &mut printed)
+        .await
+        .expect("stdout");
+    let everything = relay.log() + &printed;
+
+    assert!(
+        log.contains("TRACE") || log.contains("DEBUG"),
+        "trace logging was on:\n{log}"
+    );
+    for (what, secret) in [
+        ("env token", ENV_TOKEN),
+        ("file token", FILE_TOKEN),
+        ("near miss", near_miss.as_str()),
+        ("upstream key", KEY),
+    ] {
+        assert!(
+            !everything.contains(secret),
+            "the {what} appeared in keyrelay's output:\n{everything}"
+        );
+    }
+    let access: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("request finished"))
+        .collect();
+    assert!(
+        access.iter().any(|l| l.contains(ENV_TOKEN_VAR)),
+        "the access log should name the env token:\n{}",
+        access.join("\n")
+    );
+    assert!(
+        access.iter().any(|l| l.contains(FILE_TOKEN_NAME)),
+        "the access log should name the file token:\n{}",
+        access.join("\n")
+    );
+}
+
+// ---------------------------------------------------------------------------
+// 4. Token rate limit
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn token_rate_limit_refuses_the_fourth_request_with_retry_after() {
+    let mut upstream = MockUpstream::start().await;
+    let dir = TempDir::new("tokens-rate");
+    let relay = Relay::from_sources(&token_sources(
+        &upstream.url(),
+        &dir,
+        &[("token_rate_limit", "3/m")],
+    ))
+    .await;
+    let with_env_token = request(
+        "POST",
+        "/v1/chat/completions",
+        &[("Authorization", &format!("Bearer {ENV_TOKEN}"))],
+        "{}",
+    );
+    for n in 1..=3 {
+        let (_, response) = forwarded(&mut upstream, relay.addr, &with_env_token, ok()).await;
+        assert_eq!(response.status(), 200, "request {n} is within the rate");
+    }
+    let limited = refused(&mut upstream, relay.addr, &with_env_token).await;
+    assert_keyrelay_error(&limited, 429, "rate_limited");
+    let retry_after = limited
+        .header("retry-after")
+        .expect("429 carries Retry-After");
+    let seconds: u64 = retry_after
+        .parse()
+        .unwrap_or_else(|_| panic!("Retry-After is whole seconds, got {retry_after:?}"));
+    assert!(
+        seconds > 0 && seconds <= 60,
+        "3/m refills one request in 20 s; Retry-After {seconds}"
+    );
+
+    // The other token has its own bucket: three more, then it is limited too.
+    let with_file_token = request(
+        "POST",
+        "/v1/chat/completions",
+        &[("X-Keyrelay-Token", FILE_TOKEN)],
+        "{}",
+    );
+    for n in 1..=3 {
+        let (_, response) = forwarded(&mut upstream, relay.addr, &with_file_token, ok()).await;
+        assert_eq!(response.status(), 200, "second token, request {n}");
+    }
+    let limited = refused(&mut upstream, relay.addr, &with_file_token).await;
+    assert_keyrelay_error(&limited, 429, "rate_limited");
+
+    // A wrong token is unauthorized, not rate limited.
+    let response = refused(
+        &mut upstream,
+        relay.addr,
+        &request(
+            "GET",
+            "/v1/models",
+            &[("Authorization", "Bearer tok-guess-000000000000")],
+            "",
+        ),
+    )
+    .await;
+    assert_keyrelay_error(&response, 401, "unauthorized");
+    relay.stop().await;
+}
+
+// ---------------------------------------------------------------------------
+// 5. Non-loopback listen addresses
+// ---------------------------------------------------------------------------
+
+#[test]
+fn non_loopback_listen_without_tokens_exits_64_naming_the_way_out() {
+    let output = binary()
+        .args([
+            "--listen",
+            "0.0.0.0:0",
+            "--upstream",
+            &format!("http://127.0.0.1:{}", closed_port()),
+        ])
+        .env("BASETEN_API_KEY", KEY)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .output()
+        .expect("run keyrelay");
+    let text = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(64), "stderr: {text}");
+    assert!(text.contains("listen"), "{text}");
+    assert!(text.contains("--allow-unauthenticated-network"), "{text}");
+    assert!(!text.contains(KEY), "{text}");
+}
+
+#[test]
+fn other_non_loopback_addresses_need_tokens_too() {
+    for listen in ["[::]:0", "10.11.12.13:8080", "192.168.1.2:0"] {
+        let mut sources = support::sources("http://127.0.0.1:9", &[]);
+        sources.set("listen", OverrideValue::Text(listen.to_owned()));
+        let err = config::load(&sources).expect_err("exposed without tokens");
+        assert!(
+            err.problems.iter().any(|p| p.setting == "listen"),
+            "{listen}: {err}"
+        );
+    }
+    // The whole 127/8 block is loopback: no tokens needed there.
+    let mut sources = support::sources("http://127.0.0.1:9", &[]);
+    sources.set("listen", OverrideValue::Text("127.0.0.2:0".to_owned()));
+    config::load(&sources).expect("127.0.0.2 is loopback");
+}
+
+#[tokio::test]
+async fn non_loopback_listen_starts_with_the_explicit_opt_out() {
+    let mut command = binary();
+    command
+        .args([
+            "--listen",
+            "0.0.0.0:0",
+            "--allow-unauthenticated-network",
+            "--upstream",
+            &format!("http://127.0.0.1:{}", closed_port()),
+        ])
+        .env("BASETEN_API_KEY", KEY);
+    // Bound to 0.0.0.0 only for as long as it takes to see it start.
+    let mut relay = RelayProcess::spawn(command).await;
+    // The warning is written right after the ready line.
+    let warned = tokio::time::timeout(STEP, wait_for_log(&relay, "non-loopback", 1)).await;
+    relay.child.start_kill().expect("kill");
+    let _ = relay.child.wait().await;
+    assert!(
+        relay.addr.ip().is_unspecified(),
+        "listening on {}",
+        relay.addr
+    );
+    assert!(warned.is_ok(), "expected a warning:\n{}", relay.log());
+}
+
+#[tokio::test]
+async fn non_loopback_listen_starts_with_an_access_token_and_demands_it() {
+    let mut upstream = MockUpstream::start().await;
+    let mut command = binary();
+    command
+        .args(["--listen", "0.0.0.0:0", "--upstream", &upstream.url()])
+        .args(["--access-token-env", ENV_TOKEN_VAR])
+        .env("BASETEN_API_KEY", KEY)
+        .env(ENV_TOKEN_VAR, ENV_TOKEN);
+    let mut relay = RelayProcess::spawn(command).await;
+    assert!(relay.addr.ip().is_unspecified());
+    let local = std::net::SocketAddr::from(([127, 0, 0, 1], relay.addr.port()));
+
+    let response = refused(&mut upstream, local, &request("GET", "/v1/models", &[], "")).await;
+    assert_keyrelay_error(&response, 401, "unauthorized");
+    let (seen, response) = forwarded(
+        &mut upstream,
+        local,
+        &request(
+            "GET",
+            "/v1/models",
+            &[("Authorization", &format!("Bearer {ENV_TOKEN}"))],
+            "",
+        ),
+        ok(),
+    )
+    .await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(seen["authorization"], EXPECTED_AUTH);
+
+    relay.child.start_kill().expect("kill");
+    let _ = relay.child.wait().await;
+    assert!(!relay.log().contains("non-loopback address: anyone"));
+}
+
+// ---------------------------------------------------------------------------
+// 6. Path policy
+// ---------------------------------------------------------------------------
+
+const PATH_RULES: &str = "POST /production/predict,/v1/*";
+
+#[tokio::test]
+async fn path_policy_forwards_only_matching_methods_and_paths() {
+    let mut upstream = MockUpstream::start().await;
+    let relay = Relay::start(&upstream.url(), &[("allowed_paths", PATH_RULES)]).await;
+
+    for (method, target) in [
+        ("POST", "/production/predict"),
+        ("POST", "/production/predict?stream=true"),
+        ("GET", "/v1/models"),
+        ("POST", "/v1/chat/completions"),
+        ("DELETE", "/v1/files/f-1"),
+    ] {
+        let (_, response) = forwarded(
+            &mut upstream,
+            relay.addr,
+            &request(method, target, &[], ""),
+            ok(),
+        )
+        .await;
+        assert_eq!(response.status(), 200, "{method} {target}");
+    }
+    let before = upstream_connections(&upstream);
+    for (method, target) in [
+        ("GET", "/production/predict"),
+        ("PUT", "/production/predict"),
+        ("post", "/production/predict"),
+        ("POST", "/production/predict/"),
+        ("POST", "/production/predictions"),
+        ("POST", "/production/predict/async"),
+        ("POST", "/other"),
+        ("GET", "/v1"),
+        ("GET", "/v2/models"),
+        ("GET", "/"),
+        ("POST", "/development/predict"),
+    ] {
+        let response = refused(&mut upstream, relay.addr, &request(method, target, &[], "")).await;
+        assert_keyrelay_error(&response, 403, "path_not_allowed");
+    }
+    assert_eq!(
+        upstream_connections(&upstream),
+        before,
+        "refused paths opened no upstream connection"
+    );
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn path_policy_prefix_cannot_be_escaped_with_dot_segments() {
+    // "/v1/*" must not become a way to reach other upstream paths: servers and
+    // proxies in front of the model resolve "/v1/../admin" (and its
+    // percent-encoded spelling) to "/admin".
+    let mut upstream = MockUpstream::start().await;
+    let relay = Relay::start(&upstream.url(), &[("allowed_paths", PATH_RULES)]).await;
+    let mut escaped = Vec::new();
+    for target in [
+        "/v1/../production/other",
+        "/v1/%2e%2e/admin",
+        "/v1/%2E%2E/admin",
+        "/v1/./../admin",
+    ] {
+        let text = request("POST", target, &[], "{}");
+        let addr = relay.addr;
+        let mut client = tokio::spawn(async move { raw::exchange(addr, &text).await });
+        tokio::select! {
+            response = &mut client => {
+                let response = response.expect("raw client");
+                assert!(
+                    (400..500).contains(&response.status()),
+                    "{target}: {:?}",
+                    response.head
+                );
+            }
+            exchange = upstream.next() => {
+                escaped.push(exchange.request.uri().to_string());
+                exchange.respond_full(200, "ok");
+                within("the client's response", client).await.expect("raw client");
+            }
+        }
+    }
+    assert!(
+        escaped.is_empty(),
+        "allowed_paths \"/v1/*\" let these targets reach the upstream: {escaped:?}"
+    );
+    relay.stop().await;
+}
+
+#[test]
+fn invalid_path_rules_stop_startup_naming_allowed_paths() {
+    for rules in ["POST predict", "GE{T /x", "POST", "v1/*"] {
+        let sources = support::sources("http://127.0.0.1:9", &[("allowed_paths", rules)]);
+        let err = config::load(&sources).expect_err("invalid rule");
+        assert!(
+            err.problems.iter().any(|p| p.setting == "allowed_paths"),
+            "{rules:?}: {err}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn cross_site_no_cors_requests_without_origin_are_refused() {
+    // `<img src="http://127.0.0.1:8080/v1/models">` on another site: no Origin,
+    // but the browser marks it with Sec-Fetch-Site.
+    let mut upstream = MockUpstream::start().await;
+    let relay = Relay::start(&upstream.url(), &[]).await;
+    for site in ["cross-site", "same-site"] {
+        let response = refused(
+            &mut upstream,
+            relay.addr,
+            &format!(
+                "GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nSec-Fetch-Site: {site}\r\n\
+                 Sec-Fetch-Mode: no-cors\r\nConnection: close\r\n\r\n"
+            ),
+        )
+        .await;
+        assert_keyrelay_error(&response, 403, "origin_not_allowed");
+    }
+    // Typing the URL (Sec-Fetch-Site: none) is the user's own request.
+    let pending = tokio::spawn(raw::exchange(
+        relay.addr,
+        "GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nSec-Fetch-Site: none\r\nConnection: close\r\n\r\n",
+    ));
+    upstream.next().await.respond_full(200, "models");
+    let response = within("response", pending).await.expect("join");
+    assert_eq!(response.status(), 200);
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn h2c_upgrade_is_not_forwarded_as_a_protocol_switch() {
+    // Only WebSocket upgrades are spliced; after an h2c switch keyrelay could
+    // no longer check the requests on that connection.
+    let mut upstream = MockUpstream::start().await;
+    let relay = Relay::start(&upstream.url(), &[]).await;
+    let pending = tokio::spawn(raw::exchange(
+        relay.addr,
+        "GET /x HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: h2c\r\nConnection: Upgrade, HTTP2-Settings\r\n\
+         HTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n",
+    ));
+    let exchange = upstream.next().await;
+    assert!(exchange.request.headers().get("upgrade").is_none());
+    assert!(exchange.request.headers().get("http2-settings").is_none());
+    exchange.respond_full(200, "plain");
+    let response = within("response", pending).await.expect("join");
+    assert_eq!(response.status(), 200);
+    relay.stop().await;
+}

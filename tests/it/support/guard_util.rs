@@ -1,0 +1,192 @@
+//! Helpers for the admission (security) and key-rotation tests: keyrelay
+//! started from hand-built config sources, raw requests that must or must not
+//! reach the upstream, an HTTP/2 client that can name any `:authority`, and
+//! throwaway directories for key and token files.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpStream;
+
+use crate::support::raw::{self, RawResponse};
+use crate::support::{within, MockUpstream, RelayProcess, TestBody, STEP};
+
+/// Sends `request` raw to `addr` and expects keyrelay to answer it itself:
+/// panics at once if the request reaches `upstream` instead.
+pub async fn refused(upstream: &mut MockUpstream, addr: SocketAddr, request: &str) -> RawResponse {
+    let request = request.to_owned();
+    let client = tokio::spawn(async move { raw::exchange(addr, &request).await });
+    let response = tokio::select! {
+        response = client => response.expect("raw client"),
+        exchange = upstream.next() => panic!(
+            "a request keyrelay should refuse reached the upstream: {} {} {:?}",
+            exchange.request.method(),
+            exchange.request.uri(),
+            exchange.request.headers(),
+        ),
+    };
+    assert!(
+        upstream.nothing_received(),
+        "something reached the upstream"
+    );
+    response
+}
+
+/// Sends `request` raw to `addr`, answers it at `upstream` with `answer`, and
+/// returns the headers the upstream saw and the client's response.
+pub async fn forwarded(
+    upstream: &mut MockUpstream,
+    addr: SocketAddr,
+    request: &str,
+    answer: Response<TestBody>,
+) -> (HeaderMap, RawResponse) {
+    let request = request.to_owned();
+    let mut client = tokio::spawn(async move { raw::exchange(addr, &request).await });
+    let exchange = tokio::select! {
+        exchange = upstream.next() => exchange,
+        response = &mut client => panic!(
+            "keyrelay answered instead of forwarding: {:?}",
+            response.map(|r| (r.head.clone(), r.body_text())),
+        ),
+    };
+    let seen = exchange.request.headers().clone();
+    exchange.respond(answer);
+    let response = within("the raw client's response", client)
+        .await
+        .expect("raw client");
+    (seen, response)
+}
+
+/// Asserts `response` is keyrelay's own JSON error with `status` and `kind`.
+pub fn assert_keyrelay_error(response: &RawResponse, status: u16, kind: &str) {
+    assert_eq!(
+        response.status(),
+        status,
+        "expected {status} {kind}; got {:?} {:?}",
+        response.head,
+        response.body_text()
+    );
+    assert_eq!(
+        response.header("content-type"),
+        Some("application/json"),
+        "{:?}",
+        response.head
+    );
+    let json = response.json();
+    assert_eq!(json["type"], kind, "{json}");
+    assert_eq!(json["source"], "keyrelay", "{json}");
+}
+
+/// Every value of header `name` (lowercase) in a raw head, comma lists split.
+pub fn list_values(response: &RawResponse, name: &str) -> Vec<String> {
+    response
+        .head
+        .headers
+        .iter()
+        .filter(|(n, _)| n == name)
+        .flat_map(|(_, v)| v.split(','))
+        .map(|item| item.trim().to_ascii_lowercase())
+        .filter(|item| !item.is_empty())
+        .collect()
+}
+
+/// How many times header `name` (lowercase) occurs in a raw head.
+pub fn count(response: &RawResponse, name: &str) -> usize {
+    response
+        .head
+        .headers
+        .iter()
+        .filter(|(n, _)| n == name)
+        .count()
+}
+
+/// True if any header name or value in `headers` contains `needle`.
+pub fn headers_contain(headers: &HeaderMap, needle: &str) -> bool {
+    headers.iter().any(|(name, value)| {
+        name.as_str().contains(needle) || String::from_utf8_lossy(value.as_bytes()).contains(needle)
+    })
+}
+
+/// Sends one request over a fresh HTTP/2 prior-knowledge connection to
+/// `addr`, whatever authority its URI names (the `:authority` pseudo-header).
+pub async fn h2_send(addr: SocketAddr, request: Request<TestBody>) -> Response<Incoming> {
+    let stream = within("an h2c connection", TcpStream::connect(addr))
+        .await
+        .expect("connect");
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .expect("h2 handshake");
+    tokio::spawn(connection);
+    within("an h2 response", sender.send_request(request))
+        .await
+        .expect("h2 response")
+}
+
+/// Collects a whole response body.
+pub async fn body_bytes(response: Response<Incoming>) -> Bytes {
+    within("the whole body", response.into_body().collect())
+        .await
+        .expect("body completes")
+        .to_bytes()
+}
+
+/// A fresh directory under the system temp dir, removed on drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(label: &str) -> Self {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "keyrelay-{label}-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&path).expect("create temp dir");
+        Self(path)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    /// Writes `contents` to `name` in this directory and returns its path.
+    pub fn write(&self, name: &str, contents: &str) -> PathBuf {
+        let path = self.0.join(name);
+        std::fs::write(&path, contents).expect("write temp file");
+        path
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Waits (bounded by [`STEP`]) until the child's captured log holds `needle`
+/// at least `times` times, and returns the log.
+///
+/// A child's stderr offers no event to wait on (a line is written just after
+/// the moment it describes), so this polls the captured text.
+pub async fn wait_for_log(relay: &RelayProcess, needle: &str, times: usize) -> String {
+    let deadline = tokio::time::Instant::now() + STEP;
+    loop {
+        let log = relay.log();
+        if log.matches(needle).count() >= times {
+            return log;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "expected {needle:?} {times} time(s) in the log:\n{log}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}

@@ -1,0 +1,457 @@
+//! Shared test helpers: a controllable mock upstream, keyrelay started
+//! in-process or as the real binary, and clients. Everything binds 127.0.0.1:0.
+//!
+//! Each helper is declared once here (hyper's tests/support pattern); the
+//! submodules are the raw HTTP/1.1 peers, the real binary with its admin
+//! listener, Python clients, TLS, and the guard tests' helpers. Each test
+//! module uses a different subset, hence the blanket `dead_code` allow.
+#![allow(dead_code)]
+
+pub mod guard_util;
+pub mod ops;
+pub mod python;
+pub mod raw;
+pub mod tls;
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::channel::{Channel, Sender};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::service::service_fn;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use keyrelay::config::{self, OverrideValue, Sources};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
+
+/// The upstream key every test configures. Distinctive so a leak scan finds it.
+pub const KEY: &str = "kr-test-KEY-5f3c9a1e7b2d4c6f";
+
+/// The header value the mock upstream expects keyrelay to inject.
+pub const EXPECTED_AUTH: &str = "Api-Key kr-test-KEY-5f3c9a1e7b2d4c6f";
+
+/// Generous bound for anything a test waits on; failures show up as timeouts.
+pub const STEP: Duration = Duration::from_secs(10);
+
+pub type TestBody = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+
+/// Awaits `future` for at most [`STEP`], panicking with `what` on timeout.
+pub async fn within<F: std::future::Future>(what: &str, future: F) -> F::Output {
+    tokio::time::timeout(STEP, future)
+        .await
+        .unwrap_or_else(|_| panic!("timed out after {STEP:?} waiting for {what}"))
+}
+
+// ---------------------------------------------------------------------------
+// Mock upstream
+// ---------------------------------------------------------------------------
+
+/// One request that reached the mock upstream, waiting for the test to answer it.
+pub struct Exchange {
+    pub request: Request<Incoming>,
+    respond: oneshot::Sender<Response<TestBody>>,
+}
+
+impl Exchange {
+    /// Answers with `response`.
+    pub fn respond(self, response: Response<TestBody>) {
+        let _ = self.respond.send(response);
+    }
+
+    /// Answers with a fixed body (sent with Content-Length).
+    pub fn respond_full(self, status: u16, body: &'static str) {
+        let mut response = Response::new(full(body));
+        *response.status_mut() = http::StatusCode::from_u16(status).expect("status");
+        self.respond(response);
+    }
+
+    /// Answers 200 with a body the test feeds frame by frame (sent chunked).
+    ///
+    /// The returned [`Dropped`] resolves when the mock's server drops the body,
+    /// i.e. when the connection or stream to keyrelay is gone.
+    pub fn respond_streaming(
+        self,
+    ) -> (
+        Sender<Bytes, Box<dyn std::error::Error + Send + Sync>>,
+        Dropped,
+    ) {
+        self.respond_streaming_with(Response::builder())
+    }
+
+    /// Like [`respond_streaming`](Self::respond_streaming) with custom status/headers.
+    pub fn respond_streaming_with(
+        self,
+        builder: http::response::Builder,
+    ) -> (
+        Sender<Bytes, Box<dyn std::error::Error + Send + Sync>>,
+        Dropped,
+    ) {
+        let (sender, channel) = Channel::new(1);
+        let (body, dropped) = ObservedBody::new(channel);
+        let response = builder.body(body.boxed()).expect("response");
+        self.respond(response);
+        (sender, dropped)
+    }
+}
+
+/// A mock upstream on 127.0.0.1:0 (HTTP/1.1 and h2c) handing each request to the test.
+pub struct MockUpstream {
+    pub addr: SocketAddr,
+    exchanges: mpsc::UnboundedReceiver<Exchange>,
+    /// Number of TCP connections accepted so far.
+    pub connections: Arc<Mutex<usize>>,
+}
+
+impl MockUpstream {
+    pub async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind mock");
+        let addr = listener.local_addr().expect("addr");
+        let (tx, exchanges) = mpsc::unbounded_channel();
+        let connections = Arc::new(Mutex::new(0));
+        let counter = Arc::clone(&connections);
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                stream.set_nodelay(true).expect("nodelay");
+                *counter.lock().expect("lock") += 1;
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |request: Request<Incoming>| {
+                        let tx = tx.clone();
+                        async move {
+                            let (respond, response) = oneshot::channel();
+                            if tx.send(Exchange { request, respond }).is_err() {
+                                return Ok::<_, Infallible>(Response::new(full("mock gone")));
+                            }
+                            Ok(response.await.unwrap_or_else(|_| {
+                                let mut r = Response::new(full("test dropped the exchange"));
+                                *r.status_mut() = http::StatusCode::INTERNAL_SERVER_ERROR;
+                                r
+                            }))
+                        }
+                    });
+                    let _ = auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Self {
+            addr,
+            exchanges,
+            connections,
+        }
+    }
+
+    /// The base URL to configure as keyrelay's upstream.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Waits for the next request to reach the upstream.
+    pub async fn next(&mut self) -> Exchange {
+        within("a request at the mock upstream", self.exchanges.recv())
+            .await
+            .expect("mock upstream stopped")
+    }
+
+    /// True if no request has reached the upstream (without waiting).
+    pub fn nothing_received(&mut self) -> bool {
+        self.exchanges.try_recv().is_err()
+    }
+}
+
+/// Resolves when the observed body was dropped by the server holding it.
+pub struct Dropped(oneshot::Receiver<()>);
+
+impl Dropped {
+    pub async fn wait(self) {
+        let _ = within("the upstream to see the stream dropped", self.0).await;
+    }
+
+    /// True if the body has been dropped already.
+    pub fn happened(&mut self) -> bool {
+        !matches!(self.0.try_recv(), Err(oneshot::error::TryRecvError::Empty))
+    }
+}
+
+/// Wraps a body and reports when it is dropped.
+pub struct ObservedBody<B> {
+    inner: Pin<Box<B>>,
+    on_drop: Option<oneshot::Sender<()>>,
+}
+
+impl<B> ObservedBody<B> {
+    pub fn new(inner: B) -> (Self, Dropped) {
+        let (tx, rx) = oneshot::channel();
+        (
+            Self {
+                inner: Box::pin(inner),
+                on_drop: Some(tx),
+            },
+            Dropped(rx),
+        )
+    }
+}
+
+impl<B> Drop for ObservedBody<B> {
+    fn drop(&mut self) {
+        if let Some(tx) = self.on_drop.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+impl<B> Body for ObservedBody<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        self.inner.as_mut().poll_frame(cx).map_err(Into::into)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+pub fn full(body: impl Into<Bytes>) -> TestBody {
+    Full::new(body.into())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+pub fn empty() -> TestBody {
+    full(Bytes::new())
+}
+
+// ---------------------------------------------------------------------------
+// keyrelay in-process
+// ---------------------------------------------------------------------------
+
+/// keyrelay running in this process, on 127.0.0.1:0.
+pub struct Relay {
+    pub addr: SocketAddr,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Relay {
+    /// Starts keyrelay in front of `upstream` with [`KEY`] and extra settings.
+    pub async fn start(upstream: &str, settings: &[(&str, &str)]) -> Self {
+        Self::from_sources(&sources(upstream, settings)).await
+    }
+
+    /// Starts keyrelay from sources the test built itself (e.g. with more
+    /// variables in `env`).
+    pub async fn from_sources(sources: &Sources) -> Self {
+        let config = config::load(sources).expect("test config is valid");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind relay");
+        let addr = listener.local_addr().expect("addr");
+        let (shutdown, stop) = oneshot::channel::<()>();
+        let task = tokio::spawn(keyrelay::run(config, listener, async {
+            let _ = stop.await;
+        }));
+        Self {
+            addr,
+            shutdown: Some(shutdown),
+            task,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Asks keyrelay to shut down and waits until it has.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        within("keyrelay to stop", &mut self.task)
+            .await
+            .expect("join")
+            .expect("run");
+    }
+}
+
+/// A port on 127.0.0.1 with nothing listening: bound by the OS, then released.
+pub fn closed_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// Config sources for tests: [`KEY`] in the swapped environment, flags as
+/// overrides (comma-separated for list settings).
+pub fn sources(upstream: &str, settings: &[(&str, &str)]) -> Sources {
+    let mut sources = Sources {
+        env: HashMap::from([("BASETEN_API_KEY".to_owned(), KEY.to_owned())]),
+        ..Sources::default()
+    };
+    sources.set("upstream", OverrideValue::Text(upstream.to_owned()));
+    sources.set("listen", OverrideValue::Text("127.0.0.1:0".to_owned()));
+    for (key, value) in settings {
+        let is_list = config::SETTINGS
+            .iter()
+            .any(|s| s.key == *key && s.kind == config::Kind::List);
+        let value = if is_list {
+            OverrideValue::List(value.split(',').map(|v| v.trim().to_owned()).collect())
+        } else {
+            OverrideValue::Text((*value).to_owned())
+        };
+        sources.set(key, value);
+    }
+    sources
+}
+
+// ---------------------------------------------------------------------------
+// Clients
+// ---------------------------------------------------------------------------
+
+/// An HTTP/1.1 client with no pooling surprises (fresh connections per test).
+pub fn http1_client() -> Client<HttpConnector, TestBody> {
+    Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(0)
+        .build_http()
+}
+
+/// An HTTP/2 prior-knowledge (h2c) client.
+pub fn h2c_client() -> Client<HttpConnector, TestBody> {
+    Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http()
+}
+
+/// Reads the next non-empty data frame of `body`, skipping trailers; `None` at the end.
+pub async fn next_data<B>(body: &mut B) -> Option<Result<Bytes, B::Error>>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    loop {
+        match within("the next body frame", body.frame()).await? {
+            Ok(frame) => match frame.into_data() {
+                // HTTP/2 may end a stream with an empty DATA frame: no content.
+                Ok(data) if data.is_empty() => continue,
+                Ok(data) => return Some(Ok(data)),
+                Err(_trailers) => continue,
+            },
+            Err(err) => return Some(Err(err)),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// keyrelay as a child process
+// ---------------------------------------------------------------------------
+
+/// The real `keyrelay` binary built by cargo for these tests.
+pub fn binary() -> std::process::Command {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_keyrelay"));
+    command.env_clear();
+    if let Ok(path) = std::env::var("PATH") {
+        command.env("PATH", path);
+    }
+    command
+}
+
+/// A running keyrelay process whose stderr (logs) is captured in full.
+pub struct RelayProcess {
+    pub child: tokio::process::Child,
+    pub addr: SocketAddr,
+    pub log: Arc<Mutex<String>>,
+}
+
+impl RelayProcess {
+    /// Spawns `command` (from [`binary`]) and waits for the "keyrelay ready" line.
+    pub async fn spawn(command: std::process::Command) -> Self {
+        let mut command = tokio::process::Command::from(command);
+        command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = command.spawn().expect("spawn keyrelay");
+        let stderr = child.stderr.take().expect("stderr");
+        let log = Arc::new(Mutex::new(String::new()));
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let sink = Arc::clone(&log);
+        tokio::spawn(async move {
+            let mut ready_tx = Some(ready_tx);
+            let mut lines = BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Some(addr) = ready_address(&line) {
+                    if let Some(tx) = ready_tx.take() {
+                        let _ = tx.send(addr);
+                    }
+                }
+                let mut log = sink.lock().expect("lock");
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+        let addr = within("keyrelay to report ready", ready_rx)
+            .await
+            .expect("keyrelay exited before it was ready");
+        Self { child, addr, log }
+    }
+
+    /// Everything the process wrote to stderr so far.
+    pub fn log(&self) -> String {
+        self.log.lock().expect("lock").clone()
+    }
+
+    /// Peak resident memory (VmHWM) of the process, in KiB.
+    pub fn peak_rss_kib(&self) -> u64 {
+        let pid = self.child.id().expect("running");
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmHWM")
+    }
+}
+
+/// Parses `listen=127.0.0.1:PORT` out of keyrelay's "keyrelay ready" log line.
+fn ready_address(line: &str) -> Option<SocketAddr> {
+    if !line.contains("keyrelay ready") {
+        return None;
+    }
+    // Text logs say `listen=ADDR`, JSON logs `"listen":"ADDR"`.
+    let (start, marker) = ["listen=", "\"listen\":\""]
+        .iter()
+        .find_map(|marker| line.find(marker).map(|at| (at, *marker)))?;
+    let rest = &line[start + marker.len()..];
+    let end = rest.find([' ', '"']).unwrap_or(rest.len());
+    rest[..end].parse().ok()
+}

@@ -1,0 +1,421 @@
+//! Helpers for the operations tests (admin listener, metrics, lifecycle,
+//! limits): the real binary with its admin listener, Prometheus scrapes, signals,
+//! bounded polling and held streams through the mock upstream.
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::process::ExitStatus;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::channel::Sender;
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use tokio::time::Instant;
+
+use crate::support::raw::{self, RawResponse};
+use crate::support::*;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type TestClient = Client<HttpConnector, TestBody>;
+
+/// The signal number of SIGTERM (Linux).
+pub const SIGTERM: u32 = 15;
+
+/// Interval between re-checks of a polled condition (polling, not synchronisation:
+/// the condition itself decides when the wait is over).
+const POLL: Duration = Duration::from_millis(10);
+
+/// Re-runs `probe` until it returns `Some`, for at most [`STEP`].
+pub async fn eventually<T, F, Fut>(what: &str, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + STEP;
+    loop {
+        if let Some(value) = probe().await {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {STEP:?} waiting for {what}"
+        );
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The real binary with an admin listener
+// ---------------------------------------------------------------------------
+
+/// `keyrelay` in front of `upstream`, on 127.0.0.1:0 with its admin listener on
+/// 127.0.0.1:0 and [`KEY`] in its environment; callers add flags.
+pub fn command(upstream: &str) -> std::process::Command {
+    let mut command = binary();
+    command
+        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .args(["--upstream", upstream])
+        .env("BASETEN_API_KEY", KEY);
+    command
+}
+
+/// A keyrelay process and the address of its admin listener.
+pub struct AdminRelay {
+    pub process: RelayProcess,
+    pub admin: SocketAddr,
+}
+
+impl AdminRelay {
+    /// Spawns `command` (from [`command`]) and reads both addresses from its ready line.
+    pub async fn spawn(command: std::process::Command) -> Self {
+        let process = RelayProcess::spawn(command).await;
+        // RelayProcess reports ready before the line lands in its log buffer.
+        let admin = eventually("the admin address in the ready line", || {
+            let log = process.log();
+            async move { log.lines().find_map(admin_address) }
+        })
+        .await;
+        Self { process, admin }
+    }
+
+    /// The proxy address.
+    pub fn addr(&self) -> SocketAddr {
+        self.process.addr
+    }
+
+    /// A URL on the proxy port.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.process.addr)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.process.child.id().expect("keyrelay is running")
+    }
+
+    /// Sends `signal` (e.g. "TERM") to the process.
+    pub async fn signal(&self, signal: &str) {
+        send_signal(self.pid(), signal).await;
+    }
+
+    /// True once the process has a handler for `signal` (a signal number),
+    /// read from the caught-signals mask in `/proc/PID/status`.
+    pub fn catches(&self, signal: u32) -> bool {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("read /proc/PID/status");
+        let mask = status
+            .lines()
+            .find_map(|line| line.strip_prefix("SigCgt:"))
+            .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+            .expect("SigCgt in /proc/PID/status");
+        mask & (1 << (signal - 1)) != 0
+    }
+
+    /// Waits until keyrelay handles SIGTERM. keyrelay logs its ready line (and
+    /// even serves requests) a moment before it installs its handlers; tests
+    /// of what a signal does wait this out, while
+    /// `sigterm_right_after_the_ready_line_drains_and_exits_0` covers the gap.
+    pub async fn wait_for_sigterm_handler(&self) {
+        eventually("keyrelay to install its SIGTERM handler", || {
+            let caught = self.catches(SIGTERM);
+            async move { caught.then_some(()) }
+        })
+        .await;
+    }
+
+    /// Waits at most `bound` for the process to exit.
+    pub async fn exit_within(&mut self, bound: Duration) -> ExitStatus {
+        match tokio::time::timeout(bound, self.process.child.wait()).await {
+            Ok(status) => status.expect("wait for keyrelay"),
+            Err(_) => panic!(
+                "keyrelay did not exit within {bound:?}; log:\n{}",
+                self.process.log()
+            ),
+        }
+    }
+
+    /// True while the process has not exited.
+    pub fn running(&mut self) -> bool {
+        self.process
+            .child
+            .try_wait()
+            .expect("try_wait keyrelay")
+            .is_none()
+    }
+
+    /// One request to the admin listener on a fresh connection.
+    pub async fn admin(&self, method: &str, path: &str) -> RawResponse {
+        admin_request(self.admin, method, path).await
+    }
+
+    /// The current Prometheus scrape.
+    pub async fn scrape(&self) -> Scrape {
+        let response = self.admin("GET", "/metrics").await;
+        assert_eq!(response.status(), 200, "{}", response.body_text());
+        Scrape(response.body_text())
+    }
+
+    /// Polls `/metrics` until sample `name{labels}` equals `want`; returns that scrape.
+    pub async fn wait_for_sample(&self, name: &str, labels: &[(&str, &str)], want: f64) -> Scrape {
+        let deadline = Instant::now() + STEP;
+        loop {
+            let scrape = self.scrape().await;
+            if scrape.value(name, labels) == Some(want) {
+                return scrape;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out after {STEP:?} waiting for {name}{labels:?} == {want}; last scrape:\n{}",
+                scrape.0
+            );
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// Polls `/readyz` until it answers `status`.
+    pub async fn wait_for_readyz(&self, status: u16) -> RawResponse {
+        let admin = self.admin;
+        eventually(&format!("/readyz to answer {status}"), || async move {
+            let response = admin_request(admin, "GET", "/readyz").await;
+            (response.status() == status).then_some(response)
+        })
+        .await
+    }
+
+    /// Waits until the log holds `needle` at least `times` times; returns the log.
+    pub async fn wait_for_log(&self, needle: &str, times: usize) -> String {
+        let what = format!("{needle:?} {times} time(s) in the log");
+        eventually(&what, || {
+            let log = self.process.log();
+            async move { (log.matches(needle).count() >= times).then_some(log) }
+        })
+        .await
+    }
+}
+
+/// Sends `signal` (e.g. "TERM") to process `pid` with kill(1).
+pub async fn send_signal(pid: u32, signal: &str) {
+    let pid = pid.to_string();
+    let status = within(
+        "the kill command",
+        tokio::process::Command::new("kill")
+            .args(["-s", signal, &pid])
+            .status(),
+    )
+    .await
+    .expect("run kill");
+    assert!(status.success(), "kill -s {signal} {pid} failed");
+}
+
+/// One request with an empty body to `addr`, on a fresh connection.
+pub async fn admin_request(addr: SocketAddr, method: &str, path: &str) -> RawResponse {
+    let mut conn = raw::RawConn::connect(addr).await;
+    conn.send(format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    ))
+    .await;
+    conn.read_response_to(method == "HEAD").await
+}
+
+/// Parses `admin=ADDR` (text logs) or `"admin":"ADDR"` (JSON logs) from the ready line.
+fn admin_address(line: &str) -> Option<SocketAddr> {
+    if !line.contains("keyrelay ready") {
+        return None;
+    }
+    let (start, marker) = ["admin=", "\"admin\":\""]
+        .iter()
+        .find_map(|marker| line.find(marker).map(|at| (at, *marker)))?;
+    let rest = &line[start + marker.len()..];
+    let end = rest.find([' ', '"']).unwrap_or(rest.len());
+    rest[..end].parse().ok()
+}
+
+/// Runs `keyrelay health --url URL` and returns its exit status and stderr.
+pub async fn health_check(url: &str) -> (ExitStatus, String) {
+    let mut command = tokio::process::Command::from(binary());
+    command.args(["health", "--url", url]).kill_on_drop(true);
+    let output = within("keyrelay health to finish", command.output())
+        .await
+        .expect("run keyrelay health");
+    (
+        output.status,
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+// ---------------------------------------------------------------------------
+// Prometheus text
+// ---------------------------------------------------------------------------
+
+/// One `/metrics` body.
+#[derive(Debug, Clone)]
+pub struct Scrape(pub String);
+
+impl Scrape {
+    /// The value of the sample `name` whose label set is exactly `labels`.
+    pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        self.0.lines().find_map(|line| {
+            let sample = parse_sample(line)?;
+            if sample.name != name || sample.labels.len() != labels.len() {
+                return None;
+            }
+            let all_match = labels
+                .iter()
+                .all(|(k, v)| sample.labels.iter().any(|(sk, sv)| sk == k && sv == v));
+            all_match.then_some(sample.value)
+        })
+    }
+
+    /// Like [`value`](Self::value), with an absent series counted as 0 (a
+    /// labelled counter appears at its first increment).
+    pub fn counter(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.value(name, labels).unwrap_or(0.0)
+    }
+
+    /// A sample that must be present.
+    pub fn present(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.value(name, labels)
+            .unwrap_or_else(|| panic!("no sample {name}{labels:?} in:\n{}", self.0))
+    }
+
+    /// Every sample line (comments skipped).
+    pub fn samples(&self) -> Vec<Sample> {
+        self.0.lines().filter_map(parse_sample).collect()
+    }
+}
+
+/// One sample line of the exposition.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    pub name: String,
+    pub labels: Vec<(String, String)>,
+    pub value: f64,
+}
+
+impl Sample {
+    /// True if the sample carries label `key` with `value`.
+    pub fn has_label(&self, key: &str, value: &str) -> bool {
+        self.labels.iter().any(|(k, v)| k == key && v == value)
+    }
+}
+
+/// Parses `name{k="v",...} value` (or `name value`); `None` for comments and blanks.
+fn parse_sample(line: &str) -> Option<Sample> {
+    let line = line.trim();
+    if line.is_empty() || line.starts_with('#') {
+        return None;
+    }
+    let (name, labels, rest) = match line.find('{') {
+        Some(open) => {
+            let close = line[open..].find('}')? + open;
+            let labels = line[open + 1..close]
+                .split(',')
+                .filter(|pair| !pair.is_empty())
+                .filter_map(|pair| {
+                    let (key, value) = pair.split_once('=')?;
+                    Some((key.to_owned(), value.trim_matches('"').to_owned()))
+                })
+                .collect();
+            (&line[..open], labels, &line[close + 1..])
+        }
+        None => {
+            let space = line.find(' ')?;
+            (&line[..space], Vec::new(), &line[space..])
+        }
+    };
+    let value = rest.split_whitespace().next()?.parse().ok()?;
+    Some(Sample {
+        name: name.to_owned(),
+        labels,
+        value,
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Held streams through the mock upstream
+// ---------------------------------------------------------------------------
+
+/// A response stream the test feeds frame by frame from the mock upstream.
+pub struct HeldStream {
+    pub tx: Sender<Bytes, BoxError>,
+    pub dropped: Dropped,
+    pub body: Incoming,
+    pub headers: http::HeaderMap,
+    /// The request headers the upstream received.
+    pub upstream_headers: http::HeaderMap,
+    /// Bytes relayed to the client so far.
+    pub relayed: usize,
+}
+
+impl HeldStream {
+    /// GETs `url` with `client`, answers at `upstream` with a streaming 200 and
+    /// returns once the client has the response head.
+    pub async fn open(client: &TestClient, upstream: &mut MockUpstream, url: &str) -> Self {
+        let request = Request::get(url).body(empty()).expect("request");
+        Self::open_request(client, upstream, request, http::Response::builder()).await
+    }
+
+    /// Sends `request`, answers it at `upstream` with a streaming response
+    /// from `answer` (status 200 unless set) and returns once the client has the head.
+    pub async fn open_request(
+        client: &TestClient,
+        upstream: &mut MockUpstream,
+        request: Request<TestBody>,
+        answer: http::response::Builder,
+    ) -> Self {
+        let pending = tokio::spawn(client.request(request));
+        let exchange = upstream.next().await;
+        let upstream_headers = exchange.request.headers().clone();
+        let (tx, dropped) = exchange.respond_streaming_with(answer);
+        let response = within("the streamed response head", pending)
+            .await
+            .expect("join")
+            .expect("keyrelay answered");
+        assert_eq!(response.status(), 200, "a held stream starts with 200");
+        let (parts, body) = response.into_parts();
+        Self {
+            tx,
+            dropped,
+            body,
+            headers: parts.headers,
+            upstream_headers,
+            relayed: 0,
+        }
+    }
+
+    /// Sends `frame` upstream and waits until the client has read exactly it.
+    pub async fn lockstep(&mut self, frame: &str) {
+        let frame = Bytes::from(frame.to_owned());
+        within(
+            "the upstream to take a frame",
+            self.tx.send_data(frame.clone()),
+        )
+        .await
+        .expect("upstream send");
+        let got = next_data(&mut self.body)
+            .await
+            .expect("a frame, not the end")
+            .expect("a frame, not an error");
+        assert_eq!(got, frame, "frames arrive whole and in order");
+        self.relayed += got.len();
+    }
+
+    /// Ends the upstream body and checks the client sees a clean end.
+    pub async fn finish(self) -> usize {
+        let Self {
+            tx,
+            mut body,
+            relayed,
+            ..
+        } = self;
+        drop(tx);
+        match next_data(&mut body).await {
+            None => relayed,
+            Some(Ok(data)) => panic!("unexpected data after the upstream ended: {data:?}"),
+            Some(Err(err)) => panic!("the stream was cut instead of ending cleanly: {err:?}"),
+        }
+    }
+}
