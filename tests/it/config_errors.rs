@@ -39,7 +39,7 @@ fn assert_usage_error(output: &Output, mentions: &[&str]) {
 
 /// Writes `contents` to a fresh file under the temp dir and returns its path.
 fn temp_file(name: &str, contents: &str) -> PathBuf {
-    let path = std::env::temp_dir().join(format!("keyrelay-test-{}-{name}", std::process::id()));
+    let path = support::unique_temp_path("test", name);
     std::fs::write(&path, contents).expect("write temp file");
     path
 }

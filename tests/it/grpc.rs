@@ -19,7 +19,6 @@ use crate::support::tls;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use keyrelay::config::{self, Sources};
 use python::Script;
@@ -30,12 +29,7 @@ use tokio::sync::oneshot;
 
 /// A uniquely named temporary file holding `contents`, removed on drop.
 fn temp_file(name: &str, contents: &[u8]) -> TempFile {
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
-    let path = std::env::temp_dir().join(format!(
-        "keyrelay-grpc-{}-{}-{name}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    ));
+    let path = support::unique_temp_path("grpc", name);
     std::fs::write(&path, contents).expect("write temp file");
     TempFile(path)
 }

@@ -16,11 +16,7 @@ const OTHER_KEY: &str = "kr-test-OTHER-KEY-91b2c3";
 
 /// Starts keyrelay in-process from a TOML route table.
 async fn start_with_file(toml: &str) -> (std::net::SocketAddr, tokio::sync::oneshot::Sender<()>) {
-    let path = std::env::temp_dir().join(format!(
-        "keyrelay-routes-{}-{}.toml",
-        std::process::id(),
-        toml.len()
-    ));
+    let path = support::unique_temp_path("routes", "keyrelay.toml");
     std::fs::write(&path, toml).expect("write config");
     let sources = Sources {
         file: Some(path),

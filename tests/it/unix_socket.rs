@@ -29,7 +29,7 @@ async fn wait_for_socket(path: &std::path::Path) {
 #[tokio::test]
 async fn streams_over_a_unix_socket_with_its_file_mode_and_cleans_up() {
     let mut upstream = MockUpstream::start().await;
-    let dir = std::env::temp_dir().join(format!("keyrelay-unix-{}", std::process::id()));
+    let dir = support::unique_temp_path("unix", "dir");
     std::fs::create_dir_all(&dir).expect("dir");
     let socket = dir.join("keyrelay.sock");
 

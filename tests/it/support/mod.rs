@@ -44,6 +44,18 @@ pub const KEY: &str = "kr-test-KEY-5f3c9a1e7b2d4c6f";
 /// The header value the mock upstream expects keyrelay to inject.
 pub const EXPECTED_AUTH: &str = "Api-Key kr-test-KEY-5f3c9a1e7b2d4c6f";
 
+/// A path under the system temp dir that no other test, thread or process
+/// uses: `keyrelay-LABEL-PID-N-NAME`. All tests run in one process, so the
+/// pid alone no longer tells two tests apart; the counter does.
+pub fn unique_temp_path(label: &str, name: &str) -> std::path::PathBuf {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    std::env::temp_dir().join(format!(
+        "keyrelay-{label}-{}-{n}-{name}",
+        std::process::id()
+    ))
+}
+
 /// Generous bound for anything a test waits on; failures show up as timeouts.
 pub const STEP: Duration = Duration::from_secs(10);
 

@@ -9,7 +9,6 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use http::{HeaderMap, Request, Response, Uri};
@@ -74,12 +73,7 @@ impl TestCa {
 
     /// Writes the CA's PEM to a uniquely named temporary file, removed on drop.
     pub fn write_pem_file(&self) -> TempFile {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let path = std::env::temp_dir().join(format!(
-            "keyrelay-test-ca-{}-{}.pem",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
+        let path = crate::support::unique_temp_path("test-ca", "ca.pem");
         std::fs::write(&path, self.pem()).expect("write CA file");
         TempFile(path)
     }
