@@ -254,27 +254,39 @@ def check_config(dockerfile: Path, inspect_path: Path, rootfs: Path, build_args:
     expect(files == ["/keyrelay"], f"image files are {files}, expected only ['/keyrelay']")
     binary = rootfs / "keyrelay"
     expect(os.access(binary, os.X_OK), "/keyrelay in the image is not executable")
-    expect(not elf_interpreter(binary), "/keyrelay is dynamically linked; a scratch image needs a static binary")
+    system, machine, static = binary_platform(binary.read_bytes(), "/keyrelay")
+    expect(system == "linux", f"/keyrelay is a {system}/{machine} binary")
+    expect(static, "/keyrelay is dynamically linked; a scratch image needs a static binary")
     print(
         f"image config agrees with the Dockerfile: user {want['user']}, entrypoint {want['entrypoint']}, "
         f"healthcheck {want['health_cmd']}, env {want['env']}, ports {sorted(want['ports'])}; files {files}"
     )
 
 
-def elf_interpreter(path: Path) -> bool:
-    """True when the ELF file asks for a program interpreter (is dynamically linked)."""
-    data = path.read_bytes()
-    expect(data[:4] == b"\x7fELF" and data[4] == 2, f"{path} is not a 64-bit ELF file")
-    little = data[5] == 1
-    order = "little" if little else "big"
-    phoff = int.from_bytes(data[0x20:0x28], order)
-    phentsize = int.from_bytes(data[0x36:0x38], order)
-    phnum = int.from_bytes(data[0x38:0x3A], order)
-    for index in range(phnum):
-        start = phoff + index * phentsize
-        if int.from_bytes(data[start:start + 4], order) == 3:  # PT_INTERP
-            return True
-    return False
+# OCI architecture names of the executables keyrelay ships.
+ELF_MACHINES = {62: "amd64", 183: "arm64"}  # EM_X86_64, EM_AARCH64
+MACHO_CPUS = {0x01000007: "amd64", 0x0100000C: "arm64"}  # CPU_TYPE_X86_64, CPU_TYPE_ARM64
+
+
+def binary_platform(data: bytes, name: str) -> tuple[str, str, bool]:
+    """(os, architecture, statically linked) of a 64-bit little-endian ELF or Mach-O executable."""
+    if data[:4] == b"\x7fELF":
+        expect(data[4] == 2 and data[5] == 1, f"{name} is not a 64-bit little-endian ELF file")
+        machine = int.from_bytes(data[0x12:0x14], "little")
+        phoff = int.from_bytes(data[0x20:0x28], "little")
+        phentsize = int.from_bytes(data[0x36:0x38], "little")
+        phnum = int.from_bytes(data[0x38:0x3A], "little")
+        interpreter = any(  # PT_INTERP: the binary asks for a dynamic loader
+            int.from_bytes(data[start:start + 4], "little") == 3
+            for start in range(phoff, phoff + phnum * phentsize, phentsize)
+        )
+        return "linux", ELF_MACHINES.get(machine, f"elf-machine-{machine}"), not interpreter
+    if data[:4] == b"\xcf\xfa\xed\xfe":  # MH_MAGIC_64
+        cpu = int.from_bytes(data[4:8], "little")
+        expect(int.from_bytes(data[12:16], "little") == 2, f"{name} is a Mach-O file but not an executable")
+        # Every macOS executable loads libSystem dynamically: there is no static macOS binary.
+        return "darwin", MACHO_CPUS.get(cpu, f"macho-cpu-{cpu:#x}"), False
+    raise CheckFailed(f"{name} is neither a 64-bit ELF nor a Mach-O executable")
 
 
 # ---------------------------------------------------------------- smoke test
