@@ -31,6 +31,12 @@ ALL_TARGETS=(
 # after checking `deploy/dist.sh` still passes.
 ZIGLANG_VERSION=0.15.2
 CARGO_ZIGBUILD_VERSION=0.24.1
+# The oldest macOS the binaries run on: Rust's own minimum for Apple silicon,
+# used for Intel too. Unset, zig 0.15 stamps its default, 13.0, into the
+# Mach-O header and Macs on 11 and 12 would refuse the binary. Set for every
+# zigbuild run, Linux targets included, so the build scripts that read it
+# (cc, for ring) see one value and cargo does not rebuild between callers.
+export MACOSX_DEPLOYMENT_TARGET=11.0
 
 targets=("$@")
 [ ${#targets[@]} -gt 0 ] || targets=("${ALL_TARGETS[@]}")

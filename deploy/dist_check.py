@@ -9,7 +9,8 @@ For each TARGET, DIST_DIR/keyrelay-VERSION-TARGET.tar.gz must:
     0755), README.md, LICENSE, keyrelay.1 and completions for bash, zsh and
     fish (mode 0644), owned by 0:0, with no path leaving the directory;
   - carry a binary for TARGET's operating system and processor (read from its
-    ELF or Mach-O header), statically linked on Linux;
+    ELF or Mach-O header), statically linked on Linux, and for macOS one that
+    runs on MACOS_MINIMUM (build.sh's MACOSX_DEPLOYMENT_TARGET);
   - carry a man page that is roff for keyrelay VERSION and completions that
     name keyrelay's flags.
 
@@ -30,6 +31,10 @@ from image_check import CheckFailed, binary_platform, expect
 ARCHES = {"x86_64": "amd64", "aarch64": "arm64"}
 SYSTEMS = {"unknown-linux-musl": "linux", "apple-darwin": "darwin"}
 
+# The oldest macOS the binaries must run on: deploy/build.sh's MACOSX_DEPLOYMENT_TARGET.
+MACOS_MINIMUM = (11, 0)
+LC_BUILD_VERSION = 0x32
+
 MEMBERS = {
     "keyrelay": 0o755,
     "README.md": 0o644,
@@ -45,6 +50,20 @@ def expected_platform(target: str) -> tuple[str, str]:
     arch, _, rest = target.partition("-")
     expect(arch in ARCHES and rest in SYSTEMS, f"unknown target {target}")
     return SYSTEMS[rest], ARCHES[arch]
+
+
+def macos_minimum(data: bytes) -> tuple[int, int]:
+    """The minimum macOS version (major, minor) in a Mach-O file's LC_BUILD_VERSION."""
+    ncmds = int.from_bytes(data[16:20], "little")
+    offset = 32  # after the 64-bit Mach-O header
+    for _ in range(ncmds):
+        cmd = int.from_bytes(data[offset:offset + 4], "little")
+        size = int.from_bytes(data[offset + 4:offset + 8], "little")
+        if cmd == LC_BUILD_VERSION:
+            version = int.from_bytes(data[offset + 12:offset + 16], "little")  # X.Y.Z as xxxx.yy.zz
+            return version >> 16, (version >> 8) & 0xFF
+        offset += size
+    raise CheckFailed("the Mach-O file has no LC_BUILD_VERSION")
 
 
 def check_archive(archive: Path, top: str, target: str, version: str) -> str:
@@ -71,6 +90,11 @@ def check_archive(archive: Path, top: str, target: str, version: str) -> str:
         f"{archive.name}: the binary is for {system}/{arch}, expected {want_system}/{want_arch}",
     )
     expect(system != "linux" or static, f"{archive.name}: the Linux binary is dynamically linked")
+    runs_on = "static" if static else ""
+    if system == "darwin":
+        minimum = macos_minimum(files["keyrelay"])
+        expect(minimum <= MACOS_MINIMUM, f"{archive.name}: the binary needs macOS {minimum}, expected {MACOS_MINIMUM} or older")
+        runs_on = f"macOS {minimum[0]}.{minimum[1]}+"
 
     page = files["keyrelay.1"].decode()
     expect(f'.TH keyrelay 1  "keyrelay {version}"' in page, f"{archive.name}: keyrelay.1 is not the man page of keyrelay {version}")
@@ -79,7 +103,7 @@ def check_archive(archive: Path, top: str, target: str, version: str) -> str:
             script = data.decode()
             expect("upstream" in script and "key-file" in script, f"{archive.name}: {name} does not complete keyrelay's flags")
     binary_size = len(files["keyrelay"])
-    return f"{system}/{arch}{' static' if static else ''}, binary {binary_size} bytes"
+    return f"{system}/{arch} {runs_on}, binary {binary_size} bytes"
 
 
 def main(argv: list[str]) -> int:
