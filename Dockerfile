@@ -1,14 +1,19 @@
 # keyrelay container image: one static (musl) binary in an otherwise empty image.
 #
 #   docker build --build-arg VERSION=0.1.0 --build-arg REVISION="$(git rev-parse HEAD)" -t keyrelay:0.1.0 .
+#   docker buildx build --platform linux/amd64,linux/arm64 --build-arg VERSION=0.1.0 -t REGISTRY/keyrelay:0.1.0 --push .
 #
 # The build stage needs BuildKit (the default builder since Docker 23; buildah
-# and podman too) for its cache mounts. deploy/image.sh builds this file's final
-# stage from a locally built binary and runs the image, with no registry at all.
+# and podman too) for its cache mounts. It runs on the platform it builds for
+# and compiles that platform's musl target, so a plain `docker build` on an
+# arm64 machine gives an arm64 image; buildx builds the other platform under
+# emulation, which is slow (an LTO build under qemu). deploy/image.sh instead
+# builds both images' final stage from cross-compiled binaries and joins them
+# in a manifest list, with no registry at all.
 
 FROM rust:1.95.0-bookworm AS build
-# musl-gcc compiles ring's C and assembly for the musl target.
-RUN rustup target add x86_64-unknown-linux-musl \
+# musl-gcc compiles ring's C and assembly for this platform's musl target.
+RUN rustup target add "$(uname -m)-unknown-linux-musl" \
     && apt-get update \
     && apt-get install -y --no-install-recommends musl-tools=1.2.3-1 \
     && rm -rf /var/lib/apt/lists/*
@@ -16,11 +21,13 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
 # The cache mounts keep the crate downloads and compiled dependencies between
-# builds; the binary is copied out of the cached target directory.
+# builds (the target directory one per platform, since a multi-platform build
+# runs both at once); the binary is copied out of the cached target directory.
+ARG TARGETARCH
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
-    --mount=type=cache,target=/src/target \
-    cargo build --release --locked --target x86_64-unknown-linux-musl \
-    && cp target/x86_64-unknown-linux-musl/release/keyrelay /keyrelay
+    --mount=type=cache,id=keyrelay-target-${TARGETARCH},target=/src/target \
+    cargo build --release --locked --target "$(uname -m)-unknown-linux-musl" \
+    && cp "target/$(uname -m)-unknown-linux-musl/release/keyrelay" /keyrelay
 
 FROM scratch
 ARG VERSION=dev

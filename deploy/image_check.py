@@ -7,11 +7,19 @@
         instead of `COPY --from=build`. Everything else is the Dockerfile's own
         text, so the image built from it cannot drift from the Dockerfile.
 
-    image_check.py config DOCKERFILE INSPECT_JSON ROOTFS [--build-arg=NAME=VALUE...]
+    image_check.py config DOCKERFILE INSPECT_JSON ROOTFS --arch=ARCH [--build-arg=NAME=VALUE...]
         Check the built image (`buildah inspect --type image` output and its
         mounted root filesystem) against the Dockerfile: user, entrypoint, cmd,
-        healthcheck, environment, ports, labels, and that the image holds only
-        /keyrelay.
+        healthcheck, environment, ports, labels, that the image holds only
+        /keyrelay, and that the image and its static binary are linux/ARCH
+        (amd64, arm64).
+
+    image_check.py pushed DIR IMAGE_INSPECT_JSON...
+        Check a manifest list pushed with its images to DIR (`buildah manifest
+        push --all --format v2s2 LIST dir:DIR`, what a registry receives): the
+        list names each image (by its manifest digest) once, for its own
+        platform, and nothing else, and each pushed image's config has that
+        platform's architecture, the Dockerfile's entrypoint and HEALTHCHECK.
 
     image_check.py smoke INSPECT_JSON SECRET_DIR -- RUN_PREFIX...
         Run the image's entrypoint through RUN_PREFIX (e.g. `buildah run
@@ -21,7 +29,9 @@
         when nothing answers); a streamed response arriving token by token with
         the key from the mounted key file injected and the client's own
         credential removed; key rotation through the file; SIGTERM turning
-        /readyz to 503 and ending in exit status 0.
+        /readyz to 503 and ending in exit status 0. For an image of another
+        architecture RUN_PREFIX ends with a qemu-user emulator mounted into the
+        container (`... CTR -- /qemu-aarch64-static`).
 
 Every failure prints what was expected and what was seen, and exits 1.
 Everything listens on 127.0.0.1 only.
@@ -187,11 +197,14 @@ def go_duration(text: str) -> int:
     return sum(int(amount) * units[unit] for amount, unit in parts)
 
 
-def check_config(dockerfile: Path, inspect_path: Path, rootfs: Path, build_args: dict[str, str]) -> None:
+def check_config(dockerfile: Path, inspect_path: Path, rootfs: Path, arch: str, build_args: dict[str, str]) -> None:
     want = dockerfile_expectations(dockerfile, build_args)
     inspect = json.loads(inspect_path.read_text())
     config = inspect["Docker"]["config"]
     oci = inspect["OCIv1"]["config"]
+    for source, image in (("Docker", inspect["Docker"]), ("OCI", inspect["OCIv1"])):
+        platform = f"{image.get('os')}/{image.get('architecture')}"
+        expect(platform == f"linux/{arch}", f"image ({source}) platform is {platform}, expected linux/{arch}")
 
     # The fixed promises, whatever the Dockerfile says.
     expect(want["user"] == "65532:65532", f"Dockerfile USER is {want['user']!r}, expected 65532:65532")
@@ -254,27 +267,69 @@ def check_config(dockerfile: Path, inspect_path: Path, rootfs: Path, build_args:
     expect(files == ["/keyrelay"], f"image files are {files}, expected only ['/keyrelay']")
     binary = rootfs / "keyrelay"
     expect(os.access(binary, os.X_OK), "/keyrelay in the image is not executable")
-    expect(not elf_interpreter(binary), "/keyrelay is dynamically linked; a scratch image needs a static binary")
+    system, machine, static = binary_platform(binary.read_bytes(), "/keyrelay")
+    expect(
+        (system, machine) == ("linux", arch),
+        f"/keyrelay is a {system}/{machine} binary in a linux/{arch} image",
+    )
+    expect(static, "/keyrelay is dynamically linked; a scratch image needs a static binary")
     print(
-        f"image config agrees with the Dockerfile: user {want['user']}, entrypoint {want['entrypoint']}, "
+        f"linux/{arch} image config agrees with the Dockerfile: user {want['user']}, entrypoint {want['entrypoint']}, "
         f"healthcheck {want['health_cmd']}, env {want['env']}, ports {sorted(want['ports'])}; files {files}"
     )
 
 
-def elf_interpreter(path: Path) -> bool:
-    """True when the ELF file asks for a program interpreter (is dynamically linked)."""
-    data = path.read_bytes()
-    expect(data[:4] == b"\x7fELF" and data[4] == 2, f"{path} is not a 64-bit ELF file")
-    little = data[5] == 1
-    order = "little" if little else "big"
-    phoff = int.from_bytes(data[0x20:0x28], order)
-    phentsize = int.from_bytes(data[0x36:0x38], order)
-    phnum = int.from_bytes(data[0x38:0x3A], order)
-    for index in range(phnum):
-        start = phoff + index * phentsize
-        if int.from_bytes(data[start:start + 4], order) == 3:  # PT_INTERP
-            return True
-    return False
+# OCI architecture names of the executables keyrelay ships.
+ELF_MACHINES = {62: "amd64", 183: "arm64"}  # EM_X86_64, EM_AARCH64
+MACHO_CPUS = {0x01000007: "amd64", 0x0100000C: "arm64"}  # CPU_TYPE_X86_64, CPU_TYPE_ARM64
+
+
+def binary_platform(data: bytes, name: str) -> tuple[str, str, bool]:
+    """(os, architecture, statically linked) of a 64-bit little-endian ELF or Mach-O executable."""
+    if data[:4] == b"\x7fELF":
+        expect(data[4] == 2 and data[5] == 1, f"{name} is not a 64-bit little-endian ELF file")
+        machine = int.from_bytes(data[0x12:0x14], "little")
+        phoff = int.from_bytes(data[0x20:0x28], "little")
+        phentsize = int.from_bytes(data[0x36:0x38], "little")
+        phnum = int.from_bytes(data[0x38:0x3A], "little")
+        interpreter = any(  # PT_INTERP: the binary asks for a dynamic loader
+            int.from_bytes(data[start:start + 4], "little") == 3
+            for start in range(phoff, phoff + phnum * phentsize, phentsize)
+        )
+        return "linux", ELF_MACHINES.get(machine, f"elf-machine-{machine}"), not interpreter
+    if data[:4] == b"\xcf\xfa\xed\xfe":  # MH_MAGIC_64
+        cpu = int.from_bytes(data[4:8], "little")
+        expect(int.from_bytes(data[12:16], "little") == 2, f"{name} is a Mach-O file but not an executable")
+        # Every macOS executable loads libSystem dynamically: there is no static macOS binary.
+        return "darwin", MACHO_CPUS.get(cpu, f"macho-cpu-{cpu:#x}"), False
+    raise CheckFailed(f"{name} is neither a 64-bit ELF nor a Mach-O executable")
+
+
+def check_pushed_list(pushed: Path, image_paths: list[Path]) -> None:
+    listing = json.loads((pushed / "manifest.json").read_text())
+    expect(
+        listing.get("mediaType") == "application/vnd.docker.distribution.manifest.list.v2+json",
+        f"pushed list is {listing.get('mediaType')!r}, expected a Docker manifest list (HEALTHCHECK needs Docker configs)",
+    )
+    listed = sorted(
+        (m.get("digest"), f"{m.get('platform', {}).get('os')}/{m.get('platform', {}).get('architecture')}")
+        for m in listing.get("manifests") or []
+    )
+    wanted = []
+    for path in image_paths:
+        inspect = json.loads(path.read_text())
+        wanted.append((inspect["FromImageDigest"], f"{inspect['OCIv1']['os']}/{inspect['OCIv1']['architecture']}"))
+    wanted.sort()
+    expect(listed == wanted, f"pushed manifest list names {listed}, expected {wanted}")
+    for digest, platform in listed:
+        manifest = json.loads((pushed / f"{digest.split(':', 1)[1]}.manifest.json").read_text())
+        config = json.loads((pushed / manifest["config"]["digest"].split(":", 1)[1]).read_text())
+        expect(f"{config.get('os')}/{config.get('architecture')}" == platform, f"pushed {platform} image's config says {config.get('os')}/{config.get('architecture')}")
+        health = (config["config"].get("Healthcheck") or {}).get("Test")
+        expect(health == ["CMD", "/keyrelay", "health"], f"pushed {platform} image's Healthcheck is {health}")
+        entrypoint = config["config"].get("Entrypoint")
+        expect(entrypoint == ["/keyrelay"], f"pushed {platform} image's Entrypoint is {entrypoint}")
+    print(f"pushed manifest list: {', '.join(platform for _, platform in listed)}, each with its entrypoint and HEALTHCHECK")
 
 
 # ---------------------------------------------------------------- smoke test
@@ -401,10 +456,14 @@ def descendants(pid: int) -> list[int]:
 def keyrelay_pid(root: int) -> int | None:
     for pid in descendants(root):
         try:
-            if Path(f"/proc/{pid}/comm").read_text().strip() == "keyrelay":
-                return pid
+            comm = Path(f"/proc/{pid}/comm").read_text().strip()
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
+        # An image of another architecture runs as qemu-user emulating /keyrelay;
+        # signals sent to the emulator reach keyrelay.
+        if comm == "keyrelay" or (comm.startswith("qemu-") and argv[1:2] == [b"/keyrelay"]):
+            return pid
     return None
 
 
@@ -557,13 +616,19 @@ def main(argv: list[str]) -> int:
     try:
         if len(argv) == 2 and argv[0] == "containerfile":
             sys.stdout.write(containerfile(Path(argv[1])))
-        elif len(argv) >= 4 and argv[0] == "config":
-            build_args = {}
+        elif len(argv) >= 5 and argv[0] == "config":
+            build_args, arch = {}, None
             for item in argv[4:]:
+                if item.startswith("--arch="):
+                    arch = item.removeprefix("--arch=")
+                    continue
                 name, sep, value = item.removeprefix("--build-arg=").partition("=")
                 expect(item.startswith("--build-arg=") and bool(sep), f"config: unexpected argument {item!r}")
                 build_args[name] = value
-            check_config(Path(argv[1]), Path(argv[2]), Path(argv[3]), build_args)
+            expect(arch in ELF_MACHINES.values(), f"config: --arch= must be one of {sorted(ELF_MACHINES.values())}")
+            check_config(Path(argv[1]), Path(argv[2]), Path(argv[3]), arch, build_args)
+        elif len(argv) >= 3 and argv[0] == "pushed":
+            check_pushed_list(Path(argv[1]), [Path(arg) for arg in argv[2:]])
         elif len(argv) >= 5 and argv[0] == "smoke" and argv[3] == "--":
             smoke(Path(argv[1]), Path(argv[2]), argv[4:])
         else:

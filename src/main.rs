@@ -1,5 +1,6 @@
 //! The `keyrelay` binary: parse flags, load config, start logging, run.
 
+use std::io::{self, Write};
 use std::process::ExitCode;
 
 use keyrelay::config::cli::{self, Action};
@@ -28,37 +29,64 @@ fn main() -> ExitCode {
     };
     let (action, sources) = cli::interpret(&matches, Sources::from_process_env());
 
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    match action {
+        Action::Proxy => block_on(run_proxy(sources)),
+        Action::Health(url) => block_on(async move {
+            match keyrelay::ops::health::check(&url).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(reason) => {
+                    eprintln!("keyrelay health: {reason}");
+                    ExitCode::FAILURE
+                }
+            }
+        }),
+        Action::Demo => block_on(async move {
+            match demo::run(sources).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(DemoError::Config(err)) => {
+                    eprintln!("keyrelay: {err}");
+                    ExitCode::from(EXIT_USAGE)
+                }
+                Err(DemoError::Io(err)) => {
+                    eprintln!("keyrelay demo: {err}");
+                    ExitCode::FAILURE
+                }
+            }
+        }),
+        // Generated text needs neither the configuration nor the runtime.
+        Action::Completions(shell) => print_generated(Ok(cli::completions(shell))),
+        Action::Man => print_generated(cli::man_page()),
+    }
+}
+
+/// Runs `task` to completion on a new multi-threaded Tokio runtime.
+fn block_on(task: impl std::future::Future<Output = ExitCode>) -> ExitCode {
+    match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
     {
-        Ok(runtime) => runtime,
+        Ok(runtime) => runtime.block_on(task),
         Err(err) => {
             eprintln!("keyrelay: cannot start the async runtime: {err}");
-            return ExitCode::FAILURE;
+            ExitCode::FAILURE
         }
-    };
+    }
+}
 
-    match action {
-        Action::Proxy => runtime.block_on(run_proxy(sources)),
-        Action::Health(url) => match runtime.block_on(keyrelay::ops::health::check(&url)) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(reason) => {
-                eprintln!("keyrelay health: {reason}");
-                ExitCode::FAILURE
-            }
-        },
-        Action::Demo => match runtime.block_on(demo::run(sources)) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(DemoError::Config(err)) => {
-                eprintln!("keyrelay: {err}");
-                ExitCode::from(EXIT_USAGE)
-            }
-            Err(DemoError::Io(err)) => {
-                eprintln!("keyrelay demo: {err}");
-                ExitCode::FAILURE
-            }
-        },
+/// Writes a completion script or man page to stdout; a closed pipe
+/// (`keyrelay man | head`) is reported, not a panic.
+fn print_generated(text: io::Result<Vec<u8>>) -> ExitCode {
+    let written = text.and_then(|bytes| {
+        let mut stdout = io::stdout().lock();
+        stdout.write_all(&bytes)?;
+        stdout.flush()
+    });
+    match written {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("keyrelay: cannot write to stdout: {err}");
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -3,10 +3,15 @@
 //! Generating the flags from the settings table keeps `--help`, the config
 //! file, the `KEYRELAY_*` variables and the README table naming the same
 //! things. Flags only override; defaults and validation live in [`config`].
+//! The shell completions and the man page are rendered from the same
+//! [`command`], so they cannot list a flag the binary does not have.
 
+use std::io;
 use std::path::PathBuf;
 
 use clap::{Arg, ArgAction, ArgMatches, Command};
+use clap_complete::Shell;
+use roff::{bold, italic, roman, Roff};
 
 use crate::config::{Kind, OverrideValue, Sources, SETTINGS};
 
@@ -19,6 +24,10 @@ pub enum Action {
     Demo,
     /// Check a running keyrelay's admin `/healthz` at this URL.
     Health(String),
+    /// Print the completion script for this shell.
+    Completions(Shell),
+    /// Print the man page.
+    Man,
 }
 
 const ABOUT: &str = "Local authenticating streaming proxy for hosted model endpoints.\n\n\
@@ -29,8 +38,14 @@ Every option can also be set in the --config TOML file (same name, with undersco
 or as a KEYRELAY_<NAME> environment variable; flags win over the environment, which \
 wins over the file.";
 
-const EXAMPLES: &str = "Examples:
-  # A dedicated Baseten model; apps then POST to http://127.0.0.1:8080/predict
+const COMPLETIONS_ABOUT: &str = "Print a shell completion script to stdout, e.g.
+
+  keyrelay completions bash > ~/.local/share/bash-completion/completions/keyrelay
+  keyrelay completions zsh > ~/.zfunc/_keyrelay    # with fpath+=~/.zfunc before compinit
+  keyrelay completions fish > ~/.config/fish/completions/keyrelay.fish";
+
+/// Shown after `--help` under "Examples:" and in the man page's EXAMPLES.
+const EXAMPLES: &str = "  # A dedicated Baseten model; apps then POST to http://127.0.0.1:8080/predict
   # and point OpenAI SDKs at http://127.0.0.1:8080/v1
   BASETEN_API_KEY=... keyrelay --model abc123
   keyrelay --model abc123 --environment staging
@@ -62,7 +77,7 @@ pub fn command() -> Command {
         .version(env!("CARGO_PKG_VERSION"))
         .about("Local authenticating streaming proxy for hosted model endpoints")
         .long_about(ABOUT)
-        .after_help(EXAMPLES)
+        .after_help(format!("Examples:\n{EXAMPLES}"))
         .arg(
             Arg::new("config")
                 .long("config")
@@ -85,7 +100,23 @@ pub fn command() -> Command {
         .subcommand(Command::new("demo").about(
             "Run a local mock model endpoint behind keyrelay and stream one request through it \
              (no network, no real key)",
-        ));
+        ))
+        .subcommand(
+            Command::new("completions")
+                .about("Print a shell completion script (bash, zsh, fish, elvish, powershell)")
+                .long_about(COMPLETIONS_ABOUT)
+                .arg(
+                    Arg::new("shell")
+                        .value_name("SHELL")
+                        .required(true)
+                        .value_parser(clap::value_parser!(Shell))
+                        .help("The shell to complete for"),
+                ),
+        )
+        .subcommand(
+            Command::new("man")
+                .about("Print the man page (roff), e.g. keyrelay man > keyrelay.1; man -l keyrelay.1"),
+        );
     for setting in SETTINGS {
         let mut help = format!("{} [env: {}]", setting.help, setting.env_var());
         if !setting.default.is_empty() {
@@ -117,6 +148,11 @@ pub fn interpret(matches: &ArgMatches, mut sources: Sources) -> (Action, Sources
                 .cloned()
                 .unwrap_or_else(|| crate::ops::health::DEFAULT_URL.to_owned()),
         ),
+        Some(("completions", sub)) => Action::Completions(
+            *sub.get_one::<Shell>("shell")
+                .expect("clap refuses `completions` without SHELL"),
+        ),
+        Some(("man", _)) => Action::Man,
         _ => Action::Proxy,
     };
     // Global flags given after the subcommand land in the subcommand's matches.
@@ -141,6 +177,91 @@ pub fn interpret(matches: &ArgMatches, mut sources: Sources) -> (Action, Sources
         }
     }
     (action, sources)
+}
+
+/// The completion script for `shell`, covering every subcommand and flag.
+pub fn completions(shell: Shell) -> Vec<u8> {
+    let mut command = command();
+    let name = command.get_name().to_owned();
+    // Rendered into memory: clap_complete panics on a failed write (a closed
+    // pipe), and the caller should report that instead.
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut command, name, &mut script);
+    script
+}
+
+/// Exit statuses, for the man page (main.rs returns them).
+const EXIT_STATUSES: &[(&str, &str)] = &[
+    ("0", "clean shutdown; for health, /healthz answered 200"),
+    (
+        "1",
+        "a runtime failure; for health, /healthz did not answer 200",
+    ),
+    (
+        "64",
+        "a configuration or usage error (every problem is reported at once)",
+    ),
+    ("69", "the listen address cannot be bound"),
+    ("143", "a second SIGTERM or SIGINT cut the drain short"),
+];
+
+/// The man page (section 1, roff), rendered from [`command`].
+///
+/// clap_mangen renders the name, synopsis, description and options; the
+/// subcommands are listed here with their own arguments instead of as
+/// `keyrelay-demo(1)` pages that are not installed, and the examples keep
+/// their layout.
+pub fn man_page() -> io::Result<Vec<u8>> {
+    let command = command();
+    let man = clap_mangen::Man::new(command.clone());
+    let mut page = Vec::new();
+    man.render_title(&mut page)?;
+    man.render_name_section(&mut page)?;
+    man.render_synopsis_section(&mut page)?;
+    man.render_description_section(&mut page)?;
+    man.render_options_section(&mut page)?;
+
+    let mut roff = Roff::new();
+    roff.control("SH", ["COMMANDS"]);
+    for sub in command.get_subcommands() {
+        let mut synopsis = vec![bold(format!("{} {}", command.get_name(), sub.get_name()))];
+        // Before clap builds the command, a subcommand lists only its own
+        // arguments, not the global settings.
+        for arg in sub.get_arguments() {
+            let value = arg
+                .get_value_names()
+                .and_then(|names| names.first())
+                .map_or_else(|| arg.get_id().to_string(), ToString::to_string);
+            synopsis.push(roman(" "));
+            match arg.get_long() {
+                Some(long) => {
+                    synopsis.push(roman("["));
+                    synopsis.push(bold(format!("--{long}")));
+                    synopsis.push(roman(" "));
+                    synopsis.push(italic(value));
+                    synopsis.push(roman("]"));
+                }
+                None => synopsis.push(italic(value)),
+            }
+        }
+        roff.control("TP", []).text(synopsis);
+        let about = sub.get_about().map(ToString::to_string);
+        roff.text([roman(about.unwrap_or_default())]);
+    }
+    roff.control("SH", ["EXAMPLES"]).control("nf", []);
+    for line in EXAMPLES.lines() {
+        roff.text([roman(line)]);
+    }
+    roff.control("fi", []);
+    roff.control("SH", ["EXIT STATUS"]);
+    for (status, meaning) in EXIT_STATUSES {
+        roff.control("TP", [])
+            .text([bold(*status)])
+            .text([roman(*meaning)]);
+    }
+    roff.to_writer(&mut page)?;
+    man.render_version_section(&mut page)?;
+    Ok(page)
 }
 
 #[cfg(test)]
@@ -182,5 +303,21 @@ mod tests {
         let (action, sources) = interpret(&matches, Sources::default());
         assert_eq!(action, Action::Demo);
         assert_eq!(sources.overrides.len(), 1);
+    }
+
+    #[test]
+    fn completions_and_man_are_actions() {
+        let action = |args: &[&str]| {
+            let matches = command().try_get_matches_from(args).expect("parses");
+            interpret(&matches, Sources::default()).0
+        };
+        assert_eq!(
+            action(&["keyrelay", "completions", "zsh"]),
+            Action::Completions(Shell::Zsh)
+        );
+        assert_eq!(action(&["keyrelay", "man"]), Action::Man);
+        assert!(command()
+            .try_get_matches_from(["keyrelay", "completions"])
+            .is_err());
     }
 }

@@ -12,6 +12,7 @@ mod backpressure;
 mod burst;
 mod cancellation;
 mod clients;
+mod completions_and_man;
 mod config_errors;
 mod credentials;
 mod demo;

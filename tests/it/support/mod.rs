@@ -387,8 +387,22 @@ where
 // ---------------------------------------------------------------------------
 
 /// The real `keyrelay` binary built by cargo for these tests.
+///
+/// `KEYRELAY_TEST_BINARY` swaps in another build of it, run through
+/// `KEYRELAY_TEST_RUNNER` when that is set too: deploy/qemu_test.sh runs the
+/// tests that drive the binary against the aarch64 release build under
+/// qemu-user this way.
 pub fn binary() -> std::process::Command {
-    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_keyrelay"));
+    let program = std::env::var_os("KEYRELAY_TEST_BINARY")
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_keyrelay").into());
+    let mut command = match std::env::var_os("KEYRELAY_TEST_RUNNER") {
+        Some(runner) => {
+            let mut command = std::process::Command::new(runner);
+            command.arg(program);
+            command
+        }
+        None => std::process::Command::new(program),
+    };
     command.env_clear();
     if let Ok(path) = std::env::var("PATH") {
         command.env("PATH", path);
