@@ -34,7 +34,7 @@ if grep '^warning:' "$work/package.log" | grep -v 'manifest has no documentation
   fail "cargo package warned (above)"
 fi
 cargo package --locked --allow-dirty --list 2>/dev/null >"$work/files"
-for needed in LICENSE README.md Cargo.lock Cargo.toml src/main.rs src/lib.rs tests/demo.rs config/keyrelay.toml; do
+for needed in LICENSE README.md Cargo.lock Cargo.toml src/main.rs src/lib.rs tests/it/main.rs tests/it/demo.rs config/keyrelay.toml; do
   grep -qx "$needed" "$work/files" || fail "the package lacks $needed"
 done
 if grep -E '^(deploy/|\.ci/|fuzz/|Dockerfile|\.dockerignore|BENCHMARKS\.md|RELIABILITY\.md|bench/.*\.sh$)' "$work/files"; then
