@@ -499,7 +499,8 @@ auth_header = "baseten-authorization"
         sources.set("listen", OverrideValue::Text("127.0.0.1:0".to_owned()));
         let config = config::load(&sources).expect("fuzz route config is valid");
         let _ = std::fs::remove_file(&file);
-        let table = RouteTable::new(&config.routes, &Arc::new(Metrics::new()));
+        let no_http2_pools = config.routes.iter().map(|_| None).collect();
+        let table = RouteTable::new(&config.routes, &Arc::new(Metrics::new()), no_http2_pools);
         (table, config.routes.clone())
     })
 }

@@ -193,6 +193,11 @@ pub(super) fn validate(
         &raw.http2_keepalive_interval,
         "long HTTP/2 streams need keepalive pings",
     );
+    let keepalive_timeout = found.duration(
+        "http2_keepalive_timeout",
+        &raw.http2_keepalive_timeout,
+        "a dead HTTP/2 connection is found only when a PING goes unanswered",
+    );
     let shutdown_grace = found.optional_duration("shutdown_grace", &raw.shutdown_grace);
 
     let shutdown_delay = found.optional_duration("shutdown_delay", &raw.shutdown_delay);
@@ -250,6 +255,7 @@ pub(super) fn validate(
             max_idle_per_host: raw.pool_max_idle_per_host,
         },
         http2_keepalive_interval: keepalive?,
+        http2_keepalive_timeout: keepalive_timeout?,
         shutdown_grace: shutdown_grace?,
         shutdown_delay: shutdown_delay?,
         admin_listen: admin_listen?,

@@ -57,6 +57,8 @@ pub struct Config {
     pub pool: PoolSettings,
     /// PING interval for HTTP/2 upstream connections.
     pub http2_keepalive_interval: Duration,
+    /// How long a PING may go unanswered before the connection is closed.
+    pub http2_keepalive_timeout: Duration,
     /// Time streams in flight get to finish on shutdown.
     pub shutdown_grace: Option<Duration>,
     /// Time keyrelay keeps accepting after a shutdown signal.
@@ -208,6 +210,7 @@ struct RawConfig {
     pool_max_idle_per_host: usize,
     upstream_http2: bool,
     http2_keepalive_interval: String,
+    http2_keepalive_timeout: String,
     shutdown_grace: String,
     admin_listen: String,
     listen_backlog: String,

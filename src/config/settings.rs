@@ -222,6 +222,12 @@ pub const SETTINGS: &[Setting] = &[
         kind: Kind::Text,
     },
     Setting {
+        key: "http2_keepalive_timeout",
+        default: "20s",
+        help: "How long an HTTP/2 upstream connection may leave a PING unanswered before it is closed and its streams fail.",
+        kind: Kind::Text,
+    },
+    Setting {
         key: "shutdown_grace",
         default: "30s",
         help: "On SIGTERM/SIGINT, how long streams in flight may finish before they are cut (off: no limit).",

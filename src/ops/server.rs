@@ -66,6 +66,12 @@ pub async fn serve(
     let builder = Arc::new(builder);
     let first_bytes_timeout = limits.header_read_timeout;
     let graceful = GracefulShutdown::new();
+    // Tells connections that have not sent a byte yet that keyrelay is
+    // draining: hyper's graceful shutdown cannot reach them (they are not
+    // served yet), and waiting out their first-bytes timeout would hold up
+    // the drain by up to header_read_timeout for nothing (browsers and
+    // pooled clients open such connections ahead of need).
+    let (draining_tx, draining) = tokio::sync::watch::channel(false);
     let mut connections = JoinSet::new();
     tokio::pin!(shutdown);
 
@@ -88,14 +94,23 @@ pub async fn serve(
                 let service = TowerToHyperService::new(proxy.clone());
                 let builder = Arc::clone(&builder);
                 let watcher = graceful.watcher();
+                let mut draining = draining.clone();
                 connections.spawn(async move {
                     // hyper waits for the first bytes (to tell HTTP/1.1 from
                     // HTTP/2) without a limit; a silent client must not hold a
                     // connection for free.
                     if let Some(limit) = first_bytes_timeout {
-                        if tokio::time::timeout(limit, stream.wait_for_data()).await.is_err() {
-                            tracing::debug!(%peer, "client sent nothing; closing");
-                            return;
+                        tokio::select! {
+                            waited = tokio::time::timeout(limit, stream.wait_for_data()) => {
+                                if waited.is_err() {
+                                    tracing::debug!(%peer, "client sent nothing; closing");
+                                    return;
+                                }
+                            }
+                            _ = draining.wait_for(|draining| *draining) => {
+                                tracing::debug!(%peer, "client sent nothing before shutdown; closing");
+                                return;
+                            }
                         }
                     }
                     let connection = builder
@@ -112,6 +127,7 @@ pub async fn serve(
     }
 
     drop(listener);
+    let _ = draining_tx.send(true);
     let open = graceful.count();
     tracing::info!(open_connections = open, grace = ?grace, "shutting down; draining connections");
     let drained = async {

@@ -197,7 +197,8 @@ impl ProxyError {
     /// streamed it (malformed, or over `max_request_body`), and those are the
     /// client's.
     pub fn from_send_failure(
-        err: &hyper_util::client::legacy::Error,
+        err: &(dyn StdError + 'static),
+        is_connect: bool,
         connect_timeout: Duration,
     ) -> Self {
         let mut cause = Cause::default();
@@ -224,9 +225,9 @@ impl ProxyError {
             UpstreamError::Dns.into()
         } else if cause.refused {
             UpstreamError::Refused.into()
-        } else if cause.timed_out && err.is_connect() {
+        } else if cause.timed_out && is_connect {
             UpstreamError::ConnectTimeout(connect_timeout).into()
-        } else if err.is_connect() {
+        } else if is_connect {
             UpstreamError::Connect(cause.innermost).into()
         } else if cause.closed {
             UpstreamError::Closed.into()
@@ -341,6 +342,9 @@ impl Cause {
                 std::io::ErrorKind::TimedOut => self.timed_out = true,
                 _ => {}
             }
+        }
+        if let Some(lost) = err.downcast_ref::<crate::proxy::upstream::SendError>() {
+            self.closed |= lost.is_connection_lost();
         }
         if let Some(hyper) = err.downcast_ref::<hyper::Error>() {
             self.closed |=

@@ -41,7 +41,7 @@ use crate::proxy::request_body::RequestBody;
 use crate::proxy::response_body::RelayBody;
 use crate::proxy::route_table::{Route, RouteTable};
 use crate::proxy::tunnel::Tunnels;
-use crate::proxy::upstream::{build_client, UpstreamClient};
+use crate::proxy::upstream::{http1_client, Http1Client, Http2Pool, StreamSlot};
 use error::{ClientError, ProxyError, Refusal, UpstreamError};
 use request_id::{server_timing, RequestIds, BASETEN_REQUEST_ID, SERVER_TIMING, X_REQUEST_ID};
 
@@ -58,9 +58,8 @@ pub struct Proxy {
 }
 
 struct Shared {
-    http1: UpstreamClient,
-    /// Built only when a route speaks HTTP/2 to its upstream.
-    http2: Option<UpstreamClient>,
+    /// The HTTP/1.1 client; HTTP/2 routes carry their own pool.
+    http1: Http1Client,
     routes: RouteTable,
     /// Metrics for requests that match no route.
     unmatched: RouteMetrics,
@@ -97,6 +96,8 @@ struct Sent {
     overhead: std::time::Duration,
     /// The client's side of a WebSocket upgrade, if it asked for one.
     client_upgrade: Option<OnUpgrade>,
+    /// The stream's place on an HTTP/2 upstream connection.
+    slot: Option<StreamSlot>,
 }
 
 impl Proxy {
@@ -108,13 +109,8 @@ impl Proxy {
     ) -> std::io::Result<Self> {
         Ok(Self {
             shared: Arc::new(Shared {
-                http1: build_client(config, false)?,
-                http2: if config.routes.iter().any(|r| r.http2) {
-                    Some(build_client(config, true)?)
-                } else {
-                    None
-                },
-                routes: RouteTable::new(&config.routes, metrics),
+                http1: http1_client(config)?,
+                routes: RouteTable::new(&config.routes, metrics, http2_pools(config)?),
                 unmatched: metrics.route(UNMATCHED_ROUTE),
                 concurrency: config
                     .limits
@@ -219,12 +215,13 @@ impl Shared {
         tracing::debug!(path = upstream_request.uri().path(), "forwarding");
         let overhead = record.elapsed();
         record.metrics().overhead(overhead.as_secs_f64());
-        let response = self.send(route, upstream_request).await?;
+        let (response, slot) = self.send(route, upstream_request).await?;
         Ok(Answer::Relay(Sent {
             response,
             request_id,
             overhead,
             client_upgrade,
+            slot,
         }))
     }
 
@@ -259,28 +256,36 @@ impl Shared {
         Ok(())
     }
 
-    /// Sends upstream over the route's client, applying the response-header
-    /// timeout when one is set.
+    /// Sends upstream over the route's HTTP/2 pool or the HTTP/1.1 client,
+    /// applying the response-header timeout when one is set.
     async fn send(
         &self,
         route: &Route,
         request: Request<RequestBody>,
-    ) -> Result<Response<Incoming>, ProxyError> {
-        let client = match (route.version, &self.http2) {
-            (Version::HTTP_2, Some(http2)) => http2,
-            _ => &self.http1,
+    ) -> Result<(Response<Incoming>, Option<StreamSlot>), ProxyError> {
+        let connect_timeout = self.timeouts.connect;
+        let failed = |err: &(dyn std::error::Error + 'static), is_connect: bool| {
+            tracing::debug!(error = ?err, "upstream request failed");
+            ProxyError::from_send_failure(err, is_connect, connect_timeout)
         };
-        let pending = client.request(request);
-        let result = match self.timeouts.response_headers {
+        let pending = async {
+            match &route.http2 {
+                Some(pool) => match pool.send(request).await {
+                    Ok((response, slot)) => Ok((response, Some(slot))),
+                    Err(err) => Err(failed(&err, err.is_connect())),
+                },
+                None => match self.http1.request(request).await {
+                    Ok(response) => Ok((response, None)),
+                    Err(err) => Err(failed(&err, err.is_connect())),
+                },
+            }
+        };
+        match self.timeouts.response_headers {
             Some(limit) => tokio::time::timeout(limit, pending)
                 .await
                 .map_err(|_| UpstreamError::HeaderTimeout(limit))?,
             None => pending.await,
-        };
-        result.map_err(|err| {
-            tracing::debug!(error = ?err, "upstream request failed");
-            ProxyError::from_send_failure(&err, self.timeouts.connect)
-        })
+        }
     }
 
     /// Phase 5, relay: the upstream's response to the client, frame by frame, or
@@ -291,6 +296,7 @@ impl Shared {
             request_id,
             overhead,
             client_upgrade,
+            slot,
         } = sent;
         if let Some(client) = client_upgrade {
             if response.status() == StatusCode::SWITCHING_PROTOCOLS {
@@ -307,7 +313,7 @@ impl Shared {
         }
         parts.headers.append(SERVER_TIMING, server_timing(overhead));
         record.set_status(parts.status.as_u16());
-        let body = RelayBody::new(body, self.timeouts.idle, record);
+        let body = RelayBody::new(body, self.timeouts.idle, record, slot);
         Response::from_parts(parts, Either::Left(body))
     }
 
@@ -332,6 +338,33 @@ impl Shared {
         }
         response
     }
+}
+
+/// One HTTP/2 pool per upstream origin, shared by the routes that use it,
+/// in route order (`None` for HTTP/1.1 routes).
+fn http2_pools(config: &Config) -> std::io::Result<Vec<Option<Http2Pool>>> {
+    let mut by_origin: Vec<(&crate::config::UpstreamUrl, Http2Pool)> = Vec::new();
+    let mut pools = Vec::with_capacity(config.routes.len());
+    for route in &config.routes {
+        if !route.http2 {
+            pools.push(None);
+            continue;
+        }
+        let upstream = &route.upstream;
+        let shared = by_origin.iter().find(|(origin, _)| {
+            origin.scheme == upstream.scheme && origin.authority == upstream.authority
+        });
+        let pool = match shared {
+            Some((_, pool)) => pool.clone(),
+            None => {
+                let pool = Http2Pool::new(config, upstream)?;
+                by_origin.push((upstream, pool.clone()));
+                pool
+            }
+        };
+        pools.push(Some(pool));
+    }
+    Ok(pools)
 }
 
 /// keyrelay's answer to a CORS preflight: 204 with the allow headers.

@@ -1,6 +1,15 @@
 //! The request body keyrelay sends upstream: the client's body, frame by
 //! frame, counted for metrics and cut off at `max_request_body` if one is set.
+//!
+//! On HTTP/2 routes the body also keeps what it has sent, up to
+//! [`REPLAY_LIMIT`], as references to the client's own buffers (no copy),
+//! so that a stream the upstream refused before processing it (REFUSED_STREAM,
+//! or above a GOAWAY's last stream id) can be sent again on another
+//! connection. When hyper drops a recording body, it hands the frames sent
+//! so far and the unread rest of the client's body back to whoever asked
+//! for the recording ([`RequestBody::recorded`]).
 
+use std::collections::VecDeque;
 use std::error::Error as StdError;
 use std::fmt;
 use std::pin::Pin;
@@ -8,18 +17,54 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-use pin_project_lite::pin_project;
+use tokio::sync::oneshot;
 
 use crate::ops::metrics::RouteMetrics;
 
-pin_project! {
-    /// A client's request body on its way upstream.
-    pub struct RequestBody {
-        #[pin]
-        client: Incoming,
-        limit: Option<u64>,
-        seen: u64,
-        metrics: RouteMetrics,
+/// The most request-body bytes kept for a resend. Prompts fit; a larger
+/// upload that meets a refused stream fails as it would without the replay.
+pub const REPLAY_LIMIT: usize = 64 * 1024;
+
+/// A client's request body on its way upstream.
+pub struct RequestBody {
+    /// The client's body; `None` once handed back for a resend.
+    client: Option<Incoming>,
+    /// Frames sent once already, to send again before reading on (a resend).
+    resend: VecDeque<Bytes>,
+    limit: Option<u64>,
+    seen: u64,
+    metrics: RouteMetrics,
+    recording: Option<Recording>,
+}
+
+/// What a recording body keeps, and where it goes when hyper drops it.
+struct Recording {
+    sent: Vec<Bytes>,
+    bytes: usize,
+    give_back: oneshot::Sender<UnsentBody>,
+}
+
+/// A body handed back after its stream was dropped: the frames already sent
+/// and the part of the client's body not read yet.
+pub struct UnsentBody {
+    sent: Vec<Bytes>,
+    client: Option<Incoming>,
+    seen: u64,
+    limit: Option<u64>,
+    metrics: RouteMetrics,
+}
+
+impl UnsentBody {
+    /// The same body again, from its first byte.
+    pub fn resend(self) -> RequestBody {
+        RequestBody {
+            client: self.client,
+            resend: self.sent.into(),
+            limit: self.limit,
+            seen: self.seen,
+            metrics: self.metrics,
+            recording: None,
+        }
     }
 }
 
@@ -27,10 +72,55 @@ impl RequestBody {
     /// Wraps the client's body; `limit` caps its total size.
     pub fn new(client: Incoming, limit: Option<u64>, metrics: RouteMetrics) -> Self {
         Self {
-            client,
+            client: Some(client),
+            resend: VecDeque::new(),
             limit,
             seen: 0,
             metrics,
+            recording: None,
+        }
+    }
+
+    /// This body, recording what it sends; the receiver gets it back when
+    /// hyper drops it, unless it grew past [`REPLAY_LIMIT`] (then the
+    /// receiver sees the sender dropped).
+    pub fn recorded(mut self) -> (Self, oneshot::Receiver<UnsentBody>) {
+        let (give_back, receiver) = oneshot::channel();
+        let mut sent = Vec::with_capacity(self.resend.len());
+        let mut bytes = 0;
+        for frame in &self.resend {
+            bytes += frame.len();
+            sent.push(frame.clone());
+        }
+        self.recording = Some(Recording {
+            sent,
+            bytes,
+            give_back,
+        });
+        (self, receiver)
+    }
+
+    /// An empty body with the same limits and metrics: what a body that had
+    /// ended before it was sent becomes when it is sent again.
+    pub fn empty_copy(&self) -> Self {
+        Self {
+            client: None,
+            resend: VecDeque::new(),
+            limit: self.limit,
+            seen: 0,
+            metrics: self.metrics.clone(),
+            recording: None,
+        }
+    }
+
+    fn record(&mut self, data: &Bytes) {
+        if let Some(recording) = &mut self.recording {
+            recording.bytes += data.len();
+            if recording.bytes > REPLAY_LIMIT {
+                self.recording = None;
+            } else {
+                recording.sent.push(data.clone());
+            }
         }
     }
 }
@@ -43,8 +133,16 @@ impl Body for RequestBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let this = self.project();
-        let frame = match this.client.poll_frame(cx) {
+        let this = self.get_mut();
+        // A resend: the frames were counted and checked the first time.
+        if let Some(data) = this.resend.pop_front() {
+            this.record(&data);
+            return Poll::Ready(Some(Ok(Frame::data(data))));
+        }
+        let Some(client) = this.client.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let frame = match Pin::new(client).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => frame,
             Poll::Ready(Some(Err(err))) => {
                 return Poll::Ready(Some(Err(Box::new(ClientBodyError(err)))))
@@ -52,24 +150,55 @@ impl Body for RequestBody {
             Poll::Ready(None) => return Poll::Ready(None),
             Poll::Pending => return Poll::Pending,
         };
-        if let Some(data) = frame.data_ref() {
-            *this.seen += data.len() as u64;
-            this.metrics.request_bytes(data.len());
-            if let Some(limit) = *this.limit {
-                if *this.seen > limit {
-                    return Poll::Ready(Some(Err(Box::new(BodyTooLarge(limit)))));
+        match frame.data_ref() {
+            Some(data) => {
+                this.seen += data.len() as u64;
+                this.metrics.request_bytes(data.len());
+                if let Some(limit) = this.limit {
+                    if this.seen > limit {
+                        return Poll::Ready(Some(Err(Box::new(BodyTooLarge(limit)))));
+                    }
                 }
+                let data = data.clone();
+                this.record(&data);
             }
+            // Trailers are not kept: a body with trailers is not resent.
+            None => this.recording = None,
         }
         Poll::Ready(Some(Ok(frame)))
     }
 
     fn is_end_stream(&self) -> bool {
-        self.client.is_end_stream()
+        self.resend.is_empty() && self.client.as_ref().is_none_or(Body::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.client.size_hint()
+        let resend: u64 = self.resend.iter().map(|frame| frame.len() as u64).sum();
+        let client = self
+            .client
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint);
+        let mut hint = SizeHint::new();
+        hint.set_lower(client.lower() + resend);
+        if let Some(upper) = client.upper() {
+            hint.set_upper(upper + resend);
+        }
+        hint
+    }
+}
+
+impl Drop for RequestBody {
+    fn drop(&mut self) {
+        if let Some(recording) = self.recording.take() {
+            // Nobody waiting (the upstream answered) is the usual case.
+            let _ = recording.give_back.send(UnsentBody {
+                sent: recording.sent,
+                client: self.client.take(),
+                seen: self.seen,
+                limit: self.limit,
+                metrics: self.metrics.clone(),
+            });
+        }
     }
 }
 

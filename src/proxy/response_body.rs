@@ -8,6 +8,17 @@
 //! upstream failure into a body error, which makes hyper abort the client's
 //! connection (HTTP/1.1) or reset its stream (HTTP/2) instead of ending it
 //! cleanly.
+//!
+//! One more duty falls to it on HTTP/2 upstreams. hyper's HTTP/1.1 server
+//! stops polling a body as soon as it has written `Content-Length` bytes, and
+//! drops it; the upstream stream may not have ended yet (servers that relay a
+//! body often send END_STREAM on an empty DATA frame after the last bytes).
+//! Dropping an HTTP/2 body before its end resets the stream (RST_STREAM
+//! CANCEL), and each such reset that h2 later has to answer again counts
+//! towards its limit of 1,024 locally caused resets, after which it tears the
+//! whole connection down with every stream on it. So a body dropped with all
+//! its declared bytes delivered hands the upstream stream to a short task
+//! that reads it to its end instead ([`finish_in_background`]).
 
 use std::error::Error as StdError;
 use std::fmt;
@@ -17,35 +28,75 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 
 use crate::ops::request_record::{Outcome, RequestRecord};
+use crate::proxy::upstream::StreamSlot;
 
-pin_project! {
-    /// An upstream response body relayed to the client.
-    pub struct RelayBody {
-        #[pin]
-        upstream: Incoming,
-        idle: Option<IdleTimer>,
-        log: RequestRecord,
-    }
+/// The longest a finished HTTP/2 response may take to send its END_STREAM
+/// (or trailers) once its declared bytes are all in.
+const FINISH_LIMIT: Duration = Duration::from_secs(5);
+
+/// An upstream response body relayed to the client.
+pub struct RelayBody {
+    /// Always `Some` until dropped.
+    upstream: Option<Incoming>,
+    idle: Option<IdleTimer>,
+    log: RequestRecord,
+    /// The stream's place on its HTTP/2 connection, freed with the stream.
+    slot: Option<StreamSlot>,
 }
 
 impl RelayBody {
     /// Wraps `upstream`; `idle` is the longest allowed silence between frames.
-    pub fn new(upstream: Incoming, idle: Option<Duration>, mut log: RequestRecord) -> Self {
+    pub fn new(
+        upstream: Incoming,
+        idle: Option<Duration>,
+        mut log: RequestRecord,
+        slot: Option<StreamSlot>,
+    ) -> Self {
         // hyper never polls a body that says it is empty.
         if upstream.is_end_stream() {
             log.finish(Outcome::Ok);
         }
         Self {
-            upstream,
+            upstream: Some(upstream),
             idle: idle.map(IdleTimer::new),
             log,
+            slot,
         }
     }
+}
+
+impl Drop for RelayBody {
+    fn drop(&mut self) {
+        let Some(upstream) = self.upstream.take() else {
+            return;
+        };
+        // Every declared byte arrived, only the stream's end is missing: read
+        // it rather than reset the stream. A body dropped part-way (the client
+        // went away) is reset, which tells the model to stop generating.
+        if !upstream.is_end_stream() && upstream.size_hint().exact() == Some(0) {
+            finish_in_background(upstream, self.slot.take());
+        }
+    }
+}
+
+/// Reads a finished HTTP/2 response to its END_STREAM, bounded in time, then
+/// frees its stream slot.
+fn finish_in_background(mut upstream: Incoming, slot: Option<StreamSlot>) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    runtime.spawn(async move {
+        let _ = tokio::time::timeout(FINISH_LIMIT, async {
+            while let Some(Ok(_)) = upstream.frame().await {}
+        })
+        .await;
+        drop(slot);
+    });
 }
 
 impl Body for RelayBody {
@@ -56,9 +107,12 @@ impl Body for RelayBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, RelayError>>> {
-        let mut this = self.project();
+        let this = self.get_mut();
+        let Some(upstream) = this.upstream.as_mut() else {
+            return Poll::Ready(None);
+        };
         loop {
-            let frame = match this.upstream.as_mut().poll_frame(cx) {
+            let frame = match Pin::new(&mut *upstream).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => frame,
                 Poll::Ready(Some(Err(err))) => {
                     tracing::warn!(
@@ -101,9 +155,10 @@ impl Body for RelayBody {
                 Some(data) => this.log.add_bytes(data.len(), now),
                 None => {}
             }
-            // hyper stops polling once a sized body says it has ended, so
-            // the last frame is where a Content-Length response completes.
-            if this.upstream.is_end_stream() {
+            // hyper stops polling once a sized body says it has ended, or
+            // once the declared length is written, so the last frame is
+            // where a Content-Length response completes.
+            if upstream.is_end_stream() || upstream.size_hint().exact() == Some(0) {
                 this.log.finish(Outcome::Ok);
             }
             return Poll::Ready(Some(Ok(frame)));
@@ -111,13 +166,15 @@ impl Body for RelayBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.upstream.is_end_stream()
+        self.upstream.as_ref().is_none_or(Body::is_end_stream)
     }
 
     // Passing the upstream's exact length through is what keeps a
     // Content-Length response a Content-Length response.
     fn size_hint(&self) -> SizeHint {
-        self.upstream.size_hint()
+        self.upstream
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
     }
 }
 

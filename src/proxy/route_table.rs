@@ -18,6 +18,7 @@ use crate::config::{Credential, RouteConfig, UpstreamUrl};
 use crate::guard::paths::PathPolicy;
 use crate::ops::metrics::{Metrics, RouteMetrics};
 use crate::proxy::error::ClientError;
+use crate::proxy::upstream::Http2Pool;
 use crate::secrets::secret_file::LiveCredential;
 
 /// One route, ready to serve.
@@ -41,6 +42,8 @@ pub struct Route {
     pub paths: PathPolicy,
     /// HTTP version spoken to the upstream.
     pub version: Version,
+    /// The pool of HTTP/2 connections, on HTTP/2 routes.
+    pub http2: Option<Http2Pool>,
     /// This route's metric handles.
     pub metrics: RouteMetrics,
 }
@@ -51,11 +54,17 @@ pub struct RouteTable {
 }
 
 impl RouteTable {
-    /// Builds the table from validated route configs (already longest-first).
-    pub fn new(configs: &[RouteConfig], metrics: &Arc<Metrics>) -> Self {
+    /// Builds the table from validated route configs (already longest-first)
+    /// and each route's HTTP/2 pool, if it has one.
+    pub fn new(
+        configs: &[RouteConfig],
+        metrics: &Arc<Metrics>,
+        http2_pools: Vec<Option<Http2Pool>>,
+    ) -> Self {
         let routes = configs
             .iter()
-            .map(|config| Route {
+            .zip(http2_pools)
+            .map(|(config, http2)| Route {
                 name: config.name.clone(),
                 prefix: config.prefix.clone(),
                 strip_prefix: config.strip_prefix,
@@ -72,6 +81,7 @@ impl RouteTable {
                 } else {
                     Version::HTTP_11
                 },
+                http2,
                 metrics: metrics.route(&config.name),
             })
             .collect();

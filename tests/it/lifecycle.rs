@@ -290,3 +290,37 @@ async fn quitquitquit_on_the_admin_port_drains_and_exits_0() {
     let log = relay.process.log();
     assert!(log.contains("quit requested"), "{log}");
 }
+
+/// A client that connected and has not sent a byte (a browser's preconnect,
+/// a pool's spare connection) must not hold up the drain until its first-bytes
+/// timeout (header_read_timeout, 30 s by default): keyrelay closes it at once.
+#[tokio::test]
+async fn a_connection_that_sent_nothing_does_not_hold_up_the_drain() {
+    let mut upstream = MockUpstream::start().await;
+    let relay = Relay::start(&upstream.url(), &[("header_read_timeout", "60s")]).await;
+    let mut silent = TcpStream::connect(relay.addr).await.expect("connect");
+    // A request served on another connection proves keyrelay has accepted
+    // (and is past the accept of) the silent one too.
+    let client = http1_client();
+    let pending = tokio::spawn(client.get(relay.url("/v1/models").parse().expect("uri")));
+    let exchange = upstream.next().await;
+    exchange.respond_full(200, "ok");
+    within("a served request", pending)
+        .await
+        .expect("task")
+        .expect("served");
+
+    // `stop` waits up to 10 s; the silent connection's own timeout is 60 s.
+    relay.stop().await;
+    let mut rest = Vec::new();
+    let read = within("the silent connection to be closed", async {
+        tokio::io::AsyncReadExt::read_to_end(&mut silent, &mut rest).await
+    })
+    .await;
+    // Closed cleanly or reset: either way, at once and with nothing sent.
+    drop(read);
+    assert!(
+        rest.is_empty(),
+        "keyrelay sent nothing to the silent connection"
+    );
+}

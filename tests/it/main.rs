@@ -20,6 +20,7 @@ mod failures;
 mod forwarding;
 mod grpc;
 mod hostile_input;
+mod http2_upstream;
 mod key_rotation;
 mod lifecycle;
 mod metrics;

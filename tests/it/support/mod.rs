@@ -8,6 +8,7 @@
 #![allow(dead_code)]
 
 pub mod guard_util;
+pub mod h2_server;
 pub mod ops;
 pub mod python;
 pub mod raw;

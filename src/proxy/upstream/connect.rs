@@ -1,44 +1,38 @@
-//! The upstream client: hyper-util's pooled client over rustls.
+//! Reaching the upstream: DNS, TCP and TLS under one connect timeout.
 //!
 //! HTTPS trusts the Mozilla web roots compiled into the binary (so a scratch
 //! container needs no CA bundle) plus any `ca_file` certificates. Plain
 //! `http://` upstreams work too, for local model servers and tests.
-//!
-//! Connections are pooled and reused; the pool's idle timeout is kept shorter
-//! than common server keep-alives so keyrelay rarely picks a connection the
-//! server is closing. When it does, hyper-util retries the request on a new
-//! connection only if the old one failed before the request was written
-//! (`retry_canceled_requests`): a request that may have reached the upstream is
-//! never sent twice.
 
-use std::sync::Arc;
-
-use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
-use rustls::{ClientConfig, RootCertStore};
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::Uri;
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
+use hyper_util::client::legacy::connect::HttpConnector;
+use rustls::{ClientConfig, RootCertStore};
 use tower::Service;
 
 use crate::config::Config;
-use crate::proxy::request_body::RequestBody;
 
-/// The client type the proxy forwards with: request bodies pass through frame by frame.
-///
-/// The whole connect (DNS, TCP, TLS handshake) runs under one `connect_timeout`:
-/// hyper-util's own connect timeout covers only each TCP attempt, so a server
-/// that accepts TCP but never finishes TLS would otherwise hang a request.
-pub type UpstreamClient = Client<ConnectTimeout<HttpsConnector<HttpConnector>>, RequestBody>;
+/// The connector every upstream connection is made with.
+pub type Connector = ConnectTimeout<HttpsConnector<HttpConnector>>;
 
-/// Builds an upstream client from the validated config; `http2` selects
-/// HTTP/2 (with keepalive PINGs) instead of HTTP/1.1.
-pub fn build_client(config: &Config, http2: bool) -> std::io::Result<UpstreamClient> {
+/// The HTTP version a connector offers in TLS's ALPN.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Alpn {
+    Http1,
+    Http2,
+}
+
+/// A connector for `alpn`. The whole connect (DNS, TCP, TLS handshake) runs
+/// under one `connect_timeout`: hyper-util's own connect timeout covers only
+/// each TCP attempt, so a server that accepts TCP but never finishes TLS
+/// would otherwise hang a request.
+pub fn connector(config: &Config, alpn: Alpn) -> std::io::Result<Connector> {
     let tls = tls_config(config)?;
 
     let mut tcp = HttpConnector::new();
@@ -47,34 +41,17 @@ pub fn build_client(config: &Config, http2: bool) -> std::io::Result<UpstreamCli
     tcp.set_nodelay(true);
     tcp.set_connect_timeout(Some(config.timeouts.connect));
 
-    let connector = HttpsConnectorBuilder::new()
+    let builder = HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http();
-    let connector = if http2 {
-        connector.enable_http2().wrap_connector(tcp)
-    } else {
-        connector.enable_http1().wrap_connector(tcp)
+    let inner = match alpn {
+        Alpn::Http1 => builder.enable_http1().wrap_connector(tcp),
+        Alpn::Http2 => builder.enable_http2().wrap_connector(tcp),
     };
-    let connector = ConnectTimeout {
-        inner: connector,
+    Ok(ConnectTimeout {
+        inner,
         limit: config.timeouts.connect,
-    };
-
-    let mut builder = Client::builder(TokioExecutor::new());
-    builder
-        .timer(TokioTimer::new())
-        .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(config.pool.idle_timeout)
-        .pool_max_idle_per_host(config.pool.max_idle_per_host)
-        .retry_canceled_requests(true);
-    if http2 {
-        builder
-            .http2_only(true)
-            .http2_keep_alive_interval(config.http2_keepalive_interval)
-            .http2_keep_alive_while_idle(true)
-            .http2_adaptive_window(true);
-    }
-    Ok(builder.build(connector))
+    })
 }
 
 fn tls_config(config: &Config) -> std::io::Result<ClientConfig> {
