@@ -2,15 +2,20 @@
 //! in-process or as the real binary, and clients. Everything binds 127.0.0.1:0.
 //!
 //! Each helper is declared once here (hyper's tests/support pattern); the
-//! submodules are the raw HTTP/1.1 peers, the real binary with its admin
-//! listener, Python clients, TLS, and the guard tests' helpers. Each test
-//! module uses a different subset, hence the blanket `dead_code` allow.
+//! submodules are the raw HTTP/1.1 peers (client and scripted upstream), the
+//! recording upstream, the hand-written HTTP/2 framer, the RELIABILITY.md
+//! report lines, the real binary with its admin listener, Python clients,
+//! TLS, and the guard tests' helpers. Each test module uses a different
+//! subset, hence the blanket `dead_code` allow.
 #![allow(dead_code)]
 
 pub mod guard_util;
+pub mod h2_frames;
 pub mod ops;
 pub mod python;
 pub mod raw;
+pub mod recording_upstream;
+pub mod reliability;
 pub mod tls;
 
 use std::collections::HashMap;
