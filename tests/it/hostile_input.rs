@@ -1430,3 +1430,30 @@ async fn trickling_slowloris_connections_are_cut_and_do_not_starve_a_normal_clie
     );
     relay.stop().await;
 }
+
+/// A connection that sends nothing at all, not even enough to tell HTTP/1.1
+/// from HTTP/2, is closed once `header_read_timeout` has passed.
+#[tokio::test]
+async fn silent_client_connection_is_closed_after_header_read_timeout() {
+    let upstream = Recorder::start().await;
+    let relay = Relay::start(&upstream.url(), &[("header_read_timeout", "300ms")]).await;
+    let started = Instant::now();
+    let saw = probe(relay.addr, b"").await;
+    let waited = started.elapsed();
+    report(
+        "slow",
+        &[
+            "one connection that sends nothing, header_read_timeout 300ms",
+            &format!("closed after {waited:?}: {}", saw.describe()),
+            "-",
+            &describe_upstream(&upstream.all_requests(), &[]),
+        ],
+    );
+    assert!(saw.bytes.is_empty(), "{}", saw.describe());
+    assert!(
+        saw.ending == "closed" || saw.ending.starts_with("reset"),
+        "keyrelay closed the connection: {}",
+        saw.describe()
+    );
+    relay.stop().await;
+}
