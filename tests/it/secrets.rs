@@ -8,7 +8,6 @@ use std::process::Stdio;
 
 use bytes::Bytes;
 use http::Request;
-use http_body_util::BodyExt;
 use support::*;
 
 /// A client-side secret: SDK placeholders can be real tokens too; they must not be logged either.
@@ -55,12 +54,7 @@ async fn exercise(upstream: &mut MockUpstream, relay: std::net::SocketAddr, h2: 
         .await
         .expect("join")
         .expect("response");
-    let body = response
-        .into_body()
-        .collect()
-        .await
-        .expect("body")
-        .to_bytes();
+    let body = body_bytes(response).await;
     assert!(!String::from_utf8_lossy(&body).contains(KEY));
 }
 
@@ -86,19 +80,13 @@ async fn scan_binary_at_trace(extra: &[&str], h2_client: bool) {
         .env("RUST_LOG", "trace");
     let mut relay = RelayProcess::spawn(command).await;
     exercise(&mut upstream, relay.addr, h2_client).await;
-    relay.child.start_kill().expect("kill");
-    let mut stdout = relay.child.stdout.take().expect("stdout");
-    let _ = relay.child.wait().await;
-    let mut printed = String::new();
-    tokio::io::AsyncReadExt::read_to_string(&mut stdout, &mut printed)
-        .await
-        .expect("stdout");
+    let output = relay.kill_and_output().await;
     let log = relay.log();
     assert!(
         log.contains("TRACE") || log.contains("DEBUG"),
         "trace logging was on:\n{log}"
     );
-    assert_clean(&(log + &printed));
+    assert_clean(&output);
 }
 
 #[tokio::test]
@@ -118,13 +106,7 @@ async fn key_never_appears_in_json_logs() {
 
 #[tokio::test]
 async fn key_never_appears_in_error_bodies() {
-    // Nothing listens on this port once the listener is dropped.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port();
-    let relay = Relay::start(&format!("http://127.0.0.1:{port}"), &[]).await;
+    let relay = Relay::start(&format!("http://127.0.0.1:{}", closed_port()), &[]).await;
     let response = within(
         "502",
         http1_client().request(
@@ -137,12 +119,7 @@ async fn key_never_appears_in_error_bodies() {
     .expect("response");
     assert_eq!(response.status(), 502);
     let headers = format!("{:?}", response.headers());
-    let body = response
-        .into_body()
-        .collect()
-        .await
-        .expect("body")
-        .to_bytes();
+    let body = body_bytes(response).await;
     assert!(!headers.contains(KEY));
     assert!(!String::from_utf8_lossy(&body).contains(KEY));
     relay.stop().await;
