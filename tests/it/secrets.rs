@@ -13,9 +13,26 @@ use support::*;
 /// A client-side secret: SDK placeholders can be real tokens too; they must not be logged either.
 const CLIENT_SECRET: &str = "client-bearer-7d41e0c2";
 
-/// Sends a streamed request and a failing one through `relay`, checking responses on the way.
-async fn exercise(upstream: &mut MockUpstream, relay: std::net::SocketAddr, h2: bool) {
-    let client = if h2 { h2c_client() } else { http1_client() };
+/// The HTTP versions of the two hops: client to keyrelay, keyrelay to upstream.
+#[derive(Clone, Copy)]
+struct Hops {
+    client: http::Version,
+    upstream: http::Version,
+}
+
+const HTTP1_BOTH: Hops = Hops {
+    client: http::Version::HTTP_11,
+    upstream: http::Version::HTTP_11,
+};
+
+/// Sends a streamed request and a failing one through `relay`, checking
+/// responses on the way, and that each hop spoke the version it should.
+async fn exercise(upstream: &mut MockUpstream, relay: std::net::SocketAddr, hops: Hops) {
+    let client = if hops.client == http::Version::HTTP_2 {
+        h2c_client()
+    } else {
+        http1_client()
+    };
     let request = Request::post(format!("http://{relay}/production/predict?q=1"))
         .header("authorization", format!("Bearer {CLIENT_SECRET}"))
         .header("x-api-key", CLIENT_SECRET)
@@ -24,11 +41,18 @@ async fn exercise(upstream: &mut MockUpstream, relay: std::net::SocketAddr, h2: 
     let pending = tokio::spawn(client.request(request));
     let exchange = upstream.next().await;
     assert_eq!(exchange.request.headers()["authorization"], EXPECTED_AUTH);
+    // Without this the HTTP/2 case would pass with the upstream flag ignored.
+    assert_eq!(
+        exchange.request.version(),
+        hops.upstream,
+        "the upstream hop's version"
+    );
     let (mut tx, _dropped) = exchange.respond_streaming();
     let response = within("response", pending)
         .await
         .expect("join")
         .expect("response");
+    assert_eq!(response.version(), hops.client, "the client hop's version");
     let mut body = response.into_body();
     for token in ["a", "b", "c"] {
         tx.send_data(Bytes::from(token)).await.expect("send");
@@ -46,10 +70,9 @@ async fn exercise(upstream: &mut MockUpstream, relay: std::net::SocketAddr, h2: 
                 .expect("request"),
         ),
     );
-    upstream
-        .next()
-        .await
-        .respond_full(401, r#"{"error": "bad key"}"#);
+    let exchange = upstream.next().await;
+    assert_eq!(exchange.request.version(), hops.upstream);
+    exchange.respond_full(401, r#"{"error": "bad key"}"#);
     let response = within("response", pending)
         .await
         .expect("join")
@@ -70,7 +93,7 @@ fn assert_clean(output: &str) {
     );
 }
 
-async fn scan_binary_at_trace(extra: &[&str], h2_client: bool) {
+async fn scan_binary_at_trace(extra: &[&str], hops: Hops) {
     let mut upstream = MockUpstream::start().await;
     let mut command = binary();
     command
@@ -79,7 +102,7 @@ async fn scan_binary_at_trace(extra: &[&str], h2_client: bool) {
         .env("BASETEN_API_KEY", KEY)
         .env("RUST_LOG", "trace");
     let mut relay = RelayProcess::spawn(command).await;
-    exercise(&mut upstream, relay.addr, h2_client).await;
+    exercise(&mut upstream, relay.addr, hops).await;
     let output = relay.kill_and_output().await;
     let log = relay.log();
     assert!(
@@ -91,17 +114,24 @@ async fn scan_binary_at_trace(extra: &[&str], h2_client: bool) {
 
 #[tokio::test]
 async fn key_never_appears_in_trace_logs_http1() {
-    scan_binary_at_trace(&[], false).await;
+    scan_binary_at_trace(&[], HTTP1_BOTH).await;
 }
 
 #[tokio::test]
 async fn key_never_appears_in_trace_logs_h2_both_sides() {
-    scan_binary_at_trace(&["--upstream-http2"], true).await;
+    scan_binary_at_trace(
+        &["--upstream-http2"],
+        Hops {
+            client: http::Version::HTTP_2,
+            upstream: http::Version::HTTP_2,
+        },
+    )
+    .await;
 }
 
 #[tokio::test]
 async fn key_never_appears_in_json_logs() {
-    scan_binary_at_trace(&["--log-format", "json"], false).await;
+    scan_binary_at_trace(&["--log-format", "json"], HTTP1_BOTH).await;
 }
 
 #[tokio::test]
