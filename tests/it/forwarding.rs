@@ -12,7 +12,6 @@ use crate::support::raw;
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use raw::{RawResponse, RawUpstream};
 use support::*;
 
@@ -65,13 +64,6 @@ fn values<'a>(headers: &'a HeaderMap, name: &str) -> Vec<&'a str> {
         .iter()
         .map(|v| v.to_str().expect("ASCII header"))
         .collect()
-}
-
-async fn body_bytes(response: http::Response<Incoming>) -> Bytes {
-    within("the whole body", response.into_body().collect())
-        .await
-        .expect("body completes")
-        .to_bytes()
 }
 
 #[tokio::test]

@@ -7,706 +7,35 @@
 //! not keyrelay's JSON) and what reached the upstream are both checked, and
 //! then the NEXT request, on a new connection, must still be served.
 //!
-//! The upstream is a [`Recorder`]: a raw HTTP/1.1 server written here that
-//! parses what keyrelay sends strictly and counts connections, complete
-//! requests, aborted requests and framing violations (a message with both
-//! `Content-Length` and `Transfer-Encoding`, a coding other than chunked, a
-//! malformed chunk). A smuggling attempt fails its test if the upstream ever
+//! The upstream is a [`Recorder`] (support/recording_upstream.rs): a raw
+//! HTTP/1.1 server that parses what keyrelay sends strictly and counts
+//! connections, complete requests, aborted requests and framing violations
+//! (a message with both `Content-Length` and `Transfer-Encoding`, a coding
+//! other than chunked, a malformed chunk). A smuggling attempt fails its test if the upstream ever
 //! sees a request the client's framing did not make (the payloads smuggle
 //! `GET /smuggled`), or sees ambiguous framing.
 //!
 //! Each case prints one machine-readable line,
-//! `RELIABILITY|table|column|column|...`, which `bench/reliability.sh` collects
-//! (run with `--nocapture`) into RELIABILITY.md.
+//! `RELIABILITY|table|column|column|...` (support/reliability.rs), which
+//! `bench/reliability.sh` collects (run with `--nocapture`) into RELIABILITY.md.
+//! The raw client is support/raw.rs's [`probe`], the HTTP/2 framer
+//! support/h2_frames.rs; this file holds the cases and their checks.
 
 use crate::support;
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::Request;
 use http_body_util::BodyExt;
+use support::h2_frames::*;
+use support::raw::{probe, probe_with};
+use support::recording_upstream::{describe_upstream, next_is_served, Recorder, SeenRequest};
+use support::reliability::{escape, report};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
-
-// ---------------------------------------------------------------------------
-// The report lines
-// ---------------------------------------------------------------------------
-
-/// Prints one `RELIABILITY|table|...` line; `|` and line breaks in cells are escaped.
-fn report(table: &str, cells: &[&str]) {
-    let cells: Vec<String> = cells
-        .iter()
-        .map(|cell| {
-            cell.replace('|', "\\|")
-                .replace('\r', "\\r")
-                .replace('\n', "\\n")
-        })
-        .collect();
-    println!("RELIABILITY|{table}|{}", cells.join("|"));
-}
-
-/// Bytes as printable text: ASCII kept, CR/LF/NUL/others escaped, long runs shortened.
-fn escape(bytes: &[u8]) -> String {
-    let mut text = String::new();
-    let mut index = 0;
-    while index < bytes.len() {
-        // A run of one repeated byte (padding, flooding) is written once with a count.
-        let run = bytes[index..]
-            .iter()
-            .take_while(|&&b| b == bytes[index])
-            .count();
-        if run > 16 {
-            text.push_str(&format!("{}×{run}", escape(&bytes[index..=index])));
-            index += run;
-            continue;
-        }
-        match bytes[index] {
-            b'\r' => text.push_str("\\r"),
-            b'\n' => text.push_str("\\n"),
-            b'\t' => text.push_str("\\t"),
-            b'\\' => text.push_str("\\\\"),
-            byte @ 0x20..=0x7e => text.push(byte as char),
-            byte => text.push_str(&format!("\\x{byte:02x}")),
-        }
-        index += 1;
-    }
-    if text.chars().count() > 160 {
-        let cut: String = text.chars().take(157).collect();
-        return format!("{cut}...");
-    }
-    text
-}
-
-// ---------------------------------------------------------------------------
-// The recording upstream
-// ---------------------------------------------------------------------------
-
-/// One request as the upstream received it.
-#[derive(Debug, Clone)]
-struct SeenRequest {
-    method: String,
-    target: String,
-    /// Names lowercased, values as sent, in order.
-    headers: Vec<(String, Vec<u8>)>,
-    body: Vec<u8>,
-    /// `chunked`, `length N` or `none`.
-    framing: String,
-    /// Trailer lines of a chunked body, raw.
-    trailers: Vec<u8>,
-    /// False when the connection ended (or broke the framing) before the body did.
-    complete: bool,
-}
-
-impl SeenRequest {
-    fn header(&self, name: &str) -> Vec<&[u8]> {
-        self.headers
-            .iter()
-            .filter(|(n, _)| n == name)
-            .map(|(_, v)| v.as_slice())
-            .collect()
-    }
-}
-
-#[derive(Debug, Default)]
-struct Seen {
-    connections: usize,
-    requests: Vec<SeenRequest>,
-    /// Anything keyrelay sent that a strict HTTP/1.1 parser would not accept.
-    violations: Vec<String>,
-    /// Requests being answered right now, and the most there ever were at once.
-    in_flight: usize,
-    peak_in_flight: usize,
-}
-
-/// A snapshot of the counters, to compare before and after one case.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Counts {
-    connections: usize,
-    requests: usize,
-    violations: usize,
-}
-
-/// A raw HTTP/1.1 upstream on 127.0.0.1:0 that records everything and
-/// answers every complete request `200 ok`. Targets starting with `/hold`
-/// are answered only once [`Recorder::release`] is called.
-struct Recorder {
-    addr: SocketAddr,
-    seen: Arc<Mutex<Seen>>,
-    /// Bumped on every change of `seen`, so tests wait for events, not time.
-    changed: watch::Receiver<u64>,
-    release: watch::Sender<bool>,
-}
-
-impl Recorder {
-    async fn start() -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind recorder");
-        let addr = listener.local_addr().expect("addr");
-        let seen = Arc::new(Mutex::new(Seen::default()));
-        let (notify, changed) = watch::channel(0u64);
-        let notify = Arc::new(notify);
-        let (release, released) = watch::channel(false);
-        let shared = Arc::clone(&seen);
-        tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                stream.set_nodelay(true).expect("nodelay");
-                shared.lock().expect("lock").connections += 1;
-                notify.send_modify(|n| *n += 1);
-                tokio::spawn(serve_recorded(
-                    stream,
-                    Arc::clone(&shared),
-                    Arc::clone(&notify),
-                    released.clone(),
-                ));
-            }
-        });
-        Self {
-            addr,
-            seen,
-            changed,
-            release,
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    fn counts(&self) -> Counts {
-        let seen = self.seen.lock().expect("lock");
-        Counts {
-            connections: seen.connections,
-            requests: seen.requests.len(),
-            violations: seen.violations.len(),
-        }
-    }
-
-    /// Requests recorded since `before`.
-    fn requests_since(&self, before: Counts) -> Vec<SeenRequest> {
-        self.seen.lock().expect("lock").requests[before.requests..].to_vec()
-    }
-
-    fn violations_since(&self, before: Counts) -> Vec<String> {
-        self.seen.lock().expect("lock").violations[before.violations..].to_vec()
-    }
-
-    fn all_requests(&self) -> Vec<SeenRequest> {
-        self.seen.lock().expect("lock").requests.clone()
-    }
-
-    fn peak_in_flight(&self) -> usize {
-        self.seen.lock().expect("lock").peak_in_flight
-    }
-
-    /// Waits (bounded by [`STEP`]) until `test` holds for the recorded state.
-    async fn wait_until(&self, what: &str, test: impl Fn(&Seen) -> bool) {
-        let mut changed = self.changed.clone();
-        within(what, async {
-            loop {
-                if test(&self.seen.lock().expect("lock")) {
-                    return;
-                }
-                changed.changed().await.expect("recorder alive");
-            }
-        })
-        .await;
-    }
-
-    /// Lets every held `/hold...` request be answered.
-    fn release(&self) {
-        self.release.send_replace(true);
-    }
-}
-
-/// Serves one upstream connection: strict parse, record, answer.
-async fn serve_recorded(
-    stream: TcpStream,
-    seen: Arc<Mutex<Seen>>,
-    notify: Arc<watch::Sender<u64>>,
-    mut released: watch::Receiver<bool>,
-) {
-    let mut conn = Reader::new(stream);
-    let record = |request: Option<SeenRequest>, violation: Option<String>| {
-        let mut seen = seen.lock().expect("lock");
-        if let Some(request) = request {
-            seen.requests.push(request);
-        }
-        if let Some(violation) = violation {
-            seen.violations.push(violation);
-        }
-        drop(seen);
-        notify.send_modify(|n| *n += 1);
-    };
-    // Bounded: every iteration consumes one request, or returns.
-    loop {
-        let Some(head) = conn.head().await else {
-            return;
-        };
-        let text = String::from_utf8_lossy(&head).into_owned();
-        let mut lines = text.split("\r\n");
-        let request_line = lines.next().unwrap_or_default().to_owned();
-        let parts: Vec<&str> = request_line.split(' ').collect();
-        if parts.len() != 3 || parts[2] != "HTTP/1.1" {
-            record(None, Some(format!("bad request line {request_line:?}")));
-            return;
-        }
-        let mut headers = Vec::new();
-        // Header values are taken from the raw bytes so obs-text survives.
-        let mut raw_lines = head.split(|&b| b == b'\n').skip(1);
-        for line in raw_lines.by_ref() {
-            let line = line.strip_suffix(b"\r").unwrap_or(line);
-            if line.is_empty() {
-                break;
-            }
-            let Some(colon) = line.iter().position(|&b| b == b':') else {
-                record(None, Some(format!("header line without colon {line:?}")));
-                return;
-            };
-            let name = String::from_utf8_lossy(&line[..colon]).to_ascii_lowercase();
-            if name.is_empty() || name.bytes().any(|b| b <= b' ' || b >= 0x7f) {
-                record(None, Some(format!("bad header name {name:?}")));
-                return;
-            }
-            let value = line[colon + 1..].trim_ascii().to_vec();
-            if value
-                .iter()
-                .any(|&b| b == 0 || b == b'\r' || b == b'\n' || (b < b' ' && b != b'\t'))
-            {
-                record(None, Some(format!("control byte in {name} value")));
-                return;
-            }
-            headers.push((name, value));
-        }
-        let te: Vec<&Vec<u8>> = headers
-            .iter()
-            .filter(|(n, _)| n == "transfer-encoding")
-            .map(|(_, v)| v)
-            .collect();
-        let cl: Vec<&Vec<u8>> = headers
-            .iter()
-            .filter(|(n, _)| n == "content-length")
-            .map(|(_, v)| v)
-            .collect();
-        let mut request = SeenRequest {
-            method: parts[0].to_owned(),
-            target: parts[1].to_owned(),
-            headers: headers.clone(),
-            body: Vec::new(),
-            framing: "none".to_owned(),
-            trailers: Vec::new(),
-            complete: false,
-        };
-        if !te.is_empty() && !cl.is_empty() {
-            record(
-                Some(request),
-                Some("both Transfer-Encoding and Content-Length".to_owned()),
-            );
-            return;
-        }
-        if !te.is_empty() {
-            if te.len() != 1 || !te[0].eq_ignore_ascii_case(b"chunked") {
-                record(
-                    Some(request),
-                    Some(format!(
-                        "transfer coding other than chunked: {:?}",
-                        te.iter()
-                            .map(|v| String::from_utf8_lossy(v))
-                            .collect::<Vec<_>>()
-                    )),
-                );
-                return;
-            }
-            request.framing = "chunked".to_owned();
-            match conn.chunked().await {
-                Ok((body, trailers)) => {
-                    request.body = body;
-                    request.trailers = trailers;
-                    request.complete = true;
-                }
-                Err((body, problem)) => {
-                    request.body = body;
-                    // An unterminated body at EOF is an abort, not a violation.
-                    let violation = (problem != "eof").then(|| format!("chunked body: {problem}"));
-                    record(Some(request), violation);
-                    return;
-                }
-            }
-        } else if !cl.is_empty() {
-            let lengths: Vec<Option<usize>> = cl
-                .iter()
-                .map(|v| {
-                    std::str::from_utf8(v)
-                        .ok()
-                        .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
-                        .and_then(|s| s.parse().ok())
-                })
-                .collect();
-            let Some(Some(length)) = lengths.first().copied() else {
-                record(Some(request), Some("unparsable Content-Length".to_owned()));
-                return;
-            };
-            if cl.len() > 1 {
-                record(
-                    Some(request),
-                    Some("more than one Content-Length".to_owned()),
-                );
-                return;
-            }
-            request.framing = format!("length {length}");
-            match conn.exact(length).await {
-                Some(body) => {
-                    request.body = body;
-                    request.complete = true;
-                }
-                None => {
-                    record(Some(request), None);
-                    return;
-                }
-            }
-        } else {
-            request.complete = true;
-        }
-        let hold = request.target.starts_with("/hold");
-        {
-            let mut state = seen.lock().expect("lock");
-            state.in_flight += 1;
-            state.peak_in_flight = state.peak_in_flight.max(state.in_flight);
-        }
-        record(Some(request), None);
-        if hold && released.wait_for(|go| *go).await.is_err() {
-            return;
-        }
-        seen.lock().expect("lock").in_flight -= 1;
-        let answer = b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 2\r\n\r\nok";
-        if conn.stream.write_all(answer).await.is_err() {
-            return;
-        }
-    }
-}
-
-/// Buffered reads on a raw connection that report EOF instead of panicking.
-struct Reader {
-    stream: TcpStream,
-    buf: Vec<u8>,
-}
-
-impl Reader {
-    fn new(stream: TcpStream) -> Self {
-        Self {
-            stream,
-            buf: Vec::new(),
-        }
-    }
-
-    /// Reads more; false at EOF or on an error.
-    async fn fill(&mut self) -> bool {
-        let mut chunk = [0u8; 16384];
-        match self.stream.read(&mut chunk).await {
-            Ok(0) | Err(_) => false,
-            Ok(n) => {
-                self.buf.extend_from_slice(&chunk[..n]);
-                true
-            }
-        }
-    }
-
-    async fn head(&mut self) -> Option<Vec<u8>> {
-        loop {
-            if let Some(pos) = find(&self.buf, b"\r\n\r\n") {
-                return Some(self.buf.drain(..pos + 4).collect());
-            }
-            if !self.fill().await {
-                return None;
-            }
-        }
-    }
-
-    async fn line(&mut self) -> Option<Vec<u8>> {
-        loop {
-            if let Some(pos) = find(&self.buf, b"\r\n") {
-                let line: Vec<u8> = self.buf.drain(..pos + 2).collect();
-                return Some(line[..pos].to_vec());
-            }
-            if !self.fill().await {
-                return None;
-            }
-        }
-    }
-
-    async fn exact(&mut self, n: usize) -> Option<Vec<u8>> {
-        while self.buf.len() < n {
-            if !self.fill().await {
-                return None;
-            }
-        }
-        Some(self.buf.drain(..n).collect())
-    }
-
-    /// A strict chunked body: `Ok((body, trailers))` or `Err((partial body, problem))`.
-    async fn chunked(&mut self) -> Result<(Vec<u8>, Vec<u8>), (Vec<u8>, String)> {
-        let mut body = Vec::new();
-        // Bounded: each iteration consumes a chunk or ends.
-        loop {
-            let Some(line) = self.line().await else {
-                return Err((body, "eof".to_owned()));
-            };
-            let size_text = line.split(|&b| b == b';').next().unwrap_or_default();
-            let size = std::str::from_utf8(size_text)
-                .ok()
-                .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_hexdigit()))
-                .and_then(|s| usize::from_str_radix(s, 16).ok());
-            let Some(size) = size else {
-                return Err((body, format!("bad chunk size line {line:?}")));
-            };
-            if size == 0 {
-                let mut trailers = Vec::new();
-                loop {
-                    let Some(line) = self.line().await else {
-                        return Err((body, "eof".to_owned()));
-                    };
-                    if line.is_empty() {
-                        return Ok((body, trailers));
-                    }
-                    trailers.extend_from_slice(&line);
-                    trailers.extend_from_slice(b"\r\n");
-                }
-            }
-            let Some(data) = self.exact(size + 2).await else {
-                return Err((body, "eof".to_owned()));
-            };
-            if &data[size..] != b"\r\n" {
-                return Err((body, "chunk data not followed by CRLF".to_owned()));
-            }
-            body.extend_from_slice(&data[..size]);
-        }
-    }
-}
-
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack
-        .windows(needle.len())
-        .position(|window| window == needle)
-}
-
-// ---------------------------------------------------------------------------
-// The raw client side
-// ---------------------------------------------------------------------------
-
-/// Everything a raw client got back for one hostile input.
-#[derive(Debug)]
-struct ClientSaw {
-    bytes: Vec<u8>,
-    /// How the connection ended: "closed", "reset", or the write error.
-    ending: String,
-}
-
-/// One response parsed out of [`ClientSaw::bytes`].
-#[derive(Debug)]
-struct Answer {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
-impl Answer {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
-    }
-
-    /// "400 empty body", "403 json host_not_allowed", "200 text".
-    fn describe(&self) -> String {
-        let kind = if self.body.is_empty() {
-            "empty body".to_owned()
-        } else if self.header("content-type") == Some("application/json") {
-            let json: serde_json::Value = serde_json::from_slice(&self.body).unwrap_or_default();
-            format!(
-                "keyrelay JSON {}",
-                json["type"].as_str().unwrap_or("(no type)")
-            )
-        } else {
-            format!("body {:?}", String::from_utf8_lossy(&self.body))
-        };
-        format!("{} {kind}", self.status)
-    }
-}
-
-impl ClientSaw {
-    /// Every complete response in the bytes, in order (framed by Content-Length or chunking).
-    fn answers(&self) -> Vec<Answer> {
-        let mut answers = Vec::new();
-        let mut rest: &[u8] = &self.bytes;
-        // Bounded: each iteration consumes a response or stops.
-        while let Some(end) = find(rest, b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&rest[..end]).into_owned();
-            rest = &rest[end + 4..];
-            let mut lines = head.split("\r\n");
-            let Some(status) = lines
-                .next()
-                .and_then(|line| line.split(' ').nth(1))
-                .and_then(|code| code.parse().ok())
-            else {
-                break;
-            };
-            let headers: Vec<(String, String)> = lines
-                .filter_map(|line| line.split_once(':'))
-                .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
-                .collect();
-            let mut answer = Answer {
-                status,
-                headers,
-                body: Vec::new(),
-            };
-            if let Some(length) = answer
-                .header("content-length")
-                .and_then(|v| v.parse::<usize>().ok())
-            {
-                let length = length.min(rest.len());
-                answer.body = rest[..length].to_vec();
-                rest = &rest[length..];
-            } else if answer.header("transfer-encoding").is_some() {
-                // Chunked: decode until the last chunk.
-                loop {
-                    let Some(line_end) = find(rest, b"\r\n") else {
-                        rest = &[];
-                        break;
-                    };
-                    let size = usize::from_str_radix(
-                        String::from_utf8_lossy(&rest[..line_end])
-                            .split(';')
-                            .next()
-                            .unwrap_or_default()
-                            .trim(),
-                        16,
-                    )
-                    .unwrap_or(0);
-                    rest = &rest[line_end + 2..];
-                    if size == 0 {
-                        rest = &rest[find(rest, b"\r\n").map_or(rest.len(), |p| p + 2)..];
-                        break;
-                    }
-                    let take = (size + 2).min(rest.len());
-                    answer.body.extend_from_slice(&rest[..size.min(rest.len())]);
-                    rest = &rest[take..];
-                }
-            }
-            answers.push(answer);
-        }
-        answers
-    }
-
-    fn describe(&self) -> String {
-        let answers = self.answers();
-        let mut parts: Vec<String> = answers.iter().map(Answer::describe).collect();
-        if parts.is_empty() {
-            parts.push("no response".to_owned());
-        }
-        format!("{}; then {}", parts.join(", then "), self.ending)
-    }
-}
-
-/// Sends `request` on a fresh connection and reads until keyrelay ends it.
-///
-/// A write error is tolerated (keyrelay may answer and close while the client
-/// is still sending, e.g. an oversized head); the read is bounded by [`STEP`].
-async fn probe(addr: SocketAddr, request: &[u8]) -> ClientSaw {
-    probe_with(addr, request, false).await
-}
-
-/// [`probe`], optionally shutting down the sending side after the request.
-async fn probe_with(addr: SocketAddr, request: &[u8], half_close: bool) -> ClientSaw {
-    let mut stream = within("a raw connection", TcpStream::connect(addr))
-        .await
-        .expect("connect");
-    stream.set_nodelay(true).expect("nodelay");
-    let write_error = within("a raw write", stream.write_all(request))
-        .await
-        .err()
-        .map(|err| format!("write failed ({:?})", err.kind()));
-    if half_close {
-        let _ = stream.shutdown().await;
-    }
-    let mut bytes = Vec::new();
-    let mut chunk = [0u8; 16384];
-    let ending = loop {
-        match within(
-            "keyrelay to answer and close the connection",
-            stream.read(&mut chunk),
-        )
-        .await
-        {
-            Ok(0) => break "closed".to_owned(),
-            Ok(n) => bytes.extend_from_slice(&chunk[..n]),
-            Err(err) => break format!("reset ({:?})", err.kind()),
-        }
-    };
-    let ending = match write_error {
-        Some(write) => format!("{ending} ({write})"),
-        None => ending,
-    };
-    ClientSaw { bytes, ending }
-}
-
-/// Describes what reached the upstream for one case.
-fn describe_upstream(requests: &[SeenRequest], violations: &[String]) -> String {
-    let mut parts = Vec::new();
-    if requests.is_empty() {
-        parts.push("nothing".to_owned());
-    }
-    for request in requests {
-        let state = if request.complete {
-            "complete"
-        } else {
-            "aborted before the body ended"
-        };
-        parts.push(format!(
-            "{} {} ({}, body {} B{}) {state}",
-            request.method,
-            escape(request.target.as_bytes()),
-            request.framing,
-            request.body.len(),
-            if request.trailers.is_empty() {
-                String::new()
-            } else {
-                format!(", trailers {}", escape(&request.trailers))
-            }
-        ));
-    }
-    for violation in violations {
-        parts.push(format!("FRAMING VIOLATION: {violation}"));
-    }
-    parts.join("; ")
-}
-
-/// The request after each case, on a new connection: it must be served.
-async fn next_is_served(relay: SocketAddr, upstream: &Recorder, tag: &str) -> String {
-    let path = format!("/next?after={tag}");
-    let saw = probe(
-        relay,
-        format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await;
-    let answers = saw.answers();
-    assert!(
-        answers.len() == 1 && answers[0].status == 200 && answers[0].body == b"ok",
-        "after {tag}, the next request was not served: {}",
-        saw.describe()
-    );
-    upstream
-        .wait_until("the next request at the upstream", |seen| {
-            seen.requests.iter().any(|r| r.target.ends_with(&path))
-        })
-        .await;
-    "200 served".to_owned()
-}
+use tokio::net::TcpStream;
 
 // ---------------------------------------------------------------------------
 // Malformed HTTP/1.1
@@ -812,7 +141,7 @@ async fn run_cases(table: &str, relay: SocketAddr, upstream: &Recorder, cases: V
             Expect::Refused(status) => {
                 assert!(requests.is_empty(), "{context}");
                 assert_eq!(answers.len(), 1, "{context}");
-                assert_eq!(answers[0].status, status, "{context}");
+                assert_eq!(answers[0].status(), status, "{context}");
                 assert!(
                     saw.ending.starts_with("closed") || saw.ending.starts_with("reset"),
                     "{context}"
@@ -822,12 +151,12 @@ async fn run_cases(table: &str, relay: SocketAddr, upstream: &Recorder, cases: V
                 assert_eq!(requests.len(), 1, "{context}");
                 assert!(requests[0].complete, "{context}");
                 assert_eq!(answers.len(), 1, "{context}");
-                assert_eq!(answers[0].status, 200, "{context}");
+                assert_eq!(answers[0].status(), 200, "{context}");
             }
             Expect::NotCompleted => {
                 assert!(requests.iter().all(|r| !r.complete), "{context}");
                 assert!(
-                    answers.iter().all(|a| a.status >= 400),
+                    answers.iter().all(|a| a.status() >= 400),
                     "no success for a broken request: {context}"
                 );
             }
@@ -1048,7 +377,7 @@ async fn ipv6_loopback_host_with_trailing_junk_is_refused() {
                 .as_bytes(),
         )
         .await;
-        let status = saw.answers().first().map(|a| a.status);
+        let status = saw.answers().first().map(|a| a.status());
         let next = next_is_served(relay.addr, &upstream, "ipv6-host").await;
         let requests: Vec<SeenRequest> = upstream
             .requests_since(before)
@@ -1076,7 +405,7 @@ async fn ipv6_loopback_host_with_trailing_junk_is_refused() {
         b"GET /v1/models HTTP/1.1\r\nHost: [::1]:8080\r\nConnection: close\r\n\r\n",
     )
     .await;
-    assert_eq!(saw.answers().first().map(|a| a.status), Some(200));
+    assert_eq!(saw.answers().first().map(|a| a.status()), Some(200));
     assert!(
         accepted.is_empty(),
         "Host values that are not [::1] with a numeric port were accepted: {accepted:?}"
@@ -1348,7 +677,7 @@ async fn a_broken_request_body_is_answered_4xx_not_blamed_on_the_upstream() {
         let answers = saw.answers();
         assert_eq!(answers.len(), 1, "{what}: {}", saw.describe());
         assert!(
-            (400..500).contains(&answers[0].status),
+            (400..500).contains(&answers[0].status()),
             "{what}: the client's own malformed body was answered {}",
             saw.describe()
         );
@@ -1391,7 +720,7 @@ async fn pipelined_requests_are_answered_in_order_and_a_smuggled_tail_after_cl_t
     );
     assert_eq!(targets, ["/first", "/second"]);
     assert_eq!(
-        saw.answers().iter().map(|a| a.status).collect::<Vec<_>>(),
+        saw.answers().iter().map(|a| a.status()).collect::<Vec<_>>(),
         [200, 200]
     );
 
@@ -1501,7 +830,7 @@ async fn dot_segments_encoded_slashes_and_nul_are_forwarded_byte_exact_or_refuse
             .collect();
         let answers = saw.answers();
         let expected = format!("/base{}", String::from_utf8_lossy(target));
-        let outcome = match (answers.first().map(|a| a.status), requests.as_slice()) {
+        let outcome = match (answers.first().map(|a| a.status()), requests.as_slice()) {
             (Some(200), [seen]) if seen.target == expected => {
                 format!("forwarded byte-exact as {}", escape(seen.target.as_bytes()))
             }
@@ -1663,274 +992,8 @@ async fn absolute_form_and_connect_never_reach_another_host() {
 }
 
 // ---------------------------------------------------------------------------
-// HTTP/2 frames by hand
+// HTTP/2, with frames written by hand
 // ---------------------------------------------------------------------------
-
-const FRAME_HEADERS: u8 = 0x1;
-const FRAME_RST_STREAM: u8 = 0x3;
-const FRAME_SETTINGS: u8 = 0x4;
-const FRAME_GOAWAY: u8 = 0x7;
-const FLAG_END_STREAM: u8 = 0x1;
-const FLAG_END_HEADERS: u8 = 0x4;
-const FLAG_ACK: u8 = 0x1;
-const CANCEL: u32 = 0x8;
-const REFUSED_STREAM: u32 = 0x7;
-const ENHANCE_YOUR_CALM: u32 = 0xb;
-
-fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
-    let len = u32::try_from(payload.len()).expect("frame size");
-    let mut bytes = len.to_be_bytes()[1..].to_vec();
-    bytes.push(kind);
-    bytes.push(flags);
-    bytes.extend_from_slice(&(stream & 0x7fff_ffff).to_be_bytes());
-    bytes.extend_from_slice(payload);
-    bytes
-}
-
-/// An HPACK integer with an `n`-bit prefix whose high bits are `first`.
-fn hpack_int(first: u8, n: u32, mut value: usize, out: &mut Vec<u8>) {
-    let max = (1usize << n) - 1;
-    if value < max {
-        out.push(first | value as u8);
-        return;
-    }
-    out.push(first | max as u8);
-    value -= max;
-    while value >= 128 {
-        out.push((value % 128 + 128) as u8);
-        value /= 128;
-    }
-    out.push(value as u8);
-}
-
-/// A HEADERS frame; every field a literal without indexing (no Huffman), so
-/// the test needs no HPACK encoder state.
-fn headers_frame(stream: u32, fields: &[(&str, &str)], end_stream: bool) -> Vec<u8> {
-    let mut block = Vec::new();
-    for (name, value) in fields {
-        block.push(0x00);
-        hpack_int(0, 7, name.len(), &mut block);
-        block.extend_from_slice(name.as_bytes());
-        hpack_int(0, 7, value.len(), &mut block);
-        block.extend_from_slice(value.as_bytes());
-    }
-    let flags = FLAG_END_HEADERS | if end_stream { FLAG_END_STREAM } else { 0 };
-    frame(FRAME_HEADERS, flags, stream, &block)
-}
-
-fn get_fields(path: &str) -> Vec<(&'static str, String)> {
-    vec![
-        (":method", "GET".to_owned()),
-        (":scheme", "http".to_owned()),
-        (":authority", "127.0.0.1".to_owned()),
-        (":path", path.to_owned()),
-    ]
-}
-
-fn get_frame(stream: u32, path: &str) -> Vec<u8> {
-    let fields = get_fields(path);
-    let fields: Vec<(&str, &str)> = fields.iter().map(|(n, v)| (*n, v.as_str())).collect();
-    headers_frame(stream, &fields, true)
-}
-
-fn rst_frame(stream: u32, code: u32) -> Vec<u8> {
-    frame(FRAME_RST_STREAM, 0, stream, &code.to_be_bytes())
-}
-
-#[derive(Debug)]
-struct H2Frame {
-    kind: u8,
-    stream: u32,
-    payload: Vec<u8>,
-}
-
-impl H2Frame {
-    fn error_code(&self) -> Option<u32> {
-        let at = match self.kind {
-            FRAME_RST_STREAM => 0,
-            FRAME_GOAWAY => 4,
-            _ => return None,
-        };
-        self.payload
-            .get(at..at + 4)
-            .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
-    }
-
-    /// The `:status` of a response HEADERS frame when HPACK indexed it from
-    /// the static table (hyper does for 200, 204, 206, 304, 400, 404, 500).
-    fn indexed_status(&self) -> Option<u16> {
-        match self.payload.first()? {
-            0x88 => Some(200),
-            0x89 => Some(204),
-            0x8a => Some(206),
-            0x8b => Some(304),
-            0x8c => Some(400),
-            0x8d => Some(404),
-            0x8e => Some(500),
-            _ => None,
-        }
-    }
-
-    /// The status of a response head: indexed, or a literal `:status` (name index 8).
-    fn status(&self) -> Option<u16> {
-        if let Some(status) = self.indexed_status() {
-            return Some(status);
-        }
-        // Literal with indexed name 8 (`:status`): 0x08 / 0x48 / 0x18, then
-        // the three digits, plain or Huffman-coded.
-        let payload = &self.payload;
-        if payload.len() < 3 || payload[0] & 0x0f != 0x08 {
-            return None;
-        }
-        let len = usize::from(payload[1] & 0x7f);
-        let value = payload.get(2..2 + len)?;
-        if payload[1] & 0x80 == 0 {
-            return std::str::from_utf8(value).ok()?.parse().ok();
-        }
-        huffman_digits(value)?.parse().ok()
-    }
-}
-
-/// Decodes an HPACK Huffman string made only of digits (RFC 7541 appendix B:
-/// `0`-`2` are 5-bit codes 00000-00010, `3`-`9` 6-bit codes 011001-011111).
-fn huffman_digits(bytes: &[u8]) -> Option<String> {
-    let bits: Vec<u8> = bytes
-        .iter()
-        .flat_map(|byte| (0..8).rev().map(move |i| (byte >> i) & 1))
-        .collect();
-    let code = |at: usize, n: usize| -> Option<u8> {
-        bits.get(at..at + n)
-            .map(|b| b.iter().fold(0u8, |acc, bit| acc << 1 | bit))
-    };
-    let mut text = String::new();
-    let mut at = 0;
-    // Bounded: every iteration consumes 5 or 6 bits; the rest is EOS padding (all ones).
-    while bits.len() - at >= 5 {
-        match code(at, 5)? {
-            five @ 0..=2 => {
-                text.push(char::from(b'0' + five));
-                at += 5;
-            }
-            _ => match code(at, 6) {
-                Some(six @ 0b011001..=0b011111) => {
-                    text.push(char::from(b'3' + (six - 0b011001)));
-                    at += 6;
-                }
-                _ => break,
-            },
-        }
-    }
-    Some(text)
-}
-
-/// A raw HTTP/2 prior-knowledge connection.
-struct H2Conn {
-    stream: TcpStream,
-    buf: Vec<u8>,
-}
-
-impl H2Conn {
-    /// Connects, sends the preface and empty SETTINGS, and acknowledges the server's.
-    async fn open(addr: SocketAddr) -> Self {
-        let stream = within("an h2c connection", TcpStream::connect(addr))
-            .await
-            .expect("connect");
-        stream.set_nodelay(true).expect("nodelay");
-        let mut conn = Self {
-            stream,
-            buf: Vec::new(),
-        };
-        let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
-        hello.extend_from_slice(&frame(FRAME_SETTINGS, 0, 0, &[]));
-        conn.send(&hello).await;
-        let settings = conn.next_frame().await.expect("server SETTINGS");
-        assert_eq!(settings.kind, FRAME_SETTINGS, "{settings:?}");
-        conn.send(&frame(FRAME_SETTINGS, FLAG_ACK, 0, &[])).await;
-        conn
-    }
-
-    async fn send(&mut self, bytes: &[u8]) {
-        within("an h2 write", self.stream.write_all(bytes))
-            .await
-            .expect("h2 write");
-    }
-
-    /// Sends without failing when keyrelay already closed the connection.
-    async fn send_lossy(&mut self, bytes: &[u8]) -> bool {
-        within("an h2 write", self.stream.write_all(bytes))
-            .await
-            .is_ok()
-    }
-
-    /// The next frame, or `None` when the connection ended (EOF or reset).
-    async fn next_frame(&mut self) -> Option<H2Frame> {
-        loop {
-            if self.buf.len() >= 9 {
-                let len = u32::from_be_bytes([0, self.buf[0], self.buf[1], self.buf[2]]) as usize;
-                if self.buf.len() >= 9 + len {
-                    let head: Vec<u8> = self.buf.drain(..9).collect();
-                    let payload = self.buf.drain(..len).collect();
-                    return Some(H2Frame {
-                        kind: head[3],
-                        stream: u32::from_be_bytes([head[5], head[6], head[7], head[8]])
-                            & 0x7fff_ffff,
-                        payload,
-                    });
-                }
-            }
-            let mut chunk = [0u8; 16384];
-            match within("an h2 frame", self.stream.read(&mut chunk)).await {
-                Ok(0) | Err(_) => return None,
-                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
-            }
-        }
-    }
-
-    /// The statuses of two streams' responses (`None` for a reset), in any order.
-    async fn two_statuses(&mut self, a: u32, b: u32) -> (Option<u16>, Option<u16>) {
-        let mut statuses = [None, None];
-        let mut done = [false, false];
-        // Bounded by `within` in next_frame and by the connection ending.
-        while done != [true, true] {
-            let Some(frame) = self.next_frame().await else {
-                break;
-            };
-            let slot = if frame.stream == a {
-                0
-            } else if frame.stream == b {
-                1
-            } else {
-                continue;
-            };
-            match frame.kind {
-                FRAME_HEADERS if !done[slot] => {
-                    statuses[slot] = frame.status();
-                    done[slot] = true;
-                }
-                FRAME_RST_STREAM => done[slot] = true,
-                _ => {}
-            }
-        }
-        (statuses[0], statuses[1])
-    }
-
-    /// Reads frames until the response HEADERS (its status) or a reset of
-    /// `stream` (`None`); other streams' frames are skipped.
-    async fn response_status(&mut self, stream: u32) -> Option<u16> {
-        // Bounded by `within` in next_frame and by the connection ending.
-        while let Some(frame) = self.next_frame().await {
-            if frame.stream != stream {
-                continue;
-            }
-            match frame.kind {
-                FRAME_HEADERS => return frame.status(),
-                FRAME_RST_STREAM => return None,
-                _ => {}
-            }
-        }
-        None
-    }
-}
 
 #[tokio::test]
 async fn http2_rapid_reset_flood_gets_goaway_while_other_clients_are_served() {
@@ -2296,7 +1359,7 @@ async fn trickling_slowloris_connections_are_cut_and_do_not_starve_a_normal_clie
         .await;
         latencies.push(t0.elapsed());
         assert_eq!(
-            saw.answers().first().map(|a| a.status),
+            saw.answers().first().map(|a| a.status()),
             Some(200),
             "normal client starved: {}",
             saw.describe()
@@ -2364,6 +1427,33 @@ async fn trickling_slowloris_connections_are_cut_and_do_not_starve_a_normal_clie
             .iter()
             .any(|r| r.target.starts_with("/slow")),
         "a slow head was forwarded"
+    );
+    relay.stop().await;
+}
+
+/// A connection that sends nothing at all, not even enough to tell HTTP/1.1
+/// from HTTP/2, is closed once `header_read_timeout` has passed.
+#[tokio::test]
+async fn silent_client_connection_is_closed_after_header_read_timeout() {
+    let upstream = Recorder::start().await;
+    let relay = Relay::start(&upstream.url(), &[("header_read_timeout", "300ms")]).await;
+    let started = Instant::now();
+    let saw = probe(relay.addr, b"").await;
+    let waited = started.elapsed();
+    report(
+        "slow",
+        &[
+            "one connection that sends nothing, header_read_timeout 300ms",
+            &format!("closed after {waited:?}: {}", saw.describe()),
+            "-",
+            &describe_upstream(&upstream.all_requests(), &[]),
+        ],
+    );
+    assert!(saw.bytes.is_empty(), "{}", saw.describe());
+    assert!(
+        saw.ending == "closed" || saw.ending.starts_with("reset"),
+        "keyrelay closed the connection: {}",
+        saw.describe()
     );
     relay.stop().await;
 }

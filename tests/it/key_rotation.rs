@@ -18,7 +18,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use bytes::Bytes;
-use guard_util::{wait_for_log, TempDir};
+use guard_util::TempDir;
 use http::Request;
 use keyrelay::secrets::secret_file::POLL_INTERVAL;
 use support::*;
@@ -237,7 +237,7 @@ async fn sighup_rereads_the_key_file_at_once() {
         .expect("run kill");
     assert!(status.success(), "kill -HUP {pid} failed");
 
-    let log = wait_for_log(&relay, "upstream key reloaded", 1).await;
+    let log = relay.wait_for_log("upstream key reloaded", 1).await;
     let hangup = log
         .find("SIGHUP: re-reading the upstream key file")
         .unwrap_or_else(|| panic!("SIGHUP was not logged:\n{log}"));

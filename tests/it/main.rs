@@ -16,7 +16,6 @@ mod completions_and_man;
 mod config_errors;
 mod credentials;
 mod demo;
-mod failures;
 mod forwarding;
 mod grpc;
 mod hostile_input;

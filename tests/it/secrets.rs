@@ -8,15 +8,31 @@ use std::process::Stdio;
 
 use bytes::Bytes;
 use http::Request;
-use http_body_util::BodyExt;
 use support::*;
 
 /// A client-side secret: SDK placeholders can be real tokens too; they must not be logged either.
 const CLIENT_SECRET: &str = "client-bearer-7d41e0c2";
 
-/// Sends a streamed request and a failing one through `relay`, checking responses on the way.
-async fn exercise(upstream: &mut MockUpstream, relay: std::net::SocketAddr, h2: bool) {
-    let client = if h2 { h2c_client() } else { http1_client() };
+/// The HTTP versions of the two hops: client to keyrelay, keyrelay to upstream.
+#[derive(Clone, Copy)]
+struct Hops {
+    client: http::Version,
+    upstream: http::Version,
+}
+
+const HTTP1_BOTH: Hops = Hops {
+    client: http::Version::HTTP_11,
+    upstream: http::Version::HTTP_11,
+};
+
+/// Sends a streamed request and a failing one through `relay`, checking
+/// responses on the way, and that each hop spoke the version it should.
+async fn exercise(upstream: &mut MockUpstream, relay: std::net::SocketAddr, hops: Hops) {
+    let client = if hops.client == http::Version::HTTP_2 {
+        h2c_client()
+    } else {
+        http1_client()
+    };
     let request = Request::post(format!("http://{relay}/production/predict?q=1"))
         .header("authorization", format!("Bearer {CLIENT_SECRET}"))
         .header("x-api-key", CLIENT_SECRET)
@@ -25,11 +41,18 @@ async fn exercise(upstream: &mut MockUpstream, relay: std::net::SocketAddr, h2: 
     let pending = tokio::spawn(client.request(request));
     let exchange = upstream.next().await;
     assert_eq!(exchange.request.headers()["authorization"], EXPECTED_AUTH);
+    // Without this the HTTP/2 case would pass with the upstream flag ignored.
+    assert_eq!(
+        exchange.request.version(),
+        hops.upstream,
+        "the upstream hop's version"
+    );
     let (mut tx, _dropped) = exchange.respond_streaming();
     let response = within("response", pending)
         .await
         .expect("join")
         .expect("response");
+    assert_eq!(response.version(), hops.client, "the client hop's version");
     let mut body = response.into_body();
     for token in ["a", "b", "c"] {
         tx.send_data(Bytes::from(token)).await.expect("send");
@@ -47,20 +70,14 @@ async fn exercise(upstream: &mut MockUpstream, relay: std::net::SocketAddr, h2: 
                 .expect("request"),
         ),
     );
-    upstream
-        .next()
-        .await
-        .respond_full(401, r#"{"error": "bad key"}"#);
+    let exchange = upstream.next().await;
+    assert_eq!(exchange.request.version(), hops.upstream);
+    exchange.respond_full(401, r#"{"error": "bad key"}"#);
     let response = within("response", pending)
         .await
         .expect("join")
         .expect("response");
-    let body = response
-        .into_body()
-        .collect()
-        .await
-        .expect("body")
-        .to_bytes();
+    let body = body_bytes(response).await;
     assert!(!String::from_utf8_lossy(&body).contains(KEY));
 }
 
@@ -76,7 +93,7 @@ fn assert_clean(output: &str) {
     );
 }
 
-async fn scan_binary_at_trace(extra: &[&str], h2_client: bool) {
+async fn scan_binary_at_trace(extra: &[&str], hops: Hops) {
     let mut upstream = MockUpstream::start().await;
     let mut command = binary();
     command
@@ -85,46 +102,41 @@ async fn scan_binary_at_trace(extra: &[&str], h2_client: bool) {
         .env("BASETEN_API_KEY", KEY)
         .env("RUST_LOG", "trace");
     let mut relay = RelayProcess::spawn(command).await;
-    exercise(&mut upstream, relay.addr, h2_client).await;
-    relay.child.start_kill().expect("kill");
-    let mut stdout = relay.child.stdout.take().expect("stdout");
-    let _ = relay.child.wait().await;
-    let mut printed = String::new();
-    tokio::io::AsyncReadExt::read_to_string(&mut stdout, &mut printed)
-        .await
-        .expect("stdout");
+    exercise(&mut upstream, relay.addr, hops).await;
+    let output = relay.kill_and_output().await;
     let log = relay.log();
     assert!(
         log.contains("TRACE") || log.contains("DEBUG"),
         "trace logging was on:\n{log}"
     );
-    assert_clean(&(log + &printed));
+    assert_clean(&output);
 }
 
 #[tokio::test]
 async fn key_never_appears_in_trace_logs_http1() {
-    scan_binary_at_trace(&[], false).await;
+    scan_binary_at_trace(&[], HTTP1_BOTH).await;
 }
 
 #[tokio::test]
 async fn key_never_appears_in_trace_logs_h2_both_sides() {
-    scan_binary_at_trace(&["--upstream-http2"], true).await;
+    scan_binary_at_trace(
+        &["--upstream-http2"],
+        Hops {
+            client: http::Version::HTTP_2,
+            upstream: http::Version::HTTP_2,
+        },
+    )
+    .await;
 }
 
 #[tokio::test]
 async fn key_never_appears_in_json_logs() {
-    scan_binary_at_trace(&["--log-format", "json"], false).await;
+    scan_binary_at_trace(&["--log-format", "json"], HTTP1_BOTH).await;
 }
 
 #[tokio::test]
 async fn key_never_appears_in_error_bodies() {
-    // Nothing listens on this port once the listener is dropped.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port();
-    let relay = Relay::start(&format!("http://127.0.0.1:{port}"), &[]).await;
+    let relay = Relay::start(&format!("http://127.0.0.1:{}", closed_port()), &[]).await;
     let response = within(
         "502",
         http1_client().request(
@@ -137,12 +149,7 @@ async fn key_never_appears_in_error_bodies() {
     .expect("response");
     assert_eq!(response.status(), 502);
     let headers = format!("{:?}", response.headers());
-    let body = response
-        .into_body()
-        .collect()
-        .await
-        .expect("body")
-        .to_bytes();
+    let body = body_bytes(response).await;
     assert!(!headers.contains(KEY));
     assert!(!String::from_utf8_lossy(&body).contains(KEY));
     relay.stop().await;

@@ -965,15 +965,8 @@ async fn token_values_never_appear_in_trace_logs_but_their_names_do() {
     .await;
     assert_eq!(response.status(), 401);
 
-    let log = wait_for_log(&relay, "request finished", 3).await;
-    relay.child.start_kill().expect("kill");
-    let mut stdout = relay.child.stdout.take().expect("stdout");
-    let _ = relay.child.wait().await;
-    let mut printed = String::new();
-    tokio::io::AsyncReadExt::read_to_string(&mut stdout, &mut printed)
-        .await
-        .expect("stdout");
-    let everything = relay.log() + &printed;
+    let log = relay.wait_for_log("request finished", 3).await;
+    let everything = relay.kill_and_output().await;
 
     assert!(
         log.contains("TRACE") || log.contains("DEBUG"),
@@ -1130,7 +1123,7 @@ async fn non_loopback_listen_starts_with_the_explicit_opt_out() {
     // Bound to 0.0.0.0 only for as long as it takes to see it start.
     let mut relay = RelayProcess::spawn(command).await;
     // The warning is written right after the ready line.
-    let warned = tokio::time::timeout(STEP, wait_for_log(&relay, "non-loopback", 1)).await;
+    let warned = tokio::time::timeout(STEP, relay.wait_for_log("non-loopback", 1)).await;
     relay.child.start_kill().expect("kill");
     let _ = relay.child.wait().await;
     assert!(

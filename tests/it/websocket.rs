@@ -1,7 +1,12 @@
-//! WebSockets (any HTTP/1.1 Upgrade) through keyrelay: the upgrade request
-//! carries the injected key with `Upgrade`/`Connection` kept on purpose, and
+//! WebSockets through keyrelay: the upgrade request carries the injected key
+//! with `Upgrade: websocket` and `Connection: upgrade` kept on purpose, and
 //! after `101` bytes flow both ways, in lockstep, until a side closes.
 //! Raw sockets on both ends, so nothing but keyrelay touches the handshake.
+//!
+//! keyrelay forwards no other upgrade: `h2c` and the like lose their
+//! `Upgrade` header as hop-by-hop (`requested_upgrade` in
+//! src/proxy/headers.rs; `h2c_upgrade_is_not_forwarded_as_a_protocol_switch`
+//! in security.rs).
 
 use crate::support;
 

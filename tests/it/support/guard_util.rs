@@ -7,15 +7,13 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use bytes::Bytes;
 use http::{HeaderMap, Request, Response};
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 
 use crate::support::raw::{self, RawResponse};
-use crate::support::{within, MockUpstream, RelayProcess, TestBody, STEP};
+use crate::support::{within, MockUpstream, TestBody};
 
 /// Sends `request` raw to `addr` and expects keyrelay to answer it itself:
 /// panics at once if the request reaches `upstream` instead.
@@ -129,14 +127,6 @@ pub async fn h2_send(addr: SocketAddr, request: Request<TestBody>) -> Response<I
         .expect("h2 response")
 }
 
-/// Collects a whole response body.
-pub async fn body_bytes(response: Response<Incoming>) -> Bytes {
-    within("the whole body", response.into_body().collect())
-        .await
-        .expect("body completes")
-        .to_bytes()
-}
-
 /// A fresh directory under the system temp dir, removed on drop.
 pub struct TempDir(PathBuf);
 
@@ -162,25 +152,5 @@ impl TempDir {
 impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// Waits (bounded by [`STEP`]) until the child's captured log holds `needle`
-/// at least `times` times, and returns the log.
-///
-/// A child's stderr offers no event to wait on (a line is written just after
-/// the moment it describes), so this polls the captured text.
-pub async fn wait_for_log(relay: &RelayProcess, needle: &str, times: usize) -> String {
-    let deadline = tokio::time::Instant::now() + STEP;
-    loop {
-        let log = relay.log();
-        if log.matches(needle).count() >= times {
-            return log;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "expected {needle:?} {times} time(s) in the log:\n{log}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
 }

@@ -2,16 +2,21 @@
 //! in-process or as the real binary, and clients. Everything binds 127.0.0.1:0.
 //!
 //! Each helper is declared once here (hyper's tests/support pattern); the
-//! submodules are the raw HTTP/1.1 peers, the real binary with its admin
-//! listener, Python clients, TLS, and the guard tests' helpers. Each test
-//! module uses a different subset, hence the blanket `dead_code` allow.
+//! submodules are the raw HTTP/1.1 peers (client and scripted upstream), the
+//! recording upstream, the hand-written HTTP/2 framer, the RELIABILITY.md
+//! report lines, the real binary with its admin listener, Python clients,
+//! TLS, and the guard tests' helpers. Each test module uses a different
+//! subset, hence the blanket `dead_code` allow.
 #![allow(dead_code)]
 
 pub mod guard_util;
+pub mod h2_frames;
 pub mod h2_server;
 pub mod ops;
 pub mod python;
 pub mod raw;
+pub mod recording_upstream;
+pub mod reliability;
 pub mod tls;
 
 use std::collections::HashMap;
@@ -365,6 +370,14 @@ pub fn h2c_client() -> Client<HttpConnector, TestBody> {
         .build_http()
 }
 
+/// Collects a whole response body.
+pub async fn body_bytes(response: Response<Incoming>) -> Bytes {
+    within("the whole body", response.into_body().collect())
+        .await
+        .expect("body completes")
+        .to_bytes()
+}
+
 /// Reads the next non-empty data frame of `body`, skipping trailers; `None` at the end.
 pub async fn next_data<B>(body: &mut B) -> Option<Result<Bytes, B::Error>>
 where
@@ -455,6 +468,39 @@ impl RelayProcess {
     /// Everything the process wrote to stderr so far.
     pub fn log(&self) -> String {
         self.log.lock().expect("lock").clone()
+    }
+
+    /// Waits (bounded by [`STEP`]) until the captured log holds `needle` at
+    /// least `times` times, and returns the log.
+    ///
+    /// A child's stderr offers no event to wait on (a line is written just
+    /// after the moment it describes), so this polls the captured text.
+    pub async fn wait_for_log(&self, needle: &str, times: usize) -> String {
+        let deadline = tokio::time::Instant::now() + STEP;
+        loop {
+            let log = self.log();
+            if log.matches(needle).count() >= times {
+                return log;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "expected {needle:?} {times} time(s) in the log:\n{log}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Kills the process, waits for it, and returns everything it printed:
+    /// stderr (the log) followed by stdout.
+    pub async fn kill_and_output(&mut self) -> String {
+        self.child.start_kill().expect("kill");
+        let mut stdout = self.child.stdout.take().expect("stdout");
+        let _ = self.child.wait().await;
+        let mut printed = String::new();
+        tokio::io::AsyncReadExt::read_to_string(&mut stdout, &mut printed)
+            .await
+            .expect("stdout");
+        self.log() + &printed
     }
 
     /// Peak resident memory (VmHWM) of the process, in KiB.

@@ -187,12 +187,7 @@ impl AdminRelay {
 
     /// Waits until the log holds `needle` at least `times` times; returns the log.
     pub async fn wait_for_log(&self, needle: &str, times: usize) -> String {
-        let what = format!("{needle:?} {times} time(s) in the log");
-        eventually(&what, || {
-            let log = self.process.log();
-            async move { (log.matches(needle).count() >= times).then_some(log) }
-        })
-        .await
+        self.process.wait_for_log(needle, times).await
     }
 }
 

@@ -19,6 +19,10 @@ use crate::support::within;
 pub struct RawConn {
     pub stream: TcpStream,
     buf: Vec<u8>,
+    /// Each read is bounded by [`STEP`](crate::support::STEP) (a timeout
+    /// panics); false for a server loop, which waits as long as its peer
+    /// keeps an idle connection open.
+    timed: bool,
 }
 
 /// A response (or request) head split into its start line and headers.
@@ -30,7 +34,7 @@ pub struct Head {
 }
 
 impl Head {
-    fn parse(text: &str) -> Self {
+    pub fn parse(text: &str) -> Self {
         let mut lines = text.split("\r\n");
         let start_line = lines.next().unwrap_or_default().to_owned();
         let headers = lines
@@ -54,12 +58,17 @@ impl Head {
             .map(|(_, v)| v.as_str())
     }
 
-    /// The status code of a response head.
-    pub fn status(&self) -> u16 {
+    /// The status code of a response head, `None` if the start line has none.
+    pub fn status_code(&self) -> Option<u16> {
         self.start_line
             .split(' ')
             .nth(1)
             .and_then(|code| code.parse().ok())
+    }
+
+    /// The status code of a response head.
+    pub fn status(&self) -> u16 {
+        self.status_code()
             .unwrap_or_else(|| panic!("not a status line: {:?}", self.start_line))
     }
 
@@ -99,6 +108,22 @@ impl RawResponse {
         serde_json::from_slice(&self.body)
             .unwrap_or_else(|err| panic!("body is not JSON ({err}): {:?}", self.body_text()))
     }
+
+    /// "400 empty body", "403 keyrelay JSON host_not_allowed", "200 body \"ok\"".
+    pub fn describe(&self) -> String {
+        let kind = if self.body.is_empty() {
+            "empty body".to_owned()
+        } else if self.header("content-type") == Some("application/json") {
+            let json: serde_json::Value = serde_json::from_slice(&self.body).unwrap_or_default();
+            format!(
+                "keyrelay JSON {}",
+                json["type"].as_str().unwrap_or("(no type)")
+            )
+        } else {
+            format!("body {:?}", self.body_text())
+        };
+        format!("{} {kind}", self.status())
+    }
 }
 
 /// How a connection ended when read to its end.
@@ -115,6 +140,16 @@ impl RawConn {
         Self {
             stream,
             buf: Vec::new(),
+            timed: true,
+        }
+    }
+
+    /// A connection whose reads wait without a bound: the server side of a
+    /// peer that may keep it open and idle for as long as it likes.
+    pub fn untimed(stream: TcpStream) -> Self {
+        Self {
+            timed: false,
+            ..Self::new(stream)
         }
     }
 
@@ -127,29 +162,61 @@ impl RawConn {
     }
 
     pub async fn send(&mut self, bytes: impl AsRef<[u8]>) {
-        within("a raw write", self.stream.write_all(bytes.as_ref()))
-            .await
-            .expect("raw write");
+        self.try_send(bytes).await.expect("raw write");
+    }
+
+    /// Writes `bytes`, returning the error instead of panicking (the peer may
+    /// answer and close while this side is still sending).
+    pub async fn try_send(&mut self, bytes: impl AsRef<[u8]>) -> std::io::Result<()> {
+        within("a raw write", self.stream.write_all(bytes.as_ref())).await
     }
 
     /// Reads more into the buffer; returns how many bytes came (0 at EOF).
     async fn fill(&mut self) -> std::io::Result<usize> {
-        let mut chunk = [0u8; 8192];
-        let n = within("bytes on a raw connection", self.stream.read(&mut chunk)).await?;
+        let mut chunk = [0u8; 16384];
+        let read = self.stream.read(&mut chunk);
+        let n = if self.timed {
+            within("bytes on a raw connection", read).await?
+        } else {
+            read.await?
+        };
         self.buf.extend_from_slice(&chunk[..n]);
         Ok(n)
     }
 
-    async fn fill_or_panic(&mut self, what: &str) {
-        let n = self
-            .fill()
-            .await
-            .unwrap_or_else(|err| panic!("reading {what}: {err}"));
-        assert!(
-            n > 0,
-            "connection closed while reading {what}; got {:?}",
-            String::from_utf8_lossy(&self.buf)
-        );
+    /// Reads until `ready` finds a whole item at the front of the buffer (it
+    /// returns the item's length) and takes it; `Err` says how the connection
+    /// ended first ("EOF" or the read error).
+    async fn take_when(
+        &mut self,
+        ready: impl Fn(&[u8]) -> Option<usize>,
+    ) -> Result<Vec<u8>, String> {
+        // Bounded: every iteration reads bytes or ends.
+        loop {
+            if let Some(n) = ready(&self.buf) {
+                return Ok(self.take(n));
+            }
+            match self.fill().await {
+                Ok(0) => return Err("EOF".to_owned()),
+                Ok(_) => {}
+                Err(err) => return Err(err.to_string()),
+            }
+        }
+    }
+
+    /// [`take_when`](Self::take_when) for tests: the connection ending first panics.
+    async fn take_or_panic(
+        &mut self,
+        what: &str,
+        ready: impl Fn(&[u8]) -> Option<usize>,
+    ) -> Vec<u8> {
+        match self.take_when(ready).await {
+            Ok(item) => item,
+            Err(end) => panic!(
+                "connection ended ({end}) while reading {what}; got {:?}",
+                String::from_utf8_lossy(&self.buf)
+            ),
+        }
     }
 
     /// Takes `n` bytes from the front of the buffer.
@@ -157,17 +224,29 @@ impl RawConn {
         self.buf.drain(..n).collect()
     }
 
+    /// A head (up to and including the blank line), or `None` if the
+    /// connection ends first.
+    pub async fn head_or_end(&mut self) -> Option<Vec<u8>> {
+        self.take_when(head_length).await.ok()
+    }
+
+    /// One line without its CRLF, or `None` if the connection ends first.
+    pub async fn line_or_end(&mut self) -> Option<Vec<u8>> {
+        let mut line = self.take_when(line_length).await.ok()?;
+        line.truncate(line.len() - 2);
+        Some(line)
+    }
+
+    /// Exactly `n` bytes, or `None` if the connection ends first.
+    pub async fn exact_or_end(&mut self, n: usize) -> Option<Vec<u8>> {
+        self.take_when(|buf| (buf.len() >= n).then_some(n))
+            .await
+            .ok()
+    }
+
     /// Reads a head (up to and including the blank line) and returns it raw.
     pub async fn read_head_raw(&mut self) -> Vec<u8> {
-        let mut scanned: usize = 0;
-        loop {
-            if let Some(pos) = find(&self.buf[scanned.saturating_sub(3)..], b"\r\n\r\n") {
-                let end = scanned.saturating_sub(3) + pos + 4;
-                return self.take(end);
-            }
-            scanned = self.buf.len();
-            self.fill_or_panic("a message head").await;
-        }
+        self.take_or_panic("a message head", head_length).await
     }
 
     /// Reads and parses a head.
@@ -178,20 +257,13 @@ impl RawConn {
 
     /// Reads exactly `n` more bytes.
     pub async fn read_exact(&mut self, n: usize) -> Vec<u8> {
-        while self.buf.len() < n {
-            self.fill_or_panic("a fixed-length body").await;
-        }
-        self.take(n)
+        self.take_or_panic("a fixed-length body", |buf| (buf.len() >= n).then_some(n))
+            .await
     }
 
     /// Reads one line including its CRLF.
     async fn read_line(&mut self) -> Vec<u8> {
-        loop {
-            if let Some(pos) = find(&self.buf, b"\r\n") {
-                return self.take(pos + 2);
-            }
-            self.fill_or_panic("a chunk line").await;
-        }
+        self.take_or_panic("a chunk line", line_length).await
     }
 
     /// Reads a chunked body to its terminating chunk; returns (decoded, raw).
@@ -283,10 +355,21 @@ impl RawConn {
     }
 }
 
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+/// Where `needle` first occurs in `haystack`.
+pub fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack
         .windows(needle.len())
         .position(|window| window == needle)
+}
+
+/// The length of the head at the front of `buf` (through the blank line), if whole.
+fn head_length(buf: &[u8]) -> Option<usize> {
+    find(buf, b"\r\n\r\n").map(|at| at + 4)
+}
+
+/// The length of the line at the front of `buf` (through its CRLF), if whole.
+fn line_length(buf: &[u8]) -> Option<usize> {
+    find(buf, b"\r\n").map(|at| at + 2)
 }
 
 /// Sends `request` on a fresh connection and reads one response.
@@ -355,4 +438,112 @@ pub async fn serve_ok(conn: &mut RawConn, body: &str) -> Head {
     ))
     .await;
     head
+}
+
+/// Everything a raw client got back for one (hostile) input, until keyrelay
+/// ended the connection.
+#[derive(Debug)]
+pub struct ClientSaw {
+    pub bytes: Vec<u8>,
+    /// How the connection ended: "closed", "reset (KIND)", with the write
+    /// error after it if the request could not be written whole.
+    pub ending: String,
+}
+
+impl ClientSaw {
+    /// Every response in the bytes, in order, framed by Content-Length or
+    /// chunking; a truncated last one is kept as far as it goes.
+    pub fn answers(&self) -> Vec<RawResponse> {
+        let mut answers = Vec::new();
+        let mut rest: &[u8] = &self.bytes;
+        // Bounded: each iteration consumes a response or stops.
+        while let Some(head_end) = head_length(rest) {
+            let start = rest;
+            let head = Head::parse(&String::from_utf8_lossy(&rest[..head_end - 4]));
+            if head.status_code().is_none() {
+                break;
+            }
+            rest = &rest[head_end..];
+            let mut body = Vec::new();
+            if let Some(length) = head
+                .header("content-length")
+                .and_then(|v| v.parse::<usize>().ok())
+            {
+                let length = length.min(rest.len());
+                body = rest[..length].to_vec();
+                rest = &rest[length..];
+            } else if head.header("transfer-encoding").is_some() {
+                // Chunked: decode until the last chunk.
+                loop {
+                    let Some(line_end) = find(rest, b"\r\n") else {
+                        rest = &[];
+                        break;
+                    };
+                    let size = usize::from_str_radix(
+                        String::from_utf8_lossy(&rest[..line_end])
+                            .split(';')
+                            .next()
+                            .unwrap_or_default()
+                            .trim(),
+                        16,
+                    )
+                    .unwrap_or(0);
+                    rest = &rest[line_end + 2..];
+                    if size == 0 {
+                        rest = &rest[line_length(rest).unwrap_or(rest.len())..];
+                        break;
+                    }
+                    let take = (size + 2).min(rest.len());
+                    body.extend_from_slice(&rest[..size.min(rest.len())]);
+                    rest = &rest[take..];
+                }
+            }
+            let raw = start[..start.len() - rest.len()].to_vec();
+            answers.push(RawResponse { head, body, raw });
+        }
+        answers
+    }
+
+    /// "400 empty body; then closed".
+    pub fn describe(&self) -> String {
+        let mut parts: Vec<String> = self.answers().iter().map(RawResponse::describe).collect();
+        if parts.is_empty() {
+            parts.push("no response".to_owned());
+        }
+        format!("{}; then {}", parts.join(", then "), self.ending)
+    }
+}
+
+/// Sends `request` on a fresh connection and reads until keyrelay ends it.
+///
+/// A write error is tolerated (keyrelay may answer and close while the client
+/// is still sending, e.g. an oversized head); each read is bounded by `STEP`.
+pub async fn probe(addr: SocketAddr, request: &[u8]) -> ClientSaw {
+    probe_with(addr, request, false).await
+}
+
+/// [`probe`], optionally shutting down the sending side after the request.
+pub async fn probe_with(addr: SocketAddr, request: &[u8], half_close: bool) -> ClientSaw {
+    let mut conn = RawConn::connect(addr).await;
+    let write_error = conn
+        .try_send(request)
+        .await
+        .err()
+        .map(|err| format!("write failed ({:?})", err.kind()));
+    if half_close {
+        let _ = conn.stream.shutdown().await;
+    }
+    let end = conn.read_to_end().await;
+    let ending = match end.error {
+        None => "closed".to_owned(),
+        Some(err) => format!("reset ({:?})", err.kind()),
+    };
+    let ending = match write_error {
+        Some(write) => format!("{ending} ({write})"),
+        None => ending,
+    };
+    ClientSaw {
+        bytes: end.bytes,
+        ending,
+    }
 }
