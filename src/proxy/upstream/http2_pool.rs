@@ -65,6 +65,17 @@ const MAX_OPEN_ROUNDS: usize = 8;
 /// clients going away at once).
 const CANCELLED_STREAMS_REMEMBERED: usize = 4096;
 
+/// Flow-control windows: what the upstream may send before keyrelay has
+/// relayed it, per stream and per connection. They bound memory when
+/// clients read slowly (at most 8 MiB buffered per connection), and the
+/// connection window also sizes h2's budget for small DATA frames (half the
+/// window): token streams arrive as DATA frames of a few dozen bytes, and
+/// with the 64 KiB windows of hyper's adaptive mode that budget (32 KiB,
+/// about 170 buffered frames) ran out at 2,000 streams through nginx and h2
+/// closed every connection with ENHANCE_YOUR_CALM "too_many_data_frames".
+const STREAM_WINDOW: u32 = 1024 * 1024;
+const CONNECTION_WINDOW: u32 = 8 * 1024 * 1024;
+
 /// How long a stream on a closed connection may still get its answer.
 const LOST_STREAM_GRACE: Duration = Duration::from_millis(200);
 
@@ -210,7 +221,8 @@ impl Http2Pool {
             .keep_alive_interval(config.http2_keepalive_interval)
             .keep_alive_timeout(config.http2_keepalive_timeout)
             .keep_alive_while_idle(true)
-            .adaptive_window(true)
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
             .max_concurrent_reset_streams(CANCELLED_STREAMS_REMEMBERED);
         Ok(Self {
             inner: Arc::new(Inner {
