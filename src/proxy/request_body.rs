@@ -86,15 +86,11 @@ impl RequestBody {
     /// receiver sees the sender dropped).
     pub fn recorded(mut self) -> (Self, oneshot::Receiver<UnsentBody>) {
         let (give_back, receiver) = oneshot::channel();
-        let mut sent = Vec::with_capacity(self.resend.len());
-        let mut bytes = 0;
-        for frame in &self.resend {
-            bytes += frame.len();
-            sent.push(frame.clone());
-        }
+        // Frames still to be resent are recorded as they go out (and handed
+        // back with the rest if they never do).
         self.recording = Some(Recording {
-            sent,
-            bytes,
+            sent: Vec::new(),
+            bytes: 0,
             give_back,
         });
         (self, receiver)
@@ -190,9 +186,11 @@ impl Body for RequestBody {
 impl Drop for RequestBody {
     fn drop(&mut self) {
         if let Some(recording) = self.recording.take() {
+            let mut sent = recording.sent;
+            sent.extend(self.resend.drain(..));
             // Nobody waiting (the upstream answered) is the usual case.
             let _ = recording.give_back.send(UnsentBody {
-                sent: recording.sent,
+                sent,
                 client: self.client.take(),
                 seen: self.seen,
                 limit: self.limit,
@@ -239,3 +237,50 @@ impl fmt::Display for BodyTooLarge {
 }
 
 impl StdError for BodyTooLarge {}
+
+#[cfg(test)]
+mod tests {
+    use std::task::{Context, Waker};
+
+    use super::*;
+    use crate::ops::metrics::Metrics;
+
+    /// A body being resent, as the pool builds it after a refused stream.
+    fn resending(frames: &[&'static str]) -> RequestBody {
+        RequestBody {
+            client: None,
+            resend: frames
+                .iter()
+                .map(|f| Bytes::from_static(f.as_bytes()))
+                .collect(),
+            limit: None,
+            seen: 0,
+            metrics: std::sync::Arc::new(Metrics::new()).route("test"),
+            recording: None,
+        }
+    }
+
+    fn next(body: &mut RequestBody) -> Option<Bytes> {
+        let mut cx = Context::from_waker(Waker::noop());
+        match Pin::new(body).poll_frame(&mut cx) {
+            Poll::Ready(Some(Ok(frame))) => frame.into_data().ok(),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn a_body_refused_twice_is_resent_whole_and_once() {
+        // Sent again, refused again after one frame went out: what comes
+        // back is each frame once, in order, sent or not.
+        let (mut body, back) = resending(&["a", "b", "c"]).recorded();
+        assert_eq!(next(&mut body).as_deref(), Some(&b"a"[..]));
+        drop(body);
+        let mut again = back.blocking_recv().expect("given back").resend();
+        let mut frames = Vec::new();
+        while let Some(frame) = next(&mut again) {
+            frames.push(frame);
+        }
+        assert_eq!(frames, ["a", "b", "c"]);
+        assert!(hyper::body::Body::is_end_stream(&again));
+    }
+}

@@ -175,6 +175,23 @@ memory_line() { # pid, label
   echo "peak_rss_kib=$hwm per_held_stream_kib=$(( (hwm - ${start_rss[$1]:-0}) / 2000 )) ($2)"
 }
 
+# keyrelay at its defaults in front of the server on $port, the CA trusted,
+# plus any flags; sets relay_port and relay_pid. $1 names its log.
+start_relay() { # log name, extra flags...
+  local name=$1
+  shift
+  relay_port=$(free_port)
+  BASETEN_API_KEY=interop-key "$KEYRELAY" \
+    --listen "127.0.0.1:$relay_port" \
+    --upstream "https://localhost:$port" --ca-file "$work/ca.pem" "$@" \
+    --admin-listen "127.0.0.1:$(free_port)" \
+    > "$work/keyrelay-$name.log" 2>&1 &
+  relay_pid=$!
+  pids+=($relay_pid)
+  wait_port "$relay_port" "keyrelay ($name)"
+  start_rss[$relay_pid]=$(awk '/^VmRSS/ {print $2}' "/proc/$relay_pid/status")
+}
+
 failed=0
 summary=()
 for server in "${servers[@]}"; do
@@ -183,17 +200,7 @@ for server in "${servers[@]}"; do
   "start_$server" "$port"
   wait_port "$port" "$server"
 
-  relay_port=$(free_port)
-  BASETEN_API_KEY=interop-key "$KEYRELAY" \
-    --listen "127.0.0.1:$relay_port" \
-    --upstream "https://localhost:$port" --ca-file "$work/ca.pem" --upstream-http2 \
-    --admin-listen "127.0.0.1:$(free_port)" \
-    > "$work/keyrelay-$server.log" 2>&1 &
-  relay_pid=$!
-  pids+=($relay_pid)
-  wait_port "$relay_port" "keyrelay in front of $server"
-  start_rss[$relay_pid]=$(awk '/^VmRSS/ {print $2}' "/proc/$relay_pid/status")
-
+  start_relay "$server" --upstream-http2
   results=()
   if ! results+=("$(python3 tests/interop/load.py sequential --port "$relay_port" --count "${INTEROP_SEQUENTIAL:-20000}")"); then
     failed=1
@@ -211,27 +218,22 @@ for server in "${servers[@]}"; do
     echo "keyrelay logged errors ($server):"
     grep " ERROR \|level=ERROR" "$work/keyrelay-$server.log" | head -5
   fi
+  if [ "$failed" -ne 0 ]; then
+    echo "keyrelay's warnings ($server), for the failures above:"
+    grep "WARN" "$work/keyrelay-$server.log" | tail -10 || true
+  fi
   summary+=("$server: ${results[*]}")
   kill "$relay_pid" 2>/dev/null || true
 
   # The same held streams over HTTP/1.1 to the same server, for the memory
   # comparison in the README (nginx offers both in ALPN).
   if [ "$server" = nginx ]; then
-    h1_port=$(free_port)
-    BASETEN_API_KEY=interop-key "$KEYRELAY" \
-      --listen "127.0.0.1:$h1_port" \
-      --upstream "https://localhost:$port" --ca-file "$work/ca.pem" \
-      --admin-listen "127.0.0.1:$(free_port)" \
-      > "$work/keyrelay-$server-http1.log" 2>&1 &
-    h1_pid=$!
-    pids+=($h1_pid)
-    wait_port "$h1_port" "keyrelay (HTTP/1.1 upstream) in front of $server"
-    start_rss[$h1_pid]=$(awk '/^VmRSS/ {print $2}' "/proc/$h1_pid/status")
-    if ! h1=$(python3 tests/interop/load.py held --port "$h1_port" --streams 2000 --records 20 --interval-us 100000); then
+    start_relay "$server-http1"
+    if ! h1=$(python3 tests/interop/load.py held --port "$relay_port" --streams 2000 --records 20 --interval-us 100000); then
       failed=1
     fi
-    summary+=("$server over HTTP/1.1: $h1 $(memory_line "$h1_pid" "HTTP/1.1 upstream")")
-    kill "$h1_pid" 2>/dev/null || true
+    summary+=("$server over HTTP/1.1: $h1 $(memory_line "$relay_pid" "HTTP/1.1 upstream")")
+    kill "$relay_pid" 2>/dev/null || true
   fi
 done
 

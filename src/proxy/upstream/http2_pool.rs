@@ -27,7 +27,7 @@ use std::error::Error as StdError;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -120,8 +120,6 @@ struct Connection {
     max_streams: AtomicUsize,
     /// Milliseconds after the pool's epoch when `streams` last fell to 0.
     idle_since: AtomicU64,
-    /// Set when the connection task has ended.
-    ended: AtomicBool,
     /// Changes (to an error) when the socket is dropped, i.e. when the
     /// HTTP/2 connection is over for every stream on it.
     io_closed: watch::Receiver<()>,
@@ -129,9 +127,10 @@ struct Connection {
 
 impl Connection {
     fn usable(&self) -> bool {
-        !self.ended.load(Ordering::Acquire)
-            && !self.sender.is_closed()
-            && self.io_closed.has_changed().is_ok()
+        // The sender closes when hyper's connection task ends (GOAWAY, a
+        // failed PING, an error); the socket closes when the last stream is
+        // over.
+        !self.sender.is_closed() && self.io_closed.has_changed().is_ok()
     }
 
     fn has_room(&self) -> bool {
@@ -264,51 +263,41 @@ impl Http2Pool {
                 // rather than wait forever.
                 _ = closed.changed() => tokio::time::timeout(LOST_STREAM_GRACE, &mut sent).await.ok(),
             };
-            let mut failed = match outcome {
+            let failure = match outcome {
                 Some(Ok(response)) => return Ok((response, slot)),
-                Some(Err(failed)) => failed,
-                None => {
-                    drop(slot);
-                    // Safe to send again only if sending twice is harmless.
-                    if resends < MAX_RESENDS && idempotent {
-                        if let Some(body) = body_again(spare, body_back).await {
-                            tracing::debug!(
-                                "upstream connection closed before answering; sending again"
-                            );
-                            resends += 1;
-                            request = Request::from_parts(head, body);
-                            continue;
-                        }
-                    }
-                    return Err(SendError::ConnectionLost);
-                }
+                Some(Err(failed)) => Failure::Send(failed),
+                None => Failure::Lost,
             };
             drop(slot);
-            if resends == MAX_RESENDS {
-                return Err(SendError::Send(failed.into_error()));
-            }
-            resends += 1;
-            // Never written to a connection: the request comes back whole.
-            if let Some(unsent) = failed.take_message() {
-                request = unsent;
-                continue;
-            }
-            // A refused stream was not processed: any request may go again.
-            // A connection that failed before answering may have processed
-            // it: only a request that is harmless twice goes again.
-            let again = was_refused_unprocessed(failed.error())
-                || (idempotent && is_connection_failure(failed.error()));
-            if !again {
-                return Err(SendError::Send(failed.into_error()));
-            }
-            match body_again(spare, body_back).await {
-                Some(body) => {
-                    tracing::debug!("upstream did not process a stream; sending it again");
-                    request = Request::from_parts(head, body);
+            let again = match failure {
+                _ if resends == MAX_RESENDS => false,
+                // Never written to a connection: the request comes back whole.
+                Failure::Send(mut failed) if failed.message().is_some() => {
+                    resends += 1;
+                    request = failed.take_message().expect("checked above");
+                    continue;
                 }
-                // Too large to have been kept, or not given back in time.
-                None => return Err(SendError::Send(failed.into_error())),
+                // A refused stream was not processed: any request may go
+                // again. A connection that failed (or closed) before answering
+                // may have processed it: only a request that is harmless twice
+                // goes again.
+                Failure::Send(ref failed) => {
+                    was_refused_unprocessed(failed.error())
+                        || (idempotent && is_connection_failure(failed.error()))
+                }
+                Failure::Lost => idempotent,
+            };
+            if again {
+                if let Some(body) = body_again(spare, body_back).await {
+                    tracing::debug!("upstream did not answer a stream; sending it again");
+                    resends += 1;
+                    request = Request::from_parts(head, body);
+                    continue;
+                }
             }
+            // Not safe to send again, or its body is too large to have been
+            // kept, or was not given back in time.
+            return Err(failure.into_error());
         }
     }
 
@@ -437,7 +426,6 @@ impl Inner {
             streams: AtomicUsize::new(0),
             max_streams: AtomicUsize::new(task.current_max_send_streams()),
             idle_since: AtomicU64::new(millis_since(self.epoch)),
-            ended: AtomicBool::new(false),
             io_closed,
         });
         let watched: Weak<Connection> = Arc::downgrade(&connection);
@@ -456,11 +444,28 @@ impl Inner {
             if let Err(err) = ended {
                 tracing::debug!(error = %err, "HTTP/2 upstream connection ended");
             }
-            if let Some(connection) = watched.upgrade() {
-                connection.ended.store(true, Ordering::Release);
-            }
         });
         Ok(connection)
+    }
+}
+
+/// How an attempt to send a request failed.
+// A local of one function, on the failure path: its size costs nothing
+// worth a box (hyper's own `try_send_request` allows the same).
+#[allow(clippy::large_enum_variant)]
+enum Failure {
+    /// hyper failed it (and may hand the request back).
+    Send(hyper::client::conn::TrySendError<Request<RequestBody>>),
+    /// Its connection closed and it was never answered.
+    Lost,
+}
+
+impl Failure {
+    fn into_error(self) -> SendError {
+        match self {
+            Self::Send(failed) => SendError::Send(failed.into_error()),
+            Self::Lost => SendError::ConnectionLost,
+        }
     }
 }
 
