@@ -7,7 +7,7 @@
 use std::fmt;
 use std::io;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -74,13 +74,47 @@ pub async fn bind(addr: &ListenAddr, mode: u32, backlog: u32) -> io::Result<List
                 }
                 std::fs::remove_file(path)?;
             }
-            let socket = UnixSocket::new_stream()?;
-            socket.bind(path)?;
-            let listener = socket.listen(backlog)?;
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+            let listener = bind_unix_with_mode(path, mode, backlog)?;
             Ok(Listener::Unix(listener, SocketFile(path.clone())))
         }
     }
+}
+
+/// Binds a Unix socket that appears at `path` only once it is listening and
+/// has permissions `mode`: it is bound under a temporary name beside `path`,
+/// chmod-ed, then renamed into place (a rename keeps the bound inode).
+///
+/// Binding at `path` directly would leave a window in which the file exists
+/// with the umask's mode (wider than `mode` under a lax umask) and in which a
+/// client that waits for the file to appear, as sidecars and scripts do, is
+/// refused because listen() has not run yet.
+fn bind_unix_with_mode(path: &Path, mode: u32, backlog: u32) -> io::Result<UnixListener> {
+    let mut staging = path.as_os_str().to_owned();
+    staging.push(format!(".{}", std::process::id()));
+    let staging = PathBuf::from(staging);
+    let _ = std::fs::remove_file(&staging);
+    let socket = UnixSocket::new_stream()?;
+    if let Err(err) = socket.bind(&staging) {
+        if err.kind() != io::ErrorKind::InvalidInput {
+            return Err(err);
+        }
+        // The staging name is longer than a socket address may be (108
+        // bytes on Linux) while `path` itself fits: bind in place instead.
+        let socket = UnixSocket::new_stream()?;
+        socket.bind(path)?;
+        let listener = socket.listen(backlog)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+        return Ok(listener);
+    }
+    let placed = socket.listen(backlog).and_then(|listener| {
+        std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(mode))?;
+        std::fs::rename(&staging, path)?;
+        Ok(listener)
+    });
+    if placed.is_err() {
+        let _ = std::fs::remove_file(&staging);
+    }
+    placed
 }
 
 /// `requested`, or the kernel's ceiling when that is lower (the kernel would
@@ -226,5 +260,54 @@ impl AsyncWrite for Stream {
             Self::Tcp(stream) => Pin::new(stream).poll_shutdown(cx),
             Self::Unix(stream) => Pin::new(stream).poll_shutdown(cx),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn socket_mode(path: &Path) -> u32 {
+        std::fs::metadata(path)
+            .expect("socket file")
+            .permissions()
+            .mode()
+            & 0o777
+    }
+
+    #[tokio::test]
+    async fn a_unix_socket_appears_with_its_mode_and_leaves_no_staging_file() {
+        let dir = std::env::temp_dir().join(format!("keyrelay-listener-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("k.sock");
+        let listener = bind(&ListenAddr::Unix(path.clone()), 0o600, 16)
+            .await
+            .expect("bind");
+        assert_eq!(socket_mode(&path), 0o600);
+        let client = UnixStream::connect(&path).await.expect("connect");
+        listener.accept().await.expect("accept");
+        drop(client);
+        drop(listener);
+        let left: Vec<_> = std::fs::read_dir(&dir).expect("read dir").collect();
+        assert!(left.is_empty(), "left behind: {left:?}");
+        std::fs::remove_dir(&dir).expect("remove dir");
+    }
+
+    #[tokio::test]
+    async fn a_path_too_long_for_a_staging_name_still_binds_with_its_mode() {
+        let dir = std::env::temp_dir().join(format!("keyrelay-long-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        // 107 bytes is the longest socket path Linux takes (108 with the NUL);
+        // macOS takes 103.
+        let limit = if cfg!(target_os = "linux") { 107 } else { 103 };
+        let room = limit - dir.as_os_str().len() - 1;
+        let path = dir.join("s".repeat(room));
+        let listener = bind(&ListenAddr::Unix(path.clone()), 0o640, 16)
+            .await
+            .expect("bind a path of the longest length");
+        assert_eq!(socket_mode(&path), 0o640);
+        drop(listener);
+        assert!(!path.exists(), "socket file removed on drop");
+        std::fs::remove_dir(&dir).expect("remove dir");
     }
 }
