@@ -12,6 +12,17 @@
 //! | `/environments/...`, `/deployment/...`, `/development/...`, `/production/...`, `/async_request/...` | unchanged |
 //!
 //! Model APIs (`--model-apis`) are one shared host with plain `/v1/...` paths.
+//!
+//! Two more forms of a model's address:
+//!
+//! - **Regional** (`--regional`, with `--environment ENV`):
+//!   `https://model-ID-ENV.api.baseten.co` names the environment in the host
+//!   and takes bare paths (`/predict`, `/websocket`, `/sync/v1/...`); it
+//!   refuses stage prefixes, so keyrelay answers those itself with a 400
+//!   that says why rather than forward a request certain to fail.
+//! - **gRPC** (`--grpc`): `https://model-ID.grpc.api.baseten.co` over HTTP/2,
+//!   the key in `baseten-authorization`, and the model (and optionally its
+//!   environment or deployment) named in headers rather than the path.
 
 use std::fmt;
 
@@ -47,6 +58,8 @@ pub enum Stage {
     Deployment(String),
     /// The development deployment.
     Development,
+    /// A regional host, which names the environment itself: paths go bare.
+    Regional,
 }
 
 impl fmt::Display for Stage {
@@ -55,8 +68,41 @@ impl fmt::Display for Stage {
             Self::Environment(name) => write!(f, "/environments/{name}"),
             Self::Deployment(id) => write!(f, "/deployment/{id}"),
             Self::Development => f.write_str("/development"),
+            Self::Regional => Ok(()),
         }
     }
+}
+
+/// A path with a stage prefix sent to a regional route, which the regional
+/// host would refuse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StagedPathOnRegionalHost;
+
+/// The header Baseten's gRPC endpoint reads the key from.
+pub const GRPC_KEY_HEADER: &str = "baseten-authorization";
+
+/// The upstream of a model's gRPC server.
+pub fn grpc_url(model: &str) -> String {
+    format!("https://model-{model}.grpc.api.baseten.co")
+}
+
+/// The headers that tell Baseten's gRPC endpoint which model, and which of
+/// its environments or deployments, a call is for (the path names only the
+/// gRPC method).
+/// Without a stage, Baseten serves the production environment.
+pub fn grpc_headers(model: &str, stage: Option<&Stage>) -> Vec<(&'static str, String)> {
+    let mut headers = vec![("baseten-model-id", format!("model-{model}"))];
+    match stage {
+        Some(Stage::Environment(name)) => headers.push(("x-baseten-environment", name.clone())),
+        Some(Stage::Deployment(id)) => headers.push(("x-baseten-deployment", id.clone())),
+        Some(Stage::Development | Stage::Regional) | None => {}
+    }
+    headers
+}
+
+/// The regional host of a model's environment.
+pub fn regional_url(model: &str, environment: &str) -> String {
+    format!("https://model-{model}-{environment}.api.baseten.co")
 }
 
 /// The upstream base URL of `target`.
@@ -77,20 +123,25 @@ pub fn valid_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
-/// The upstream path for local `path_and_query` under `stage` (the table above).
-pub fn map_path(stage: &Stage, path_and_query: &str) -> String {
+/// The upstream path for local `path_and_query` under `stage` (the table
+/// above); on a regional host, staged paths are refused.
+pub fn map_path(stage: &Stage, path_and_query: &str) -> Result<String, StagedPathOnRegionalHost> {
     if STAGED_PREFIXES
         .iter()
         .any(|prefix| path_and_query.starts_with(prefix))
     {
-        return path_and_query.to_owned();
+        return match stage {
+            Stage::Regional => Err(StagedPathOnRegionalHost),
+            _ => Ok(path_and_query.to_owned()),
+        };
     }
-    let sync = if path_and_query.starts_with("/v1/") || path_and_query == "/v1" {
+    let path = path_and_query.split('?').next().unwrap_or_default();
+    let sync = if path.starts_with("/v1/") || path == "/v1" {
         "/sync"
     } else {
         ""
     };
-    format!("{stage}{sync}{path_and_query}")
+    Ok(format!("{stage}{sync}{path_and_query}"))
 }
 
 #[cfg(test)]
@@ -113,21 +164,26 @@ mod tests {
     #[test]
     fn short_paths_go_under_the_stage() {
         let production = Stage::Environment("production".into());
+        let map = |stage: &Stage, path| map_path(stage, path).expect("mapped");
         assert_eq!(
-            map_path(&production, "/predict"),
+            map(&production, "/predict"),
             "/environments/production/predict"
         );
         assert_eq!(
-            map_path(&production, "/v1/chat/completions?x=1"),
+            map(&production, "/v1/chat/completions?x=1"),
             "/environments/production/sync/v1/chat/completions?x=1"
         );
         assert_eq!(
-            map_path(&Stage::Deployment("d1".into()), "/async_predict"),
+            map(&production, "/v1?a=/v1/"),
+            "/environments/production/sync/v1?a=/v1/"
+        );
+        assert_eq!(
+            map(&Stage::Deployment("d1".into()), "/async_predict"),
             "/deployment/d1/async_predict"
         );
-        assert_eq!(map_path(&Stage::Development, "/wake"), "/development/wake");
+        assert_eq!(map(&Stage::Development, "/wake"), "/development/wake");
         assert_eq!(
-            map_path(&Stage::Environment("staging".into()), "/run_remote"),
+            map(&Stage::Environment("staging".into()), "/run_remote"),
             "/environments/staging/run_remote"
         );
     }
@@ -142,8 +198,55 @@ mod tests {
             "/development/predict",
             "/async_request/req-1",
         ] {
-            assert_eq!(map_path(&production, path), path);
+            assert_eq!(map_path(&production, path).as_deref(), Ok(path));
         }
+    }
+
+    #[test]
+    fn regional_hosts_take_bare_paths_and_refuse_staged_ones() {
+        assert_eq!(
+            regional_url("abc", "staging"),
+            "https://model-abc-staging.api.baseten.co"
+        );
+        let map = |path| map_path(&Stage::Regional, path);
+        assert_eq!(map("/predict").as_deref(), Ok("/predict"));
+        assert_eq!(map("/websocket").as_deref(), Ok("/websocket"));
+        assert_eq!(
+            map("/v1/chat/completions").as_deref(),
+            Ok("/sync/v1/chat/completions")
+        );
+        assert_eq!(map("/sync/v1/models").as_deref(), Ok("/sync/v1/models"));
+        for staged in [
+            "/production/predict",
+            "/environments/staging/predict",
+            "/development/predict",
+        ] {
+            assert_eq!(map(staged), Err(StagedPathOnRegionalHost), "{staged}");
+        }
+    }
+
+    #[test]
+    fn grpc_names_the_model_and_its_stage_in_headers() {
+        assert_eq!(grpc_url("abc"), "https://model-abc.grpc.api.baseten.co");
+        assert_eq!(
+            grpc_headers("abc", None),
+            [("baseten-model-id", "model-abc".to_owned())]
+        );
+        let header = |stage| grpc_headers("abc", Some(&stage));
+        assert_eq!(
+            header(Stage::Environment("staging".into())),
+            [
+                ("baseten-model-id", "model-abc".to_owned()),
+                ("x-baseten-environment", "staging".to_owned())
+            ]
+        );
+        assert_eq!(
+            header(Stage::Deployment("d1".into())),
+            [
+                ("baseten-model-id", "model-abc".to_owned()),
+                ("x-baseten-deployment", "d1".to_owned())
+            ]
+        );
     }
 
     #[test]

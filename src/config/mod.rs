@@ -28,6 +28,7 @@ pub mod check;
 pub mod cli;
 pub mod load;
 pub mod parse;
+mod request_headers;
 mod routes;
 pub mod settings;
 
@@ -69,6 +70,41 @@ pub struct Config {
     pub limits: Limits,
     /// Text or JSON logs.
     pub log_format: LogFormat,
+}
+
+/// The HTTP version keyrelay speaks to an upstream (`upstream_http`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamHttp {
+    /// HTTP/1.1 (the default, as Baseten recommends for predict).
+    Http1,
+    /// HTTP/2: over TLS the server must accept `h2` in ALPN; a plain
+    /// `http://` upstream gets HTTP/2 with prior knowledge (h2c).
+    Http2,
+    /// Whatever the server picks in TLS's ALPN (`h2` preferred); HTTP/1.1
+    /// for plain `http://` upstreams and for WebSocket upgrades.
+    Auto,
+}
+
+impl UpstreamHttp {
+    /// Parses the setting's value: `1.1`, `2` or `auto`.
+    pub fn parse(text: &str) -> Option<Self> {
+        match text.trim() {
+            "1.1" => Some(Self::Http1),
+            "2" => Some(Self::Http2),
+            "auto" => Some(Self::Auto),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for UpstreamHttp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Http1 => "1.1",
+            Self::Http2 => "2",
+            Self::Auto => "auto",
+        })
+    }
 }
 
 /// The upstream base URL, split into the parts each request reuses.
@@ -208,7 +244,11 @@ struct RawConfig {
     idle_timeout: String,
     pool_idle_timeout: String,
     pool_max_idle_per_host: usize,
+    upstream_http: String,
     upstream_http2: bool,
+    grpc: bool,
+    regional: bool,
+    set_request_headers: Vec<String>,
     http2_keepalive_interval: String,
     http2_keepalive_timeout: String,
     shutdown_grace: String,

@@ -2,8 +2,10 @@
 //! which credential.
 //!
 //! The top-level settings (`upstream` or a Baseten shortcut, `key_env`,
-//! `auth_*`, `allowed_paths`, `upstream_http2`) make a route named `default`
-//! at prefix `/`. A config file can add named routes:
+//! `auth_*`, `allowed_paths`, `upstream_http`, `set_request_headers`) make a
+//! route named `default` at prefix `/`. A config file can add named routes,
+//! which take the top-level `auth_*`, `strip_request_headers`,
+//! `set_request_headers` and `upstream_http` unless they set their own:
 //!
 //! ```toml
 //! [[routes]]
@@ -13,6 +15,8 @@
 //! environment = "production"   # or deployment = "...", development = true
 //! key_env = "BASETEN_API_KEY"  # or key_file = "/run/secrets/key"
 //! auth_template = "Api-Key {key}"
+//! upstream_http = "2"          # or "1.1", "auto"; grpc = true implies "2"
+//! set_request_headers = ["x-team: search"]
 //! ```
 //!
 //! Longest prefix wins. Every problem names its route.
@@ -20,12 +24,13 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use http::HeaderName;
+use http::{HeaderName, HeaderValue};
 use serde::Deserialize;
 
 use super::check::Problems;
 use super::parse::parse_upstream;
-use super::{Credential, RawConfig, UpstreamUrl};
+use super::request_headers;
+use super::{Credential, RawConfig, UpstreamHttp, UpstreamUrl};
 use crate::config::baseten::{self, Stage, Target};
 use crate::guard::paths::PathPolicy;
 use crate::secrets::key::{ApiKey, KEY_PLACEHOLDER};
@@ -46,6 +51,10 @@ pub(super) struct RawRoute {
     deployment: Option<String>,
     #[serde(default)]
     development: bool,
+    #[serde(default)]
+    grpc: bool,
+    #[serde(default)]
+    regional: bool,
     key_env: Option<String>,
     key_file: Option<String>,
     auth_header: Option<String>,
@@ -54,8 +63,11 @@ pub(super) struct RawRoute {
     strip_prefix: Option<bool>,
     #[serde(default)]
     allowed_paths: Vec<String>,
+    upstream_http: Option<String>,
+    /// The older spelling of `upstream_http = "2"`.
     #[serde(default)]
     http2: bool,
+    set_request_headers: Option<Vec<String>>,
 }
 
 /// One validated route.
@@ -75,8 +87,10 @@ pub struct RouteConfig {
     pub credential: Credential,
     /// Allowed methods and paths (matched on the local path).
     pub paths: PathPolicy,
-    /// HTTP/2 to this upstream (gRPC) instead of HTTP/1.1.
-    pub http2: bool,
+    /// The HTTP version spoken to this upstream.
+    pub http: UpstreamHttp,
+    /// Static headers set on every upstream request, replacing the client's.
+    pub set_headers: Vec<(HeaderName, HeaderValue)>,
 }
 
 /// Where one route's problems are reported: `key` for the top level,
@@ -101,6 +115,16 @@ struct TargetSpec<'a> {
     environment: Option<&'a str>,
     deployment: Option<&'a str>,
     development: bool,
+    grpc: bool,
+    regional: bool,
+}
+
+/// What a route points at, resolved.
+struct Resolved {
+    upstream: UpstreamUrl,
+    stage: Option<Stage>,
+    /// For `grpc`: the headers naming the model and its stage.
+    grpc_headers: Option<Vec<(&'static str, String)>>,
 }
 
 /// A route's credential settings, before validation.
@@ -130,16 +154,26 @@ pub(super) fn check(
         environment: raw.environment.as_deref(),
         deployment: raw.deployment.as_deref(),
         development: raw.development,
+        grpc: raw.grpc,
+        regional: raw.regional,
     };
     let top_target = target(&top_target, &top, found).flatten();
+    let top_http = protocol(
+        Some(&raw.upstream_http),
+        raw.upstream_http2,
+        None,
+        &top,
+        found,
+    );
     // The top-level credential is checked whenever it may be used, even if the
     // upstream is missing, so that every problem is reported in one pass.
     if top_target.is_some() || raw.routes.is_empty() {
-        let credential = credential(
+        let grpc_headers = top_target.as_ref().and_then(|t| t.grpc_headers.as_ref());
+        let (credential, key) = credential(
             &CredentialSpec {
                 key_env: &raw.key_env,
                 key_file: raw.key_file.as_deref(),
-                header: &raw.auth_header,
+                header: key_header(&raw.auth_header, grpc_headers.is_some()),
                 template: &raw.auth_template,
                 strip: &raw.strip_request_headers,
             },
@@ -147,26 +181,37 @@ pub(super) fn check(
             env,
             found,
         );
+        let set_headers = static_headers(
+            &raw.set_request_headers,
+            grpc_headers,
+            credential.as_ref(),
+            key.as_ref(),
+            &top,
+            found,
+        );
         let paths = policy(&raw.allowed_paths, &top, found);
-        if let (Some((upstream, stage)), Some(credential), Some(paths)) =
-            (top_target, credential, paths)
+        let http = top_http.map(|http| forced_by_grpc(http, grpc_headers.is_some()));
+        if let (Some(target), Some(credential), Some(paths), Some(http), Some(set_headers)) =
+            (top_target, credential, paths, http, set_headers)
         {
             routes.push(RouteConfig {
                 name: "default".to_owned(),
                 prefix: "/".to_owned(),
                 strip_prefix: false,
-                upstream,
-                stage,
+                upstream: target.upstream,
+                stage: target.stage,
                 credential,
                 paths,
-                http2: raw.upstream_http2,
+                http,
+                set_headers,
             });
         }
     }
 
     for (index, route) in raw.routes.iter().enumerate() {
         let scope = Scope(Some(format!("routes[{index}] {:?}", route.name)));
-        if let Some(route) = check_route(route, raw, &scope, env, found) {
+        let inherited = top_http.unwrap_or(UpstreamHttp::Http1);
+        if let Some(route) = check_route(route, raw, inherited, &scope, env, found) {
             routes.push(route);
         }
     }
@@ -212,6 +257,7 @@ pub(super) fn check(
 fn check_route(
     route: &RawRoute,
     raw: &RawConfig,
+    inherited_http: UpstreamHttp,
     scope: &Scope,
     env: &HashMap<String, String>,
     found: &mut Problems,
@@ -239,6 +285,8 @@ fn check_route(
         environment: route.environment.as_deref(),
         deployment: route.deployment.as_deref(),
         development: route.development,
+        grpc: route.grpc,
+        regional: route.regional,
     };
     let target = match target(&spec, scope, found) {
         Some(Some(target)) => Some(target),
@@ -260,11 +308,13 @@ fn check_route(
         );
         return None;
     }
-    let credential = credential(
+    let grpc_headers = target.as_ref().and_then(|t| t.grpc_headers.as_ref());
+    let header = route.auth_header.as_deref().unwrap_or(&raw.auth_header);
+    let (credential, key) = credential(
         &CredentialSpec {
             key_env: key_env.unwrap_or_default(),
             key_file,
-            header: route.auth_header.as_deref().unwrap_or(&raw.auth_header),
+            header: key_header(header, grpc_headers.is_some()),
             template: route.auth_template.as_deref().unwrap_or(&raw.auth_template),
             strip: route
                 .strip_request_headers
@@ -275,18 +325,150 @@ fn check_route(
         env,
         found,
     );
+    let set_headers = static_headers(
+        route
+            .set_request_headers
+            .as_deref()
+            .unwrap_or(&raw.set_request_headers),
+        grpc_headers,
+        credential.as_ref(),
+        key.as_ref(),
+        scope,
+        found,
+    );
     let paths = policy(&route.allowed_paths, scope, found);
-    let (upstream, stage) = target?;
+    let http = protocol(
+        route.upstream_http.as_deref(),
+        route.http2,
+        Some(inherited_http),
+        scope,
+        found,
+    );
+    let http = match (http, grpc_headers) {
+        (Some(UpstreamHttp::Http1), Some(_)) if route.upstream_http.is_some() => {
+            found.report(
+                &scope.setting("upstream_http"),
+                "grpc needs HTTP/2; remove upstream_http = \"1.1\"",
+            );
+            None
+        }
+        (http, grpc) => http.map(|http| forced_by_grpc(http, grpc.is_some())),
+    };
+    let target = target?;
     Some(RouteConfig {
         name: route.name.clone(),
         prefix,
         strip_prefix: route.strip_prefix.unwrap_or(true),
-        upstream,
-        stage,
+        upstream: target.upstream,
+        stage: target.stage,
         credential: credential?,
         paths: paths?,
-        http2: route.http2,
+        http: http?,
+        set_headers: set_headers?,
     })
+}
+
+/// The HTTP version from `upstream_http` (`None` when not set: the
+/// `inherited` one) and the older `http2` switch. At the top level the
+/// setting always has a value (its default is "1.1").
+fn protocol(
+    text: Option<&str>,
+    http2: bool,
+    inherited: Option<UpstreamHttp>,
+    scope: &Scope,
+    found: &mut Problems,
+) -> Option<UpstreamHttp> {
+    let switch = if inherited.is_some() {
+        "http2"
+    } else {
+        "upstream_http2"
+    };
+    let chosen = match text {
+        None => {
+            return Some(if http2 {
+                UpstreamHttp::Http2
+            } else {
+                inherited?
+            })
+        }
+        Some(text) => match UpstreamHttp::parse(text) {
+            Some(chosen) => chosen,
+            None => {
+                found.report(
+                    &scope.setting("upstream_http"),
+                    format!("{text:?} is not one of: 1.1, 2, auto"),
+                );
+                return None;
+            }
+        },
+    };
+    // At the top level "1.1" may be only the default; the switch then wins.
+    let defaulted = inherited.is_none() && chosen == UpstreamHttp::Http1;
+    match (http2, chosen) {
+        (false, chosen) => Some(chosen),
+        (true, UpstreamHttp::Http2) => Some(UpstreamHttp::Http2),
+        (true, _) if defaulted => Some(UpstreamHttp::Http2),
+        (true, chosen) => {
+            found.report(
+                &scope.setting(switch),
+                format!("{switch} means upstream_http = \"2\", which contradicts upstream_http = \"{chosen}\"; set only upstream_http"),
+            );
+            None
+        }
+    }
+}
+
+/// gRPC is HTTP/2: a route left at the HTTP/1.1 default speaks HTTP/2.
+fn forced_by_grpc(http: UpstreamHttp, grpc: bool) -> UpstreamHttp {
+    if grpc {
+        UpstreamHttp::Http2
+    } else {
+        http
+    }
+}
+
+/// The header the key goes in: Baseten's gRPC endpoint reads
+/// `baseten-authorization`, so a gRPC route left at the default uses it.
+fn key_header(configured: &str, grpc: bool) -> &str {
+    if grpc && configured.eq_ignore_ascii_case("authorization") {
+        baseten::GRPC_KEY_HEADER
+    } else {
+        configured
+    }
+}
+
+/// The route's static request headers: its `set_request_headers` and, for
+/// a gRPC shortcut, the headers naming the model (which win: they are what
+/// makes the shortcut reach its model).
+fn static_headers(
+    entries: &[String],
+    grpc_headers: Option<&Vec<(&'static str, String)>>,
+    credential: Option<&Credential>,
+    key: Option<&ApiKey>,
+    scope: &Scope,
+    found: &mut Problems,
+) -> Option<Vec<(HeaderName, HeaderValue)>> {
+    let setting = scope.setting("set_request_headers");
+    let key_header = credential.map(|c| &c.header);
+    let mut headers = request_headers::parse(entries, key_header, key, |problem| {
+        found.report(&setting, problem)
+    })?;
+    for (name, value) in grpc_headers.into_iter().flatten() {
+        let name = HeaderName::from_static(name);
+        // Checked names and values: ids are letters, digits, - and _.
+        let value = HeaderValue::from_str(value).ok()?;
+        if headers.iter().any(|(set, _)| *set == name) {
+            found.report(
+                &setting,
+                format!(
+                    "{name} is set by grpc from model, environment and deployment; leave it out"
+                ),
+            );
+            return None;
+        }
+        headers.push((name, value));
+    }
+    Some(headers)
 }
 
 /// `value` unless it is missing or blank.
@@ -295,11 +477,7 @@ fn set(value: Option<&str>) -> Option<&str> {
 }
 
 /// Resolves what a route points at: `Some(None)` when nothing was set.
-fn target(
-    spec: &TargetSpec<'_>,
-    scope: &Scope,
-    found: &mut Problems,
-) -> Option<Option<(UpstreamUrl, Option<Stage>)>> {
+fn target(spec: &TargetSpec<'_>, scope: &Scope, found: &mut Problems) -> Option<Option<Resolved>> {
     let model = set(spec.model);
     let chain = set(spec.chain);
     let upstream = set(spec.upstream);
@@ -362,24 +540,43 @@ fn target(
             return None;
         }
     }
-    let (url, stage) = match named {
-        Some(target) => {
-            let stage = match (environment, deployment) {
-                (_, Some(id)) => Stage::Deployment(id.to_owned()),
-                _ if spec.development => Stage::Development,
-                (Some(name), _) => Stage::Environment(name.to_owned()),
-                _ => Stage::Environment("production".to_owned()),
-            };
+    if let Some(problem) = shortcut_problem(spec, model, environment) {
+        let key = if spec.grpc { "grpc" } else { "regional" };
+        found.report(&scope.setting(key), problem);
+        return None;
+    }
+    let given = match (environment, deployment) {
+        (_, Some(id)) => Some(Stage::Deployment(id.to_owned())),
+        _ if spec.development => Some(Stage::Development),
+        (Some(name), _) => Some(Stage::Environment(name.to_owned())),
+        _ => None,
+    };
+    let mut grpc_headers = None;
+    let (url, stage) = match (named, model) {
+        (Some(_), Some(id)) if spec.grpc => {
+            grpc_headers = Some(baseten::grpc_headers(id, given.as_ref()));
+            (baseten::grpc_url(id), None)
+        }
+        (Some(_), Some(id)) if spec.regional => (
+            baseten::regional_url(id, environment.unwrap_or_default()),
+            Some(Stage::Regional),
+        ),
+        (Some(target), _) => {
+            let stage = given.unwrap_or_else(|| Stage::Environment("production".to_owned()));
             (baseten::upstream_url(&target), Some(stage))
         }
-        None if spec.model_apis => (baseten::upstream_url(&Target::ModelApis), None),
-        None => match upstream {
+        (None, _) if spec.model_apis => (baseten::upstream_url(&Target::ModelApis), None),
+        (None, _) => match upstream {
             Some(url) => (url.to_owned(), None),
             None => return Some(None),
         },
     };
     match parse_upstream(&url) {
-        Ok(upstream) => Some(Some((upstream, stage))),
+        Ok(upstream) => Some(Some(Resolved {
+            upstream,
+            stage,
+            grpc_headers,
+        })),
         Err(message) => {
             found.report(&scope.setting("upstream"), message);
             None
@@ -387,13 +584,36 @@ fn target(
     }
 }
 
-/// Validates a route's credential: header, template, strip list and the key itself.
+/// Why `grpc` or `regional` cannot apply to what the route points at.
+fn shortcut_problem(
+    spec: &TargetSpec<'_>,
+    model: Option<&str>,
+    environment: Option<&str>,
+) -> Option<&'static str> {
+    if spec.grpc && spec.regional {
+        return Some("set only one of grpc and regional");
+    }
+    if spec.grpc && model.is_none() {
+        return Some("grpc goes with model: it calls the model's gRPC server at model-ID.grpc.api.baseten.co");
+    }
+    if spec.grpc && spec.development {
+        return Some("Baseten's gRPC endpoint does not serve development deployments; set environment or deployment, or neither for production");
+    }
+    if spec.regional && (model.is_none() || environment.is_none()) {
+        return Some("regional goes with model and environment: the regional host is model-ID-ENV.api.baseten.co");
+    }
+    None
+}
+
+/// Validates a route's credential: header, template, strip list and the key
+/// itself. The key comes back too (when it could be read), for checks that
+/// other settings do not contain it.
 fn credential(
     spec: &CredentialSpec<'_>,
     scope: &Scope,
     env: &HashMap<String, String>,
     found: &mut Problems,
-) -> Option<Credential> {
+) -> (Option<Credential>, Option<ApiKey>) {
     let header = HeaderName::from_bytes(spec.header.as_bytes()).ok();
     if header.is_none() {
         found.report(
@@ -459,22 +679,289 @@ fn credential(
             .ok(),
         _ => None,
     };
-    let header = header?;
+    let (Some(header), Some(value)) = (header, value) else {
+        return (None, key);
+    };
     if !strip.contains(&header) {
         strip.push(header.clone());
     }
-    Some(Credential {
+    let credential = Credential {
         key_env: spec.key_env.to_owned(),
         key_file,
         template: spec.template.to_owned(),
         header,
-        value: value?,
+        value,
         strip,
-    })
+    };
+    (Some(credential), key)
 }
 
 fn policy(rules: &[String], scope: &Scope, found: &mut Problems) -> Option<PathPolicy> {
     PathPolicy::parse(rules)
         .map_err(|message| found.report(&scope.setting("allowed_paths"), message))
         .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::baseten::Stage;
+    use crate::config::load::tests::sources;
+    use crate::config::{load, Config, ConfigError, Sources, UpstreamHttp};
+
+    const KEY: (&str, &str) = ("BASETEN_API_KEY", "k-123");
+
+    fn settings(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let mut all = vec![KEY];
+        all.extend_from_slice(pairs);
+        load(&sources(&all))
+    }
+
+    fn problems(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        settings(pairs)
+            .expect_err("refused")
+            .problems
+            .into_iter()
+            .map(|p| (p.setting, p.message))
+            .collect()
+    }
+
+    fn set_headers(config: &Config) -> Vec<(String, String)> {
+        config.routes[0]
+            .set_headers
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.to_str().expect("ascii").to_owned()))
+            .collect()
+    }
+
+    fn with_file(toml: &str, pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let path = std::env::temp_dir().join(format!(
+            "keyrelay-routes-{}-{}.toml",
+            std::process::id(),
+            toml.len()
+        ));
+        std::fs::write(&path, toml).expect("write");
+        let mut all = vec![KEY];
+        all.extend_from_slice(pairs);
+        let loaded = load(&Sources {
+            file: Some(path.clone()),
+            ..sources(&all)
+        });
+        std::fs::remove_file(&path).expect("remove");
+        loaded
+    }
+
+    #[test]
+    fn grpc_shortcut_builds_the_grpc_host_http2_and_the_model_headers() {
+        let config = settings(&[
+            ("KEYRELAY_MODEL", "abc123"),
+            ("KEYRELAY_GRPC", "true"),
+            ("KEYRELAY_ENVIRONMENT", "staging"),
+        ])
+        .expect("valid");
+        let route = &config.routes[0];
+        assert_eq!(
+            route.upstream.to_string(),
+            "https://model-abc123.grpc.api.baseten.co"
+        );
+        assert_eq!(route.http, UpstreamHttp::Http2);
+        assert_eq!(route.stage, None, "gRPC paths are method names, not mapped");
+        assert_eq!(route.credential.header, "baseten-authorization");
+        assert_eq!(route.credential.value.as_bytes(), b"Api-Key k-123");
+        assert!(route.credential.strip.iter().any(|h| h == "authorization"));
+        assert_eq!(
+            set_headers(&config),
+            [
+                ("baseten-model-id".to_owned(), "model-abc123".to_owned()),
+                ("x-baseten-environment".to_owned(), "staging".to_owned())
+            ]
+        );
+
+        let deployment = settings(&[
+            ("KEYRELAY_MODEL", "abc123"),
+            ("KEYRELAY_GRPC", "true"),
+            ("KEYRELAY_DEPLOYMENT", "dep42"),
+        ])
+        .expect("valid");
+        assert_eq!(
+            set_headers(&deployment)[1],
+            ("x-baseten-deployment".to_owned(), "dep42".to_owned())
+        );
+        let production =
+            settings(&[("KEYRELAY_MODEL", "abc123"), ("KEYRELAY_GRPC", "true")]).expect("valid");
+        assert_eq!(
+            set_headers(&production).len(),
+            1,
+            "no stage header: production"
+        );
+    }
+
+    #[test]
+    fn grpc_and_regional_refuse_what_they_cannot_reach() {
+        let grpc_chain = problems(&[("KEYRELAY_CHAIN", "c1"), ("KEYRELAY_GRPC", "true")]);
+        assert_eq!(grpc_chain[0].0, "grpc");
+        assert!(
+            grpc_chain[0].1.contains("goes with model"),
+            "{grpc_chain:?}"
+        );
+        let grpc_dev = problems(&[
+            ("KEYRELAY_MODEL", "m"),
+            ("KEYRELAY_GRPC", "true"),
+            ("KEYRELAY_DEVELOPMENT", "true"),
+        ]);
+        assert!(grpc_dev[0].1.contains("development"), "{grpc_dev:?}");
+        let regional = problems(&[("KEYRELAY_MODEL", "m"), ("KEYRELAY_REGIONAL", "true")]);
+        assert_eq!(regional[0].0, "regional");
+        assert!(regional[0].1.contains("environment"), "{regional:?}");
+        let both = problems(&[
+            ("KEYRELAY_MODEL", "m"),
+            ("KEYRELAY_ENVIRONMENT", "e"),
+            ("KEYRELAY_REGIONAL", "true"),
+            ("KEYRELAY_GRPC", "true"),
+        ]);
+        assert!(
+            both[0].1.contains("only one of grpc and regional"),
+            "{both:?}"
+        );
+        let model_id = problems(&[
+            ("KEYRELAY_MODEL", "m"),
+            ("KEYRELAY_GRPC", "true"),
+            ("KEYRELAY_SET_REQUEST_HEADERS", "baseten-model-id: other"),
+        ]);
+        assert_eq!(model_id[0].0, "set_request_headers");
+    }
+
+    #[test]
+    fn regional_shortcut_puts_the_environment_in_the_host() {
+        let config = settings(&[
+            ("KEYRELAY_MODEL", "abc123"),
+            ("KEYRELAY_ENVIRONMENT", "staging"),
+            ("KEYRELAY_REGIONAL", "true"),
+        ])
+        .expect("valid");
+        let route = &config.routes[0];
+        assert_eq!(
+            route.upstream.to_string(),
+            "https://model-abc123-staging.api.baseten.co"
+        );
+        assert_eq!(route.stage, Some(Stage::Regional));
+        assert_eq!(route.http, UpstreamHttp::Http1);
+    }
+
+    #[test]
+    fn upstream_http_takes_three_values_and_the_old_switch() {
+        let http = |pairs: &[(&str, &str)]| {
+            let mut all = vec![("KEYRELAY_UPSTREAM", "https://a.test")];
+            all.extend_from_slice(pairs);
+            settings(&all).map(|config| config.routes[0].http)
+        };
+        assert_eq!(http(&[]).expect("valid"), UpstreamHttp::Http1);
+        assert_eq!(
+            http(&[("KEYRELAY_UPSTREAM_HTTP", "2")]).expect("valid"),
+            UpstreamHttp::Http2
+        );
+        assert_eq!(
+            http(&[("KEYRELAY_UPSTREAM_HTTP", "auto")]).expect("valid"),
+            UpstreamHttp::Auto
+        );
+        assert_eq!(
+            http(&[("KEYRELAY_UPSTREAM_HTTP2", "true")]).expect("valid"),
+            UpstreamHttp::Http2
+        );
+        let bad = http(&[("KEYRELAY_UPSTREAM_HTTP", "h3")]).expect_err("refused");
+        assert_eq!(bad.problems[0].setting, "upstream_http");
+        assert!(bad.problems[0].message.contains("1.1, 2, auto"));
+        let contradiction = http(&[
+            ("KEYRELAY_UPSTREAM_HTTP", "auto"),
+            ("KEYRELAY_UPSTREAM_HTTP2", "true"),
+        ])
+        .expect_err("refused");
+        assert_eq!(contradiction.problems[0].setting, "upstream_http2");
+    }
+
+    #[test]
+    fn routes_inherit_upstream_http_and_static_headers_unless_they_set_their_own() {
+        let config = with_file(
+            r#"
+upstream_http = "auto"
+set_request_headers = ["x-team: ml"]
+
+[[routes]]
+name = "inherits"
+prefix = "/a"
+upstream = "https://a.test"
+key_env = "BASETEN_API_KEY"
+
+[[routes]]
+name = "own"
+prefix = "/b"
+upstream = "https://b.test"
+key_env = "BASETEN_API_KEY"
+upstream_http = "1.1"
+set_request_headers = []
+
+[[routes]]
+name = "old-switch"
+prefix = "/c"
+upstream = "https://c.test"
+key_env = "BASETEN_API_KEY"
+http2 = true
+
+[[routes]]
+name = "grpc"
+prefix = "/d"
+model = "abc"
+grpc = true
+key_env = "BASETEN_API_KEY"
+"#,
+            &[],
+        )
+        .expect("valid");
+        let route = |name: &str| {
+            config
+                .routes
+                .iter()
+                .find(|r| r.name == name)
+                .expect("route")
+        };
+        assert_eq!(route("inherits").http, UpstreamHttp::Auto);
+        assert_eq!(route("inherits").set_headers.len(), 1);
+        assert_eq!(route("own").http, UpstreamHttp::Http1);
+        assert!(route("own").set_headers.is_empty());
+        assert_eq!(route("old-switch").http, UpstreamHttp::Http2);
+        assert_eq!(route("grpc").http, UpstreamHttp::Http2);
+        assert_eq!(route("grpc").credential.header, "baseten-authorization");
+        let names: Vec<&str> = route("grpc")
+            .set_headers
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .collect();
+        assert_eq!(names, ["x-team", "baseten-model-id"]);
+
+        let refused = with_file(
+            r#"
+[[routes]]
+name = "grpc"
+prefix = "/"
+model = "abc"
+grpc = true
+key_env = "BASETEN_API_KEY"
+upstream_http = "1.1"
+set_request_headers = ["x-ok: 1", "cookie: a=b"]
+"#,
+            &[],
+        )
+        .expect_err("refused");
+        let settings: Vec<&str> = refused
+            .problems
+            .iter()
+            .map(|p| p.setting.as_str())
+            .collect();
+        assert_eq!(
+            settings,
+            [
+                r#"routes[0] "grpc".set_request_headers"#,
+                r#"routes[0] "grpc".upstream_http"#
+            ]
+        );
+    }
 }

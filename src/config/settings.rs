@@ -84,6 +84,18 @@ pub const SETTINGS: &[Setting] = &[
         kind: Kind::Switch,
     },
     Setting {
+        key: "grpc",
+        default: "false",
+        help: "With model: call the model's gRPC server (https://model-ID.grpc.api.baseten.co over HTTP/2, baseten-authorization and baseten-model-id set, and x-baseten-environment or x-baseten-deployment from environment or deployment).",
+        kind: Kind::Switch,
+    },
+    Setting {
+        key: "regional",
+        default: "false",
+        help: "With model and environment: call the regional host https://model-ID-ENV.api.baseten.co, which takes bare paths (/predict, /sync/v1/...).",
+        kind: Kind::Switch,
+    },
+    Setting {
         key: "environment",
         default: "",
         help: "With model or chain: the environment to call (production when no stage is given).",
@@ -210,15 +222,27 @@ pub const SETTINGS: &[Setting] = &[
         kind: Kind::Text,
     },
     Setting {
+        key: "upstream_http",
+        default: "1.1",
+        help: "HTTP version to the upstream: 1.1, 2 (gRPC; pooled, multiplexed connections with keepalive pings) or auto (the server's choice in TLS ALPN).",
+        kind: Kind::Text,
+    },
+    Setting {
         key: "upstream_http2",
         default: "false",
-        help: "Speak HTTP/2 to the upstream (with keepalive pings) instead of HTTP/1.1.",
+        help: "The same as upstream_http = \"2\".",
         kind: Kind::Switch,
+    },
+    Setting {
+        key: "set_request_headers",
+        default: "",
+        help: "Static headers set on every upstream request, replacing any the client sent (\"name: value\" list; never secrets, the key goes in key_env or key_file).",
+        kind: Kind::List,
     },
     Setting {
         key: "http2_keepalive_interval",
         default: "20s",
-        help: "Interval of HTTP/2 PING keepalives to the upstream when upstream_http2 is on.",
+        help: "Interval of PING keepalives on HTTP/2 upstream connections.",
         kind: Kind::Text,
     },
     Setting {

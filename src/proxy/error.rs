@@ -77,6 +77,13 @@ pub enum ClientError {
     /// The request target is not a path (e.g. `OPTIONS *`).
     #[error("the request target must be a path such as /v1/chat/completions")]
     BadRequestTarget,
+    /// A stage prefix (`/environments/...`) on a route to a regional host.
+    #[error(
+        "this route calls a regional Baseten host (model-ID-ENV.api.baseten.co), which \
+         names the environment itself and takes bare paths such as /predict or \
+         /v1/chat/completions; drop the stage prefix"
+    )]
+    StagedPathOnRegionalHost,
     /// The client's request body was malformed or cut short.
     #[error(
         "the request body is malformed or ended early (bad chunk framing, or the \
@@ -269,7 +276,9 @@ impl ClientError {
     fn status(&self) -> StatusCode {
         match self {
             Self::ConnectNotSupported => StatusCode::METHOD_NOT_ALLOWED,
-            Self::BadRequestTarget | Self::BadRequestBody => StatusCode::BAD_REQUEST,
+            Self::BadRequestTarget | Self::BadRequestBody | Self::StagedPathOnRegionalHost => {
+                StatusCode::BAD_REQUEST
+            }
             Self::UnsupportedTransferCoding => StatusCode::NOT_IMPLEMENTED,
         }
     }
@@ -279,6 +288,7 @@ impl ClientError {
             Self::ConnectNotSupported => "connect_not_supported",
             Self::BadRequestTarget => "bad_request_target",
             Self::BadRequestBody => "bad_request_body",
+            Self::StagedPathOnRegionalHost => "staged_path_on_regional_host",
             Self::UnsupportedTransferCoding => "unsupported_transfer_coding",
         }
     }

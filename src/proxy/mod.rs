@@ -32,6 +32,7 @@ use hyper::upgrade::OnUpgrade;
 use tokio::sync::Semaphore;
 use tracing::Instrument;
 
+use crate::config::UpstreamHttp;
 use crate::config::{Config, Timeouts};
 use crate::guard::tokens::AccessTokens;
 use crate::guard::{cors, Admission, Guard};
@@ -41,7 +42,9 @@ use crate::proxy::request_body::RequestBody;
 use crate::proxy::response_body::RelayBody;
 use crate::proxy::route_table::{Route, RouteTable};
 use crate::proxy::tunnel::Tunnels;
-use crate::proxy::upstream::{http1_client, Http1Client, Http2Pool, StreamSlot};
+use crate::proxy::upstream::{
+    http1_client, Alpn, Http1Client, Http2Pool, RouteClient, StreamSlot, Via,
+};
 use error::{ClientError, ProxyError, Refusal, UpstreamError};
 use request_id::{server_timing, RequestIds, BASETEN_REQUEST_ID, SERVER_TIMING, X_REQUEST_ID};
 
@@ -110,7 +113,7 @@ impl Proxy {
         Ok(Self {
             shared: Arc::new(Shared {
                 http1: http1_client(config)?,
-                routes: RouteTable::new(&config.routes, metrics, http2_pools(config)?),
+                routes: RouteTable::new(&config.routes, metrics, route_clients(config)?),
                 unmatched: metrics.route(UNMATCHED_ROUTE),
                 concurrency: config
                     .limits
@@ -203,19 +206,24 @@ impl Shared {
         // An upgrade (WebSocket) is forwarded deliberately, only over HTTP/1.1
         // on both sides, where the protocol switch exists.
         let upgrade = headers::requested_upgrade(&parts.headers)
-            .filter(|_| parts.version == Version::HTTP_11 && route.version == Version::HTTP_11);
+            .filter(|_| parts.version == Version::HTTP_11 && route.client.can_upgrade());
+        let via = route
+            .client
+            .via(upgrade.is_some())
+            .await
+            .map_err(|err| self.send_failure(&err, err.is_connect()))?;
         let client_upgrade = upgrade
             .as_ref()
             .and_then(|_| parts.extensions.remove::<OnUpgrade>());
         let body = RequestBody::new(body, self.max_request_body, route.metrics.clone());
-        let upstream_request = upstream_request(route, parts, body, upgrade)?;
+        let upstream_request = upstream_request(route, &via, parts, body, upgrade)?;
 
         // 4. Send.
         // The path only: queries can carry secrets of their own.
         tracing::debug!(path = upstream_request.uri().path(), "forwarding");
         let overhead = record.elapsed();
         record.metrics().overhead(overhead.as_secs_f64());
-        let (response, slot) = self.send(route, upstream_request).await?;
+        let (response, slot) = self.send(via, upstream_request).await?;
         Ok(Answer::Relay(Sent {
             response,
             request_id,
@@ -256,27 +264,32 @@ impl Shared {
         Ok(())
     }
 
-    /// Sends upstream over the route's HTTP/2 pool or the HTTP/1.1 client,
-    /// applying the response-header timeout when one is set.
+    /// The error answer for a request that could not be sent upstream.
+    fn send_failure(
+        &self,
+        err: &(dyn std::error::Error + 'static),
+        is_connect: bool,
+    ) -> ProxyError {
+        tracing::debug!(error = ?err, "upstream request failed");
+        ProxyError::from_send_failure(err, is_connect, self.timeouts.connect)
+    }
+
+    /// Sends upstream over an HTTP/2 pool or the HTTP/1.1 client, applying
+    /// the response-header timeout when one is set.
     async fn send(
         &self,
-        route: &Route,
+        via: Via<'_>,
         request: Request<RequestBody>,
     ) -> Result<(Response<Incoming>, Option<StreamSlot>), ProxyError> {
-        let connect_timeout = self.timeouts.connect;
-        let failed = |err: &(dyn std::error::Error + 'static), is_connect: bool| {
-            tracing::debug!(error = ?err, "upstream request failed");
-            ProxyError::from_send_failure(err, is_connect, connect_timeout)
-        };
         let pending = async {
-            match &route.http2 {
-                Some(pool) => match pool.send(request).await {
+            match via {
+                Via::Http2(pool) => match pool.send(request).await {
                     Ok((response, slot)) => Ok((response, Some(slot))),
-                    Err(err) => Err(failed(&err, err.is_connect())),
+                    Err(err) => Err(self.send_failure(&err, err.is_connect())),
                 },
-                None => match self.http1.request(request).await {
+                Via::Http1 => match self.http1.request(request).await {
                     Ok(response) => Ok((response, None)),
-                    Err(err) => Err(failed(&err, err.is_connect())),
+                    Err(err) => Err(self.send_failure(&err, err.is_connect())),
                 },
             }
         };
@@ -340,31 +353,44 @@ impl Shared {
     }
 }
 
-/// One HTTP/2 pool per upstream origin, shared by the routes that use it,
-/// in route order (`None` for HTTP/1.1 routes).
-fn http2_pools(config: &Config) -> std::io::Result<Vec<Option<Http2Pool>>> {
-    let mut by_origin: Vec<(&crate::config::UpstreamUrl, Http2Pool)> = Vec::new();
-    let mut pools = Vec::with_capacity(config.routes.len());
+/// How each route reaches its upstream, in route order. Routes to the same
+/// origin with the same ALPN offer share one HTTP/2 pool.
+fn route_clients(config: &Config) -> std::io::Result<Vec<RouteClient>> {
+    let mut by_origin: Vec<(&crate::config::UpstreamUrl, Alpn, Http2Pool)> = Vec::new();
+    let mut clients = Vec::with_capacity(config.routes.len());
     for route in &config.routes {
-        if !route.http2 {
-            pools.push(None);
-            continue;
-        }
         let upstream = &route.upstream;
-        let shared = by_origin.iter().find(|(origin, _)| {
-            origin.scheme == upstream.scheme && origin.authority == upstream.authority
+        let alpn = match route.http {
+            UpstreamHttp::Http1 => None,
+            UpstreamHttp::Http2 => Some(Alpn::Http2),
+            // Without TLS there is no ALPN to ask: HTTP/1.1, as for any
+            // plain-text client that does not know the server speaks h2c.
+            UpstreamHttp::Auto if upstream.scheme == http::uri::Scheme::HTTP => None,
+            UpstreamHttp::Auto => Some(Alpn::Both),
+        };
+        let Some(alpn) = alpn else {
+            clients.push(RouteClient::Http1);
+            continue;
+        };
+        let shared = by_origin.iter().find(|(origin, offer, _)| {
+            origin.scheme == upstream.scheme
+                && origin.authority == upstream.authority
+                && *offer == alpn
         });
         let pool = match shared {
-            Some((_, pool)) => pool.clone(),
+            Some((_, _, pool)) => pool.clone(),
             None => {
-                let pool = Http2Pool::new(config, upstream)?;
-                by_origin.push((upstream, pool.clone()));
+                let pool = Http2Pool::new(config, upstream, alpn)?;
+                by_origin.push((upstream, alpn, pool.clone()));
                 pool
             }
         };
-        pools.push(Some(pool));
+        clients.push(match alpn {
+            Alpn::Both => RouteClient::Auto(pool),
+            _ => RouteClient::Http2(pool),
+        });
     }
-    Ok(pools)
+    Ok(clients)
 }
 
 /// keyrelay's answer to a CORS preflight: 204 with the allow headers.
@@ -404,6 +430,7 @@ fn switch_protocols(
 /// headers, injected credential, same method and body.
 fn upstream_request(
     route: &Route,
+    via: &Via<'_>,
     mut parts: http::request::Parts,
     body: RequestBody,
     upgrade: Option<HeaderValue>,
@@ -412,14 +439,17 @@ fn upstream_request(
         return Err(ClientError::ConnectNotSupported.into());
     }
     parts.uri = route.upstream_uri(&parts.uri)?;
-    parts.version = route.version;
+    parts.version = via.version();
     headers::prepare_request(
         &mut parts.headers,
         &route.credential.strip,
         &route.credential.header,
         route.live.current(),
     );
-    if let Some(host) = &route.host {
+    for (name, value) in &route.set_headers {
+        parts.headers.insert(name, value.clone());
+    }
+    if let (Via::Http1, Some(host)) = (via, &route.host) {
         parts.headers.insert(http::header::HOST, host.clone());
     }
     if let Some(protocol) = upgrade {

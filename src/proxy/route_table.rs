@@ -11,14 +11,14 @@ use std::borrow::Cow;
 use std::sync::Arc;
 
 use http::uri::{PathAndQuery, Scheme};
-use http::{HeaderValue, Uri, Version};
+use http::{HeaderName, HeaderValue, Uri};
 
 use crate::config::baseten::{self, Stage};
 use crate::config::{Credential, RouteConfig, UpstreamUrl};
 use crate::guard::paths::PathPolicy;
 use crate::ops::metrics::{Metrics, RouteMetrics};
 use crate::proxy::error::ClientError;
-use crate::proxy::upstream::Http2Pool;
+use crate::proxy::upstream::RouteClient;
 use crate::secrets::secret_file::LiveCredential;
 
 /// One route, ready to serve.
@@ -29,9 +29,9 @@ pub struct Route {
     strip_prefix: bool,
     /// Where requests go.
     pub upstream: UpstreamUrl,
-    /// The `Host` header requests carry upstream on an HTTP/1.1 route, built
-    /// once here rather than formatted by hyper's client on every request
-    /// (HTTP/2 routes send `:authority` instead).
+    /// The `Host` header requests carry upstream over HTTP/1.1, built once
+    /// here rather than formatted by hyper's client on every request (HTTP/2
+    /// requests send `:authority` instead).
     pub host: Option<HeaderValue>,
     stage: Option<Stage>,
     /// Header, scrub list, template and key source.
@@ -40,10 +40,10 @@ pub struct Route {
     pub live: Arc<LiveCredential>,
     /// Allowed methods and paths.
     pub paths: PathPolicy,
-    /// HTTP version spoken to the upstream.
-    pub version: Version,
-    /// The pool of HTTP/2 connections, on HTTP/2 routes.
-    pub http2: Option<Http2Pool>,
+    /// Static headers set on every upstream request.
+    pub set_headers: Vec<(HeaderName, HeaderValue)>,
+    /// HTTP/1.1, an HTTP/2 pool, or the server's choice.
+    pub client: RouteClient,
     /// This route's metric handles.
     pub metrics: RouteMetrics,
 }
@@ -55,33 +55,23 @@ pub struct RouteTable {
 
 impl RouteTable {
     /// Builds the table from validated route configs (already longest-first)
-    /// and each route's HTTP/2 pool, if it has one.
-    pub fn new(
-        configs: &[RouteConfig],
-        metrics: &Arc<Metrics>,
-        http2_pools: Vec<Option<Http2Pool>>,
-    ) -> Self {
+    /// and the way each route reaches its upstream.
+    pub fn new(configs: &[RouteConfig], metrics: &Arc<Metrics>, clients: Vec<RouteClient>) -> Self {
         let routes = configs
             .iter()
-            .zip(http2_pools)
-            .map(|(config, http2)| Route {
+            .zip(clients)
+            .map(|(config, client)| Route {
                 name: config.name.clone(),
                 prefix: config.prefix.clone(),
                 strip_prefix: config.strip_prefix,
                 upstream: config.upstream.clone(),
-                host: (!config.http2)
-                    .then(|| host_header(&config.upstream))
-                    .flatten(),
+                host: host_header(&config.upstream),
                 stage: config.stage.clone(),
                 credential: config.credential.clone(),
                 live: Arc::new(LiveCredential::new(config.credential.value.clone())),
                 paths: config.paths.clone(),
-                version: if config.http2 {
-                    Version::HTTP_2
-                } else {
-                    Version::HTTP_11
-                },
-                http2,
+                set_headers: config.set_headers.clone(),
+                client,
                 metrics: metrics.route(&config.name),
             })
             .collect();
@@ -130,7 +120,10 @@ impl Route {
             Cow::Borrowed(local)
         };
         let mapped = match &self.stage {
-            Some(stage) => Cow::Owned(baseten::map_path(stage, &rest)),
+            Some(stage) => Cow::Owned(
+                baseten::map_path(stage, &rest)
+                    .map_err(|_| ClientError::StagedPathOnRegionalHost)?,
+            ),
             None => rest,
         };
         let path_and_query = if self.upstream.base_path.is_empty() {

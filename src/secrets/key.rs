@@ -38,6 +38,13 @@ impl ApiKey {
         Ok(value)
     }
 
+    /// True when `text` contains the key (a pasted secret in a setting that
+    /// is not kept secret).
+    pub fn is_in(&self, text: &str) -> bool {
+        let key = self.0.trim();
+        !key.is_empty() && text.contains(key)
+    }
+
     /// True when the key is empty or only whitespace, which counts as missing.
     pub fn is_blank(&self) -> bool {
         self.0.trim().is_empty()

@@ -81,7 +81,7 @@ complete_at keyrelay completions ''
     );
     for expected in [
         "-F _keyrelay keyrelay",
-        "keyrelay --upstr => --upstream --upstream-http2",
+        "keyrelay --upstr => --upstream --upstream-http --upstream-http2",
         "keyrelay comp => completions",
     ] {
         assert!(text.contains(expected), "no {expected:?} in:\n{text}");

@@ -490,3 +490,29 @@ async fn h2c_client_is_forwarded_like_http1() {
     assert_eq!(body_bytes(response).await, "from upstream");
     relay.stop().await;
 }
+
+/// `set_request_headers` replaces every value the client sent under that
+/// name (the upstream sees exactly the configured one) and leaves other
+/// headers alone.
+#[tokio::test]
+async fn static_request_headers_replace_what_the_client_sent() {
+    let mut upstream = MockUpstream::start().await;
+    let relay = Relay::start(
+        &upstream.url(),
+        &[(
+            "set_request_headers",
+            "x-baseten-environment: staging, X-Team: ml",
+        )],
+    )
+    .await;
+
+    let request = "GET /v1/models HTTP/1.1\r\nHost: localhost\r\n\
+                   x-team: evil\r\nX-Team: evil-too\r\nx-other: kept\r\nConnection: close\r\n\r\n"
+        .to_owned();
+    let (parts, _, response) = raw_through(&relay, &mut upstream, request, ok("ok")).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(values(&parts.headers, "x-team"), ["ml"]);
+    assert_eq!(values(&parts.headers, "x-baseten-environment"), ["staging"]);
+    assert_eq!(values(&parts.headers, "x-other"), ["kept"]);
+    relay.stop().await;
+}

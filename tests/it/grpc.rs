@@ -99,7 +99,10 @@ impl GrpcRelay {
             ..Sources::default()
         };
         let config = config::load(&sources).expect("valid gRPC route table");
-        assert!(config.routes.iter().all(|route| route.http2));
+        assert!(config
+            .routes
+            .iter()
+            .all(|route| route.http == keyrelay::config::UpstreamHttp::Http2));
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let (stop, stopped) = oneshot::channel::<()>();

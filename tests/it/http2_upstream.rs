@@ -340,3 +340,70 @@ async fn a_silent_connection_is_found_by_ping_and_replaced() {
     assert_eq!(count(&upstream, |c| &c.connections), 2);
     relay.stop().await;
 }
+
+/// `upstream_http = "auto"` against a server that accepts `h2` in ALPN:
+/// every request goes over HTTP/2, and the connection that found out is
+/// the one the requests use (no extra handshake).
+#[tokio::test]
+async fn auto_speaks_http2_to_a_server_that_offers_it() {
+    let upstream = H2Upstream::start(Limits::default()).await;
+    let relay = Relay::start(
+        &upstream.url(),
+        &[("ca_file", upstream.ca_file()), ("upstream_http", "auto")],
+    )
+    .await;
+    let client = keepalive_client();
+    for n in 0..30 {
+        ordinary_request(&client, &relay.url(""), n).await;
+    }
+    assert_eq!(count(&upstream, |c| &c.requests), 30);
+    assert_eq!(count(&upstream, |c| &c.not_http2), 0, "all HTTP/2");
+    assert_eq!(count(&upstream, |c| &c.connections), 1, "one connection");
+    relay.stop().await;
+}
+
+/// `upstream_http = "auto"` against a TLS server without `h2`: requests go
+/// over HTTP/1.1 (with the upstream's Host), and only the first request
+/// pays for asking (one handshake to learn the answer, one for HTTP/1.1).
+#[tokio::test]
+async fn auto_speaks_http1_to_a_server_without_h2() {
+    use crate::support::tls::{TestCa, TlsUpstream};
+    let ca = TestCa::new();
+    let mut upstream = TlsUpstream::start(ca.issue(&["localhost"])).await;
+    let ca_file = ca.write_pem_file();
+    let relay = Relay::start(
+        &upstream.url("localhost"),
+        &[("ca_file", ca_file.path()), ("upstream_http", "auto")],
+    )
+    .await;
+    let client = keepalive_client();
+    for _ in 0..5 {
+        let response = within(
+            "an answer over HTTP/1.1",
+            client.get(relay.url("/v1/models").parse().expect("url")),
+        )
+        .await
+        .expect("response");
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(body_of(response).await, "secure hello");
+        let seen = upstream.next_request().await;
+        assert_eq!(
+            seen.headers.get("host").map(|h| h.to_str().expect("ascii")),
+            Some(format!("localhost:{}", upstream.addr.port()).as_str()),
+            "an HTTP/1.1 request with the upstream's Host"
+        );
+    }
+    upstream
+        .next_handshake()
+        .await
+        .expect("the asking handshake");
+    upstream
+        .next_handshake()
+        .await
+        .expect("the HTTP/1.1 connection");
+    assert!(
+        upstream.no_handshake(),
+        "later requests reuse the connection"
+    );
+    relay.stop().await;
+}

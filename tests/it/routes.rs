@@ -197,3 +197,68 @@ allowed_paths = ["GET /whisper/health"]
     exchange.respond_full(200, "ok");
     assert_eq!(within("200", pending).await.expect("join").status(), 200);
 }
+
+/// `--model ID --environment ENV --regional`: the regional host takes bare
+/// paths, so short paths are not put under a stage (`/v1/...` still goes
+/// under `/sync`), and a staged path is refused by keyrelay with a 400 that
+/// says why instead of being sent where it is certain to fail.
+#[tokio::test]
+async fn regional_routes_send_bare_paths_and_refuse_staged_ones() {
+    let mut upstream = MockUpstream::start().await;
+    let mut sources = support::sources("", &[]);
+    // No upstream URL: the shortcut builds it.
+    for (key, value) in [
+        ("model", "abc123"),
+        ("environment", "staging"),
+        ("regional", "true"),
+    ] {
+        sources.set(key, config::OverrideValue::Text(value.to_owned()));
+    }
+    let mut config = config::load(&sources).expect("valid regional shortcut");
+    assert_eq!(
+        config.routes[0].upstream.to_string(),
+        "https://model-abc123-staging.api.baseten.co"
+    );
+    // The same route, pointed at the local upstream.
+    let local: http::Uri = upstream.url().parse().expect("url");
+    config.routes[0].upstream.scheme = local.scheme().expect("scheme").clone();
+    config.routes[0].upstream.authority = local.authority().expect("authority").clone();
+    let relay = Relay::from_config(config).await;
+
+    for (local, upstream_path) in [
+        ("/predict", "/predict"),
+        ("/v1/chat/completions", "/sync/v1/chat/completions"),
+        ("/sync/v1/models", "/sync/v1/models"),
+    ] {
+        let pending = get(relay.addr, local).await;
+        let exchange = upstream.next().await;
+        assert_eq!(exchange.request.uri().path(), upstream_path, "for {local}");
+        exchange.respond(http::Response::new(full("ok")));
+        let response = within("the answer", pending).await.expect("client");
+        assert_eq!(response.status(), 200);
+    }
+
+    let refused = within(
+        "the refusal",
+        get(relay.addr, "/environments/staging/predict").await,
+    )
+    .await
+    .expect("client");
+    assert_eq!(refused.status(), 400);
+    let body = refused
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    let error: serde_json::Value = serde_json::from_slice(&body).expect("a JSON error");
+    assert_eq!(error["type"], "staged_path_on_regional_host", "{error}");
+    assert!(
+        error["error"]
+            .as_str()
+            .is_some_and(|m| m.contains("bare paths")),
+        "{error}"
+    );
+    assert!(upstream.nothing_received(), "nothing forwarded");
+    relay.stop().await;
+}

@@ -24,8 +24,12 @@ pub type Connector = ConnectTimeout<HttpsConnector<HttpConnector>>;
 /// The HTTP version a connector offers in TLS's ALPN.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Alpn {
+    /// `http/1.1` only.
     Http1,
+    /// `h2` only: a server that does not accept it fails the connection.
     Http2,
+    /// `h2`, then `http/1.1`: the server picks.
+    Both,
 }
 
 /// A connector for `alpn`. The whole connect (DNS, TCP, TLS handshake) runs
@@ -47,6 +51,7 @@ pub fn connector(config: &Config, alpn: Alpn) -> std::io::Result<Connector> {
     let inner = match alpn {
         Alpn::Http1 => builder.enable_http1().wrap_connector(tcp),
         Alpn::Http2 => builder.enable_http2().wrap_connector(tcp),
+        Alpn::Both => builder.enable_all_versions().wrap_connector(tcp),
     };
     Ok(ConnectTimeout {
         inner,

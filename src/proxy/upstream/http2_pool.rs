@@ -27,7 +27,7 @@ use std::error::Error as StdError;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -92,6 +92,11 @@ struct Inner {
     /// `scheme://authority`, what the connector dials.
     target: Uri,
     connector: Connector,
+    /// What the connector offers in ALPN: `h2`, or `h2` and `http/1.1`.
+    alpn: Alpn,
+    /// Set when a pool offering both versions found the server choosing
+    /// HTTP/1.1 (see [`Http2Pool::negotiate`]).
+    server_chose_http1: AtomicBool,
     builder: http2::Builder<TokioExecutor>,
     idle_timeout: Duration,
     epoch: Instant,
@@ -154,6 +159,15 @@ impl Drop for StreamSlot {
     }
 }
 
+/// The HTTP version the server chose in ALPN.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Negotiated {
+    /// `h2`: requests go on this pool.
+    Http2,
+    /// `http/1.1` (or no ALPN at all): requests go over HTTP/1.1.
+    Http1,
+}
+
 /// Why a request could not be sent.
 #[derive(Debug)]
 pub enum SendError {
@@ -206,8 +220,9 @@ impl StdError for SendError {
 }
 
 impl Http2Pool {
-    /// A pool for `upstream`, built from the validated config.
-    pub fn new(config: &Config, upstream: &UpstreamUrl) -> std::io::Result<Self> {
+    /// A pool for `upstream`, built from the validated config, offering
+    /// `alpn` (`Http2`, or `Both` for `upstream_http = "auto"`).
+    pub fn new(config: &Config, upstream: &UpstreamUrl, alpn: Alpn) -> std::io::Result<Self> {
         let target = Uri::builder()
             .scheme(upstream.scheme.clone())
             .authority(upstream.authority.clone())
@@ -226,7 +241,9 @@ impl Http2Pool {
         Ok(Self {
             inner: Arc::new(Inner {
                 target,
-                connector: connector(config, Alpn::Http2)?,
+                connector: connector(config, alpn)?,
+                alpn,
+                server_chose_http1: AtomicBool::new(false),
                 builder,
                 idle_timeout: config.pool.idle_timeout,
                 epoch: Instant::now(),
@@ -299,6 +316,45 @@ impl Http2Pool {
             // kept, or was not given back in time.
             return Err(failure.into_error());
         }
+    }
+
+    /// For a pool offering both versions: the one the server speaks. The
+    /// first call opens a connection to find out; an HTTP/2 one stays in
+    /// the pool for the requests, an HTTP/1.1 one is closed and the answer
+    /// kept (a server's ALPN preference is its configuration, so it is not
+    /// asked again).
+    pub async fn negotiate(&self) -> Result<Negotiated, SendError> {
+        for _ in 0..MAX_OPEN_ROUNDS {
+            if self.inner.server_chose_http1.load(Ordering::Acquire) {
+                return Ok(Negotiated::Http1);
+            }
+            let mut done = {
+                let mut state = self.inner.lock();
+                self.inner.prune(&mut state);
+                if !state.connections.is_empty() {
+                    return Ok(Negotiated::Http2);
+                }
+                // Not a waiter for a stream: it takes none.
+                match state.opening.first() {
+                    Some(opening) => opening.done.clone(),
+                    None => Inner::open(&self.inner, &mut state),
+                }
+            };
+            let outcome = done.wait_for(Option::is_some).await.map(|o| o.clone());
+            if self.inner.server_chose_http1.load(Ordering::Acquire) {
+                return Ok(Negotiated::Http1);
+            }
+            match outcome {
+                Ok(Some(Err(err))) => return Err(SendError::Connect(err)),
+                Err(_) => {
+                    return Err(SendError::Connect(Arc::new(
+                        "the connection attempt was abandoned".into(),
+                    )))
+                }
+                Ok(_) => {}
+            }
+        }
+        Err(SendError::NoCapacity)
     }
 
     /// A stream slot on a connection with room.
@@ -409,6 +465,10 @@ impl Inner {
     async fn connect(&self) -> Result<Arc<Connection>, BoxError> {
         let io = self.connector.clone().oneshot(self.target.clone()).await?;
         if self.target.scheme() == Some(&Scheme::HTTPS) && !io.connected().is_negotiated_h2() {
+            if self.alpn == Alpn::Both {
+                self.server_chose_http1.store(true, Ordering::Release);
+                return Err("the upstream chose HTTP/1.1 in the TLS handshake (ALPN)".into());
+            }
             return Err(
                 "the upstream did not accept HTTP/2 in the TLS handshake (ALPN); \
                         set upstream_http = \"1.1\" or \"auto\" for it"

@@ -11,6 +11,10 @@
 //!   connections per upstream, a new one opened when the others are at the
 //!   server's `SETTINGS_MAX_CONCURRENT_STREAMS`, GOAWAY and dead connections
 //!   handled without failing what the client sees.
+//! - `upstream_http = "auto"` routes ([`RouteClient::Auto`]) offer both in
+//!   TLS's ALPN and follow the server's choice: an HTTP/2 pool if it picks
+//!   `h2`, the HTTP/1.1 client otherwise (and always for WebSocket
+//!   upgrades, which exist only in HTTP/1.1 here).
 
 mod connect;
 mod http2_pool;
@@ -22,7 +26,7 @@ use crate::config::Config;
 use crate::proxy::request_body::RequestBody;
 
 pub use connect::{connector, Alpn, Connector};
-pub use http2_pool::{Http2Pool, SendError, StreamSlot};
+pub use http2_pool::{Http2Pool, Negotiated, SendError, StreamSlot};
 
 /// The HTTP/1.1 client: request bodies pass through frame by frame.
 pub type Http1Client = Client<Connector, RequestBody>;
@@ -37,4 +41,62 @@ pub fn http1_client(config: &Config) -> std::io::Result<Http1Client> {
         .pool_max_idle_per_host(config.pool.max_idle_per_host)
         .retry_canceled_requests(true);
     Ok(builder.build(connector(config, Alpn::Http1)?))
+}
+
+/// How one route reaches its upstream.
+#[derive(Clone)]
+pub enum RouteClient {
+    /// HTTP/1.1, through the shared [`Http1Client`].
+    Http1,
+    /// HTTP/2, through this pool.
+    Http2(Http2Pool),
+    /// HTTP/2 through this pool if the server accepts it, else HTTP/1.1.
+    Auto(Http2Pool),
+}
+
+/// The way one request goes upstream.
+pub enum Via<'a> {
+    /// Over the shared HTTP/1.1 client.
+    Http1,
+    /// On a stream of this pool.
+    Http2(&'a Http2Pool),
+}
+
+impl RouteClient {
+    /// True when a WebSocket upgrade can be forwarded (over HTTP/1.1).
+    pub fn can_upgrade(&self) -> bool {
+        !matches!(self, Self::Http2(_))
+    }
+
+    /// How a request goes upstream; `upgrade` requests need HTTP/1.1. For
+    /// an `auto` route the first call finds out what the server speaks.
+    pub async fn via(&self, upgrade: bool) -> Result<Via<'_>, SendError> {
+        match self {
+            Self::Http1 => Ok(Via::Http1),
+            Self::Http2(pool) => Ok(Via::Http2(pool)),
+            Self::Auto(_) if upgrade => Ok(Via::Http1),
+            Self::Auto(pool) => Ok(match pool.negotiate().await? {
+                Negotiated::Http2 => Via::Http2(pool),
+                Negotiated::Http1 => Via::Http1,
+            }),
+        }
+    }
+
+    /// The pool to keep connections warm in, if the route has one.
+    pub fn http2_pool(&self) -> Option<&Http2Pool> {
+        match self {
+            Self::Http1 => None,
+            Self::Http2(pool) | Self::Auto(pool) => Some(pool),
+        }
+    }
+}
+
+impl Via<'_> {
+    /// The HTTP version of the upstream request.
+    pub fn version(&self) -> http::Version {
+        match self {
+            Self::Http1 => http::Version::HTTP_11,
+            Self::Http2(_) => http::Version::HTTP_2,
+        }
+    }
 }

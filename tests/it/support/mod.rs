@@ -290,7 +290,12 @@ impl Relay {
     /// Starts keyrelay from sources the test built itself (e.g. with more
     /// variables in `env`).
     pub async fn from_sources(sources: &Sources) -> Self {
-        let config = config::load(sources).expect("test config is valid");
+        Self::from_config(config::load(sources).expect("test config is valid")).await
+    }
+
+    /// Starts keyrelay from a validated config the test may have adjusted
+    /// (e.g. a Baseten shortcut's upstream pointed at a local server).
+    pub async fn from_config(config: config::Config) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind relay");
         let addr = listener.local_addr().expect("addr");
         let (shutdown, stop) = oneshot::channel::<()>();

@@ -193,6 +193,11 @@ impl TlsUpstream {
             .expect("TLS upstream stopped")
     }
 
+    /// True if no handshake is waiting to be read (without waiting).
+    pub fn no_handshake(&mut self) -> bool {
+        self.handshakes.try_recv().is_err()
+    }
+
     /// True if no request got through the handshake (without waiting).
     pub fn no_request(&mut self) -> bool {
         self.requests.try_recv().is_err()
