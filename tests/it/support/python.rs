@@ -25,6 +25,14 @@ use crate::support::STEP;
 /// Bound on a script's start-up: the interpreter, its imports, binding.
 pub const STARTUP: Duration = Duration::from_secs(60);
 
+/// How long a failing script is given to finish its traceback.
+const DYING_GRACE: Duration = Duration::from_secs(2);
+
+/// How long [`Script::while_running`] still waits for its future once the
+/// script has exited: longer than [`DYING_GRACE`], which a future failing on
+/// another script's output spends before it panics.
+const EXIT_GRACE: Duration = Duration::from_secs(3);
+
 /// Proxy variables Python HTTP stacks honour; a test's traffic stays on 127.0.0.1.
 const PROXY_VARIABLES: [&str; 8] = [
     "http_proxy",
@@ -154,7 +162,7 @@ impl Script {
     /// Panics with `message`, the script's name and its stderr.
     async fn fail(&mut self, message: String) -> ! {
         // Give a dying interpreter a moment to finish its traceback.
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.child.wait()).await;
+        let _ = tokio::time::timeout(DYING_GRACE, self.child.wait()).await;
         panic!(
             "{}: {message}\n--- its stderr ---\n{}",
             self.name,
@@ -167,7 +175,9 @@ impl Script {
         self.line_within(STEP, what).await
     }
 
-    async fn line_within(&mut self, bound: Duration, what: &str) -> String {
+    /// The next line the script prints, waiting at most `bound`: for a
+    /// script that prints nothing until a long run of work is done.
+    pub async fn line_within(&mut self, bound: Duration, what: &str) -> String {
         match tokio::time::timeout(bound, self.stdout.next_line()).await {
             Ok(Ok(Some(line))) => line,
             Ok(Ok(None)) => self.fail(format!("exited before printing {what}")).await,
@@ -209,20 +219,34 @@ impl Script {
 
     /// Awaits `future` (which bounds its own wait), failing with the script's
     /// stderr if the script exits first, e.g. on an import error or traceback.
+    ///
+    /// A future already under way when the script exits gets [`EXIT_GRACE`]
+    /// more: the exit can be noticed before output written just before it
+    /// (say a server's line about the call that made the client exit), and
+    /// that output is the better failure message.
     pub async fn while_running<F: std::future::Future>(
         &mut self,
         what: &str,
         future: F,
     ) -> F::Output {
+        tokio::pin!(future);
         let exited = tokio::select! {
             // The future first: what the script did just before exiting counts.
             biased;
-            output = future => return output,
+            output = &mut future => return output,
             status = self.child.wait() => status,
         };
+        if let Ok(output) = tokio::time::timeout(EXIT_GRACE, &mut future).await {
+            return output;
+        }
         let status = exited.map_or_else(|err| err.to_string(), |status| status.to_string());
+        // What it printed last (say a client's `status ...` line) often says why.
+        let mut unread = Vec::new();
+        while let Ok(Ok(Some(line))) = tokio::time::timeout(STEP, self.stdout.next_line()).await {
+            unread.push(line);
+        }
         self.fail(format!(
-            "exited ({status}) while the test waited for {what}"
+            "exited ({status}) while the test waited for {what}; its unread output: {unread:?}"
         ))
         .await
     }
