@@ -76,6 +76,11 @@ pub async fn run(
         }
     }
     background.spawn(ops::logging::report_dropped_lines());
+    // Warm upstream connections open in the background: readiness does not
+    // wait for them.
+    for keeper in proxy.warm_keepers() {
+        background.spawn(keeper);
+    }
     let tokens = proxy.access_tokens();
     for (index, path) in tokens.files() {
         let tokens = Arc::clone(tokens);

@@ -188,6 +188,21 @@ pub(super) fn validate(
         &raw.pool_idle_timeout,
         "keep it shorter than the upstream's keep-alive so stale connections are not reused",
     );
+    let warm_connections = raw
+        .warm_connections
+        .trim()
+        .parse::<usize>()
+        .ok()
+        .filter(|count| *count <= MAX_WARM_CONNECTIONS);
+    if warm_connections.is_none() {
+        found.report(
+            "warm_connections",
+            format!(
+                "{:?} is not a number of connections from 0 to {MAX_WARM_CONNECTIONS}",
+                raw.warm_connections
+            ),
+        );
+    }
     let keepalive = found.duration(
         "http2_keepalive_interval",
         &raw.http2_keepalive_interval,
@@ -253,6 +268,7 @@ pub(super) fn validate(
         pool: PoolSettings {
             idle_timeout: pool_idle?,
             max_idle_per_host: raw.pool_max_idle_per_host,
+            warm_connections: warm_connections?,
         },
         http2_keepalive_interval: keepalive?,
         http2_keepalive_timeout: keepalive_timeout?,
@@ -359,6 +375,10 @@ fn check_access(
 /// Largest accepted `listen_backlog`: the kernel keeps the backlog in a
 /// 16-bit field on some systems, and more than this is never useful.
 const MAX_LISTEN_BACKLOG: u32 = 65_535;
+
+/// Most warm connections per upstream: spares beyond a few only hold
+/// sockets the server has to keep open.
+const MAX_WARM_CONNECTIONS: usize = 64;
 
 /// Smallest request-head limit: hyper needs room for an ordinary request.
 const MIN_HEADER_LIMIT: usize = 8192;

@@ -118,6 +118,18 @@ pub struct UpstreamUrl {
     pub base_path: String,
 }
 
+impl UpstreamUrl {
+    /// `scheme://authority/`: what a connection is made to.
+    pub fn origin(&self) -> http::Uri {
+        http::Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query("/")
+            .build()
+            .expect("a validated scheme and authority make a URI")
+    }
+}
+
 impl fmt::Display for UpstreamUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}://{}{}", self.scheme, self.authority, self.base_path)
@@ -173,6 +185,8 @@ pub struct PoolSettings {
     pub idle_timeout: Duration,
     /// Cap on idle connections kept.
     pub max_idle_per_host: usize,
+    /// Connections per upstream opened at startup and kept open.
+    pub warm_connections: usize,
 }
 
 /// Where keyrelay listens.
@@ -249,6 +263,7 @@ struct RawConfig {
     grpc: bool,
     regional: bool,
     set_request_headers: Vec<String>,
+    warm_connections: String,
     http2_keepalive_interval: String,
     http2_keepalive_timeout: String,
     shutdown_grace: String,

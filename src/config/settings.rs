@@ -228,6 +228,12 @@ pub const SETTINGS: &[Setting] = &[
         kind: Kind::Text,
     },
     Setting {
+        key: "warm_connections",
+        default: "1",
+        help: "Connections to each upstream opened at startup and kept open (re-opened when the server closes them), so the first request pays no DNS, TCP or TLS handshake; 0 turns it off.",
+        kind: Kind::Text,
+    },
+    Setting {
         key: "upstream_http2",
         default: "false",
         help: "The same as upstream_http = \"2\".",

@@ -43,7 +43,7 @@ use crate::proxy::response_body::RelayBody;
 use crate::proxy::route_table::{Route, RouteTable};
 use crate::proxy::tunnel::Tunnels;
 use crate::proxy::upstream::{
-    http1_client, Alpn, Http1Client, Http2Pool, RouteClient, StreamSlot, Via,
+    http1_client, Alpn, Http1Client, Http2Pool, RouteClient, StreamSlot, Via, WarmConnector,
 };
 use error::{ClientError, ProxyError, Refusal, UpstreamError};
 use request_id::{server_timing, RequestIds, BASETEN_REQUEST_ID, SERVER_TIMING, X_REQUEST_ID};
@@ -63,6 +63,9 @@ pub struct Proxy {
 struct Shared {
     /// The HTTP/1.1 client; HTTP/2 routes carry their own pool.
     http1: Http1Client,
+    /// Its connector, which keeps the HTTP/1.1 routes' warm connections.
+    http1_warm: WarmConnector,
+    warm_connections: usize,
     routes: RouteTable,
     /// Metrics for requests that match no route.
     unmatched: RouteMetrics,
@@ -110,9 +113,12 @@ impl Proxy {
         metrics: &Arc<Metrics>,
         tunnels: Arc<Tunnels>,
     ) -> std::io::Result<Self> {
+        let (http1, http1_warm) = http1_client(config)?;
         Ok(Self {
             shared: Arc::new(Shared {
-                http1: http1_client(config)?,
+                http1,
+                http1_warm,
+                warm_connections: config.pool.warm_connections,
                 routes: RouteTable::new(&config.routes, metrics, route_clients(config)?),
                 unmatched: metrics.route(UNMATCHED_ROUTE),
                 concurrency: config
@@ -131,6 +137,36 @@ impl Proxy {
     /// The routes, for the key-file watchers and the startup log.
     pub fn routes(&self) -> impl Iterator<Item = &Route> {
         self.shared.routes.iter()
+    }
+
+    /// The tasks that keep `warm_connections` open to each upstream (one
+    /// per HTTP/1.1 origin and one per HTTP/2 pool), for `run` to spawn.
+    pub fn warm_keepers(&self) -> Vec<Pin<Box<dyn Future<Output = ()> + Send>>> {
+        let shared = &*self.shared;
+        let mut keepers: Vec<Pin<Box<dyn Future<Output = ()> + Send>>> = Vec::new();
+        if shared.warm_connections == 0 {
+            return keepers;
+        }
+        let mut http1_origins: Vec<http::Uri> = Vec::new();
+        let mut pools: Vec<&Http2Pool> = Vec::new();
+        for route in shared.routes.iter() {
+            match route.client.http2_pool() {
+                Some(pool) if !pools.iter().any(|seen| seen.is(pool)) => {
+                    pools.push(pool);
+                    keepers.push(Box::pin(pool.keep_warm()));
+                }
+                Some(_) => {}
+                None => {
+                    let origin = route.upstream.origin();
+                    if !http1_origins.contains(&origin) {
+                        http1_origins.push(origin.clone());
+                        let count = shared.warm_connections;
+                        keepers.push(Box::pin(shared.http1_warm.keep_warm(origin, count)));
+                    }
+                }
+            }
+        }
+        keepers
     }
 
     /// The local access tokens, for the token-file watchers.

@@ -31,5 +31,6 @@ mod security;
 mod streaming;
 mod unix_socket;
 mod upstream_faults;
+mod warm_connections;
 mod websocket;
 mod websocket_client;

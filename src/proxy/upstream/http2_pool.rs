@@ -20,7 +20,9 @@
 //!   (REFUSED_STREAM, or above a graceful GOAWAY's last stream id, RFC 9113
 //!   sections 6.8 and 8.7), is sent again on another connection with the
 //!   same head and body bytes (see [`RequestBody::recorded`]).
-//! - **Idle connections** beyond one (kept warm, with PINGs) close after
+//! - **Warm connections.** [`Http2Pool::keep_warm`] opens `warm_connections`
+//!   at startup and re-opens them when the server closes them; PINGs keep
+//!   them alive. Idle connections beyond those close after
 //!   `pool_idle_timeout`.
 
 use std::error::Error as StdError;
@@ -79,6 +81,11 @@ const CONNECTION_WINDOW: u32 = 8 * 1024 * 1024;
 /// How long a stream on a closed connection may still get its answer.
 const LOST_STREAM_GRACE: Duration = Duration::from_millis(200);
 
+/// Wait before retrying a warm connection that could not be opened; doubles
+/// per failure up to the maximum.
+const WARM_RETRY: Duration = Duration::from_millis(250);
+const MAX_WARM_RETRY: Duration = Duration::from_secs(30);
+
 /// How long a refused stream's body may take to come back from hyper.
 const BODY_RETURN_WAIT: Duration = Duration::from_secs(1);
 
@@ -99,6 +106,10 @@ struct Inner {
     server_chose_http1: AtomicBool,
     builder: http2::Builder<TokioExecutor>,
     idle_timeout: Duration,
+    /// Connections kept open while idle (`warm_connections`).
+    warm: usize,
+    /// Signalled when a connection ends, for the warm keeper.
+    ended: tokio::sync::Notify,
     epoch: Instant,
     next_id: AtomicU64,
     state: Mutex<State>,
@@ -223,12 +234,7 @@ impl Http2Pool {
     /// A pool for `upstream`, built from the validated config, offering
     /// `alpn` (`Http2`, or `Both` for `upstream_http = "auto"`).
     pub fn new(config: &Config, upstream: &UpstreamUrl, alpn: Alpn) -> std::io::Result<Self> {
-        let target = Uri::builder()
-            .scheme(upstream.scheme.clone())
-            .authority(upstream.authority.clone())
-            .path_and_query("/")
-            .build()
-            .map_err(std::io::Error::other)?;
+        let target = upstream.origin();
         let mut builder = http2::Builder::new(TokioExecutor::new());
         builder
             .timer(TokioTimer::new())
@@ -246,11 +252,18 @@ impl Http2Pool {
                 server_chose_http1: AtomicBool::new(false),
                 builder,
                 idle_timeout: config.pool.idle_timeout,
+                warm: config.pool.warm_connections,
+                ended: tokio::sync::Notify::new(),
                 epoch: Instant::now(),
                 next_id: AtomicU64::new(0),
                 state: Mutex::new(State::default()),
             }),
         })
+    }
+
+    /// True when `other` is this pool (a clone of it).
+    pub fn is(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
     }
 
     /// Sends `request` on a connection with room, opening one if needed, and
@@ -315,6 +328,52 @@ impl Http2Pool {
             // Not safe to send again, or its body is too large to have been
             // kept, or was not given back in time.
             return Err(failure.into_error());
+        }
+    }
+
+    /// The task that keeps `warm_connections` connections open (opening
+    /// them at startup, again when the server closes one), until dropped.
+    /// For a pool offering both versions, it stops once the server turns
+    /// out to choose HTTP/1.1.
+    pub fn keep_warm(&self) -> impl Future<Output = ()> + Send + 'static {
+        let pool = self.clone();
+        async move {
+            let mut retry = WARM_RETRY;
+            loop {
+                if pool.inner.server_chose_http1.load(Ordering::Acquire) {
+                    return;
+                }
+                let ended = pool.inner.ended.notified();
+                tokio::pin!(ended);
+                ended.as_mut().enable();
+                let missing = {
+                    let mut state = pool.inner.lock();
+                    pool.inner.prune(&mut state);
+                    let open = state.connections.len() + state.opening.len();
+                    pool.inner.warm.saturating_sub(open)
+                };
+                if missing == 0 {
+                    ended.await;
+                    continue;
+                }
+                let mut done = {
+                    let mut state = pool.inner.lock();
+                    Inner::open(&pool.inner, &mut state)
+                };
+                match done.wait_for(Option::is_some).await.map(|o| o.clone()) {
+                    Ok(Some(Err(err)))
+                        if !pool.inner.server_chose_http1.load(Ordering::Acquire) =>
+                    {
+                        if retry == WARM_RETRY {
+                            tracing::warn!(upstream = %pool.inner.target, error = %err,
+                                "could not open a warm HTTP/2 upstream connection; retrying");
+                        }
+                        tokio::time::sleep(retry).await;
+                        retry = (retry * 2).min(MAX_WARM_RETRY);
+                    }
+                    _ => retry = WARM_RETRY,
+                }
+            }
         }
     }
 
@@ -405,11 +464,11 @@ impl Inner {
     }
 
     /// Drops connections that ended or are going away, and idle ones past
-    /// `idle_timeout` beyond the first (kept warm).
+    /// `idle_timeout` beyond the `warm` ones kept.
     fn prune(&self, state: &mut State) {
         let now = millis_since(self.epoch);
         let limit = u64::try_from(self.idle_timeout.as_millis()).unwrap_or(u64::MAX);
-        let mut kept_warm = false;
+        let mut kept_warm = 0;
         state.connections.retain(|connection| {
             if !connection.usable() {
                 return false;
@@ -417,10 +476,10 @@ impl Inner {
             let idle = connection.streams.load(Ordering::Acquire) == 0
                 && now.saturating_sub(connection.idle_since.load(Ordering::Acquire)) > limit;
             if idle {
-                if kept_warm {
+                if kept_warm == self.warm {
                     return false;
                 }
-                kept_warm = true;
+                kept_warm += 1;
             }
             true
         });
@@ -462,7 +521,7 @@ impl Inner {
         done
     }
 
-    async fn connect(&self) -> Result<Arc<Connection>, BoxError> {
+    async fn connect(self: &Arc<Self>) -> Result<Arc<Connection>, BoxError> {
         let io = self.connector.clone().oneshot(self.target.clone()).await?;
         if self.target.scheme() == Some(&Scheme::HTTPS) && !io.connected().is_negotiated_h2() {
             if self.alpn == Alpn::Both {
@@ -489,6 +548,7 @@ impl Inner {
             io_closed,
         });
         let watched: Weak<Connection> = Arc::downgrade(&connection);
+        let pool = Arc::downgrade(self);
         tokio::spawn(async move {
             // The task is polled for every request it dispatches, so the
             // limit is fresh whenever the pool is about to count on it.
@@ -503,6 +563,9 @@ impl Inner {
             .await;
             if let Err(err) = ended {
                 tracing::debug!(error = %err, "HTTP/2 upstream connection ended");
+            }
+            if let Some(pool) = pool.upgrade() {
+                pool.ended.notify_one();
             }
         });
         Ok(connection)

@@ -18,6 +18,7 @@
 
 mod connect;
 mod http2_pool;
+mod warm;
 
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
@@ -25,14 +26,16 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use crate::config::Config;
 use crate::proxy::request_body::RequestBody;
 
-pub use connect::{connector, Alpn, Connector};
+pub use connect::{connector, Alpn};
 pub use http2_pool::{Http2Pool, Negotiated, SendError, StreamSlot};
+pub use warm::WarmConnector;
 
 /// The HTTP/1.1 client: request bodies pass through frame by frame.
-pub type Http1Client = Client<Connector, RequestBody>;
+pub type Http1Client = Client<WarmConnector, RequestBody>;
 
-/// Builds the HTTP/1.1 upstream client from the validated config.
-pub fn http1_client(config: &Config) -> std::io::Result<Http1Client> {
+/// Builds the HTTP/1.1 upstream client from the validated config, and the
+/// connector that keeps its warm connections.
+pub fn http1_client(config: &Config) -> std::io::Result<(Http1Client, WarmConnector)> {
     let mut builder = Client::builder(TokioExecutor::new());
     builder
         .timer(TokioTimer::new())
@@ -40,7 +43,8 @@ pub fn http1_client(config: &Config) -> std::io::Result<Http1Client> {
         .pool_idle_timeout(config.pool.idle_timeout)
         .pool_max_idle_per_host(config.pool.max_idle_per_host)
         .retry_canceled_requests(true);
-    Ok(builder.build(connector(config, Alpn::Http1)?))
+    let warm = WarmConnector::new(connector(config, Alpn::Http1)?);
+    Ok((builder.build(warm.clone()), warm))
 }
 
 /// How one route reaches its upstream.

@@ -343,6 +343,11 @@ pub fn sources(upstream: &str, settings: &[(&str, &str)]) -> Sources {
     };
     sources.set("upstream", OverrideValue::Text(upstream.to_owned()));
     sources.set("listen", OverrideValue::Text("127.0.0.1:0".to_owned()));
+    // The mock upstreams count connections (a refused request must "reach
+    // nobody") and some serve one connection at a time, so the spare
+    // connection keyrelay keeps by default would read as traffic. The warm
+    // tests and tests/interop/ run with the default.
+    sources.set("warm_connections", OverrideValue::Text("0".to_owned()));
     for (key, value) in settings {
         let is_list = config::SETTINGS
             .iter()

@@ -59,6 +59,9 @@ pub fn command(upstream: &str) -> std::process::Command {
     command
         .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
         .args(["--upstream", upstream])
+        // As in support::sources: the mocks take each connection for a
+        // request, so no spare is kept.
+        .args(["--warm-connections", "0"])
         .env("BASETEN_API_KEY", KEY);
     command
 }

@@ -112,6 +112,8 @@ impl Drop for TempFile {
 pub struct SeenRequest {
     pub uri: Uri,
     pub headers: HeaderMap,
+    /// Which accepted connection it came on, counting from 0.
+    pub connection: usize,
 }
 
 /// An HTTPS (HTTP/1.1) upstream on 127.0.0.1:0 answering 200 "secure hello".
@@ -140,7 +142,10 @@ impl TlsUpstream {
         let (seen_tx, requests) = mpsc::unbounded_channel();
         let (handshake_tx, handshakes) = mpsc::unbounded_channel();
         tokio::spawn(async move {
+            let mut accepted = 0;
             while let Ok((stream, _)) = listener.accept().await {
+                let connection = accepted;
+                accepted += 1;
                 let acceptor = acceptor.clone();
                 let seen_tx = seen_tx.clone();
                 let handshake_tx = handshake_tx.clone();
@@ -159,6 +164,7 @@ impl TlsUpstream {
                         let _ = seen_tx.send(SeenRequest {
                             uri: request.uri().clone(),
                             headers: request.headers().clone(),
+                            connection,
                         });
                         async { Ok::<_, Infallible>(Response::new(full("secure hello"))) }
                     });

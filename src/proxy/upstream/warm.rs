@@ -1,0 +1,198 @@
+//! Warm HTTP/1.1 upstream connections: TCP and TLS done before a request
+//! needs them.
+//!
+//! A model endpoint is a DNS lookup, a TCP handshake and a TLS handshake
+//! away, often 100–300 ms from a laptop, and without this the first request
+//! after startup (or after the pool idled out) pays all of it. A keeper task
+//! per upstream origin holds `warm_connections` spare connections, opened at
+//! startup (readiness does not wait for them) and re-opened whenever the
+//! server closes one or a request takes one. The connector hands a spare to
+//! the first request that needs a new connection, so hyper-util's pool above
+//! needs no changes. (HTTP/2 pools keep whole HTTP/2 connections warm
+//! instead, with PINGs: an HTTP/2 server speaks first, so a bare spare
+//! would not stay silent.)
+//!
+//! An HTTP/1.1 server sends nothing before a request, so anything readable
+//! on a spare (end of file, data, an error) means the server is done with
+//! it: the keeper watches each one for that and replaces it, and a spare is
+//! checked once more as it is handed out.
+
+use std::future::Future;
+use std::mem::MaybeUninit;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use http::Uri;
+use hyper_rustls::MaybeHttpsStream;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+use tower::{Service, ServiceExt};
+
+use super::connect::Connector;
+
+/// An upstream connection as the connector makes it.
+pub type Io = MaybeHttpsStream<TokioIo<TcpStream>>;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Wait before retrying a spare that could not be opened; doubles per
+/// failure up to [`MAX_RETRY`], so a down upstream costs a dial now and then.
+const FIRST_RETRY: Duration = Duration::from_millis(250);
+const MAX_RETRY: Duration = Duration::from_secs(30);
+
+/// A connector that hands out spare connections where it keeps them, and
+/// dials otherwise. Cloning shares the spares.
+#[derive(Clone)]
+pub struct WarmConnector {
+    dial: Connector,
+    origins: Arc<Mutex<Vec<Arc<Origin>>>>,
+}
+
+/// The spares of one origin.
+struct Origin {
+    /// `scheme://authority/`, what is dialled.
+    target: Uri,
+    count: usize,
+    spares: Mutex<Vec<Io>>,
+    /// Signalled when a request takes a spare, so the keeper replaces it.
+    taken: Notify,
+}
+
+impl Origin {
+    fn lock(&self) -> MutexGuard<'_, Vec<Io>> {
+        // Every change is a push, pop or retain: a panic cannot leave the
+        // list half-changed, so poisoning is ignored.
+        self.spares.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn serves(&self, uri: &Uri) -> bool {
+        self.target.scheme() == uri.scheme() && self.target.authority() == uri.authority()
+    }
+
+    /// A spare that is still open, if there is one.
+    fn take(&self) -> Option<Io> {
+        let mut spares = self.lock();
+        let mut check = Context::from_waker(Waker::noop());
+        while let Some(mut io) = spares.pop() {
+            if is_open(&mut io, &mut check) {
+                self.taken.notify_one();
+                return Some(io);
+            }
+        }
+        self.taken.notify_one();
+        None
+    }
+
+    /// Resolves when the server has closed a spare, having dropped it.
+    async fn any_closed(&self) {
+        std::future::poll_fn(|cx| {
+            let mut spares = self.lock();
+            let before = spares.len();
+            spares.retain_mut(|io| is_open(io, cx));
+            if spares.len() < before {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+        .await;
+    }
+}
+
+/// True when nothing is readable on `io`: the server has neither closed it
+/// nor sent anything. Registers `cx` to be woken when that changes.
+fn is_open(io: &mut Io, cx: &mut Context<'_>) -> bool {
+    let mut byte = [MaybeUninit::<u8>::uninit(); 1];
+    let mut buf = hyper::rt::ReadBuf::uninit(&mut byte);
+    let poll = hyper::rt::Read::poll_read(Pin::new(io), cx, buf.unfilled());
+    poll.is_pending()
+}
+
+impl WarmConnector {
+    pub fn new(dial: Connector) -> Self {
+        Self {
+            dial,
+            origins: Arc::default(),
+        }
+    }
+
+    /// The task that keeps `count` spare connections to `target`'s origin
+    /// open, until it is dropped (the caller runs it beside the server).
+    pub fn keep_warm(
+        &self,
+        target: Uri,
+        count: usize,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        let origin = Arc::new(Origin {
+            target,
+            count,
+            spares: Mutex::new(Vec::with_capacity(count)),
+            taken: Notify::new(),
+        });
+        self.origins
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Arc::clone(&origin));
+        keep(origin, self.dial.clone())
+    }
+
+    fn spare_for(&self, uri: &Uri) -> Option<Io> {
+        let origins = self.origins.lock().unwrap_or_else(|p| p.into_inner());
+        origins.iter().find(|o| o.serves(uri))?.take()
+    }
+}
+
+async fn keep(origin: Arc<Origin>, dial: Connector) {
+    let mut retry = FIRST_RETRY;
+    let mut failing = false;
+    loop {
+        if origin.lock().len() < origin.count {
+            match dial.clone().oneshot(origin.target.clone()).await {
+                Ok(io) => {
+                    if failing {
+                        tracing::info!(upstream = %origin.target, "warm upstream connection open again");
+                    }
+                    origin.lock().push(io);
+                    (retry, failing) = (FIRST_RETRY, false);
+                }
+                Err(err) => {
+                    // Said once per outage; the requests' own errors say the rest.
+                    if !failing {
+                        tracing::warn!(upstream = %origin.target, error = %err,
+                            "could not open a warm upstream connection; retrying");
+                    }
+                    failing = true;
+                    tokio::time::sleep(retry).await;
+                    retry = (retry * 2).min(MAX_RETRY);
+                }
+            }
+            continue;
+        }
+        tokio::select! {
+            () = origin.any_closed() => {
+                tracing::debug!(upstream = %origin.target, "the upstream closed a warm connection; opening another");
+            }
+            () = origin.taken.notified() => {}
+        }
+    }
+}
+
+impl Service<Uri> for WarmConnector {
+    type Response = Io;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Io, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.dial.poll_ready(cx)
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        match self.spare_for(&uri) {
+            Some(io) => Box::pin(std::future::ready(Ok(io))),
+            None => Box::pin(self.dial.call(uri)),
+        }
+    }
+}

@@ -1,0 +1,114 @@
+//! `warm_connections` (default 1): keyrelay opens a connection to each
+//! upstream at startup, before any request, hands it to the first request
+//! that needs one, and opens another whenever the server closes its spare.
+//! These tests run keyrelay at that default (the rest of the suite turns it
+//! off, since its mocks take every connection for a request).
+
+use std::sync::atomic::Ordering;
+
+use http::StatusCode;
+use http_body_util::BodyExt;
+
+use crate::support::h2_server::{H2Upstream, Limits};
+use crate::support::ops::eventually;
+use crate::support::raw::RawUpstream;
+use crate::support::tls::{TestCa, TlsUpstream};
+use crate::support::{http1_client, sources, within, Relay};
+use keyrelay::config::OverrideValue;
+
+/// keyrelay at the default `warm_connections` in front of `upstream`.
+async fn warm_relay(upstream: &str, settings: &[(&str, &str)]) -> Relay {
+    let mut sources = sources(upstream, settings);
+    sources.set("warm_connections", OverrideValue::Text("1".to_owned()));
+    Relay::from_sources(&sources).await
+}
+
+async fn get_ok(relay: &Relay, path: &str) -> String {
+    let response = within(
+        "an answer",
+        http1_client().get(relay.url(path).parse().expect("url")),
+    )
+    .await
+    .expect("response");
+    assert_eq!(response.status(), StatusCode::OK);
+    let body = within("the body", response.into_body().collect())
+        .await
+        .expect("body");
+    String::from_utf8_lossy(&body.to_bytes()).into_owned()
+}
+
+/// Over HTTPS: the TLS handshake happens at startup, with no request, and
+/// the first request arrives on that connection.
+#[tokio::test]
+async fn the_first_request_rides_the_connection_opened_at_startup() {
+    let ca = TestCa::new();
+    let mut upstream = TlsUpstream::start(ca.issue(&["localhost"])).await;
+    let ca_file = ca.write_pem_file();
+    let relay = warm_relay(&upstream.url("localhost"), &[("ca_file", ca_file.path())]).await;
+
+    upstream
+        .next_handshake()
+        .await
+        .expect("a handshake before any request");
+    assert!(upstream.no_request(), "the warm connection sends nothing");
+    assert_eq!(get_ok(&relay, "/v1/models").await, "secure hello");
+    let seen = upstream.next_request().await;
+    assert_eq!(seen.connection, 0, "the request used the warm connection");
+    // The spare it took is replaced.
+    upstream
+        .next_handshake()
+        .await
+        .expect("a new spare after the first was taken");
+    relay.stop().await;
+}
+
+/// A spare the server closes is replaced at once, and the next request
+/// uses the replacement.
+#[tokio::test]
+async fn a_spare_the_server_closes_is_opened_again() {
+    let mut upstream = RawUpstream::start().await;
+    let relay = warm_relay(&upstream.url(), &[]).await;
+
+    let first = upstream.next_conn().await;
+    drop(first);
+    let mut second = upstream.next_conn().await;
+    let client = http1_client();
+    let pending = tokio::spawn(client.get(relay.url("/v1/models").parse().expect("url")));
+    let head = second.read_head().await;
+    assert_eq!(head.target(), "/v1/models");
+    second
+        .send("HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+        .await;
+    let response = within("the answer", pending)
+        .await
+        .expect("join")
+        .expect("response");
+    assert_eq!(response.status(), StatusCode::OK);
+    relay.stop().await;
+}
+
+/// Over HTTP/2 the pool keeps a whole HTTP/2 connection warm (PINGs keep
+/// it alive): it is open before any request and carries the first ones.
+#[tokio::test]
+async fn an_http2_pool_opens_its_connection_at_startup_and_uses_it() {
+    let upstream = H2Upstream::start(Limits::default()).await;
+    let relay = warm_relay(
+        &upstream.url(),
+        &[("ca_file", upstream.ca_file()), ("upstream_http", "2")],
+    )
+    .await;
+    eventually("the warm HTTP/2 connection", || async {
+        (upstream.counters.connections.load(Ordering::SeqCst) == 1).then_some(())
+    })
+    .await;
+    assert_eq!(upstream.counters.requests.load(Ordering::SeqCst), 0);
+    for _ in 0..5 {
+        assert_eq!(get_ok(&relay, "/small").await, "hello");
+    }
+    assert_eq!(
+        upstream.counters.connections.load(Ordering::SeqCst),
+        1,
+        "the requests went on the warm connection"
+    );
+    relay.stop().await;
+}
