@@ -118,6 +118,8 @@ http {
       proxy_http_version 1.1;
       proxy_set_header Connection "";
       proxy_buffering off;
+      # The protocol keyrelay used, so the auto run can show what ALPN chose.
+      add_header X-Upstream-Protocol \$server_protocol always;
     }
   }
 }
@@ -192,6 +194,27 @@ start_relay() { # log name, extra flags...
   start_rss[$relay_pid]=$(awk '/^VmRSS/ {print $2}' "/proc/$relay_pid/status")
 }
 
+# The protocol nginx saw keyrelay use for one request (nginx's
+# X-Upstream-Protocol header).
+protocol_seen() {
+  python3 -c 'import http.client, sys
+c = http.client.HTTPConnection("127.0.0.1", int(sys.argv[1]), timeout=10)
+c.request("GET", "/small")
+r = c.getresponse()
+r.read()
+print(r.getheader("x-upstream-protocol"))' "$relay_port"
+}
+
+# Fails the run unless keyrelay reached nginx with protocol $1.
+expect_protocol() { # protocol, label
+  local seen
+  seen=$(protocol_seen)
+  if [ "$seen" != "$1" ]; then
+    echo "FAIL: $2 reached nginx over $seen, expected $1"
+    failed=1
+  fi
+}
+
 failed=0
 summary=()
 for server in "${servers[@]}"; do
@@ -226,13 +249,23 @@ for server in "${servers[@]}"; do
   kill "$relay_pid" 2>/dev/null || true
 
   # The same held streams over HTTP/1.1 to the same server, for the memory
-  # comparison in the README (nginx offers both in ALPN).
+  # comparison in the README, and with upstream_http = "auto", which must
+  # follow nginx's ALPN choice (h2; nginx offers both).
   if [ "$server" = nginx ]; then
     start_relay "$server-http1"
+    expect_protocol HTTP/1.1 "the default"
     if ! h1=$(python3 tests/interop/load.py held --port "$relay_port" --streams 2000 --records 20 --interval-us 100000); then
       failed=1
     fi
     summary+=("$server over HTTP/1.1: $h1 $(memory_line "$relay_pid" "HTTP/1.1 upstream")")
+    kill "$relay_pid" 2>/dev/null || true
+
+    start_relay "$server-auto" --upstream-http auto
+    expect_protocol HTTP/2.0 "upstream_http = auto"
+    if ! auto=$(python3 tests/interop/load.py held --port "$relay_port" --streams 2000 --records 20 --interval-us 100000); then
+      failed=1
+    fi
+    summary+=("$server with upstream_http = auto: $auto $(memory_line "$relay_pid" "ALPN chose h2")")
     kill "$relay_pid" 2>/dev/null || true
   fi
 done

@@ -339,6 +339,7 @@ impl Http2Pool {
         let pool = self.clone();
         async move {
             let mut retry = WARM_RETRY;
+            let mut last_open: Option<Instant> = None;
             loop {
                 if pool.inner.server_chose_http1.load(Ordering::Acquire) {
                     return;
@@ -356,6 +357,10 @@ impl Http2Pool {
                     ended.await;
                     continue;
                 }
+                if let Some(last) = last_open {
+                    tokio::time::sleep_until(last + super::warm::MIN_REDIAL).await;
+                }
+                last_open = Some(Instant::now());
                 let mut done = {
                     let mut state = pool.inner.lock();
                     Inner::open(&pool.inner, &mut state)

@@ -43,6 +43,10 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 const FIRST_RETRY: Duration = Duration::from_millis(250);
 const MAX_RETRY: Duration = Duration::from_secs(30);
 
+/// Least time between two dials of one keeper, so a server that closes
+/// every connection at once is not dialled in a tight loop.
+pub(super) const MIN_REDIAL: Duration = Duration::from_secs(1);
+
 /// A connector that hands out spare connections where it keeps them, and
 /// dials otherwise. Cloning shares the spares.
 #[derive(Clone)]
@@ -148,8 +152,13 @@ impl WarmConnector {
 async fn keep(origin: Arc<Origin>, dial: Connector) {
     let mut retry = FIRST_RETRY;
     let mut failing = false;
+    let mut last_dial: Option<tokio::time::Instant> = None;
     loop {
         if origin.lock().len() < origin.count {
+            if let Some(last) = last_dial {
+                tokio::time::sleep_until(last + MIN_REDIAL).await;
+            }
+            last_dial = Some(tokio::time::Instant::now());
             match dial.clone().oneshot(origin.target.clone()).await {
                 Ok(io) => {
                     if failing {
