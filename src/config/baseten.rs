@@ -81,6 +81,10 @@ pub struct StagedPathOnRegionalHost;
 /// The header Baseten's gRPC endpoint reads the key from.
 pub const GRPC_KEY_HEADER: &str = "baseten-authorization";
 
+/// The headers that pick a model's stage on the gRPC endpoint: a client's
+/// own values are always removed, so only the configured stage is called.
+pub const GRPC_STAGE_HEADERS: [&str; 2] = ["x-baseten-environment", "x-baseten-deployment"];
+
 /// The upstream of a model's gRPC server.
 pub fn grpc_url(model: &str) -> String {
     format!("https://model-{model}.grpc.api.baseten.co")

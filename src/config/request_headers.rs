@@ -47,12 +47,11 @@ pub(super) fn parse(
 ) -> Option<Vec<(HeaderName, HeaderValue)>> {
     let mut headers: Vec<(HeaderName, HeaderValue)> = Vec::with_capacity(entries.len());
     let mut ok = true;
-    for entry in entries.iter().map(|e| e.trim()).filter(|e| !e.is_empty()) {
+    let entries = entries.iter().map(|e| e.trim()).filter(|e| !e.is_empty());
+    for (position, entry) in entries.enumerate() {
+        // Named by position: an entry without a colon may be a pasted key.
         let Some((name, value)) = entry.split_once(':') else {
-            report(format!(
-                "{:?} is not \"name: value\"",
-                entry.split(' ').next().unwrap_or_default()
-            ));
+            report(format!("entry {} is not \"name: value\"", position + 1));
             ok = false;
             continue;
         };

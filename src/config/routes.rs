@@ -169,7 +169,7 @@ pub(super) fn check(
     // upstream is missing, so that every problem is reported in one pass.
     if top_target.is_some() || raw.routes.is_empty() {
         let grpc_headers = top_target.as_ref().and_then(|t| t.grpc_headers.as_ref());
-        let (credential, key) = credential(
+        let (mut credential, key) = credential(
             &CredentialSpec {
                 key_env: &raw.key_env,
                 key_file: raw.key_file.as_deref(),
@@ -189,6 +189,7 @@ pub(super) fn check(
             &top,
             found,
         );
+        strip_grpc_stage_headers(credential.as_mut(), grpc_headers.is_some());
         let paths = policy(&raw.allowed_paths, &top, found);
         let http = top_http.map(|http| forced_by_grpc(http, grpc_headers.is_some()));
         if let (Some(target), Some(credential), Some(paths), Some(http), Some(set_headers)) =
@@ -310,7 +311,7 @@ fn check_route(
     }
     let grpc_headers = target.as_ref().and_then(|t| t.grpc_headers.as_ref());
     let header = route.auth_header.as_deref().unwrap_or(&raw.auth_header);
-    let (credential, key) = credential(
+    let (mut credential, key) = credential(
         &CredentialSpec {
             key_env: key_env.unwrap_or_default(),
             key_file,
@@ -336,6 +337,7 @@ fn check_route(
         scope,
         found,
     );
+    strip_grpc_stage_headers(credential.as_mut(), grpc_headers.is_some());
     let paths = policy(&route.allowed_paths, scope, found);
     let http = protocol(
         route.upstream_http.as_deref(),
@@ -414,6 +416,20 @@ fn protocol(
                 format!("{switch} means upstream_http = \"2\", which contradicts upstream_http = \"{chosen}\"; set only upstream_http"),
             );
             None
+        }
+    }
+}
+
+/// On a gRPC route a client's own stage headers are removed, so a call
+/// cannot pick a stage other than the configured one (or production).
+fn strip_grpc_stage_headers(credential: Option<&mut Credential>, grpc: bool) {
+    let Some(credential) = credential.filter(|_| grpc) else {
+        return;
+    };
+    for name in baseten::GRPC_STAGE_HEADERS {
+        let name = HeaderName::from_static(name);
+        if !credential.strip.contains(&name) {
+            credential.strip.push(name);
         }
     }
 }
@@ -768,6 +784,12 @@ mod tests {
         assert_eq!(route.credential.header, "baseten-authorization");
         assert_eq!(route.credential.value.as_bytes(), b"Api-Key k-123");
         assert!(route.credential.strip.iter().any(|h| h == "authorization"));
+        for stage_header in ["x-baseten-environment", "x-baseten-deployment"] {
+            assert!(
+                route.credential.strip.iter().any(|h| h == stage_header),
+                "a client's {stage_header} is removed"
+            );
+        }
         assert_eq!(
             set_headers(&config),
             [

@@ -82,7 +82,9 @@ pub async fn bind(addr: &ListenAddr, mode: u32, backlog: u32) -> io::Result<List
 
 /// Binds a Unix socket that appears at `path` only once it is listening and
 /// has permissions `mode`: it is bound under a temporary name beside `path`,
-/// chmod-ed, then renamed into place (a rename keeps the bound inode).
+/// chmod-ed before it listens (until then a connect is refused, so no one
+/// gets in under the umask's mode), then renamed into place (a rename keeps
+/// the bound inode).
 ///
 /// Binding at `path` directly would leave a window in which the file exists
 /// with the umask's mode (wider than `mode` under a lax umask) and in which a
@@ -92,7 +94,11 @@ fn bind_unix_with_mode(path: &Path, mode: u32, backlog: u32) -> io::Result<UnixL
     let mut staging = path.as_os_str().to_owned();
     staging.push(format!(".{}", std::process::id()));
     let staging = PathBuf::from(staging);
-    let _ = std::fs::remove_file(&staging);
+    // A socket left by a run that died here (in a container the pid is
+    // often the same); any other file of that name is not ours to remove.
+    if std::fs::symlink_metadata(&staging).is_ok_and(|meta| meta.file_type().is_socket()) {
+        std::fs::remove_file(&staging)?;
+    }
     let socket = UnixSocket::new_stream()?;
     if let Err(err) = socket.bind(&staging) {
         if err.kind() != io::ErrorKind::InvalidInput {
@@ -102,15 +108,15 @@ fn bind_unix_with_mode(path: &Path, mode: u32, backlog: u32) -> io::Result<UnixL
         // bytes on Linux) while `path` itself fits: bind in place instead.
         let socket = UnixSocket::new_stream()?;
         socket.bind(path)?;
-        let listener = socket.listen(backlog)?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
-        return Ok(listener);
+        return socket.listen(backlog);
     }
-    let placed = socket.listen(backlog).and_then(|listener| {
-        std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(mode))?;
-        std::fs::rename(&staging, path)?;
-        Ok(listener)
-    });
+    let placed = std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(mode))
+        .and_then(|()| socket.listen(backlog))
+        .and_then(|listener| {
+            std::fs::rename(&staging, path)?;
+            Ok(listener)
+        });
     if placed.is_err() {
         let _ = std::fs::remove_file(&staging);
     }

@@ -339,7 +339,6 @@ impl Http2Pool {
         let pool = self.clone();
         async move {
             let mut retry = WARM_RETRY;
-            let mut last_open: Option<Instant> = None;
             loop {
                 if pool.inner.server_chose_http1.load(Ordering::Acquire) {
                     return;
@@ -355,12 +354,11 @@ impl Http2Pool {
                 };
                 if missing == 0 {
                     ended.await;
+                    // Not at once: a server that closes every connection
+                    // must not be dialled in a tight loop.
+                    tokio::time::sleep(super::warm::MIN_REDIAL).await;
                     continue;
                 }
-                if let Some(last) = last_open {
-                    tokio::time::sleep_until(last + super::warm::MIN_REDIAL).await;
-                }
-                last_open = Some(Instant::now());
                 let mut done = {
                     let mut state = pool.inner.lock();
                     Inner::open(&pool.inner, &mut state)

@@ -43,8 +43,9 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 const FIRST_RETRY: Duration = Duration::from_millis(250);
 const MAX_RETRY: Duration = Duration::from_secs(30);
 
-/// Least time between two dials of one keeper, so a server that closes
-/// every connection at once is not dialled in a tight loop.
+/// Least time between a server closing a warm connection and the next
+/// dial, so a server that closes every connection at once is not dialled in
+/// a tight loop (a spare taken by a request is replaced at once).
 pub(super) const MIN_REDIAL: Duration = Duration::from_secs(1);
 
 /// A connector that hands out spare connections where it keeps them, and
@@ -61,7 +62,8 @@ struct Origin {
     target: Uri,
     count: usize,
     spares: Mutex<Vec<Io>>,
-    /// Signalled when a request takes a spare, so the keeper replaces it.
+    /// Signalled when a request looks for a spare (and may have taken one),
+    /// so the keeper tops the spares up.
     taken: Notify,
 }
 
@@ -152,13 +154,8 @@ impl WarmConnector {
 async fn keep(origin: Arc<Origin>, dial: Connector) {
     let mut retry = FIRST_RETRY;
     let mut failing = false;
-    let mut last_dial: Option<tokio::time::Instant> = None;
     loop {
         if origin.lock().len() < origin.count {
-            if let Some(last) = last_dial {
-                tokio::time::sleep_until(last + MIN_REDIAL).await;
-            }
-            last_dial = Some(tokio::time::Instant::now());
             match dial.clone().oneshot(origin.target.clone()).await {
                 Ok(io) => {
                     if failing {
@@ -183,6 +180,7 @@ async fn keep(origin: Arc<Origin>, dial: Connector) {
         tokio::select! {
             () = origin.any_closed() => {
                 tracing::debug!(upstream = %origin.target, "the upstream closed a warm connection; opening another");
+                tokio::time::sleep(MIN_REDIAL).await;
             }
             () = origin.taken.notified() => {}
         }
