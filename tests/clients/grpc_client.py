@@ -32,16 +32,11 @@ import time
 
 import grpc
 
+from grpc_args import name_value
+
 DEADLINE_SECONDS = 30
 OPTIONS = [("grpc.enable_http_proxy", 0)]
 SERIALIZE = {"request_serializer": lambda b: b, "response_deserializer": lambda b: b}
-
-
-def name_value(text: str):
-    name, sep, value = text.partition("=")
-    if not sep or not name:
-        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=VALUE")
-    return name.lower(), value
 
 
 def parse_args():

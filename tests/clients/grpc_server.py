@@ -50,6 +50,8 @@ from concurrent import futures
 
 import grpc
 
+from grpc_args import name_value
+
 # Calls the server runs at once: each in-flight call holds a worker thread.
 MAX_WORKERS = 256
 # How long a `burst ... together K` call waits for the others.
@@ -70,13 +72,6 @@ def say(*words) -> None:
     with _PRINT_LOCK:
         sys.stdout.write(line)
         sys.stdout.flush()
-
-
-def name_value(text: str):
-    name, sep, value = text.partition("=")
-    if not sep or not name:
-        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=VALUE")
-    return name.lower(), value
 
 
 def parse_args():

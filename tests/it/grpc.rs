@@ -201,6 +201,27 @@ async fn lockstep(upstream: &mut GrpcUpstream, client: &mut Script, count: usize
     }
 }
 
+/// Makes the server-streaming call `request` through `relay`, releasing
+/// `count` messages in lockstep, and returns its trailers and status once
+/// the client has exited cleanly.
+async fn stream_in_lockstep(
+    upstream: &mut GrpcUpstream,
+    relay: &GrpcRelay,
+    request: &str,
+    count: usize,
+) -> (Vec<String>, String) {
+    let mut client = call_through(relay, request);
+    let call = format!("call {request}");
+    let at_server = upstream.server.expect_line(&call);
+    client
+        .while_running("the call at the server", at_server)
+        .await;
+    lockstep(upstream, &mut client, count).await;
+    let outcome = trailers_and_status(&mut client).await;
+    client.success().await;
+    outcome
+}
+
 /// Reads everything the client prints (replies, trailers) up to its
 /// `status ...` line.
 async fn lines_and_status(client: &mut Script) -> (Vec<String>, String) {
@@ -230,23 +251,13 @@ async fn trailers_and_status(client: &mut Script) -> (Vec<String>, String) {
 async fn grpc_server_stream_arrives_message_by_message_with_ok_trailers() {
     let mut upstream = GrpcUpstream::start().await;
     let relay = GrpcRelay::start(&upstream.config("baseten-authorization")).await;
-    let mut client = call_through(&relay, "stream 6");
-
-    client
-        .while_running(
-            "the call at the server",
-            upstream.server.expect_line("call stream 6"),
-        )
-        .await;
-    lockstep(&mut upstream, &mut client, 6).await;
-    let (trailers, status) = trailers_and_status(&mut client).await;
+    let (trailers, status) = stream_in_lockstep(&mut upstream, &relay, "stream 6", 6).await;
     assert_eq!(status, "status OK");
     assert_eq!(
         trailers,
         ["x-tokens-sent=6"],
         "the server's trailing metadata"
     );
-    client.success().await;
     relay.stop().await;
 }
 
@@ -254,21 +265,14 @@ async fn grpc_server_stream_arrives_message_by_message_with_ok_trailers() {
 async fn grpc_error_status_after_messages_reaches_the_client() {
     let mut upstream = GrpcUpstream::start().await;
     let relay = GrpcRelay::start(&upstream.config("baseten-authorization")).await;
-    let mut client = call_through(&relay, "abort-after 2 RESOURCE_EXHAUSTED");
-
-    let call = upstream
-        .server
-        .expect_line("call abort-after 2 RESOURCE_EXHAUSTED");
-    client.while_running("the call at the server", call).await;
-    lockstep(&mut upstream, &mut client, 2).await;
-    let (trailers, status) = trailers_and_status(&mut client).await;
+    let (trailers, status) =
+        stream_in_lockstep(&mut upstream, &relay, "abort-after 2 RESOURCE_EXHAUSTED", 2).await;
     assert_eq!(status, "status RESOURCE_EXHAUSTED stopped by the test");
     assert_eq!(
         trailers,
         ["x-tokens-sent=2"],
         "the server's trailing metadata"
     );
-    client.success().await;
     relay.stop().await;
 }
 
@@ -440,23 +444,13 @@ async fn grpc_shortcut_unary_call_gets_its_reply_and_trailers() {
 #[tokio::test]
 async fn grpc_shortcut_server_stream_arrives_message_by_message_with_ok_trailers() {
     let (mut upstream, relay) = shortcut(Stage::Environment).await;
-    let mut client = call_through(&relay, "stream 6");
-
-    client
-        .while_running(
-            "the call at the server",
-            upstream.server.expect_line("call stream 6"),
-        )
-        .await;
-    lockstep(&mut upstream, &mut client, 6).await;
-    let (trailers, status) = trailers_and_status(&mut client).await;
+    let (trailers, status) = stream_in_lockstep(&mut upstream, &relay, "stream 6", 6).await;
     assert_eq!(status, "status OK");
     assert_eq!(
         trailers,
         ["x-tokens-sent=6"],
         "the server's trailing metadata"
     );
-    client.success().await;
     relay.stop().await;
 }
 
@@ -465,40 +459,23 @@ async fn grpc_shortcut_server_stream_arrives_message_by_message_with_ok_trailers
 #[tokio::test]
 async fn grpc_shortcut_with_a_deployment_sends_the_deployment_header() {
     let (mut upstream, relay) = shortcut(Stage::Deployment).await;
-    let mut client = call_through(&relay, "stream 3");
-
-    client
-        .while_running(
-            "the call at the server",
-            upstream.server.expect_line("call stream 3"),
-        )
-        .await;
-    lockstep(&mut upstream, &mut client, 3).await;
-    let (trailers, status) = trailers_and_status(&mut client).await;
+    let (trailers, status) = stream_in_lockstep(&mut upstream, &relay, "stream 3", 3).await;
     assert_eq!(status, "status OK");
     assert_eq!(trailers, ["x-tokens-sent=3"]);
-    client.success().await;
     relay.stop().await;
 }
 
 #[tokio::test]
 async fn grpc_shortcut_error_status_after_messages_reaches_the_client() {
     let (mut upstream, relay) = shortcut(Stage::Environment).await;
-    let mut client = call_through(&relay, "abort-after 2 RESOURCE_EXHAUSTED");
-
-    let call = upstream
-        .server
-        .expect_line("call abort-after 2 RESOURCE_EXHAUSTED");
-    client.while_running("the call at the server", call).await;
-    lockstep(&mut upstream, &mut client, 2).await;
-    let (trailers, status) = trailers_and_status(&mut client).await;
+    let (trailers, status) =
+        stream_in_lockstep(&mut upstream, &relay, "abort-after 2 RESOURCE_EXHAUSTED", 2).await;
     assert_eq!(status, "status RESOURCE_EXHAUSTED stopped by the test");
     assert_eq!(
         trailers,
         ["x-tokens-sent=2"],
         "the server's trailing metadata"
     );
-    client.success().await;
     relay.stop().await;
 }
 

@@ -7,7 +7,6 @@ use crate::support;
 use std::collections::HashMap;
 
 use http::Request;
-use http_body_util::BodyExt;
 use keyrelay::config::{self, Sources};
 use support::*;
 use tokio::net::TcpListener;
@@ -151,12 +150,7 @@ key_env = "OTHER_KEY"
         .await
         .expect("join");
     assert_eq!(response.status(), 404);
-    let body = response
-        .into_body()
-        .collect()
-        .await
-        .expect("body")
-        .to_bytes();
+    let body = body_bytes(response).await;
     let text = String::from_utf8_lossy(&body);
     let json: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
     assert_eq!(json["type"], "no_route");
@@ -245,12 +239,7 @@ async fn regional_routes_send_bare_paths_and_refuse_staged_ones() {
     .await
     .expect("client");
     assert_eq!(refused.status(), 400);
-    let body = refused
-        .into_body()
-        .collect()
-        .await
-        .expect("body")
-        .to_bytes();
+    let body = body_bytes(refused).await;
     let error: serde_json::Value = serde_json::from_slice(&body).expect("a JSON error");
     assert_eq!(error["type"], "staged_path_on_regional_host", "{error}");
     assert!(
