@@ -29,14 +29,17 @@ use std::fmt;
 /// Host of Baseten's shared OpenAI-compatible Model APIs.
 pub const MODEL_APIS_URL: &str = "https://inference.baseten.co";
 
-/// Paths that already name their stage (or need none) and pass unchanged.
-const STAGED_PREFIXES: [&str; 5] = [
+/// Paths that already name their stage: they pass unchanged, except to a
+/// regional host, which refuses them.
+const STAGED_PREFIXES: [&str; 4] = [
     "/environments/",
     "/deployment/",
     "/development/",
     "/production/",
-    "/async_request/",
 ];
+
+/// Paths that need no stage (an async request is found by its id alone).
+const UNSTAGED_PREFIXES: [&str; 1] = ["/async_request/"];
 
 /// What a shortcut points at.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -130,14 +133,16 @@ pub fn valid_name(name: &str) -> bool {
 /// The upstream path for local `path_and_query` under `stage` (the table
 /// above); on a regional host, staged paths are refused.
 pub fn map_path(stage: &Stage, path_and_query: &str) -> Result<String, StagedPathOnRegionalHost> {
-    if STAGED_PREFIXES
-        .iter()
-        .any(|prefix| path_and_query.starts_with(prefix))
-    {
+    let starts_with_any =
+        |prefixes: &[&str]| prefixes.iter().any(|p| path_and_query.starts_with(p));
+    if starts_with_any(&STAGED_PREFIXES) {
         return match stage {
             Stage::Regional => Err(StagedPathOnRegionalHost),
             _ => Ok(path_and_query.to_owned()),
         };
+    }
+    if starts_with_any(&UNSTAGED_PREFIXES) {
+        return Ok(path_and_query.to_owned());
     }
     let path = path_and_query.split('?').next().unwrap_or_default();
     let sync = if path.starts_with("/v1/") || path == "/v1" {
@@ -220,6 +225,7 @@ mod tests {
             Ok("/sync/v1/chat/completions")
         );
         assert_eq!(map("/sync/v1/models").as_deref(), Ok("/sync/v1/models"));
+        assert_eq!(map("/async_request/r1").as_deref(), Ok("/async_request/r1"));
         for staged in [
             "/production/predict",
             "/environments/staging/predict",

@@ -12,9 +12,9 @@ use http::{HeaderName, HeaderValue};
 
 use crate::secrets::key::ApiKey;
 
-/// Names that belong to the connection or the message framing, which
-/// keyrelay manages itself.
-const MANAGED: [&str; 10] = [
+/// Names that belong to the connection, the message framing or keyrelay's
+/// request id, which keyrelay manages itself.
+const MANAGED: [&str; 11] = [
     "connection",
     "content-length",
     "host",
@@ -25,10 +25,12 @@ const MANAGED: [&str; 10] = [
     "transfer-encoding",
     "upgrade",
     "http2-settings",
+    "x-request-id",
 ];
 
 /// Names that carry credentials.
-const CREDENTIALS: [&str; 4] = [
+const CREDENTIALS: [&str; 5] = [
+    "baseten-authorization",
     "authorization",
     "proxy-authorization",
     "cookie",

@@ -66,6 +66,8 @@ struct Shared {
     /// Its connector, which keeps the HTTP/1.1 routes' warm connections.
     http1_warm: WarmConnector,
     warm_connections: usize,
+    /// The most age a warm HTTP/1.1 spare may have (`pool_idle_timeout`).
+    pool_idle_timeout: std::time::Duration,
     routes: RouteTable,
     /// Metrics for requests that match no route.
     unmatched: RouteMetrics,
@@ -119,6 +121,7 @@ impl Proxy {
                 http1,
                 http1_warm,
                 warm_connections: config.pool.warm_connections,
+                pool_idle_timeout: config.pool.idle_timeout,
                 routes: RouteTable::new(&config.routes, metrics, route_clients(config)?),
                 unmatched: metrics.route(UNMATCHED_ROUTE),
                 concurrency: config
@@ -147,22 +150,37 @@ impl Proxy {
         if shared.warm_connections == 0 {
             return keepers;
         }
+        let count = shared.warm_connections;
+        let max_age = shared.pool_idle_timeout;
         let mut http1_origins: Vec<http::Uri> = Vec::new();
         let mut pools: Vec<&Http2Pool> = Vec::new();
         for route in shared.routes.iter() {
-            match route.client.http2_pool() {
-                Some(pool) if !pools.iter().any(|seen| seen.is(pool)) => {
+            let origin = route.upstream.origin();
+            match &route.client {
+                RouteClient::Http1 => {
+                    if !http1_origins.contains(&origin) {
+                        http1_origins.push(origin.clone());
+                        keepers.push(Box::pin(
+                            shared.http1_warm.keep_warm(origin, count, max_age),
+                        ));
+                    }
+                }
+                RouteClient::Http2(pool) | RouteClient::Auto(pool)
+                    if pools.iter().any(|seen| seen.is(pool)) => {}
+                RouteClient::Http2(pool) => {
                     pools.push(pool);
                     keepers.push(Box::pin(pool.keep_warm()));
                 }
-                Some(_) => {}
-                None => {
-                    let origin = route.upstream.origin();
-                    if !http1_origins.contains(&origin) {
-                        http1_origins.push(origin.clone());
-                        let count = shared.warm_connections;
-                        keepers.push(Box::pin(shared.http1_warm.keep_warm(origin, count)));
-                    }
+                // Warm over HTTP/2 until the server turns out to choose
+                // HTTP/1.1; then spares for the HTTP/1.1 client instead.
+                RouteClient::Auto(pool) => {
+                    pools.push(pool);
+                    let pool_warm = pool.keep_warm();
+                    let http1 = shared.http1_warm.clone();
+                    keepers.push(Box::pin(async move {
+                        pool_warm.await;
+                        http1.keep_warm(origin, count, max_age).await;
+                    }));
                 }
             }
         }
@@ -243,22 +261,25 @@ impl Shared {
         // on both sides, where the protocol switch exists.
         let upgrade = headers::requested_upgrade(&parts.headers)
             .filter(|_| parts.version == Version::HTTP_11 && route.client.can_upgrade());
-        let via = route
-            .client
-            .via(upgrade.is_some())
-            .await
-            .map_err(|err| self.send_failure(&err, err.is_connect()))?;
+        let upgrading = upgrade.is_some();
         let client_upgrade = upgrade
             .as_ref()
             .and_then(|_| parts.extensions.remove::<OnUpgrade>());
         let body = RequestBody::new(body, self.max_request_body, route.metrics.clone());
-        let upstream_request = upstream_request(route, &via, parts, body, upgrade)?;
+        let mut upstream_request = upstream_request(route, parts, body, upgrade)?;
 
-        // 4. Send.
+        // 4. Send, over the route's HTTP version (an `auto` route's first
+        // request finds out which the server speaks).
         // The path only: queries can carry secrets of their own.
         tracing::debug!(path = upstream_request.uri().path(), "forwarding");
         let overhead = record.elapsed();
         record.metrics().overhead(overhead.as_secs_f64());
+        let via = route
+            .client
+            .via(upgrading)
+            .await
+            .map_err(|err| self.send_failure(&err, err.is_connect()))?;
+        set_version(&mut upstream_request, &via, route.host.as_ref());
         let (response, slot) = self.send(via, upstream_request).await?;
         Ok(Answer::Relay(Sent {
             response,
@@ -463,10 +484,10 @@ fn switch_protocols(
 }
 
 /// Turns the client's request into the upstream's: new target, scrubbed
-/// headers, injected credential, same method and body.
+/// headers, injected credential and static headers, same method and body.
+/// The HTTP version is set once the route has chosen it ([`set_version`]).
 fn upstream_request(
     route: &Route,
-    via: &Via<'_>,
     mut parts: http::request::Parts,
     body: RequestBody,
     upgrade: Option<HeaderValue>,
@@ -475,7 +496,6 @@ fn upstream_request(
         return Err(ClientError::ConnectNotSupported.into());
     }
     parts.uri = route.upstream_uri(&parts.uri)?;
-    parts.version = via.version();
     headers::prepare_request(
         &mut parts.headers,
         &route.credential.strip,
@@ -485,13 +505,21 @@ fn upstream_request(
     for (name, value) in &route.set_headers {
         parts.headers.insert(name, value.clone());
     }
-    if let (Via::Http1, Some(host)) = (via, &route.host) {
-        parts.headers.insert(http::header::HOST, host.clone());
-    }
     if let Some(protocol) = upgrade {
         headers::restore_upgrade(&mut parts.headers, protocol);
     }
     Ok(Request::from_parts(parts, body))
+}
+
+/// The HTTP version the request goes with, and over HTTP/1.1 its `Host`
+/// (HTTP/2 carries the upstream's authority in `:authority` instead).
+fn set_version(request: &mut Request<RequestBody>, via: &Via<'_>, host: Option<&HeaderValue>) {
+    *request.version_mut() = via.version();
+    if let (Via::Http1, Some(host)) = (via, host) {
+        request
+            .headers_mut()
+            .insert(http::header::HOST, host.clone());
+    }
 }
 
 impl tower::Service<Request<Incoming>> for Proxy {

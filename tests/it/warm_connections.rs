@@ -7,13 +7,12 @@
 use std::sync::atomic::Ordering;
 
 use http::StatusCode;
-use http_body_util::BodyExt;
 
 use crate::support::h2_server::{H2Upstream, Limits};
 use crate::support::ops::eventually;
 use crate::support::raw::RawUpstream;
 use crate::support::tls::{TestCa, TlsUpstream};
-use crate::support::{http1_client, sources, within, Relay};
+use crate::support::{body_bytes, http1_client, sources, within, Relay};
 use keyrelay::config::OverrideValue;
 
 /// keyrelay at the default `warm_connections` in front of `upstream`.
@@ -31,10 +30,7 @@ async fn get_ok(relay: &Relay, path: &str) -> String {
     .await
     .expect("response");
     assert_eq!(response.status(), StatusCode::OK);
-    let body = within("the body", response.into_body().collect())
-        .await
-        .expect("body");
-    String::from_utf8_lossy(&body.to_bytes()).into_owned()
+    String::from_utf8_lossy(&body_bytes(response).await).into_owned()
 }
 
 /// Over HTTPS: the TLS handshake happens at startup, with no request, and
@@ -110,5 +106,52 @@ async fn an_http2_pool_opens_its_connection_at_startup_and_uses_it() {
         1,
         "the requests went on the warm connection"
     );
+    relay.stop().await;
+}
+
+/// A spare older than `pool_idle_timeout` is replaced even though the
+/// server never closed it (its close may have been lost), and the next
+/// request goes on the young one.
+#[tokio::test]
+async fn a_spare_past_pool_idle_timeout_is_replaced() {
+    let mut upstream = RawUpstream::start().await;
+    let relay = warm_relay(&upstream.url(), &[("pool_idle_timeout", "1s")]).await;
+
+    let _old = upstream.next_conn().await;
+    let mut young = upstream.next_conn().await;
+    let client = http1_client();
+    let pending = tokio::spawn(client.get(relay.url("/v1/models").parse().expect("url")));
+    assert_eq!(young.read_head().await.target(), "/v1/models");
+    young
+        .send("HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+        .await;
+    let response = within("the answer", pending)
+        .await
+        .expect("join")
+        .expect("response");
+    assert_eq!(response.status(), StatusCode::OK);
+    relay.stop().await;
+}
+
+/// `upstream_http = "auto"` against a server without h2: the connection
+/// that found out is closed, and an HTTP/1.1 spare takes its place before
+/// any request, which then rides it.
+#[tokio::test]
+async fn an_auto_route_whose_server_chooses_http1_keeps_an_http1_spare() {
+    let ca = TestCa::new();
+    let mut upstream = TlsUpstream::start(ca.issue(&["localhost"])).await;
+    let ca_file = ca.write_pem_file();
+    let relay = warm_relay(
+        &upstream.url("localhost"),
+        &[("ca_file", ca_file.path()), ("upstream_http", "auto")],
+    )
+    .await;
+
+    upstream.next_handshake().await.expect("the asking handshake");
+    upstream.next_handshake().await.expect("the HTTP/1.1 spare");
+    assert!(upstream.no_request());
+    assert_eq!(get_ok(&relay, "/v1/models").await, "secure hello");
+    let seen = upstream.next_request().await;
+    assert_eq!(seen.connection, 1, "the request used the HTTP/1.1 spare");
     relay.stop().await;
 }

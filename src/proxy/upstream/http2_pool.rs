@@ -333,7 +333,7 @@ impl Http2Pool {
 
     /// The task that keeps `warm_connections` connections open (opening
     /// them at startup, again when the server closes one), until dropped.
-    /// For a pool offering both versions, it stops once the server turns
+    /// It ends only for a pool offering both versions whose server turns
     /// out to choose HTTP/1.1.
     pub fn keep_warm(&self) -> impl Future<Output = ()> + Send + 'static {
         let pool = self.clone();

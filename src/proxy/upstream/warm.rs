@@ -15,7 +15,10 @@
 //! An HTTP/1.1 server sends nothing before a request, so anything readable
 //! on a spare (end of file, data, an error) means the server is done with
 //! it: the keeper watches each one for that and replaces it, and a spare is
-//! checked once more as it is handed out.
+//! checked once more as it is handed out. A close can also be lost (a NAT
+//! forgetting the connection, a laptop asleep), so a spare is also replaced
+//! once it is older than `pool_idle_timeout`, the age past which the pool
+//! above stops reusing its own idle connections for the same reason.
 
 use std::future::Future;
 use std::mem::MaybeUninit;
@@ -29,6 +32,7 @@ use hyper_rustls::MaybeHttpsStream;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
+use tokio::time::Instant;
 use tower::{Service, ServiceExt};
 
 use super::connect::Connector;
@@ -61,14 +65,22 @@ struct Origin {
     /// `scheme://authority/`, what is dialled.
     target: Uri,
     count: usize,
-    spares: Mutex<Vec<Io>>,
+    /// Age at which a spare is replaced rather than handed out.
+    max_age: Duration,
+    spares: Mutex<Vec<Spare>>,
     /// Signalled when a request looks for a spare (and may have taken one),
     /// so the keeper tops the spares up.
     taken: Notify,
 }
 
+/// A spare connection and when it was opened.
+struct Spare {
+    io: Io,
+    opened: Instant,
+}
+
 impl Origin {
-    fn lock(&self) -> MutexGuard<'_, Vec<Io>> {
+    fn lock(&self) -> MutexGuard<'_, Vec<Spare>> {
         // Every change is a push, pop or retain: a panic cannot leave the
         // list half-changed, so poisoning is ignored.
         self.spares.lock().unwrap_or_else(|p| p.into_inner())
@@ -78,17 +90,17 @@ impl Origin {
         self.target.scheme() == uri.scheme() && self.target.authority() == uri.authority()
     }
 
-    /// A spare that is still open, if there is one.
+    /// A spare that is still open and young enough, if there is one.
     fn take(&self) -> Option<Io> {
         let mut spares = self.lock();
         let mut check = Context::from_waker(Waker::noop());
-        while let Some(mut io) = spares.pop() {
-            if is_open(&mut io, &mut check) {
-                self.taken.notify_one();
-                return Some(io);
+        // Whatever happens, the keeper tops the spares up.
+        self.taken.notify_one();
+        while let Some(mut spare) = spares.pop() {
+            if spare.opened.elapsed() < self.max_age && is_open(&mut spare.io, &mut check) {
+                return Some(spare.io);
             }
         }
-        self.taken.notify_one();
         None
     }
 
@@ -97,7 +109,7 @@ impl Origin {
         std::future::poll_fn(|cx| {
             let mut spares = self.lock();
             let before = spares.len();
-            spares.retain_mut(|io| is_open(io, cx));
+            spares.retain_mut(|spare| is_open(&mut spare.io, cx));
             if spares.len() < before {
                 Poll::Ready(())
             } else {
@@ -105,6 +117,17 @@ impl Origin {
             }
         })
         .await;
+    }
+
+    /// Resolves when the oldest spare reaches `max_age`, having dropped it.
+    async fn oldest_expired(&self) {
+        let oldest = self.lock().iter().map(|spare| spare.opened).min();
+        let Some(oldest) = oldest else {
+            return std::future::pending().await;
+        };
+        tokio::time::sleep_until(oldest + self.max_age).await;
+        self.lock()
+            .retain(|spare| spare.opened.elapsed() < self.max_age);
     }
 }
 
@@ -126,15 +149,19 @@ impl WarmConnector {
     }
 
     /// The task that keeps `count` spare connections to `target`'s origin
-    /// open, until it is dropped (the caller runs it beside the server).
+    /// open, each for at most `max_age`, until it is dropped (the caller
+    /// runs it beside the server).
     pub fn keep_warm(
         &self,
         target: Uri,
         count: usize,
+        max_age: Duration,
     ) -> impl Future<Output = ()> + Send + 'static {
         let origin = Arc::new(Origin {
             target,
             count,
+            // Not below the redial pace: a tiny age would only churn.
+            max_age: max_age.max(MIN_REDIAL),
             spares: Mutex::new(Vec::with_capacity(count)),
             taken: Notify::new(),
         });
@@ -161,7 +188,10 @@ async fn keep(origin: Arc<Origin>, dial: Connector) {
                     if failing {
                         tracing::info!(upstream = %origin.target, "warm upstream connection open again");
                     }
-                    origin.lock().push(io);
+                    origin.lock().push(Spare {
+                        io,
+                        opened: Instant::now(),
+                    });
                     (retry, failing) = (FIRST_RETRY, false);
                 }
                 Err(err) => {
@@ -182,6 +212,7 @@ async fn keep(origin: Arc<Origin>, dial: Connector) {
                 tracing::debug!(upstream = %origin.target, "the upstream closed a warm connection; opening another");
                 tokio::time::sleep(MIN_REDIAL).await;
             }
+            () = origin.oldest_expired() => {}
             () = origin.taken.notified() => {}
         }
     }
