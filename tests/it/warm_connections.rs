@@ -10,7 +10,7 @@ use http::StatusCode;
 
 use crate::support::h2_server::{H2Upstream, Limits};
 use crate::support::ops::eventually;
-use crate::support::raw::RawUpstream;
+use crate::support::raw::{RawConn, RawUpstream};
 use crate::support::tls::{TestCa, TlsUpstream};
 use crate::support::{body_bytes, http1_client, sources, within, Relay};
 use keyrelay::config::OverrideValue;
@@ -31,6 +31,21 @@ async fn get_ok(relay: &Relay, path: &str) -> String {
     .expect("response");
     assert_eq!(response.status(), StatusCode::OK);
     String::from_utf8_lossy(&body_bytes(response).await).into_owned()
+}
+
+/// Sends a request through `relay` and checks it arrives on `conn` (a
+/// spare), answering it there.
+async fn request_arrives_on(mut conn: RawConn, relay: &Relay) {
+    let client = http1_client();
+    let pending = tokio::spawn(client.get(relay.url("/v1/models").parse().expect("url")));
+    assert_eq!(conn.read_head().await.target(), "/v1/models");
+    conn.send("HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+        .await;
+    let response = within("the answer", pending)
+        .await
+        .expect("join")
+        .expect("response");
+    assert_eq!(response.status(), StatusCode::OK);
 }
 
 /// Over HTTPS: the TLS handshake happens at startup, with no request, and
@@ -67,19 +82,8 @@ async fn a_spare_the_server_closes_is_opened_again() {
 
     let first = upstream.next_conn().await;
     drop(first);
-    let mut second = upstream.next_conn().await;
-    let client = http1_client();
-    let pending = tokio::spawn(client.get(relay.url("/v1/models").parse().expect("url")));
-    let head = second.read_head().await;
-    assert_eq!(head.target(), "/v1/models");
-    second
-        .send("HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-        .await;
-    let response = within("the answer", pending)
-        .await
-        .expect("join")
-        .expect("response");
-    assert_eq!(response.status(), StatusCode::OK);
+    let second = upstream.next_conn().await;
+    request_arrives_on(second, &relay).await;
     relay.stop().await;
 }
 
@@ -118,18 +122,8 @@ async fn a_spare_past_pool_idle_timeout_is_replaced() {
     let relay = warm_relay(&upstream.url(), &[("pool_idle_timeout", "1s")]).await;
 
     let _old = upstream.next_conn().await;
-    let mut young = upstream.next_conn().await;
-    let client = http1_client();
-    let pending = tokio::spawn(client.get(relay.url("/v1/models").parse().expect("url")));
-    assert_eq!(young.read_head().await.target(), "/v1/models");
-    young
-        .send("HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-        .await;
-    let response = within("the answer", pending)
-        .await
-        .expect("join")
-        .expect("response");
-    assert_eq!(response.status(), StatusCode::OK);
+    let young = upstream.next_conn().await;
+    request_arrives_on(young, &relay).await;
     relay.stop().await;
 }
 
@@ -147,7 +141,10 @@ async fn an_auto_route_whose_server_chooses_http1_keeps_an_http1_spare() {
     )
     .await;
 
-    upstream.next_handshake().await.expect("the asking handshake");
+    upstream
+        .next_handshake()
+        .await
+        .expect("the asking handshake");
     upstream.next_handshake().await.expect("the HTTP/1.1 spare");
     assert!(upstream.no_request());
     assert_eq!(get_ok(&relay, "/v1/models").await, "secure hello");
