@@ -258,7 +258,7 @@ struct RawConfig {
     idle_timeout: String,
     pool_idle_timeout: String,
     pool_max_idle_per_host: usize,
-    upstream_http: String,
+    upstream_http: Option<String>,
     upstream_http2: bool,
     grpc: bool,
     regional: bool,

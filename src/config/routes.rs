@@ -158,10 +158,10 @@ pub(super) fn check(
         regional: raw.regional,
     };
     let top_target = target(&top_target, &top, found).flatten();
-    let top_http = protocol(
-        Some(&raw.upstream_http),
+    let top_http = named_protocol(
+        raw.upstream_http.as_deref(),
         raw.upstream_http2,
-        None,
+        "upstream_http2",
         &top,
         found,
     );
@@ -191,7 +191,15 @@ pub(super) fn check(
         );
         strip_grpc_stage_headers(credential.as_mut(), grpc_headers.is_some());
         let paths = policy(&raw.allowed_paths, &top, found);
-        let http = top_http.map(|http| forced_by_grpc(http, grpc_headers.is_some()));
+        let http = top_http.and_then(|named| {
+            resolve_protocol(
+                named,
+                UpstreamHttp::Http1,
+                grpc_headers.is_some(),
+                &top,
+                found,
+            )
+        });
         if let (Some(target), Some(credential), Some(paths), Some(http), Some(set_headers)) =
             (top_target, credential, paths, http, set_headers)
         {
@@ -211,7 +219,7 @@ pub(super) fn check(
 
     for (index, route) in raw.routes.iter().enumerate() {
         let scope = Scope(Some(format!("routes[{index}] {:?}", route.name)));
-        let inherited = top_http.unwrap_or(UpstreamHttp::Http1);
+        let inherited = top_http.flatten().unwrap_or(UpstreamHttp::Http1);
         if let Some(route) = check_route(route, raw, inherited, &scope, env, found) {
             routes.push(route);
         }
@@ -339,23 +347,16 @@ fn check_route(
     );
     strip_grpc_stage_headers(credential.as_mut(), grpc_headers.is_some());
     let paths = policy(&route.allowed_paths, scope, found);
-    let http = protocol(
+    let http = named_protocol(
         route.upstream_http.as_deref(),
         route.http2,
-        Some(inherited_http),
+        "http2",
         scope,
         found,
-    );
-    let http = match (http, grpc_headers) {
-        (Some(UpstreamHttp::Http1), Some(_)) if route.upstream_http.is_some() => {
-            found.report(
-                &scope.setting("upstream_http"),
-                "grpc needs HTTP/2; remove upstream_http = \"1.1\"",
-            );
-            None
-        }
-        (http, grpc) => http.map(|http| forced_by_grpc(http, grpc.is_some())),
-    };
+    )
+    .and_then(|named| {
+        resolve_protocol(named, inherited_http, grpc_headers.is_some(), scope, found)
+    });
     let target = target?;
     Some(RouteConfig {
         name: route.name.clone(),
@@ -370,31 +371,20 @@ fn check_route(
     })
 }
 
-/// The HTTP version from `upstream_http` (`None` when not set: the
-/// `inherited` one) and the older `http2` switch. At the top level the
-/// setting always has a value (its default is "1.1").
-fn protocol(
+/// The HTTP version a route names: `upstream_http`, or the older switch
+/// (`http2` on a route, `upstream_http2` at the top level) meaning "2";
+/// `Some(None)` when it names none.
+fn named_protocol(
     text: Option<&str>,
-    http2: bool,
-    inherited: Option<UpstreamHttp>,
+    switch_on: bool,
+    switch: &str,
     scope: &Scope,
     found: &mut Problems,
-) -> Option<UpstreamHttp> {
-    let switch = if inherited.is_some() {
-        "http2"
-    } else {
-        "upstream_http2"
-    };
-    let chosen = match text {
-        None => {
-            return Some(if http2 {
-                UpstreamHttp::Http2
-            } else {
-                inherited?
-            })
-        }
+) -> Option<Option<UpstreamHttp>> {
+    let named = match set(text) {
+        None => None,
         Some(text) => match UpstreamHttp::parse(text) {
-            Some(chosen) => chosen,
+            Some(named) => Some(named),
             None => {
                 found.report(
                     &scope.setting("upstream_http"),
@@ -404,19 +394,42 @@ fn protocol(
             }
         },
     };
-    // At the top level "1.1" may be only the default; the switch then wins.
-    let defaulted = inherited.is_none() && chosen == UpstreamHttp::Http1;
-    match (http2, chosen) {
-        (false, chosen) => Some(chosen),
-        (true, UpstreamHttp::Http2) => Some(UpstreamHttp::Http2),
-        (true, _) if defaulted => Some(UpstreamHttp::Http2),
-        (true, chosen) => {
+    match named {
+        Some(named) if switch_on && named != UpstreamHttp::Http2 => {
             found.report(
                 &scope.setting(switch),
-                format!("{switch} means upstream_http = \"2\", which contradicts upstream_http = \"{chosen}\"; set only upstream_http"),
+                format!(
+                    "{switch} means upstream_http = \"2\", which contradicts \
+                     upstream_http = \"{named}\"; set only upstream_http"
+                ),
             );
             None
         }
+        None if switch_on => Some(Some(UpstreamHttp::Http2)),
+        named => Some(named),
+    }
+}
+
+/// The HTTP version a route speaks: the one it names, else `inherited`.
+/// gRPC is HTTP/2, so a gRPC route speaks it unless it names "1.1", which
+/// is refused.
+fn resolve_protocol(
+    named: Option<UpstreamHttp>,
+    inherited: UpstreamHttp,
+    grpc: bool,
+    scope: &Scope,
+    found: &mut Problems,
+) -> Option<UpstreamHttp> {
+    match named {
+        Some(UpstreamHttp::Http1) if grpc => {
+            found.report(
+                &scope.setting("upstream_http"),
+                "grpc needs HTTP/2; remove upstream_http = \"1.1\"",
+            );
+            None
+        }
+        _ if grpc => Some(UpstreamHttp::Http2),
+        named => Some(named.unwrap_or(inherited)),
     }
 }
 
@@ -431,15 +444,6 @@ fn strip_grpc_stage_headers(credential: Option<&mut Credential>, grpc: bool) {
         if !credential.strip.contains(&name) {
             credential.strip.push(name);
         }
-    }
-}
-
-/// gRPC is HTTP/2: a route left at the HTTP/1.1 default speaks HTTP/2.
-fn forced_by_grpc(http: UpstreamHttp, grpc: bool) -> UpstreamHttp {
-    if grpc {
-        UpstreamHttp::Http2
-    } else {
-        http
     }
 }
 
@@ -844,6 +848,12 @@ mod tests {
             both[0].1.contains("only one of grpc and regional"),
             "{both:?}"
         );
+        let grpc_http1 = problems(&[
+            ("KEYRELAY_MODEL", "m"),
+            ("KEYRELAY_GRPC", "true"),
+            ("KEYRELAY_UPSTREAM_HTTP", "1.1"),
+        ]);
+        assert_eq!(grpc_http1[0].0, "upstream_http", "{grpc_http1:?}");
         let model_id = problems(&[
             ("KEYRELAY_MODEL", "m"),
             ("KEYRELAY_GRPC", "true"),

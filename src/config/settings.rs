@@ -223,8 +223,8 @@ pub const SETTINGS: &[Setting] = &[
     },
     Setting {
         key: "upstream_http",
-        default: "1.1",
-        help: "HTTP version to the upstream: 1.1, 2 (gRPC; pooled, multiplexed connections with keepalive pings) or auto (the server's choice in TLS ALPN).",
+        default: "",
+        help: "HTTP version to the upstream: 1.1 (when unset; 2 with grpc), 2 (pooled, multiplexed connections with keepalive pings) or auto (the server's choice in TLS ALPN).",
         kind: Kind::Text,
     },
     Setting {
