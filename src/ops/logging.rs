@@ -1,49 +1,65 @@
 //! Log output: `tracing` to stderr, text or JSON, filtered by `RUST_LOG`.
 //!
 //! Requests never wait on stderr. Each event is formatted where it happens
-//! and handed to a writer thread through a bounded queue
-//! (`tracing-appender`'s non-blocking writer); the thread gathers lines in a
-//! buffer and writes them with one `write(2)` whenever the queue runs dry. If
-//! the thread falls behind (a stalled terminal, a slow log collector) new
-//! lines are dropped and counted ([`dropped_lines`], the
-//! `keyrelay_log_lines_dropped` metric, a periodic warning), never stalling a
-//! request. The [`LogGuard`] that [`init`] returns flushes every queued line
-//! when it is dropped, so whatever was logged before a SIGTERM is written
-//! before the process exits.
+//! and appended to an in-memory buffer that a writer thread writes out in
+//! batches ([`crate::ops::log_writer`]). If the thread falls behind (a
+//! stalled terminal, a slow log collector) new lines are dropped and counted
+//! ([`dropped_lines`], the `keyrelay_log_lines_dropped` metric, a periodic
+//! warning), never stalling a request. The [`LogGuard`] that [`init`] returns
+//! writes out every line appended before it is dropped, so whatever was
+//! logged before a SIGTERM is written before the process exits. The access
+//! log's line per request skips `tracing`'s formatter for one of its own
+//! ([`crate::ops::access_log`]) but goes to the same writer.
 //!
 //! Nothing keyrelay logs carries a credential: the key lives in a type that
 //! prints a mask, the injected header value is marked sensitive, and request
 //! headers are never logged. A test runs the binary at `RUST_LOG=trace` and
 //! scans everything it printed for the key.
 
-use std::io::{BufWriter, IsTerminal};
+use std::io::IsTerminal;
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
-use tracing_appender::non_blocking::{ErrorCounter, NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::EnvFilter;
 
 use crate::config::LogFormat;
+use crate::ops::log_writer::{LogWriter, WriterGuard};
 
 /// Filter used when `RUST_LOG` is unset: keyrelay's own events at info.
 const DEFAULT_FILTER: &str = "info";
 
-/// Lines queued for the writer thread before new ones are dropped: about
-/// 4 MB of access-log lines, a second or more of a busy proxy's output.
-const QUEUE_LINES: usize = 16_384;
-
-/// What the writer thread gathers before one write to stderr.
-const WRITE_BUFFER_BYTES: usize = 64 * 1024;
+/// Bytes of lines waiting for the writer thread before new ones are
+/// dropped: about 16,000 access-log lines, a second or more of a busy
+/// proxy's output.
+const PENDING_LIMIT: usize = 4 * 1024 * 1024;
 
 /// How often a falling-behind writer is reported.
 const DROPPED_REPORT_INTERVAL: Duration = Duration::from_secs(10);
 
-/// The installed writer's count of dropped lines.
-static DROPPED: OnceLock<ErrorCounter> = OnceLock::new();
+/// Where the access log writes its hand-formatted lines (see
+/// [`crate::ops::access_log`]): the same queue as every other line.
+static SINK: OnceLock<Sink> = OnceLock::new();
+
+/// The installed log writer, for lines formatted outside `tracing`.
+#[derive(Debug)]
+pub(crate) struct Sink {
+    /// The queue every log line goes through.
+    pub writer: LogWriter,
+    /// The `--log-format` chosen.
+    pub format: LogFormat,
+    /// Whether lines are styled for a terminal, as `tracing`'s are.
+    pub ansi: bool,
+}
+
+/// The installed log writer; `None` before [`init`] or when another
+/// subscriber was installed first.
+pub(crate) fn sink() -> Option<&'static Sink> {
+    SINK.get()
+}
 
 /// The installed writer thread; dropping it writes out every queued line
 /// and joins the thread. Global so the exit-at-once path can flush too.
-static WRITER: Mutex<Option<WorkerGuard>> = Mutex::new(None);
+static WRITER: Mutex<Option<WriterGuard>> = Mutex::new(None);
 
 /// Keeps the log writer running; dropping it writes out every queued line
 /// (see [`flush_and_stop`]).
@@ -74,26 +90,22 @@ pub fn init(format: LogFormat) -> LogGuard {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
     let ansi = std::io::stderr().is_terminal();
-    let (writer, guard) = NonBlockingBuilder::default()
-        .lossy(true)
-        .buffered_lines_limit(QUEUE_LINES)
-        .thread_name("keyrelay-log")
-        .finish(BufWriter::with_capacity(
-            WRITE_BUFFER_BYTES,
-            std::io::stderr(),
-        ));
-    let dropped = writer.error_counter();
+    let (writer, guard) = LogWriter::start(std::io::stderr(), PENDING_LIMIT);
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(ansi)
-        .with_writer(writer);
+        .with_writer(writer.clone());
     let installed = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
     let installed = match installed {
         Ok(()) => {
-            let _ = DROPPED.set(dropped);
+            let _ = SINK.set(Sink {
+                writer,
+                format,
+                ansi,
+            });
             if let Ok(mut slot) = WRITER.lock() {
                 *slot = Some(guard);
             }
@@ -107,9 +119,7 @@ pub fn init(format: LogFormat) -> LogGuard {
 
 /// Log lines dropped so far because the writer thread was behind.
 pub fn dropped_lines() -> u64 {
-    DROPPED
-        .get()
-        .map_or(0, |counter| counter.dropped_lines() as u64)
+    SINK.get().map_or(0, |sink| sink.writer.dropped())
 }
 
 /// Warns, every [`DROPPED_REPORT_INTERVAL`], when lines were dropped since the

@@ -3,10 +3,12 @@
 //! readiness and metrics endpoints, logging, and the per-request record that
 //! feeds the access log and the metrics.
 
+pub(crate) mod access_log;
 pub(crate) mod admin;
 pub mod health;
 pub(crate) mod lifecycle;
 pub mod listener;
+pub(crate) mod log_writer;
 pub mod logging;
 pub mod metrics;
 pub(crate) mod request_record;

@@ -13,6 +13,7 @@ use http::{HeaderValue, Method, Uri};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
+use crate::ops::access_log::AccessLine;
 use crate::ops::metrics::RouteMetrics;
 
 /// Target of access-log events, for `RUST_LOG=keyrelay::access=info` style filters.
@@ -165,27 +166,19 @@ impl Drop for RequestRecord {
             duration.as_secs_f64(),
             self.first_byte.map(|d| d.as_secs_f64()),
         );
-        let ttfb_ms = self.first_byte.map(millis);
-        let request_id = self.request_id.as_ref().and_then(|v| v.to_str().ok());
-        tracing::info!(
-            target: TARGET,
-            request_id,
-            method = %self.method,
-            path = self.uri.path(),
-            status = self.status,
-            token = self.token.as_deref(),
-            ttfb_ms,
-            duration_ms = millis(duration),
-            bytes = self.bytes,
-            outcome = outcome.as_str(),
-            "request finished"
-        );
+        AccessLine {
+            request_id: self.request_id.as_ref().and_then(|v| v.to_str().ok()),
+            method: self.method.as_str(),
+            path: self.uri.path(),
+            status: self.status,
+            token: self.token.as_deref(),
+            ttfb: self.first_byte,
+            duration,
+            bytes: self.bytes,
+            outcome: outcome.as_str(),
+        }
+        .emit();
     }
-}
-
-/// Milliseconds with microsecond precision, the unit of every timing field.
-fn millis(duration: Duration) -> f64 {
-    duration.as_micros() as f64 / 1e3
 }
 
 #[cfg(test)]
