@@ -14,7 +14,10 @@
 #   direct    the mock upstream itself (the client sends the key)
 #   nginx     proxy_pass with the key in proxy_set_header, buffering off
 #   haproxy   http-request set-header with the key, option http-no-delay
-#   keyrelay  target/release/keyrelay with BASETEN_API_KEY (RUST_LOG=warn)
+#   keyrelay  target/release/keyrelay with BASETEN_API_KEY, default settings
+#             (its access log included, as users run it)
+#   keyrelay-warn  the same with RUST_LOG=warn (no access log), beside it in
+#             the small-request and burst phases only
 #
 # The mock upstream answers 401 to any request without `Authorization:
 # Api-Key bench-key`, so every proxy is proven to inject the key; the run fails
@@ -32,9 +35,10 @@
 #   BENCH_BULK_BYTES        bulk response size                      1073741824 / 67108864
 #   BENCH_HOLD_COUNTS       simultaneous slow streams (one or two)  "2000 8000" / "200"
 #   BENCH_HOLD_SECS         how long each slow stream lasts         5 / 1
+#   BENCH_BURST_STREAMS     connections opened at once in the burst 1500 / 200
 #   BENCH_CANCEL_TRIALS     disconnects measured                    20 / 3
 #   BENCH_CANCEL_INTERVAL_MS  gap between records of those streams 50 / 20
-#   BENCH_TARGETS           targets to run                          "direct nginx haproxy keyrelay"
+#   BENCH_TARGETS           targets to run                          "direct nginx haproxy keyrelay keyrelay-warn"
 #   BENCH_OUT               report file (same as --out)
 #   BENCH_KEEP=1            keep the work directory (logs, configs) after a successful run
 #   BENCH_WAIT_QUIET=SECS   wait up to SECS for the machine to be idle before measuring (default 0)
@@ -66,6 +70,7 @@ if [ "$SMOKE" = 1 ]; then
   BULK_BYTES=${BENCH_BULK_BYTES:-67108864}
   HOLD_COUNTS=${BENCH_HOLD_COUNTS:-200}
   HOLD_SECS=${BENCH_HOLD_SECS:-1}
+  BURST_STREAMS=${BENCH_BURST_STREAMS:-200}
   CANCEL_TRIALS=${BENCH_CANCEL_TRIALS:-3}
   CANCEL_INTERVAL_MS=${BENCH_CANCEL_INTERVAL_MS:-20}
 else
@@ -78,11 +83,12 @@ else
   BULK_BYTES=${BENCH_BULK_BYTES:-1073741824}
   HOLD_COUNTS=${BENCH_HOLD_COUNTS:-2000 8000}
   HOLD_SECS=${BENCH_HOLD_SECS:-5}
+  BURST_STREAMS=${BENCH_BURST_STREAMS:-1500}
   CANCEL_TRIALS=${BENCH_CANCEL_TRIALS:-20}
   CANCEL_INTERVAL_MS=${BENCH_CANCEL_INTERVAL_MS:-50}
 fi
 CONNS=${BENCH_CONNS:-32 256}
-TARGETS=${BENCH_TARGETS:-direct nginx haproxy keyrelay}
+TARGETS=${BENCH_TARGETS:-direct nginx haproxy keyrelay keyrelay-warn}
 KEY=bench-key
 AUTH="Api-Key $KEY"
 TRIED_HEADING="## What was tried"
@@ -371,9 +377,12 @@ start_target() {
       t0_us=${EPOCHREALTIME/./}
       "${RUNAS[@]}" "$HAPROXY" -db -f "$dir/haproxy.cfg" >"$WORK/$TARGET.out" 2>"$WORK/$TARGET.err" &
       ;;
-    keyrelay)
+    keyrelay | keyrelay-warn)
+      # Users run the defaults, access log included; -warn is the quiet twin.
+      local log_env=()
+      [ "$TARGET" = keyrelay-warn ] && log_env=(RUST_LOG=warn)
       t0_us=${EPOCHREALTIME/./}
-      BASETEN_API_KEY=$KEY RUST_LOG=warn "${RUNAS[@]}" "$KEYRELAY" --listen "127.0.0.1:$PORT" \
+      env BASETEN_API_KEY=$KEY "${log_env[@]}" "${RUNAS[@]}" "$KEYRELAY" --listen "127.0.0.1:$PORT" \
         --upstream "http://$UPSTREAM_ADDR" >"$WORK/$TARGET.out" 2>"$WORK/$TARGET.err" &
       ;;
   esac
@@ -506,6 +515,17 @@ phase_cancel() {
   log "$TARGET cancel: $(tr '\n' ' ' <"$out")"
 }
 
+phase_burst() {
+  local out=$WORK/$TARGET.burst.txt
+  "$LOADGEN" burst --addr "$ADDR" --auth "$(loadgen_auth)" --streams "$BURST_STREAMS" \
+    >"$out" 2>"$out.err" || fail "$TARGET burst of $BURST_STREAMS connections: $(cat "$out.err")"
+  record burst_all_first_ms "$(value_of all_first_ms "$out")"
+  record burst_first_p50_ms "$(value_of first_p50_ms "$out")"
+  record burst_failed "$(value_of failed "$out")"
+  record burst_listen_overflows "$(value_of listen_overflows "$out")"
+  log "$TARGET burst: $(tr '\n' ' ' <"$out") $(head -c 300 "$out.err")"
+}
+
 phase_hold() {
   local count=$1 slot=$2 out=$WORK/$TARGET.hold$1.txt
   echo "label hold_$slot $count" >>"$RESULTS"
@@ -530,7 +550,7 @@ for TARGET in $TARGETS; do
       T_ADDR[$TARGET]=$UPSTREAM_ADDR
       T_PIDS[$TARGET]=$UPSTREAM_PID
       ;;
-    nginx | haproxy | keyrelay)
+    nginx | haproxy | keyrelay | keyrelay-warn)
       log "starting $TARGET"
       PORT=$("$LOADGEN" free-port)
       ADDR=127.0.0.1:$PORT
@@ -548,10 +568,14 @@ for TARGET in $TARGETS; do
   esac
 done
 
-# Runs one phase (a function and its arguments) against every target in turn.
+# Runs one phase (a function and its arguments) against every target in turn;
+# the quiet keyrelay-warn only where the access log's cost shows.
 each_target() {
   local now
   for TARGET in $TARGETS; do
+    if [ "$TARGET" = keyrelay-warn ]; then
+      case "$1" in phase_small | phase_burst) ;; *) continue ;; esac
+    fi
     ADDR=${T_ADDR[$TARGET]}
     read -ra TARGET_PIDS <<<"${T_PIDS[$TARGET]}"
     "$@"
@@ -573,6 +597,8 @@ log "=== streaming fidelity"
 each_target phase_stream
 log "=== bulk"
 each_target phase_bulk
+log "=== burst of $BURST_STREAMS connections"
+each_target phase_burst
 log "=== cancellation"
 each_target phase_cancel
 slot=a
@@ -662,8 +688,10 @@ $([ "$FOREIGN_PCT" -le 5 ] || printf '> **Warning:** other processes used %s%% o
   \`option http-no-delay\`, \`maxconn $HAPROXY_MAXCONN\`, default connection reuse, no logging.
 - **keyrelay**: \`target/release/keyrelay --listen 127.0.0.1:PORT --upstream http://UPSTREAM\`
   with \`BASETEN_API_KEY\`, default settings (tokio with one worker per CPU,
-  upstream pool of up to 1024 idle connections), **\`RUST_LOG=warn\`** so the per-request
-  access-log line is not written (at the default \`info\` it would be).
+  upstream pool of up to 1024 idle connections, \`listen_backlog\` 4096), **its
+  access log on** (one line per request to stderr, which goes to a file), as users run it.
+- **keyrelay-warn**: the same with \`RUST_LOG=warn\` (no access-log line), in the
+  small-request and burst phases only, to show what the access log costs.
 - Everything listens on 127.0.0.1 on ports picked free at run time; servers
   run as \`$RUN_USER\`. The load tools (wrk with $NPROC threads,
   \`bench/loadgen.rs\` on one thread) share the $NPROC CPUs with the proxy and the upstream.
@@ -692,6 +720,12 @@ $([ "$FOREIGN_PCT" -le 5 ] || printf '> **Warning:** other processes used %s%% o
   connections in progress at once; *completed* = every record and the final chunk
   arrived; *peak open* = streams whose headers had arrived and body had not ended,
   at the busiest moment. Peak RSS as for bulk.
+- **Burst**: $BURST_STREAMS connections opened at once with no pacing (one
+  thread, every connect issued before any completes), each asking for a stream whose
+  one record comes at once; the time until every stream had its record, and the
+  kernel's \`TcpExt ListenOverflows\` over the phase (a dropped SYN costs its client
+  a 1 s retry). Listen backlogs: nginx 4096, haproxy its \`maxconn\`, keyrelay
+  4096, each capped by \`net.core.somaxconn\` ($(cat /proc/sys/net/core/somaxconn) here).
 - **Cancellation**: $CANCEL_TRIALS times, a stream with a record every ${CANCEL_INTERVAL_MS} ms is
   opened, the client closes the connection right after its third record, and the
   upstream timestamps the moment its response body is dropped. The next record is
