@@ -20,7 +20,7 @@
 //!   streaming fidelity: time to first record, per-record delay from the
 //!   upstream's send timestamp, records that arrived merged with the previous one;
 //! - `bulk --addr A --bytes N`: one large chunked response, MB/s;
-//! - `hold --addr A --streams N --secs H [--interval-ms I]`: N simultaneous
+//! - `hold --addr A --streams N --secs H [--interval-ms I] [--size B]`: N simultaneous
 //!   slow streams held for H seconds, completed vs failed;
 //! - `burst --addr A --streams N`: N connections opened at once, with no
 //!   pacing, each asking for a one-record stream: ms until every stream had
@@ -768,10 +768,12 @@ async fn hold_phase(flags: &Flags) -> Result<(), String> {
     let connecting = Arc::new(Semaphore::new(
         flags.num("connect-concurrency", 128)? as usize
     ));
+    let size = flags.num("size", 48)?;
     let path: Arc<str> = Arc::from(format!(
-        "/stream?n={chunks}&interval_us={}&size=48",
+        "/stream?n={chunks}&interval_us={}&size={size}",
         interval_ms * 1000
     ));
+    let received = Arc::new(AtomicU64::new(0));
     let open = Arc::new(AtomicU64::new(0));
     let peak = Arc::new(AtomicU64::new(0));
     let last_open_ns = Arc::new(AtomicU64::new(0));
@@ -781,10 +783,11 @@ async fn hold_phase(flags: &Flags) -> Result<(), String> {
         .map(|_| {
             let (auth, path, connecting) =
                 (auth.clone(), Arc::clone(&path), Arc::clone(&connecting));
-            let (open, peak, last_open_ns) = (
+            let (open, peak, last_open_ns, received) = (
                 Arc::clone(&open),
                 Arc::clone(&peak),
                 Arc::clone(&last_open_ns),
+                Arc::clone(&received),
             );
             tokio::spawn(async move {
                 let run = async {
@@ -814,6 +817,7 @@ async fn hold_phase(flags: &Flags) -> Result<(), String> {
                     let mut records = Records::new(false, 0);
                     let body = client.read_body(&head, &mut scratch, &mut records).await;
                     open.fetch_sub(1, Ordering::Relaxed);
+                    received.fetch_add(records.count, Ordering::Relaxed);
                     body.map_err(|e| (HoldError::Body, e))?;
                     if records.count != chunks || records.malformed > 0 {
                         return Err((
@@ -848,6 +852,8 @@ async fn hold_phase(flags: &Flags) -> Result<(), String> {
     println!("completed {completed}");
     println!("failed {}", streams - completed);
     println!("peak_open {}", peak.load(Ordering::Relaxed));
+    println!("records {}", received.load(Ordering::Relaxed));
+    println!("records_expected {}", streams * chunks);
     println!(
         "ramp_ms {}",
         ms(last_open_ns
@@ -1302,6 +1308,27 @@ fn sections() -> Vec<(&'static str, Vec<Row>)> {
                     1,
                     &[],
                 ),
+            ],
+        ),
+        (
+            "Token chunks (many streams of small frames, as LLM tokens arrive)",
+            vec![
+                row(
+                    "chunks_cpu_us",
+                    "proxy CPU µs per relayed chunk",
+                    Low,
+                    2,
+                    &[NoWorseThanBestPeer],
+                ),
+                row("chunks_received", "chunks received", High, 0, &[]),
+                row(
+                    "chunks_expected",
+                    "chunks sent by the upstream",
+                    Info,
+                    0,
+                    &[],
+                ),
+                row("chunks_failed", "streams failed", Low, 0, &[AtMost(0.0)]),
             ],
         ),
         (

@@ -17,7 +17,7 @@
 #   keyrelay  target/release/keyrelay with BASETEN_API_KEY, default settings
 #             (its access log included, as users run it)
 #   keyrelay-warn  the same with RUST_LOG=warn (no access log), beside it in
-#             the small-request and burst phases only
+#             the small-request, token-chunk and burst phases only
 #
 # The mock upstream answers 401 to any request without `Authorization:
 # Api-Key bench-key`, so every proxy is proven to inject the key; the run fails
@@ -35,6 +35,8 @@
 #   BENCH_BULK_BYTES        bulk response size                      1073741824 / 67108864
 #   BENCH_HOLD_COUNTS       simultaneous slow streams (one or two)  "2000 8000" / "200"
 #   BENCH_HOLD_SECS         how long each slow stream lasts         5 / 1
+#   BENCH_CHUNK_STREAMS     token-chunk streams (a 32-byte chunk every 50 ms)  2000 / 100
+#   BENCH_CHUNK_SECS        how long each token-chunk stream lasts  10 / 2
 #   BENCH_BURST_STREAMS     connections opened at once in the burst 1500 / 200
 #   BENCH_CANCEL_TRIALS     disconnects measured                    20 / 3
 #   BENCH_CANCEL_INTERVAL_MS  gap between records of those streams 50 / 20
@@ -71,6 +73,8 @@ if [ "$SMOKE" = 1 ]; then
   HOLD_COUNTS=${BENCH_HOLD_COUNTS:-200}
   HOLD_SECS=${BENCH_HOLD_SECS:-1}
   BURST_STREAMS=${BENCH_BURST_STREAMS:-200}
+  CHUNK_STREAMS=${BENCH_CHUNK_STREAMS:-100}
+  CHUNK_SECS=${BENCH_CHUNK_SECS:-2}
   CANCEL_TRIALS=${BENCH_CANCEL_TRIALS:-3}
   CANCEL_INTERVAL_MS=${BENCH_CANCEL_INTERVAL_MS:-20}
 else
@@ -84,6 +88,8 @@ else
   HOLD_COUNTS=${BENCH_HOLD_COUNTS:-2000 8000}
   HOLD_SECS=${BENCH_HOLD_SECS:-5}
   BURST_STREAMS=${BENCH_BURST_STREAMS:-1500}
+  CHUNK_STREAMS=${BENCH_CHUNK_STREAMS:-2000}
+  CHUNK_SECS=${BENCH_CHUNK_SECS:-10}
   CANCEL_TRIALS=${BENCH_CANCEL_TRIALS:-20}
   CANCEL_INTERVAL_MS=${BENCH_CANCEL_INTERVAL_MS:-50}
 fi
@@ -515,6 +521,27 @@ phase_cancel() {
   log "$TARGET cancel: $(tr '\n' ' ' <"$out")"
 }
 
+# Many long streams of tiny frames: what relaying LLM tokens costs per token.
+phase_chunks() {
+  local out=$WORK/$TARGET.chunks.txt before after
+  [ "$TARGET" = direct ] || before=$(cpu_ticks "${TARGET_PIDS[@]}")
+  "$LOADGEN" hold --addr "$ADDR" --auth "$(loadgen_auth)" --streams "$CHUNK_STREAMS" \
+    --secs "$CHUNK_SECS" --interval-ms 50 --size 32 >"$out" 2>"$out.err" ||
+    fail "$TARGET token chunks: $(cat "$out.err")"
+  local received
+  received=$(value_of records "$out")
+  [ "${received:-0}" -gt 0 ] || fail "$TARGET relayed no token chunk"
+  record chunks_received "$received"
+  record chunks_expected "$(value_of records_expected "$out")"
+  record chunks_failed "$(value_of failed "$out")"
+  if [ "$TARGET" != direct ]; then
+    after=$(cpu_ticks "${TARGET_PIDS[@]}")
+    record chunks_cpu_us "$(awk -v t=$((after - before)) -v hz="$CLK_TCK" -v n="$received" \
+      'BEGIN { printf "%.3f", t / hz * 1e6 / n }')"
+  fi
+  log "$TARGET token chunks: $(tr '\n' ' ' <"$out") $(head -c 300 "$out.err")"
+}
+
 phase_burst() {
   local out=$WORK/$TARGET.burst.txt
   "$LOADGEN" burst --addr "$ADDR" --auth "$(loadgen_auth)" --streams "$BURST_STREAMS" \
@@ -574,7 +601,7 @@ each_target() {
   local now
   for TARGET in $TARGETS; do
     if [ "$TARGET" = keyrelay-warn ]; then
-      case "$1" in phase_small | phase_burst) ;; *) continue ;; esac
+      case "$1" in phase_small | phase_burst | phase_chunks) ;; *) continue ;; esac
     fi
     ADDR=${T_ADDR[$TARGET]}
     read -ra TARGET_PIDS <<<"${T_PIDS[$TARGET]}"
@@ -597,6 +624,8 @@ log "=== streaming fidelity"
 each_target phase_stream
 log "=== bulk"
 each_target phase_bulk
+log "=== token chunks: $CHUNK_STREAMS streams, a chunk every 50 ms for $CHUNK_SECS s"
+each_target phase_chunks
 log "=== burst of $BURST_STREAMS connections"
 each_target phase_burst
 log "=== cancellation"
@@ -691,7 +720,7 @@ $([ "$FOREIGN_PCT" -le 5 ] || printf '> **Warning:** other processes used %s%% o
   upstream pool of up to 1024 idle connections, \`listen_backlog\` 4096), **its
   access log on** (one line per request to stderr, which goes to a file), as users run it.
 - **keyrelay-warn**: the same with \`RUST_LOG=warn\` (no access-log line), in the
-  small-request and burst phases only, to show what the access log costs.
+  small-request, token-chunk and burst phases only, to show what the access log costs.
 - Everything listens on 127.0.0.1 on ports picked free at run time; servers
   run as \`$RUN_USER\`. The load tools (wrk with $NPROC threads,
   \`bench/loadgen.rs\` on one thread) share the $NPROC CPUs with the proxy and the upstream.
@@ -720,6 +749,10 @@ $([ "$FOREIGN_PCT" -le 5 ] || printf '> **Warning:** other processes used %s%% o
   connections in progress at once; *completed* = every record and the final chunk
   arrived; *peak open* = streams whose headers had arrived and body had not ended,
   at the busiest moment. Peak RSS as for bulk.
+- **Token chunks**: $CHUNK_STREAMS streams at once (opened 128 at a time), each a
+  32-byte record every 50 ms for ${CHUNK_SECS} s, as an LLM's tokens arrive; proxy CPU
+  (user + system, all its processes) over the phase divided by the chunks the
+  clients received.
 - **Burst**: $BURST_STREAMS connections opened at once with no pacing (one
   thread, every connect issued before any completes), each asking for a stream whose
   one record comes at once; the time until every stream had its record, and the
