@@ -1332,6 +1332,60 @@ fn sections() -> Vec<(&'static str, Vec<Row>)> {
             ],
         ),
         (
+            "TLS upstream (each proxy talking HTTPS to a TLS terminator in front of the mock)",
+            vec![
+                row(
+                    "tls_c32_rps",
+                    "c=32 req/s",
+                    High,
+                    0,
+                    &[AtLeastBestPeer(1.0)],
+                ),
+                row(
+                    "tls_c32_cpu_us",
+                    "c=32 proxy CPU µs/request",
+                    Low,
+                    1,
+                    &[AtMostNginx(1.0)],
+                ),
+                row(
+                    "tls_hold_peak_rss_mib",
+                    "held streams: proxy peak RSS (MiB)",
+                    Low,
+                    1,
+                    &[AtMostNginx(1.0)],
+                ),
+                row(
+                    "tls_hold_kib_per_stream",
+                    "held streams: KiB per stream above idle",
+                    Low,
+                    1,
+                    &[],
+                ),
+                row(
+                    "tls_hold_failed",
+                    "held streams failed",
+                    Low,
+                    0,
+                    &[AtMost(0.0)],
+                ),
+                row(
+                    "tls_burst_all_first_ms",
+                    "burst: ms until every stream had its record",
+                    Low,
+                    1,
+                    &[NoWorseThanBestPeer],
+                ),
+                row(
+                    "tls_burst_failed",
+                    "burst: streams failed",
+                    Low,
+                    0,
+                    &[AtMost(0.0)],
+                ),
+            ],
+        ),
+        (
             "Burst (connections opened at once, each for a one-record stream)",
             vec![
                 row(

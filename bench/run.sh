@@ -37,6 +37,7 @@
 #   BENCH_HOLD_SECS         how long each slow stream lasts         5 / 1
 #   BENCH_CHUNK_STREAMS     token-chunk streams (a 32-byte chunk every 50 ms)  2000 / 100
 #   BENCH_CHUNK_SECS        how long each token-chunk stream lasts  10 / 2
+#   BENCH_TLS_HOLD          held streams in the TLS-upstream phase   2000 / 200
 #   BENCH_BURST_STREAMS     connections opened at once in the burst 1500 / 200
 #   BENCH_CANCEL_TRIALS     disconnects measured                    20 / 3
 #   BENCH_CANCEL_INTERVAL_MS  gap between records of those streams 50 / 20
@@ -75,6 +76,7 @@ if [ "$SMOKE" = 1 ]; then
   BURST_STREAMS=${BENCH_BURST_STREAMS:-200}
   CHUNK_STREAMS=${BENCH_CHUNK_STREAMS:-100}
   CHUNK_SECS=${BENCH_CHUNK_SECS:-2}
+  TLS_HOLD=${BENCH_TLS_HOLD:-200}
   CANCEL_TRIALS=${BENCH_CANCEL_TRIALS:-3}
   CANCEL_INTERVAL_MS=${BENCH_CANCEL_INTERVAL_MS:-20}
 else
@@ -90,6 +92,7 @@ else
   BURST_STREAMS=${BENCH_BURST_STREAMS:-1500}
   CHUNK_STREAMS=${BENCH_CHUNK_STREAMS:-2000}
   CHUNK_SECS=${BENCH_CHUNK_SECS:-10}
+  TLS_HOLD=${BENCH_TLS_HOLD:-2000}
   CANCEL_TRIALS=${BENCH_CANCEL_TRIALS:-20}
   CANCEL_INTERVAL_MS=${BENCH_CANCEL_INTERVAL_MS:-50}
 fi
@@ -105,7 +108,7 @@ fail() { log "FAILED: $*"; exit 1; }
 # ---------------------------------------------------------------- tools
 
 need=()
-for tool in nginx haproxy wrk; do
+for tool in nginx haproxy wrk openssl; do
   PATH="$PATH:/usr/sbin:/sbin" command -v "$tool" >/dev/null 2>&1 || need+=("$tool")
 done
 if [ ${#need[@]} -gt 0 ]; then
@@ -293,18 +296,17 @@ upstream_stat() {
 unauthorized() { upstream_stat unauthorized; }
 UNAUTHORIZED_BASE=$(unauthorized)
 
-# ---------------------------------------------------------------- targets
+# ---------------------------------------------------------------- TLS upstream
 
-write_nginx_conf() {
-  local dir=$1 port=$2
-  mkdir -p "$dir"
-  chmod 777 "$dir"
-  cat >"$dir/nginx.conf" <<EOF
+# The part of an nginx configuration every instance here shares: $1 its
+# directory (pid and temp files), $2 its worker processes. Ends inside http {.
+nginx_preamble() {
+  cat <<EOF
 daemon off;
 master_process on;
-worker_processes $NPROC;
+worker_processes $2;
 worker_rlimit_nofile $NOFILE;
-pid $dir/nginx.pid;
+pid $1/nginx.pid;
 error_log stderr warn;
 events {
     worker_connections $NGINX_WORKER_CONNECTIONS;
@@ -312,20 +314,84 @@ events {
 http {
     access_log off;
     keepalive_requests 1000000;
-    client_body_temp_path $dir/client_body;
-    proxy_temp_path $dir/proxy;
-    fastcgi_temp_path $dir/fastcgi;
-    uwsgi_temp_path $dir/uwsgi;
-    scgi_temp_path $dir/scgi;
+    client_body_temp_path $1/client_body;
+    proxy_temp_path $1/proxy;
+    fastcgi_temp_path $1/fastcgi;
+    uwsgi_temp_path $1/uwsgi;
+    scgi_temp_path $1/scgi;
+EOF
+}
+
+
+# Real deployments reach the model over HTTPS. For the TLS phase a second
+# nginx terminates TLS (certificate from a CA made for this run) in front of
+# the mock upstream, passing requests on unchanged over kept-alive HTTP/1.1.
+TLS_DIR=$WORK/tls
+mkdir -p "$TLS_DIR"
+openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN=keyrelay bench CA" \
+  -keyout "$TLS_DIR/ca.key" -out "$TLS_DIR/ca.pem" >/dev/null 2>&1 || fail "openssl could not make the test CA"
+openssl req -newkey rsa:2048 -nodes -subj "/CN=localhost" -keyout "$TLS_DIR/server.key" \
+  -out "$TLS_DIR/server.csr" >/dev/null 2>&1 || fail "openssl could not make the server key"
+printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\n' >"$TLS_DIR/san.ext"
+openssl x509 -req -in "$TLS_DIR/server.csr" -CA "$TLS_DIR/ca.pem" -CAkey "$TLS_DIR/ca.key" \
+  -CAcreateserial -days 2 -extfile "$TLS_DIR/san.ext" -out "$TLS_DIR/server.pem" >/dev/null 2>&1 ||
+  fail "openssl could not sign the server certificate"
+chmod 644 "$TLS_DIR"/*
+chmod 777 "$TLS_DIR"
+TLS_PORT=$("$LOADGEN" free-port)
+TLS_ADDR=127.0.0.1:$TLS_PORT
+{
+  nginx_preamble "$TLS_DIR" 1
+  cat <<EOF
     upstream model {
         server $UPSTREAM_ADDR;
+        keepalive 256;
+        keepalive_requests 1000000;
+    }
+    server {
+        listen 127.0.0.1:$TLS_PORT ssl backlog=4096;
+        ssl_certificate $TLS_DIR/server.pem;
+        ssl_certificate_key $TLS_DIR/server.key;
+        location / {
+            proxy_pass http://model;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+            proxy_request_buffering off;
+            proxy_read_timeout 300s;
+        }
+    }
+}
+EOF
+} >"$TLS_DIR/nginx.conf"
+"${RUNAS[@]}" "$NGINX" -p "$TLS_DIR" -e stderr -c "$TLS_DIR/nginx.conf" >"$WORK/tls-terminator.out" 2>"$WORK/tls-terminator.err" &
+TLS_PID=$!
+PIDS+=("$TLS_PID")
+
+# ---------------------------------------------------------------- targets
+
+# $3 = tls: talk HTTPS to the TLS terminator in front of the mock upstream.
+write_nginx_conf() {
+  local dir=$1 port=$2 server=$UPSTREAM_ADDR scheme=http ssl=''
+  if [ "${3:-}" = tls ]; then
+    server=$TLS_ADDR scheme=https
+    ssl="proxy_ssl_trusted_certificate $TLS_DIR/ca.pem; proxy_ssl_verify on; proxy_ssl_name localhost; proxy_ssl_server_name on; proxy_ssl_session_reuse on;"
+  fi
+  mkdir -p "$dir"
+  chmod 777 "$dir"
+  {
+    nginx_preamble "$dir" "$NPROC"
+    cat <<EOF
+    upstream model {
+        server $server;
         keepalive 64;
         keepalive_requests 1000000;
     }
     server {
         listen 127.0.0.1:$port backlog=4096;
         location / {
-            proxy_pass http://model;
+            proxy_pass $scheme://model;
+            $ssl
             proxy_http_version 1.1;
             proxy_set_header Connection "";
             proxy_set_header Authorization "$AUTH";
@@ -336,10 +402,13 @@ http {
     }
 }
 EOF
+  } >"$dir/nginx.conf"
 }
 
+# $3 = tls: as for write_nginx_conf.
 write_haproxy_conf() {
-  local dir=$1 port=$2
+  local dir=$1 port=$2 server=$UPSTREAM_ADDR
+  [ "${3:-}" = tls ] && server="$TLS_ADDR ssl verify required ca-file $TLS_DIR/ca.pem sni str(localhost) verifyhost localhost"
   mkdir -p "$dir"
   cat >"$dir/haproxy.cfg" <<EOF
 global
@@ -360,7 +429,7 @@ frontend bench
     default_backend model
 
 backend model
-    server up $UPSTREAM_ADDR
+    server up $server
 EOF
 }
 
@@ -542,6 +611,69 @@ phase_chunks() {
   log "$TARGET token chunks: $(tr '\n' ' ' <"$out") $(head -c 300 "$out.err")"
 }
 
+# The same proxy configured for the HTTPS upstream (the TLS terminator),
+# started for this phase only: CPU per request, memory per held stream, burst.
+phase_tls() {
+  local dir=$WORK/$TARGET-tls port addr pid out before after requests tls_pids=()
+  port=$("$LOADGEN" free-port)
+  addr=127.0.0.1:$port
+  mkdir -p "$dir"
+  chmod 777 "$dir"
+  case "$TARGET" in
+    nginx)
+      write_nginx_conf "$dir" "$port" tls
+      "${RUNAS[@]}" "$NGINX" -p "$dir" -e stderr -c "$dir/nginx.conf" >"$dir/out" 2>"$dir/err" &
+      ;;
+    haproxy)
+      write_haproxy_conf "$dir" "$port" tls
+      "${RUNAS[@]}" "$HAPROXY" -db -f "$dir/haproxy.cfg" >"$dir/out" 2>"$dir/err" &
+      ;;
+    keyrelay)
+      env BASETEN_API_KEY=$KEY "${RUNAS[@]}" "$KEYRELAY" --listen "$addr" \
+        --upstream "https://127.0.0.1:$TLS_PORT" --ca-file "$TLS_DIR/ca.pem" >"$dir/out" 2>"$dir/err" &
+      ;;
+  esac
+  pid=$!
+  PIDS+=("$pid")
+  "$LOADGEN" wait-ready --addr "$addr" --timeout-ms 15000 >/dev/null 2>"$dir/ready.err" ||
+    fail "$TARGET with the TLS upstream never answered 200: $(cat "$dir/ready.err"); $(tail -5 "$dir/err")"
+  mapfile -t tls_pids < <(target_pids "$pid")
+  sleep 0.5
+  local idle_kb
+  idle_kb=$(status_kb VmRSS "${tls_pids[@]}")
+
+  out=$dir/wrk.txt
+  before=$(cpu_ticks "${tls_pids[@]}")
+  "$WRK" -t"$NPROC" -c32 -d"${SMALL_SECS}s" "http://$addr/small" >"$out"
+  after=$(cpu_ticks "${tls_pids[@]}")
+  requests=$(awk '$2 == "requests" && $3 == "in" { print $1 }' "$out")
+  [ "${requests:-0}" -gt 0 ] || fail "$TARGET served no request over the TLS upstream: $(cat "$out")"
+  if grep -q 'Non-2xx' "$out"; then fail "$TARGET over the TLS upstream: $(grep Non-2xx "$out")"; fi
+  record tls_c32_rps "$(awk '$1 == "Requests/sec:" { printf "%.0f", $2 }' "$out")"
+  record tls_c32_cpu_us "$(awk -v t=$((after - before)) -v hz="$CLK_TCK" -v n="$requests" \
+    'BEGIN { printf "%.2f", t / hz * 1e6 / n }')"
+
+  out=$dir/hold.txt
+  reset_peak "${tls_pids[@]}"
+  "$LOADGEN" hold --addr "$addr" --streams "$TLS_HOLD" --secs "$HOLD_SECS" >"$out" 2>"$out.err" ||
+    fail "$TARGET with $TLS_HOLD streams over the TLS upstream: $(cat "$out.err")"
+  local peak_kb
+  peak_kb=$(status_kb VmHWM "${tls_pids[@]}")
+  record tls_hold_failed "$(value_of failed "$out")"
+  record tls_hold_peak_rss_mib "$(mib "$peak_kb")"
+  record tls_hold_kib_per_stream "$(awk -v p="$peak_kb" -v i="$idle_kb" -v n="$TLS_HOLD" \
+    'BEGIN { printf "%.1f", (p - i) / n }')"
+
+  out=$dir/burst.txt
+  "$LOADGEN" burst --addr "$addr" --streams "$BURST_STREAMS" >"$out" 2>"$out.err" ||
+    fail "$TARGET burst over the TLS upstream: $(cat "$out.err")"
+  record tls_burst_all_first_ms "$(value_of all_first_ms "$out")"
+  record tls_burst_failed "$(value_of failed "$out")"
+  log "$TARGET over the TLS upstream: $(awk '/Requests\/sec/ { print $2 " req/s" }' "$dir/wrk.txt")," \
+    "$(tr '\n' ' ' <"$dir/hold.txt") $(tr '\n' ' ' <"$out")"
+  stop_pid "$pid"
+}
+
 phase_burst() {
   local out=$WORK/$TARGET.burst.txt
   "$LOADGEN" burst --addr "$ADDR" --auth "$(loadgen_auth)" --streams "$BURST_STREAMS" \
@@ -603,6 +735,9 @@ each_target() {
     if [ "$TARGET" = keyrelay-warn ]; then
       case "$1" in phase_small | phase_burst | phase_chunks) ;; *) continue ;; esac
     fi
+    if [ "$1" = phase_tls ]; then
+      case "$TARGET" in direct | keyrelay-warn) continue ;; esac
+    fi
     ADDR=${T_ADDR[$TARGET]}
     read -ra TARGET_PIDS <<<"${T_PIDS[$TARGET]}"
     "$@"
@@ -628,6 +763,8 @@ log "=== token chunks: $CHUNK_STREAMS streams, a chunk every 50 ms for $CHUNK_SE
 each_target phase_chunks
 log "=== burst of $BURST_STREAMS connections"
 each_target phase_burst
+log "=== TLS upstream: $TLS_HOLD held streams, wrk -c32, burst of $BURST_STREAMS"
+each_target phase_tls
 log "=== cancellation"
 each_target phase_cancel
 slot=a
@@ -753,6 +890,13 @@ $([ "$FOREIGN_PCT" -le 5 ] || printf '> **Warning:** other processes used %s%% o
   32-byte record every 50 ms for ${CHUNK_SECS} s, as an LLM's tokens arrive; proxy CPU
   (user + system, all its processes) over the phase divided by the chunks the
   clients received.
+- **TLS upstream**: a second nginx terminates TLS (a CA and certificate made for
+  the run) in front of the mock upstream; each proxy is started again for this
+  phase with HTTPS to it and the CA trusted (nginx \`proxy_pass https://\` with
+  \`keepalive 64\`, \`proxy_ssl_verify on\`, session reuse; haproxy \`ssl verify
+  required ca-file\`; keyrelay \`--upstream https://... --ca-file\`, HTTP/1.1):
+  CPU per request at wrk -c32 for ${SMALL_SECS}s (the terminator's CPU not counted),
+  peak RSS with $TLS_HOLD held streams and KiB per stream above idle, and the burst.
 - **Burst**: $BURST_STREAMS connections opened at once with no pacing (one
   thread, every connect issued before any completes), each asking for a stream whose
   one record comes at once; the time until every stream had its record, and the
