@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # keyrelay benchmark: direct vs nginx vs haproxy vs keyrelay, in one run, same load.
 #
-#   bench/run.sh            full run (about 6 minutes after the builds); writes BENCHMARKS.md
+#   bench/run.sh            full run (about 9 minutes after the builds); writes BENCHMARKS.md
 #   bench/run.sh --smoke    every phase, very briefly (< 2 minutes after the builds);
 #                           writes to a temp file (printed at the end)
 #   bench/run.sh [--smoke] --out FILE    write the report to FILE instead
@@ -820,7 +820,7 @@ targets run side by side in one run on one machine, and each phase measures
 them in turn with the same load, so the figures in a row were taken minutes
 apart at most. They still move by several percent from run to run on a
 2-core machine (more when something else runs on it), so read ratios, not
-digits. Regenerate with \`bench/run.sh\` (about 6 minutes after the builds).
+digits. Regenerate with \`bench/run.sh\` (about 9 minutes after the builds).
 
 $([ "$FOREIGN_PCT" -le 5 ] || printf '> **Warning:** other processes used %s%% of the machine during this run, so\n> these numbers are skewed (more so the phases that ran while they did).\n' "$FOREIGN_PCT")
 
