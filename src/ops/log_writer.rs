@@ -24,6 +24,11 @@ use std::time::Duration;
 /// per second.
 const LINGER: Duration = Duration::from_millis(5);
 
+/// How long stopping waits for the last lines to be written. An output
+/// stalled for good (a log collector that stopped reading) must not keep
+/// the process from exiting.
+const STOP_WAIT: Duration = Duration::from_secs(2);
+
 /// Where lines wait for the writer thread.
 #[derive(Debug, Default)]
 struct Pending {
@@ -31,6 +36,8 @@ struct Pending {
     /// The writer is asleep until a line arrives (or it is stopped).
     idle: bool,
     stop: bool,
+    /// The writer thread has written its last batch and returned.
+    done: bool,
 }
 
 #[derive(Debug)]
@@ -137,6 +144,8 @@ fn write_batches(shared: &Shared, mut output: impl Write) {
             batch.clear();
         }
         if stop {
+            shared.lock().done = true;
+            shared.wake.notify_all();
             return;
         }
         let pending = shared.lock();
@@ -148,9 +157,18 @@ fn write_batches(shared: &Shared, mut output: impl Write) {
 
 impl Drop for WriterGuard {
     fn drop(&mut self) {
-        self.shared.lock().stop = true;
-        self.shared.wake.notify_one();
-        if let Some(thread) = self.thread.take() {
+        let mut pending = self.shared.lock();
+        pending.stop = true;
+        self.shared.wake.notify_all();
+        let (pending, _) = self
+            .shared
+            .wake
+            .wait_timeout_while(pending, STOP_WAIT, |pending| !pending.done)
+            .unwrap_or_else(|poison| poison.into_inner());
+        let done = pending.done;
+        drop(pending);
+        // A writer still stuck on its output is left behind; the process exits anyway.
+        if let Some(thread) = self.thread.take().filter(|_| done) {
             let _ = thread.join();
         }
     }
@@ -271,6 +289,22 @@ mod tests {
         let text = output.text();
         assert!(text.starts_with("first\nline 0000\n"), "{text}");
         assert_eq!(text.lines().count(), 11, "{text}");
+    }
+
+    #[test]
+    fn stopping_does_not_wait_for_an_output_stalled_for_good() {
+        let output = Output::new();
+        let release = output.stall();
+        let (writer, guard) = LogWriter::start(output.clone(), 1 << 20);
+        writer.append(b"never written\n");
+        let started = std::time::Instant::now();
+        drop(guard);
+        let waited = started.elapsed();
+        drop(release);
+        assert!(
+            (STOP_WAIT..STOP_WAIT * 3).contains(&waited),
+            "stopping waited {waited:?}"
+        );
     }
 
     #[test]
