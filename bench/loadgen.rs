@@ -1554,8 +1554,10 @@ fn report(flags: &Flags) -> Result<(), String> {
             };
             for (goal, verdict) in row.goals.iter().zip(&verdicts) {
                 if *verdict == Some(false) {
+                    // Rows of different sections share labels (c=32 req/s).
+                    let section = title.split(" (").next().unwrap_or(title);
                     misses.push(format!(
-                        "{label}: keyrelay {} (target {})",
+                        "{section}, {label}: keyrelay {} (target {})",
                         fmt_value(kr, row.digits),
                         goal.describe()
                     ));
