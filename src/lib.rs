@@ -48,6 +48,10 @@ pub use config::Config;
 /// This is the seam tests use: they bind `127.0.0.1:0`, build a [`Config`] with
 /// [`config::load()`] and a swapped environment, and call this in a task.
 ///
+/// Connections are served on `config.workers` threads of their own
+/// ([`ops::workers`]); the calling runtime keeps the control plane (admin
+/// port, file watchers, shutdown).
+///
 /// Shutdown (from `shutdown` or `POST /quitquitquit`): readiness fails at
 /// once, keyrelay keeps accepting for `shutdown_delay` (so Kubernetes can take
 /// it out of endpoints), then stops accepting and lets streams finish for up
@@ -76,11 +80,6 @@ pub async fn run(
         }
     }
     background.spawn(ops::logging::report_dropped_lines());
-    // Warm upstream connections open in the background: readiness does not
-    // wait for them.
-    for keeper in proxy.warm_keepers() {
-        background.spawn(keeper);
-    }
     let tokens = proxy.access_tokens();
     for (index, path) in tokens.files() {
         let tokens = Arc::clone(tokens);
@@ -123,6 +122,7 @@ pub async fn run(
             listen = %addr,
             admin = admin_addr.as_ref().map(tracing::field::display),
             routes = proxy.routes().count(),
+            workers = config.workers,
             access_tokens = config.access.tokens.len(),
             "keyrelay ready"
         );
@@ -148,7 +148,7 @@ pub async fn run(
             tokio::time::sleep(delay).await;
         }
     };
-    ops::server::serve(listener, proxy, tunnels, stop_accepting, &config).await
+    ops::workers::serve(listener, proxy, tunnels, stop_accepting, &config).await
 }
 
 /// Where the key comes from, for the startup line (a name, never the key).

@@ -59,9 +59,11 @@ fn main() -> ExitCode {
     }
 }
 
-/// Runs `task` to completion on a new multi-threaded Tokio runtime.
+/// Runs `task` to completion on a new single-threaded Tokio runtime: the
+/// control plane (signals, admin port, file watchers, the demo's mock model).
+/// The proxy's data path runs on its own serving threads (`ops::workers`).
 fn block_on(task: impl std::future::Future<Output = ExitCode>) -> ExitCode {
-    match tokio::runtime::Builder::new_multi_thread()
+    match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {

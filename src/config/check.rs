@@ -148,6 +148,16 @@ pub(super) fn validate(
             ),
         );
     }
+    let workers = parse_workers(&raw.workers);
+    if workers.is_none() {
+        found.report(
+            "workers",
+            format!(
+                "{:?} is not auto or a number of threads from 1 to {MAX_WORKERS}",
+                raw.workers
+            ),
+        );
+    }
     let unix_socket_mode = u32::from_str_radix(raw.unix_socket_mode.trim(), 8)
         .ok()
         .filter(|mode| *mode <= 0o777);
@@ -256,6 +266,7 @@ pub(super) fn validate(
     Some(Config {
         listen: listen?,
         listen_backlog: listen_backlog?,
+        workers: workers?,
         unix_socket_mode: unix_socket_mode?,
         access: access?,
         routes: routes?,
@@ -376,6 +387,27 @@ fn check_access(
 /// 16-bit field on some systems, and more than this is never useful.
 const MAX_LISTEN_BACKLOG: u32 = 65_535;
 
+/// Most serving threads: far beyond any core count keyrelay is run on, and
+/// each thread holds its own upstream connections.
+const MAX_WORKERS: usize = 256;
+
+/// `workers`: `auto` is the CPUs this process may run on, which
+/// `available_parallelism` reads from the affinity mask and the cgroup
+/// quota (a pod limited to 2 CPUs on a 64-core node gets 2).
+fn parse_workers(raw: &str) -> Option<usize> {
+    match raw.trim() {
+        "auto" => Some(
+            std::thread::available_parallelism()
+                .map_or(1, std::num::NonZeroUsize::get)
+                .min(MAX_WORKERS),
+        ),
+        number => number
+            .parse::<usize>()
+            .ok()
+            .filter(|workers| (1..=MAX_WORKERS).contains(workers)),
+    }
+}
+
 /// Most warm connections per upstream: spares beyond a few only hold
 /// sockets the server has to keep open.
 const MAX_WARM_CONNECTIONS: usize = 64;
@@ -416,12 +448,14 @@ mod tests {
             ("KEYRELAY_CONNECT_TIMEOUT", "soon"),
             ("KEYRELAY_AUTH_TEMPLATE", "Bearer"),
             ("KEYRELAY_LISTEN_BACKLOG", "0"),
+            ("KEYRELAY_WORKERS", "0"),
         ]))
         .expect_err("invalid");
         let settings: Vec<&str> = err.problems.iter().map(|p| p.setting.as_str()).collect();
         for expected in [
             "listen",
             "listen_backlog",
+            "workers",
             "upstream",
             "auth_template",
             "key_env",

@@ -44,6 +44,8 @@ pub struct Config {
     pub listen: ListenAddr,
     /// Pending connections the kernel may queue on the listener.
     pub listen_backlog: u32,
+    /// Serving threads (`workers`), at least one.
+    pub workers: usize,
     /// Permissions of the socket file when listening on a Unix socket.
     pub unix_socket_mode: u32,
     /// Where requests go: at least one route, longest prefix first.
@@ -269,6 +271,7 @@ struct RawConfig {
     shutdown_grace: String,
     admin_listen: String,
     listen_backlog: String,
+    workers: String,
     unix_socket_mode: String,
     shutdown_delay: String,
     max_concurrent_requests: String,

@@ -60,6 +60,12 @@ pub const SETTINGS: &[Setting] = &[
         kind: Kind::Text,
     },
     Setting {
+        key: "workers",
+        default: "auto",
+        help: "Threads serving connections, each with its own listener socket and upstream connections; auto is one per CPU the process may use (its cgroup quota included).",
+        kind: Kind::Text,
+    },
+    Setting {
         key: "upstream",
         default: "",
         help: "Base URL of the model endpoint; request paths are appended to its path.",
@@ -230,7 +236,7 @@ pub const SETTINGS: &[Setting] = &[
     Setting {
         key: "warm_connections",
         default: "1",
-        help: "Connections to each upstream opened at startup and kept open (re-opened when the server closes them), so the first request pays no DNS, TCP or TLS handshake; 0 turns it off.",
+        help: "Connections to each upstream opened at startup and kept open by each serving thread (re-opened when the server closes them), so the first request pays no DNS, TCP or TLS handshake; 0 turns it off.",
         kind: Kind::Text,
     },
     Setting {

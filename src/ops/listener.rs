@@ -9,6 +9,7 @@ use std::io;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -21,8 +22,20 @@ use crate::config::ListenAddr;
 pub enum Listener {
     /// TCP.
     Tcp(TcpListener),
-    /// A Unix domain socket; the file is removed when the listener is dropped.
-    Unix(UnixListener, SocketFile),
+    /// A Unix domain socket; the file is removed when the last listener
+    /// sharing it is dropped.
+    Unix(UnixListener, Arc<SocketFile>),
+}
+
+/// One serving thread's listening socket on its way to that thread: not yet
+/// registered with any runtime ([`WorkerSocket::into_listener`] does that on
+/// the thread that will accept on it).
+#[derive(Debug)]
+pub enum WorkerSocket {
+    /// TCP.
+    Tcp(std::net::TcpListener),
+    /// A Unix domain socket.
+    Unix(std::os::unix::net::UnixListener, Arc<SocketFile>),
 }
 
 /// The socket file, removed on drop so a restart can bind again.
@@ -53,16 +66,10 @@ pub async fn bind(addr: &ListenAddr, mode: u32, backlog: u32) -> io::Result<List
     let backlog = effective_backlog(backlog);
     match addr {
         ListenAddr::Tcp(addr) => {
-            let socket = if addr.is_ipv4() {
-                TcpSocket::new_v4()?
-            } else {
-                TcpSocket::new_v6()?
-            };
-            // What std's TcpListener::bind does on Unix: a restart can bind
-            // while old connections sit in TIME_WAIT.
-            socket.set_reuseaddr(true)?;
-            socket.bind(*addr)?;
-            Ok(Listener::Tcp(socket.listen(backlog)?))
+            if addr.port() != 0 {
+                ensure_port_free(*addr)?;
+            }
+            Ok(Listener::Tcp(reuseport_socket(*addr)?.listen(backlog)?))
         }
         ListenAddr::Unix(path) => {
             if let Ok(meta) = std::fs::symlink_metadata(path) {
@@ -75,9 +82,43 @@ pub async fn bind(addr: &ListenAddr, mode: u32, backlog: u32) -> io::Result<List
                 std::fs::remove_file(path)?;
             }
             let listener = bind_unix_with_mode(path, mode, backlog)?;
-            Ok(Listener::Unix(listener, SocketFile(path.clone())))
+            Ok(Listener::Unix(listener, Arc::new(SocketFile(path.clone()))))
         }
     }
+}
+
+/// A TCP socket for `addr` with `SO_REUSEPORT`, so each serving thread can
+/// have its own listening socket on the port (see
+/// [`Listener::into_worker_sockets`]), and `SO_REUSEADDR`, as std's
+/// `TcpListener::bind` sets on Unix: a restart can bind while old
+/// connections sit in TIME_WAIT.
+fn reuseport_socket(addr: std::net::SocketAddr) -> io::Result<TcpSocket> {
+    let socket = reuseaddr_socket(addr)?;
+    socket.set_reuseport(true)?;
+    socket.bind(addr)?;
+    Ok(socket)
+}
+
+/// A TCP socket of `addr`'s family with `SO_REUSEADDR`, not yet bound.
+fn reuseaddr_socket(addr: std::net::SocketAddr) -> io::Result<TcpSocket> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    Ok(socket)
+}
+
+/// Fails with "address in use" when anything listens on `addr` already.
+///
+/// `SO_REUSEPORT` would otherwise let a second keyrelay started by the same
+/// user on the same port bind without error and silently take half of the
+/// first one's connections, with its own key and settings. A socket bound
+/// without it conflicts with every listener on the port, as a plain bind
+/// always did; it is closed before it ever listens.
+fn ensure_port_free(addr: std::net::SocketAddr) -> io::Result<()> {
+    reuseaddr_socket(addr)?.bind(addr)
 }
 
 /// Binds a Unix socket that appears at `path` only once it is listening and
@@ -126,17 +167,20 @@ fn bind_unix_with_mode(path: &Path, mode: u32, backlog: u32) -> io::Result<UnixL
 /// `requested`, or the kernel's ceiling when that is lower (the kernel would
 /// cut it silently; saying so at startup tells the operator which knob to turn).
 fn effective_backlog(requested: u32) -> u32 {
-    match max_backlog() {
-        Some(ceiling) if ceiling < requested => {
-            tracing::info!(
-                listen_backlog = requested,
-                somaxconn = ceiling,
-                "listen_backlog capped by the kernel's net.core.somaxconn; raise that sysctl for a larger queue"
-            );
-            ceiling
-        }
-        _ => requested,
+    let backlog = capped_backlog(requested);
+    if backlog < requested {
+        tracing::info!(
+            listen_backlog = requested,
+            somaxconn = backlog,
+            "listen_backlog capped by the kernel's net.core.somaxconn; raise that sysctl for a larger queue"
+        );
     }
+    backlog
+}
+
+/// `requested`, capped by the kernel's ceiling where it can be read.
+fn capped_backlog(requested: u32) -> u32 {
+    max_backlog().map_or(requested, |ceiling| ceiling.min(requested))
 }
 
 /// The kernel's ceiling on listen backlogs, where it can be read.
@@ -178,6 +222,70 @@ impl Listener {
         match self {
             Self::Tcp(listener) => Ok(ListenAddr::Tcp(listener.local_addr()?)),
             Self::Unix(_, file) => Ok(ListenAddr::Unix(file.0.clone())),
+        }
+    }
+
+    /// The sockets `workers` serving threads accept on, this one first.
+    ///
+    /// A TCP listener bound with `SO_REUSEPORT`, as [`bind`] binds, gets a
+    /// sibling socket per further thread on the same address, each with a
+    /// backlog of `backlog`: the kernel spreads new connections across them
+    /// by a hash of the client's address and port, so every thread accepts
+    /// its own even share and no two wake for the same connection (nginx's
+    /// `reuseport`). Any other listener, a Unix socket (where Linux does not
+    /// spread connections) or a TCP listener an embedding program bound
+    /// itself, is shared: each thread gets a duplicate of the descriptor and
+    /// accepts whichever connection it reaches first.
+    pub fn into_worker_sockets(
+        self,
+        workers: usize,
+        backlog: u32,
+    ) -> io::Result<Vec<WorkerSocket>> {
+        let workers = workers.max(1);
+        match self {
+            Self::Tcp(listener) => {
+                let first = listener.into_std()?;
+                let spread = socket2::SockRef::from(&first).reuse_port()?;
+                let addr = first.local_addr()?;
+                let mut sockets = Vec::with_capacity(workers);
+                for _ in 1..workers {
+                    let sibling = if spread {
+                        reuseport_socket(addr)?
+                            .listen(capped_backlog(backlog))?
+                            .into_std()?
+                    } else {
+                        first.try_clone()?
+                    };
+                    sockets.push(WorkerSocket::Tcp(sibling));
+                }
+                sockets.insert(0, WorkerSocket::Tcp(first));
+                Ok(sockets)
+            }
+            Self::Unix(listener, file) => {
+                let first = listener.into_std()?;
+                let mut sockets = Vec::with_capacity(workers);
+                for _ in 1..workers {
+                    sockets.push(WorkerSocket::Unix(first.try_clone()?, Arc::clone(&file)));
+                }
+                sockets.insert(0, WorkerSocket::Unix(first, file));
+                Ok(sockets)
+            }
+        }
+    }
+}
+
+impl WorkerSocket {
+    /// The listener, registered with the calling thread's runtime.
+    pub fn into_listener(self) -> io::Result<Listener> {
+        match self {
+            Self::Tcp(socket) => {
+                socket.set_nonblocking(true)?;
+                Ok(Listener::Tcp(TcpListener::from_std(socket)?))
+            }
+            Self::Unix(socket, file) => {
+                socket.set_nonblocking(true)?;
+                Ok(Listener::Unix(UnixListener::from_std(socket)?, file))
+            }
         }
     }
 }

@@ -1,4 +1,5 @@
-//! What runs around the data path: listening and accepting, the process's
+//! What runs around the data path: listening and accepting on the serving
+//! threads, the process's
 //! lifecycle (readiness, drain, signals), the admin listener and its health,
 //! readiness and metrics endpoints, logging, and the per-request record that
 //! feeds the access log and the metrics.
@@ -14,3 +15,4 @@ pub mod metrics;
 pub(crate) mod request_record;
 pub(crate) mod server;
 pub mod signals;
+pub(crate) mod workers;

@@ -1,4 +1,5 @@
-//! Accept loop, per-connection serving and graceful shutdown.
+//! One serving thread's accept loop, per-connection serving and graceful
+//! shutdown ([`crate::ops::workers`] runs one per thread).
 //!
 //! Each accepted socket gets `TCP_NODELAY` (small token frames must not wait
 //! for Nagle) and is served by hyper-util's auto builder, which speaks

@@ -32,7 +32,6 @@ use hyper::upgrade::OnUpgrade;
 use tokio::sync::Semaphore;
 use tracing::Instrument;
 
-use crate::config::UpstreamHttp;
 use crate::config::{Config, Timeouts};
 use crate::guard::tokens::AccessTokens;
 use crate::guard::{cors, Admission, Guard};
@@ -42,9 +41,7 @@ use crate::proxy::request_body::RequestBody;
 use crate::proxy::response_body::RelayBody;
 use crate::proxy::route_table::{Route, RouteTable};
 use crate::proxy::tunnel::Tunnels;
-use crate::proxy::upstream::{
-    http1_client, Alpn, Http1Client, Http2Pool, RouteClient, StreamSlot, Via, WarmConnector,
-};
+use crate::proxy::upstream::{Keeper, StreamSlot, Upstreams, Via};
 use error::{ClientError, ProxyError, Refusal, UpstreamError};
 use request_id::{server_timing, RequestIds, BASETEN_REQUEST_ID, SERVER_TIMING, X_REQUEST_ID};
 
@@ -54,26 +51,28 @@ const UNMATCHED_ROUTE: &str = "unmatched";
 /// What the proxy answers with: a relayed upstream body, or keyrelay's own JSON error.
 pub type ResponseBody = Either<RelayBody, Full<Bytes>>;
 
-/// The proxy as a `tower::Service`; cloning it is cheap (one `Arc`).
+/// The proxy as a `tower::Service`, as one serving thread runs it; cloning
+/// it is cheap (one `Arc`, touched by that thread only).
 #[derive(Clone)]
 pub struct Proxy {
-    shared: Arc<Shared>,
+    worker: Arc<Worker>,
 }
 
+/// What one serving thread owns: its upstream connections and its run of
+/// request numbers.
+struct Worker {
+    shared: Arc<Shared>,
+    upstreams: Upstreams,
+    ids: RequestIds,
+}
+
+/// What every serving thread shares: routes, admission, limits, tunnels.
 struct Shared {
-    /// The HTTP/1.1 client; HTTP/2 routes carry their own pool.
-    http1: Http1Client,
-    /// Its connector, which keeps the HTTP/1.1 routes' warm connections.
-    http1_warm: WarmConnector,
-    warm_connections: usize,
-    /// The most age a warm HTTP/1.1 spare may have (`pool_idle_timeout`).
-    pool_idle_timeout: std::time::Duration,
     routes: RouteTable,
     /// Metrics for requests that match no route.
     unmatched: RouteMetrics,
     concurrency: Option<Arc<Semaphore>>,
     max_request_body: Option<u64>,
-    ids: RequestIds,
     guard: Guard,
     tunnels: Arc<Tunnels>,
     timeouts: Timeouts,
@@ -109,94 +108,69 @@ struct Sent {
 }
 
 impl Proxy {
-    /// Builds the proxy and its upstream client from a validated config.
+    /// Builds the proxy from a validated config, as the first of
+    /// `config.workers` serving threads runs it ([`Proxy::for_worker`] makes
+    /// the others).
     pub fn new(
         config: &Config,
         metrics: &Arc<Metrics>,
         tunnels: Arc<Tunnels>,
     ) -> std::io::Result<Self> {
-        let (http1, http1_warm) = http1_client(config)?;
+        let shared = Arc::new(Shared {
+            routes: RouteTable::new(&config.routes, metrics),
+            unmatched: metrics.route(UNMATCHED_ROUTE),
+            concurrency: config
+                .limits
+                .max_concurrent_requests
+                .map(|n| Arc::new(Semaphore::new(n))),
+            max_request_body: config.limits.max_request_body,
+            guard: Guard::new(&config.access),
+            tunnels,
+            timeouts: config.timeouts,
+        });
         Ok(Self {
-            shared: Arc::new(Shared {
-                http1,
-                http1_warm,
-                warm_connections: config.pool.warm_connections,
-                pool_idle_timeout: config.pool.idle_timeout,
-                routes: RouteTable::new(&config.routes, metrics, route_clients(config)?),
-                unmatched: metrics.route(UNMATCHED_ROUTE),
-                concurrency: config
-                    .limits
-                    .max_concurrent_requests
-                    .map(|n| Arc::new(Semaphore::new(n))),
-                max_request_body: config.limits.max_request_body,
-                ids: RequestIds::new(),
-                guard: Guard::new(&config.access),
-                tunnels,
-                timeouts: config.timeouts,
+            worker: Arc::new(Worker {
+                shared,
+                upstreams: Upstreams::new(config)?,
+                ids: RequestIds::new(0, config.workers),
+            }),
+        })
+    }
+
+    /// The proxy for serving thread `index` of `config.workers`: the same
+    /// routes, guard and limits, its own upstream clients.
+    pub fn for_worker(&self, config: &Config, index: usize) -> std::io::Result<Self> {
+        Ok(Self {
+            worker: Arc::new(Worker {
+                shared: Arc::clone(&self.worker.shared),
+                upstreams: Upstreams::new(config)?,
+                ids: self.worker.ids.for_worker(index, config.workers),
             }),
         })
     }
 
     /// The routes, for the key-file watchers and the startup log.
     pub fn routes(&self) -> impl Iterator<Item = &Route> {
-        self.shared.routes.iter()
+        self.worker.shared.routes.iter()
     }
 
-    /// The tasks that keep `warm_connections` open to each upstream (one
-    /// per HTTP/1.1 origin and one per HTTP/2 pool), for `run` to spawn.
-    pub fn warm_keepers(&self) -> Vec<Pin<Box<dyn Future<Output = ()> + Send>>> {
-        let shared = &*self.shared;
-        let mut keepers: Vec<Pin<Box<dyn Future<Output = ()> + Send>>> = Vec::new();
-        if shared.warm_connections == 0 {
-            return keepers;
-        }
-        let count = shared.warm_connections;
-        let max_age = shared.pool_idle_timeout;
-        let mut http1_origins: Vec<http::Uri> = Vec::new();
-        let mut pools: Vec<&Http2Pool> = Vec::new();
-        for route in shared.routes.iter() {
-            let origin = route.upstream.origin();
-            match &route.client {
-                RouteClient::Http1 => {
-                    if !http1_origins.contains(&origin) {
-                        http1_origins.push(origin.clone());
-                        keepers.push(Box::pin(
-                            shared.http1_warm.keep_warm(origin, count, max_age),
-                        ));
-                    }
-                }
-                RouteClient::Http2(pool) | RouteClient::Auto(pool)
-                    if pools.iter().any(|seen| seen.is(pool)) => {}
-                RouteClient::Http2(pool) => {
-                    pools.push(pool);
-                    keepers.push(Box::pin(pool.keep_warm()));
-                }
-                // Warm over HTTP/2 until the server turns out to choose
-                // HTTP/1.1; then spares for the HTTP/1.1 client instead.
-                RouteClient::Auto(pool) => {
-                    pools.push(pool);
-                    let pool_warm = pool.keep_warm();
-                    let http1 = shared.http1_warm.clone();
-                    keepers.push(Box::pin(async move {
-                        pool_warm.await;
-                        http1.keep_warm(origin, count, max_age).await;
-                    }));
-                }
-            }
-        }
-        keepers
+    /// The tasks that keep this thread's warm upstream connections open,
+    /// for the thread to spawn.
+    pub fn warm_keepers(&self) -> Vec<Keeper> {
+        self.worker.upstreams.warm_keepers()
     }
 
     /// The local access tokens, for the token-file watchers.
     pub fn access_tokens(&self) -> &Arc<AccessTokens> {
-        &self.shared.guard.tokens
+        &self.worker.shared.guard.tokens
     }
 
     /// One request, start to end: the phases run in [`Shared::admit_and_send`],
     /// and every failure leaves through [`Shared::fail`].
     async fn forward(self, request: Request<Incoming>) -> Response<ResponseBody> {
-        let shared = &*self.shared;
-        let number = shared.ids.next();
+        let worker = &*self.worker;
+        let shared = &*worker.shared;
+        let number = worker.ids.next();
         let (parts, body) = request.into_parts();
         let matched = shared.routes.find(parts.uri.path());
         let metrics = matched.map_or(&shared.unmatched, |route| &route.metrics);
@@ -209,7 +183,7 @@ impl Proxy {
         let mut context = FailureContext::default();
 
         let answer = shared
-            .admit_and_send(parts, body, matched, &mut record, &mut context)
+            .admit_and_send(worker, parts, body, matched, &mut record, &mut context)
             .instrument(tracing::debug_span!("request", request_id = number))
             .await;
         let mut response = match answer {
@@ -230,6 +204,7 @@ impl Shared {
     /// the upstream request, send.
     async fn admit_and_send<'a>(
         &self,
+        worker: &Worker,
         mut parts: http::request::Parts,
         body: Incoming,
         matched: Option<&'a Route>,
@@ -255,12 +230,13 @@ impl Shared {
         self.check_limits(route, &parts, &body, record)?;
 
         // 3. Build the upstream request.
-        let request_id = self.ids.assign(&mut parts.headers, record.id());
+        let request_id = worker.ids.assign(&mut parts.headers, record.id());
         record.set_request_id(request_id.clone());
         // An upgrade (WebSocket) is forwarded deliberately, only over HTTP/1.1
         // on both sides, where the protocol switch exists.
+        let client = worker.upstreams.of(route);
         let upgrade = headers::requested_upgrade(&parts.headers)
-            .filter(|_| parts.version == Version::HTTP_11 && route.client.can_upgrade());
+            .filter(|_| parts.version == Version::HTTP_11 && client.can_upgrade());
         let upgrading = upgrade.is_some();
         let client_upgrade = upgrade
             .as_ref()
@@ -274,13 +250,12 @@ impl Shared {
         tracing::debug!(path = upstream_request.uri().path(), "forwarding");
         let overhead = record.elapsed();
         record.metrics().overhead(overhead.as_secs_f64());
-        let via = route
-            .client
+        let via = client
             .via(upgrading)
             .await
             .map_err(|err| self.send_failure(&err, err.is_connect()))?;
         set_version(&mut upstream_request, &via, route.host.as_ref());
-        let (response, slot) = self.send(via, upstream_request).await?;
+        let (response, slot) = self.send(&worker.upstreams, via, upstream_request).await?;
         Ok(Answer::Relay(Sent {
             response,
             request_id,
@@ -335,6 +310,7 @@ impl Shared {
     /// the response-header timeout when one is set.
     async fn send(
         &self,
+        upstreams: &Upstreams,
         via: Via<'_>,
         request: Request<RequestBody>,
     ) -> Result<(Response<Incoming>, Option<StreamSlot>), ProxyError> {
@@ -344,7 +320,7 @@ impl Shared {
                     Ok((response, slot)) => Ok((response, Some(slot))),
                     Err(err) => Err(self.send_failure(&err, err.is_connect())),
                 },
-                Via::Http1 => match self.http1.request(request).await {
+                Via::Http1 => match upstreams.http1.request(request).await {
                     Ok(response) => Ok((response, None)),
                     Err(err) => Err(self.send_failure(&err, err.is_connect())),
                 },
@@ -408,46 +384,6 @@ impl Shared {
         }
         response
     }
-}
-
-/// How each route reaches its upstream, in route order. Routes to the same
-/// origin with the same ALPN offer share one HTTP/2 pool.
-fn route_clients(config: &Config) -> std::io::Result<Vec<RouteClient>> {
-    let mut by_origin: Vec<(&crate::config::UpstreamUrl, Alpn, Http2Pool)> = Vec::new();
-    let mut clients = Vec::with_capacity(config.routes.len());
-    for route in &config.routes {
-        let upstream = &route.upstream;
-        let alpn = match route.http {
-            UpstreamHttp::Http1 => None,
-            UpstreamHttp::Http2 => Some(Alpn::Http2),
-            // Without TLS there is no ALPN to ask: HTTP/1.1, as for any
-            // plain-text client that does not know the server speaks h2c.
-            UpstreamHttp::Auto if upstream.scheme == http::uri::Scheme::HTTP => None,
-            UpstreamHttp::Auto => Some(Alpn::Both),
-        };
-        let Some(alpn) = alpn else {
-            clients.push(RouteClient::Http1);
-            continue;
-        };
-        let shared = by_origin.iter().find(|(origin, offer, _)| {
-            origin.scheme == upstream.scheme
-                && origin.authority == upstream.authority
-                && *offer == alpn
-        });
-        let pool = match shared {
-            Some((_, _, pool)) => pool.clone(),
-            None => {
-                let pool = Http2Pool::new(config, upstream, alpn)?;
-                by_origin.push((upstream, alpn, pool.clone()));
-                pool
-            }
-        };
-        clients.push(match alpn {
-            Alpn::Both => RouteClient::Auto(pool),
-            _ => RouteClient::Http2(pool),
-        });
-    }
-    Ok(clients)
 }
 
 /// keyrelay's answer to a CORS preflight: 204 with the allow headers.

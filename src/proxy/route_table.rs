@@ -18,11 +18,13 @@ use crate::config::{Credential, RouteConfig, UpstreamUrl};
 use crate::guard::paths::PathPolicy;
 use crate::ops::metrics::{Metrics, RouteMetrics};
 use crate::proxy::error::ClientError;
-use crate::proxy::upstream::RouteClient;
 use crate::secrets::secret_file::LiveCredential;
 
 /// One route, ready to serve.
 pub struct Route {
+    /// Its place in the table, which is its place in each serving thread's
+    /// [`Upstreams`](crate::proxy::upstream::Upstreams).
+    pub index: usize,
     /// Name in logs and metrics.
     pub name: String,
     prefix: String,
@@ -42,8 +44,6 @@ pub struct Route {
     pub paths: PathPolicy,
     /// Static headers set on every upstream request.
     pub set_headers: Vec<(HeaderName, HeaderValue)>,
-    /// HTTP/1.1, an HTTP/2 pool, or the server's choice.
-    pub client: RouteClient,
     /// This route's metric handles.
     pub metrics: RouteMetrics,
 }
@@ -54,13 +54,13 @@ pub struct RouteTable {
 }
 
 impl RouteTable {
-    /// Builds the table from validated route configs (already longest-first)
-    /// and the way each route reaches its upstream.
-    pub fn new(configs: &[RouteConfig], metrics: &Arc<Metrics>, clients: Vec<RouteClient>) -> Self {
+    /// Builds the table from validated route configs (already longest-first).
+    pub fn new(configs: &[RouteConfig], metrics: &Arc<Metrics>) -> Self {
         let routes = configs
             .iter()
-            .zip(clients)
-            .map(|(config, client)| Route {
+            .enumerate()
+            .map(|(index, config)| Route {
+                index,
                 name: config.name.clone(),
                 prefix: config.prefix.clone(),
                 strip_prefix: config.strip_prefix,
@@ -71,7 +71,6 @@ impl RouteTable {
                 live: Arc::new(LiveCredential::new(config.credential.value.clone())),
                 paths: config.paths.clone(),
                 set_headers: config.set_headers.clone(),
-                client,
                 metrics: metrics.route(&config.name),
             })
             .collect();

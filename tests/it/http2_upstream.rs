@@ -280,11 +280,14 @@ async fn goaway_after_n_requests_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_connection_is_found_by_ping_and_replaced() {
     let upstream = H2Upstream::start(Limits::default()).await;
+    // One serving thread: both requests must share its upstream connection
+    // (their two client connections could land on different threads).
     let relay = relay_to(
         &upstream,
         &[
             ("http2_keepalive_interval", "500ms"),
             ("http2_keepalive_timeout", "1s"),
+            ("workers", "1"),
         ],
     )
     .await;

@@ -34,3 +34,4 @@ mod upstream_faults;
 mod warm_connections;
 mod websocket;
 mod websocket_client;
+mod workers;

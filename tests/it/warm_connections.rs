@@ -2,7 +2,10 @@
 //! upstream at startup, before any request, hands it to the first request
 //! that needs one, and opens another whenever the server closes its spare.
 //! These tests run keyrelay at that default (the rest of the suite turns it
-//! off, since its mocks take every connection for a request).
+//! off, since its mocks take every connection for a request). Each serving
+//! thread keeps its own spares, so most tests here run one thread
+//! (`workers = 1`) to count one pool's connections; the last one checks that
+//! every thread has its spare.
 
 use std::sync::atomic::Ordering;
 
@@ -15,10 +18,12 @@ use crate::support::tls::{TestCa, TlsUpstream};
 use crate::support::{body_bytes, http1_client, sources, within, Relay};
 use keyrelay::config::OverrideValue;
 
-/// keyrelay at the default `warm_connections` in front of `upstream`.
+/// keyrelay at the default `warm_connections`, on one serving thread, in
+/// front of `upstream`.
 async fn warm_relay(upstream: &str, settings: &[(&str, &str)]) -> Relay {
     let mut sources = sources(upstream, settings);
     sources.set("warm_connections", OverrideValue::Text("1".to_owned()));
+    sources.set("workers", OverrideValue::Text("1".to_owned()));
     Relay::from_sources(&sources).await
 }
 
@@ -151,4 +156,30 @@ async fn an_auto_route_whose_server_chooses_http1_keeps_an_http1_spare() {
     let seen = upstream.next_request().await;
     assert_eq!(seen.connection, 1, "the request used the HTTP/1.1 spare");
     relay.stop().await;
+}
+
+/// With several serving threads each keeps its own spare (a request is
+/// served by the thread that accepted its connection, on that thread's
+/// upstream connections), so the first request on any thread rides a
+/// connection opened at startup.
+#[tokio::test]
+async fn every_serving_thread_keeps_its_own_spare() {
+    const WORKERS: usize = 3;
+    let mut upstream = RawUpstream::start().await;
+    let mut sources = sources(&upstream.url(), &[]);
+    sources.set("warm_connections", OverrideValue::Text("1".to_owned()));
+    sources.set("workers", OverrideValue::Text(WORKERS.to_string()));
+    let relay = Relay::from_sources(&sources).await;
+
+    let mut spares = Vec::new();
+    for _ in 0..WORKERS {
+        spares.push(upstream.next_conn().await);
+    }
+    // Every keeper has run once its thread has stopped: a spare beyond one
+    // per thread would be waiting by now.
+    relay.stop().await;
+    assert!(
+        upstream.no_connection_pending(),
+        "one spare per thread, no more"
+    );
 }
