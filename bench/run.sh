@@ -853,8 +853,9 @@ $([ "$FOREIGN_PCT" -le 5 ] || printf '> **Warning:** other processes used %s%% o
 - **haproxy**: $NPROC threads, \`http-request set-header Authorization\`,
   \`option http-no-delay\`, \`maxconn $HAPROXY_MAXCONN\`, default connection reuse, no logging.
 - **keyrelay**: \`target/release/keyrelay --listen 127.0.0.1:PORT --upstream http://UPSTREAM\`
-  with \`BASETEN_API_KEY\`, default settings (tokio with one worker per CPU,
-  upstream pool of up to 1024 idle connections, \`listen_backlog\` 4096), **its
+  with \`BASETEN_API_KEY\`, default settings (\`workers\` auto: one serving thread per
+  CPU, each a single-threaded runtime with its own \`SO_REUSEPORT\` socket and upstream
+  pool of up to 1024 idle connections; \`listen_backlog\` 4096), **its
   access log on** (one line per request to stderr, which goes to a file), as users run it.
 - **keyrelay-warn**: the same with \`RUST_LOG=warn\` (no access-log line), in the
   small-request, token-chunk and burst phases only, to show what the access log costs.
