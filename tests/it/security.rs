@@ -966,7 +966,7 @@ async fn token_values_never_appear_in_trace_logs_but_their_names_do() {
     assert_eq!(response.status(), 401);
 
     let log = relay.wait_for_log("request finished", 3).await;
-    let everything = relay.kill_and_output().await;
+    let everything = relay.stop_and_output().await;
 
     assert!(
         log.contains("TRACE") || log.contains("DEBUG"),

@@ -439,6 +439,8 @@ pub struct RelayProcess {
     pub child: tokio::process::Child,
     pub addr: SocketAddr,
     pub log: Arc<Mutex<String>>,
+    /// The task copying stderr into `log`; it ends at the stream's end.
+    reader: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl RelayProcess {
@@ -455,7 +457,7 @@ impl RelayProcess {
         let log = Arc::new(Mutex::new(String::new()));
         let (ready_tx, ready_rx) = oneshot::channel();
         let sink = Arc::clone(&log);
-        tokio::spawn(async move {
+        let reader = tokio::spawn(async move {
             let mut ready_tx = Some(ready_tx);
             let mut lines = BufReader::new(stderr).lines();
             while let Ok(Some(line)) = lines.next_line().await {
@@ -472,7 +474,12 @@ impl RelayProcess {
         let addr = within("keyrelay to report ready", ready_rx)
             .await
             .expect("keyrelay exited before it was ready");
-        Self { child, addr, log }
+        Self {
+            child,
+            addr,
+            log,
+            reader: Some(reader),
+        }
     }
 
     /// Everything the process wrote to stderr so far.
@@ -501,15 +508,48 @@ impl RelayProcess {
     }
 
     /// Kills the process, waits for it, and returns everything it printed:
-    /// stderr (the log) followed by stdout.
+    /// stderr (the log) followed by stdout. Lines keyrelay had not written
+    /// yet (its log thread batches them for a few milliseconds) are lost:
+    /// [`RelayProcess::stop_and_output`] keeps them.
     pub async fn kill_and_output(&mut self) -> String {
         self.child.start_kill().expect("kill");
+        self.output_after_exit().await
+    }
+
+    /// Stops the process with SIGTERM, as an operator would, so that it
+    /// writes every log line before it exits, and returns everything it
+    /// printed: stderr (the log) followed by stdout.
+    pub async fn stop_and_output(&mut self) -> String {
+        let pid = self.child.id().expect("running");
+        // The ready line comes a moment before the signal handlers.
+        ops::eventually("keyrelay to install its SIGTERM handler", || {
+            let caught = catches_signal(pid, ops::SIGTERM);
+            async move { caught.then_some(()) }
+        })
+        .await;
+        ops::send_signal(pid, "TERM").await;
+        self.output_after_exit().await
+    }
+
+    /// Waits (bounded) for the process to exit and for its stderr to be
+    /// read to the end, then returns stderr followed by stdout.
+    async fn output_after_exit(&mut self) -> String {
         let mut stdout = self.child.stdout.take().expect("stdout");
-        let _ = self.child.wait().await;
-        let mut printed = String::new();
-        tokio::io::AsyncReadExt::read_to_string(&mut stdout, &mut printed)
+        within("keyrelay to exit", self.child.wait())
             .await
-            .expect("stdout");
+            .expect("wait for keyrelay");
+        let mut printed = String::new();
+        within(
+            "keyrelay's stdout",
+            tokio::io::AsyncReadExt::read_to_string(&mut stdout, &mut printed),
+        )
+        .await
+        .expect("stdout");
+        if let Some(reader) = self.reader.take() {
+            within("keyrelay's stderr", reader)
+                .await
+                .expect("stderr reader");
+        }
         self.log() + &printed
     }
 
@@ -523,6 +563,19 @@ impl RelayProcess {
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
             .expect("VmHWM")
     }
+}
+
+/// True once process `pid` has a handler for `signal` (a signal number),
+/// read from the caught-signals mask in `/proc/PID/status`.
+pub fn catches_signal(pid: u32, signal: u32) -> bool {
+    let status =
+        std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc/PID/status");
+    let mask = status
+        .lines()
+        .find_map(|line| line.strip_prefix("SigCgt:"))
+        .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+        .expect("SigCgt in /proc/PID/status");
+    mask & (1 << (signal - 1)) != 0
 }
 
 /// Parses `listen=127.0.0.1:PORT` out of keyrelay's "keyrelay ready" log line.

@@ -107,14 +107,7 @@ impl AdminRelay {
     /// True once the process has a handler for `signal` (a signal number),
     /// read from the caught-signals mask in `/proc/PID/status`.
     pub fn catches(&self, signal: u32) -> bool {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
-            .expect("read /proc/PID/status");
-        let mask = status
-            .lines()
-            .find_map(|line| line.strip_prefix("SigCgt:"))
-            .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
-            .expect("SigCgt in /proc/PID/status");
-        mask & (1 << (signal - 1)) != 0
+        super::catches_signal(self.pid(), signal)
     }
 
     /// Waits until keyrelay handles SIGTERM. keyrelay logs its ready line (and
