@@ -41,7 +41,7 @@ use crate::proxy::request_body::RequestBody;
 use crate::proxy::response_body::RelayBody;
 use crate::proxy::route_table::{Route, RouteTable};
 use crate::proxy::tunnel::Tunnels;
-use crate::proxy::upstream::{Keeper, StreamSlot, Upstreams, Via};
+use crate::proxy::upstream::{Keeper, Lease, Upstreams, Via};
 use error::{ClientError, ProxyError, Refusal, UpstreamError};
 use request_id::{server_timing, RequestIds, BASETEN_REQUEST_ID, SERVER_TIMING, X_REQUEST_ID};
 
@@ -103,8 +103,8 @@ struct Sent {
     overhead: std::time::Duration,
     /// The client's side of a WebSocket upgrade, if it asked for one.
     client_upgrade: Option<OnUpgrade>,
-    /// The stream's place on an HTTP/2 upstream connection.
-    slot: Option<StreamSlot>,
+    /// Its hold on the upstream connection.
+    lease: Lease,
 }
 
 impl Proxy {
@@ -255,13 +255,13 @@ impl Shared {
             .await
             .map_err(|err| self.send_failure(&err, err.is_connect()))?;
         set_version(&mut upstream_request, &via, route.host.as_ref());
-        let (response, slot) = self.send(&worker.upstreams, via, upstream_request).await?;
+        let (response, lease) = self.send(&worker.upstreams, via, upstream_request).await?;
         Ok(Answer::Relay(Sent {
             response,
             request_id,
             overhead,
             client_upgrade,
-            slot,
+            lease,
         }))
     }
 
@@ -313,15 +313,15 @@ impl Shared {
         upstreams: &Upstreams,
         via: Via<'_>,
         request: Request<RequestBody>,
-    ) -> Result<(Response<Incoming>, Option<StreamSlot>), ProxyError> {
+    ) -> Result<(Response<Incoming>, Lease), ProxyError> {
         let pending = async {
             match via {
                 Via::Http2(pool) => match pool.send(request).await {
-                    Ok((response, slot)) => Ok((response, Some(slot))),
+                    Ok((response, slot)) => Ok((response, Lease::Http2(slot))),
                     Err(err) => Err(self.send_failure(&err, err.is_connect())),
                 },
-                Via::Http1 => match upstreams.http1.request(request).await {
-                    Ok(response) => Ok((response, None)),
+                Via::Http1 => match upstreams.http1.send(request).await {
+                    Ok((response, lease)) => Ok((response, Lease::Http1(lease))),
                     Err(err) => Err(self.send_failure(&err, err.is_connect())),
                 },
             }
@@ -342,7 +342,7 @@ impl Shared {
             request_id,
             overhead,
             client_upgrade,
-            slot,
+            lease,
         } = sent;
         if let Some(client) = client_upgrade {
             if response.status() == StatusCode::SWITCHING_PROTOCOLS {
@@ -359,7 +359,7 @@ impl Shared {
         }
         parts.headers.append(SERVER_TIMING, server_timing(overhead));
         record.set_status(parts.status.as_u16());
-        let body = RelayBody::new(body, self.timeouts.idle, record, slot);
+        let body = RelayBody::new(body, self.timeouts.idle, record, lease);
         Response::from_parts(parts, Either::Left(body))
     }
 

@@ -33,7 +33,7 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::time::{Instant, Sleep};
 
 use crate::ops::request_record::{Outcome, RequestRecord};
-use crate::proxy::upstream::StreamSlot;
+use crate::proxy::upstream::Lease;
 
 /// The longest a finished HTTP/2 response may take to send its END_STREAM
 /// (or trailers) once its declared bytes are all in.
@@ -45,8 +45,10 @@ pub struct RelayBody {
     upstream: Option<Incoming>,
     idle: Option<IdleTimer>,
     log: RequestRecord,
-    /// The stream's place on its HTTP/2 connection, freed with the stream.
-    slot: Option<StreamSlot>,
+    /// Its hold on the upstream connection: an HTTP/2 stream's place, freed
+    /// with the stream, or an HTTP/1.1 connection, back to the pool when the
+    /// body was read to its end (dropped with it otherwise, which closes it).
+    lease: Option<Lease>,
 }
 
 impl RelayBody {
@@ -55,7 +57,7 @@ impl RelayBody {
         upstream: Incoming,
         idle: Option<Duration>,
         mut log: RequestRecord,
-        slot: Option<StreamSlot>,
+        lease: Lease,
     ) -> Self {
         // hyper never polls a body that says it is empty.
         if upstream.is_end_stream() {
@@ -65,7 +67,16 @@ impl RelayBody {
             upstream: Some(upstream),
             idle: idle.map(IdleTimer::new),
             log,
-            slot,
+            lease: Some(lease),
+        }
+    }
+}
+
+impl RelayBody {
+    /// The upstream body was read to its end: its connection may be reused.
+    fn body_finished(&mut self) {
+        if let Some(lease) = self.lease.as_mut() {
+            lease.body_finished();
         }
     }
 }
@@ -78,15 +89,17 @@ impl Drop for RelayBody {
         // Every declared byte arrived, only the stream's end is missing: read
         // it rather than reset the stream. A body dropped part-way (the client
         // went away) is reset, which tells the model to stop generating.
-        if !upstream.is_end_stream() && upstream.size_hint().exact() == Some(0) {
-            finish_in_background(upstream, self.slot.take());
+        if upstream.is_end_stream() {
+            self.body_finished();
+        } else if upstream.size_hint().exact() == Some(0) {
+            finish_in_background(upstream, self.lease.take());
         }
     }
 }
 
 /// Reads a finished HTTP/2 response to its END_STREAM, bounded in time, then
 /// frees its stream slot.
-fn finish_in_background(mut upstream: Incoming, slot: Option<StreamSlot>) {
+fn finish_in_background(mut upstream: Incoming, lease: Option<Lease>) {
     let Ok(runtime) = tokio::runtime::Handle::try_current() else {
         return;
     };
@@ -95,7 +108,7 @@ fn finish_in_background(mut upstream: Incoming, slot: Option<StreamSlot>) {
             while let Some(Ok(_)) = upstream.frame().await {}
         })
         .await;
-        drop(slot);
+        drop(lease);
     });
 }
 
@@ -126,6 +139,7 @@ impl Body for RelayBody {
                 }
                 Poll::Ready(None) => {
                     this.log.finish(Outcome::Ok);
+                    this.body_finished();
                     return Poll::Ready(None);
                 }
                 Poll::Pending => {
@@ -160,6 +174,9 @@ impl Body for RelayBody {
             // where a Content-Length response completes.
             if upstream.is_end_stream() || upstream.size_hint().exact() == Some(0) {
                 this.log.finish(Outcome::Ok);
+                if upstream.is_end_stream() {
+                    this.body_finished();
+                }
             }
             return Poll::Ready(Some(Ok(frame)));
         }

@@ -1,12 +1,11 @@
 //! The upstream side of the data path: connections to the model endpoint.
 //!
-//! - HTTP/1.1 routes use hyper-util's pooled client ([`Http1Client`]).
-//!   Connections are reused; the pool's idle timeout is kept shorter than
-//!   common server keep-alives so keyrelay rarely picks a connection the
-//!   server is closing. When it does, hyper-util retries the request on a new
-//!   connection only if the old one failed before the request was written
-//!   (`retry_canceled_requests`): a request that may have reached the
-//!   upstream is never sent twice.
+//! - HTTP/1.1 routes use keyrelay's own [`Http1Pool`] on hyper's
+//!   `client::conn::http1`. Connections are reused; the pool's idle timeout
+//!   is kept shorter than common server keep-alives so keyrelay rarely picks
+//!   a connection the server is closing. When it does, the request is tried
+//!   on another connection only if hyper hands it back unwritten: a request
+//!   that may have reached the upstream is never sent twice.
 //! - HTTP/2 routes use keyrelay's own [`Http2Pool`]: several multiplexed
 //!   connections per upstream, a new one opened when the others are at the
 //!   server's `SETTINGS_MAX_CONCURRENT_STREAMS`, GOAWAY and dead connections
@@ -21,6 +20,7 @@
 //!   upgrades, which exist only in HTTP/1.1 here).
 
 mod connect;
+mod http1_pool;
 mod http2_pool;
 mod warm;
 
@@ -28,42 +28,39 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
-
 use crate::config::{Config, UpstreamHttp};
-use crate::proxy::request_body::RequestBody;
 use crate::proxy::route_table::Route;
 
 pub use connect::{connector, Alpn};
+pub use http1_pool::{Http1Lease, Http1Pool};
 pub use http2_pool::{Http2Pool, Negotiated, SendError, StreamSlot};
 pub use warm::WarmConnector;
-
-/// The HTTP/1.1 client: request bodies pass through frame by frame.
-pub type Http1Client = Client<WarmConnector, RequestBody>;
-
-/// Builds the HTTP/1.1 upstream client from the validated config, and the
-/// connector that keeps its warm connections.
-pub fn http1_client(config: &Config) -> std::io::Result<(Http1Client, WarmConnector)> {
-    let mut builder = Client::builder(TokioExecutor::new());
-    builder
-        .timer(TokioTimer::new())
-        .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(config.pool.idle_timeout)
-        .pool_max_idle_per_host(config.pool.max_idle_per_host)
-        .retry_canceled_requests(true);
-    let warm = WarmConnector::new(connector(config, Alpn::Http1)?);
-    Ok((builder.build(warm.clone()), warm))
-}
 
 /// A task that keeps warm connections open, for the serving thread to spawn.
 pub type Keeper = Pin<Box<dyn Future<Output = ()> + Send>>;
 
-/// One serving thread's way to every upstream: the HTTP/1.1 client and each
+/// What a response holds on its upstream connection until its body is done.
+pub enum Lease {
+    /// An HTTP/1.1 connection, back to the pool once the body was read whole.
+    Http1(Http1Lease),
+    /// A stream's place on an HTTP/2 connection.
+    Http2(StreamSlot),
+}
+
+impl Lease {
+    /// The response body was read to its end.
+    pub fn body_finished(&mut self) {
+        if let Self::Http1(lease) = self {
+            lease.reusable();
+        }
+    }
+}
+
+/// One serving thread's way to every upstream: the HTTP/1.1 pool and each
 /// route's [`RouteClient`], in route order.
 pub struct Upstreams {
-    /// The HTTP/1.1 client; HTTP/2 routes carry their own pool.
-    pub http1: Http1Client,
+    /// The HTTP/1.1 pool; HTTP/2 routes carry their own pool.
+    pub http1: Http1Pool,
     /// Its connector, which keeps the HTTP/1.1 routes' warm connections.
     http1_warm: WarmConnector,
     /// Each route's client and its upstream's origin, by route index.
@@ -77,7 +74,12 @@ impl Upstreams {
     /// Clients for every route of a validated config; no connection opens
     /// until a request or a warm keeper needs one.
     pub fn new(config: &Config) -> std::io::Result<Self> {
-        let (http1, http1_warm) = http1_client(config)?;
+        let http1_warm = WarmConnector::new(connector(config, Alpn::Http1)?);
+        let http1 = Http1Pool::new(
+            http1_warm.clone(),
+            config.pool.idle_timeout,
+            config.pool.max_idle_per_host,
+        );
         let origins = config.routes.iter().map(|route| route.upstream.origin());
         Ok(Self {
             http1,
@@ -183,7 +185,7 @@ fn route_clients(config: &Config) -> std::io::Result<Vec<RouteClient>> {
 /// How one route reaches its upstream.
 #[derive(Clone)]
 pub enum RouteClient {
-    /// HTTP/1.1, through the thread's [`Http1Client`].
+    /// HTTP/1.1, through the thread's [`Http1Pool`].
     Http1,
     /// HTTP/2, through this pool.
     Http2(Http2Pool),
@@ -193,7 +195,7 @@ pub enum RouteClient {
 
 /// The way one request goes upstream.
 pub enum Via<'a> {
-    /// Over the thread's HTTP/1.1 client.
+    /// Over the thread's HTTP/1.1 pool.
     Http1,
     /// On a stream of this pool.
     Http2(&'a Http2Pool),
