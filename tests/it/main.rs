@@ -31,6 +31,7 @@ mod security;
 mod streaming;
 mod unix_socket;
 mod upstream_faults;
+mod upstream_pool;
 mod warm_connections;
 mod websocket;
 mod websocket_client;
