@@ -7,7 +7,7 @@
 //! per upstream origin holds `warm_connections` spare connections, opened at
 //! startup (readiness does not wait for them) and re-opened whenever the
 //! server closes one or a request takes one. The connector hands a spare to
-//! the first request that needs a new connection, so hyper-util's pool above
+//! the first request that needs a new connection, so the HTTP/1.1 pool above
 //! needs no changes. (HTTP/2 pools keep whole HTTP/2 connections warm
 //! instead, with PINGs: an HTTP/2 server speaks first, so a bare spare
 //! would not stay silent.)
