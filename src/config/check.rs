@@ -18,6 +18,7 @@ use super::{
 };
 use crate::guard::cors::CorsPolicy;
 use crate::guard::host::HostPolicy;
+use crate::guard::origin::AllowedOrigin;
 use crate::guard::tokens::{check_value, AccessToken};
 use crate::secrets::secret_file;
 
@@ -343,15 +344,29 @@ fn check_access(
             );
         }
     }
-    for origin in &raw.allowed_origins {
-        let rest = origin
-            .strip_prefix("http://")
-            .or_else(|| origin.strip_prefix("https://"));
-        let has_path = rest.is_some_and(|rest| rest.trim_end_matches('/').contains('/'));
-        if origin == "*" || rest.is_none() || has_path {
+    let origins: Vec<AllowedOrigin> = raw
+        .allowed_origins
+        .iter()
+        .filter_map(|entry| {
+            AllowedOrigin::parse(entry)
+                .map_err(|message| found.report("allowed_origins", message))
+                .ok()
+        })
+        .collect();
+    if raw.allow_credentials {
+        if raw.allowed_origins.is_empty() {
             found.report(
-                "allowed_origins",
-                format!("{origin:?} must be an exact origin such as http://localhost:3000 (no wildcards)"),
+                "allow_credentials",
+                "is set but allowed_origins is empty, so no page could use it: list the origins that may send credentials",
+            );
+        }
+        for wildcard in origins.iter().filter(|o| o.is_wildcard()) {
+            found.report(
+                "allow_credentials",
+                format!(
+                    "cannot be used with the wildcard origin {wildcard}: list each origin that may send \
+                     credentials exactly (a page on any local port could otherwise act with the user's cookies)"
+                ),
             );
         }
     }
@@ -371,7 +386,7 @@ fn check_access(
 
     Some(AccessSettings {
         hosts: HostPolicy::new(&raw.allowed_hosts),
-        cors: CorsPolicy::new(&raw.allowed_origins),
+        cors: CorsPolicy::new(origins, raw.allow_credentials),
         tokens: tokens
             .into_iter()
             .map(|(name, value, file)| match file {

@@ -249,6 +249,7 @@ struct RawConfig {
     key_file: Option<String>,
     allowed_hosts: Vec<String>,
     allowed_origins: Vec<String>,
+    allow_credentials: bool,
     access_token_env: Vec<String>,
     access_token_files: Vec<String>,
     token_rate_limit: String,

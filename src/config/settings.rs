@@ -158,8 +158,14 @@ pub const SETTINGS: &[Setting] = &[
     Setting {
         key: "allowed_origins",
         default: "",
-        help: "Browser origins allowed to call keyrelay, exactly (e.g. http://localhost:3000); none by default.",
+        help: "Browser origins allowed to call keyrelay, exactly (e.g. http://localhost:3000; http://localhost:* for any port of a loopback host); none by default.",
         kind: Kind::List,
+    },
+    Setting {
+        key: "allow_credentials",
+        default: "false",
+        help: "Let allowed origins send cookies and HTTP auth (fetch credentials: \"include\"); exact origins only.",
+        kind: Kind::Switch,
     },
     Setting {
         key: "access_token_env",

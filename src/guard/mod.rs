@@ -12,6 +12,7 @@
 
 pub(crate) mod cors;
 pub mod host;
+pub(crate) mod origin;
 pub mod paths;
 pub(crate) mod tokens;
 
@@ -75,17 +76,23 @@ impl Guard {
     /// Runs every check on the request, removing the access token it carries.
     pub fn admit(&self, request: &mut Parts) -> Admission {
         let reject = |error, origin| Admission::Reject { error, origin };
-        if !self.hosts.allows(&request.uri, &request.headers) {
-            return reject(Refusal::HostNotAllowed, None);
-        }
-        let origin = match self.cors.verdict(&request.headers) {
-            OriginVerdict::Absent => None,
-            OriginVerdict::Allowed(origin) => Some(origin),
-            OriginVerdict::Denied => return reject(Refusal::OriginNotAllowed, None),
+        // The origin is classified first only so that a refusal for another
+        // reason can tell an allowed page why; the host still decides first.
+        let verdict = self.cors.verdict(&request.headers);
+        let allowed = match &verdict {
+            OriginVerdict::Allowed(origin) => Some(origin.clone()),
+            OriginVerdict::Absent | OriginVerdict::Denied => None,
         };
+        if !self.hosts.allows(&request.uri, &request.headers) {
+            return reject(Refusal::HostNotAllowed, allowed);
+        }
+        if verdict == OriginVerdict::Denied {
+            return reject(Refusal::OriginNotAllowed, None);
+        }
+        let origin = allowed;
         if let Some(origin) = &origin {
             if cors::is_preflight(&request.method, &request.headers) {
-                return Admission::Preflight(cors::preflight_headers(origin, &request.headers));
+                return Admission::Preflight(self.cors.preflight_headers(origin, &request.headers));
             }
         }
         let token = match self.tokens.authenticate(&mut request.headers) {
@@ -151,6 +158,11 @@ mod tests {
         let (error, origin) = refusal(guard.admit(&mut parts("POST", &[BAD_HOST, BAD_ORIGIN])));
         assert_eq!(error, Refusal::HostNotAllowed);
         assert!(origin.is_none());
+
+        // An allowed page that used a name keyrelay does not accept may read why.
+        let (error, origin) = refusal(guard.admit(&mut parts("POST", &[BAD_HOST, GOOD_ORIGIN])));
+        assert_eq!(error, Refusal::HostNotAllowed);
+        assert!(origin.is_some(), "an allowed origin is told why");
 
         // Then the origin, before any token is looked at.
         let (error, origin) = refusal(guard.admit(&mut parts("POST", &[GOOD_HOST, BAD_ORIGIN])));

@@ -34,7 +34,7 @@ use tracing::Instrument;
 
 use crate::config::{Config, Timeouts};
 use crate::guard::tokens::AccessTokens;
-use crate::guard::{cors, Admission, Guard};
+use crate::guard::{Admission, Guard};
 use crate::ops::metrics::{Metrics, RouteMetrics};
 use crate::ops::request_record::{Outcome, RequestRecord};
 use crate::proxy::request_body::RequestBody;
@@ -193,7 +193,10 @@ impl Proxy {
         };
         // Allowed browser origins may read keyrelay's answers.
         if let Some(origin) = &context.origin {
-            cors::add_origin_headers(response.headers_mut(), origin);
+            shared
+                .guard
+                .cors
+                .add_origin_headers(response.headers_mut(), origin);
         }
         response
     }
@@ -380,7 +383,9 @@ impl Shared {
         let upstream = context.route.map(|route| route.upstream.authority.as_str());
         let mut response = err.to_response(upstream).map(Either::Right);
         if let Some(origin) = &context.origin {
-            cors::add_origin_headers(response.headers_mut(), origin);
+            self.guard
+                .cors
+                .add_origin_headers(response.headers_mut(), origin);
         }
         response
     }

@@ -307,3 +307,41 @@ auth_template = "Bearer"
         ],
     );
 }
+
+#[test]
+fn origins_a_browser_never_sends_stop_startup_naming_the_setting() {
+    for (origin, reason) in [
+        ("*", "list each origin"),
+        ("https://*.example.com", "wildcard in the host"),
+        ("https://app.example.com:*", "only for loopback"),
+        ("localhost:3000", "http://"),
+        ("http://localhost:3000/app", "no path"),
+        ("http://localhost:30*", "invalid port"),
+    ] {
+        let output = run(
+            &["--upstream", "https://a.test", "--allowed-origins", origin],
+            &[("BASETEN_API_KEY", KEY)],
+        );
+        assert_usage_error(&output, &["allowed_origins", reason]);
+    }
+}
+
+#[test]
+fn credentials_need_exact_origins() {
+    let output = run(
+        &[
+            "--upstream",
+            "https://a.test",
+            "--allowed-origins",
+            "http://localhost:3000,http://localhost:*",
+            "--allow-credentials",
+        ],
+        &[("BASETEN_API_KEY", KEY)],
+    );
+    assert_usage_error(&output, &["allow_credentials", "http://localhost:*"]);
+    let output = run(
+        &["--upstream", "https://a.test", "--allow-credentials"],
+        &[("BASETEN_API_KEY", KEY)],
+    );
+    assert_usage_error(&output, &["allow_credentials", "allowed_origins is empty"]);
+}

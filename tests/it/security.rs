@@ -650,6 +650,176 @@ async fn admission_refusals_for_an_allowed_origin_are_readable_by_it() {
     relay.stop().await;
 }
 
+#[tokio::test]
+async fn a_host_refusal_tells_an_allowed_page_why_and_a_rebinding_page_nothing() {
+    let mut upstream = MockUpstream::start().await;
+    let relay = Relay::start(&upstream.url(), &[("allowed_origins", APP_ORIGIN)]).await;
+    let port = relay.addr.port();
+    let host = format!("dev-box.local:{port}");
+
+    // A page on an allowed origin that calls keyrelay by an unlisted name
+    // learns it is the name, so the developer can add it to allowed_hosts.
+    let allowed = refused(
+        &mut upstream,
+        relay.addr,
+        &with_host("GET", "/v1/models", Some(&host), &[("Origin", APP_ORIGIN)]),
+    )
+    .await;
+    assert_keyrelay_error(&allowed, 403, "host_not_allowed");
+    assert_eq!(
+        allowed.header("access-control-allow-origin"),
+        Some(APP_ORIGIN)
+    );
+
+    // A rebinding page's origin is its own name: told nothing.
+    let rebinding = format!("http://attacker.test:{port}");
+    let hostile = refused(
+        &mut upstream,
+        relay.addr,
+        &with_host(
+            "POST",
+            "/v1/chat/completions",
+            Some(&format!("attacker.test:{port}")),
+            &[("Origin", &rebinding)],
+        ),
+    )
+    .await;
+    assert_keyrelay_error(&hostile, 403, "host_not_allowed");
+    assert!(hostile.header("access-control-allow-origin").is_none());
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn a_loopback_port_wildcard_allows_every_dev_server_port_and_nothing_else() {
+    let mut upstream = MockUpstream::start().await;
+    let relay = Relay::start(
+        &upstream.url(),
+        &[("allowed_origins", "http://localhost:*")],
+    )
+    .await;
+
+    for origin in ["http://localhost:5173", "http://localhost:3001"] {
+        let (_, response) = forwarded(
+            &mut upstream,
+            relay.addr,
+            &request("GET", "/v1/models", &[("Origin", origin)], ""),
+            ok(),
+        )
+        .await;
+        assert_eq!(response.status(), 200);
+        assert_eq!(
+            response.header("access-control-allow-origin"),
+            Some(origin),
+            "the page's own origin is echoed, never the pattern"
+        );
+        // Without it the page's PerformanceResourceTiming hides Server-Timing.
+        assert_eq!(response.header("timing-allow-origin"), Some(origin));
+        assert!(response.header("server-timing").is_some());
+    }
+    for origin in [
+        "http://127.0.0.1:5173",
+        "https://localhost:5173",
+        "http://localhost.evil.example:5173",
+        "http://localhost:5173.evil.example",
+    ] {
+        let response = refused(
+            &mut upstream,
+            relay.addr,
+            &request("GET", "/v1/models", &[("Origin", origin)], ""),
+        )
+        .await;
+        assert_keyrelay_error(&response, 403, "origin_not_allowed");
+        assert!(
+            response.header("access-control-allow-origin").is_none(),
+            "{origin}"
+        );
+    }
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn credentials_are_granted_to_allowed_origins_only_when_configured() {
+    let mut upstream = MockUpstream::start().await;
+    let preflight = request(
+        "OPTIONS",
+        "/v1/chat/completions",
+        &[
+            ("Origin", APP_ORIGIN),
+            ("Access-Control-Request-Method", "POST"),
+            ("Access-Control-Request-Headers", "content-type"),
+        ],
+        "",
+    );
+    let call = request(
+        "GET",
+        "/v1/models",
+        &[("Origin", APP_ORIGIN), ("Cookie", "s=1")],
+        "",
+    );
+    // The upstream tries to grant credentials itself.
+    let granting = || {
+        Response::builder()
+            .header("access-control-allow-credentials", "true")
+            .body(full("ok"))
+            .expect("response")
+    };
+
+    let relay = Relay::start(&upstream.url(), &[("allowed_origins", APP_ORIGIN)]).await;
+    let answer = refused(&mut upstream, relay.addr, &preflight).await;
+    assert_eq!(answer.status(), 204);
+    assert!(answer.header("access-control-allow-credentials").is_none());
+    let (_, response) = forwarded(&mut upstream, relay.addr, &call, granting()).await;
+    assert!(
+        response
+            .header("access-control-allow-credentials")
+            .is_none(),
+        "only allow_credentials grants credentials: {:?}",
+        response.head
+    );
+    relay.stop().await;
+
+    let relay = Relay::start(
+        &upstream.url(),
+        &[
+            ("allowed_origins", APP_ORIGIN),
+            ("allow_credentials", "true"),
+        ],
+    )
+    .await;
+    let answer = refused(&mut upstream, relay.addr, &preflight).await;
+    assert_eq!(answer.status(), 204);
+    assert_eq!(
+        answer.header("access-control-allow-credentials"),
+        Some("true")
+    );
+    let (_, response) = forwarded(&mut upstream, relay.addr, &call, ok()).await;
+    assert_eq!(
+        response.header("access-control-allow-credentials"),
+        Some("true")
+    );
+    assert_eq!(
+        response.header("access-control-allow-origin"),
+        Some(APP_ORIGIN)
+    );
+    // A disallowed origin is granted nothing.
+    let response = refused(
+        &mut upstream,
+        relay.addr,
+        &request(
+            "GET",
+            "/v1/models",
+            &[("Origin", "http://localhost:3001")],
+            "",
+        ),
+    )
+    .await;
+    assert_keyrelay_error(&response, 403, "origin_not_allowed");
+    assert!(response
+        .header("access-control-allow-credentials")
+        .is_none());
+    relay.stop().await;
+}
+
 // ---------------------------------------------------------------------------
 // 3. Local access tokens
 // ---------------------------------------------------------------------------
