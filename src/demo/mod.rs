@@ -4,9 +4,11 @@
 //! generated key, starts keyrelay in front of it with that key in its
 //! environment, streams one prediction through keyrelay while printing each
 //! token with its arrival time, and then keeps serving and prints commands a
-//! user can paste to try it with curl, Python `requests` and the SSE endpoint.
+//! user can paste to try it with curl, Python `requests` and the SSE endpoint,
+//! and the address of a [`page`] that streams through keyrelay in a browser.
 
 pub mod mock_model;
+pub mod page;
 
 use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
@@ -22,6 +24,7 @@ use hyper_util::rt::TokioExecutor;
 use tokio::net::TcpListener;
 
 use crate::config::{self, ListenAddr, OverrideValue, Sources};
+use crate::guard::origin::AllowedOrigin;
 use crate::ops::signals;
 use crate::secrets::key::ApiKey;
 
@@ -62,17 +65,34 @@ pub async fn run(mut sources: Sources) -> Result<(), DemoError> {
     ] {
         sources.set(setting, OverrideValue::Text(value));
     }
-    let config = config::load(&sources).map_err(DemoError::Config)?;
+    let mut config = config::load(&sources).map_err(DemoError::Config)?;
     let _log = crate::ops::logging::init(config.log_format);
+
+    // The page's origin is allowed, by both names a user may type.
+    let (page_listener, page_addr) = page::bind().await?;
+    for host in ["127.0.0.1", "localhost"] {
+        let origin = AllowedOrigin::parse(&format!("http://{host}:{}", page_addr.port()))
+            .map_err(std::io::Error::other)?;
+        config.access.cors.allow(origin);
+    }
 
     let listener = bind_or_fallback(&config.listen).await?;
     let proxy_addr = listener.local_addr()?;
     let server = tokio::spawn(crate::run(config, listener, signals::shutdown_requested()));
+    let relay = page::PageConfig {
+        relay: format!("http://{}", loopback_reachable(proxy_addr)),
+        prompt: PROMPT,
+    };
+    tokio::spawn(async move {
+        if let Err(err) = page::serve(page_listener, relay).await {
+            tracing::error!(error = %err, "demo page stopped");
+        }
+    });
 
     let mut out = std::io::stdout();
     writeln!(
         out,
-        "keyrelay demo\n  mock model endpoint  http://{mock_addr}  (rejects requests without its generated Api-Key)\n  keyrelay             http://{proxy_addr}  (adds the key; clients send none)\n"
+        "keyrelay demo\n  mock model endpoint  http://{mock_addr}  (rejects requests without its generated Api-Key)\n  keyrelay             http://{proxy_addr}  (adds the key; clients send none)\n  browser page         http://{page_addr}/  (open it: a page with no key streams through keyrelay)\n"
     )?;
     writeln!(
         out,
@@ -85,6 +105,16 @@ pub async fn run(mut sources: Sources) -> Result<(), DemoError> {
         .await
         .map_err(|err| std::io::Error::other(err.to_string()))??;
     Ok(())
+}
+
+/// The address a local browser reaches `addr` at: a wildcard listen address
+/// is reached through loopback.
+fn loopback_reachable(addr: SocketAddr) -> SocketAddr {
+    if addr.ip().is_unspecified() {
+        SocketAddr::from(([127, 0, 0, 1], addr.port()))
+    } else {
+        addr
+    }
 }
 
 /// Binds the configured address; if the default port is taken, any free loopback port.

@@ -80,6 +80,11 @@ impl CorsPolicy {
         }
     }
 
+    /// Also allows `origin` (the demo allows its own page this way).
+    pub fn allow(&mut self, origin: AllowedOrigin) {
+        self.origins.push(origin);
+    }
+
     /// Classifies the request's `Origin` header(s).
     pub fn verdict(&self, headers: &HeaderMap) -> OriginVerdict {
         let mut values = headers.get_all(ORIGIN).iter();

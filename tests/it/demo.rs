@@ -122,6 +122,41 @@ async fn demo_streams_tokens_as_they_arrive_and_keeps_serving() {
     assert!(events.starts_with("data: {"), "{events}");
     assert!(events.ends_with("data: [DONE]\n\n"), "{events}");
 
+    // The browser page is served from its own origin, names keyrelay, and
+    // keyrelay answers that origin's preflight (and nobody else's).
+    let page = address_after(&output, "page");
+    let html = curl(&[&page]).await;
+    assert!(html.contains("getReader()"), "{html}");
+    assert!(
+        html.contains(&format!(r#""relay":"{proxy}""#)),
+        "the page is told keyrelay's address: {proxy}"
+    );
+    let page_origin = page.trim_end_matches('/');
+    let preflight = |origin: &str| {
+        [
+            "-i".to_owned(),
+            "-X".to_owned(),
+            "OPTIONS".to_owned(),
+            format!("{proxy}/v1/chat/completions"),
+            "-H".to_owned(),
+            format!("Origin: {origin}"),
+            "-H".to_owned(),
+            "Access-Control-Request-Method: POST".to_owned(),
+            "-H".to_owned(),
+            "Access-Control-Request-Headers: content-type".to_owned(),
+        ]
+    };
+    let args = preflight(page_origin);
+    let answer = curl(&args.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    assert!(answer.starts_with("HTTP/1.1 204"), "{answer}");
+    assert!(
+        answer.contains(&format!("access-control-allow-origin: {page_origin}")),
+        "{answer}"
+    );
+    let args = preflight("http://localhost:1");
+    let answer = curl(&args.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
+
     // The mock behind it really requires the key keyrelay injects.
     let mock = address_after(&output, "endpoint");
     let refused = curl(&[
