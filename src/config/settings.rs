@@ -139,7 +139,7 @@ pub const SETTINGS: &[Setting] = &[
     },
     Setting {
         key: "strip_request_headers",
-        default: "authorization,proxy-authorization,x-api-key",
+        default: "authorization,proxy-authorization,x-api-key,cookie",
         help: "Client credential headers removed before forwarding (comma list).",
         kind: Kind::List,
     },

@@ -13,7 +13,7 @@ pub mod page;
 use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
 use std::io::Write;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -80,7 +80,7 @@ pub async fn run(mut sources: Sources) -> Result<(), DemoError> {
     let proxy_addr = listener.local_addr()?;
     let server = tokio::spawn(crate::run(config, listener, signals::shutdown_requested()));
     let relay = page::PageConfig {
-        relay: format!("http://{}", loopback_reachable(proxy_addr)),
+        relay: relay_url_for_page(proxy_addr),
         prompt: PROMPT,
     };
     tokio::spawn(async move {
@@ -107,13 +107,14 @@ pub async fn run(mut sources: Sources) -> Result<(), DemoError> {
     Ok(())
 }
 
-/// The address a local browser reaches `addr` at: a wildcard listen address
-/// is reached through loopback.
-fn loopback_reachable(addr: SocketAddr) -> SocketAddr {
-    if addr.ip().is_unspecified() {
-        SocketAddr::from(([127, 0, 0, 1], addr.port()))
-    } else {
-        addr
+/// keyrelay's base URL for a local browser page. A wildcard listen address
+/// is reached through loopback, and an IPv6 one by `localhost`, since a
+/// Content-Security-Policy source cannot name an IPv6 address.
+fn relay_url_for_page(addr: SocketAddr) -> String {
+    match addr.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => format!("http://127.0.0.1:{}", addr.port()),
+        IpAddr::V4(_) => format!("http://{addr}"),
+        IpAddr::V6(_) => format!("http://localhost:{}", addr.port()),
     }
 }
 

@@ -54,7 +54,15 @@ pub async fn serve(listener: TcpListener, config: PageConfig) -> std::io::Result
     .map_err(std::io::Error::other)?;
     let page = Arc::new((page, policy));
     loop {
-        let (stream, _) = listener.accept().await?;
+        // Running out of descriptors is passing; the page stays up.
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(err) => {
+                tracing::warn!(error = %err, "demo page: accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
         let page = Arc::clone(&page);
         tokio::spawn(async move {
             let service = service_fn(move |request: Request<Incoming>| {

@@ -9,6 +9,7 @@
 //! is in use, and every port of the user's own machine is theirs alike.
 
 use std::fmt;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 /// A checked `allowed_origins` entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,29 +56,24 @@ impl AllowedOrigin {
                  wildcard (http://localhost:*); list other origins exactly"
             ));
         }
-        if !is_host(host) {
-            return Err(format!(
-                "{entry:?} has an invalid host {host:?} (write international names in their \
-                 xn-- form, as browsers send them)"
-            ));
-        }
+        let host = canonical_host(host).map_err(|why| format!("{entry:?}: {why}"))?;
         let scheme_host = format!("{scheme}://{host}");
         match port {
             None => Ok(Self::Exact(scheme_host)),
-            Some("*") if is_loopback(host) => Ok(Self::AnyPort(scheme_host)),
+            Some("*") if is_loopback(&host) => Ok(Self::AnyPort(scheme_host)),
             Some("*") => Err(format!(
                 "{entry:?}: a port wildcard is allowed only for loopback hosts \
                  (localhost, 127.0.0.1, [::1]); list the ports of {host} exactly"
             )),
-            Some(port) => match port.parse::<u16>() {
-                Ok(0) | Err(_) => Err(format!(
+            Some(port) => match parse_port(port) {
+                None => Err(format!(
                     "{entry:?} has an invalid port {port:?} (1 to 65535, or * for a loopback host)"
                 )),
                 // Browsers leave the default port out of Origin, so an entry
                 // that spells it out is kept in the form they send.
-                Ok(80) if scheme == "http" => Ok(Self::Exact(scheme_host)),
-                Ok(443) if scheme == "https" => Ok(Self::Exact(scheme_host)),
-                Ok(port) => Ok(Self::Exact(format!("{scheme_host}:{port}"))),
+                Some(80) if scheme == "http" => Ok(Self::Exact(scheme_host)),
+                Some(443) if scheme == "https" => Ok(Self::Exact(scheme_host)),
+                Some(port) => Ok(Self::Exact(format!("{scheme_host}:{port}"))),
             },
         }
     }
@@ -93,8 +89,13 @@ impl AllowedOrigin {
                 start.eq_ignore_ascii_case(scheme_host.as_bytes())
                     && match rest {
                         [] => true,
+                        // As browsers serialise a port: no leading zero, 1 to 65535.
                         [b':', port @ ..] => {
-                            (1..=5).contains(&port.len()) && port.iter().all(u8::is_ascii_digit)
+                            !port.starts_with(b"0")
+                                && std::str::from_utf8(port)
+                                    .ok()
+                                    .and_then(parse_port)
+                                    .is_some()
                         }
                         _ => false,
                     }
@@ -135,28 +136,95 @@ fn split_host_port(authority: &str) -> Option<(&str, Option<&str>)> {
     (!host.is_empty()).then_some((host, port))
 }
 
-/// A DNS name (ASCII letters, digits, hyphens and dots), an IPv4 address or
-/// a bracketed IPv6 address.
-fn is_host(host: &str) -> bool {
-    if let Some(inner) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
-        return inner.parse::<std::net::Ipv6Addr>().is_ok();
+/// A port as written in an entry: decimal digits only, 1 to 65535.
+fn parse_port(port: &str) -> Option<u16> {
+    if port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
     }
-    host.split('.').all(|label| {
+    port.parse().ok().filter(|&port| port != 0)
+}
+
+/// The host as a browser serialises it in `Origin`, or why it cannot be one.
+///
+/// A browser rewrites IP addresses into one canonical form (`127.1` becomes
+/// `127.0.0.1`, `[0:0::1]` becomes `[::1]`), so an entry in another form
+/// would match nothing. Shortened, octal and hex IPv4 forms are refused
+/// rather than reinterpreted; IPv6 is rewritten.
+fn canonical_host(host: &str) -> Result<String, String> {
+    if let Some(inner) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        let ip: Ipv6Addr = inner
+            .parse()
+            .map_err(|_| format!("{host:?} is not an IPv6 address"))?;
+        return Ok(format!("[{}]", browser_ipv6(ip)));
+    }
+    // WHATWG URL parsing reads a host whose last label is a number as IPv4.
+    let last = host.trim_end_matches('.').rsplit('.').next().unwrap_or("");
+    if last.starts_with(|c: char| c.is_ascii_digit()) {
+        return host
+            .parse::<Ipv4Addr>()
+            .map(|ip| ip.to_string())
+            .map_err(|_| {
+                format!("{host:?} is not an IPv4 address in the form browsers send, four decimal numbers such as 127.0.0.1")
+            });
+    }
+    // A DNS name: labels of letters, digits, `-` and `_`; a final dot (the
+    // fully qualified form) is kept, since the browser keeps it too.
+    let labels = host.strip_suffix('.').unwrap_or(host);
+    let valid = labels.split('.').all(|label| {
         !label.is_empty()
             && label.len() <= 63
             && label
                 .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
-    })
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    });
+    if valid {
+        Ok(host.to_owned())
+    } else {
+        Err(format!(
+            "{host:?} is not a host name (write international names in their xn-- form, as browsers send them)"
+        ))
+    }
+}
+
+/// An IPv6 address as the URL standard serialises it: lowercase hex groups,
+/// the first longest run of two or more zero groups as `::`, and never the
+/// dotted IPv4 tail that `Ipv6Addr`'s `Display` gives mapped addresses.
+fn browser_ipv6(ip: Ipv6Addr) -> String {
+    let groups = ip.segments();
+    // The first longest run of zero groups, if it is at least two long.
+    let (mut best, mut run) = ((0, 0), (0, 0));
+    for (index, group) in groups.iter().enumerate() {
+        if *group == 0 {
+            run = if run.1 == 0 {
+                (index, 1)
+            } else {
+                (run.0, run.1 + 1)
+            };
+            if run.1 > best.1 {
+                best = run;
+            }
+        } else {
+            run = (0, 0);
+        }
+    }
+    let hex = |range: &[u16]| {
+        range
+            .iter()
+            .map(|group| format!("{group:x}"))
+            .collect::<Vec<_>>()
+            .join(":")
+    };
+    if best.1 < 2 {
+        return hex(&groups);
+    }
+    let (start, end) = (best.0, best.0 + best.1);
+    format!("{}::{}", hex(&groups[..start]), hex(&groups[end..]))
 }
 
 /// The names of the user's own machine.
 fn is_loopback(host: &str) -> bool {
-    host == "localhost"
-        || host
-            .parse::<std::net::Ipv4Addr>()
-            .is_ok_and(|ip| ip.is_loopback())
-        || host == "[::1]"
+    matches!(host, "localhost" | "localhost." | "[::1]")
+        || host.parse::<Ipv4Addr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 #[cfg(test)]
@@ -180,6 +248,20 @@ mod tests {
             ),
             ("http://[::1]:5173", "http://[::1]:5173"),
             ("http://127.0.0.1:*", "http://127.0.0.1:*"),
+            ("http://localhost.:3000", "http://localhost.:3000"),
+            ("http://my_app.test:3000", "http://my_app.test:3000"),
+            ("http://localhost:03000", "http://localhost:3000"),
+            ("http://[0:0:0:0:0:0:0:1]:3000", "http://[::1]:3000"),
+            (
+                "http://[::FFFF:127.0.0.1]:3000",
+                "http://[::ffff:7f00:1]:3000",
+            ),
+            (
+                "http://[2001:db8:0:0:1:0:0:1]",
+                "http://[2001:db8::1:0:0:1]",
+            ),
+            ("http://[1:0:2:3:4:5:6:7]", "http://[1:0:2:3:4:5:6:7]"),
+            ("http://[0::1]:*", "http://[::1]:*"),
             ("http://localhost:*", "http://localhost:*"),
         ] {
             assert_eq!(parse(entry).to_string(), kept, "{entry}");
@@ -202,11 +284,19 @@ mod tests {
             ("http://localhost:30*", "invalid port"),
             ("http://localhost:0", "invalid port"),
             ("http://localhost:70000", "invalid port"),
+            ("http://localhost:+3000", "invalid port"),
+            ("http://127.1:4000", "four decimal numbers"),
+            ("http://127.000.000.001:4000", "four decimal numbers"),
+            ("http://2130706433:4000", "four decimal numbers"),
+            ("http://0x7f.0.0.1:4000", "four decimal numbers"),
+            ("http://999.1.1.1", "four decimal numbers"),
+            ("http://[::g]", "not an IPv6 address"),
             ("http://localhost:", "no valid host"),
             ("http://", "no valid host"),
-            ("http://::1:3000", "invalid host"),
+            ("http://::1:3000", "not a host name"),
             ("http://bücher.example", "xn--"),
-            ("http://local host:3000", "invalid host"),
+            ("http://local host:3000", "not a host name"),
+            ("http://a..b", "not a host name"),
         ] {
             let err = AllowedOrigin::parse(entry).expect_err(entry);
             assert!(err.contains(reason), "{entry}: {err}");
@@ -230,6 +320,8 @@ mod tests {
             "http://localhost:5173.evil.test",
             "http://localhost:",
             "http://localhost:123456",
+            "http://localhost:0",
+            "http://localhost:08080",
             "http://localhostx",
             "http://local",
         ] {
