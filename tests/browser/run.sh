@@ -11,9 +11,9 @@ repo="$(cd "$here/../.." && pwd)"
 start=$SECONDS
 
 if [ ! -x /usr/bin/chromium ]; then
-  echo "== installing Debian's chromium"
+  echo "== installing Debian's chromium (and a font, so the screenshot shows text)"
   apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium fonts-liberation
 fi
 # Debian's launcher prints a harmless shell error from its /dev/shm size check
 # (/etc/chromium.d/dev-shm) on stderr.
