@@ -35,6 +35,7 @@ pub mod guard;
 pub mod ops;
 pub mod proxy;
 pub mod secrets;
+pub mod usage;
 
 use std::future::Future;
 use std::sync::Arc;

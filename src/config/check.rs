@@ -264,6 +264,15 @@ pub(super) fn validate(
         }
     };
 
+    let usage_tap = match raw.usage_tap.trim() {
+        "on" => Some(true),
+        "off" => Some(false),
+        other => {
+            found.report("usage_tap", format!("{other:?} is not one of: on, off"));
+            None
+        }
+    };
+
     Some(Config {
         listen: listen?,
         listen_backlog: listen_backlog?,
@@ -295,6 +304,7 @@ pub(super) fn validate(
             http2_max_concurrent_streams: raw.http2_max_concurrent_streams,
         },
         log_format: log_format?,
+        usage_tap: usage_tap?,
     })
 }
 

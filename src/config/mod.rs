@@ -72,6 +72,8 @@ pub struct Config {
     pub limits: Limits,
     /// Text or JSON logs.
     pub log_format: LogFormat,
+    /// Read token usage off responses.
+    pub usage_tap: bool,
 }
 
 /// The HTTP version keyrelay speaks to an upstream (`upstream_http`).
@@ -280,5 +282,6 @@ struct RawConfig {
     max_request_body: String,
     header_read_timeout: String,
     http2_max_concurrent_streams: u32,
+    usage_tap: String,
     log_format: String,
 }

@@ -324,6 +324,12 @@ pub const SETTINGS: &[Setting] = &[
         kind: Kind::Text,
     },
     Setting {
+        key: "usage_tap",
+        default: "on",
+        help: "Read LLM token usage (OpenAI and Anthropic formats) off responses as they pass, for metrics and logs: on or off.",
+        kind: Kind::Text,
+    },
+    Setting {
         key: "log_format",
         default: "text",
         help: "Log output: text or json.",

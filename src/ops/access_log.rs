@@ -19,6 +19,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use crate::config::LogFormat;
 use crate::ops::logging;
 use crate::ops::request_record::TARGET;
+use crate::usage::Usage;
 
 /// The access-log event's message, kept for filters and tests that look for it.
 const MESSAGE: &str = "request finished";
@@ -36,6 +37,12 @@ pub(crate) struct AccessLine<'a> {
     pub duration: Duration,
     pub bytes: u64,
     pub outcome: &'static str,
+    /// Tokens the upstream reported using.
+    pub usage: Usage,
+    /// Time to the first generated token.
+    pub ttft: Option<Duration>,
+    /// Output tokens per second after the first.
+    pub tokens_per_second: Option<f64>,
 }
 
 impl AccessLine<'_> {
@@ -82,6 +89,11 @@ impl AccessLine<'_> {
             duration_ms = self.duration.as_micros() as f64 / 1e3,
             bytes = self.bytes,
             outcome = self.outcome,
+            prompt_tokens = self.usage.prompt,
+            completion_tokens = self.usage.completion,
+            cached_tokens = self.usage.cached,
+            ttft_ms = self.ttft.map(|ttft| ttft.as_micros() as f64 / 1e3),
+            tokens_per_s = self.tokens_per_second,
             "{MESSAGE}"
         );
     }
@@ -149,6 +161,25 @@ impl AccessLine<'_> {
         push_u64(out, self.bytes);
         shape.key(out, key!("outcome"));
         shape.string(out, self.outcome);
+        for (key, tokens) in [
+            (key!("prompt_tokens"), self.usage.prompt),
+            (key!("completion_tokens"), self.usage.completion),
+            (key!("cached_tokens"), self.usage.cached),
+        ] {
+            if let Some(tokens) = tokens {
+                shape.key(out, key);
+                push_u64(out, tokens);
+            }
+        }
+        if let Some(ttft) = self.ttft {
+            shape.key(out, key!("ttft_ms"));
+            push_millis(out, ttft);
+        }
+        if let Some(rate) = self.tokens_per_second {
+            shape.key(out, key!("tokens_per_s"));
+            // Only requests that report usage pay for float formatting.
+            let _ = write!(out, "{rate:.1}");
+        }
     }
 }
 
@@ -326,6 +357,9 @@ mod tests {
             duration: Duration::from_micros(132_600),
             bytes: 69,
             outcome: "ok",
+            usage: Usage::default(),
+            ttft: None,
+            tokens_per_second: None,
         }
     }
 
@@ -431,6 +465,36 @@ mod tests {
                 "target": "keyrelay::access",
             })
         );
+    }
+
+    #[test]
+    fn token_usage_follows_the_outcome() {
+        let tapped = AccessLine {
+            usage: Usage {
+                prompt: Some(12),
+                completion: Some(30),
+                cached: Some(8),
+            },
+            ttft: Some(Duration::from_micros(210_500)),
+            tokens_per_second: Some(48.26),
+            ..line()
+        };
+        let mut out = Vec::new();
+        tapped.write_text(&mut out, NOW, false);
+        let text = String::from_utf8(out).expect("UTF-8");
+        assert!(
+            text.ends_with(
+                " outcome=\"ok\" prompt_tokens=12 completion_tokens=30 cached_tokens=8 \
+                 ttft_ms=210.5 tokens_per_s=48.3"
+            ),
+            "{text}"
+        );
+        let mut json = Vec::new();
+        tapped.write_json(&mut json, NOW);
+        let value: serde_json::Value = serde_json::from_slice(&json).expect("JSON");
+        assert_eq!(value["completion_tokens"], 30);
+        assert_eq!(value["ttft_ms"], 210.5);
+        assert_eq!(value["tokens_per_s"], 48.3);
     }
 
     #[test]

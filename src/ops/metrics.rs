@@ -14,7 +14,8 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 
 use crate::ops::logging;
-use crate::ops::request_record::Outcome;
+use crate::ops::request_record::{Outcome, TokenFigures};
+use crate::usage::UsageReport;
 
 /// Latency buckets in seconds, 1 ms to 20 minutes (cold starts and long generations).
 const LATENCY_BUCKETS: [f64; 17] = [
@@ -26,6 +27,16 @@ const LATENCY_BUCKETS: [f64; 17] = [
 const FINE_BUCKETS: [f64; 14] = [
     0.000_01, 0.000_05, 0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0,
 ];
+
+/// Output tokens per second of one stream: a slow reasoning model to a fast
+/// small one.
+const RATE_BUCKETS: [f64; 12] = [
+    1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0,
+];
+
+fn rate_histogram() -> Histogram {
+    Histogram::new(RATE_BUCKETS)
+}
 
 fn latency_histogram() -> Histogram {
     Histogram::new(LATENCY_BUCKETS)
@@ -81,6 +92,26 @@ pub struct ErrorLabels {
     pub kind: &'static str,
 }
 
+/// Labels of the LLM token counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TokenLabels {
+    /// The route.
+    pub route: String,
+    /// The local access token's name (never its value); empty without one.
+    pub access_token: String,
+    /// `prompt`, `completion` or `cached` (cached tokens are also prompt tokens).
+    pub kind: &'static str,
+}
+
+/// Labels of the counter of responses whose usage could not be read.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UnreadLabels {
+    /// The route.
+    pub route: String,
+    /// `overlong_line` or `overlong_json`.
+    pub reason: &'static str,
+}
+
 /// Every metric keyrelay exports.
 pub struct Metrics {
     registry: Registry,
@@ -93,6 +124,10 @@ pub struct Metrics {
     bytes_in: Family<RouteLabel, Counter>,
     bytes_out: Family<RouteLabel, Counter>,
     upstream_errors: Family<ErrorLabels, Counter>,
+    llm_tokens: Family<TokenLabels, Counter>,
+    usage_unread: Family<UnreadLabels, Counter>,
+    time_to_first_token: Family<RouteLabel, Histogram>,
+    output_rate: Family<RouteLabel, Histogram>,
     credential_reloads: Counter,
     /// Mirrors [`logging::dropped_lines`], brought up to date on each scrape;
     /// the lock keeps two concurrent scrapes from adding the same lines twice.
@@ -132,6 +167,14 @@ impl Metrics {
         let bytes_in = Family::<RouteLabel, Counter>::default();
         let bytes_out = Family::<RouteLabel, Counter>::default();
         let upstream_errors = Family::<ErrorLabels, Counter>::default();
+        let llm_tokens = Family::<TokenLabels, Counter>::default();
+        let usage_unread = Family::<UnreadLabels, Counter>::default();
+        let time_to_first_token = Family::<RouteLabel, Histogram>::new_with_constructor(
+            latency_histogram as fn() -> Histogram,
+        );
+        let output_rate = Family::<RouteLabel, Histogram>::new_with_constructor(
+            rate_histogram as fn() -> Histogram,
+        );
         let credential_reloads = Counter::default();
 
         registry.register(
@@ -186,6 +229,27 @@ impl Metrics {
             upstream_errors.clone(),
         );
         registry.register(
+            "llm_tokens",
+            "LLM tokens the upstream reported using, by route, access token and kind (prompt, completion, cached)",
+            llm_tokens.clone(),
+        );
+        registry.register(
+            "llm_usage_unread",
+            "Responses whose token usage the tap stopped reading (an SSE line or JSON body beyond its bound)",
+            usage_unread.clone(),
+        );
+        registry.register_with_unit(
+            "time_to_first_token",
+            "Time from request arrival to the first generated content (not the first byte)",
+            Unit::Seconds,
+            time_to_first_token.clone(),
+        );
+        registry.register(
+            "output_tokens_per_second",
+            "Output tokens per second of each stream, after its first token",
+            output_rate.clone(),
+        );
+        registry.register(
             "credential_reloads",
             "Times the upstream key was reloaded from key_file",
             credential_reloads.clone(),
@@ -207,6 +271,10 @@ impl Metrics {
             bytes_in,
             bytes_out,
             upstream_errors,
+            llm_tokens,
+            usage_unread,
+            time_to_first_token,
+            output_rate,
             credential_reloads,
             log_lines_dropped: std::sync::Mutex::new(log_lines_dropped),
         }
@@ -237,6 +305,8 @@ impl Metrics {
             active: self.active.get_or_create_owned(&label),
             bytes_in: self.bytes_in.get_or_create_owned(&label),
             bytes_out: self.bytes_out.get_or_create_owned(&label),
+            time_to_first_token: self.time_to_first_token.get_or_create_owned(&label),
+            output_rate: self.output_rate.get_or_create_owned(&label),
             all: Arc::clone(self),
             route: label.route,
         }))
@@ -275,6 +345,8 @@ struct RouteHandles {
     active: Gauge,
     bytes_in: Counter,
     bytes_out: Counter,
+    time_to_first_token: Histogram,
+    output_rate: Histogram,
 }
 
 impl std::fmt::Debug for RouteMetrics {
@@ -317,6 +389,45 @@ impl RouteMetrics {
                 kind,
             })
             .inc();
+    }
+
+    /// What the usage tap read off a response, for the access token named
+    /// `token`. Counted once per response, when it ends.
+    pub fn usage(&self, token: Option<&str>, report: &UsageReport, figures: &TokenFigures) {
+        let handles = &self.0;
+        if let Some(reason) = report.gave_up {
+            handles
+                .all
+                .usage_unread
+                .get_or_create(&UnreadLabels {
+                    route: handles.route.clone(),
+                    reason: reason.as_str(),
+                })
+                .inc();
+        }
+        let usage = report.usage;
+        for (kind, tokens) in [
+            ("prompt", usage.prompt),
+            ("completion", usage.completion),
+            ("cached", usage.cached),
+        ] {
+            let Some(tokens) = tokens else { continue };
+            handles
+                .all
+                .llm_tokens
+                .get_or_create(&TokenLabels {
+                    route: handles.route.clone(),
+                    access_token: token.unwrap_or_default().to_owned(),
+                    kind,
+                })
+                .inc_by(tokens);
+        }
+        if let Some(ttft) = figures.time_to_first_token {
+            handles.time_to_first_token.observe(ttft.as_secs_f64());
+        }
+        if let Some(rate) = figures.tokens_per_second {
+            handles.output_rate.observe(rate);
+        }
     }
 
     /// A request finished.

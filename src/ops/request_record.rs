@@ -15,6 +15,7 @@ use tokio::time::Instant;
 
 use crate::ops::access_log::AccessLine;
 use crate::ops::metrics::RouteMetrics;
+use crate::usage::UsageReport;
 
 /// Target of access-log events, for `RUST_LOG=keyrelay::access=info` style filters.
 pub const TARGET: &str = "keyrelay::access";
@@ -73,6 +74,8 @@ pub struct RequestRecord {
     first_byte: Option<Duration>,
     bytes: u64,
     outcome: Option<Outcome>,
+    /// The token usage read off the response, if it was tapped.
+    usage: Option<UsageReport>,
 }
 
 impl RequestRecord {
@@ -93,6 +96,7 @@ impl RequestRecord {
             first_byte: None,
             bytes: 0,
             outcome: None,
+            usage: None,
         }
     }
 
@@ -149,6 +153,11 @@ impl RequestRecord {
         self.bytes = bytes;
     }
 
+    /// Records the token usage read off the response.
+    pub fn set_usage(&mut self, report: UsageReport) {
+        self.usage = Some(report);
+    }
+
     /// Records how the request ended; the first outcome recorded wins.
     pub fn finish(&mut self, outcome: Outcome) {
         self.outcome.get_or_insert(outcome);
@@ -160,6 +169,10 @@ impl Drop for RequestRecord {
         let outcome = self.outcome.unwrap_or(Outcome::ClientCancelled);
         let duration = self.started.elapsed();
         let status = self.status.unwrap_or(0);
+        let tokens = self.usage.map(|report| self.token_figures(report));
+        if let (Some(report), Some(figures)) = (self.usage, tokens) {
+            self.metrics.usage(self.token.as_deref(), &report, &figures);
+        }
         self.metrics.finished(
             status,
             outcome,
@@ -176,8 +189,40 @@ impl Drop for RequestRecord {
             duration,
             bytes: self.bytes,
             outcome: outcome.as_str(),
+            usage: self.usage.map(|report| report.usage).unwrap_or_default(),
+            ttft: tokens.and_then(|figures| figures.time_to_first_token),
+            tokens_per_second: tokens.and_then(|figures| figures.tokens_per_second),
         }
         .emit();
+    }
+}
+
+/// The timings derived from a usage report.
+#[derive(Debug, Clone, Copy)]
+pub struct TokenFigures {
+    /// From the request's arrival to the first generated content.
+    pub time_to_first_token: Option<Duration>,
+    /// Output tokens per second after the first one arrived.
+    pub tokens_per_second: Option<f64>,
+}
+
+impl RequestRecord {
+    fn token_figures(&self, report: UsageReport) -> TokenFigures {
+        let first = report.first_content;
+        let generating = first
+            .zip(self.last_frame)
+            .map(|(first, last)| last.duration_since(first));
+        let tokens_per_second = report
+            .usage
+            .completion
+            .zip(generating)
+            // One token, or all in one frame, gives no rate.
+            .filter(|&(tokens, time)| tokens > 1 && !time.is_zero())
+            .map(|(tokens, time)| (tokens - 1) as f64 / time.as_secs_f64());
+        TokenFigures {
+            time_to_first_token: first.map(|first| first.duration_since(self.started)),
+            tokens_per_second,
+        }
     }
 }
 

@@ -42,6 +42,7 @@ use crate::proxy::response_body::RelayBody;
 use crate::proxy::route_table::{Route, RouteTable};
 use crate::proxy::tunnel::Tunnels;
 use crate::proxy::upstream::{Keeper, Lease, Upstreams, Via};
+use crate::usage::UsageTap;
 use error::{ClientError, ProxyError, Refusal, UpstreamError};
 use request_id::{server_timing, RequestIds, BASETEN_REQUEST_ID, SERVER_TIMING, X_REQUEST_ID};
 
@@ -76,6 +77,8 @@ struct Shared {
     guard: Guard,
     tunnels: Arc<Tunnels>,
     timeouts: Timeouts,
+    /// Read token usage off responses (`usage_tap`).
+    usage_tap: bool,
 }
 
 /// What is known of a request when it fails, for the error answer: the
@@ -127,6 +130,7 @@ impl Proxy {
             guard: Guard::new(&config.access),
             tunnels,
             timeouts: config.timeouts,
+            usage_tap: config.usage_tap,
         });
         Ok(Self {
             worker: Arc::new(Worker {
@@ -362,7 +366,12 @@ impl Shared {
         }
         parts.headers.append(SERVER_TIMING, server_timing(overhead));
         record.set_status(parts.status.as_u16());
-        let body = RelayBody::new(body, self.timeouts.idle, record, lease);
+        let tap = if self.usage_tap {
+            UsageTap::for_response(parts.status, &parts.headers)
+        } else {
+            None
+        };
+        let body = RelayBody::new(body, self.timeouts.idle, record, lease, tap);
         Response::from_parts(parts, Either::Left(body))
     }
 

@@ -34,6 +34,7 @@ use tokio::time::{Instant, Sleep};
 
 use crate::ops::request_record::{Outcome, RequestRecord};
 use crate::proxy::upstream::Lease;
+use crate::usage::UsageTap;
 
 /// The longest a finished HTTP/2 response may take to send its END_STREAM
 /// (or trailers) once its declared bytes are all in.
@@ -49,6 +50,8 @@ pub struct RelayBody {
     /// with the stream, or an HTTP/1.1 connection, back to the pool when the
     /// body was read to its end (dropped with it otherwise, which closes it).
     lease: Option<Lease>,
+    /// Reads token usage off the frames as they pass (see [`crate::usage`]).
+    tap: Option<UsageTap>,
 }
 
 impl RelayBody {
@@ -58,6 +61,7 @@ impl RelayBody {
         idle: Option<Duration>,
         mut log: RequestRecord,
         lease: Lease,
+        tap: Option<UsageTap>,
     ) -> Self {
         // hyper never polls a body that says it is empty.
         if upstream.is_end_stream() {
@@ -68,6 +72,7 @@ impl RelayBody {
             idle: idle.map(IdleTimer::new),
             log,
             lease: Some(lease),
+            tap,
         }
     }
 }
@@ -83,6 +88,11 @@ impl RelayBody {
 
 impl Drop for RelayBody {
     fn drop(&mut self) {
+        // What the tap read, even of a stream cut short, goes in the record
+        // before the record is dropped (and emitted) with this body.
+        if let Some(tap) = self.tap.take() {
+            self.log.set_usage(tap.finish(Instant::now()));
+        }
         let Some(upstream) = self.upstream.take() else {
             return;
         };
@@ -166,7 +176,12 @@ impl Body for RelayBody {
             match frame.data_ref() {
                 // HTTP/2 ends streams with an empty DATA frame; it carries nothing to relay.
                 Some(data) if data.is_empty() => continue,
-                Some(data) => this.log.add_bytes(data.len(), now),
+                Some(data) => {
+                    this.log.add_bytes(data.len(), now);
+                    if let Some(tap) = this.tap.as_mut() {
+                        tap.feed(data, now);
+                    }
+                }
                 None => {}
             }
             // hyper stops polling once a sized body says it has ended, or

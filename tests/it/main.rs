@@ -32,6 +32,7 @@ mod streaming;
 mod unix_socket;
 mod upstream_faults;
 mod upstream_pool;
+mod usage;
 mod warm_connections;
 mod websocket;
 mod websocket_client;

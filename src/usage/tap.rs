@@ -1,0 +1,322 @@
+//! Reading token usage off a response body as it passes, without holding
+//! back a byte.
+//!
+//! The tap sees each data frame just before it goes to the client and keeps
+//! only what it must to find whole documents: for Server-Sent Events, the
+//! one unfinished line carried over from the previous frame (bounded by
+//! [`MAX_LINE`]); for a JSON response, a copy of the body (bounded by
+//! [`MAX_JSON`]), read when it ends. The frames themselves go on untouched.
+//!
+//! Of the SSE lines, only `data:` lines are read, and of those only the ones
+//! that can matter: every line until the first generated content (for the
+//! time to first token), then only lines that mention `"usage"`. So a
+//! stream's per-chunk cost after its first token is a scan for line ends
+//! and for that word.
+
+use http::header::{CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE};
+use http::HeaderMap;
+use memchr::memmem;
+use tokio::time::Instant;
+
+use super::event::{self, Usage};
+
+/// Longest SSE line the tap carries across frames; a longer one (a huge
+/// tool-call argument, or a stream that is not SSE) turns the tap off for
+/// that stream, which is counted.
+pub const MAX_LINE: usize = 64 * 1024;
+
+/// Largest JSON body the tap copies to read its `usage`.
+pub const MAX_JSON: usize = 1 << 20;
+
+/// What the tap learnt from one response.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UsageReport {
+    /// The usage the upstream reported, if any.
+    pub usage: Usage,
+    /// When the first generated content passed (time to first token).
+    pub first_content: Option<Instant>,
+    /// Why the tap stopped reading, if it did.
+    pub gave_up: Option<GaveUp>,
+}
+
+/// Why a tap stopped reading its response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GaveUp {
+    /// An SSE line longer than [`MAX_LINE`].
+    OverlongLine,
+    /// A JSON body larger than [`MAX_JSON`].
+    OverlongJson,
+}
+
+impl GaveUp {
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::OverlongLine => "overlong_line",
+            Self::OverlongJson => "overlong_json",
+        }
+    }
+}
+
+/// A tap on one response body.
+#[derive(Debug)]
+pub struct UsageTap {
+    framing: Framing,
+    report: UsageReport,
+}
+
+#[derive(Debug)]
+enum Framing {
+    /// Server-Sent Events: the unfinished line from the previous frame.
+    Sse { partial: Vec<u8> },
+    /// A JSON document, copied as it passes.
+    Json { document: Vec<u8> },
+    /// Stopped reading (see [`UsageReport::gave_up`]).
+    Off,
+}
+
+impl UsageTap {
+    /// A tap for a response with these headers, if it can carry usage: a
+    /// successful, unencoded `text/event-stream` or `application/json`
+    /// (a compressed body is not decompressed to be read).
+    pub fn for_response(status: http::StatusCode, headers: &HeaderMap) -> Option<Self> {
+        if !status.is_success() {
+            return None;
+        }
+        let encoded = headers
+            .get(CONTENT_ENCODING)
+            .is_some_and(|coding| !coding.as_bytes().eq_ignore_ascii_case(b"identity"));
+        if encoded {
+            return None;
+        }
+        let media_type = headers.get(CONTENT_TYPE)?.to_str().ok()?;
+        let media_type = media_type.split(';').next()?.trim();
+        let framing = if media_type.eq_ignore_ascii_case("text/event-stream") {
+            Framing::Sse {
+                partial: Vec::new(),
+            }
+        } else if media_type.eq_ignore_ascii_case("application/json") {
+            let declared = headers
+                .get(CONTENT_LENGTH)
+                .and_then(|len| len.to_str().ok()?.parse::<usize>().ok());
+            if declared.is_some_and(|len| len > MAX_JSON) {
+                return None;
+            }
+            Framing::Json {
+                document: Vec::with_capacity(declared.unwrap_or(0)),
+            }
+        } else {
+            return None;
+        };
+        Some(Self {
+            framing,
+            report: UsageReport::default(),
+        })
+    }
+
+    /// Reads one data frame, `now` being when it passes to the client.
+    pub fn feed(&mut self, data: &[u8], now: Instant) {
+        let gave_up = match &mut self.framing {
+            Framing::Sse { partial } => feed_sse(partial, data, now, &mut self.report),
+            Framing::Json { document } if document.len() + data.len() > MAX_JSON => {
+                Some(GaveUp::OverlongJson)
+            }
+            Framing::Json { document } => {
+                document.extend_from_slice(data);
+                None
+            }
+            Framing::Off => None,
+        };
+        if let Some(why) = gave_up {
+            self.framing = Framing::Off;
+            self.report.gave_up = Some(why);
+        }
+    }
+
+    /// The report, once the body ended (or was abandoned).
+    pub fn finish(mut self, now: Instant) -> UsageReport {
+        match std::mem::replace(&mut self.framing, Framing::Off) {
+            Framing::Json { document } => {
+                let reading = event::read(&document);
+                self.report.usage.merge(reading.usage);
+                if reading.has_content {
+                    self.report.first_content.get_or_insert(now);
+                }
+            }
+            // A last line without its newline still counts.
+            Framing::Sse { partial } if !partial.is_empty() => {
+                read_line(&partial, now, &mut self.report);
+            }
+            Framing::Sse { .. } | Framing::Off => {}
+        }
+        self.report
+    }
+}
+
+/// Reads the complete lines of one frame, carrying an unfinished one in
+/// `partial`; gives up on a line longer than [`MAX_LINE`].
+fn feed_sse(
+    partial: &mut Vec<u8>,
+    data: &[u8],
+    now: Instant,
+    report: &mut UsageReport,
+) -> Option<GaveUp> {
+    let mut rest = data;
+    if !partial.is_empty() {
+        let end = memchr::memchr(b'\n', rest).unwrap_or(rest.len());
+        if partial.len() + end > MAX_LINE {
+            return Some(GaveUp::OverlongLine);
+        }
+        partial.extend_from_slice(&rest[..end]);
+        if end == rest.len() {
+            return None;
+        }
+        read_line(partial, now, report);
+        partial.clear();
+        rest = &rest[end + 1..];
+    }
+    while let Some(end) = memchr::memchr(b'\n', rest) {
+        read_line(&rest[..end], now, report);
+        rest = &rest[end + 1..];
+    }
+    if rest.len() > MAX_LINE {
+        return Some(GaveUp::OverlongLine);
+    }
+    partial.extend_from_slice(rest);
+    None
+}
+
+/// Reads one SSE line (without its `\n`).
+fn read_line(line: &[u8], now: Instant, report: &mut UsageReport) {
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let Some(data) = line.strip_prefix(b"data:") else {
+        return;
+    };
+    let data = data.strip_prefix(b" ").unwrap_or(data);
+    let before_first_token = report.first_content.is_none();
+    if !before_first_token && memmem::find(data, b"\"usage\"").is_none() {
+        return;
+    }
+    let reading = event::read(data);
+    report.usage.merge(reading.usage);
+    if reading.has_content && before_first_token {
+        report.first_content = Some(now);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::{HeaderValue, StatusCode};
+
+    fn headers(content_type: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            CONTENT_TYPE,
+            HeaderValue::from_str(content_type).expect("value"),
+        );
+        headers
+    }
+
+    fn tap_for(content_type: &str) -> UsageTap {
+        UsageTap::for_response(StatusCode::OK, &headers(content_type)).expect("a tap")
+    }
+
+    const OPENAI_STREAM: &str = "data: {\"choices\":[{\"delta\":{\"role\":\"assistant\",\"content\":\"\"}}]}\n\n\
+        data: {\"choices\":[{\"delta\":{\"content\":\"Hel\"}}]}\n\n\
+        data: {\"choices\":[{\"delta\":{\"content\":\"lo\"}}]}\r\n\r\n\
+        data: {\"choices\":[],\"usage\":{\"prompt_tokens\":11,\"completion_tokens\":2,\"prompt_tokens_details\":{\"cached_tokens\":4}}}\n\n\
+        data: [DONE]\n\n";
+
+    fn expected() -> Usage {
+        Usage {
+            prompt: Some(11),
+            completion: Some(2),
+            cached: Some(4),
+        }
+    }
+
+    #[test]
+    fn usage_is_found_however_the_stream_is_split() {
+        let bytes = OPENAI_STREAM.as_bytes();
+        // Every split into two frames, and byte by byte.
+        for cut in 0..=bytes.len() {
+            let mut tap = tap_for("text/event-stream; charset=utf-8");
+            let now = Instant::now();
+            tap.feed(&bytes[..cut], now);
+            tap.feed(&bytes[cut..], now);
+            assert_eq!(tap.finish(now).usage, expected(), "cut at {cut}");
+        }
+        let mut tap = tap_for("text/event-stream");
+        let now = Instant::now();
+        for byte in bytes.chunks(1) {
+            tap.feed(byte, now);
+        }
+        let report = tap.finish(now);
+        assert_eq!(report.usage, expected());
+        assert_eq!(report.gave_up, None);
+    }
+
+    #[test]
+    fn the_first_token_is_the_first_content_not_the_first_byte() {
+        let mut tap = tap_for("text/event-stream");
+        let start = Instant::now();
+        let (role, hel) = OPENAI_STREAM.split_at(
+            OPENAI_STREAM
+                .find("data: {\"choices\":[{\"delta\":{\"content\":\"Hel")
+                .expect("chunk"),
+        );
+        tap.feed(role.as_bytes(), start);
+        let later = start + std::time::Duration::from_millis(250);
+        tap.feed(hel.as_bytes(), later);
+        assert_eq!(tap.finish(later).first_content, Some(later));
+    }
+
+    #[test]
+    fn an_overlong_line_turns_the_tap_off_for_that_stream() {
+        let mut tap = tap_for("text/event-stream");
+        let now = Instant::now();
+        let long = vec![b'x'; MAX_LINE + 1];
+        tap.feed(b"data: ", now);
+        tap.feed(&long, now);
+        tap.feed(OPENAI_STREAM.as_bytes(), now);
+        let report = tap.finish(now);
+        assert_eq!(report.gave_up, Some(GaveUp::OverlongLine));
+        assert!(report.usage.is_empty());
+    }
+
+    #[test]
+    fn a_json_body_is_read_at_its_end_within_the_bound() {
+        let body = br#"{"object":"chat.completion","choices":[{"message":{"content":"Hi"}}],"usage":{"prompt_tokens":5,"completion_tokens":1}}"#;
+        let mut tap = tap_for("application/json");
+        let now = Instant::now();
+        for part in body.chunks(7) {
+            tap.feed(part, now);
+        }
+        let report = tap.finish(now);
+        assert_eq!(report.usage.prompt, Some(5));
+        assert_eq!(report.usage.completion, Some(1));
+
+        let mut big = headers("application/json");
+        big.insert(CONTENT_LENGTH, HeaderValue::from(MAX_JSON + 1));
+        assert!(UsageTap::for_response(StatusCode::OK, &big).is_none());
+        let mut tap = tap_for("application/json");
+        tap.feed(&vec![b' '; MAX_JSON], now);
+        tap.feed(b"{}", now);
+        assert_eq!(tap.finish(now).gave_up, Some(GaveUp::OverlongJson));
+    }
+
+    #[test]
+    fn only_successful_unencoded_sse_and_json_are_tapped() {
+        assert!(
+            UsageTap::for_response(StatusCode::BAD_REQUEST, &headers("application/json")).is_none()
+        );
+        assert!(
+            UsageTap::for_response(StatusCode::OK, &headers("application/octet-stream")).is_none()
+        );
+        assert!(UsageTap::for_response(StatusCode::OK, &HeaderMap::new()).is_none());
+        let mut gzip = headers("application/json");
+        gzip.insert(CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+        assert!(UsageTap::for_response(StatusCode::OK, &gzip).is_none());
+    }
+}
