@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # CPU instructions keyrelay executes per proxied request, counted by callgrind.
 #
-#   bench/instructions.sh [REQUESTS]      default 4000
+#   bench/instructions.sh [REQUESTS]            default 4000
+#   bench/instructions.sh --chunks [CHUNKS]     default 4000
 #
 # Wall-clock figures on a shared 2-core machine move by 5-10% from run to run;
 # instruction counts do not (they repeat to within about 0.1%), so this is the
@@ -17,14 +18,26 @@
 # line per request, written by the log thread (counted too). For the quiet
 # figure: RUST_LOG=warn bench/instructions.sh
 #
+# With --chunks it counts the cost of one relayed token chunk instead: one
+# stream of 1,000 OpenAI-style SSE chunks (160 bytes each, ending in a usage
+# event) against one of 1,000 + CHUNKS, with the usage tap on (the default)
+# and with usage_tap = "off", and prints both and their ratio: what reading
+# token usage off the stream costs per chunk.
+#
 # Needs valgrind and python3 (installed with apt-get when missing and root).
 set -euo pipefail
 export LC_ALL=C
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
+MODE=requests
+if [ "${1:-}" = --chunks ]; then
+  MODE=chunks
+  shift
+fi
 EXTRA=${1:-4000}
 BASE=1000
+CHUNK_SIZE=160
 
 log() { printf '[instructions %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 fail() { log "FAILED: $*"; exit 1; }
@@ -79,27 +92,64 @@ for thread in threads: thread.join()
 sys.exit(f"{len(failures)} requests failed: {failures[:3]}" if failures else 0)
 EOF
 
+# Reads one SSE stream of N chunks and checks it is whole.
+cat >"$WORK/stream.py" <<'EOF'
+import http.client, sys
+port, chunks, size = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+conn.request("GET", f"/stream?n={chunks}&interval_us=0&size={size}&sse=1")
+response = conn.getresponse()
+body = response.read()
+events = body.count(b'"delta"')
+if response.status != 200 or events != chunks or not body.endswith(b"data: [DONE]\n\n"):
+    sys.exit(f"stream: status {response.status}, {events} of {chunks} chunks")
+EOF
+
 free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
-# Instructions keyrelay executes while serving $1 requests.
+# Instructions keyrelay executes while serving $1 requests (or, in chunks
+# mode, one stream of $1 chunks); further arguments are keyrelay flags.
 count() {
-  local requests=$1 port out pid
+  local amount=$1 port out pid
+  shift
   port=$(free_port)
-  out=$WORK/callgrind.$requests.out
+  out=$WORK/callgrind.$amount.$#.out
   BASETEN_API_KEY=bench-key valgrind --tool=callgrind --callgrind-out-file="$out" \
-    "$ROOT/target/release/keyrelay" --listen "127.0.0.1:$port" --upstream "http://$UPSTREAM" \
-    >"$WORK/keyrelay.$requests.log" 2>&1 &
+    "$ROOT/target/release/keyrelay" --listen "127.0.0.1:$port" --upstream "http://$UPSTREAM" "$@" \
+    >"$WORK/keyrelay.$amount.log" 2>&1 &
   pid=$!
   PIDS+=("$pid")
   for _ in $(seq 300); do
     curl -fsS -o /dev/null "http://127.0.0.1:$port/small" 2>/dev/null && break
     sleep 0.1
   done
-  python3 "$WORK/drive.py" "$port" "$requests" || fail "requests through keyrelay failed"
+  if [ "$MODE" = chunks ]; then
+    python3 "$WORK/stream.py" "$port" "$amount" "$CHUNK_SIZE" || fail "the stream through keyrelay failed"
+  else
+    python3 "$WORK/drive.py" "$port" "$amount" || fail "requests through keyrelay failed"
+  fi
   kill -TERM "$pid"
   wait "$pid" || true
   awk '/^summary:/ { print $2 }' "$out"
 }
+
+if [ "$MODE" = chunks ]; then
+  per_chunk() {
+    local small large
+    small=$(count "$BASE" "$@")
+    large=$(count $((BASE + EXTRA)) "$@")
+    [ -n "$small" ] && [ -n "$large" ] || fail "callgrind wrote no summary"
+    echo $(((large - small) / EXTRA))
+  }
+  log "counting streams of $BASE and $((BASE + EXTRA)) chunks, usage tap on (the default)"
+  on=$(per_chunk)
+  log "the same with --usage-tap off"
+  off=$(per_chunk --usage-tap off)
+  echo "instructions_per_chunk_tap_on $on"
+  echo "instructions_per_chunk_tap_off $off"
+  log "per $CHUNK_SIZE-byte SSE chunk: $on instructions with the usage tap, $off without ($(python3 -c "print(f'{$on / $off:.3f}')")x)"
+  exit 0
+fi
 
 log "counting $BASE requests"
 small=$(count "$BASE")

@@ -16,7 +16,12 @@
 //!   the wall clock (`CLOCK_REALTIME`, nanoseconds) when it was handed to the
 //!   connection, so a client on the same machine can tell how late it is.
 //!   When a stream with an `id` is dropped before its last record (the client,
-//!   or a proxy in between, went away), the drop time is remembered;
+//!   or a proxy in between, went away), the drop time is remembered. With
+//!   `&sse=1` each record is an OpenAI-style chat chunk instead,
+//!   `data: {"choices":[{"index":0,"delta":{"content":"SEQ SEND_NS...."}}]}`
+//!   and a blank line, served as `text/event-stream`, and the last one is
+//!   followed by a `usage` event and `data: [DONE]`: what keyrelay's usage
+//!   tap reads (`bench/instructions.sh --chunks`);
 //! - `/cancelled?id=ID&wait_ms=W`: the drop time (ns) of stream `ID`, waiting
 //!   up to `W` ms for it; 404 if it was not dropped in that time;
 //! - `/bulk?bytes=N&chunk=C`: `N` bytes streamed chunked in `C`-byte frames;
@@ -213,8 +218,9 @@ async fn handle(request: Request<Incoming>, state: &Arc<State>) -> Response<Benc
                 .split('&')
                 .any(|pair| pair.starts_with("id="))
                 .then(|| param(query, "id", 0));
+            let sse = param(query, "sse", 0) == 1;
             state.open_streams.fetch_add(1, Ordering::Relaxed);
-            respond(
+            let mut response = respond(
                 StatusCode::OK,
                 BenchBody::Ticks(TickBody {
                     next: 0,
@@ -225,9 +231,16 @@ async fn handle(request: Request<Incoming>, state: &Arc<State>) -> Response<Benc
                     size,
                     sleep: None,
                     id,
+                    sse,
                     state: Arc::clone(state),
                 }),
-            )
+            );
+            if sse {
+                response
+                    .headers_mut()
+                    .insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+            }
+            response
         }
         "/bulk" => {
             let remaining = param(query, "bytes", 1 << 30);
@@ -358,6 +371,8 @@ struct TickBody {
     size: usize,
     sleep: Option<Pin<Box<Sleep>>>,
     id: Option<u64>,
+    /// Records as OpenAI-style SSE chunks, ending with a usage event.
+    sse: bool,
     state: Arc<State>,
 }
 
@@ -387,10 +402,35 @@ impl TickBody {
         }
         self.last = Instant::now();
         let mut record = format!("{:08} {:019} ", self.next, now_ns()).into_bytes();
+        self.next += 1;
+        if self.sse {
+            return Poll::Ready(Some(Bytes::from(self.sse_record(record))));
+        }
         record.resize(self.size - 1, b'.');
         record.push(b'\n');
-        self.next += 1;
         Poll::Ready(Some(Bytes::from(record)))
+    }
+
+    /// `text` as a chat chunk event of about `size` bytes; the last record
+    /// carries the usage event and `[DONE]` after it.
+    fn sse_record(&self, mut text: Vec<u8>) -> Vec<u8> {
+        const HEAD: &[u8] = b"data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"";
+        const TAIL: &[u8] = b"\"}}]}\n\n";
+        text.resize(
+            self.size
+                .saturating_sub(HEAD.len() + TAIL.len())
+                .max(text.len()),
+            b'.',
+        );
+        let mut event = [HEAD, &text, TAIL].concat();
+        if self.next == self.count {
+            let usage = format!(
+                "data: {{\"choices\":[],\"usage\":{{\"prompt_tokens\":12,\"completion_tokens\":{}}}}}\n\ndata: [DONE]\n\n",
+                self.count
+            );
+            event.extend_from_slice(usage.as_bytes());
+        }
+        event
     }
 }
 

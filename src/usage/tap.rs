@@ -15,6 +15,8 @@
 
 use http::header::{CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE};
 use http::HeaderMap;
+use std::sync::LazyLock;
+
 use memchr::memmem;
 use tokio::time::Instant;
 
@@ -162,6 +164,23 @@ fn feed_sse(
     report: &mut UsageReport,
 ) -> Option<GaveUp> {
     let mut rest = data;
+    // Past the first token, only lines that mention "usage" matter, and
+    // most frames have none: one search over the frame decides it, and
+    // only an unfinished last line is kept.
+    if partial.is_empty()
+        && report.first_content.is_some()
+        && MENTIONS_USAGE.find(data).is_none()
+    {
+        let tail = match memchr::memrchr(b'\n', data) {
+            Some(end) => &data[end + 1..],
+            None => data,
+        };
+        if tail.len() > MAX_LINE {
+            return Some(GaveUp::OverlongLine);
+        }
+        partial.extend_from_slice(tail);
+        return None;
+    }
     if !partial.is_empty() {
         let end = memchr::memchr(b'\n', rest).unwrap_or(rest.len());
         if partial.len() + end > MAX_LINE {
@@ -186,6 +205,11 @@ fn feed_sse(
     None
 }
 
+/// The search for `"usage"`, built once: building a searcher costs more
+/// than running it over one chunk.
+static MENTIONS_USAGE: LazyLock<memmem::Finder<'static>> =
+    LazyLock::new(|| memmem::Finder::new(b"\"usage\""));
+
 /// Reads one SSE line (without its `\n`).
 fn read_line(line: &[u8], now: Instant, report: &mut UsageReport) {
     let line = line.strip_suffix(b"\r").unwrap_or(line);
@@ -194,7 +218,7 @@ fn read_line(line: &[u8], now: Instant, report: &mut UsageReport) {
     };
     let data = data.strip_prefix(b" ").unwrap_or(data);
     let before_first_token = report.first_content.is_none();
-    if !before_first_token && memmem::find(data, b"\"usage\"").is_none() {
+    if !before_first_token && MENTIONS_USAGE.find(data).is_none() {
         return;
     }
     let reading = event::read(data);
