@@ -66,7 +66,16 @@ pub async fn run(
     let metrics = Arc::new(ops::metrics::Metrics::new());
     let lifecycle = Arc::new(ops::lifecycle::Lifecycle::default());
     let tunnels = Arc::new(proxy::tunnel::Tunnels::default());
-    let proxy = proxy::Proxy::new(&config, &metrics, Arc::clone(&tunnels))?;
+    let budgets = Arc::new(usage::Budgets::from_config(&config));
+    if let Some(path) = &config.usage_state_file {
+        usage::state_file::load(path, &budgets);
+    }
+    let proxy = proxy::Proxy::new(
+        &config,
+        &metrics,
+        Arc::clone(&tunnels),
+        Arc::clone(&budgets),
+    )?;
 
     // Background tasks: a JoinSet aborts them all when `run` returns.
     let mut background = tokio::task::JoinSet::new();
@@ -81,6 +90,9 @@ pub async fn run(
         }
     }
     background.spawn(ops::logging::report_dropped_lines());
+    if let Some(path) = config.usage_state_file.clone() {
+        background.spawn(usage::state_file::keep_saved(path, Arc::clone(&budgets)));
+    }
     let tokens = proxy.access_tokens();
     for (index, path) in tokens.files() {
         let tokens = Arc::clone(tokens);
@@ -103,6 +115,7 @@ pub async fn run(
                 admin,
                 Arc::clone(&metrics),
                 Arc::clone(&lifecycle),
+                Arc::clone(&budgets),
             ));
             Some(bound)
         }
@@ -149,7 +162,13 @@ pub async fn run(
             tokio::time::sleep(delay).await;
         }
     };
-    ops::workers::serve(listener, proxy, tunnels, stop_accepting, &config).await
+    let served = ops::workers::serve(listener, proxy, tunnels, stop_accepting, &config).await;
+    // Streams have finished (or were cut at the grace period) and charged
+    // their budgets: keep what they spent.
+    if let Some(path) = &config.usage_state_file {
+        usage::state_file::save(path, &budgets);
+    }
+    served
 }
 
 /// Where the key comes from, for the startup line (a name, never the key).

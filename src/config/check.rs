@@ -21,6 +21,7 @@ use crate::guard::host::HostPolicy;
 use crate::guard::origin::AllowedOrigin;
 use crate::guard::tokens::{check_value, AccessToken};
 use crate::secrets::secret_file;
+use crate::usage::BudgetLimit;
 
 /// One thing wrong with the configuration, naming the setting it concerns.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -272,6 +273,27 @@ pub(super) fn validate(
             None
         }
     };
+    let budgeted = !raw.access_token_budget.is_empty()
+        || !raw.token_budget.is_empty()
+        || raw.routes.iter().any(routes::RawRoute::has_budget);
+    if usage_tap == Some(false) && budgeted {
+        found.report(
+            "usage_tap",
+            "is off, but token budgets are set: nothing would be charged to them; turn the tap on or remove the budgets",
+        );
+    }
+    let usage_state_file = raw
+        .usage_state_file
+        .as_deref()
+        .map(str::trim)
+        .filter(|path| !path.is_empty())
+        .map(PathBuf::from);
+    if usage_state_file.is_some() && !budgeted {
+        found.report(
+            "usage_state_file",
+            "is set but no token budget is (token_budget, access_token_budget), so there is nothing to keep",
+        );
+    }
 
     Some(Config {
         listen: listen?,
@@ -305,7 +327,37 @@ pub(super) fn validate(
         },
         log_format: log_format?,
         usage_tap: usage_tap?,
+        usage_state_file,
     })
+}
+
+/// `token_budget` / `access_token_budget` entries for `setting`; `None` if
+/// one is wrong (each reported), or if two share a window (which one would
+/// apply is not obvious, so it is a mistake).
+pub(super) fn parse_budgets(
+    entries: &[String],
+    setting: &str,
+    found: &mut Problems,
+) -> Option<Vec<BudgetLimit>> {
+    let mut budgets: Vec<BudgetLimit> = Vec::new();
+    let mut valid = true;
+    for entry in entries.iter().filter(|entry| !entry.trim().is_empty()) {
+        match BudgetLimit::parse(entry) {
+            Ok(budget) if budgets.iter().any(|b| b.window == budget.window) => {
+                found.report(
+                    setting,
+                    format!("{entry:?}: another budget already has this window; give each window one budget"),
+                );
+                valid = false;
+            }
+            Ok(budget) => budgets.push(budget),
+            Err(message) => {
+                found.report(setting, message);
+                valid = false;
+            }
+        }
+    }
+    valid.then_some(budgets)
 }
 
 /// Validates the admission settings: hosts, origins, tokens, rate, paths, and
@@ -346,6 +398,16 @@ fn check_access(
     let token_rate = parse_rate(&raw.token_rate_limit)
         .map_err(|message| found.report("token_rate_limit", message))
         .ok();
+    let token_budgets = parse_budgets(&raw.access_token_budget, "access_token_budget", found);
+    let no_tokens = raw.access_token_env.iter().all(|n| n.is_empty())
+        && raw.access_token_files.iter().all(|p| p.is_empty());
+    if no_tokens && token_budgets.as_ref().is_some_and(|b| !b.is_empty()) {
+        found.report(
+            "access_token_budget",
+            "is set but no access tokens are (access_token_env, access_token_files), so it would never apply; \
+             use token_budget for a budget everyone shares",
+        );
+    }
     for host in &raw.allowed_hosts {
         if !HostPolicy::is_valid_name(host) {
             found.report(
@@ -405,6 +467,7 @@ fn check_access(
             })
             .collect(),
         token_rate: token_rate?,
+        token_budgets: token_budgets?,
     })
 }
 

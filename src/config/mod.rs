@@ -22,6 +22,7 @@ use serde::Deserialize;
 use crate::guard::cors::CorsPolicy;
 use crate::guard::host::HostPolicy;
 use crate::guard::tokens::{AccessToken, Rate};
+use crate::usage::BudgetLimit;
 
 pub mod baseten;
 pub mod check;
@@ -74,6 +75,8 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Read token usage off responses.
     pub usage_tap: bool,
+    /// Where the token budgets' spending is kept across restarts.
+    pub usage_state_file: Option<PathBuf>,
 }
 
 /// The HTTP version keyrelay speaks to an upstream (`upstream_http`).
@@ -151,6 +154,8 @@ pub struct AccessSettings {
     pub tokens: Vec<AccessToken>,
     /// Per-token request rate.
     pub token_rate: Option<Rate>,
+    /// Token budgets every access token has.
+    pub token_budgets: Vec<BudgetLimit>,
 }
 
 /// The credential keyrelay adds, and the client headers it removes first.
@@ -283,5 +288,8 @@ struct RawConfig {
     header_read_timeout: String,
     http2_max_concurrent_streams: u32,
     usage_tap: String,
+    token_budget: Vec<String>,
+    access_token_budget: Vec<String>,
+    usage_state_file: Option<String>,
     log_format: String,
 }

@@ -27,7 +27,7 @@ use std::path::PathBuf;
 use http::{HeaderName, HeaderValue};
 use serde::Deserialize;
 
-use super::check::Problems;
+use super::check::{parse_budgets, Problems};
 use super::parse::parse_upstream;
 use super::request_headers;
 use super::{Credential, RawConfig, UpstreamHttp, UpstreamUrl};
@@ -35,6 +35,7 @@ use crate::config::baseten::{self, Stage, Target};
 use crate::guard::paths::PathPolicy;
 use crate::secrets::key::{ApiKey, KEY_PLACEHOLDER};
 use crate::secrets::secret_file;
+use crate::usage::BudgetLimit;
 
 /// A route as written in the config file.
 #[derive(Debug, Deserialize)]
@@ -63,11 +64,20 @@ pub(super) struct RawRoute {
     strip_prefix: Option<bool>,
     #[serde(default)]
     allowed_paths: Vec<String>,
+    #[serde(default)]
+    token_budget: Vec<String>,
     upstream_http: Option<String>,
     /// The older spelling of `upstream_http = "2"`.
     #[serde(default)]
     http2: bool,
     set_request_headers: Option<Vec<String>>,
+}
+
+impl RawRoute {
+    /// True if the route sets a `token_budget`.
+    pub(super) fn has_budget(&self) -> bool {
+        !self.token_budget.is_empty()
+    }
 }
 
 /// One validated route.
@@ -91,6 +101,8 @@ pub struct RouteConfig {
     pub http: UpstreamHttp,
     /// Static headers set on every upstream request, replacing the client's.
     pub set_headers: Vec<(HeaderName, HeaderValue)>,
+    /// LLM tokens everyone may spend on this route per window.
+    pub budgets: Vec<BudgetLimit>,
 }
 
 /// Where one route's problems are reported: `key` for the top level,
@@ -191,6 +203,7 @@ pub(super) fn check(
         );
         strip_grpc_stage_headers(credential.as_mut(), grpc_headers.is_some());
         let paths = policy(&raw.allowed_paths, &top, found);
+        let budgets = budgets(&raw.token_budget, &top, found);
         let http = top_http.and_then(|named| {
             resolve_protocol(
                 named,
@@ -200,8 +213,14 @@ pub(super) fn check(
                 found,
             )
         });
-        if let (Some(target), Some(credential), Some(paths), Some(http), Some(set_headers)) =
-            (top_target, credential, paths, http, set_headers)
+        if let (
+            Some(target),
+            Some(credential),
+            Some(paths),
+            Some(http),
+            Some(set_headers),
+            Some(budgets),
+        ) = (top_target, credential, paths, http, set_headers, budgets)
         {
             routes.push(RouteConfig {
                 name: "default".to_owned(),
@@ -213,6 +232,7 @@ pub(super) fn check(
                 paths,
                 http,
                 set_headers,
+                budgets,
             });
         }
     }
@@ -347,6 +367,7 @@ fn check_route(
     );
     strip_grpc_stage_headers(credential.as_mut(), grpc_headers.is_some());
     let paths = policy(&route.allowed_paths, scope, found);
+    let budgets = budgets(&route.token_budget, scope, found);
     let http = named_protocol(
         route.upstream_http.as_deref(),
         route.http2,
@@ -368,7 +389,13 @@ fn check_route(
         paths: paths?,
         http: http?,
         set_headers: set_headers?,
+        budgets: budgets?,
     })
+}
+
+/// A route's `token_budget` entries; `None` if one is wrong (reported).
+fn budgets(entries: &[String], scope: &Scope, found: &mut Problems) -> Option<Vec<BudgetLimit>> {
+    parse_budgets(entries, &scope.setting("token_budget"), found)
 }
 
 /// The HTTP version a route names: `upstream_http`, or the older switch

@@ -330,6 +330,24 @@ pub const SETTINGS: &[Setting] = &[
         kind: Kind::Text,
     },
     Setting {
+        key: "token_budget",
+        default: "",
+        help: "LLM tokens (prompt + completion) everyone may spend on the route per window, e.g. 2000000/day,50000/minute; 429 once used up.",
+        kind: Kind::List,
+    },
+    Setting {
+        key: "access_token_budget",
+        default: "",
+        help: "LLM tokens each local access token may spend per window, e.g. 200000/day; 429 once used up.",
+        kind: Kind::List,
+    },
+    Setting {
+        key: "usage_state_file",
+        default: "",
+        help: "File keeping what the token budgets have spent across restarts (written atomically every few seconds and at shutdown).",
+        kind: Kind::Text,
+    },
+    Setting {
         key: "log_format",
         default: "text",
         help: "Log output: text or json.",

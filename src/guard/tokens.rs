@@ -70,6 +70,11 @@ impl AccessToken {
         }
     }
 
+    /// The token's name (never its value).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     /// A token read from `file`, which keyrelay keeps watching.
     pub fn from_file(name: String, value: String, file: PathBuf) -> Self {
         Self {

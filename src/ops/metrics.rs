@@ -15,6 +15,7 @@ use prometheus_client::registry::{Registry, Unit};
 
 use crate::ops::logging;
 use crate::ops::request_record::{Outcome, TokenFigures};
+use crate::usage::budget::{Account, Overshoot};
 use crate::usage::UsageReport;
 
 /// Latency buckets in seconds, 1 ms to 20 minutes (cold starts and long generations).
@@ -112,6 +113,15 @@ pub struct UnreadLabels {
     pub reason: &'static str,
 }
 
+/// Labels of the budget overshoot counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BudgetLabels {
+    /// `route` or `access_token`.
+    pub scope: &'static str,
+    /// The route's or the access token's name.
+    pub name: String,
+}
+
 /// Every metric keyrelay exports.
 pub struct Metrics {
     registry: Registry,
@@ -128,6 +138,7 @@ pub struct Metrics {
     usage_unread: Family<UnreadLabels, Counter>,
     time_to_first_token: Family<RouteLabel, Histogram>,
     output_rate: Family<RouteLabel, Histogram>,
+    budget_overshoot: Family<BudgetLabels, Counter>,
     credential_reloads: Counter,
     /// Mirrors [`logging::dropped_lines`], brought up to date on each scrape;
     /// the lock keeps two concurrent scrapes from adding the same lines twice.
@@ -175,6 +186,7 @@ impl Metrics {
         let output_rate = Family::<RouteLabel, Histogram>::new_with_constructor(
             rate_histogram as fn() -> Histogram,
         );
+        let budget_overshoot = Family::<BudgetLabels, Counter>::default();
         let credential_reloads = Counter::default();
 
         registry.register(
@@ -250,6 +262,11 @@ impl Metrics {
             output_rate.clone(),
         );
         registry.register(
+            "llm_budget_overshoot_tokens",
+            "Tokens spent beyond a token budget by responses admitted before it ran out",
+            budget_overshoot.clone(),
+        );
+        registry.register(
             "credential_reloads",
             "Times the upstream key was reloaded from key_file",
             credential_reloads.clone(),
@@ -275,6 +292,7 @@ impl Metrics {
             usage_unread,
             time_to_first_token,
             output_rate,
+            budget_overshoot,
             credential_reloads,
             log_lines_dropped: std::sync::Mutex::new(log_lines_dropped),
         }
@@ -428,6 +446,23 @@ impl RouteMetrics {
         if let Some(rate) = figures.tokens_per_second {
             handles.output_rate.observe(rate);
         }
+    }
+
+    /// Tokens a response spent beyond one of its budgets (it was admitted
+    /// before the budget ran out, and finished).
+    pub fn budget_overshoot(&self, overshoot: &Overshoot) {
+        let (scope, name) = match &overshoot.account {
+            Account::Route(name) => ("route", name),
+            Account::AccessToken(name) => ("access_token", name),
+        };
+        self.0
+            .all
+            .budget_overshoot
+            .get_or_create(&BudgetLabels {
+                scope,
+                name: name.clone(),
+            })
+            .inc_by(overshoot.tokens);
     }
 
     /// A request finished.

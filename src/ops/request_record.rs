@@ -7,6 +7,7 @@
 //! by the client) is counted exactly once. Only the method and path are
 //! logged: never headers, queries or bodies, which can carry secrets.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::{HeaderValue, Method, Uri};
@@ -15,7 +16,7 @@ use tokio::time::Instant;
 
 use crate::ops::access_log::AccessLine;
 use crate::ops::metrics::RouteMetrics;
-use crate::usage::UsageReport;
+use crate::usage::{Budgets, UsageReport};
 
 /// Target of access-log events, for `RUST_LOG=keyrelay::access=info` style filters.
 pub const TARGET: &str = "keyrelay::access";
@@ -76,6 +77,8 @@ pub struct RequestRecord {
     outcome: Option<Outcome>,
     /// The token usage read off the response, if it was tapped.
     usage: Option<UsageReport>,
+    /// The budgets the usage is charged to, and the route's index in them.
+    charge: Option<(Arc<Budgets>, usize)>,
 }
 
 impl RequestRecord {
@@ -97,6 +100,7 @@ impl RequestRecord {
             bytes: 0,
             outcome: None,
             usage: None,
+            charge: None,
         }
     }
 
@@ -124,6 +128,17 @@ impl RequestRecord {
     /// `X-Baseten-Request-Id` when it sent one, else keyrelay's `X-Request-Id`).
     pub fn set_request_id(&mut self, id: HeaderValue) {
         self.request_id = Some(id);
+    }
+
+    /// The name of the local access token the request used, if any.
+    pub fn token(&self) -> Option<&str> {
+        self.token.as_deref()
+    }
+
+    /// Charges the response's token usage, when it ends, to the budgets of
+    /// route `route`.
+    pub fn charge_to(&mut self, budgets: Arc<Budgets>, route: usize) {
+        self.charge = Some((budgets, route));
     }
 
     /// Records which local access token the request used (its name, never its value).
@@ -172,6 +187,13 @@ impl Drop for RequestRecord {
         let tokens = self.usage.map(|report| self.token_figures(report));
         if let (Some(report), Some(figures)) = (self.usage, tokens) {
             self.metrics.usage(self.token.as_deref(), &report, &figures);
+            if let Some((budgets, route)) = self.charge.take() {
+                let spent = report.usage.prompt.unwrap_or(0) + report.usage.completion.unwrap_or(0);
+                let now = std::time::SystemTime::now();
+                for overshoot in budgets.charge(route, self.token.as_deref(), spent, now) {
+                    self.metrics.budget_overshoot(&overshoot);
+                }
+            }
         }
         self.metrics.finished(
             status,

@@ -15,6 +15,7 @@ use http::{HeaderValue, Response, StatusCode};
 use http_body_util::Full;
 
 use crate::ops::request_record::Outcome;
+use crate::usage::budget::Exhausted;
 
 /// Why keyrelay could not relay a request, grouped by where the failure came
 /// from: the status class, the metric, the outcome and "is it upstream's
@@ -54,6 +55,13 @@ pub enum Refusal {
     /// The access token's request rate is used up; retry after this long.
     #[error("this access token's request rate is used up; retry in {}s", retry_after_secs(*.0))]
     RateLimited(Duration),
+    /// A token budget of the request is used up in its current window.
+    #[error(
+        "the token budget {} is used up; retry in {}s",
+        .0.budget,
+        retry_after_secs(.0.retry_after)
+    )]
+    BudgetExhausted(Exhausted),
     /// The path policy does not allow this method and path.
     #[error("this method and path are not in keyrelay's allowed_paths")]
     PathNotAllowed,
@@ -178,6 +186,9 @@ impl ProxyError {
         if let Self::Refused(Refusal::NoRoute(prefixes)) = self {
             body["routes"] = prefixes.clone().into();
         }
+        if let Self::Refused(Refusal::BudgetExhausted(exhausted)) = self {
+            body["budget"] = exhausted.budget.clone().into();
+        }
         let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
         *response.status_mut() = self.status();
         let headers = response.headers_mut();
@@ -186,6 +197,12 @@ impl ProxyError {
         match self {
             Self::Refused(Refusal::RateLimited(wait)) => {
                 headers.insert(RETRY_AFTER, HeaderValue::from(retry_after_secs(*wait)));
+            }
+            Self::Refused(Refusal::BudgetExhausted(exhausted)) => {
+                headers.insert(
+                    RETRY_AFTER,
+                    HeaderValue::from(retry_after_secs(exhausted.retry_after)),
+                );
             }
             Self::Refused(Refusal::Unauthorized) => {
                 headers.insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
@@ -251,7 +268,7 @@ impl Refusal {
                 StatusCode::FORBIDDEN
             }
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
-            Self::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
+            Self::RateLimited(_) | Self::BudgetExhausted(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::NoRoute(_) => StatusCode::NOT_FOUND,
             Self::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -264,6 +281,7 @@ impl Refusal {
             Self::OriginNotAllowed => "origin_not_allowed",
             Self::Unauthorized => "unauthorized",
             Self::RateLimited(_) => "rate_limited",
+            Self::BudgetExhausted(_) => "token_budget_exhausted",
             Self::PathNotAllowed => "path_not_allowed",
             Self::NoRoute(_) => "no_route",
             Self::Overloaded => "overloaded",

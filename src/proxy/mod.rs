@@ -23,6 +23,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::SystemTime;
 
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, Version};
@@ -42,7 +43,7 @@ use crate::proxy::response_body::RelayBody;
 use crate::proxy::route_table::{Route, RouteTable};
 use crate::proxy::tunnel::Tunnels;
 use crate::proxy::upstream::{Keeper, Lease, Upstreams, Via};
-use crate::usage::UsageTap;
+use crate::usage::{Budgets, UsageTap};
 use error::{ClientError, ProxyError, Refusal, UpstreamError};
 use request_id::{server_timing, RequestIds, BASETEN_REQUEST_ID, SERVER_TIMING, X_REQUEST_ID};
 
@@ -79,6 +80,8 @@ struct Shared {
     timeouts: Timeouts,
     /// Read token usage off responses (`usage_tap`).
     usage_tap: bool,
+    /// Token budgets, shared with the admin port and the state file.
+    budgets: Arc<Budgets>,
 }
 
 /// What is known of a request when it fails, for the error answer: the
@@ -118,6 +121,7 @@ impl Proxy {
         config: &Config,
         metrics: &Arc<Metrics>,
         tunnels: Arc<Tunnels>,
+        budgets: Arc<Budgets>,
     ) -> std::io::Result<Self> {
         let shared = Arc::new(Shared {
             routes: RouteTable::new(&config.routes, metrics),
@@ -131,6 +135,7 @@ impl Proxy {
             tunnels,
             timeouts: config.timeouts,
             usage_tap: config.usage_tap,
+            budgets,
         });
         Ok(Self {
             worker: Arc::new(Worker {
@@ -286,6 +291,12 @@ impl Shared {
         }
         if !route.paths.allows(&parts.method, parts.uri.path()) {
             return Err(Refusal::PathNotAllowed.into());
+        }
+        if !self.budgets.is_empty() {
+            self.budgets
+                .check(route.index, record.token(), SystemTime::now())
+                .map_err(Refusal::BudgetExhausted)?;
+            record.charge_to(Arc::clone(&self.budgets), route.index);
         }
         if let Some(semaphore) = &self.concurrency {
             let permit = Arc::clone(semaphore)

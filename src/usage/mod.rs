@@ -4,10 +4,14 @@
 //! on the last Server-Sent Event of a stream, or in a JSON body. [`tap`]
 //! reads it there without delaying or copying what the client receives,
 //! and [`event`] knows the OpenAI and Anthropic shapes. The request record
-//! turns the report into metrics and access-log fields.
+//! turns the report into metrics and access-log fields, and charges it to
+//! the request's [`budget`]s, which [`state_file`] keeps across restarts.
 
+pub mod budget;
 pub mod event;
+pub mod state_file;
 pub mod tap;
 
+pub use budget::{BudgetLimit, Budgets};
 pub use event::Usage;
 pub use tap::{GaveUp, UsageReport, UsageTap};

@@ -167,10 +167,7 @@ fn feed_sse(
     // Past the first token, only lines that mention "usage" matter, and
     // most frames have none: one search over the frame decides it, and
     // only an unfinished last line is kept.
-    if partial.is_empty()
-        && report.first_content.is_some()
-        && MENTIONS_USAGE.find(data).is_none()
-    {
+    if partial.is_empty() && report.first_content.is_some() && MENTIONS_USAGE.find(data).is_none() {
         let tail = match memchr::memrchr(b'\n', data) {
             Some(end) => &data[end + 1..],
             None => data,

@@ -345,3 +345,30 @@ fn credentials_need_exact_origins() {
     );
     assert_usage_error(&output, &["allow_credentials", "allowed_origins is empty"]);
 }
+
+#[test]
+fn token_budgets_that_could_never_apply_stop_startup() {
+    let upstream = ["--upstream", "https://a.test"];
+    let key = [("BASETEN_API_KEY", KEY)];
+    let with = |extra: &[&str]| run(&[&upstream[..], extra].concat(), &key);
+    assert_usage_error(
+        &with(&["--token-budget", "2000000/week"]),
+        &["token_budget", "minute, hour, day"],
+    );
+    assert_usage_error(
+        &with(&["--token-budget", "100/day,200/day"]),
+        &["token_budget", "this window"],
+    );
+    assert_usage_error(
+        &with(&["--access-token-budget", "1000/day"]),
+        &["access_token_budget", "no access tokens"],
+    );
+    assert_usage_error(
+        &with(&["--token-budget", "1000/day", "--usage-tap", "off"]),
+        &["usage_tap", "nothing would be charged"],
+    );
+    assert_usage_error(
+        &with(&["--usage-state-file", "/tmp/usage.json"]),
+        &["usage_state_file", "nothing to keep"],
+    );
+}

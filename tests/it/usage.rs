@@ -1,15 +1,18 @@
-//! Token usage read off responses as they pass (issue 16, item 1): the real
-//! binary in front of a mock upstream that sends OpenAI and Anthropic usage,
-//! split across frames at awkward places. Each frame is sent only after the
-//! client has read the previous one, so the tap provably holds nothing
-//! back; the counts then show up in `/metrics` and in the access-log line.
+//! Token usage read off responses as they pass, and the budgets it is
+//! charged to: the real binary in front of a mock upstream that sends
+//! OpenAI and Anthropic usage, split across frames at awkward places. Each
+//! frame is sent only after the client has read the previous one, so the
+//! tap provably holds nothing back; the counts then show up in `/metrics`,
+//! in the access-log line and in the admin port's `/usage`, and a used-up
+//! budget refuses the next request before it goes upstream.
 
 use crate::support;
 
+use crate::support::guard_util::TempDir;
 use crate::support::ops;
 
 use http::Request;
-use ops::{AdminRelay, HeldStream};
+use ops::{AdminRelay, HeldStream, TestClient};
 use support::*;
 
 const TOKENS: &str = "keyrelay_llm_tokens_total";
@@ -159,4 +162,118 @@ async fn with_the_tap_off_nothing_is_read() {
         )
         .await;
     assert_eq!(scrape.value(TOKENS, &tokens(TOKEN_VAR, "prompt")), None);
+}
+
+/// Streams one OpenAI response reporting `prompt` + `completion` tokens.
+async fn spend(
+    relay: &AdminRelay,
+    upstream: &mut MockUpstream,
+    client: &TestClient,
+    prompt: u64,
+    completion: u64,
+) {
+    let request = post(relay, "/v1/chat/completions", r#"{"stream": true}"#);
+    let mut stream = HeldStream::open_request(client, upstream, request, sse()).await;
+    stream
+        .lockstep(&format!(
+            "data: {{\"choices\":[],\"usage\":{{\"prompt_tokens\":{prompt},\"completion_tokens\":{completion}}}}}\n\n"
+        ))
+        .await;
+    stream.finish().await;
+}
+
+/// The `/usage` report of the budget at `index`.
+async fn budget(relay: &AdminRelay, index: usize) -> serde_json::Value {
+    let response = relay.admin("GET", "/usage").await;
+    assert_eq!(response.status(), 200);
+    let report: serde_json::Value = serde_json::from_str(&response.body_text()).expect("JSON");
+    report["budgets"][index].clone()
+}
+
+#[tokio::test]
+async fn a_used_up_budget_refuses_with_retry_after_before_anything_is_forwarded() {
+    let mut upstream = MockUpstream::start().await;
+    // A day window: a minute one could roll over between two requests.
+    let relay = relay_with(&["--access-token-budget", "20/day"], &upstream).await;
+    let client = http1_client();
+
+    // Admitted with the budget untouched; it crosses it and is finished.
+    spend(&relay, &mut upstream, &client, 12, 13).await;
+    relay
+        .wait_for_sample(
+            "keyrelay_llm_budget_overshoot_tokens_total",
+            &[("scope", "access_token"), ("name", TOKEN_VAR)],
+            5.0,
+        )
+        .await;
+    let report = budget(&relay, 0).await;
+    assert_eq!(report["name"], TOKEN_VAR);
+    assert_eq!(report["spent"], 25);
+    assert_eq!(report["remaining"], 0);
+
+    let refused = client
+        .request(post(&relay, "/v1/chat/completions", "{}"))
+        .await
+        .expect("keyrelay answered");
+    assert_eq!(refused.status(), 429);
+    let retry_after: u64 = refused.headers()["retry-after"]
+        .to_str()
+        .expect("text")
+        .parse()
+        .expect("seconds");
+    assert!((1..=86_400).contains(&retry_after), "{retry_after}");
+    let body: serde_json::Value =
+        serde_json::from_slice(&body_bytes(refused).await).expect("JSON body");
+    assert_eq!(body["type"], "token_budget_exhausted");
+    assert_eq!(body["budget"], format!("access token {TOKEN_VAR}: 20/day"));
+    assert!(
+        upstream.nothing_received(),
+        "refused before it went upstream"
+    );
+}
+
+#[tokio::test]
+async fn spent_tokens_survive_a_restart_and_a_corrupt_state_file_is_not_trusted() {
+    let mut upstream = MockUpstream::start().await;
+    let dir = TempDir::new("usage-state");
+    let state = dir.path().join("usage.json");
+    let state_arg = state.to_str().expect("UTF-8 path").to_owned();
+    let flags = [
+        "--token-budget",
+        "1000/day",
+        "--usage-state-file",
+        &state_arg,
+    ];
+    let client = http1_client();
+
+    let mut relay = relay_with(&flags, &upstream).await;
+    spend(&relay, &mut upstream, &client, 30, 40).await;
+    relay
+        .wait_for_sample(TOKENS, &tokens(TOKEN_VAR, "completion"), 40.0)
+        .await;
+    relay.process.stop_and_output().await;
+    assert!(state.exists(), "written at shutdown");
+
+    let restarted = relay_with(&flags, &upstream).await;
+    let report = budget(&restarted, 0).await;
+    assert_eq!(
+        (report["scope"].clone(), report["spent"].clone()),
+        ("route".into(), 70.into())
+    );
+    drop(restarted);
+
+    std::fs::write(&state, "{\"version\":1,\"accounts\":[{\"scope\"").expect("corrupt it");
+    let fresh = relay_with(&flags, &upstream).await;
+    assert_eq!(
+        budget(&fresh, 0).await["spent"],
+        0,
+        "a corrupt file is not trusted"
+    );
+    fresh
+        .wait_for_log("usage_state_file is corrupt, so it is not trusted", 1)
+        .await;
+    assert!(
+        dir.path().join("usage.json.corrupt").exists(),
+        "kept for a person to look at"
+    );
 }
