@@ -66,7 +66,10 @@ pub async fn run(
     let metrics = Arc::new(ops::metrics::Metrics::new());
     let lifecycle = Arc::new(ops::lifecycle::Lifecycle::default());
     let tunnels = Arc::new(proxy::tunnel::Tunnels::default());
-    let budgets = Arc::new(usage::Budgets::from_config(&config));
+    let budgets = Arc::new(usage::Budgets::from_config(
+        &config,
+        metrics.usage_store_errors(),
+    ));
     if let Some(path) = &config.usage_state_file {
         usage::state_file::load(path, &budgets);
     }

@@ -21,6 +21,8 @@ use crate::guard::host::HostPolicy;
 use crate::guard::origin::AllowedOrigin;
 use crate::guard::tokens::{check_value, AccessToken};
 use crate::secrets::secret_file;
+use crate::usage::budget::Unavailable;
+use crate::usage::redis_store::RedisAddress;
 use crate::usage::BudgetLimit;
 
 /// One thing wrong with the configuration, naming the setting it concerns.
@@ -294,6 +296,38 @@ pub(super) fn validate(
             "is set but no token budget is (token_budget, access_token_budget), so there is nothing to keep",
         );
     }
+    let usage_store = match raw.usage_store.trim() {
+        "" | "local" => Some(None),
+        url => RedisAddress::parse(url)
+            .map(Some)
+            .map_err(|message| found.report("usage_store", message))
+            .ok(),
+    };
+    if let Some(Some(_)) = &usage_store {
+        if !budgeted {
+            found.report(
+                "usage_store",
+                "names Redis but no token budget is set (token_budget, access_token_budget), so nothing would be stored",
+            );
+        }
+        if usage_state_file.is_some() {
+            found.report(
+                "usage_state_file",
+                "is for the local usage_store; with Redis the counts already outlive a restart",
+            );
+        }
+    }
+    let usage_store_unavailable = match raw.usage_store_unavailable.trim() {
+        "allow" => Some(Unavailable::Allow),
+        "deny" => Some(Unavailable::Deny),
+        other => {
+            found.report(
+                "usage_store_unavailable",
+                format!("{other:?} is not one of: allow, deny"),
+            );
+            None
+        }
+    };
 
     Some(Config {
         listen: listen?,
@@ -328,6 +362,8 @@ pub(super) fn validate(
         log_format: log_format?,
         usage_tap: usage_tap?,
         usage_state_file,
+        usage_store: usage_store?,
+        usage_store_unavailable: usage_store_unavailable?,
     })
 }
 

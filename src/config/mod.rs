@@ -22,6 +22,8 @@ use serde::Deserialize;
 use crate::guard::cors::CorsPolicy;
 use crate::guard::host::HostPolicy;
 use crate::guard::tokens::{AccessToken, Rate};
+use crate::usage::budget::Unavailable;
+use crate::usage::redis_store::RedisAddress;
 use crate::usage::BudgetLimit;
 
 pub mod baseten;
@@ -77,6 +79,11 @@ pub struct Config {
     pub usage_tap: bool,
     /// Where the token budgets' spending is kept across restarts.
     pub usage_state_file: Option<PathBuf>,
+    /// The Redis the budgets are counted in, shared by replicas; `None`
+    /// counts them in this process.
+    pub usage_store: Option<RedisAddress>,
+    /// What to do when that Redis cannot be reached.
+    pub usage_store_unavailable: Unavailable,
 }
 
 /// The HTTP version keyrelay speaks to an upstream (`upstream_http`).
@@ -291,5 +298,7 @@ struct RawConfig {
     token_budget: Vec<String>,
     access_token_budget: Vec<String>,
     usage_state_file: Option<String>,
+    usage_store: String,
+    usage_store_unavailable: String,
     log_format: String,
 }

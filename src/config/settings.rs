@@ -348,6 +348,18 @@ pub const SETTINGS: &[Setting] = &[
         kind: Kind::Text,
     },
     Setting {
+        key: "usage_store",
+        default: "local",
+        help: "Where token budgets are counted: local (this process) or redis://HOST:PORT/DB, shared by every replica.",
+        kind: Kind::Text,
+    },
+    Setting {
+        key: "usage_store_unavailable",
+        default: "allow",
+        help: "When the Redis usage_store cannot be reached: allow (serve unmetered) or deny (503 for budgeted requests).",
+        kind: Kind::Text,
+    },
+    Setting {
         key: "log_format",
         default: "text",
         help: "Log output: text or json.",

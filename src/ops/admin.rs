@@ -53,13 +53,17 @@ pub async fn serve(
         let budgets = Arc::clone(&budgets);
         tokio::spawn(async move {
             let service = service_fn(move |request| {
-                let state = Admin {
-                    metrics: &metrics,
-                    lifecycle: &lifecycle,
-                    budgets: &budgets,
-                };
-                let response = state.answer(&request, local_caller);
-                async move { Ok::<_, Infallible>(response) }
+                let metrics = Arc::clone(&metrics);
+                let lifecycle = Arc::clone(&lifecycle);
+                let budgets = Arc::clone(&budgets);
+                async move {
+                    let state = Admin {
+                        metrics: &metrics,
+                        lifecycle: &lifecycle,
+                        budgets: &budgets,
+                    };
+                    Ok::<_, Infallible>(state.answer(&request, local_caller).await)
+                }
             });
             let served = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -80,7 +84,11 @@ struct Admin<'a> {
 }
 
 impl Admin<'_> {
-    fn answer(&self, request: &Request<Incoming>, local_caller: bool) -> Response<Full<Bytes>> {
+    async fn answer(
+        &self,
+        request: &Request<Incoming>,
+        local_caller: bool,
+    ) -> Response<Full<Bytes>> {
         let Self {
             metrics,
             lifecycle,
@@ -104,7 +112,10 @@ impl Admin<'_> {
                 response
             }
             (&Method::GET, "/usage") => {
-                let report = budgets.report(std::time::SystemTime::now()).to_string();
+                let report = budgets
+                    .report(std::time::SystemTime::now())
+                    .await
+                    .to_string();
                 let mut response = json(StatusCode::OK, "");
                 *response.body_mut() = Full::new(Bytes::from(report));
                 response

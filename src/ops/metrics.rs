@@ -139,6 +139,7 @@ pub struct Metrics {
     time_to_first_token: Family<RouteLabel, Histogram>,
     output_rate: Family<RouteLabel, Histogram>,
     budget_overshoot: Family<BudgetLabels, Counter>,
+    usage_store_errors: Counter,
     credential_reloads: Counter,
     /// Mirrors [`logging::dropped_lines`], brought up to date on each scrape;
     /// the lock keeps two concurrent scrapes from adding the same lines twice.
@@ -187,6 +188,7 @@ impl Metrics {
             rate_histogram as fn() -> Histogram,
         );
         let budget_overshoot = Family::<BudgetLabels, Counter>::default();
+        let usage_store_errors = Counter::default();
         let credential_reloads = Counter::default();
 
         registry.register(
@@ -267,6 +269,11 @@ impl Metrics {
             budget_overshoot.clone(),
         );
         registry.register(
+            "usage_store_errors",
+            "Exchanges with the Redis usage_store that failed (the request was then served or refused as usage_store_unavailable says)",
+            usage_store_errors.clone(),
+        );
+        registry.register(
             "credential_reloads",
             "Times the upstream key was reloaded from key_file",
             credential_reloads.clone(),
@@ -293,6 +300,7 @@ impl Metrics {
             time_to_first_token,
             output_rate,
             budget_overshoot,
+            usage_store_errors,
             credential_reloads,
             log_lines_dropped: std::sync::Mutex::new(log_lines_dropped),
         }
@@ -328,6 +336,11 @@ impl Metrics {
             all: Arc::clone(self),
             route: label.route,
         }))
+    }
+
+    /// The counter of failed exchanges with the Redis usage_store.
+    pub fn usage_store_errors(&self) -> Counter {
+        self.usage_store_errors.clone()
     }
 
     /// Counts a reload of the key file.

@@ -189,10 +189,19 @@ impl Drop for RequestRecord {
             self.metrics.usage(self.token.as_deref(), &report, &figures);
             if let Some((budgets, route)) = self.charge.take() {
                 let spent = report.usage.prompt.unwrap_or(0) + report.usage.completion.unwrap_or(0);
+                let metrics = self.metrics.clone();
                 let now = std::time::SystemTime::now();
-                for overshoot in budgets.charge(route, self.token.as_deref(), spent, now) {
-                    self.metrics.budget_overshoot(&overshoot);
-                }
+                budgets.charge(
+                    route,
+                    self.token.as_deref(),
+                    spent,
+                    now,
+                    move |overshoots| {
+                        for overshoot in &overshoots {
+                            metrics.budget_overshoot(overshoot);
+                        }
+                    },
+                );
             }
         }
         self.metrics.finished(

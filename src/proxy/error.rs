@@ -62,6 +62,9 @@ pub enum Refusal {
         retry_after_secs(.0.retry_after)
     )]
     BudgetExhausted(Exhausted),
+    /// The shared usage_store is unreachable and usage_store_unavailable is deny.
+    #[error("the usage_store (Redis) that counts token budgets is unreachable; retry shortly")]
+    UsageStoreUnavailable,
     /// The path policy does not allow this method and path.
     #[error("this method and path are not in keyrelay's allowed_paths")]
     PathNotAllowed,
@@ -207,7 +210,7 @@ impl ProxyError {
             Self::Refused(Refusal::Unauthorized) => {
                 headers.insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             }
-            Self::Refused(Refusal::Overloaded) => {
+            Self::Refused(Refusal::Overloaded | Refusal::UsageStoreUnavailable) => {
                 headers.insert(RETRY_AFTER, HeaderValue::from_static("1"));
             }
             _ => {}
@@ -270,7 +273,7 @@ impl Refusal {
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::RateLimited(_) | Self::BudgetExhausted(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::NoRoute(_) => StatusCode::NOT_FOUND,
-            Self::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Overloaded | Self::UsageStoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
         }
     }
@@ -282,6 +285,7 @@ impl Refusal {
             Self::Unauthorized => "unauthorized",
             Self::RateLimited(_) => "rate_limited",
             Self::BudgetExhausted(_) => "token_budget_exhausted",
+            Self::UsageStoreUnavailable => "usage_store_unavailable",
             Self::PathNotAllowed => "path_not_allowed",
             Self::NoRoute(_) => "no_route",
             Self::Overloaded => "overloaded",

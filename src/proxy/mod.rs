@@ -43,6 +43,7 @@ use crate::proxy::response_body::RelayBody;
 use crate::proxy::route_table::{Route, RouteTable};
 use crate::proxy::tunnel::Tunnels;
 use crate::proxy::upstream::{Keeper, Lease, Upstreams, Via};
+use crate::usage::budget::Refused;
 use crate::usage::{Budgets, UsageTap};
 use error::{ClientError, ProxyError, Refusal, UpstreamError};
 use request_id::{server_timing, RequestIds, BASETEN_REQUEST_ID, SERVER_TIMING, X_REQUEST_ID};
@@ -240,6 +241,17 @@ impl Shared {
         let route = matched.ok_or_else(|| Refusal::NoRoute(self.routes.prefixes()))?;
         context.route = Some(route);
         self.check_limits(route, &parts, &body, record)?;
+        if !self.budgets.is_empty() {
+            // One round trip to a shared usage_store, none locally.
+            self.budgets
+                .check(route.index, record.token(), SystemTime::now())
+                .await
+                .map_err(|refused| match refused {
+                    Refused::Exhausted(exhausted) => Refusal::BudgetExhausted(exhausted),
+                    Refused::StoreUnavailable => Refusal::UsageStoreUnavailable,
+                })?;
+            record.charge_to(Arc::clone(&self.budgets), route.index);
+        }
 
         // 3. Build the upstream request.
         let request_id = worker.ids.assign(&mut parts.headers, record.id());
@@ -291,12 +303,6 @@ impl Shared {
         }
         if !route.paths.allows(&parts.method, parts.uri.path()) {
             return Err(Refusal::PathNotAllowed.into());
-        }
-        if !self.budgets.is_empty() {
-            self.budgets
-                .check(route.index, record.token(), SystemTime::now())
-                .map_err(Refusal::BudgetExhausted)?;
-            record.charge_to(Arc::clone(&self.budgets), route.index);
         }
         if let Some(semaphore) = &self.concurrency {
             let permit = Arc::clone(semaphore)

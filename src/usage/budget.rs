@@ -15,10 +15,13 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use prometheus_client::metrics::counter::Counter;
 use serde::{Deserialize, Serialize};
+
+use super::redis_store::{RedisClient, Reply};
 
 /// The length of a budget's window.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -138,22 +141,58 @@ struct Spent {
     tokens: u64,
 }
 
+/// What keyrelay does when the shared store cannot be reached
+/// (`usage_store_unavailable`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unavailable {
+    /// Serve the request unmetered (the default): the model stays usable.
+    Allow,
+    /// Refuse it (503): no spending that cannot be counted.
+    Deny,
+}
+
+/// Why a request is not admitted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refused {
+    /// One of its budgets is used up.
+    Exhausted(Exhausted),
+    /// The shared store is unreachable and the policy is to deny.
+    StoreUnavailable,
+}
+
+/// Where the spent tokens are counted.
+#[derive(Debug)]
+enum Store {
+    /// In this process (the default), optionally kept in `usage_state_file`.
+    Local {
+        spent: Mutex<HashMap<(Account, Window), Spent>>,
+        /// Spending since the state file was last written.
+        dirty: AtomicBool,
+    },
+    /// In Redis, shared by every replica.
+    Shared {
+        redis: RedisClient,
+        policy: Unavailable,
+        /// The store failed last time; logged once until it answers again.
+        down: AtomicBool,
+        errors: Counter,
+    },
+}
+
 /// Every budget and what was spent against it.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Budgets {
     /// Each route's own budgets, by route index, with its name.
     routes: Vec<(String, Vec<BudgetLimit>)>,
     /// The budgets each access token has, and the tokens' names.
     per_token: Vec<BudgetLimit>,
     token_names: Vec<String>,
-    spent: Mutex<HashMap<(Account, Window), Spent>>,
-    /// Spending since the state file was last written.
-    dirty: AtomicBool,
+    store: Store,
 }
 
 impl Budgets {
     /// Budgets for routes (name and budgets, by route index) and for each
-    /// of the named access tokens.
+    /// of the named access tokens, counted in this process.
     pub fn new(
         routes: Vec<(String, Vec<BudgetLimit>)>,
         per_token: Vec<BudgetLimit>,
@@ -163,13 +202,18 @@ impl Budgets {
             routes,
             per_token,
             token_names,
-            ..Self::default()
+            store: Store::Local {
+                spent: Mutex::new(HashMap::new()),
+                dirty: AtomicBool::new(false),
+            },
         }
     }
 
-    /// The budgets `config` sets: each route's, and each access token's.
-    pub fn from_config(config: &crate::Config) -> Self {
-        Self::new(
+    /// The budgets `config` sets: each route's, and each access token's,
+    /// counted where `usage_store` says; `store_errors` counts the shared
+    /// store's failures.
+    pub fn from_config(config: &crate::Config, store_errors: Counter) -> Self {
+        let mut budgets = Self::new(
             config
                 .routes
                 .iter()
@@ -182,7 +226,16 @@ impl Budgets {
                 .iter()
                 .map(|token| token.name().to_owned())
                 .collect(),
-        )
+        );
+        if let Some(address) = &config.usage_store {
+            budgets.store = Store::Shared {
+                redis: RedisClient::new(address.clone()),
+                policy: config.usage_store_unavailable,
+                down: AtomicBool::new(false),
+                errors: store_errors,
+            };
+        }
+        budgets
     }
 
     /// True when no budget is configured: nothing to check or charge.
@@ -191,11 +244,7 @@ impl Budgets {
     }
 
     /// The budgets a request on `route` with access token `token` spends against.
-    fn applicable<'a>(
-        &'a self,
-        route: usize,
-        token: Option<&'a str>,
-    ) -> impl Iterator<Item = (Account, BudgetLimit)> + 'a {
+    fn applicable(&self, route: usize, token: Option<&str>) -> Vec<(Account, BudgetLimit)> {
         let route_budgets = self
             .routes
             .get(route)
@@ -205,95 +254,230 @@ impl Budgets {
                     .iter()
                     .map(move |limit| (Account::Route(name.clone()), *limit))
             });
-        let token_budgets = token.into_iter().flat_map(move |token| {
+        let token_budgets = token.into_iter().flat_map(|token| {
             self.per_token
                 .iter()
                 .map(move |limit| (Account::AccessToken(token.to_owned()), *limit))
         });
-        route_budgets.chain(token_budgets)
+        route_budgets.chain(token_budgets).collect()
+    }
+
+    /// Every configured budget, for `/usage`.
+    fn all(&self) -> Vec<(Account, BudgetLimit)> {
+        let routes = self.routes.iter().flat_map(|(name, limits)| {
+            limits
+                .iter()
+                .map(move |limit| (Account::Route(name.clone()), *limit))
+        });
+        let tokens = self.token_names.iter().flat_map(|name| {
+            self.per_token
+                .iter()
+                .map(move |limit| (Account::AccessToken(name.clone()), *limit))
+        });
+        routes.chain(tokens).collect()
+    }
+
+    /// What `accounts` spent in their windows current at `now` (Unix
+    /// seconds); `None` when the shared store could not be read.
+    async fn spent(&self, accounts: &[(Account, BudgetLimit)], now: u64) -> Option<Vec<u64>> {
+        match &self.store {
+            Store::Local { spent, .. } => {
+                let spent = lock(spent);
+                Some(
+                    accounts
+                        .iter()
+                        .map(|(account, limit)| {
+                            spent_in(&spent, account, limit.window, limit.window.start(now))
+                        })
+                        .collect(),
+                )
+            }
+            Store::Shared { redis, .. } => {
+                let mut mget = vec![b"MGET".to_vec()];
+                mget.extend(
+                    accounts
+                        .iter()
+                        .map(|(account, limit)| redis_key(account, *limit, now)),
+                );
+                let replies = redis.pipeline(&[mget]).await;
+                let counts = match replies.as_deref() {
+                    Ok([Reply::Array(values)]) if values.len() == accounts.len() => values
+                        .iter()
+                        .map(Reply::as_count)
+                        .collect::<Option<Vec<u64>>>(),
+                    _ => None,
+                };
+                self.store_answered(counts.is_some(), replies.err());
+                counts
+            }
+        }
     }
 
     /// Refuses the request if one of its budgets is used up at `now`.
-    pub fn check(
+    pub async fn check(
         &self,
         route: usize,
         token: Option<&str>,
         now: SystemTime,
-    ) -> Result<(), Exhausted> {
+    ) -> Result<(), Refused> {
+        let accounts = self.applicable(route, token);
+        if accounts.is_empty() {
+            return Ok(());
+        }
         let now = unix_seconds(now);
-        let spent = self.lock();
-        for (account, limit) in self.applicable(route, token) {
-            let start = limit.window.start(now);
-            let used = spent_in(&spent, &account, limit.window, start);
+        let Some(spent) = self.spent(&accounts, now).await else {
+            return match &self.store {
+                Store::Shared {
+                    policy: Unavailable::Deny,
+                    ..
+                } => Err(Refused::StoreUnavailable),
+                _ => Ok(()),
+            };
+        };
+        for ((account, limit), used) in accounts.iter().zip(spent) {
             if used >= limit.tokens {
-                return Err(Exhausted {
+                let start = limit.window.start(now);
+                return Err(Refused::Exhausted(Exhausted {
                     budget: format!("{account}: {limit}"),
                     retry_after: Duration::from_secs(start + limit.window.seconds() - now),
-                });
+                }));
             }
         }
         Ok(())
     }
 
-    /// Charges `tokens` to every budget of the request; returns the tokens
-    /// spent beyond each budget this crossed or had already used up.
+    /// Charges `tokens` to every budget of the request, and hands
+    /// `overshot` the tokens spent beyond each budget this crossed or had
+    /// already used up. With the shared store the charge is sent from a
+    /// task of its own, so the stream that ended never waits on Redis.
     pub fn charge(
-        &self,
+        self: &Arc<Self>,
         route: usize,
         token: Option<&str>,
         tokens: u64,
         now: SystemTime,
-    ) -> Vec<Overshoot> {
-        if tokens == 0 {
-            return Vec::new();
+        overshot: impl FnOnce(Vec<Overshoot>) + Send + 'static,
+    ) {
+        let accounts = self.applicable(route, token);
+        if tokens == 0 || accounts.is_empty() {
+            return;
         }
         let now = unix_seconds(now);
-        let mut overshoots = Vec::new();
-        let mut spent = self.lock();
-        for (account, limit) in self.applicable(route, token) {
-            let start = limit.window.start(now);
-            let entry = spent
-                .entry((account.clone(), limit.window))
-                .or_insert(Spent { start, tokens: 0 });
-            if entry.start != start {
-                *entry = Spent { start, tokens: 0 };
+        match &self.store {
+            Store::Local { spent, dirty } => {
+                let mut spent = lock(spent);
+                let mut overshoots = Vec::new();
+                for (account, limit) in accounts {
+                    let start = limit.window.start(now);
+                    let entry = spent
+                        .entry((account.clone(), limit.window))
+                        .or_insert(Spent { start, tokens: 0 });
+                    if entry.start != start {
+                        *entry = Spent { start, tokens: 0 };
+                    }
+                    entry.tokens = entry.tokens.saturating_add(tokens);
+                    overshoots.extend(overshoot(account, limit, entry.tokens, tokens));
+                }
+                dirty.store(true, Ordering::Relaxed);
+                drop(spent);
+                overshot(overshoots);
             }
-            let before = entry.tokens;
-            entry.tokens = before.saturating_add(tokens);
-            let beyond = entry.tokens.saturating_sub(before.max(limit.tokens));
-            if beyond > 0 {
-                overshoots.push(Overshoot {
-                    account,
-                    tokens: beyond,
+            Store::Shared { .. } => {
+                let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+                    return;
+                };
+                let budgets = Arc::clone(self);
+                runtime.spawn(async move {
+                    budgets.charge_shared(accounts, tokens, now, overshot).await
                 });
             }
         }
-        self.dirty.store(true, Ordering::Relaxed);
-        overshoots
+    }
+
+    async fn charge_shared(
+        &self,
+        accounts: Vec<(Account, BudgetLimit)>,
+        tokens: u64,
+        now: u64,
+        overshot: impl FnOnce(Vec<Overshoot>),
+    ) {
+        let Store::Shared { redis, .. } = &self.store else {
+            return;
+        };
+        let amount = tokens.to_string().into_bytes();
+        let commands: Vec<Vec<Vec<u8>>> = accounts
+            .iter()
+            .flat_map(|(account, limit)| {
+                let key = redis_key(account, *limit, now);
+                // Kept for a window past its own end, then Redis drops it.
+                let expiry = (2 * limit.window.seconds()).to_string().into_bytes();
+                [
+                    vec![b"INCRBY".to_vec(), key.clone(), amount.clone()],
+                    vec![b"EXPIRE".to_vec(), key, expiry],
+                ]
+            })
+            .collect();
+        let replies = redis.pipeline(&commands).await;
+        let totals: Option<Vec<u64>> = replies
+            .as_ref()
+            .ok()
+            .map(|replies| replies.iter().step_by(2).map(Reply::as_count).collect())
+            .and_then(|totals: Option<Vec<u64>>| totals.filter(|t| t.len() == accounts.len()));
+        self.store_answered(totals.is_some(), replies.err());
+        let Some(totals) = totals else { return };
+        let overshoots = accounts
+            .into_iter()
+            .zip(totals)
+            .filter_map(|((account, limit), total)| overshoot(account, limit, total, tokens))
+            .collect();
+        overshot(overshoots);
+    }
+
+    /// Notes whether the shared store answered, logging a failure once and
+    /// its recovery once, and counting every failure.
+    fn store_answered(&self, answered: bool, error: Option<std::io::Error>) {
+        let Store::Shared {
+            down,
+            errors,
+            policy,
+            ..
+        } = &self.store
+        else {
+            return;
+        };
+        if answered {
+            if down.swap(false, Ordering::Relaxed) {
+                tracing::info!("usage_store: Redis answers again; budgets are enforced");
+            }
+            return;
+        }
+        errors.inc();
+        if !down.swap(true, Ordering::Relaxed) {
+            let reason =
+                error.map_or_else(|| "an unexpected reply".to_owned(), |err| err.to_string());
+            tracing::error!(
+                error = %reason,
+                policy = match policy {
+                    Unavailable::Allow => "allow: requests are served unmetered",
+                    Unavailable::Deny => "deny: requests with a budget get 503",
+                },
+                "usage_store: Redis is unavailable"
+            );
+        }
     }
 
     /// Every budget with what is spent in its current window, for `/usage`.
-    pub fn report(&self, now: SystemTime) -> serde_json::Value {
+    pub async fn report(&self, now: SystemTime) -> serde_json::Value {
         let now = unix_seconds(now);
-        let spent = self.lock();
-        let accounts = self
-            .routes
-            .iter()
-            .flat_map(|(name, limits)| {
-                limits
-                    .iter()
-                    .map(move |limit| (Account::Route(name.clone()), *limit))
-            })
-            .chain(self.token_names.iter().flat_map(|name| {
-                self.per_token
-                    .iter()
-                    .map(move |limit| (Account::AccessToken(name.clone()), *limit))
-            }));
+        let accounts = self.all();
+        let spent = self.spent(&accounts, now).await;
         let budgets: Vec<_> = accounts
-            .map(|(account, limit)| {
+            .iter()
+            .enumerate()
+            .map(|(index, (account, limit))| {
                 let start = limit.window.start(now);
-                let used = spent_in(&spent, &account, limit.window, start);
-                let (scope, name) = match &account {
+                let used = spent.as_ref().map(|spent| spent[index]);
+                let (scope, name) = match account {
                     Account::Route(name) => ("route", name),
                     Account::AccessToken(name) => ("access_token", name),
                 };
@@ -304,18 +488,25 @@ impl Budgets {
                     "limit": limit.tokens,
                     "window": limit.window.name(),
                     "spent": used,
-                    "remaining": limit.tokens.saturating_sub(used),
+                    "remaining": used.map(|used| limit.tokens.saturating_sub(used)),
                     "resets_in_seconds": start + limit.window.seconds() - now,
                 })
             })
             .collect();
-        serde_json::json!({ "budgets": budgets })
+        let store = match self.store {
+            Store::Local { .. } => "local",
+            Store::Shared { .. } => "redis",
+        };
+        serde_json::json!({ "store": store, "budgets": budgets })
     }
 
     /// What is spent, as the state file holds it; `None` if nothing was
-    /// spent since the last call.
+    /// spent since the last call (or the counts are in Redis).
     pub fn state_if_changed(&self) -> Option<String> {
-        if !self.dirty.swap(false, Ordering::Relaxed) {
+        let Store::Local { dirty, .. } = &self.store else {
+            return None;
+        };
+        if !dirty.swap(false, Ordering::Relaxed) {
             return None;
         }
         Some(self.state())
@@ -323,16 +514,18 @@ impl Budgets {
 
     /// What is spent, as the state file holds it.
     pub fn state(&self) -> String {
-        let spent = self.lock();
-        let accounts: Vec<StateEntry> = spent
-            .iter()
-            .map(|((account, window), spent)| StateEntry {
-                account: account.clone(),
-                window: *window,
-                start: spent.start,
-                tokens: spent.tokens,
-            })
-            .collect();
+        let accounts: Vec<StateEntry> = match &self.store {
+            Store::Local { spent, .. } => lock(spent)
+                .iter()
+                .map(|((account, window), spent)| StateEntry {
+                    account: account.clone(),
+                    window: *window,
+                    start: spent.start,
+                    tokens: spent.tokens,
+                })
+                .collect(),
+            Store::Shared { .. } => Vec::new(),
+        };
         serde_json::json!({ "version": STATE_VERSION, "accounts": accounts }).to_string()
     }
 
@@ -347,8 +540,11 @@ impl Budgets {
                 state.version
             ));
         }
+        let Store::Local { spent, .. } = &self.store else {
+            return Ok(0);
+        };
         let now = unix_seconds(now);
-        let mut spent = self.lock();
+        let mut spent = lock(spent);
         let mut restored = 0;
         for entry in state.accounts {
             if entry.start == entry.window.start(now) {
@@ -364,13 +560,41 @@ impl Budgets {
         }
         Ok(restored)
     }
+}
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(Account, Window), Spent>> {
-        // A panic while holding the lock leaves only counts behind.
-        self.spent
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
+/// The tokens beyond `limit` once an account's window reached `total`
+/// with `charged` just added: all of them if the budget was already used
+/// up, the part past it if this charge crossed it.
+fn overshoot(account: Account, limit: BudgetLimit, total: u64, charged: u64) -> Option<Overshoot> {
+    let before = total.saturating_sub(charged);
+    let beyond = total.saturating_sub(before.max(limit.tokens));
+    (beyond > 0).then_some(Overshoot {
+        account,
+        tokens: beyond,
+    })
+}
+
+/// The Redis key of an account's window current at `now`.
+fn redis_key(account: &Account, limit: BudgetLimit, now: u64) -> Vec<u8> {
+    let (scope, name) = match account {
+        Account::Route(name) => ("route", name),
+        Account::AccessToken(name) => ("access_token", name),
+    };
+    format!(
+        "keyrelay:budget:{scope}:{name}:{}:{}",
+        limit.window.name(),
+        limit.window.start(now)
+    )
+    .into_bytes()
+}
+
+fn lock(
+    spent: &Mutex<HashMap<(Account, Window), Spent>>,
+) -> std::sync::MutexGuard<'_, HashMap<(Account, Window), Spent>> {
+    // A panic while holding the lock leaves only counts behind.
+    spent
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// The state file's format version.
@@ -446,49 +670,79 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_used_up_budget_refuses_until_its_window_ends() {
-        let budgets = budgets();
+    /// Charges synchronously (the local store calls back at once).
+    fn charge(
+        budgets: &Arc<Budgets>,
+        token: Option<&str>,
+        tokens: u64,
+        now: u64,
+    ) -> Vec<Overshoot> {
+        let seen = Arc::new(Mutex::new(None));
+        let sink = Arc::clone(&seen);
+        budgets.charge(0, token, tokens, at(now), move |over| {
+            *sink.lock().expect("lock") = Some(over);
+        });
+        let over = seen.lock().expect("lock").take();
+        over.expect("the local store charges at once")
+    }
+
+    #[tokio::test]
+    async fn a_used_up_budget_refuses_until_its_window_ends() {
+        let budgets = Arc::new(budgets());
         // 20 s into a minute (and into a day).
         let now = 86_400 * 20_000 + 20;
-        assert_eq!(budgets.check(0, Some("APP"), at(now)), Ok(()));
-        assert!(budgets.charge(0, Some("APP"), 99, at(now)).is_empty());
-        assert_eq!(budgets.check(0, Some("APP"), at(now)), Ok(()));
+        assert_eq!(budgets.check(0, Some("APP"), at(now)).await, Ok(()));
+        assert!(charge(&budgets, Some("APP"), 99, now).is_empty());
+        assert_eq!(budgets.check(0, Some("APP"), at(now)).await, Ok(()));
         // The stream that crosses the budget is charged whole; 30 beyond it.
-        let over = budgets.charge(0, Some("APP"), 31, at(now + 1));
         assert_eq!(
-            over,
+            charge(&budgets, Some("APP"), 31, now + 1),
             vec![Overshoot {
                 account: Account::AccessToken("APP".to_owned()),
                 tokens: 30
             }]
         );
-        let refused = budgets
-            .check(0, Some("APP"), at(now + 1))
-            .expect_err("used up");
+        let Err(Refused::Exhausted(refused)) = budgets.check(0, Some("APP"), at(now + 1)).await
+        else {
+            panic!("the token's budget is used up");
+        };
         assert_eq!(refused.budget, "access token APP: 100/minute");
         assert_eq!(refused.retry_after, Duration::from_secs(39));
         // Another token, and requests without one, only meet the route's budget.
-        assert_eq!(budgets.check(0, Some("OTHER"), at(now + 1)), Ok(()));
-        assert_eq!(budgets.check(0, None, at(now + 1)), Ok(()));
+        assert_eq!(budgets.check(0, Some("OTHER"), at(now + 1)).await, Ok(()));
+        assert_eq!(budgets.check(0, None, at(now + 1)).await, Ok(()));
         // The next minute frees the token's budget; the day still counts 130.
-        assert_eq!(budgets.check(0, Some("APP"), at(now + 40)), Ok(()));
-        let report = budgets.report(at(now + 40));
+        assert_eq!(budgets.check(0, Some("APP"), at(now + 40)).await, Ok(()));
+        let report = budgets.report(at(now + 40)).await;
         assert_eq!(report["budgets"][0]["spent"], 130);
         assert_eq!(report["budgets"][1]["spent"], 0);
     }
 
     #[test]
-    fn the_state_survives_a_restart_within_its_window_only() {
-        let budgets = budgets();
+    fn overshoot_is_what_lies_beyond_the_budget() {
+        let limit = BudgetLimit::parse("100/day").expect("budget");
+        let account = || Account::Route("r".to_owned());
+        let beyond = |total, charged| overshoot(account(), limit, total, charged).map(|o| o.tokens);
+        assert_eq!(beyond(99, 99), None);
+        assert_eq!(beyond(100, 1), None);
+        assert_eq!(beyond(130, 31), Some(30));
+        assert_eq!(beyond(150, 20), Some(20), "already used up: all of it");
+    }
+
+    #[tokio::test]
+    async fn the_state_survives_a_restart_within_its_window_only() {
+        let budgets = Arc::new(budgets());
         let now = 86_400 * 20_000 + 20;
-        budgets.charge(0, Some("APP"), 60, at(now));
+        charge(&budgets, Some("APP"), 60, now);
         let state = budgets.state_if_changed().expect("changed");
         assert!(budgets.state_if_changed().is_none(), "written once");
 
         let restarted = self::budgets();
         assert_eq!(restarted.restore(&state, at(now + 5)), Ok(2));
-        assert_eq!(restarted.report(at(now + 5))["budgets"][1]["spent"], 60);
+        assert_eq!(
+            restarted.report(at(now + 5)).await["budgets"][1]["spent"],
+            60
+        );
         // A minute later only the day's count is still current.
         let later = self::budgets();
         assert_eq!(later.restore(&state, at(now + 60)), Ok(1));

@@ -9,6 +9,7 @@
 
 pub mod budget;
 pub mod event;
+pub mod redis_store;
 pub mod state_file;
 pub mod tap;
 

@@ -103,26 +103,29 @@ mod tests {
         )
     }
 
-    #[test]
-    fn saved_state_loads_back_and_a_corrupt_file_is_moved_aside() {
+    #[tokio::test]
+    async fn saved_state_loads_back_and_a_corrupt_file_is_moved_aside() {
         let dir = std::env::temp_dir().join(format!("keyrelay-state-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("temp dir");
         let path = dir.join("usage.json");
 
-        let spent = budgets();
-        spent.charge(0, None, 250, SystemTime::now());
+        let spent = Arc::new(budgets());
+        spent.charge(0, None, 250, SystemTime::now(), |_| {});
         save(&path, &spent);
         let restarted = budgets();
         load(&path, &restarted);
         assert_eq!(
-            restarted.report(SystemTime::now())["budgets"][0]["spent"],
+            restarted.report(SystemTime::now()).await["budgets"][0]["spent"],
             250
         );
 
         std::fs::write(&path, "{\"version\":1,\"accounts\":[").expect("write");
         let fresh = budgets();
         load(&path, &fresh);
-        assert_eq!(fresh.report(SystemTime::now())["budgets"][0]["spent"], 0);
+        assert_eq!(
+            fresh.report(SystemTime::now()).await["budgets"][0]["spent"],
+            0
+        );
         assert!(!path.exists(), "the corrupt file is moved aside");
         assert!(aside(&path).exists());
         std::fs::remove_dir_all(&dir).expect("clean up");

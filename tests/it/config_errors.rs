@@ -371,4 +371,42 @@ fn token_budgets_that_could_never_apply_stop_startup() {
         &with(&["--usage-state-file", "/tmp/usage.json"]),
         &["usage_state_file", "nothing to keep"],
     );
+    let budget = ["--token-budget", "1000/day"];
+    assert_usage_error(
+        &with(&[&budget[..], &["--usage-store", "memcached://cache:11211"]].concat()),
+        &["usage_store", "redis://HOST:PORT/DB"],
+    );
+    assert_usage_error(
+        &with(
+            &[
+                &budget[..],
+                &["--usage-store", "redis://:secret@redis:6379"],
+            ]
+            .concat(),
+        ),
+        &["usage_store", "AUTH is not supported"],
+    );
+    assert_usage_error(
+        &with(&["--usage-store", "redis://redis:6379"]),
+        &["usage_store", "nothing would be stored"],
+    );
+    assert_usage_error(
+        &with(
+            &[
+                &budget[..],
+                &[
+                    "--usage-store",
+                    "redis://redis:6379",
+                    "--usage-state-file",
+                    "/tmp/u.json",
+                ],
+            ]
+            .concat(),
+        ),
+        &["usage_state_file", "outlive a restart"],
+    );
+    assert_usage_error(
+        &with(&[&budget[..], &["--usage-store-unavailable", "maybe"]].concat()),
+        &["usage_store_unavailable", "allow, deny"],
+    );
 }

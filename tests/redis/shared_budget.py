@@ -1,0 +1,224 @@
+"""Shared token budgets across keyrelay replicas, against a real redis-server.
+
+Usage: shared_budget.py KEYRELAY_BINARY REDIS_SERVER
+
+Starts redis-server on a free loopback port, a mock model upstream that
+demands the key and answers every chat completion with 30 prompt + 20
+completion tokens (as the last SSE event), and keyrelay processes with
+`--usage-store redis://127.0.0.1:PORT/3 --token-budget 100/day`. Each step
+prints what it proves; the first failure exits non-zero. Standard library
+only, every wait bounded.
+"""
+
+import http.client
+import http.server
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+KEY = "shared-budget-test-key-" + os.urandom(6).hex()
+BUDGET = "100/day"
+EVENT_TOKENS = 50  # 30 prompt + 20 completion per response
+STEP = 10.0  # seconds any one wait may take
+
+SSE = (
+    'data: {"choices":[{"index":0,"delta":{"content":"Hi"}}]}\n\n'
+    'data: {"choices":[],"usage":{"prompt_tokens":30,"completion_tokens":20}}\n\n'
+    "data: [DONE]\n\n"
+).encode()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Upstream(http.server.BaseHTTPRequestHandler):
+    """The model: requires the key keyrelay injects, counts what arrives."""
+
+    protocol_version = "HTTP/1.1"
+    received = 0
+    lock = threading.Lock()
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        if self.headers.get("authorization") != f"Api-Key {KEY}":
+            self.send_response(401)
+            self.send_header("content-length", "0")
+            self.end_headers()
+            return
+        with Upstream.lock:
+            Upstream.received += 1
+        self.send_response(200)
+        self.send_header("content-type", "text/event-stream")
+        self.send_header("content-length", str(len(SSE)))
+        self.end_headers()
+        self.wfile.write(SSE)
+
+    def log_message(self, *args):
+        pass
+
+
+def wait_for(what, probe):
+    deadline = time.monotonic() + STEP
+    while time.monotonic() < deadline:
+        value = probe()
+        if value:
+            return value
+        time.sleep(0.05)
+    sys.exit(f"FAIL: timed out waiting for {what}")
+
+
+class Relay:
+    """A keyrelay process with its admin listener."""
+
+    def __init__(self, binary, upstream_port, redis_port, policy="allow"):
+        self.log_path = f"/tmp/keyrelay-redis-test-{os.getpid()}-{id(self)}.log"
+        self.log = open(self.log_path, "w+")
+        env = {"PATH": os.environ.get("PATH", ""), "BASETEN_API_KEY": KEY}
+        self.process = subprocess.Popen(
+            [
+                binary,
+                "--listen", "127.0.0.1:0",
+                "--admin-listen", "127.0.0.1:0",
+                "--upstream", f"http://127.0.0.1:{upstream_port}",
+                "--warm-connections", "0",
+                "--usage-store", f"redis://127.0.0.1:{redis_port}/3",
+                "--usage-store-unavailable", policy,
+                "--token-budget", BUDGET,
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=self.log,
+        )
+        line = wait_for("keyrelay ready", lambda: self.find(r"keyrelay ready.*"))
+        self.port = int(re.search(r"listen=127\.0\.0\.1:(\d+)", line).group(1))
+        self.admin = int(re.search(r"admin=127\.0\.0\.1:(\d+)", line).group(1))
+
+    def find(self, pattern):
+        self.log.flush()
+        with open(self.log_path) as log:
+            match = re.search(pattern, log.read())
+        return match and match.group(0)
+
+    def chat(self):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=STEP)
+        body = json.dumps({"model": "m", "stream": True, "messages": []})
+        conn.request("POST", "/v1/chat/completions", body, {"content-type": "application/json"})
+        response = conn.getresponse()
+        data = response.read()
+        conn.close()
+        return response.status, response.getheader("retry-after"), data
+
+    def admin_get(self, path):
+        conn = http.client.HTTPConnection("127.0.0.1", self.admin, timeout=STEP)
+        conn.request("GET", path)
+        data = conn.getresponse().read().decode()
+        conn.close()
+        return data
+
+    def metric(self, name):
+        for line in self.admin_get("/metrics").splitlines():
+            if line.startswith(name + " ") or line.startswith(name + "{"):
+                return float(line.rsplit(" ", 1)[1])
+        return None
+
+    def spent(self):
+        return json.loads(self.admin_get("/usage"))["budgets"][0]["spent"]
+
+    def stop(self):
+        self.process.terminate()
+        self.process.wait(timeout=STEP)
+        self.log.close()
+        os.unlink(self.log_path)
+
+
+def ok(message):
+    print(f"ok: {message}", flush=True)
+
+
+def main():
+    binary, redis_binary = sys.argv[1], sys.argv[2]
+    redis_port = free_port()
+    redis = subprocess.Popen(
+        [redis_binary, "--port", str(redis_port), "--bind", "127.0.0.1",
+         "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+    )
+    relays = []
+    try:
+        wait_for("redis-server", lambda: _connects(redis_port))
+        upstream = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Upstream)
+        threading.Thread(target=upstream.serve_forever, daemon=True).start()
+        up = upstream.server_address[1]
+
+        a, b = Relay(binary, up, redis_port), Relay(binary, up, redis_port)
+        relays += [a, b]
+
+        # 1. Each replica spends half of the one budget.
+        for relay in (a, b):
+            status, _, _ = relay.chat()
+            assert status == 200, f"a chat within the budget got {status}"
+        wait_for("both charges in Redis", lambda: a.spent() == 2 * EVENT_TOKENS)
+        assert b.spent() == 2 * EVENT_TOKENS, b.admin_get("/usage")
+        ok(f"two replicas charged one budget: both report {a.spent()} of {BUDGET}")
+
+        # 2. Either replica now refuses, before anything goes upstream.
+        before = Upstream.received
+        for name, relay in (("A", a), ("B", b)):
+            status, retry_after, body = relay.chat()
+            assert status == 429, f"replica {name}: {status} {body!r}"
+            assert json.loads(body)["type"] == "token_budget_exhausted", body
+            assert retry_after and int(retry_after) > 0, retry_after
+        assert Upstream.received == before, "a refused request reached the upstream"
+        ok("a request over the shared budget is refused by either replica (429, Retry-After), nothing forwarded")
+
+        # 3. Redis goes away: "allow" serves unmetered, logs once, counts it.
+        redis.terminate()
+        redis.wait(timeout=STEP)
+        deny = Relay(binary, up, redis_port, policy="deny")
+        relays.append(deny)
+        before = Upstream.received
+        for _ in range(2):
+            status, _, body = a.chat()
+            assert status == 200, f"allow policy with Redis down: {status} {body!r}"
+        assert Upstream.received == before + 2
+        wait_for("the unavailable line", lambda: a.find("usage_store: Redis is unavailable"))
+        lines = a.find(r"(?s)usage_store: Redis is unavailable.*usage_store: Redis is unavailable")
+        assert not lines, "the outage is logged once, not per request"
+        errors = a.metric("keyrelay_usage_store_errors_total")
+        assert errors and errors >= 2, f"usage_store_errors_total = {errors}"
+        ok(f"with Redis down, usage_store_unavailable=allow serves (logged once, {errors:.0f} errors counted)")
+
+        # 4. ...and "deny" refuses with 503, forwarding nothing.
+        before = Upstream.received
+        status, _, body = deny.chat()
+        assert status == 503, f"deny policy with Redis down: {status} {body!r}"
+        assert json.loads(body)["type"] == "usage_store_unavailable", body
+        assert Upstream.received == before
+        ok("with Redis down, usage_store_unavailable=deny answers 503 usage_store_unavailable, nothing forwarded")
+    finally:
+        for relay in relays:
+            relay.stop()
+        if redis.poll() is None:
+            redis.terminate()
+            redis.wait(timeout=STEP)
+
+
+def _connects(port):
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+if __name__ == "__main__":
+    main()
+    print("shared budget: all cases passed")
