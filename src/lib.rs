@@ -62,8 +62,19 @@ pub async fn run(
     listener: impl Into<ops::listener::Listener>,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
-    let listener = listener.into();
     let metrics = Arc::new(ops::metrics::Metrics::new());
+    run_with_metrics(config, listener, shutdown, metrics).await
+}
+
+/// [`run`], recording into `metrics`, which the caller keeps (the demo
+/// reads back the tokens keyrelay counted).
+pub async fn run_with_metrics(
+    config: Config,
+    listener: impl Into<ops::listener::Listener>,
+    shutdown: impl Future<Output = ()>,
+    metrics: Arc<ops::metrics::Metrics>,
+) -> std::io::Result<()> {
+    let listener = listener.into();
     let lifecycle = Arc::new(ops::lifecycle::Lifecycle::default());
     let tunnels = Arc::new(proxy::tunnel::Tunnels::default());
     let budgets = Arc::new(usage::Budgets::from_config(

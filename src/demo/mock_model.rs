@@ -4,7 +4,9 @@
 //! - `POST .../predict` with `"stream": true`: raw token bytes, chunked, no framing
 //!   (what truss models do); without `stream`, one JSON object;
 //! - `POST .../v1/chat/completions` with `"stream": true`: OpenAI-style Server-Sent
-//!   Events ending in `data: [DONE]`; without `stream`, a `chat.completion` object.
+//!   Events ending in `data: [DONE]`, with a `usage` event before it when the
+//!   request asks (`"stream_options": {"include_usage": true}`), as OpenAI
+//!   does; without `stream`, a `chat.completion` object with its `usage`.
 //!
 //! Every request must carry `Authorization: Api-Key <key>` with the key it was
 //! started with, so a demo that streams at all proves keyrelay injected it.
@@ -133,12 +135,21 @@ impl State {
             return error(StatusCode::BAD_REQUEST, "body must be JSON");
         };
         let stream = input.get("stream").and_then(Value::as_bool) == Some(true);
+        let usage = Usage::of(&input);
+        let include_usage = input
+            .pointer("/stream_options/include_usage")
+            .and_then(Value::as_bool)
+            == Some(true);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut response = match (is_chat, stream) {
             (false, true) => stream_tokens("application/octet-stream", |t| t.to_owned(), None),
-            (true, true) => stream_tokens("text/event-stream", sse_chunk, Some(sse_done())),
+            (true, true) => stream_tokens(
+                "text/event-stream",
+                sse_chunk,
+                Some(sse_done(include_usage.then_some(usage))),
+            ),
             (false, false) => json_response(&json!({ "output": ANSWER })),
-            (true, false) => json_response(&chat_completion()),
+            (true, false) => json_response(&chat_completion(usage)),
         };
         if let Ok(value) = HeaderValue::from_str(&format!("mock-{id}")) {
             response.headers_mut().insert("x-baseten-request-id", value);
@@ -183,17 +194,63 @@ fn sse_chunk(token: &str) -> String {
     format!("data: {chunk}\n\n")
 }
 
-fn sse_done() -> String {
+/// Tokens a request "used": its prompt's words, and the answer's tokens.
+#[derive(Clone, Copy)]
+struct Usage {
+    prompt: usize,
+    completion: usize,
+}
+
+impl Usage {
+    fn of(request: &Value) -> Self {
+        let words = |text: &str| text.split_whitespace().count();
+        let prompt = match request.get("messages").and_then(Value::as_array) {
+            Some(messages) => messages
+                .iter()
+                .filter_map(|m| m.get("content")?.as_str())
+                .map(words)
+                .sum(),
+            None => request
+                .get("prompt")
+                .and_then(Value::as_str)
+                .map_or(0, words),
+        };
+        Self {
+            prompt,
+            completion: tokens().len(),
+        }
+    }
+
+    fn to_json(self) -> Value {
+        json!({
+            "prompt_tokens": self.prompt,
+            "completion_tokens": self.completion,
+            "total_tokens": self.prompt + self.completion,
+        })
+    }
+}
+
+fn sse_done(usage: Option<Usage>) -> String {
     let last = json!({
         "id": "chatcmpl-mock",
         "object": "chat.completion.chunk",
         "model": "mock",
         "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
     });
-    format!("data: {last}\n\ndata: [DONE]\n\n")
+    let usage = usage.map_or_else(String::new, |usage| {
+        let chunk = json!({
+            "id": "chatcmpl-mock",
+            "object": "chat.completion.chunk",
+            "model": "mock",
+            "choices": [],
+            "usage": usage.to_json(),
+        });
+        format!("data: {chunk}\n\n")
+    });
+    format!("data: {last}\n\n{usage}data: [DONE]\n\n")
 }
 
-fn chat_completion() -> Value {
+fn chat_completion(usage: Usage) -> Value {
     json!({
         "id": "chatcmpl-mock",
         "object": "chat.completion",
@@ -203,6 +260,7 @@ fn chat_completion() -> Value {
             "message": {"role": "assistant", "content": ANSWER},
             "finish_reason": "stop",
         }],
+        "usage": usage.to_json(),
     })
 }
 

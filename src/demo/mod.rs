@@ -3,7 +3,8 @@
 //! It starts the [`crate::demo::mock_model`] endpoint with a freshly
 //! generated key, starts keyrelay in front of it with that key in its
 //! environment, streams one prediction through keyrelay while printing each
-//! token with its arrival time, and then keeps serving and prints commands a
+//! token with its arrival time, streams a chat that asks for usage and
+//! prints the tokens keyrelay counted, and then keeps serving and prints commands a
 //! user can paste to try it with curl, Python `requests` and the SSE endpoint,
 //! and the address of a [`page`] that streams through keyrelay in a browser.
 
@@ -14,6 +15,7 @@ use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -25,6 +27,7 @@ use tokio::net::TcpListener;
 
 use crate::config::{self, ListenAddr, OverrideValue, Sources};
 use crate::guard::origin::AllowedOrigin;
+use crate::ops::metrics::Metrics;
 use crate::ops::signals;
 use crate::secrets::key::ApiKey;
 
@@ -78,7 +81,13 @@ pub async fn run(mut sources: Sources) -> Result<(), DemoError> {
 
     let listener = bind_or_fallback(&config.listen).await?;
     let proxy_addr = listener.local_addr()?;
-    let server = tokio::spawn(crate::run(config, listener, signals::shutdown_requested()));
+    let metrics = Arc::new(Metrics::new());
+    let server = tokio::spawn(crate::run_with_metrics(
+        config,
+        listener,
+        signals::shutdown_requested(),
+        Arc::clone(&metrics),
+    ));
     let relay = page::PageConfig {
         relay: relay_url_for_page(proxy_addr),
         prompt: PROMPT,
@@ -99,6 +108,7 @@ pub async fn run(mut sources: Sources) -> Result<(), DemoError> {
         "Streaming POST /production/predict through keyrelay; each token as it arrives:"
     )?;
     stream_once(proxy_addr, &mut out).await?;
+    count_chat_usage(proxy_addr, &metrics, &mut out).await?;
     print_try_it(proxy_addr, &mut out)?;
 
     server
@@ -177,6 +187,54 @@ async fn stream_once(proxy: SocketAddr, out: &mut impl Write) -> std::io::Result
         out,
         "\n  {frames} frames in {:.0} ms: {text}\n",
         ms(started.elapsed())
+    )
+}
+
+/// Streams an OpenAI-style chat that asks for usage, then prints the tokens
+/// keyrelay read off the stream as it passed (`keyrelay_llm_tokens_total`).
+async fn count_chat_usage(
+    proxy: SocketAddr,
+    metrics: &Metrics,
+    out: &mut impl Write,
+) -> std::io::Result<()> {
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let body = serde_json::json!({
+        "model": "mock",
+        "stream": true,
+        "stream_options": {"include_usage": true},
+        "messages": [{"role": "user", "content": PROMPT}],
+    });
+    let request = Request::builder()
+        .method(Method::POST)
+        .uri(format!("http://{proxy}/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .map_err(std::io::Error::other)?;
+    let response = client
+        .request(request)
+        .await
+        .map_err(std::io::Error::other)?;
+    let mut body = response.into_body();
+    let mut events = 0;
+    while let Some(frame) = body.frame().await {
+        if let Some(data) = frame.map_err(std::io::Error::other)?.data_ref() {
+            events += data.windows(6).filter(|w| w == b"data: ").count();
+        }
+    }
+    // keyrelay counts a response when its record ends, a moment after the
+    // client has read the last byte.
+    let started = Instant::now();
+    let count = |kind| metrics.llm_tokens("default", kind);
+    while count("completion") == 0 && started.elapsed() < Duration::from_secs(2) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    writeln!(
+        out,
+        "Streamed POST /v1/chat/completions (SSE, {events} events, with \"stream_options\": {{\"include_usage\": true}}).\n  \
+         keyrelay read the usage off the stream as it passed: {} prompt + {} completion tokens\n  \
+         (keyrelay_llm_tokens_total; set token_budget to cap them)\n",
+        count("prompt"),
+        count("completion"),
     )
 }
 

@@ -338,6 +338,18 @@ impl Metrics {
         }))
     }
 
+    /// The LLM tokens of `kind` counted so far on `route` for requests
+    /// without an access token (the demo prints it).
+    pub fn llm_tokens(&self, route: &str, kind: &'static str) -> u64 {
+        self.llm_tokens
+            .get_or_create(&TokenLabels {
+                route: route.to_owned(),
+                access_token: String::new(),
+                kind,
+            })
+            .get()
+    }
+
     /// The counter of failed exchanges with the Redis usage_store.
     pub fn usage_store_errors(&self) -> Counter {
         self.usage_store_errors.clone()

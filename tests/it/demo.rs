@@ -99,6 +99,13 @@ async fn demo_streams_tokens_as_they_arrive_and_keeps_serving() {
         "tokens arrived within {spread:?} though produced over {produced_over:?}"
     );
 
+    // It streamed a chat that asked for usage, and keyrelay counted it.
+    let counted = format!(
+        "keyrelay read the usage off the stream as it passed: 5 prompt + {} completion tokens",
+        tokens().len()
+    );
+    assert!(text.contains(&counted), "{counted:?} in:\n{text}");
+
     // The demo keeps serving, and the commands it printed work with no key.
     let proxy = address_after(&output, "keyrelay");
     assert!(text.contains(&format!(
