@@ -284,6 +284,14 @@ pub(super) fn validate(
             "is off, but token budgets are set: nothing would be charged to them; turn the tap on or remove the budgets",
         );
     }
+    let adds_usage =
+        raw.add_stream_usage || raw.routes.iter().any(routes::RawRoute::adds_stream_usage);
+    if usage_tap == Some(false) && adds_usage {
+        found.report(
+            "add_stream_usage",
+            "asks streams for usage that nothing would read: usage_tap is off",
+        );
+    }
     let usage_state_file = raw
         .usage_state_file
         .as_deref()

@@ -295,6 +295,7 @@ struct RawConfig {
     header_read_timeout: String,
     http2_max_concurrent_streams: u32,
     usage_tap: String,
+    add_stream_usage: bool,
     token_budget: Vec<String>,
     access_token_budget: Vec<String>,
     usage_state_file: Option<String>,

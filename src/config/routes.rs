@@ -66,6 +66,7 @@ pub(super) struct RawRoute {
     allowed_paths: Vec<String>,
     #[serde(default)]
     token_budget: Vec<String>,
+    add_stream_usage: Option<bool>,
     upstream_http: Option<String>,
     /// The older spelling of `upstream_http = "2"`.
     #[serde(default)]
@@ -77,6 +78,11 @@ impl RawRoute {
     /// True if the route sets a `token_budget`.
     pub(super) fn has_budget(&self) -> bool {
         !self.token_budget.is_empty()
+    }
+
+    /// True if the route turns `add_stream_usage` on.
+    pub(super) fn adds_stream_usage(&self) -> bool {
+        self.add_stream_usage == Some(true)
     }
 }
 
@@ -103,6 +109,8 @@ pub struct RouteConfig {
     pub set_headers: Vec<(HeaderName, HeaderValue)>,
     /// LLM tokens everyone may spend on this route per window.
     pub budgets: Vec<BudgetLimit>,
+    /// Ask streams for usage the client did not ask for (`add_stream_usage`).
+    pub add_stream_usage: bool,
 }
 
 /// Where one route's problems are reported: `key` for the top level,
@@ -233,6 +241,7 @@ pub(super) fn check(
                 http,
                 set_headers,
                 budgets,
+                add_stream_usage: raw.add_stream_usage,
             });
         }
     }
@@ -390,6 +399,7 @@ fn check_route(
         http: http?,
         set_headers: set_headers?,
         budgets: budgets?,
+        add_stream_usage: route.add_stream_usage.unwrap_or(raw.add_stream_usage),
     })
 }
 

@@ -330,6 +330,12 @@ pub const SETTINGS: &[Setting] = &[
         kind: Kind::Text,
     },
     Setting {
+        key: "add_stream_usage",
+        default: "false",
+        help: "Add stream_options.include_usage to streaming JSON chat/completions requests that lack it, and remove the usage-only event it adds from what the client receives.",
+        kind: Kind::Switch,
+    },
+    Setting {
         key: "token_budget",
         default: "",
         help: "LLM tokens (prompt + completion) everyone may spend on the route per window, e.g. 2000000/day,50000/minute; 429 once used up.",

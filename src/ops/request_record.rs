@@ -79,6 +79,8 @@ pub struct RequestRecord {
     usage: Option<UsageReport>,
     /// The budgets the usage is charged to, and the route's index in them.
     charge: Option<(Arc<Budgets>, usize)>,
+    /// keyrelay added `include_usage` to the request (`add_stream_usage`).
+    added_usage: bool,
 }
 
 impl RequestRecord {
@@ -101,6 +103,7 @@ impl RequestRecord {
             outcome: None,
             usage: None,
             charge: None,
+            added_usage: false,
         }
     }
 
@@ -128,6 +131,16 @@ impl RequestRecord {
     /// `X-Baseten-Request-Id` when it sent one, else keyrelay's `X-Request-Id`).
     pub fn set_request_id(&mut self, id: HeaderValue) {
         self.request_id = Some(id);
+    }
+
+    /// Records that keyrelay asked the upstream for usage the client did not.
+    pub fn set_added_usage(&mut self, added: bool) {
+        self.added_usage = added;
+    }
+
+    /// True if keyrelay asked for the stream's usage event itself.
+    pub fn added_usage(&self) -> bool {
+        self.added_usage
     }
 
     /// The name of the local access token the request used, if any.

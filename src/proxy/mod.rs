@@ -44,6 +44,7 @@ use crate::proxy::route_table::{Route, RouteTable};
 use crate::proxy::tunnel::Tunnels;
 use crate::proxy::upstream::{Keeper, Lease, Upstreams, Via};
 use crate::usage::budget::Refused;
+use crate::usage::stream_usage::{self, UsageEventStrip};
 use crate::usage::{Budgets, UsageTap};
 use error::{ClientError, ProxyError, Refusal, UpstreamError};
 use request_id::{server_timing, RequestIds, BASETEN_REQUEST_ID, SERVER_TIMING, X_REQUEST_ID};
@@ -265,7 +266,16 @@ impl Shared {
         let client_upgrade = upgrade
             .as_ref()
             .and_then(|_| parts.extensions.remove::<OnUpgrade>());
-        let body = RequestBody::new(body, self.max_request_body, route.metrics.clone());
+        let metrics = route.metrics.clone();
+        let body = if route.add_stream_usage && stream_usage::is_candidate(&parts) {
+            let (bytes, added) = stream_usage::add_include_usage(&mut parts, body)
+                .await
+                .map_err(|_| ClientError::BadRequestBody)?;
+            record.set_added_usage(added);
+            RequestBody::buffered(bytes, self.max_request_body, metrics)
+        } else {
+            RequestBody::new(body, self.max_request_body, metrics)
+        };
         let mut upstream_request = upstream_request(route, parts, body, upgrade)?;
 
         // 4. Send, over the route's HTTP version (an `auto` route's first
@@ -388,7 +398,12 @@ impl Shared {
         } else {
             None
         };
-        let body = RelayBody::new(body, self.timeouts.idle, record, lease, tap);
+        // The usage event keyrelay asked for is its own, not the client's.
+        let strip = strips_usage_event(&record, tap.as_ref()).then(|| {
+            parts.headers.remove(http::header::CONTENT_LENGTH);
+            UsageEventStrip::default()
+        });
+        let body = RelayBody::new(body, self.timeouts.idle, record, lease, tap, strip);
         Response::from_parts(parts, Either::Left(body))
     }
 
@@ -415,6 +430,12 @@ impl Shared {
         }
         response
     }
+}
+
+/// True when keyrelay added `include_usage` to the request and the answer
+/// is a stream: the usage event it carries was not the client's to see.
+fn strips_usage_event(record: &RequestRecord, tap: Option<&UsageTap>) -> bool {
+    record.added_usage() && tap.is_some_and(UsageTap::is_sse)
 }
 
 /// keyrelay's answer to a CORS preflight: 204 with the allow headers.

@@ -81,6 +81,20 @@ impl RequestBody {
         }
     }
 
+    /// A body keyrelay has read whole already (to rewrite it), counted as
+    /// relayed.
+    pub fn buffered(bytes: Bytes, limit: Option<u64>, metrics: RouteMetrics) -> Self {
+        metrics.request_bytes(bytes.len());
+        Self {
+            client: None,
+            seen: bytes.len() as u64,
+            resend: VecDeque::from([bytes]),
+            limit,
+            metrics,
+            recording: None,
+        }
+    }
+
     /// This body, recording what it sends; the receiver gets it back when
     /// hyper drops it, unless it grew past [`REPLAY_LIMIT`] (then the
     /// receiver sees the sender dropped).

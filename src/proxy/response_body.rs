@@ -34,6 +34,7 @@ use tokio::time::{Instant, Sleep};
 
 use crate::ops::request_record::{Outcome, RequestRecord};
 use crate::proxy::upstream::Lease;
+use crate::usage::stream_usage::UsageEventStrip;
 use crate::usage::UsageTap;
 
 /// The longest a finished HTTP/2 response may take to send its END_STREAM
@@ -52,6 +53,8 @@ pub struct RelayBody {
     lease: Option<Lease>,
     /// Reads token usage off the frames as they pass (see [`crate::usage`]).
     tap: Option<UsageTap>,
+    /// Removes the usage event keyrelay asked for itself (`add_stream_usage`).
+    strip: Option<UsageEventStrip>,
 }
 
 impl RelayBody {
@@ -62,6 +65,7 @@ impl RelayBody {
         mut log: RequestRecord,
         lease: Lease,
         tap: Option<UsageTap>,
+        strip: Option<UsageEventStrip>,
     ) -> Self {
         // hyper never polls a body that says it is empty.
         if upstream.is_end_stream() {
@@ -73,6 +77,7 @@ impl RelayBody {
             log,
             lease: Some(lease),
             tap,
+            strip,
         }
     }
 }
@@ -148,6 +153,11 @@ impl Body for RelayBody {
                     return Poll::Ready(Some(Err(RelayError::Upstream(err))));
                 }
                 Poll::Ready(None) => {
+                    let held = this.strip.as_mut().and_then(UsageEventStrip::finish);
+                    if let Some(rest) = held {
+                        this.log.add_bytes(rest.len(), Instant::now());
+                        return Poll::Ready(Some(Ok(Frame::data(rest))));
+                    }
                     this.log.finish(Outcome::Ok);
                     this.body_finished();
                     return Poll::Ready(None);
@@ -173,17 +183,27 @@ impl Body for RelayBody {
             if let Some(idle) = this.idle.as_mut() {
                 idle.last_frame = now;
             }
-            match frame.data_ref() {
+            let frame = match frame.into_data() {
                 // HTTP/2 ends streams with an empty DATA frame; it carries nothing to relay.
-                Some(data) if data.is_empty() => continue,
-                Some(data) => {
-                    this.log.add_bytes(data.len(), now);
+                Ok(data) if data.is_empty() => continue,
+                Ok(data) => {
                     if let Some(tap) = this.tap.as_mut() {
-                        tap.feed(data, now);
+                        tap.feed(&data, now);
                     }
+                    let data = match this.strip.as_mut() {
+                        None => data,
+                        Some(strip) => match strip.pass(data) {
+                            Some(data) => data,
+                            // Only the usage event, or an unfinished line.
+                            None => continue,
+                        },
+                    };
+                    this.log.add_bytes(data.len(), now);
+                    Frame::data(data)
                 }
-                None => {}
-            }
+                // Trailers.
+                Err(frame) => frame,
+            };
             // hyper stops polling once a sized body says it has ended, or
             // once the declared length is written, so the last frame is
             // where a Content-Length response completes.
@@ -198,12 +218,20 @@ impl Body for RelayBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.upstream.as_ref().is_none_or(Body::is_end_stream)
+        let held = self
+            .strip
+            .as_ref()
+            .is_some_and(UsageEventStrip::holds_bytes);
+        !held && self.upstream.as_ref().is_none_or(Body::is_end_stream)
     }
 
     // Passing the upstream's exact length through is what keeps a
     // Content-Length response a Content-Length response.
     fn size_hint(&self) -> SizeHint {
+        if self.strip.is_some() {
+            // Removing an event changes the length: the client gets it chunked.
+            return SizeHint::default();
+        }
         self.upstream
             .as_ref()
             .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)

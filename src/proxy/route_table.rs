@@ -46,6 +46,8 @@ pub struct Route {
     pub set_headers: Vec<(HeaderName, HeaderValue)>,
     /// This route's metric handles.
     pub metrics: RouteMetrics,
+    /// Ask streams for usage the client did not (`add_stream_usage`).
+    pub add_stream_usage: bool,
 }
 
 /// All routes, longest prefix first.
@@ -72,6 +74,7 @@ impl RouteTable {
                 paths: config.paths.clone(),
                 set_headers: config.set_headers.clone(),
                 metrics: metrics.route(&config.name),
+                add_stream_usage: config.add_stream_usage,
             })
             .collect();
         Self { routes }

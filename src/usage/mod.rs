@@ -11,6 +11,7 @@ pub mod budget;
 pub mod event;
 pub mod redis_store;
 pub mod state_file;
+pub mod stream_usage;
 pub mod tap;
 
 pub use budget::{BudgetLimit, Budgets};

@@ -116,6 +116,11 @@ impl UsageTap {
         })
     }
 
+    /// True for a Server-Sent Events response.
+    pub fn is_sse(&self) -> bool {
+        matches!(self.framing, Framing::Sse { .. })
+    }
+
     /// Reads one data frame, `now` being when it passes to the client.
     pub fn feed(&mut self, data: &[u8], now: Instant) {
         let gave_up = match &mut self.framing {

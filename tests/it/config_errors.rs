@@ -409,4 +409,8 @@ fn token_budgets_that_could_never_apply_stop_startup() {
         &with(&[&budget[..], &["--usage-store-unavailable", "maybe"]].concat()),
         &["usage_store_unavailable", "allow, deny"],
     );
+    assert_usage_error(
+        &with(&["--add-stream-usage", "--usage-tap", "off"]),
+        &["add_stream_usage", "usage_tap is off"],
+    );
 }

@@ -204,3 +204,69 @@ async fn credential_check_rejects_the_sdk_when_it_skips_keyrelay() {
         client.stderr()
     );
 }
+
+/// `add_stream_usage`: keyrelay asks the upstream for usage the SDK did not
+/// ask for, and removes the usage-only chunk (`"choices": []`) that this
+/// adds, which the script's `chunk.choices[0]` would otherwise fail on.
+#[tokio::test]
+async fn with_add_stream_usage_the_sdk_never_sees_the_usage_chunk_keyrelay_asked_for() {
+    let mut upstream = MockUpstream::start().await;
+    let relay = Relay::start(&upstream.url(), &[("add_stream_usage", "true")]).await;
+    let mut client = Script::spawn(SCRIPT, &[&relay.url("/v1"), "stream"]);
+    client.started("ready").await;
+
+    let mut exchange = client
+        .while_running("the request at the upstream", upstream.next())
+        .await;
+    let body = within("the request body", exchange.request.body_mut().collect())
+        .await
+        .expect("request body")
+        .to_bytes();
+    let body: Value = serde_json::from_slice(&body).expect("the rewritten body is JSON");
+    assert_eq!(
+        body["stream_options"],
+        json!({"include_usage": true}),
+        "{body}"
+    );
+    assert_eq!(
+        body["model"], MODEL,
+        "the rest of the request is kept: {body}"
+    );
+    let (mut events, _dropped) = exchange.respond_streaming_with(
+        http::Response::builder().header("content-type", "text/event-stream"),
+    );
+    for token in TOKENS {
+        events
+            .send_data(chunk_event(json!({"content": token}), None))
+            .await
+            .expect("send token chunk");
+        assert_eq!(
+            printed_chunk(&mut client, &format!("the chunk {token:?}")).await,
+            json!({"content": token, "finish_reason": null})
+        );
+    }
+    let usage = json!({
+        "id": "chatcmpl-keyrelay-test",
+        "object": "chat.completion.chunk",
+        "created": 1_700_000_000,
+        "model": MODEL,
+        "choices": [],
+        "usage": {"prompt_tokens": 9, "completion_tokens": 8, "total_tokens": 17},
+    });
+    // The final chunk, the usage chunk and [DONE] in one frame, as servers
+    // often flush them.
+    let mut tail = chunk_event(json!({}), Some("stop")).to_vec();
+    tail.extend_from_slice(format!("data: {usage}\n\ndata: [DONE]\n\n").as_bytes());
+    events
+        .send_data(Bytes::from(tail))
+        .await
+        .expect("send the end");
+    drop(events);
+    assert_eq!(
+        printed_chunk(&mut client, "the final chunk").await,
+        json!({"content": null, "finish_reason": "stop"})
+    );
+    client.expect_line("end").await;
+    client.success().await;
+    relay.stop().await;
+}

@@ -277,3 +277,64 @@ async fn spent_tokens_survive_a_restart_and_a_corrupt_state_file_is_not_trusted(
         "kept for a person to look at"
     );
 }
+
+#[tokio::test]
+async fn add_stream_usage_asks_for_usage_counts_it_and_keeps_it_from_the_client() {
+    let mut upstream = MockUpstream::start().await;
+    let relay = relay_with(&["--add-stream-usage"], &upstream).await;
+    let client = http1_client();
+    let usage_event =
+        "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":6,\"completion_tokens\":2}}\n\n";
+    let chunk = "data: {\"choices\":[{\"delta\":{\"content\":\"Hi\"}}]}\n\n";
+
+    for asked in [false, true] {
+        let body = if asked {
+            r#"{"stream":true,"stream_options":{"include_usage":true}}"#
+        } else {
+            r#"{"stream":true}"#
+        };
+        let pending = tokio::spawn(client.request(post(&relay, "/v1/chat/completions", body)));
+        let mut exchange = upstream.next().await;
+        let sent = within(
+            "the request body",
+            http_body_util::BodyExt::collect(exchange.request.body_mut()),
+        )
+        .await
+        .expect("body")
+        .to_bytes();
+        let sent: serde_json::Value = serde_json::from_slice(&sent).expect("JSON");
+        assert_eq!(sent["stream_options"]["include_usage"], true, "{sent}");
+        let (mut tx, _dropped) = exchange.respond_streaming_with(sse());
+        let response = within("the response head", pending)
+            .await
+            .expect("join")
+            .expect("response");
+        let mut body = response.into_body();
+        // Lockstep: the content chunk reaches the client before anything more is sent.
+        tx.send_data(chunk.into()).await.expect("send");
+        assert_eq!(
+            next_data(&mut body).await.expect("frame").expect("data"),
+            chunk
+        );
+        // The usage event split in two, then [DONE].
+        let (first, second) = usage_event.split_at(30);
+        for part in [first, second, "data: [DONE]\n\n"] {
+            tx.send_data(part.to_owned().into()).await.expect("send");
+        }
+        drop(tx);
+        let mut rest = Vec::new();
+        while let Some(frame) = next_data(&mut body).await {
+            rest.extend_from_slice(&frame.expect("data"));
+        }
+        let expected = if asked {
+            format!("{usage_event}data: [DONE]\n\n")
+        } else {
+            "data: [DONE]\n\n".to_owned()
+        };
+        assert_eq!(String::from_utf8_lossy(&rest), expected, "asked: {asked}");
+    }
+    // Both counted, whoever asked.
+    relay
+        .wait_for_sample(TOKENS, &tokens(TOKEN_VAR, "prompt"), 12.0)
+        .await;
+}
