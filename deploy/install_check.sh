@@ -37,7 +37,7 @@ cargo package --locked --allow-dirty --list 2>/dev/null >"$work/files"
 for needed in LICENSE README.md Cargo.lock Cargo.toml src/main.rs src/lib.rs tests/it/main.rs tests/it/demo.rs config/keyrelay.toml; do
   grep -qx "$needed" "$work/files" || fail "the package lacks $needed"
 done
-if grep -E '^(deploy/|\.ci/|tests/browser/|fuzz/|Dockerfile|\.dockerignore|BENCHMARKS\.md|RELIABILITY\.md|bench/.*\.sh$)' "$work/files"; then
+if grep -E '^(deploy/|\.ci/|tests/browser/|tests/redis/|tests/node/|fuzz/|Dockerfile|\.dockerignore|BENCHMARKS\.md|RELIABILITY\.md|bench/.*\.sh$)' "$work/files"; then
   fail "the package holds the repository-only files above"
 fi
 echo "packed $(wc -l <"$work/files") files; none of deploy/, .ci/, fuzz/, bench scripts or reports"
