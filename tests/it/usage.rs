@@ -139,6 +139,28 @@ async fn anthropic_streams_and_json_responses_are_counted() {
         scrape.counter(TOKENS, &tokens(TOKEN_VAR, "completion")),
         18.0
     );
+
+    // A whole Anthropic message.
+    let pending = tokio::spawn(client.request(post(&relay, "/v1/messages", "{}")));
+    let answer = r#"{"type":"message","role":"assistant","content":[{"type":"text","text":"Hi"}],"usage":{"input_tokens":4,"output_tokens":2}}"#;
+    upstream.next().await.respond(
+        http::Response::builder()
+            .header("content-type", "application/json")
+            .body(full(answer))
+            .expect("response"),
+    );
+    let response = within("the Anthropic JSON response", pending)
+        .await
+        .expect("join")
+        .expect("response");
+    assert_eq!(body_bytes(response).await, answer.as_bytes());
+    let scrape = relay
+        .wait_for_sample(TOKENS, &tokens(TOKEN_VAR, "prompt"), 36.0)
+        .await;
+    assert_eq!(
+        scrape.counter(TOKENS, &tokens(TOKEN_VAR, "completion")),
+        20.0
+    );
 }
 
 #[tokio::test]
