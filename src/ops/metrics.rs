@@ -16,7 +16,7 @@ use prometheus_client::registry::{Registry, Unit};
 use crate::ops::logging;
 use crate::ops::request_record::{Outcome, TokenFigures};
 use crate::usage::budget::{Account, Overshoot};
-use crate::usage::UsageReport;
+use crate::usage::{GaveUp, UsageReport};
 
 /// Latency buckets in seconds, 1 ms to 20 minutes (cold starts and long generations).
 const LATENCY_BUCKETS: [f64; 17] = [
@@ -439,14 +439,7 @@ impl RouteMetrics {
     pub fn usage(&self, token: Option<&str>, report: &UsageReport, figures: &TokenFigures) {
         let handles = &self.0;
         if let Some(reason) = report.gave_up {
-            handles
-                .all
-                .usage_unread
-                .get_or_create(&UnreadLabels {
-                    route: handles.route.clone(),
-                    reason: reason.as_str(),
-                })
-                .inc();
+            self.usage_unread(reason);
         }
         let usage = report.usage;
         for (kind, tokens) in [
@@ -488,6 +481,18 @@ impl RouteMetrics {
                 name: name.clone(),
             })
             .inc_by(overshoot.tokens);
+    }
+
+    /// A response whose usage could not be read, and why.
+    pub fn usage_unread(&self, reason: GaveUp) {
+        self.0
+            .all
+            .usage_unread
+            .get_or_create(&UnreadLabels {
+                route: self.0.route.clone(),
+                reason: reason.as_str(),
+            })
+            .inc();
     }
 
     /// A request finished.

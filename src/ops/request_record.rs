@@ -201,7 +201,8 @@ impl Drop for RequestRecord {
         if let (Some(report), Some(figures)) = (self.usage, tokens) {
             self.metrics.usage(self.token.as_deref(), &report, &figures);
             if let Some((budgets, route)) = self.charge.take() {
-                let spent = report.usage.prompt.unwrap_or(0) + report.usage.completion.unwrap_or(0);
+                let spent = (report.usage.prompt.unwrap_or(0))
+                    .saturating_add(report.usage.completion.unwrap_or(0));
                 let metrics = self.metrics.clone();
                 let now = std::time::SystemTime::now();
                 budgets.charge(

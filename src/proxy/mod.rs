@@ -251,7 +251,12 @@ impl Shared {
                     Refused::Exhausted(exhausted) => Refusal::BudgetExhausted(exhausted),
                     Refused::StoreUnavailable => Refusal::UsageStoreUnavailable,
                 })?;
-            record.charge_to(Arc::clone(&self.budgets), route.index);
+            if self.budgets.applies_to(route.index, record.token()) {
+                record.charge_to(Arc::clone(&self.budgets), route.index);
+                // The tap cannot read a compressed body, and a budget must
+                // not be escaped by asking for one.
+                identity_encoding(&mut parts.headers);
+            }
         }
 
         // 3. Build the upstream request.
@@ -270,8 +275,12 @@ impl Shared {
         let body = if route.add_stream_usage && stream_usage::is_candidate(&parts) {
             let (bytes, added) = stream_usage::add_include_usage(&mut parts, body)
                 .await
-                .map_err(|_| ClientError::BadRequestBody)?;
+                .ok_or(ClientError::BadRequestBody)?;
             record.set_added_usage(added);
+            if added {
+                // The usage event must be readable to be cut out.
+                identity_encoding(&mut parts.headers);
+            }
             RequestBody::buffered(bytes, self.max_request_body, metrics)
         } else {
             RequestBody::new(body, self.max_request_body, metrics)
@@ -394,7 +403,11 @@ impl Shared {
         parts.headers.append(SERVER_TIMING, server_timing(overhead));
         record.set_status(parts.status.as_u16());
         let tap = if self.usage_tap {
-            UsageTap::for_response(parts.status, &parts.headers)
+            let tap = UsageTap::for_response(parts.status, &parts.headers);
+            if let Some(why) = UsageTap::unreadable(parts.status, &parts.headers) {
+                record.metrics().usage_unread(why);
+            }
+            tap
         } else {
             None
         };
@@ -430,6 +443,14 @@ impl Shared {
         }
         response
     }
+}
+
+/// Asks the upstream for an uncompressed response, which the usage tap can read.
+fn identity_encoding(headers: &mut http::HeaderMap) {
+    headers.insert(
+        http::header::ACCEPT_ENCODING,
+        HeaderValue::from_static("identity"),
+    );
 }
 
 /// True when keyrelay added `include_usage` to the request and the answer

@@ -55,6 +55,8 @@ pub struct RelayBody {
     tap: Option<UsageTap>,
     /// Removes the usage event keyrelay asked for itself (`add_stream_usage`).
     strip: Option<UsageEventStrip>,
+    /// Trailers that arrived while the strip held a line, sent after it.
+    trailers: Option<Frame<Bytes>>,
 }
 
 impl RelayBody {
@@ -78,6 +80,7 @@ impl RelayBody {
             lease: Some(lease),
             tap,
             strip,
+            trailers: None,
         }
     }
 }
@@ -136,6 +139,9 @@ impl Body for RelayBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, RelayError>>> {
         let this = self.get_mut();
+        if let Some(trailers) = this.trailers.take() {
+            return Poll::Ready(Some(Ok(trailers)));
+        }
         let Some(upstream) = this.upstream.as_mut() else {
             return Poll::Ready(None);
         };
@@ -201,8 +207,15 @@ impl Body for RelayBody {
                     this.log.add_bytes(data.len(), now);
                     Frame::data(data)
                 }
-                // Trailers.
-                Err(frame) => frame,
+                // Trailers, after the line the strip may hold.
+                Err(trailers) => match this.strip.as_mut().and_then(UsageEventStrip::finish) {
+                    Some(held) => {
+                        this.log.add_bytes(held.len(), now);
+                        this.trailers = Some(trailers);
+                        Frame::data(held)
+                    }
+                    None => trailers,
+                },
             };
             // hyper stops polling once a sized body says it has ended, or
             // once the declared length is written, so the last frame is
@@ -218,10 +231,11 @@ impl Body for RelayBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        let held = self
-            .strip
-            .as_ref()
-            .is_some_and(UsageEventStrip::holds_bytes);
+        let held = self.trailers.is_some()
+            || self
+                .strip
+                .as_ref()
+                .is_some_and(UsageEventStrip::holds_bytes);
         !held && self.upstream.as_ref().is_none_or(Body::is_end_stream)
     }
 

@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use prometheus_client::metrics::counter::Counter;
 use serde::{Deserialize, Serialize};
@@ -175,6 +175,9 @@ enum Store {
         policy: Unavailable,
         /// The store failed last time; logged once until it answers again.
         down: AtomicBool,
+        /// Until when requests skip the store after a failure, so that an
+        /// unreachable Redis costs one timeout per backoff, not per request.
+        skip_until: Mutex<Option<Instant>>,
         errors: Counter,
     },
 }
@@ -232,6 +235,7 @@ impl Budgets {
                 redis: RedisClient::new(address.clone()),
                 policy: config.usage_store_unavailable,
                 down: AtomicBool::new(false),
+                skip_until: Mutex::new(None),
                 errors: store_errors,
             };
         }
@@ -293,6 +297,9 @@ impl Budgets {
                 )
             }
             Store::Shared { redis, .. } => {
+                if self.skipping_store() {
+                    return None;
+                }
                 let mut mget = vec![b"MGET".to_vec()];
                 mget.extend(
                     accounts
@@ -311,6 +318,14 @@ impl Budgets {
                 counts
             }
         }
+    }
+
+    /// True if a request on `route` with access token `token` has a budget.
+    pub fn applies_to(&self, route: usize, token: Option<&str>) -> bool {
+        self.routes
+            .get(route)
+            .is_some_and(|(_, limits)| !limits.is_empty())
+            || (token.is_some() && !self.per_token.is_empty())
     }
 
     /// Refuses the request if one of its budgets is used up at `now`.
@@ -404,7 +419,12 @@ impl Budgets {
         let Store::Shared { redis, .. } = &self.store else {
             return;
         };
-        let amount = tokens.to_string().into_bytes();
+        if self.skipping_store() {
+            // Lost, as the outage's log line and policy say.
+            return;
+        }
+        // INCRBY takes a signed 64-bit amount.
+        let amount = tokens.min(i64::MAX as u64).to_string().into_bytes();
         let commands: Vec<Vec<Vec<u8>>> = accounts
             .iter()
             .flat_map(|(account, limit)| {
@@ -440,11 +460,13 @@ impl Budgets {
             down,
             errors,
             policy,
+            skip_until,
             ..
         } = &self.store
         else {
             return;
         };
+        *lock(skip_until) = (!answered).then(|| Instant::now() + STORE_BACKOFF);
         if answered {
             if down.swap(false, Ordering::Relaxed) {
                 tracing::info!("usage_store: Redis answers again; budgets are enforced");
@@ -464,6 +486,22 @@ impl Budgets {
                 "usage_store: Redis is unavailable"
             );
         }
+    }
+
+    /// True while a failed shared store is being left alone; each request
+    /// that skips it counts as a store error.
+    fn skipping_store(&self) -> bool {
+        let Store::Shared {
+            skip_until, errors, ..
+        } = &self.store
+        else {
+            return false;
+        };
+        let skipping = lock(skip_until).is_some_and(|until| Instant::now() < until);
+        if skipping {
+            errors.inc();
+        }
+        skipping
     }
 
     /// Every budget with what is spent in its current window, for `/usage`.
@@ -588,11 +626,12 @@ fn redis_key(account: &Account, limit: BudgetLimit, now: u64) -> Vec<u8> {
     .into_bytes()
 }
 
-fn lock(
-    spent: &Mutex<HashMap<(Account, Window), Spent>>,
-) -> std::sync::MutexGuard<'_, HashMap<(Account, Window), Spent>> {
+/// How long requests leave a failed shared store alone before trying it again.
+const STORE_BACKOFF: Duration = Duration::from_secs(2);
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A panic while holding the lock leaves only counts behind.
-    spent
+    mutex
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }

@@ -174,6 +174,8 @@ struct RawUsage {
     input_tokens_details: Option<Details>,
     #[serde(default)]
     cache_read_input_tokens: Option<u64>,
+    #[serde(default)]
+    cache_creation_input_tokens: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -185,8 +187,18 @@ struct Details {
 impl From<RawUsage> for Usage {
     fn from(raw: RawUsage) -> Self {
         let cached = |details: Option<Details>| details.and_then(|d| d.cached_tokens);
+        // Anthropic's input_tokens leaves out the tokens read from and
+        // written to its cache; OpenAI's prompt and input tokens include
+        // cached ones.
+        let anthropic_cache = raw
+            .cache_read_input_tokens
+            .unwrap_or(0)
+            .saturating_add(raw.cache_creation_input_tokens.unwrap_or(0));
+        let input = raw
+            .input_tokens
+            .map(|input| input.saturating_add(anthropic_cache));
         Usage {
-            prompt: raw.prompt_tokens.or(raw.input_tokens),
+            prompt: raw.prompt_tokens.or(input),
             completion: raw.completion_tokens.or(raw.output_tokens),
             cached: cached(raw.prompt_tokens_details)
                 .or(cached(raw.input_tokens_details))
@@ -235,7 +247,7 @@ mod tests {
         assert!(read(delta).has_content);
         assert!(!read(end).has_content);
         total.merge(read(end).usage);
-        assert_eq!(total, usage(25, 15, Some(5)));
+        assert_eq!(total, usage(30, 15, Some(5)), "input + cache reads");
     }
 
     #[test]

@@ -130,10 +130,26 @@ impl RedisClient {
     /// connection is an `Err` (and the connection is dropped).
     pub async fn pipeline(&self, commands: &[Vec<Vec<u8>>]) -> io::Result<Vec<Reply>> {
         let idle = self.lock().pop();
-        let mut connection = match idle {
-            Some(connection) => connection,
-            None => self.connect().await?,
-        };
+        if let Some(connection) = idle {
+            match self.exchange_on(connection, commands).await {
+                // An idle connection the server (its `timeout`, a restart)
+                // or a NAT closed meanwhile: nothing was read from it, so
+                // the commands were not run; once more on a new one.
+                Err(err) if is_stale(&err) => {}
+                answered => return answered,
+            }
+        }
+        let connection = self.connect().await?;
+        self.exchange_on(connection, commands).await
+    }
+
+    /// One pipelined exchange on `connection`, which goes back to the idle
+    /// list only if it completed.
+    async fn exchange_on(
+        &self,
+        mut connection: Connection,
+        commands: &[Vec<Vec<u8>>],
+    ) -> io::Result<Vec<Reply>> {
         let replies = tokio::time::timeout(TIMEOUT, connection.exchange(commands))
             .await
             .map_err(|_| {
@@ -177,6 +193,17 @@ impl RedisClient {
     }
 }
 
+/// An error meaning the connection was closed before it was used.
+fn is_stale(err: &io::Error) -> bool {
+    matches!(
+        err.kind(),
+        io::ErrorKind::UnexpectedEof
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+    )
+}
+
 /// A command as RESP's array of bulk strings.
 pub fn command(parts: &[&str]) -> Vec<Vec<u8>> {
     parts.iter().map(|part| part.as_bytes().to_vec()).collect()
@@ -196,7 +223,18 @@ impl Connection {
         self.stream.get_mut().write_all(&out).await?;
         let mut replies = Vec::with_capacity(commands.len());
         for _ in commands {
-            replies.push(read_reply(&mut self.stream, 0).await?);
+            match read_reply(&mut self.stream, 0).await {
+                Ok(reply) => replies.push(reply),
+                // Some commands ran: the error must not read as a stale
+                // connection, or they would be run twice.
+                Err(err) if !replies.is_empty() => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("Redis connection lost mid-reply: {err}"),
+                    ))
+                }
+                Err(err) => return Err(err),
+            }
         }
         Ok(replies)
     }

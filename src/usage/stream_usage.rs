@@ -22,13 +22,15 @@ use http::request::Parts;
 use http::{HeaderValue, Method};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use memchr::memmem;
 use serde_json::Value;
 
-use super::tap::MAX_LINE;
+use super::tap::{has_usage_object, MAX_LINE};
 
 /// Largest request body keyrelay reads to add `include_usage`.
 pub const MAX_REWRITE: usize = 1 << 20;
+
+/// How long reading that body may take.
+pub const READ_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// The field keyrelay adds, as inserted after the body's opening brace.
 const INCLUDE_USAGE: &[u8] = br#""stream_options":{"include_usage":true},"#;
@@ -56,19 +58,23 @@ pub fn is_candidate(parts: &Parts) -> bool {
 
 /// Reads the body of a candidate request and, if it asks for a stream
 /// without usage, adds `include_usage`. Returns the body to send and
-/// whether keyrelay added the field (then the usage event is its own).
-pub async fn add_include_usage(
-    parts: &mut Parts,
-    body: Incoming,
-) -> Result<(Bytes, bool), hyper::Error> {
-    let body = body.collect().await?.to_bytes();
+/// whether keyrelay added the field (then the usage event is its own), or
+/// `None` if the body could not be read whole within [`READ_LIMIT`].
+pub async fn add_include_usage(parts: &mut Parts, body: Incoming) -> Option<(Bytes, bool)> {
+    // A client trickling its body must not hold the request (and its
+    // concurrency slot) forever.
+    let body = tokio::time::timeout(READ_LIMIT, body.collect())
+        .await
+        .ok()?
+        .ok()?
+        .to_bytes();
     let Some(rewritten) = with_include_usage(&body) else {
-        return Ok((body, false));
+        return Some((body, false));
     };
     parts
         .headers
         .insert(CONTENT_LENGTH, HeaderValue::from(rewritten.len()));
-    Ok((Bytes::from(rewritten), true))
+    Some((Bytes::from(rewritten), true))
 }
 
 /// The body with `include_usage` added, if it is a JSON object that
@@ -108,57 +114,89 @@ fn with_include_usage(body: &[u8]) -> Option<Vec<u8>> {
 }
 
 /// Removes the usage-only event (`"choices": []` with `usage`) from an SSE
-/// stream as it passes, holding back nothing but an unfinished line.
-#[derive(Debug, Default)]
+/// stream as it passes. It holds back only the unfinished last line of a
+/// frame, and only while that line could still turn out to be the usage
+/// event: one that starts an event with `data:` and has shown no choice yet.
+#[derive(Debug)]
 pub struct UsageEventStrip {
     /// The start of a line the next frame finishes.
     held: Vec<u8>,
+    /// The next line starts an event (the stream's start, or after a blank line).
+    at_event_start: bool,
+    /// The last frame ended inside a line that was already sent.
+    mid_line: bool,
     /// The usage event's data line was dropped; its blank line goes too.
     drop_blank: bool,
-    /// Gave up (a line beyond [`MAX_LINE`]): everything passes as it comes.
-    off: bool,
+}
+
+impl Default for UsageEventStrip {
+    fn default() -> Self {
+        Self {
+            held: Vec::new(),
+            at_event_start: true,
+            mid_line: false,
+            drop_blank: false,
+        }
+    }
 }
 
 impl UsageEventStrip {
     /// What of `frame` to send now; `None` when nothing is ready.
     pub fn pass(&mut self, frame: Bytes) -> Option<Bytes> {
-        if self.off {
-            return Some(frame);
-        }
-        let fast = self.held.is_empty()
-            && !self.drop_blank
-            && memmem::find(&frame, b"\"usage\"").is_none();
-        if fast {
-            // Complete lines go as they are; an unfinished one waits.
-            let complete = memchr::memrchr(b'\n', &frame).map_or(0, |end| end + 1);
-            self.held.extend_from_slice(&frame[complete..]);
-            return (complete > 0).then(|| frame.slice(..complete));
-        }
-        let mut data = std::mem::take(&mut self.held);
-        data.extend_from_slice(&frame);
-        let mut out = Vec::with_capacity(data.len());
-        let mut rest = &data[..];
-        while let Some(end) = memchr::memchr(b'\n', rest) {
-            let line = &rest[..=end];
-            rest = &rest[end + 1..];
-            let blank = matches!(line, b"\n" | b"\r\n");
-            if std::mem::take(&mut self.drop_blank) && blank {
-                continue;
-            }
-            if is_usage_only(line) {
-                self.drop_blank = true;
-                continue;
-            }
-            out.extend_from_slice(line);
-        }
-        if rest.len() > MAX_LINE {
-            // Not SSE as keyrelay knows it: stop filtering, lose nothing.
-            self.off = true;
-            out.extend_from_slice(rest);
+        let joined;
+        let data: &[u8] = if self.held.is_empty() {
+            &frame
         } else {
-            self.held.extend_from_slice(rest);
+            let mut held = std::mem::take(&mut self.held);
+            held.extend_from_slice(&frame);
+            joined = held;
+            &joined
+        };
+        let rewrote = data.len() != frame.len();
+        // The kept parts of `data`, as ranges; most frames keep one.
+        let mut kept: Vec<std::ops::Range<usize>> = Vec::new();
+        let mut keep = |range: std::ops::Range<usize>| match kept.last_mut() {
+            Some(last) if last.end == range.start => last.end = range.end,
+            _ => kept.push(range),
+        };
+        let mut start = 0;
+        while let Some(len) = memchr::memchr(b'\n', &data[start..]) {
+            let end = start + len + 1;
+            let line = &data[start..end];
+            let continues = std::mem::take(&mut self.mid_line);
+            let blank = !continues && matches!(line, b"\n" | b"\r\n");
+            if std::mem::take(&mut self.drop_blank) && blank {
+                self.at_event_start = true;
+            } else if !continues && self.at_event_start && is_usage_only(line) {
+                self.drop_blank = true;
+            } else {
+                keep(start..end);
+                self.at_event_start = blank;
+            }
+            start = end;
         }
-        (!out.is_empty()).then(|| Bytes::from(out))
+        let tail = &data[start..];
+        if !tail.is_empty() {
+            let could_be_usage = !self.mid_line && self.at_event_start && could_be_usage_only(tail);
+            if could_be_usage && tail.len() <= MAX_LINE {
+                self.held.extend_from_slice(tail);
+            } else {
+                keep(start..data.len());
+                self.mid_line = true;
+            }
+        }
+        match kept.as_slice() {
+            [] => None,
+            // Nothing cut: the frame's own bytes, without a copy.
+            [only] if !rewrote => Some(frame.slice(only.clone())),
+            ranges => {
+                let mut out = Vec::with_capacity(ranges.iter().map(|r| r.len()).sum());
+                for range in ranges {
+                    out.extend_from_slice(&data[range.clone()]);
+                }
+                Some(Bytes::from(out))
+            }
+        }
     }
 
     /// True while an unfinished line is held.
@@ -166,11 +204,40 @@ impl UsageEventStrip {
         !self.held.is_empty()
     }
 
-    /// At the end of the stream: the unfinished last line, if any.
+    /// The held line, to send before trailers, an error or the end.
     pub fn finish(&mut self) -> Option<Bytes> {
         let rest = std::mem::take(&mut self.held);
         (!rest.is_empty() && !is_usage_only(&rest)).then(|| Bytes::from(rest))
     }
+}
+
+/// True if an unfinished line may still be a usage-only `data:` line: it is
+/// a start of `data:`, or a `data:` line that has not shown a choice.
+fn could_be_usage_only(start: &[u8]) -> bool {
+    if start.len() < b"data:".len() {
+        return b"data:".starts_with(start);
+    }
+    start.starts_with(b"data:") && !has_a_choice(start)
+}
+
+/// True if `data` shows `"choices"` holding an object (`"choices": [{`).
+fn has_a_choice(data: &[u8]) -> bool {
+    let skip = |bytes: &[u8]| -> usize {
+        bytes
+            .iter()
+            .position(|b| !b.is_ascii_whitespace())
+            .unwrap_or(bytes.len())
+    };
+    memchr::memmem::find_iter(data, b"\"choices\"").any(|at| {
+        let rest = &data[at + b"\"choices\"".len()..];
+        let Some(rest) = rest[skip(rest)..].strip_prefix(b":") else {
+            return false;
+        };
+        let Some(rest) = rest[skip(rest)..].strip_prefix(b"[") else {
+            return false;
+        };
+        rest[skip(rest)..].first() == Some(&b'{')
+    })
 }
 
 /// A `data:` line holding a chunk with `usage` and no choices.
@@ -180,7 +247,7 @@ fn is_usage_only(line: &[u8]) -> bool {
     let Some(data) = line.strip_prefix(b"data:") else {
         return false;
     };
-    if memmem::find(data, b"\"usage\"").is_none() {
+    if !has_usage_object(data) {
         return false;
     }
     let Ok(Value::Object(chunk)) = serde_json::from_slice::<Value>(data) else {
@@ -258,6 +325,37 @@ mod tests {
         }
         let chunks: Vec<&[u8]> = bytes.chunks(1).collect();
         assert_eq!(strip_all(&chunks).0, WITHOUT_USAGE);
+    }
+
+    #[test]
+    fn only_a_line_that_may_be_the_usage_event_waits() {
+        let mut strip = UsageEventStrip::default();
+        // A content line cut short passes at once: it has shown its choice.
+        let start = "data: {\"choices\":[{\"delta\":{\"content\":\"Hi";
+        assert_eq!(
+            strip.pass(Bytes::from(start)).as_deref(),
+            Some(start.as_bytes())
+        );
+        assert_eq!(
+            strip.pass(Bytes::from("\"}}]}\n\n")).as_deref(),
+            Some(&b"\"}}]}\n\n"[..])
+        );
+        // The start of a line that may still be the usage event waits...
+        assert_eq!(strip.pass(Bytes::from("data: {\"id\":\"c\",")), None);
+        assert!(strip.holds_bytes());
+        // ...and goes out with its end once it shows a choice.
+        let rest = "\"choices\":[{\"delta\":{}}]}\n\n";
+        assert_eq!(
+            strip.pass(Bytes::from(rest)).as_deref(),
+            Some(format!("data: {{\"id\":\"c\",{rest}").as_bytes())
+        );
+    }
+
+    #[test]
+    fn a_usage_event_with_other_fields_is_left_whole() {
+        let event =
+            "event: chunk\nid: 7\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":1}}\n\n";
+        assert_eq!(strip_all(&[event.as_bytes()]).0, event);
     }
 
     #[test]

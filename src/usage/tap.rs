@@ -48,6 +48,8 @@ pub enum GaveUp {
     OverlongLine,
     /// A JSON body larger than [`MAX_JSON`].
     OverlongJson,
+    /// A compressed body, which the tap does not inflate.
+    Encoded,
 }
 
 impl GaveUp {
@@ -56,6 +58,7 @@ impl GaveUp {
         match self {
             Self::OverlongLine => "overlong_line",
             Self::OverlongJson => "overlong_json",
+            Self::Encoded => "encoded",
         }
     }
 }
@@ -116,6 +119,33 @@ impl UsageTap {
         })
     }
 
+    /// Why a successful SSE or JSON response, which could carry usage,
+    /// cannot be tapped, if it cannot: it is compressed, or declares a JSON
+    /// body beyond [`MAX_JSON`].
+    pub fn unreadable(status: http::StatusCode, headers: &HeaderMap) -> Option<GaveUp> {
+        if !status.is_success() {
+            return None;
+        }
+        let media_type = headers.get(CONTENT_TYPE)?.to_str().ok()?;
+        let media_type = media_type.split(';').next()?.trim().to_ascii_lowercase();
+        if media_type != "text/event-stream" && media_type != "application/json" {
+            return None;
+        }
+        let encoded = headers
+            .get(CONTENT_ENCODING)
+            .is_some_and(|coding| !coding.as_bytes().eq_ignore_ascii_case(b"identity"));
+        let declared = headers
+            .get(CONTENT_LENGTH)
+            .and_then(|len| len.to_str().ok()?.parse::<usize>().ok());
+        if encoded {
+            Some(GaveUp::Encoded)
+        } else if media_type == "application/json" && declared.is_some_and(|len| len > MAX_JSON) {
+            Some(GaveUp::OverlongJson)
+        } else {
+            None
+        }
+    }
+
     /// True for a Server-Sent Events response.
     pub fn is_sse(&self) -> bool {
         matches!(self.framing, Framing::Sse { .. })
@@ -172,7 +202,7 @@ fn feed_sse(
     // Past the first token, only lines that mention "usage" matter, and
     // most frames have none: one search over the frame decides it, and
     // only an unfinished last line is kept.
-    if partial.is_empty() && report.first_content.is_some() && MENTIONS_USAGE.find(data).is_none() {
+    if partial.is_empty() && report.first_content.is_some() && !has_usage_object(data) {
         let tail = match memchr::memrchr(b'\n', data) {
             Some(end) => &data[end + 1..],
             None => data,
@@ -212,6 +242,26 @@ fn feed_sse(
 static MENTIONS_USAGE: LazyLock<memmem::Finder<'static>> =
     LazyLock::new(|| memmem::Finder::new(b"\"usage\""));
 
+/// True if `data` has a `"usage"` key holding an object. OpenAI streams that
+/// were asked for usage send `"usage": null` on every chunk, which is
+/// not worth parsing.
+pub fn has_usage_object(data: &[u8]) -> bool {
+    let trim = |bytes: &[u8]| -> usize {
+        bytes
+            .iter()
+            .position(|b| !b.is_ascii_whitespace())
+            .unwrap_or(bytes.len())
+    };
+    MENTIONS_USAGE.find_iter(data).any(|at| {
+        let rest = &data[at + b"\"usage\"".len()..];
+        let rest = &rest[trim(rest)..];
+        let Some(rest) = rest.strip_prefix(b":") else {
+            return false;
+        };
+        rest[trim(rest)..].first() == Some(&b'{')
+    })
+}
+
 /// Reads one SSE line (without its `\n`).
 fn read_line(line: &[u8], now: Instant, report: &mut UsageReport) {
     let line = line.strip_suffix(b"\r").unwrap_or(line);
@@ -220,7 +270,7 @@ fn read_line(line: &[u8], now: Instant, report: &mut UsageReport) {
     };
     let data = data.strip_prefix(b" ").unwrap_or(data);
     let before_first_token = report.first_content.is_none();
-    if !before_first_token && MENTIONS_USAGE.find(data).is_none() {
+    if !before_first_token && !has_usage_object(data) {
         return;
     }
     let reading = event::read(data);
@@ -296,6 +346,21 @@ mod tests {
         let later = start + std::time::Duration::from_millis(250);
         tap.feed(hel.as_bytes(), later);
         assert_eq!(tap.finish(later).first_content, Some(later));
+    }
+
+    #[test]
+    fn only_a_usage_object_counts_as_usage() {
+        assert!(has_usage_object(
+            br#"{"choices":[],"usage":{"prompt_tokens":1}}"#
+        ));
+        assert!(has_usage_object(br#"{"usage" : { "prompt_tokens": 1}}"#));
+        assert!(!has_usage_object(
+            br#"{"choices":[{"delta":{}}],"usage":null}"#
+        ));
+        assert!(!has_usage_object(
+            br#"{"text":"the word \"usage\" in content"}"#
+        ));
+        assert!(!has_usage_object(br#"{"usage""#));
     }
 
     #[test]

@@ -147,8 +147,10 @@ def main():
     binary, redis_binary = sys.argv[1], sys.argv[2]
     redis_port = free_port()
     redis = subprocess.Popen(
+        # --timeout 1: Redis closes idle connections, as a server or a NAT
+        # may; keyrelay must notice rather than fail the next request.
         [redis_binary, "--port", str(redis_port), "--bind", "127.0.0.1",
-         "--save", "", "--appendonly", "no"],
+         "--save", "", "--appendonly", "no", "--timeout", "1"],
         stdout=subprocess.DEVNULL,
     )
     relays = []
@@ -169,7 +171,9 @@ def main():
         assert b.spent() == 2 * EVENT_TOKENS, b.admin_get("/usage")
         ok(f"two replicas charged one budget: both report {a.spent()} of {BUDGET}")
 
-        # 2. Either replica now refuses, before anything goes upstream.
+        # 2. Either replica now refuses, before anything goes upstream, even
+        # after Redis has closed their idle connections.
+        time.sleep(2.5)
         before = Upstream.received
         for name, relay in (("A", a), ("B", b)):
             status, retry_after, body = relay.chat()
@@ -177,7 +181,9 @@ def main():
             assert json.loads(body)["type"] == "token_budget_exhausted", body
             assert retry_after and int(retry_after) > 0, retry_after
         assert Upstream.received == before, "a refused request reached the upstream"
-        ok("a request over the shared budget is refused by either replica (429, Retry-After), nothing forwarded")
+        assert a.metric("keyrelay_usage_store_errors_total") == 0, "a closed idle connection is not an outage"
+        ok("a request over the shared budget is refused by either replica (429, Retry-After), nothing forwarded, "
+           "also after Redis closed the idle connections")
 
         # 3. Redis goes away: "allow" serves unmetered, logs once, counts it.
         redis.terminate()
