@@ -173,7 +173,9 @@ impl UsageTap {
     /// The report, once the body ended (or was abandoned).
     pub fn finish(mut self, now: Instant) -> UsageReport {
         match std::mem::replace(&mut self.framing, Framing::Off) {
-            Framing::Json { document } => {
+            // Most JSON answers (model lists, health, errors) carry no
+            // usage: a search is cheaper than parsing them.
+            Framing::Json { document } if has_usage_object(&document) => {
                 let reading = event::read(&document);
                 self.report.usage.merge(reading.usage);
                 if reading.has_content {
@@ -184,7 +186,7 @@ impl UsageTap {
             Framing::Sse { partial } if !partial.is_empty() => {
                 read_line(&partial, now, &mut self.report);
             }
-            Framing::Sse { .. } | Framing::Off => {}
+            Framing::Json { .. } | Framing::Sse { .. } | Framing::Off => {}
         }
         self.report
     }
