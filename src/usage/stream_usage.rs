@@ -24,7 +24,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use serde_json::Value;
 
-use super::tap::{has_usage_object, MAX_LINE};
+use super::tap::{followed_by, has_usage_object, MAX_LINE};
 
 /// Largest request body keyrelay reads to add `include_usage`.
 pub const MAX_REWRITE: usize = 1 << 20;
@@ -222,22 +222,8 @@ fn could_be_usage_only(start: &[u8]) -> bool {
 
 /// True if `data` shows `"choices"` holding an object (`"choices": [{`).
 fn has_a_choice(data: &[u8]) -> bool {
-    let skip = |bytes: &[u8]| -> usize {
-        bytes
-            .iter()
-            .position(|b| !b.is_ascii_whitespace())
-            .unwrap_or(bytes.len())
-    };
-    memchr::memmem::find_iter(data, b"\"choices\"").any(|at| {
-        let rest = &data[at + b"\"choices\"".len()..];
-        let Some(rest) = rest[skip(rest)..].strip_prefix(b":") else {
-            return false;
-        };
-        let Some(rest) = rest[skip(rest)..].strip_prefix(b"[") else {
-            return false;
-        };
-        rest[skip(rest)..].first() == Some(&b'{')
-    })
+    memchr::memmem::find_iter(data, b"\"choices\"")
+        .any(|at| followed_by(&data[at + b"\"choices\"".len()..], b":[{"))
 }
 
 /// A `data:` line holding a chunk with `usage` and no choices.

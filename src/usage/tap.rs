@@ -248,20 +248,25 @@ static MENTIONS_USAGE: LazyLock<memmem::Finder<'static>> =
 /// were asked for usage send `"usage": null` on every chunk, which is
 /// not worth parsing.
 pub fn has_usage_object(data: &[u8]) -> bool {
-    let trim = |bytes: &[u8]| -> usize {
-        bytes
+    MENTIONS_USAGE
+        .find_iter(data)
+        .any(|at| followed_by(&data[at + b"\"usage\"".len()..], b":{"))
+}
+
+/// True if `rest` starts with the bytes of `tokens`, JSON whitespace
+/// allowed before each: what follows a key, e.g. `: {` for an object value.
+pub fn followed_by(mut rest: &[u8], tokens: &[u8]) -> bool {
+    for token in tokens {
+        let start = rest
             .iter()
             .position(|b| !b.is_ascii_whitespace())
-            .unwrap_or(bytes.len())
-    };
-    MENTIONS_USAGE.find_iter(data).any(|at| {
-        let rest = &data[at + b"\"usage\"".len()..];
-        let rest = &rest[trim(rest)..];
-        let Some(rest) = rest.strip_prefix(b":") else {
-            return false;
-        };
-        rest[trim(rest)..].first() == Some(&b'{')
-    })
+            .unwrap_or(rest.len());
+        match rest[start..].split_first() {
+            Some((first, after)) if first == token => rest = after,
+            _ => return false,
+        }
+    }
+    true
 }
 
 /// Reads one SSE line (without its `\n`).
