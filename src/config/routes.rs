@@ -4,8 +4,9 @@
 //! The top-level settings (`upstream` or a Baseten shortcut, `key_env`,
 //! `auth_*`, `allowed_paths`, `upstream_http`, `set_request_headers`) make a
 //! route named `default` at prefix `/`. A config file can add named routes,
-//! which take the top-level `auth_*`, `strip_request_headers`,
-//! `set_request_headers` and `upstream_http` unless they set their own:
+//! which take the top-level route policy (the settings in [`Policy`]:
+//! `auth_*`, the header lists, `allowed_paths`, `token_budget`,
+//! `add_stream_usage`) and `upstream_http` unless they set their own:
 //!
 //! ```toml
 //! [[routes]]
@@ -62,10 +63,8 @@ pub(super) struct RawRoute {
     auth_template: Option<String>,
     strip_request_headers: Option<Vec<String>>,
     strip_prefix: Option<bool>,
-    #[serde(default)]
-    allowed_paths: Vec<String>,
-    #[serde(default)]
-    token_budget: Vec<String>,
+    allowed_paths: Option<Vec<String>>,
+    token_budget: Option<Vec<String>>,
     add_stream_usage: Option<bool>,
     upstream_http: Option<String>,
     /// The older spelling of `upstream_http = "2"`.
@@ -77,7 +76,7 @@ pub(super) struct RawRoute {
 impl RawRoute {
     /// True if the route sets a `token_budget`.
     pub(super) fn has_budget(&self) -> bool {
-        !self.token_budget.is_empty()
+        self.token_budget.as_ref().is_some_and(|b| !b.is_empty())
     }
 
     /// True if the route turns `add_stream_usage` on.
@@ -109,9 +108,88 @@ pub struct RouteConfig {
     pub set_headers: Vec<(HeaderName, HeaderValue)>,
     /// LLM tokens everyone may spend on this route per window.
     pub budgets: Vec<BudgetLimit>,
+    /// The account `budgets` are counted in: the route's name, or
+    /// `default` for the top-level budget the route inherited (shared by
+    /// every route that inherits it).
+    pub budget_account: String,
     /// Ask streams for usage the client did not ask for (`add_stream_usage`).
     pub add_stream_usage: bool,
 }
+
+/// Where a route's policy value came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    /// The route set it (or it is the default route, whose own settings
+    /// are the top level's).
+    Own,
+    /// A `[[routes]]` entry left it out and took the top level's.
+    Top,
+}
+
+/// One route policy value and where it came from.
+struct Inherit<T> {
+    value: T,
+    from: Source,
+}
+
+/// Declares [`Policy`]: per setting, a route's own value or the top level's.
+macro_rules! route_policy {
+    ($($field:ident: $ty:ty),* $(,)?) => {
+        /// A route's policy settings, each its own or inherited.
+        struct Policy {
+            $($field: Inherit<$ty>,)*
+        }
+
+        impl Policy {
+            /// The top-level settings, as the default route's own.
+            fn top(raw: &RawConfig) -> Self {
+                Self {
+                    $($field: Inherit { value: raw.$field.clone(), from: Source::Own },)*
+                }
+            }
+
+            /// A `[[routes]]` entry's: what it sets, else the top level's.
+            fn of(route: &RawRoute, raw: &RawConfig) -> Self {
+                Self {
+                    $($field: match &route.$field {
+                        Some(value) => Inherit { value: value.clone(), from: Source::Own },
+                        None => Inherit { value: raw.$field.clone(), from: Source::Top },
+                    },)*
+                }
+            }
+        }
+    };
+}
+
+// Every per-route policy setting that also exists at the top level: a
+// `[[routes]]` entry that leaves it out takes the top level's value, one
+// that sets it (even to `[]`) keeps its own. Adding one is one line here,
+// given a `RawConfig` field and an `Option` `RawRoute` field of the same
+// name and type, plus a row in the README's "Route policy" table. Settings
+// that apply process-wide (token_rate_limit, access_token_budget,
+// max_request_body, max_concurrent_requests) are not route policy.
+route_policy! {
+    auth_header: String,
+    auth_template: String,
+    strip_request_headers: Vec<String>,
+    set_request_headers: Vec<String>,
+    allowed_paths: Vec<String>,
+    token_budget: Vec<String>,
+    add_stream_usage: bool,
+}
+
+/// The account a route's `token_budget` is counted in: its own name when
+/// it sets one, else the top level's budget, one budget shared by the
+/// default route and every route that inherits it (as `default`).
+fn budget_account(name: &str, policy: &Policy) -> String {
+    match policy.token_budget.from {
+        Source::Own => name.to_owned(),
+        Source::Top => DEFAULT_ROUTE.to_owned(),
+    }
+}
+
+/// The name of the route the top-level settings make.
+const DEFAULT_ROUTE: &str = "default";
 
 /// Where one route's problems are reported: `key` for the top level,
 /// `routes[i] "name".key` for a named route.
@@ -188,21 +266,22 @@ pub(super) fn check(
     // The top-level credential is checked whenever it may be used, even if the
     // upstream is missing, so that every problem is reported in one pass.
     if top_target.is_some() || raw.routes.is_empty() {
+        let policy = Policy::top(raw);
         let grpc_headers = top_target.as_ref().and_then(|t| t.grpc_headers.as_ref());
         let (mut credential, key) = credential(
             &CredentialSpec {
                 key_env: &raw.key_env,
                 key_file: raw.key_file.as_deref(),
-                header: key_header(&raw.auth_header, grpc_headers.is_some()),
-                template: &raw.auth_template,
-                strip: &raw.strip_request_headers,
+                header: key_header(&policy.auth_header.value, grpc_headers.is_some()),
+                template: &policy.auth_template.value,
+                strip: &policy.strip_request_headers.value,
             },
             &top,
             env,
             found,
         );
         let set_headers = static_headers(
-            &raw.set_request_headers,
+            &policy.set_request_headers.value,
             grpc_headers,
             credential.as_ref(),
             key.as_ref(),
@@ -210,8 +289,8 @@ pub(super) fn check(
             found,
         );
         strip_grpc_stage_headers(credential.as_mut(), grpc_headers.is_some());
-        let paths = policy(&raw.allowed_paths, &top, found);
-        let budgets = budgets(&raw.token_budget, &top, found);
+        let paths = path_policy(&policy.allowed_paths, "/", &top, found);
+        let budgets = budgets(&policy.token_budget.value, &top, found);
         let http = top_http.and_then(|named| {
             resolve_protocol(
                 named,
@@ -231,7 +310,7 @@ pub(super) fn check(
         ) = (top_target, credential, paths, http, set_headers, budgets)
         {
             routes.push(RouteConfig {
-                name: "default".to_owned(),
+                name: DEFAULT_ROUTE.to_owned(),
                 prefix: "/".to_owned(),
                 strip_prefix: false,
                 upstream: target.upstream,
@@ -241,7 +320,8 @@ pub(super) fn check(
                 http,
                 set_headers,
                 budgets,
-                add_stream_usage: raw.add_stream_usage,
+                budget_account: budget_account(DEFAULT_ROUTE, &policy),
+                add_stream_usage: policy.add_stream_usage.value,
             });
         }
     }
@@ -258,6 +338,13 @@ pub(super) fn check(
         .iter()
         .all(|value| set(value.as_deref()).is_none())
         && !raw.model_apis;
+    if !raw.routes.is_empty() && no_upstream && set(raw.key_file.as_deref()).is_some() {
+        found.report(
+            "key_file",
+            "is set at the top level, but no upstream is, so no route would use it: \
+             each [[routes]] entry names its own key_env or key_file",
+        );
+    }
     if raw.routes.is_empty() && no_upstream {
         found.report(
             "upstream",
@@ -346,28 +433,22 @@ fn check_route(
         );
         return None;
     }
+    let policy = Policy::of(route, raw);
     let grpc_headers = target.as_ref().and_then(|t| t.grpc_headers.as_ref());
-    let header = route.auth_header.as_deref().unwrap_or(&raw.auth_header);
     let (mut credential, key) = credential(
         &CredentialSpec {
             key_env: key_env.unwrap_or_default(),
             key_file,
-            header: key_header(header, grpc_headers.is_some()),
-            template: route.auth_template.as_deref().unwrap_or(&raw.auth_template),
-            strip: route
-                .strip_request_headers
-                .as_deref()
-                .unwrap_or(&raw.strip_request_headers),
+            header: key_header(&policy.auth_header.value, grpc_headers.is_some()),
+            template: &policy.auth_template.value,
+            strip: &policy.strip_request_headers.value,
         },
         scope,
         env,
         found,
     );
     let set_headers = static_headers(
-        route
-            .set_request_headers
-            .as_deref()
-            .unwrap_or(&raw.set_request_headers),
+        &policy.set_request_headers.value,
         grpc_headers,
         credential.as_ref(),
         key.as_ref(),
@@ -375,8 +456,8 @@ fn check_route(
         found,
     );
     strip_grpc_stage_headers(credential.as_mut(), grpc_headers.is_some());
-    let paths = policy(&route.allowed_paths, scope, found);
-    let budgets = budgets(&route.token_budget, scope, found);
+    let paths = path_policy(&policy.allowed_paths, &prefix, scope, found);
+    let budgets = budgets(&policy.token_budget.value, scope, found);
     let http = named_protocol(
         route.upstream_http.as_deref(),
         route.http2,
@@ -399,7 +480,8 @@ fn check_route(
         http: http?,
         set_headers: set_headers?,
         budgets: budgets?,
-        add_stream_usage: route.add_stream_usage.unwrap_or(raw.add_stream_usage),
+        budget_account: budget_account(&route.name, &policy),
+        add_stream_usage: policy.add_stream_usage.value,
     })
 }
 
@@ -753,10 +835,47 @@ fn credential(
     (Some(credential), key)
 }
 
-fn policy(rules: &[String], scope: &Scope, found: &mut Problems) -> Option<PathPolicy> {
-    PathPolicy::parse(rules)
-        .map_err(|message| found.report(&scope.setting("allowed_paths"), message))
-        .ok()
+/// The route's `allowed_paths`. Rules match the local path, prefix
+/// included, so a rule outside the route's prefix can never match there: a
+/// route's own such rule is a mistake, and so is an inherited list none of
+/// whose rules can match (an inherited list may hold rules for other routes).
+fn path_policy(
+    rules: &Inherit<Vec<String>>,
+    prefix: &str,
+    scope: &Scope,
+    found: &mut Problems,
+) -> Option<PathPolicy> {
+    let setting = scope.setting("allowed_paths");
+    let policy = PathPolicy::parse(&rules.value)
+        .map_err(|message| found.report(&setting, message))
+        .ok()?;
+    let outside = policy.rules_outside(prefix);
+    match rules.from {
+        Source::Own if !outside.is_empty() => {
+            for rule in outside {
+                found.report(
+                    &setting,
+                    format!(
+                        "{rule:?} can never match: this route serves only paths under {prefix} \
+                         (rules match the local path, prefix included)"
+                    ),
+                );
+            }
+            None
+        }
+        Source::Top if !policy.is_empty() && outside.len() == policy.len() => {
+            found.report(
+                &setting,
+                format!(
+                    "inherits the top-level allowed_paths, and none of its rules can match under \
+                     this route's prefix {prefix} (rules match the local path, prefix included); \
+                     give the route its own allowed_paths (or [] for none)"
+                ),
+            );
+            None
+        }
+        _ => Some(policy),
+    }
 }
 
 #[cfg(test)]

@@ -12,13 +12,28 @@ use support::*;
 /// EX_USAGE: what keyrelay exits with on any configuration mistake.
 const EX_USAGE: i32 = 64;
 
+/// Runs keyrelay to its exit; one that starts serving instead (a mistake
+/// it did not catch) is stopped after a few seconds, so the test fails on
+/// its exit status rather than hanging.
 fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut command = binary();
     command.args(args);
     for (name, value) in env {
         command.env(name, value);
     }
-    command.output().expect("run keyrelay")
+    command
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = command.spawn().expect("run keyrelay");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while child.try_wait().expect("wait").is_none() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    if child.try_wait().expect("wait").is_none() {
+        child.kill().expect("stop keyrelay");
+    }
+    child.wait_with_output().expect("keyrelay output")
 }
 
 fn stderr(output: &Output) -> String {
@@ -413,4 +428,46 @@ fn token_budgets_that_could_never_apply_stop_startup() {
         &with(&["--add-stream-usage", "--usage-tap", "off"]),
         &["add_stream_usage", "usage_tap is off"],
     );
+}
+
+#[test]
+fn top_level_route_policy_that_no_route_could_use_stops_startup() {
+    let route = |extra: &str| {
+        format!(
+            "[[routes]]\nname = \"llama\"\nprefix = \"/llama\"\nupstream = \"https://a.test\"\n\
+             key_env = \"BASETEN_API_KEY\"\n{extra}\n"
+        )
+    };
+    let cases = [
+        // Inherited rules of which none can match under the route's prefix:
+        // the route would refuse everything, or (before) ignore them.
+        (
+            format!("allowed_paths = [\"POST /v1/*\"]\n{}", route("")),
+            vec![
+                r#"routes[0] "llama".allowed_paths"#,
+                "inherits the top-level allowed_paths",
+            ],
+        ),
+        // A route's own rule outside its prefix never matches.
+        (
+            route("allowed_paths = [\"POST /predict\", \"POST /llama/predict\"]"),
+            vec![
+                r#"routes[0] "llama".allowed_paths"#,
+                "\"POST /predict\" can never match",
+            ],
+        ),
+        // A top-level key_file with no default route is used by nothing.
+        (
+            format!("key_file = \"/run/secrets/key\"\n{}", route("")),
+            vec!["key_file", "no route would use it"],
+        ),
+    ];
+    for (toml, mentions) in cases {
+        let file = temp_file("policy.toml", &toml);
+        let output = run(
+            &["--config", file.to_str().expect("utf-8 path")],
+            &[("BASETEN_API_KEY", KEY)],
+        );
+        assert_usage_error(&output, &mentions);
+    }
 }
