@@ -89,12 +89,15 @@ impl PathPolicy {
             .collect()
     }
 
-    /// True when a rule names `method` itself (a rule without a method
-    /// does not): methods refused unless named, such as TRACE, pass only then.
-    pub fn names_method(&self, method: &Method) -> bool {
-        self.rules
-            .iter()
-            .any(|rule| rule.method.as_ref() == Some(method))
+    /// True when a rule that names `method` itself matches `path` (a rule
+    /// without a method does not count): methods refused unless named, such
+    /// as TRACE, pass only then.
+    pub fn names(&self, method: &Method, path: &str) -> bool {
+        !is_ambiguous(path)
+            && self
+                .rules
+                .iter()
+                .any(|rule| rule.method.as_ref() == Some(method) && rule.matches(path))
     }
 
     /// True when `method` and `path` (without query) match a rule, or there are none.
@@ -106,13 +109,18 @@ impl PathPolicy {
         self.rules.is_empty()
             || !is_ambiguous(path)
                 && self.rules.iter().any(|rule| {
-                    rule.method.as_ref().is_none_or(|m| m == method)
-                        && if rule.prefix {
-                            path.starts_with(&rule.path)
-                        } else {
-                            path == rule.path
-                        }
+                    rule.method.as_ref().is_none_or(|m| m == method) && rule.matches(path)
                 })
+    }
+}
+
+impl Rule {
+    fn matches(&self, path: &str) -> bool {
+        if self.prefix {
+            path.starts_with(&self.path)
+        } else {
+            path == self.path
+        }
     }
 }
 

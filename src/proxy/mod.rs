@@ -320,6 +320,11 @@ impl Shared {
         if headers::has_unsupported_transfer_coding(&parts.headers) {
             return Err(ClientError::UnsupportedTransferCoding.into());
         }
+        if let Some(method) = echoing_method(&parts.method) {
+            if !route.paths.names(&parts.method, parts.uri.path()) {
+                return Err(Refusal::MethodNotAllowed(method).into());
+            }
+        }
         if !route.paths.allows(&parts.method, parts.uri.path()) {
             return Err(Refusal::PathNotAllowed.into());
         }
@@ -490,6 +495,15 @@ fn switch_protocols(
     *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     *response.headers_mut() = headers;
     response
+}
+
+/// `TRACE` or `TRACK` (in any case: methods are case-sensitive, but some
+/// servers are not), which make a server echo the request it received, the
+/// injected credential included.
+fn echoing_method(method: &Method) -> Option<&'static str> {
+    ["TRACE", "TRACK"]
+        .into_iter()
+        .find(|echoing| method.as_str().eq_ignore_ascii_case(echoing))
 }
 
 /// Turns the client's request into the upstream's: new target, scrubbed
