@@ -215,6 +215,8 @@ struct TargetSpec<'a> {
     development: bool,
     grpc: bool,
     regional: bool,
+    /// `allow_cleartext_upstream`: an `http://` upstream beyond loopback.
+    allow_cleartext: bool,
 }
 
 /// What a route points at, resolved.
@@ -254,6 +256,7 @@ pub(super) fn check(
         development: raw.development,
         grpc: raw.grpc,
         regional: raw.regional,
+        allow_cleartext: raw.allow_cleartext_upstream,
     };
     let top_target = target(&top_target, &top, found).flatten();
     let top_http = named_protocol(
@@ -412,6 +415,7 @@ fn check_route(
         development: route.development,
         grpc: route.grpc,
         regional: route.regional,
+        allow_cleartext: raw.allow_cleartext_upstream,
     };
     let target = match target(&spec, scope, found) {
         Some(Some(target)) => Some(target),
@@ -711,6 +715,17 @@ fn target(spec: &TargetSpec<'_>, scope: &Scope, found: &mut Problems) -> Option<
         },
     };
     match parse_upstream(&url) {
+        Ok(upstream) if is_cleartext_beyond_loopback(&upstream) && !spec.allow_cleartext => {
+            found.report(
+                &scope.setting("upstream"),
+                format!(
+                    "{upstream} is plain http:// to a host that is not loopback: the key would \
+                     cross the network in clear text; use https://, or set \
+                     allow_cleartext_upstream = true if that network path is trusted"
+                ),
+            );
+            None
+        }
         Ok(upstream) => Some(Some(Resolved {
             upstream,
             stage,
@@ -721,6 +736,21 @@ fn target(spec: &TargetSpec<'_>, scope: &Scope, found: &mut Problems) -> Option<
             None
         }
     }
+}
+
+/// True for a plain `http://` upstream whose host is not `localhost` or a
+/// loopback address.
+fn is_cleartext_beyond_loopback(upstream: &UpstreamUrl) -> bool {
+    if upstream.scheme != http::uri::Scheme::HTTP {
+        return false;
+    }
+    let host = upstream.authority.host();
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let loopback = host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.to_canonical().is_loopback());
+    !loopback
 }
 
 /// Why `grpc` or `regional` cannot apply to what the route points at.
@@ -753,11 +783,23 @@ fn credential(
     env: &HashMap<String, String>,
     found: &mut Problems,
 ) -> (Option<Credential>, Option<ApiKey>) {
-    let header = HeaderName::from_bytes(spec.header.as_bytes()).ok();
+    let header = HeaderName::from_bytes(spec.header.as_bytes())
+        .ok()
+        .filter(|name| !request_headers::is_managed(name));
     if header.is_none() {
+        let name = spec.header.trim();
+        let why = if name.starts_with(':') {
+            "is an HTTP/2 pseudo-header, which keyrelay sets itself; the credential needs an ordinary header"
+        } else if HeaderName::from_bytes(name.as_bytes()).is_ok() {
+            "frames or routes the message (host, length, transfer coding, hop-by-hop), \
+             which keyrelay manages itself: a credential there would be dropped or corrupt \
+             the request; use an ordinary header such as authorization"
+        } else {
+            "is not a valid header name"
+        };
         found.report(
             &scope.setting("auth_header"),
-            format!("{:?} is not a valid header name", spec.header),
+            format!("{:?} {why}", spec.header),
         );
     }
     let template_ok = spec.template.contains(KEY_PLACEHOLDER);

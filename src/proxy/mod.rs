@@ -289,8 +289,16 @@ impl Shared {
 
         // 4. Send, over the route's HTTP version (an `auto` route's first
         // request finds out which the server speaks).
-        // The path only: queries can carry secrets of their own.
-        tracing::debug!(path = upstream_request.uri().path(), "forwarding");
+        // The path only: queries can carry secrets of their own; and without
+        // the upstream URL's base path, which is configuration never printed.
+        tracing::debug!(
+            path = upstream_request
+                .uri()
+                .path()
+                .strip_prefix(route.upstream.base_path.as_str())
+                .unwrap_or_default(),
+            "forwarding"
+        );
         let overhead = record.elapsed();
         record.metrics().overhead(overhead.as_secs_f64());
         let via = client
