@@ -371,6 +371,17 @@ pub(super) fn check(
                     &format!("routes {:?}", a.name),
                     "two routes share this name; names must be unique",
                 );
+            } else if a.budget_account == b.budget_account && a.budgets != b.budgets {
+                // Only a [[routes]] entry named "default" with a budget of
+                // its own, beside routes that inherit the top-level one.
+                found.report(
+                    &format!("routes {:?} and {:?}", a.name, b.name),
+                    format!(
+                        "both budgets would be counted as {:?}, the name of the top-level \
+                         token_budget the routes without their own share; rename the route",
+                        a.budget_account
+                    ),
+                );
             }
         }
     }

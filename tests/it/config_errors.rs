@@ -456,6 +456,17 @@ fn top_level_route_policy_that_no_route_could_use_stops_startup() {
                 "\"POST /predict\" can never match",
             ],
         ),
+        // A route named "default" with its own budget, beside one that
+        // inherits the top-level budget (counted as "default" too).
+        (
+            format!(
+                "token_budget = [\"10/day\"]\n{}\n[[routes]]\nname = \"default\"\n\
+                 prefix = \"/d\"\nupstream = \"https://d.test\"\nkey_env = \"BASETEN_API_KEY\"\n\
+                 token_budget = [\"99/day\"]\n",
+                route("")
+            ),
+            vec!["both budgets would be counted as \"default\""],
+        ),
         // A top-level key_file with no default route is used by nothing.
         (
             format!("key_file = \"/run/secrets/key\"\n{}", route("")),
