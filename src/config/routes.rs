@@ -29,8 +29,9 @@ use http::{HeaderName, HeaderValue};
 use serde::Deserialize;
 
 use super::check::{parse_budgets, Problems};
-use super::parse::parse_upstream;
+use super::parse::{parse_upstream, split_list};
 use super::request_headers;
+use super::settings::SETTINGS;
 use super::{Credential, RawConfig, UpstreamHttp, UpstreamUrl};
 use crate::config::baseten::{self, Stage, Target};
 use crate::guard::paths::PathPolicy;
@@ -157,8 +158,58 @@ macro_rules! route_policy {
                     },)*
                 }
             }
+
+            /// The top-level settings that are set (not at their default)
+            /// while every `[[routes]]` entry sets its own: without a
+            /// default route they would apply to nothing.
+            fn overridden_everywhere(raw: &RawConfig) -> Vec<&'static str> {
+                let mut unused = Vec::new();
+                $(
+                    if !raw.$field.is_default(stringify!($field))
+                        && raw.routes.iter().all(|route| route.$field.is_some())
+                    {
+                        unused.push(stringify!($field));
+                    }
+                )*
+                unused
+            }
         }
     };
+}
+
+/// Whether a top-level value is its setting's default (from `SETTINGS`).
+trait AtDefault {
+    fn is_default(&self, key: &str) -> bool;
+}
+
+fn default_of(key: &str) -> &'static str {
+    SETTINGS
+        .iter()
+        .find(|setting| setting.key == key)
+        .map_or("", |setting| setting.default)
+}
+
+impl AtDefault for String {
+    fn is_default(&self, key: &str) -> bool {
+        self.trim() == default_of(key)
+    }
+}
+
+impl AtDefault for Vec<String> {
+    fn is_default(&self, key: &str) -> bool {
+        let set: Vec<&str> = self
+            .iter()
+            .map(|v| v.trim())
+            .filter(|v| !v.is_empty())
+            .collect();
+        set == split_list(default_of(key))
+    }
+}
+
+impl AtDefault for bool {
+    fn is_default(&self, key: &str) -> bool {
+        *self == (default_of(key) == "true")
+    }
 }
 
 // Every per-route policy setting that also exists at the top level: a
@@ -341,6 +392,15 @@ pub(super) fn check(
         .iter()
         .all(|value| set(value.as_deref()).is_none())
         && !raw.model_apis;
+    if !raw.routes.is_empty() && no_upstream {
+        for key in Policy::overridden_everywhere(raw) {
+            found.report(
+                key,
+                "is set at the top level, but every [[routes]] entry sets its own and there \
+                 is no top-level upstream, so it would apply to nothing",
+            );
+        }
+    }
     if !raw.routes.is_empty() && no_upstream && set(raw.key_file.as_deref()).is_some() {
         found.report(
             "key_file",

@@ -467,6 +467,17 @@ fn top_level_route_policy_that_no_route_could_use_stops_startup() {
             ),
             vec!["both budgets would be counted as \"default\""],
         ),
+        // Top-level policy every route overrides, with no default route.
+        (
+            format!(
+                "set_request_headers = [\"x-team: a\"]\nadd_stream_usage = true\n{}",
+                route("set_request_headers = []\nadd_stream_usage = false")
+            ),
+            vec![
+                "set_request_headers: is set at the top level",
+                "add_stream_usage: is set",
+            ],
+        ),
         // A top-level key_file with no default route is used by nothing.
         (
             format!("key_file = \"/run/secrets/key\"\n{}", route("")),
