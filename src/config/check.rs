@@ -414,11 +414,25 @@ fn check_access(
 ) -> Option<AccessSettings> {
     // Each token is checked where its setting is known, so a problem names it.
     let mut tokens = Vec::new();
-    let mut add = |setting, name: String, read: Result<String, String>, file| match read
-        .and_then(|value| check_value(&name, &value).map(|()| value))
-    {
-        Ok(value) => tokens.push((name, value, file)),
-        Err(problem) => found.report(setting, problem),
+    // A token's name is what budgets, metrics and logs know it by, so two
+    // tokens of one name would share them: refused, naming the second.
+    let mut names: Vec<String> = Vec::new();
+    let mut add = |setting, name: String, read: Result<String, String>, file| {
+        if names.contains(&name) {
+            found.report(
+                setting,
+                format!(
+                    "two access tokens are named {name:?} (a token is named by its variable, \
+                     or by its file's name without the folder); give each a unique name"
+                ),
+            );
+            return;
+        }
+        names.push(name.clone());
+        match read.and_then(|value| check_value(&name, &value).map(|()| value)) {
+            Ok(value) => tokens.push((name, value, file)),
+            Err(problem) => found.report(setting, problem),
+        }
     };
     for name in raw.access_token_env.iter().filter(|n| !n.is_empty()) {
         let read = env

@@ -122,7 +122,10 @@ impl fmt::Display for UpstreamHttp {
 }
 
 /// The upstream base URL, split into the parts each request reuses.
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// Shown (`Display`, `Debug`) as `scheme://host:port` only: the base path
+/// is the one part a pasted secret could still be in, so it is never printed.
+#[derive(Clone, PartialEq, Eq)]
 pub struct UpstreamUrl {
     /// `http` or `https`.
     pub scheme: Scheme,
@@ -146,7 +149,20 @@ impl UpstreamUrl {
 
 impl fmt::Display for UpstreamUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}://{}{}", self.scheme, self.authority, self.base_path)
+        write!(f, "{}://{}", self.scheme, self.authority)
+    }
+}
+
+impl fmt::Debug for UpstreamUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UpstreamUrl")
+            .field("scheme", &self.scheme)
+            .field("authority", &self.authority)
+            .field(
+                "base_path",
+                &format_args!("<{} bytes>", self.base_path.len()),
+            )
+            .finish()
     }
 }
 
@@ -269,6 +285,7 @@ struct RawConfig {
     token_rate_limit: String,
     allowed_paths: Vec<String>,
     allow_unauthenticated_network: bool,
+    allow_cleartext_upstream: bool,
     ca_file: Option<String>,
     connect_timeout: String,
     response_header_timeout: String,

@@ -4,8 +4,7 @@
 
 use std::time::Duration;
 
-use http::uri::Scheme;
-use http::Uri;
+use http::uri::{Authority, PathAndQuery, Scheme};
 
 use super::UpstreamUrl;
 use crate::guard::tokens::Rate;
@@ -78,37 +77,92 @@ pub(super) fn split_list(text: &str) -> Vec<String> {
         .collect()
 }
 
-/// Parses an upstream base URL: http(s), a host, an optional path, nothing else.
+/// Parses an upstream base URL: `http(s)://host[:port][/path]`, nothing
+/// else: no user info, no query, no fragment, a numeric port in range.
+///
+/// Messages never repeat the value beyond its scheme and host: a URL can
+/// hold a pasted secret (in a "port", the user info or the path), and these
+/// messages are printed at startup.
 pub fn parse_upstream(text: &str) -> Result<UpstreamUrl, String> {
-    let uri: Uri = text
-        .parse()
-        .map_err(|_| format!("{text:?} is not a valid URL"))?;
-    let scheme = match uri.scheme_str() {
-        Some("http") => Scheme::HTTP,
-        Some("https") => Scheme::HTTPS,
-        _ => return Err(format!("{text:?} must start with https:// or http://")),
+    const SHAPE: &str = "https://host[:port][/path]";
+    let text = text.trim();
+    let (scheme, rest) = text
+        .split_once("://")
+        .ok_or_else(|| format!("is not a URL such as {SHAPE}"))?;
+    let scheme = if scheme.eq_ignore_ascii_case("https") {
+        Scheme::HTTPS
+    } else if scheme.eq_ignore_ascii_case("http") {
+        Scheme::HTTP
+    } else {
+        return Err(format!("must start with https:// or http:// ({SHAPE})"));
     };
-    let authority = uri
-        .authority()
-        .cloned()
-        .ok_or_else(|| format!("{text:?} has no host"))?;
-    if authority.as_str().contains('@') {
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    if authority.contains('@') {
         return Err(
-            "must not carry user:password; keyrelay injects the credential itself".to_owned(),
+            "must not carry user:password; keyrelay injects the credential itself \
+                    (the value is not shown: it may hold a secret)"
+                .to_owned(),
         );
     }
-    if authority.host().is_empty() {
-        return Err(format!("{text:?} has no host"));
-    }
-    if uri.query().is_some() {
+    if rest.contains('?') {
         return Err(format!(
-            "{text:?} must not have a query string; clients send their own"
+            "must not have a query string; clients send their own ({SHAPE})"
         ));
+    }
+    if rest.contains('#') {
+        return Err(format!("must not have a fragment ({SHAPE})"));
+    }
+    let (host, port) = match authority.strip_prefix('[') {
+        Some(v6) => {
+            let (address, after) = v6
+                .split_once(']')
+                .ok_or_else(|| format!("has an unclosed [ in its host ({SHAPE})"))?;
+            if address.parse::<std::net::Ipv6Addr>().is_err() {
+                return Err(format!(
+                    "has a host in [] that is not an IPv6 address ({SHAPE})"
+                ));
+            }
+            match after {
+                "" => (&authority[..address.len() + 2], None),
+                after => match after.strip_prefix(':') {
+                    Some(port) => (&authority[..address.len() + 2], Some(port)),
+                    None => return Err(format!("has text after its IPv6 host ({SHAPE})")),
+                },
+            }
+        }
+        None => match authority.split_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (authority, None),
+        },
+    };
+    let valid_host = !host.is_empty()
+        && (host.starts_with('[')
+            || host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_')));
+    if !valid_host {
+        return Err(format!("has no valid host name or address ({SHAPE})"));
+    }
+    if let Some(port) = port {
+        let numeric = !port.is_empty()
+            && port.bytes().all(|b| b.is_ascii_digit())
+            && port.parse::<u16>().is_ok_and(|port| port > 0);
+        if !numeric {
+            return Err(format!(
+                "has a port that is not a number from 1 to 65535 ({scheme}://{host}:…; \
+                 the rest is not shown: it may hold a secret)"
+            ));
+        }
+    }
+    let invalid = || format!("is not a valid URL ({scheme}://{host}…; the rest is not shown)");
+    let authority: Authority = authority.parse().map_err(|_| invalid())?;
+    if !path.is_empty() && path.parse::<PathAndQuery>().is_err() {
+        return Err(invalid());
     }
     Ok(UpstreamUrl {
         scheme,
         authority,
-        base_path: uri.path().trim_end_matches('/').to_owned(),
+        base_path: path.trim_end_matches('/').to_owned(),
     })
 }
 
@@ -170,5 +224,35 @@ mod tests {
         assert!(parse_upstream("h:80").is_err());
         assert!(parse_upstream("https://u:p@h").is_err());
         assert!(parse_upstream("https://h/?a=b").is_err());
+    }
+
+    #[test]
+    fn upstream_url_is_parsed_strictly_and_never_echoed() {
+        const SECRET: &str = "sk-live-0123456789";
+        for bad in [
+            format!("https://h:{SECRET}"),
+            format!("https://h:{SECRET}/v1"),
+            format!("https://{SECRET}@h"),
+            format!("https://h/?key={SECRET}"),
+            format!("https://h/#{SECRET}"),
+            format!("https://h/{SECRET}?"),
+            "https://h:0".to_owned(),
+            "https://h:65536".to_owned(),
+            "https://h:".to_owned(),
+            "https://h:+80".to_owned(),
+            "https://:80".to_owned(),
+            "https://[::1".to_owned(),
+            "https://[nope]:80".to_owned(),
+            "https://h h".to_owned(),
+            format!("{SECRET}://h"),
+        ] {
+            let message = parse_upstream(&bad).expect_err(&bad);
+            assert!(!message.contains(SECRET), "{bad}: {message}");
+        }
+        let v6 = parse_upstream("http://[::1]:8080/base/").expect("IPv6");
+        assert_eq!(v6.authority.as_str(), "[::1]:8080");
+        assert_eq!(v6.base_path, "/base");
+        let upper = parse_upstream("HTTPS://Example.test:443").expect("any case");
+        assert_eq!(upper.scheme, Scheme::HTTPS);
     }
 }

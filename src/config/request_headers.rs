@@ -28,6 +28,13 @@ const MANAGED: [&str; 11] = [
     "x-request-id",
 ];
 
+/// True for a header keyrelay manages itself (connection, framing, request
+/// id), which no setting may put a value in: `set_request_headers` and the
+/// credential's `auth_header` alike.
+pub(super) fn is_managed(name: &HeaderName) -> bool {
+    MANAGED.contains(&name.as_str())
+}
+
 /// Names that carry credentials.
 const CREDENTIALS: [&str; 5] = [
     "baseten-authorization",
@@ -81,7 +88,7 @@ fn check(
 ) -> Result<(HeaderName, HeaderValue), String> {
     let header = HeaderName::from_bytes(name.as_bytes())
         .map_err(|_| format!("{name:?} is not a valid header name"))?;
-    if MANAGED.contains(&header.as_str()) {
+    if is_managed(&header) {
         return Err(format!(
             "{header} is managed by keyrelay for each connection and cannot be set"
         ));

@@ -4,8 +4,9 @@
 //! The top-level settings (`upstream` or a Baseten shortcut, `key_env`,
 //! `auth_*`, `allowed_paths`, `upstream_http`, `set_request_headers`) make a
 //! route named `default` at prefix `/`. A config file can add named routes,
-//! which take the top-level `auth_*`, `strip_request_headers`,
-//! `set_request_headers` and `upstream_http` unless they set their own:
+//! which take the top-level route policy (the settings in [`Policy`]:
+//! `auth_*`, the header lists, `allowed_paths`, `token_budget`,
+//! `add_stream_usage`) and `upstream_http` unless they set their own:
 //!
 //! ```toml
 //! [[routes]]
@@ -28,8 +29,9 @@ use http::{HeaderName, HeaderValue};
 use serde::Deserialize;
 
 use super::check::{parse_budgets, Problems};
-use super::parse::parse_upstream;
+use super::parse::{parse_upstream, split_list};
 use super::request_headers;
+use super::settings::SETTINGS;
 use super::{Credential, RawConfig, UpstreamHttp, UpstreamUrl};
 use crate::config::baseten::{self, Stage, Target};
 use crate::guard::paths::PathPolicy;
@@ -62,10 +64,8 @@ pub(super) struct RawRoute {
     auth_template: Option<String>,
     strip_request_headers: Option<Vec<String>>,
     strip_prefix: Option<bool>,
-    #[serde(default)]
-    allowed_paths: Vec<String>,
-    #[serde(default)]
-    token_budget: Vec<String>,
+    allowed_paths: Option<Vec<String>>,
+    token_budget: Option<Vec<String>>,
     add_stream_usage: Option<bool>,
     upstream_http: Option<String>,
     /// The older spelling of `upstream_http = "2"`.
@@ -77,7 +77,7 @@ pub(super) struct RawRoute {
 impl RawRoute {
     /// True if the route sets a `token_budget`.
     pub(super) fn has_budget(&self) -> bool {
-        !self.token_budget.is_empty()
+        self.token_budget.as_ref().is_some_and(|b| !b.is_empty())
     }
 
     /// True if the route turns `add_stream_usage` on.
@@ -109,9 +109,138 @@ pub struct RouteConfig {
     pub set_headers: Vec<(HeaderName, HeaderValue)>,
     /// LLM tokens everyone may spend on this route per window.
     pub budgets: Vec<BudgetLimit>,
+    /// The account `budgets` are counted in: the route's name, or
+    /// `default` for the top-level budget the route inherited (shared by
+    /// every route that inherits it).
+    pub budget_account: String,
     /// Ask streams for usage the client did not ask for (`add_stream_usage`).
     pub add_stream_usage: bool,
 }
+
+/// Where a route's policy value came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    /// The route set it (or it is the default route, whose own settings
+    /// are the top level's).
+    Own,
+    /// A `[[routes]]` entry left it out and took the top level's.
+    Top,
+}
+
+/// One route policy value and where it came from.
+struct Inherit<T> {
+    value: T,
+    from: Source,
+}
+
+/// Declares [`Policy`]: per setting, a route's own value or the top level's.
+macro_rules! route_policy {
+    ($($field:ident: $ty:ty),* $(,)?) => {
+        /// A route's policy settings, each its own or inherited.
+        struct Policy {
+            $($field: Inherit<$ty>,)*
+        }
+
+        impl Policy {
+            /// The top-level settings, as the default route's own.
+            fn top(raw: &RawConfig) -> Self {
+                Self {
+                    $($field: Inherit { value: raw.$field.clone(), from: Source::Own },)*
+                }
+            }
+
+            /// A `[[routes]]` entry's: what it sets, else the top level's.
+            fn of(route: &RawRoute, raw: &RawConfig) -> Self {
+                Self {
+                    $($field: match &route.$field {
+                        Some(value) => Inherit { value: value.clone(), from: Source::Own },
+                        None => Inherit { value: raw.$field.clone(), from: Source::Top },
+                    },)*
+                }
+            }
+
+            /// The top-level settings that are set (not at their default)
+            /// while every `[[routes]]` entry sets its own: without a
+            /// default route they would apply to nothing.
+            fn overridden_everywhere(raw: &RawConfig) -> Vec<&'static str> {
+                let mut unused = Vec::new();
+                $(
+                    if !raw.$field.is_default(stringify!($field))
+                        && raw.routes.iter().all(|route| route.$field.is_some())
+                    {
+                        unused.push(stringify!($field));
+                    }
+                )*
+                unused
+            }
+        }
+    };
+}
+
+/// Whether a top-level value is its setting's default (from `SETTINGS`).
+trait AtDefault {
+    fn is_default(&self, key: &str) -> bool;
+}
+
+fn default_of(key: &str) -> &'static str {
+    SETTINGS
+        .iter()
+        .find(|setting| setting.key == key)
+        .map_or("", |setting| setting.default)
+}
+
+impl AtDefault for String {
+    fn is_default(&self, key: &str) -> bool {
+        self.trim() == default_of(key)
+    }
+}
+
+impl AtDefault for Vec<String> {
+    fn is_default(&self, key: &str) -> bool {
+        let set: Vec<&str> = self
+            .iter()
+            .map(|v| v.trim())
+            .filter(|v| !v.is_empty())
+            .collect();
+        set == split_list(default_of(key))
+    }
+}
+
+impl AtDefault for bool {
+    fn is_default(&self, key: &str) -> bool {
+        *self == (default_of(key) == "true")
+    }
+}
+
+// Every per-route policy setting that also exists at the top level: a
+// `[[routes]]` entry that leaves it out takes the top level's value, one
+// that sets it (even to `[]`) keeps its own. Adding one is one line here,
+// given a `RawConfig` field and an `Option` `RawRoute` field of the same
+// name and type, plus a row in the README's "Route policy" table. Settings
+// that apply process-wide (token_rate_limit, access_token_budget,
+// max_request_body, max_concurrent_requests) are not route policy.
+route_policy! {
+    auth_header: String,
+    auth_template: String,
+    strip_request_headers: Vec<String>,
+    set_request_headers: Vec<String>,
+    allowed_paths: Vec<String>,
+    token_budget: Vec<String>,
+    add_stream_usage: bool,
+}
+
+/// The account a route's `token_budget` is counted in: its own name when
+/// it sets one, else the top level's budget, one budget shared by the
+/// default route and every route that inherits it (as `default`).
+fn budget_account(name: &str, policy: &Policy) -> String {
+    match policy.token_budget.from {
+        Source::Own => name.to_owned(),
+        Source::Top => DEFAULT_ROUTE.to_owned(),
+    }
+}
+
+/// The name of the route the top-level settings make.
+const DEFAULT_ROUTE: &str = "default";
 
 /// Where one route's problems are reported: `key` for the top level,
 /// `routes[i] "name".key` for a named route.
@@ -137,6 +266,8 @@ struct TargetSpec<'a> {
     development: bool,
     grpc: bool,
     regional: bool,
+    /// `allow_cleartext_upstream`: an `http://` upstream beyond loopback.
+    allow_cleartext: bool,
 }
 
 /// What a route points at, resolved.
@@ -176,6 +307,7 @@ pub(super) fn check(
         development: raw.development,
         grpc: raw.grpc,
         regional: raw.regional,
+        allow_cleartext: raw.allow_cleartext_upstream,
     };
     let top_target = target(&top_target, &top, found).flatten();
     let top_http = named_protocol(
@@ -188,21 +320,22 @@ pub(super) fn check(
     // The top-level credential is checked whenever it may be used, even if the
     // upstream is missing, so that every problem is reported in one pass.
     if top_target.is_some() || raw.routes.is_empty() {
+        let policy = Policy::top(raw);
         let grpc_headers = top_target.as_ref().and_then(|t| t.grpc_headers.as_ref());
         let (mut credential, key) = credential(
             &CredentialSpec {
                 key_env: &raw.key_env,
                 key_file: raw.key_file.as_deref(),
-                header: key_header(&raw.auth_header, grpc_headers.is_some()),
-                template: &raw.auth_template,
-                strip: &raw.strip_request_headers,
+                header: key_header(&policy.auth_header.value, grpc_headers.is_some()),
+                template: &policy.auth_template.value,
+                strip: &policy.strip_request_headers.value,
             },
             &top,
             env,
             found,
         );
         let set_headers = static_headers(
-            &raw.set_request_headers,
+            &policy.set_request_headers.value,
             grpc_headers,
             credential.as_ref(),
             key.as_ref(),
@@ -210,8 +343,8 @@ pub(super) fn check(
             found,
         );
         strip_grpc_stage_headers(credential.as_mut(), grpc_headers.is_some());
-        let paths = policy(&raw.allowed_paths, &top, found);
-        let budgets = budgets(&raw.token_budget, &top, found);
+        let paths = path_policy(&policy.allowed_paths, "/", &top, found);
+        let budgets = budgets(&policy.token_budget.value, &top, found);
         let http = top_http.and_then(|named| {
             resolve_protocol(
                 named,
@@ -231,7 +364,7 @@ pub(super) fn check(
         ) = (top_target, credential, paths, http, set_headers, budgets)
         {
             routes.push(RouteConfig {
-                name: "default".to_owned(),
+                name: DEFAULT_ROUTE.to_owned(),
                 prefix: "/".to_owned(),
                 strip_prefix: false,
                 upstream: target.upstream,
@@ -241,7 +374,8 @@ pub(super) fn check(
                 http,
                 set_headers,
                 budgets,
-                add_stream_usage: raw.add_stream_usage,
+                budget_account: budget_account(DEFAULT_ROUTE, &policy),
+                add_stream_usage: policy.add_stream_usage.value,
             });
         }
     }
@@ -258,6 +392,22 @@ pub(super) fn check(
         .iter()
         .all(|value| set(value.as_deref()).is_none())
         && !raw.model_apis;
+    if !raw.routes.is_empty() && no_upstream {
+        for key in Policy::overridden_everywhere(raw) {
+            found.report(
+                key,
+                "is set at the top level, but every [[routes]] entry sets its own and there \
+                 is no top-level upstream, so it would apply to nothing",
+            );
+        }
+    }
+    if !raw.routes.is_empty() && no_upstream && set(raw.key_file.as_deref()).is_some() {
+        found.report(
+            "key_file",
+            "is set at the top level, but no upstream is, so no route would use it: \
+             each [[routes]] entry names its own key_env or key_file",
+        );
+    }
     if raw.routes.is_empty() && no_upstream {
         found.report(
             "upstream",
@@ -280,6 +430,17 @@ pub(super) fn check(
                 found.report(
                     &format!("routes {:?}", a.name),
                     "two routes share this name; names must be unique",
+                );
+            } else if a.budget_account == b.budget_account && a.budgets != b.budgets {
+                // Only a [[routes]] entry named "default" with a budget of
+                // its own, beside routes that inherit the top-level one.
+                found.report(
+                    &format!("routes {:?} and {:?}", a.name, b.name),
+                    format!(
+                        "both budgets would be counted as {:?}, the name of the top-level \
+                         token_budget the routes without their own share; rename the route",
+                        a.budget_account
+                    ),
                 );
             }
         }
@@ -325,6 +486,7 @@ fn check_route(
         development: route.development,
         grpc: route.grpc,
         regional: route.regional,
+        allow_cleartext: raw.allow_cleartext_upstream,
     };
     let target = match target(&spec, scope, found) {
         Some(Some(target)) => Some(target),
@@ -346,28 +508,22 @@ fn check_route(
         );
         return None;
     }
+    let policy = Policy::of(route, raw);
     let grpc_headers = target.as_ref().and_then(|t| t.grpc_headers.as_ref());
-    let header = route.auth_header.as_deref().unwrap_or(&raw.auth_header);
     let (mut credential, key) = credential(
         &CredentialSpec {
             key_env: key_env.unwrap_or_default(),
             key_file,
-            header: key_header(header, grpc_headers.is_some()),
-            template: route.auth_template.as_deref().unwrap_or(&raw.auth_template),
-            strip: route
-                .strip_request_headers
-                .as_deref()
-                .unwrap_or(&raw.strip_request_headers),
+            header: key_header(&policy.auth_header.value, grpc_headers.is_some()),
+            template: &policy.auth_template.value,
+            strip: &policy.strip_request_headers.value,
         },
         scope,
         env,
         found,
     );
     let set_headers = static_headers(
-        route
-            .set_request_headers
-            .as_deref()
-            .unwrap_or(&raw.set_request_headers),
+        &policy.set_request_headers.value,
         grpc_headers,
         credential.as_ref(),
         key.as_ref(),
@@ -375,8 +531,8 @@ fn check_route(
         found,
     );
     strip_grpc_stage_headers(credential.as_mut(), grpc_headers.is_some());
-    let paths = policy(&route.allowed_paths, scope, found);
-    let budgets = budgets(&route.token_budget, scope, found);
+    let paths = path_policy(&policy.allowed_paths, &prefix, scope, found);
+    let budgets = budgets(&policy.token_budget.value, scope, found);
     let http = named_protocol(
         route.upstream_http.as_deref(),
         route.http2,
@@ -399,7 +555,8 @@ fn check_route(
         http: http?,
         set_headers: set_headers?,
         budgets: budgets?,
-        add_stream_usage: route.add_stream_usage.unwrap_or(raw.add_stream_usage),
+        budget_account: budget_account(&route.name, &policy),
+        add_stream_usage: policy.add_stream_usage.value,
     })
 }
 
@@ -629,6 +786,17 @@ fn target(spec: &TargetSpec<'_>, scope: &Scope, found: &mut Problems) -> Option<
         },
     };
     match parse_upstream(&url) {
+        Ok(upstream) if is_cleartext_beyond_loopback(&upstream) && !spec.allow_cleartext => {
+            found.report(
+                &scope.setting("upstream"),
+                format!(
+                    "{upstream} is plain http:// to a host that is not loopback: the key would \
+                     cross the network in clear text; use https://, or set \
+                     allow_cleartext_upstream = true if that network path is trusted"
+                ),
+            );
+            None
+        }
         Ok(upstream) => Some(Some(Resolved {
             upstream,
             stage,
@@ -639,6 +807,21 @@ fn target(spec: &TargetSpec<'_>, scope: &Scope, found: &mut Problems) -> Option<
             None
         }
     }
+}
+
+/// True for a plain `http://` upstream whose host is not `localhost` or a
+/// loopback address.
+fn is_cleartext_beyond_loopback(upstream: &UpstreamUrl) -> bool {
+    if upstream.scheme != http::uri::Scheme::HTTP {
+        return false;
+    }
+    let host = upstream.authority.host();
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let loopback = host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.to_canonical().is_loopback());
+    !loopback
 }
 
 /// Why `grpc` or `regional` cannot apply to what the route points at.
@@ -671,11 +854,23 @@ fn credential(
     env: &HashMap<String, String>,
     found: &mut Problems,
 ) -> (Option<Credential>, Option<ApiKey>) {
-    let header = HeaderName::from_bytes(spec.header.as_bytes()).ok();
+    let header = HeaderName::from_bytes(spec.header.as_bytes())
+        .ok()
+        .filter(|name| !request_headers::is_managed(name));
     if header.is_none() {
+        let name = spec.header.trim();
+        let why = if name.starts_with(':') {
+            "is an HTTP/2 pseudo-header, which keyrelay sets itself; the credential needs an ordinary header"
+        } else if HeaderName::from_bytes(name.as_bytes()).is_ok() {
+            "frames or routes the message (host, length, transfer coding, hop-by-hop), \
+             which keyrelay manages itself: a credential there would be dropped or corrupt \
+             the request; use an ordinary header such as authorization"
+        } else {
+            "is not a valid header name"
+        };
         found.report(
             &scope.setting("auth_header"),
-            format!("{:?} is not a valid header name", spec.header),
+            format!("{:?} {why}", spec.header),
         );
     }
     let template_ok = spec.template.contains(KEY_PLACEHOLDER);
@@ -753,10 +948,47 @@ fn credential(
     (Some(credential), key)
 }
 
-fn policy(rules: &[String], scope: &Scope, found: &mut Problems) -> Option<PathPolicy> {
-    PathPolicy::parse(rules)
-        .map_err(|message| found.report(&scope.setting("allowed_paths"), message))
-        .ok()
+/// The route's `allowed_paths`. Rules match the local path, prefix
+/// included, so a rule outside the route's prefix can never match there: a
+/// route's own such rule is a mistake, and so is an inherited list none of
+/// whose rules can match (an inherited list may hold rules for other routes).
+fn path_policy(
+    rules: &Inherit<Vec<String>>,
+    prefix: &str,
+    scope: &Scope,
+    found: &mut Problems,
+) -> Option<PathPolicy> {
+    let setting = scope.setting("allowed_paths");
+    let policy = PathPolicy::parse(&rules.value)
+        .map_err(|message| found.report(&setting, message))
+        .ok()?;
+    let outside = policy.rules_outside(prefix);
+    match rules.from {
+        Source::Own if !outside.is_empty() => {
+            for rule in outside {
+                found.report(
+                    &setting,
+                    format!(
+                        "{rule:?} can never match: this route serves only paths under {prefix} \
+                         (rules match the local path, prefix included)"
+                    ),
+                );
+            }
+            None
+        }
+        Source::Top if !policy.is_empty() && outside.len() == policy.len() => {
+            found.report(
+                &setting,
+                format!(
+                    "inherits the top-level allowed_paths, and none of its rules can match under \
+                     this route's prefix {prefix} (rules match the local path, prefix included); \
+                     give the route its own allowed_paths (or [] for none)"
+                ),
+            );
+            None
+        }
+        _ => Some(policy),
+    }
 }
 
 #[cfg(test)]

@@ -198,6 +198,12 @@ pub const SETTINGS: &[Setting] = &[
         kind: Kind::Switch,
     },
     Setting {
+        key: "allow_cleartext_upstream",
+        default: "false",
+        help: "Allow a plain http:// upstream whose host is not localhost or a loopback address: the key then crosses the network in clear text.",
+        kind: Kind::Switch,
+    },
+    Setting {
         key: "ca_file",
         default: "",
         help: "PEM bundle of extra CA certificates trusted for the upstream, beside the web roots.",

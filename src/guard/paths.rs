@@ -14,6 +14,15 @@ struct Rule {
     prefix: bool,
 }
 
+impl std::fmt::Display for Rule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if let Some(method) = &self.method {
+            write!(f, "{method} ")?;
+        }
+        write!(f, "{}{}", self.path, if self.prefix { "*" } else { "" })
+    }
+}
+
 /// The allowlist; empty means no restriction.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PathPolicy {
@@ -52,6 +61,45 @@ impl PathPolicy {
         Ok(Self { rules })
     }
 
+    /// True when there are no rules (everything passes).
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty()
+    }
+
+    /// How many rules there are.
+    pub fn len(&self) -> usize {
+        self.rules.len()
+    }
+
+    /// The rules (as written back, `METHOD /path`) that can match no path
+    /// under the route prefix `prefix` (`/llama` serves `/llama` and
+    /// `/llama/...`; `/` serves everything).
+    pub fn rules_outside(&self, prefix: &str) -> Vec<String> {
+        let under = format!("{}/", prefix.trim_end_matches('/'));
+        self.rules
+            .iter()
+            .filter(|rule| {
+                let inside = prefix == "/"
+                    || rule.path == prefix
+                    || rule.path.starts_with(&under)
+                    || rule.prefix && under.starts_with(&rule.path);
+                !inside
+            })
+            .map(Rule::to_string)
+            .collect()
+    }
+
+    /// True when a rule that names `method` itself matches `path` (a rule
+    /// without a method does not count): methods refused unless named, such
+    /// as TRACE, pass only then.
+    pub fn names(&self, method: &Method, path: &str) -> bool {
+        !is_ambiguous(path)
+            && self
+                .rules
+                .iter()
+                .any(|rule| rule.method.as_ref() == Some(method) && rule.matches(path))
+    }
+
     /// True when `method` and `path` (without query) match a rule, or there are none.
     ///
     /// With rules in force, a path with dot segments or encoded separators is
@@ -61,13 +109,18 @@ impl PathPolicy {
         self.rules.is_empty()
             || !is_ambiguous(path)
                 && self.rules.iter().any(|rule| {
-                    rule.method.as_ref().is_none_or(|m| m == method)
-                        && if rule.prefix {
-                            path.starts_with(&rule.path)
-                        } else {
-                            path == rule.path
-                        }
+                    rule.method.as_ref().is_none_or(|m| m == method) && rule.matches(path)
                 })
+    }
+}
+
+impl Rule {
+    fn matches(&self, path: &str) -> bool {
+        if self.prefix {
+            path.starts_with(&self.path)
+        } else {
+            path == self.path
+        }
     }
 }
 
@@ -117,6 +170,22 @@ mod tests {
         }
         assert!(policy.allows(&Method::GET, "/v1/models.json"));
         assert!(PathPolicy::default().allows(&Method::GET, "/v1/../admin"));
+    }
+
+    #[test]
+    fn rules_outside_a_route_prefix_are_found() {
+        let rules = [
+            "POST /v1/*",
+            "/llama/v1/*",
+            "GET /llama",
+            "/ll*",
+            "/llamas/x",
+            "/*",
+        ]
+        .map(str::to_owned);
+        let policy = PathPolicy::parse(&rules).expect("valid");
+        assert_eq!(policy.rules_outside("/llama"), ["POST /v1/*", "/llamas/x"]);
+        assert!(policy.rules_outside("/").is_empty());
     }
 
     #[test]

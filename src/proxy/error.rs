@@ -10,7 +10,7 @@ use std::error::Error as StdError;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{CACHE_CONTROL, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
+use http::header::{ALLOW, CACHE_CONTROL, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
 use http::{HeaderValue, Response, StatusCode};
 use http_body_util::Full;
 
@@ -33,6 +33,10 @@ pub enum ProxyError {
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
 }
+
+/// The `Allow` header of a 405: the standard methods keyrelay relays
+/// (CONNECT, TRACE and TRACK are answered here).
+const RELAYED_METHODS: &str = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS";
 
 /// Requests keyrelay turns away by policy.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -68,6 +72,13 @@ pub enum Refusal {
     /// The path policy does not allow this method and path.
     #[error("this method and path are not in keyrelay's allowed_paths")]
     PathNotAllowed,
+    /// TRACE or TRACK, which echo the request (credential included) back:
+    /// answered here unless the route's allowed_paths names the method.
+    #[error(
+        "{0} is not forwarded: it would echo the request, with the key keyrelay adds, \
+         back to the client; a route's allowed_paths can allow it by naming it"
+    )]
+    MethodNotAllowed(&'static str),
     /// No route's prefix matches the path; these are the configured prefixes.
     #[error("no route matches this path; configured prefixes: {}", .0.join(", "))]
     NoRoute(Vec<String>),
@@ -207,6 +218,10 @@ impl ProxyError {
                     HeaderValue::from(retry_after_secs(exhausted.retry_after)),
                 );
             }
+            Self::Refused(Refusal::MethodNotAllowed(_)) => {
+                // The methods keyrelay relays; the upstream decides the rest.
+                headers.insert(ALLOW, HeaderValue::from_static(RELAYED_METHODS));
+            }
             Self::Refused(Refusal::Unauthorized) => {
                 headers.insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             }
@@ -273,6 +288,7 @@ impl Refusal {
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::RateLimited(_) | Self::BudgetExhausted(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::NoRoute(_) => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Self::Overloaded | Self::UsageStoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
         }
@@ -287,6 +303,7 @@ impl Refusal {
             Self::BudgetExhausted(_) => "token_budget_exhausted",
             Self::UsageStoreUnavailable => "usage_store_unavailable",
             Self::PathNotAllowed => "path_not_allowed",
+            Self::MethodNotAllowed(_) => "method_not_allowed",
             Self::NoRoute(_) => "no_route",
             Self::Overloaded => "overloaded",
             Self::PayloadTooLarge(_) => "payload_too_large",

@@ -289,8 +289,16 @@ impl Shared {
 
         // 4. Send, over the route's HTTP version (an `auto` route's first
         // request finds out which the server speaks).
-        // The path only: queries can carry secrets of their own.
-        tracing::debug!(path = upstream_request.uri().path(), "forwarding");
+        // The path only: queries can carry secrets of their own; and without
+        // the upstream URL's base path, which is configuration never printed.
+        tracing::debug!(
+            path = upstream_request
+                .uri()
+                .path()
+                .strip_prefix(route.upstream.base_path.as_str())
+                .unwrap_or_default(),
+            "forwarding"
+        );
         let overhead = record.elapsed();
         record.metrics().overhead(overhead.as_secs_f64());
         let via = client
@@ -319,6 +327,11 @@ impl Shared {
     ) -> Result<(), ProxyError> {
         if headers::has_unsupported_transfer_coding(&parts.headers) {
             return Err(ClientError::UnsupportedTransferCoding.into());
+        }
+        if let Some(method) = echoing_method(&parts.method) {
+            if !route.paths.names(&parts.method, parts.uri.path()) {
+                return Err(Refusal::MethodNotAllowed(method).into());
+            }
         }
         if !route.paths.allows(&parts.method, parts.uri.path()) {
             return Err(Refusal::PathNotAllowed.into());
@@ -490,6 +503,15 @@ fn switch_protocols(
     *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     *response.headers_mut() = headers;
     response
+}
+
+/// `TRACE` or `TRACK` (in any case: methods are case-sensitive, but some
+/// servers are not), which make a server echo the request it received, the
+/// injected credential included.
+fn echoing_method(method: &Method) -> Option<&'static str> {
+    ["TRACE", "TRACK"]
+        .into_iter()
+        .find(|echoing| method.as_str().eq_ignore_ascii_case(echoing))
 }
 
 /// Turns the client's request into the upstream's: new target, scrubbed

@@ -185,7 +185,8 @@ enum Store {
 /// Every budget and what was spent against it.
 #[derive(Debug)]
 pub struct Budgets {
-    /// Each route's own budgets, by route index, with its name.
+    /// Each route's budgets, by route index, with the account they are
+    /// counted in (its name, or `default` for an inherited top-level budget).
     routes: Vec<(String, Vec<BudgetLimit>)>,
     /// The budgets each access token has, and the tokens' names.
     per_token: Vec<BudgetLimit>,
@@ -220,7 +221,7 @@ impl Budgets {
             config
                 .routes
                 .iter()
-                .map(|route| (route.name.clone(), route.budgets.clone()))
+                .map(|route| (route.budget_account.clone(), route.budgets.clone()))
                 .collect(),
             config.access.token_budgets.clone(),
             config
@@ -266,13 +267,23 @@ impl Budgets {
         route_budgets.chain(token_budgets).collect()
     }
 
-    /// Every configured budget, for `/usage`.
+    /// Every configured budget, for `/usage`; routes that share an account
+    /// (the top-level budget they inherit) show it once.
     fn all(&self) -> Vec<(Account, BudgetLimit)> {
-        let routes = self.routes.iter().flat_map(|(name, limits)| {
-            limits
-                .iter()
-                .map(move |limit| (Account::Route(name.clone()), *limit))
-        });
+        let mut seen = Vec::new();
+        let routes = self
+            .routes
+            .iter()
+            .filter(|(name, _)| {
+                let first = !seen.contains(name);
+                seen.push(name.clone());
+                first
+            })
+            .flat_map(|(name, limits)| {
+                limits
+                    .iter()
+                    .map(move |limit| (Account::Route(name.clone()), *limit))
+            });
         let tokens = self.token_names.iter().flat_map(|name| {
             self.per_token
                 .iter()

@@ -12,13 +12,28 @@ use support::*;
 /// EX_USAGE: what keyrelay exits with on any configuration mistake.
 const EX_USAGE: i32 = 64;
 
+/// Runs keyrelay to its exit; one that starts serving instead (a mistake
+/// it did not catch) is stopped after a few seconds, so the test fails on
+/// its exit status rather than hanging.
 fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut command = binary();
     command.args(args);
     for (name, value) in env {
         command.env(name, value);
     }
-    command.output().expect("run keyrelay")
+    command
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = command.spawn().expect("run keyrelay");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while child.try_wait().expect("wait").is_none() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    if child.try_wait().expect("wait").is_none() {
+        child.kill().expect("stop keyrelay");
+    }
+    child.wait_with_output().expect("keyrelay output")
 }
 
 fn stderr(output: &Output) -> String {
@@ -413,4 +428,220 @@ fn token_budgets_that_could_never_apply_stop_startup() {
         &with(&["--add-stream-usage", "--usage-tap", "off"]),
         &["add_stream_usage", "usage_tap is off"],
     );
+}
+
+#[test]
+fn top_level_route_policy_that_no_route_could_use_stops_startup() {
+    let route = |extra: &str| {
+        format!(
+            "[[routes]]\nname = \"llama\"\nprefix = \"/llama\"\nupstream = \"https://a.test\"\n\
+             key_env = \"BASETEN_API_KEY\"\n{extra}\n"
+        )
+    };
+    let cases = [
+        // Inherited rules of which none can match under the route's prefix:
+        // the route would refuse everything, or (before) ignore them.
+        (
+            format!("allowed_paths = [\"POST /v1/*\"]\n{}", route("")),
+            vec![
+                r#"routes[0] "llama".allowed_paths"#,
+                "inherits the top-level allowed_paths",
+            ],
+        ),
+        // A route's own rule outside its prefix never matches.
+        (
+            route("allowed_paths = [\"POST /predict\", \"POST /llama/predict\"]"),
+            vec![
+                r#"routes[0] "llama".allowed_paths"#,
+                "\"POST /predict\" can never match",
+            ],
+        ),
+        // A route named "default" with its own budget, beside one that
+        // inherits the top-level budget (counted as "default" too).
+        (
+            format!(
+                "token_budget = [\"10/day\"]\n{}\n[[routes]]\nname = \"default\"\n\
+                 prefix = \"/d\"\nupstream = \"https://d.test\"\nkey_env = \"BASETEN_API_KEY\"\n\
+                 token_budget = [\"99/day\"]\n",
+                route("")
+            ),
+            vec!["both budgets would be counted as \"default\""],
+        ),
+        // Top-level policy every route overrides, with no default route.
+        (
+            format!(
+                "set_request_headers = [\"x-team: a\"]\nadd_stream_usage = true\n{}",
+                route("set_request_headers = []\nadd_stream_usage = false")
+            ),
+            vec![
+                "set_request_headers: is set at the top level",
+                "add_stream_usage: is set",
+            ],
+        ),
+        // A top-level key_file with no default route is used by nothing.
+        (
+            format!("key_file = \"/run/secrets/key\"\n{}", route("")),
+            vec!["key_file", "no route would use it"],
+        ),
+    ];
+    for (toml, mentions) in cases {
+        let file = temp_file("policy.toml", &toml);
+        let output = run(
+            &["--config", file.to_str().expect("utf-8 path")],
+            &[("BASETEN_API_KEY", KEY)],
+        );
+        assert_usage_error(&output, &mentions);
+    }
+}
+
+#[test]
+fn an_auth_header_that_frames_or_routes_the_message_stops_startup() {
+    for name in [
+        "host",
+        "Content-Length",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "te",
+        "trailer",
+        "upgrade",
+        "proxy-connection",
+        ":authority",
+        ":path",
+    ] {
+        let output = run(
+            &["--upstream", "https://a.test", "--auth-header", name],
+            &[("BASETEN_API_KEY", KEY)],
+        );
+        assert_usage_error(&output, &["auth_header", name]);
+    }
+    // On a route too, inherited or its own.
+    let file = temp_file(
+        "auth-header.toml",
+        "auth_header = \"transfer-encoding\"\n\n[[routes]]\nname = \"a\"\nprefix = \"/a\"\n\
+         upstream = \"https://a.test\"\nkey_env = \"BASETEN_API_KEY\"\n\n[[routes]]\nname = \"b\"\n\
+         prefix = \"/b\"\nupstream = \"https://b.test\"\nkey_env = \"BASETEN_API_KEY\"\n\
+         auth_header = \"host\"\n",
+    );
+    let output = run(
+        &["--config", file.to_str().expect("utf-8 path")],
+        &[("BASETEN_API_KEY", KEY)],
+    );
+    assert_usage_error(
+        &output,
+        &[
+            r#"routes[0] "a".auth_header"#,
+            r#"routes[1] "b".auth_header"#,
+        ],
+    );
+}
+
+#[test]
+fn an_upstream_url_is_parsed_strictly_and_never_echoed() {
+    const SECRET: &str = "sk-live-pasted-4f9e2a";
+    for url in [
+        format!("https://a.test:{SECRET}"),
+        format!("https://a.test:{SECRET}/v1"),
+        format!("https://{SECRET}@a.test"),
+        format!("https://user:{SECRET}@a.test"),
+        format!("https://a.test/v1?key={SECRET}"),
+        format!("https://a.test/v1#{SECRET}"),
+        "https://a.test:99999".to_owned(),
+        "https://a.test:0".to_owned(),
+    ] {
+        let output = run(&["--upstream", &url], &[("BASETEN_API_KEY", KEY)]);
+        assert_usage_error(&output, &["upstream"]);
+        assert!(!stderr(&output).contains(SECRET), "{}", stderr(&output));
+    }
+}
+
+#[test]
+fn a_cleartext_upstream_beyond_loopback_needs_the_opt_in() {
+    let key = [("BASETEN_API_KEY", KEY)];
+    for url in [
+        "http://model.internal:8080",
+        "http://10.0.0.7",
+        "http://[2001:db8::1]:80",
+        "HTTP://example.com",
+    ] {
+        assert_usage_error(
+            &run(&["--upstream", url], &key),
+            &["upstream", "clear text", "allow_cleartext_upstream"],
+        );
+        assert_usage_error(
+            &run(&[], &[key[0], ("KEYRELAY_UPSTREAM", url)]),
+            &["upstream", "allow_cleartext_upstream"],
+        );
+    }
+    let file = temp_file(
+        "cleartext.toml",
+        "[[routes]]\nname = \"a\"\nprefix = \"/a\"\nupstream = \"http://model.internal\"\n\
+         key_env = \"BASETEN_API_KEY\"\n",
+    );
+    assert_usage_error(
+        &run(&["--config", file.to_str().expect("utf-8 path")], &key),
+        &[r#"routes[0] "a".upstream"#, "allow_cleartext_upstream"],
+    );
+    // Loopback needs nothing; beyond it, the opt-in (flag, variable or file).
+    let load =
+        |url: &str, settings: &[(&str, &str)]| keyrelay::config::load(&sources(url, settings));
+    for url in [
+        "http://127.0.0.1:8000",
+        "http://127.8.9.10",
+        "http://[::1]:8000",
+        "http://localhost:8000",
+        "https://model.internal",
+    ] {
+        load(url, &[]).unwrap_or_else(|err| panic!("{url}: {err}"));
+    }
+    load(
+        "http://model.internal:8080",
+        &[("allow_cleartext_upstream", "true")],
+    )
+    .expect("opted in");
+}
+
+#[test]
+fn two_access_tokens_of_one_name_stop_startup() {
+    let dir = support::unique_temp_path("test", "tokens");
+    for sub in ["a", "b"] {
+        std::fs::create_dir_all(dir.join(sub)).expect("dir");
+        std::fs::write(
+            dir.join(sub).join("token"),
+            format!("tok-{sub}-0123456789abcdef"),
+        )
+        .expect("token file");
+    }
+    let files = format!(
+        "{},{}",
+        dir.join("a/token").display(),
+        dir.join("b/token").display()
+    );
+    let output = run(
+        &[
+            "--upstream",
+            "https://a.test",
+            "--access-token-files",
+            &files,
+        ],
+        &[("BASETEN_API_KEY", KEY)],
+    );
+    assert_usage_error(&output, &["access_token_files", "\"token\"", "unique"]);
+    // A variable and a file of the same name.
+    let output = run(
+        &[
+            "--upstream",
+            "https://a.test",
+            "--access-token-env",
+            "token",
+            "--access-token-files",
+            &dir.join("a/token").display().to_string(),
+        ],
+        &[
+            ("BASETEN_API_KEY", KEY),
+            ("token", "tok-env-0123456789abcdef"),
+        ],
+    );
+    assert_usage_error(&output, &["access_token_files", "\"token\""]);
+    std::fs::remove_dir_all(&dir).expect("clean up");
 }

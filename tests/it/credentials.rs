@@ -405,7 +405,7 @@ async fn responses_never_contain_the_key() {
         .port();
     for (what, url) in [
         ("refused", format!("http://127.0.0.1:{port}")),
-        ("dns", "http://does-not-exist.invalid".to_owned()),
+        ("dns", "https://does-not-exist.invalid".to_owned()),
     ] {
         let relay = Relay::start(&url, &[]).await;
         let response = raw::get(relay.addr, "/v1/models").await;

@@ -251,3 +251,128 @@ async fn regional_routes_send_bare_paths_and_refuse_staged_ones() {
     assert!(upstream.nothing_received(), "nothing forwarded");
     relay.stop().await;
 }
+
+/// Top-level `allowed_paths` and `token_budget` hold on every `[[routes]]`
+/// entry that does not set its own (they used to apply to none: a DELETE
+/// went out with the key, and the budget was never checked). The inherited
+/// budget is one budget, shared by the routes that inherit it; a route that
+/// sets its own (even `[]`) keeps its own.
+#[tokio::test]
+async fn top_level_path_rules_and_budget_hold_on_routes_that_do_not_set_their_own() {
+    use crate::support::ops::{self, AdminRelay};
+
+    let mut upstream = MockUpstream::start().await;
+    let config = support::unique_temp_path("routes", "inherit.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+allowed_paths = ["POST /llama/v1/*", "POST /mistral/v1/*"]
+# A day window: a minute one could roll over between two requests.
+token_budget = ["10/day"]
+
+[[routes]]
+name = "llama"
+prefix = "/llama"
+upstream = "{url}"
+key_env = "BASETEN_API_KEY"
+
+[[routes]]
+name = "mistral"
+prefix = "/mistral"
+upstream = "{url}"
+key_env = "BASETEN_API_KEY"
+
+[[routes]]
+name = "own"
+prefix = "/own"
+upstream = "{url}"
+key_env = "BASETEN_API_KEY"
+allowed_paths = []
+token_budget = []
+"#,
+            url = upstream.url()
+        ),
+    )
+    .expect("write config");
+    let mut command = binary();
+    command
+        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .args(["--warm-connections", "0"])
+        .arg("--config")
+        .arg(&config)
+        .env("BASETEN_API_KEY", KEY);
+    let relay = AdminRelay::spawn(command).await;
+    let client = http1_client();
+    let send = |method: &str, path: &str| {
+        let request = Request::builder()
+            .method(method)
+            .uri(relay.url(path))
+            .header("content-type", "application/json")
+            .body(full(r#"{"model":"m"}"#))
+            .expect("request");
+        tokio::spawn(client.request(request))
+    };
+
+    // The inherited path rules: DELETE is not allowed on /llama.
+    let refused = within("DELETE /llama/admin", send("DELETE", "/llama/admin"))
+        .await
+        .expect("join")
+        .expect("response");
+    assert_eq!(refused.status(), 403);
+    let body: serde_json::Value = serde_json::from_slice(&body_bytes(refused).await).expect("JSON");
+    assert_eq!(body["type"], "path_not_allowed");
+    assert!(upstream.nothing_received(), "refused before the upstream");
+
+    // The first request is within the inherited budget and spends 1,000 tokens.
+    let pending = send("POST", "/llama/v1/chat/completions");
+    upstream.next().await.respond(
+        http::Response::builder()
+            .header("content-type", "application/json")
+            .body(full(
+                r#"{"choices":[],"usage":{"prompt_tokens":500,"completion_tokens":500}}"#,
+            ))
+            .expect("response"),
+    );
+    let first = within("the first answer", pending)
+        .await
+        .expect("join")
+        .expect("response");
+    assert_eq!(first.status(), 200);
+    body_bytes(first).await;
+    let report = ops::eventually("the charge in /usage", || async {
+        let report = relay.admin("GET", "/usage").await.json();
+        (report["budgets"][0]["spent"] == 1000).then_some(report)
+    })
+    .await;
+    let budgets = report["budgets"].as_array().expect("budgets");
+    assert_eq!(budgets.len(), 1, "one shared budget: {report}");
+    assert_eq!(budgets[0]["name"], "default");
+    assert_eq!(budgets[0]["budget"], "10/day");
+
+    // Used up, on this route and on the other route that shares it.
+    for path in ["/llama/v1/chat/completions", "/mistral/v1/chat/completions"] {
+        let refused = within(path, send("POST", path))
+            .await
+            .expect("join")
+            .expect("response");
+        assert_eq!(refused.status(), 429, "{path}");
+        let body: serde_json::Value =
+            serde_json::from_slice(&body_bytes(refused).await).expect("JSON");
+        assert_eq!(body["type"], "token_budget_exhausted");
+        assert_eq!(body["budget"], "route default: 10/day");
+    }
+    assert!(upstream.nothing_received(), "refused before the upstream");
+
+    // A route with its own (empty) rules and budget is not held by them.
+    let pending = send("DELETE", "/own/anything");
+    let exchange = upstream.next().await;
+    assert_eq!(exchange.request.method(), "DELETE");
+    exchange.respond_full(200, "ok");
+    let own = within("the own route", pending)
+        .await
+        .expect("join")
+        .expect("response");
+    assert_eq!(own.status(), 200);
+    std::fs::remove_file(&config).expect("remove config");
+}

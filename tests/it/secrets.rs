@@ -182,3 +182,37 @@ async fn startup_errors_do_not_print_the_key() {
     assert!(text.contains("upstream"), "{text}");
     assert!(!text.contains(KEY));
 }
+
+/// A key pasted into the upstream URL's path is never printed: not in the
+/// startup lines, not in the request logs (at trace level), not in an error
+/// body, whose `upstream` field is host and port only.
+#[tokio::test]
+async fn a_secret_in_the_upstream_path_is_never_printed() {
+    const PATH_SECRET: &str = "sk-pasted-into-path-7c1e";
+    let port = closed_port();
+    let mut command = binary();
+    command
+        .args(["--listen", "127.0.0.1:0", "--warm-connections", "0"])
+        .args([
+            "--upstream",
+            &format!("http://127.0.0.1:{port}/{PATH_SECRET}/v1"),
+        ])
+        .env("BASETEN_API_KEY", KEY)
+        .env("RUST_LOG", "trace");
+    let mut relay = RelayProcess::spawn(command).await;
+    let response = support::raw::get(relay.addr, "/chat/completions").await;
+    assert_eq!(response.status(), 502);
+    assert_eq!(
+        response.json()["upstream"],
+        format!("127.0.0.1:{port}"),
+        "{}",
+        response.body_text()
+    );
+    assert!(!response.body_text().contains(PATH_SECRET));
+    let log = relay.stop_and_output().await;
+    assert!(log.contains(&format!("http://127.0.0.1:{port}")), "{log}");
+    assert!(
+        !log.contains(PATH_SECRET),
+        "the log printed the path: {log}"
+    );
+}

@@ -1494,3 +1494,87 @@ async fn h2c_upgrade_is_not_forwarded_as_a_protocol_switch() {
     assert_eq!(response.status(), 200);
     relay.stop().await;
 }
+
+/// TRACE and TRACK make a server echo the request it received, which would
+/// hand the client the key keyrelay injected. They are answered 405 here, in
+/// any letter case, over HTTP/1.1 and HTTP/2, with or without path rules,
+/// unless a rule of the route's allowed_paths that names the method itself
+/// matches the path (a rule without a method does not count).
+#[tokio::test]
+async fn trace_and_track_are_answered_here_unless_a_rule_names_them() {
+    let mut upstream = MockUpstream::start().await;
+    let open = Relay::start(&upstream.url(), &[]).await;
+    let ruled = Relay::start(
+        &upstream.url(),
+        &[("allowed_paths", "/v1/*,TRACE /debug/*")],
+    )
+    .await;
+    let refused = |response: &raw::RawResponse, what: &str| {
+        assert_eq!(response.status(), 405, "{what}: {}", response.describe());
+        assert_eq!(response.json()["type"], "method_not_allowed", "{what}");
+        assert_eq!(response.json()["source"], "keyrelay", "{what}");
+        let allow = response.header("allow").expect("an Allow header");
+        assert!(
+            allow.contains("POST") && !allow.contains("TRACE"),
+            "{allow}"
+        );
+        assert!(!response.body_text().contains(KEY), "{what}");
+    };
+    for (relay, name) in [(&open, "no rules"), (&ruled, "rules")] {
+        for method in ["TRACE", "TRACK", "trace", "Track"] {
+            for target in ["/v1/models", "/v1/*", "http://localhost/v1/models"] {
+                let request = format!(
+                    "{method} {target} HTTP/1.1\r\nHost: localhost\r\nMax-Forwards: 0\r\n\
+                     Connection: close\r\n\r\n"
+                );
+                let what = format!("{name}: {method} {target}");
+                refused(&raw::exchange(relay.addr, &request).await, &what);
+            }
+        }
+        // With a body, chunked.
+        let request = "TRACE /v1/models HTTP/1.1\r\nHost: localhost\r\n\
+                       Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n3\r\nabc\r\n0\r\n\r\n";
+        refused(&raw::exchange(relay.addr, request).await, name);
+
+        // HTTP/2.
+        let response = within(
+            "h2 TRACE",
+            h2c_client().request(
+                Request::builder()
+                    .method("TRACE")
+                    .uri(relay.url("/v1/models"))
+                    .body(empty())
+                    .expect("request"),
+            ),
+        )
+        .await
+        .expect("response");
+        assert_eq!(response.status(), 405, "{name}: h2");
+        assert!(response.headers().contains_key("allow"));
+    }
+    // TRACK is not named; TRACE outside its rule's path, or escaping it
+    // with a dot segment, is not either.
+    for request in [
+        "TRACK /debug/x",
+        "TRACE /v2/x",
+        "TRACE /debug/../admin",
+        "TRACE /debug/%2e%2e/admin",
+    ] {
+        let full = format!("{request} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+        refused(&raw::exchange(ruled.addr, &full).await, request);
+    }
+    assert!(upstream.nothing_received(), "nothing reached the upstream");
+
+    // Named by a rule, TRACE is the route owner's choice and is forwarded.
+    let pending = tokio::spawn(raw::exchange(
+        ruled.addr,
+        "TRACE /debug/echo HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    ));
+    let exchange = upstream.next().await;
+    assert_eq!(exchange.request.method(), "TRACE");
+    exchange.respond_full(200, "traced");
+    let allowed = within("allowed TRACE", pending).await.expect("join");
+    assert_eq!(allowed.status(), 200);
+    open.stop().await;
+    ruled.stop().await;
+}

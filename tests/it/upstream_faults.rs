@@ -510,7 +510,7 @@ async fn connect_fault(fault: &Fault) {
     let mut _ca_file = None;
     let url = match fault.upstream {
         Upstream::Refused => format!("http://127.0.0.1:{}", closed_port()),
-        Upstream::Unresolvable => "http://does-not-exist.invalid".to_owned(),
+        Upstream::Unresolvable => "https://does-not-exist.invalid".to_owned(),
         Upstream::SilentTls => {
             let (port, held) = silent_listener().await;
             _silent = Some(AbortOnDrop(held));
