@@ -65,6 +65,7 @@ impl ConfigError {
 }
 
 /// Collects problems while validating, so all of them are reported together.
+#[derive(Default)]
 pub(super) struct Problems(pub(super) Vec<Problem>);
 
 impl Problems {

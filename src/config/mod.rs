@@ -37,7 +37,7 @@ pub mod settings;
 
 pub use check::{ConfigError, Problem};
 pub use load::{load, OverrideValue, Sources};
-pub use routes::RouteConfig;
+pub use routes::{RequestRules, RouteConfig};
 pub use settings::{Kind, Setting, ENV_PREFIX, ROUTES_KEY, SETTINGS};
 
 /// Validated configuration, ready to run.
@@ -298,6 +298,11 @@ struct RawConfig {
     add_stream_usage: bool,
     token_budget: Vec<String>,
     access_token_budget: Vec<String>,
+    budget_reserve: String,
+    unparsed_budget_requests: String,
+    max_output_tokens: String,
+    over_max_output_tokens: String,
+    allowed_models: Vec<String>,
     usage_state_file: Option<String>,
     usage_store: String,
     usage_store_unavailable: String,
