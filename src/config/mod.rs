@@ -163,6 +163,9 @@ pub struct AccessSettings {
     pub token_rate: Option<Rate>,
     /// Token budgets every access token has.
     pub token_budgets: Vec<BudgetLimit>,
+    /// Request caps for every request that presents an access token
+    /// (`access_token_max_output_tokens`, `access_token_allowed_models`).
+    pub token_caps: crate::usage::inspect::RequestCaps,
 }
 
 /// The credential keyrelay adds, and the client headers it removes first.
@@ -303,6 +306,8 @@ struct RawConfig {
     max_output_tokens: String,
     over_max_output_tokens: String,
     allowed_models: Vec<String>,
+    access_token_max_output_tokens: String,
+    access_token_allowed_models: Vec<String>,
     usage_state_file: Option<String>,
     usage_store: String,
     usage_store_unavailable: String,

@@ -378,6 +378,18 @@ pub const SETTINGS: &[Setting] = &[
         kind: Kind::List,
     },
     Setting {
+        key: "access_token_max_output_tokens",
+        default: "off",
+        help: "max_output_tokens for every request that presents a local access token, on top of the route's (the lower cap applies).",
+        kind: Kind::Text,
+    },
+    Setting {
+        key: "access_token_allowed_models",
+        default: "",
+        help: "The only models a request presenting a local access token may name (and the route's allowed_models too, if set); others get 403.",
+        kind: Kind::List,
+    },
+    Setting {
         key: "usage_state_file",
         default: "",
         help: "File keeping what the token budgets have spent across restarts (written atomically every few seconds and at shutdown).",

@@ -84,8 +84,8 @@ pub enum Refusal {
     ModelNotAllowed,
     /// The request asks for more output tokens than `max_output_tokens`.
     #[error(
-        "the request asks for {asked} output tokens; this route's max_output_tokens is {cap} \
-         (over_max_output_tokens = \"refuse\")"
+        "the request asks for {asked} output tokens; this route's max_output_tokens \
+         (or access_token_max_output_tokens) is {cap} (over_max_output_tokens = \"refuse\")"
     )]
     OutputTokensOverCap { asked: u64, cap: u64 },
 }
@@ -114,8 +114,8 @@ pub enum ClientError {
     BadRequestBody,
     /// A rule of the route needs the body read and it cannot be.
     #[error(
-        "this route's request rules (allowed_models, max_output_tokens, or \
-         unparsed_budget_requests = \"refuse\") need the request body to be one JSON \
+        "this route's request rules (allowed_models, max_output_tokens, their \
+         access_token_* variants, or unparsed_budget_requests = \"refuse\") need the request body to be one JSON \
          object of at most 1 MiB with numeric token limits; this one is not"
     )]
     UnreadableBody,

@@ -44,7 +44,7 @@ use crate::proxy::route_table::{Route, RouteTable};
 use crate::proxy::tunnel::Tunnels;
 use crate::proxy::upstream::{Keeper, Lease, Upstreams, Via};
 use crate::usage::budget::Refused;
-use crate::usage::inspect::{self, Broken, ReadBody, Unparsed};
+use crate::usage::inspect::{self, Broken, ReadBody, RequestCaps, Unparsed};
 use crate::usage::stream_usage::{self, UsageEventStrip};
 use crate::usage::{Budgets, Estimate, UsageTap};
 use error::{ClientError, ProxyError, Refusal, UpstreamError};
@@ -85,6 +85,8 @@ struct Shared {
     usage_tap: bool,
     /// Token budgets, shared with the admin port and the state file.
     budgets: Arc<Budgets>,
+    /// Request caps of requests that present an access token.
+    token_caps: RequestCaps,
 }
 
 /// What is known of a request when it fails, for the error answer: the
@@ -139,6 +141,7 @@ impl Proxy {
             timeouts: config.timeouts,
             usage_tap: config.usage_tap,
             budgets,
+            token_caps: config.access.token_caps.clone(),
         });
         Ok(Self {
             worker: Arc::new(Worker {
@@ -354,8 +357,14 @@ impl Shared {
         let declared = hyper::body::Body::size_hint(&body).exact();
         let add_usage = route.add_stream_usage && inspect::is_completions_path(parts.uri.path());
         let has_body = !hyper::body::Body::is_end_stream(&body);
-        let wanted = budgeted || rules.caps.is_set() || add_usage;
-        let readable = rules.caps.is_set() || inspect::may_be_json(&parts.headers);
+        let token_caps = record
+            .token()
+            .is_some()
+            .then_some(&self.token_caps)
+            .filter(|caps| caps.is_set());
+        let capped = rules.caps.is_set() || token_caps.is_some();
+        let wanted = budgeted || capped || add_usage;
+        let readable = capped || inspect::may_be_json(&parts.headers);
         let mut estimate = Estimate {
             prompt: inspect::prompt_estimate(declared.unwrap_or(0)),
             output: rules.budget_reserve,
@@ -380,9 +389,7 @@ impl Shared {
                 if let Some(refused) = too_large(head.len()) {
                     return Err(refused);
                 }
-                if rules.caps.is_set()
-                    || (budgeted && rules.unparsed_budget_requests == Unparsed::Refuse)
-                {
+                if capped || (budgeted && rules.unparsed_budget_requests == Unparsed::Refuse) {
                     return Err(ClientError::UnreadableBody.into());
                 }
                 estimate.prompt = inspect::prompt_estimate(declared.unwrap_or(head.len() as u64));
@@ -403,19 +410,18 @@ impl Shared {
             }
             return Ok((self.read_body(parts, bytes, metrics), estimate));
         };
-        let clamped =
-            rules
-                .caps
-                .apply(&mut request, parts.uri.path())
-                .map_err(|broken| -> ProxyError {
-                    match broken {
-                        Broken::Model => Refusal::ModelNotAllowed.into(),
-                        Broken::Output { asked, cap } => {
-                            Refusal::OutputTokensOverCap { asked, cap }.into()
-                        }
-                        Broken::Unreadable => ClientError::UnreadableBody.into(),
+        let clamped = rules
+            .caps
+            .apply(token_caps, &mut request, parts.uri.path())
+            .map_err(|broken| -> ProxyError {
+                match broken {
+                    Broken::Model => Refusal::ModelNotAllowed.into(),
+                    Broken::Output { asked, cap } => {
+                        Refusal::OutputTokensOverCap { asked, cap }.into()
                     }
-                })?;
+                    Broken::Unreadable => ClientError::UnreadableBody.into(),
+                }
+            })?;
         if let Ok(Some(output)) = inspect::max_output(&request) {
             estimate.output = output.saturating_mul(inspect::choices(&request));
         }

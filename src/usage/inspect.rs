@@ -254,15 +254,30 @@ impl RequestCaps {
     /// on the Responses API, `max_tokens` elsewhere), since servers
     /// otherwise generate up to the context's end. `Ok(true)` when the
     /// request was changed.
-    pub fn apply(&self, request: &mut Map<String, Value>, path: &str) -> Result<bool, Broken> {
-        if !self.allowed_models.is_empty() {
-            let model = request.get("model").and_then(Value::as_str);
-            if !model.is_some_and(|model| self.allowed_models.iter().any(|m| m == model)) {
+    ///
+    /// `token` holds the caps of a request that presents an access token
+    /// (`access_token_*`): its model must be allowed by both lists, and the
+    /// lower output cap applies (refused or clamped as the route says).
+    pub fn apply(
+        &self,
+        token: Option<&RequestCaps>,
+        request: &mut Map<String, Value>,
+        path: &str,
+    ) -> Result<bool, Broken> {
+        let model = request.get("model").and_then(Value::as_str);
+        for caps in std::iter::once(self).chain(token) {
+            let allowed = |model: &str| caps.allowed_models.iter().any(|m| m == model);
+            if !caps.allowed_models.is_empty() && !model.is_some_and(allowed) {
                 return Err(Broken::Model);
             }
         }
-        let Some(cap) = self.max_output_tokens else {
-            return Ok(false);
+        let cap = match (
+            self.max_output_tokens,
+            token.and_then(|t| t.max_output_tokens),
+        ) {
+            (Some(route), Some(token)) => route.min(token),
+            (Some(cap), None) | (None, Some(cap)) => cap,
+            (None, None) => return Ok(false),
         };
         match max_output(request).map_err(|NotACount| Broken::Unreadable)? {
             Some(asked) if asked <= cap => Ok(false),
@@ -368,10 +383,10 @@ mod tests {
             allowed_models: vec!["small".to_owned()],
         };
         let mut ok = parse(br#"{"model":"small","max_tokens":50}"#).expect("object");
-        assert_eq!(caps.apply(&mut ok, "/v1/chat/completions"), Ok(false));
+        assert_eq!(caps.apply(None, &mut ok, "/v1/chat/completions"), Ok(false));
         let mut big = parse(br#"{"model":"small","max_completion_tokens":"500"}"#).expect("o");
         assert_eq!(
-            caps.apply(&mut big, "/v1/chat/completions"),
+            caps.apply(None, &mut big, "/v1/chat/completions"),
             Err(Broken::Output {
                 asked: 500,
                 cap: 100
@@ -383,19 +398,39 @@ mod tests {
             b"{}",
         ] {
             let mut request = parse(model).expect("object");
-            assert_eq!(caps.apply(&mut request, "/v1/x"), Err(Broken::Model));
+            assert_eq!(caps.apply(None, &mut request, "/v1/x"), Err(Broken::Model));
         }
         let clamp = RequestCaps {
             over_max_output_tokens: OverCap::Clamp,
             ..caps
         };
         clamp
-            .apply(&mut big, "/v1/chat/completions")
+            .apply(None, &mut big, "/v1/chat/completions")
             .expect("clamped");
         assert_eq!(big["max_completion_tokens"], 100);
         let mut none = parse(br#"{"model":"small"}"#).expect("object");
-        assert_eq!(clamp.apply(&mut none, "/v1/responses/"), Ok(true));
+        assert_eq!(clamp.apply(None, &mut none, "/v1/responses/"), Ok(true));
         assert_eq!(none["max_output_tokens"], 100);
+        // An access token's caps add to the route's.
+        let token = RequestCaps {
+            max_output_tokens: Some(10),
+            over_max_output_tokens: OverCap::Refuse,
+            allowed_models: vec!["tiny".to_owned()],
+        };
+        let mut small = parse(br#"{"model":"small","max_tokens":50}"#).expect("object");
+        assert_eq!(
+            clamp.apply(Some(&token), &mut small, "/v1/x"),
+            Err(Broken::Model)
+        );
+        let both = RequestCaps {
+            allowed_models: vec!["small".to_owned()],
+            ..token
+        };
+        assert_eq!(clamp.apply(Some(&both), &mut small, "/v1/x"), Ok(true));
+        assert_eq!(
+            small["max_tokens"], 10,
+            "the lower cap, clamped as the route says"
+        );
     }
 
     #[test]

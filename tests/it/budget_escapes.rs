@@ -422,7 +422,7 @@ async fn request_caps_refuse_other_models_and_over_asking_however_the_body_is_se
     );
     assert!(error["error"]
         .as_str()
-        .is_some_and(|m| m.contains("max_output_tokens is 500")));
+        .is_some_and(|m| m.contains("max_output_tokens") && m.contains("is 500")));
     // A body keyrelay cannot read cannot escape the caps.
     let (status, error) = answer(&client, &relay, Some("application/json"), "model=large").await;
     assert_eq!(
@@ -527,4 +527,62 @@ async fn a_failed_request_gives_its_reservation_back() {
         (spent(&relay).await == 0).then_some(())
     })
     .await;
+}
+
+#[tokio::test]
+async fn access_tokens_carry_their_own_caps_on_top_of_the_route() {
+    let mut upstream = MockUpstream::start().await;
+    let mut command = ops::command(&upstream.url());
+    command
+        .args(["--access-token-env", "APP_TOKEN"])
+        .args(["--access-token-allowed-models", "small,tiny"])
+        .args(["--access-token-max-output-tokens", "64"])
+        .args(["--allowed-models", "small,large"])
+        .env("APP_TOKEN", "tok-app-7c1d9e2f3a4b5c6d");
+    let relay = AdminRelay::spawn(command).await;
+    let client = http1_client();
+    let ask = |body: &'static str| {
+        Request::post(relay.url("/v1/chat/completions"))
+            .header("authorization", "Bearer tok-app-7c1d9e2f3a4b5c6d")
+            .body(full(body))
+            .expect("request")
+    };
+    for (body, status, kind) in [
+        // The route allows it, the token does not.
+        (r#"{"model":"large"}"#, 403, "model_not_allowed"),
+        // The token allows it, the route does not.
+        (r#"{"model":"tiny"}"#, 403, "model_not_allowed"),
+        (
+            r#"{"model":"small","max_tokens":65}"#,
+            403,
+            "max_output_tokens_exceeded",
+        ),
+        ("{\"model\":\"small\"", 400, "unreadable_request_body"),
+    ] {
+        let response = client.request(ask(body)).await.expect("answered");
+        assert_eq!(response.status(), status, "{body}");
+        let error: serde_json::Value =
+            serde_json::from_slice(&body_bytes(response).await).expect("JSON");
+        assert_eq!(error["type"], kind, "{body}");
+    }
+    assert!(
+        upstream.nothing_received(),
+        "all refused before the upstream"
+    );
+    let pending = tokio::spawn(client.request(ask(r#"{"model":"small"}"#)));
+    let mut exchange = upstream.next().await;
+    let sent = exchange
+        .request
+        .body_mut()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    let sent: serde_json::Value = serde_json::from_slice(&sent).expect("JSON");
+    assert_eq!(sent["max_tokens"], 64, "the token's cap filled in");
+    exchange.respond_full(200, "{}");
+    within("the answer", pending)
+        .await
+        .expect("join")
+        .expect("answer");
 }
