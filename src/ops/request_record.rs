@@ -82,6 +82,8 @@ pub struct RequestRecord {
     metered: Option<Metered>,
     /// keyrelay added `include_usage` to the request (`add_stream_usage`).
     added_usage: bool,
+    /// The request was handed to the upstream client.
+    forwarded: bool,
 }
 
 impl RequestRecord {
@@ -106,6 +108,7 @@ impl RequestRecord {
             reservation: None,
             metered: None,
             added_usage: false,
+            forwarded: false,
         }
     }
 
@@ -154,6 +157,12 @@ impl RequestRecord {
     /// what the response spent ([`RequestRecord::spent`]).
     pub fn hold_reservation(&mut self, reservation: Reservation) {
         self.reservation = Some(reservation);
+    }
+
+    /// Records that the request is being sent upstream: from here on a
+    /// client that leaves before the answer still pays for its prompt.
+    pub fn set_forwarded(&mut self) {
+        self.forwarded = true;
     }
 
     /// Records that the response is a successful stream or JSON answer,
@@ -267,10 +276,15 @@ impl RequestRecord {
     /// byte, a lower bound from what passed: `prompt_estimate` (the
     /// request body's bytes / 4) for the prompt, one token per generated
     /// chunk (`"delta"` event) of a stream, or the bytes relayed / 4 of a
-    /// JSON answer. Never 0 for a served response; 0 for one that failed
-    /// or was refused before a byte.
+    /// JSON answer. Never 0 for a served response. A request the client
+    /// abandoned after it was sent upstream, before the response head, is
+    /// charged its prompt estimate (the upstream may have read it); one
+    /// that failed or was refused before a byte, nothing.
     fn spent(&self, prompt_estimate: u64) -> u64 {
         let usage = self.usage.map(|report| report.usage).unwrap_or_default();
+        if self.forwarded && self.status.is_none() && self.outcome.is_none() {
+            return prompt_estimate.max(1);
+        }
         let served = self.metered.is_some()
             && self.bytes > 0
             && self.method != Method::GET

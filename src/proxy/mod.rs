@@ -297,6 +297,7 @@ impl Shared {
             .await
             .map_err(|err| self.send_failure(&err, err.is_connect()))?;
         set_version(&mut upstream_request, &via, route.host.as_ref());
+        record.set_forwarded();
         let (response, lease) = self.send(&worker.upstreams, via, upstream_request).await?;
         Ok(Answer::Relay(Sent {
             response,

@@ -586,3 +586,25 @@ async fn access_tokens_carry_their_own_caps_on_top_of_the_route() {
         .expect("join")
         .expect("answer");
 }
+
+#[tokio::test]
+async fn a_client_gone_before_the_response_head_still_pays_for_its_prompt() {
+    let mut upstream = MockUpstream::start().await;
+    let relay = relay_with(&["--token-budget", "1000000/day"], &upstream).await;
+    let client = http1_client();
+    let body = r#"{"stream":true,"messages":[{"role":"user","content":"a long prompt"}]}"#;
+    let pending = tokio::spawn(
+        client.request(
+            Request::post(relay.url("/v1/chat/completions"))
+                .body(full(body))
+                .expect("request"),
+        ),
+    );
+    // The upstream has the request (and reads its prompt); the client
+    // leaves before the answer starts.
+    let exchange = upstream.next().await;
+    pending.abort();
+    let _ = pending.await;
+    wait_spent(&relay, (body.len() / 4) as u64).await;
+    drop(exchange);
+}
