@@ -5,7 +5,10 @@
 //! only what it must to find whole documents: for Server-Sent Events, the
 //! one unfinished line carried over from the previous frame (bounded by
 //! [`MAX_LINE`]); for a JSON response, a copy of the body (bounded by
-//! [`MAX_JSON`]), read when it ends. The frames themselves go on untouched.
+//! [`MAX_JSON`]; of a longer one only the last [`JSON_TAIL`] bytes, where
+//! a whole answer's `usage` is), read when it ends. The frames themselves
+//! go on untouched. SSE frames are also searched for `"delta"`, one per
+//! generated chunk, the lower bound a budget charges when no usage comes.
 //!
 //! Of the SSE lines, only `data:` lines are read, and of those only the ones
 //! that can matter: every line until the first generated content (for the
