@@ -65,6 +65,7 @@ impl ConfigError {
 }
 
 /// Collects problems while validating, so all of them are reported together.
+#[derive(Default)]
 pub(super) struct Problems(pub(super) Vec<Problem>);
 
 impl Problems {
@@ -466,6 +467,47 @@ fn check_access(
              use token_budget for a budget everyone shares",
         );
     }
+    let token_max_output = found
+        .optional::<u64>(
+            "access_token_max_output_tokens",
+            &raw.access_token_max_output_tokens,
+            "a whole number",
+        )
+        .and_then(|cap| {
+            if cap == Some(0) {
+                found.report(
+                    "access_token_max_output_tokens",
+                    "0 would refuse every request; leave it off for no cap",
+                );
+                return None;
+            }
+            Some(cap)
+        });
+    let token_models: Vec<String> = raw
+        .access_token_allowed_models
+        .iter()
+        .map(|model| model.trim().to_owned())
+        .collect();
+    if token_models.iter().any(String::is_empty) {
+        found.report(
+            "access_token_allowed_models",
+            "an empty model name would match no request; remove it",
+        );
+    }
+    for (setting, set) in [
+        (
+            "access_token_max_output_tokens",
+            token_max_output.is_some_and(|cap| cap.is_some()),
+        ),
+        ("access_token_allowed_models", !token_models.is_empty()),
+    ] {
+        if no_tokens && set {
+            found.report(
+                setting,
+                "is set but no access tokens are (access_token_env, access_token_files), so it would never apply",
+            );
+        }
+    }
     for host in &raw.allowed_hosts {
         if !HostPolicy::is_valid_name(host) {
             found.report(
@@ -526,6 +568,12 @@ fn check_access(
             .collect(),
         token_rate: token_rate?,
         token_budgets: token_budgets?,
+        token_caps: crate::usage::inspect::RequestCaps {
+            max_output_tokens: token_max_output?,
+            // The route's over_max_output_tokens decides refuse or clamp.
+            over_max_output_tokens: Default::default(),
+            allowed_models: token_models,
+        },
     })
 }
 

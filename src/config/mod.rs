@@ -37,7 +37,7 @@ pub mod settings;
 
 pub use check::{ConfigError, Problem};
 pub use load::{load, OverrideValue, Sources};
-pub use routes::RouteConfig;
+pub use routes::{RequestRules, RouteConfig};
 pub use settings::{Kind, Setting, ENV_PREFIX, ROUTES_KEY, SETTINGS};
 
 /// Validated configuration, ready to run.
@@ -179,6 +179,9 @@ pub struct AccessSettings {
     pub token_rate: Option<Rate>,
     /// Token budgets every access token has.
     pub token_budgets: Vec<BudgetLimit>,
+    /// Request caps for every request that presents an access token
+    /// (`access_token_max_output_tokens`, `access_token_allowed_models`).
+    pub token_caps: crate::usage::inspect::RequestCaps,
 }
 
 /// The credential keyrelay adds, and the client headers it removes first.
@@ -315,6 +318,13 @@ struct RawConfig {
     add_stream_usage: bool,
     token_budget: Vec<String>,
     access_token_budget: Vec<String>,
+    budget_reserve: String,
+    unparsed_budget_requests: String,
+    max_output_tokens: String,
+    over_max_output_tokens: String,
+    allowed_models: Vec<String>,
+    access_token_max_output_tokens: String,
+    access_token_allowed_models: Vec<String>,
     usage_state_file: Option<String>,
     usage_store: String,
     usage_store_unavailable: String,

@@ -37,6 +37,7 @@ use crate::config::baseten::{self, Stage, Target};
 use crate::guard::paths::PathPolicy;
 use crate::secrets::key::{ApiKey, KEY_PLACEHOLDER};
 use crate::secrets::secret_file;
+use crate::usage::inspect::{OverCap, RequestCaps, Unparsed, DEFAULT_BUDGET_RESERVE};
 use crate::usage::BudgetLimit;
 
 /// A route as written in the config file.
@@ -67,6 +68,11 @@ pub(super) struct RawRoute {
     allowed_paths: Option<Vec<String>>,
     token_budget: Option<Vec<String>>,
     add_stream_usage: Option<bool>,
+    budget_reserve: Option<u64>,
+    unparsed_budget_requests: Option<String>,
+    max_output_tokens: Option<u64>,
+    over_max_output_tokens: Option<String>,
+    allowed_models: Option<Vec<String>>,
     upstream_http: Option<String>,
     /// The older spelling of `upstream_http = "2"`.
     #[serde(default)]
@@ -115,6 +121,144 @@ pub struct RouteConfig {
     pub budget_account: String,
     /// Ask streams for usage the client did not ask for (`add_stream_usage`).
     pub add_stream_usage: bool,
+    /// What a budgeted request reserves, and what happens to one keyrelay
+    /// cannot read; the route's request caps.
+    pub rules: RequestRules,
+}
+
+/// How a route reads requests: budget reservations and request caps.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestRules {
+    /// Output tokens a budgeted request reserves when it names no limit.
+    pub budget_reserve: u64,
+    /// What happens to a budgeted request keyrelay cannot read.
+    pub unparsed_budget_requests: Unparsed,
+    /// `max_output_tokens`, `over_max_output_tokens`, `allowed_models`.
+    pub caps: RequestCaps,
+}
+
+/// A route's request-rule settings as written; `None` where it sets none.
+struct RawRules<'a> {
+    budget_reserve: Option<u64>,
+    unparsed_budget_requests: Option<&'a str>,
+    max_output_tokens: Option<Option<u64>>,
+    over_max_output_tokens: Option<&'a str>,
+    allowed_models: Option<&'a [String]>,
+}
+
+impl RequestRules {
+    /// What a route has when nothing is set.
+    fn defaults() -> Self {
+        Self {
+            budget_reserve: DEFAULT_BUDGET_RESERVE,
+            unparsed_budget_requests: Unparsed::Forward,
+            caps: RequestCaps::default(),
+        }
+    }
+}
+
+/// Validates a route's request rules, taking `inherited`'s for what it
+/// does not set; `None` if one is wrong (reported), or if what it inherits
+/// was (reported there).
+fn request_rules(
+    raw: &RawRules<'_>,
+    inherited: Option<&RequestRules>,
+    scope: &Scope,
+    found: &mut Problems,
+) -> Option<RequestRules> {
+    let mut valid = true;
+    let unparsed = raw.unparsed_budget_requests.map(|text| {
+        let parsed = Unparsed::parse(text);
+        if parsed.is_none() {
+            found.report(
+                &scope.setting("unparsed_budget_requests"),
+                format!("{text:?} is not one of: forward, refuse"),
+            );
+            valid = false;
+        }
+        parsed
+    });
+    let over = raw.over_max_output_tokens.map(|text| {
+        let parsed = OverCap::parse(text);
+        if parsed.is_none() {
+            found.report(
+                &scope.setting("over_max_output_tokens"),
+                format!("{text:?} is not one of: refuse, clamp"),
+            );
+            valid = false;
+        }
+        parsed
+    });
+    if raw.max_output_tokens == Some(Some(0)) {
+        found.report(
+            &scope.setting("max_output_tokens"),
+            "0 would refuse every request; leave it unset (off) for no cap",
+        );
+        valid = false;
+    }
+    let models: Option<Vec<String>> = raw
+        .allowed_models
+        .map(|models| models.iter().map(|model| model.trim().to_owned()).collect());
+    if models.iter().flatten().any(String::is_empty) {
+        found.report(
+            &scope.setting("allowed_models"),
+            "an empty model name would match no request; remove it",
+        );
+        valid = false;
+    }
+    if raw.budget_reserve == Some(0) {
+        found.report(
+            &scope.setting("budget_reserve"),
+            "must be at least 1: a request that reserves nothing is not held to its budget",
+        );
+        valid = false;
+    }
+    let inherited = inherited?;
+    if !valid {
+        return None;
+    }
+    Some(RequestRules {
+        budget_reserve: raw.budget_reserve.unwrap_or(inherited.budget_reserve),
+        unparsed_budget_requests: unparsed
+            .flatten()
+            .unwrap_or(inherited.unparsed_budget_requests),
+        caps: RequestCaps {
+            max_output_tokens: raw
+                .max_output_tokens
+                .unwrap_or(inherited.caps.max_output_tokens),
+            over_max_output_tokens: over
+                .flatten()
+                .unwrap_or(inherited.caps.over_max_output_tokens),
+            allowed_models: models.unwrap_or_else(|| inherited.caps.allowed_models.clone()),
+        },
+    })
+}
+
+/// The top level's request rules (what routes inherit); `None` if one is
+/// wrong (each reported).
+fn top_rules(raw: &RawConfig, found: &mut Problems) -> Option<RequestRules> {
+    let top = Scope(None);
+    let budget_reserve =
+        found.optional::<u64>("budget_reserve", &raw.budget_reserve, "a whole number");
+    let max_output_tokens = found.optional::<u64>(
+        "max_output_tokens",
+        &raw.max_output_tokens,
+        "a whole number",
+    );
+    let rules = request_rules(
+        &RawRules {
+            // "off" reserves nothing: refused as 0.
+            budget_reserve: budget_reserve.map(|reserve| reserve.unwrap_or(0)),
+            unparsed_budget_requests: Some(&raw.unparsed_budget_requests),
+            max_output_tokens: max_output_tokens.or(Some(None)),
+            over_max_output_tokens: Some(&raw.over_max_output_tokens),
+            allowed_models: Some(&raw.allowed_models),
+        },
+        Some(&RequestRules::defaults()),
+        &top,
+        found,
+    );
+    rules.filter(|_| budget_reserve.is_some() && max_output_tokens.is_some())
 }
 
 /// Where a route's policy value came from.
@@ -317,6 +461,8 @@ pub(super) fn check(
         &top,
         found,
     );
+    // Checked whether or not a top-level route is made: routes inherit them.
+    let rules = top_rules(raw, found);
     // The top-level credential is checked whenever it may be used, even if the
     // upstream is missing, so that every problem is reported in one pass.
     if top_target.is_some() || raw.routes.is_empty() {
@@ -361,8 +507,16 @@ pub(super) fn check(
             Some(http),
             Some(set_headers),
             Some(budgets),
-        ) = (top_target, credential, paths, http, set_headers, budgets)
-        {
+            Some(rules),
+        ) = (
+            top_target,
+            credential,
+            paths,
+            http,
+            set_headers,
+            budgets,
+            rules.clone(),
+        ) {
             routes.push(RouteConfig {
                 name: DEFAULT_ROUTE.to_owned(),
                 prefix: "/".to_owned(),
@@ -376,6 +530,7 @@ pub(super) fn check(
                 budgets,
                 budget_account: budget_account(DEFAULT_ROUTE, &policy),
                 add_stream_usage: policy.add_stream_usage.value,
+                rules,
             });
         }
     }
@@ -383,7 +538,8 @@ pub(super) fn check(
     for (index, route) in raw.routes.iter().enumerate() {
         let scope = Scope(Some(format!("routes[{index}] {:?}", route.name)));
         let inherited = top_http.flatten().unwrap_or(UpstreamHttp::Http1);
-        if let Some(route) = check_route(route, raw, inherited, &scope, env, found) {
+        if let Some(route) = check_route(route, raw, inherited, rules.as_ref(), &scope, env, found)
+        {
             routes.push(route);
         }
     }
@@ -457,6 +613,7 @@ fn check_route(
     route: &RawRoute,
     raw: &RawConfig,
     inherited_http: UpstreamHttp,
+    inherited_rules: Option<&RequestRules>,
     scope: &Scope,
     env: &HashMap<String, String>,
     found: &mut Problems,
@@ -533,6 +690,30 @@ fn check_route(
     strip_grpc_stage_headers(credential.as_mut(), grpc_headers.is_some());
     let paths = path_policy(&policy.allowed_paths, &prefix, scope, found);
     let budgets = budgets(&policy.token_budget.value, scope, found);
+    let rules = RawRules {
+        budget_reserve: route.budget_reserve,
+        unparsed_budget_requests: route.unparsed_budget_requests.as_deref(),
+        max_output_tokens: route.max_output_tokens.map(Some),
+        over_max_output_tokens: route.over_max_output_tokens.as_deref(),
+        allowed_models: route.allowed_models.as_deref(),
+    };
+    let rules = request_rules(&rules, inherited_rules, scope, found);
+    let explicit = [
+        ("budget_reserve", route.budget_reserve.is_some()),
+        (
+            "unparsed_budget_requests",
+            route.unparsed_budget_requests.is_some(),
+        ),
+    ];
+    let no_budget = policy.token_budget.value.is_empty() && raw.access_token_budget.is_empty();
+    for (setting, set) in explicit {
+        if set && no_budget {
+            found.report(
+                &scope.setting(setting),
+                "has no effect: no token_budget or access_token_budget applies to this route",
+            );
+        }
+    }
     let http = named_protocol(
         route.upstream_http.as_deref(),
         route.http2,
@@ -557,6 +738,7 @@ fn check_route(
         budgets: budgets?,
         budget_account: budget_account(&route.name, &policy),
         add_stream_usage: policy.add_stream_usage.value,
+        rules: rules?,
     })
 }
 
@@ -1177,6 +1359,86 @@ mod tests {
         ])
         .expect_err("refused");
         assert_eq!(contradiction.problems[0].setting, "upstream_http2");
+    }
+
+    #[test]
+    fn request_rules_are_checked_and_routes_inherit_them_unless_they_set_their_own() {
+        use crate::usage::inspect::{OverCap, Unparsed};
+        let config = with_file(
+            r#"
+max_output_tokens = 1000
+allowed_models = ["small"]
+budget_reserve = 512
+token_budget = ["100000/day"]
+
+[[routes]]
+name = "inherits"
+prefix = "/a"
+upstream = "https://a.test"
+key_env = "BASETEN_API_KEY"
+
+[[routes]]
+name = "own"
+prefix = "/b"
+upstream = "https://b.test"
+key_env = "BASETEN_API_KEY"
+token_budget = ["10/minute"]
+budget_reserve = 64
+unparsed_budget_requests = "refuse"
+max_output_tokens = 50
+over_max_output_tokens = "clamp"
+allowed_models = []
+"#,
+            &[],
+        )
+        .expect("valid");
+        let rules = |name: &str| {
+            &config
+                .routes
+                .iter()
+                .find(|r| r.name == name)
+                .expect("route")
+                .rules
+        };
+        assert_eq!(rules("inherits").budget_reserve, 512);
+        assert_eq!(rules("inherits").caps.max_output_tokens, Some(1000));
+        assert_eq!(rules("inherits").caps.allowed_models, ["small"]);
+        assert_eq!(rules("own").budget_reserve, 64);
+        assert_eq!(rules("own").unparsed_budget_requests, Unparsed::Refuse);
+        assert_eq!(rules("own").caps.over_max_output_tokens, OverCap::Clamp);
+        assert!(rules("own").caps.allowed_models.is_empty());
+
+        let refused = with_file(
+            r#"
+budget_reserve = "lots"
+over_max_output_tokens = "trim"
+
+[[routes]]
+name = "r"
+prefix = "/r"
+upstream = "https://r.test"
+key_env = "BASETEN_API_KEY"
+unparsed_budget_requests = "drop"
+max_output_tokens = 0
+allowed_models = [" "]
+"#,
+            &[],
+        )
+        .expect_err("refused");
+        let settings: Vec<&str> = refused
+            .problems
+            .iter()
+            .map(|p| p.setting.as_str())
+            .collect();
+        for expected in [
+            "budget_reserve",
+            "over_max_output_tokens",
+            r#"routes[0] "r".unparsed_budget_requests"#,
+            r#"routes[0] "r".max_output_tokens"#,
+            r#"routes[0] "r".allowed_models"#,
+        ] {
+            assert!(settings.contains(&expected), "{expected} in {settings:?}");
+        }
     }
 
     #[test]

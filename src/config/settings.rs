@@ -338,7 +338,7 @@ pub const SETTINGS: &[Setting] = &[
     Setting {
         key: "add_stream_usage",
         default: "false",
-        help: "Add stream_options.include_usage to streaming JSON chat/completions requests that lack it, and remove the usage-only event it adds from what the client receives.",
+        help: "Add stream_options.include_usage to streaming chat/completions requests that lack it (bodies up to 1 MiB, any framing), and remove the usage-only event it adds from what the client receives.",
         kind: Kind::Switch,
     },
     Setting {
@@ -351,6 +351,48 @@ pub const SETTINGS: &[Setting] = &[
         key: "access_token_budget",
         default: "",
         help: "LLM tokens each local access token may spend per window, e.g. 200000/day; 429 once used up.",
+        kind: Kind::List,
+    },
+    Setting {
+        key: "budget_reserve",
+        default: "4096",
+        help: "Output tokens a budgeted request reserves when its body names no max_tokens (plus its body's bytes / 4 for the prompt); replaced by what it spent when it ends.",
+        kind: Kind::Text,
+    },
+    Setting {
+        key: "unparsed_budget_requests",
+        default: "forward",
+        help: "A budgeted request whose body is not a JSON object keyrelay can read within 1 MiB: forward (under budget_reserve) or refuse (400).",
+        kind: Kind::Text,
+    },
+    Setting {
+        key: "max_output_tokens",
+        default: "off",
+        help: "Most output tokens (max_tokens, max_completion_tokens, max_output_tokens) a request may ask for; a request naming none gets it. Bodies keyrelay cannot read get 400.",
+        kind: Kind::Text,
+    },
+    Setting {
+        key: "over_max_output_tokens",
+        default: "refuse",
+        help: "A request asking for more than max_output_tokens: refuse (403) or clamp (the body is rewritten to the cap).",
+        kind: Kind::Text,
+    },
+    Setting {
+        key: "allowed_models",
+        default: "",
+        help: "The only models requests may name in their JSON body's \"model\"; others get 403. Bodies keyrelay cannot read get 400.",
+        kind: Kind::List,
+    },
+    Setting {
+        key: "access_token_max_output_tokens",
+        default: "off",
+        help: "max_output_tokens for every request that presents a local access token, on top of the route's (the lower cap applies).",
+        kind: Kind::Text,
+    },
+    Setting {
+        key: "access_token_allowed_models",
+        default: "",
+        help: "The only models a request presenting a local access token may name (and the route's allowed_models too, if set); others get 403.",
         kind: Kind::List,
     },
     Setting {

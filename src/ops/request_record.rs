@@ -7,7 +7,6 @@
 //! by the client) is counted exactly once. Only the method and path are
 //! logged: never headers, queries or bodies, which can carry secrets.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use http::{HeaderValue, Method, Uri};
@@ -16,7 +15,7 @@ use tokio::time::Instant;
 
 use crate::ops::access_log::AccessLine;
 use crate::ops::metrics::RouteMetrics;
-use crate::usage::{Budgets, UsageReport};
+use crate::usage::{Reservation, UsageReport};
 
 /// Target of access-log events, for `RUST_LOG=keyrelay::access=info` style filters.
 pub const TARGET: &str = "keyrelay::access";
@@ -77,10 +76,14 @@ pub struct RequestRecord {
     outcome: Option<Outcome>,
     /// The token usage read off the response, if it was tapped.
     usage: Option<UsageReport>,
-    /// The budgets the usage is charged to, and the route's index in them.
-    charge: Option<(Arc<Budgets>, usize)>,
+    /// What the request holds in its budgets, settled when it ends.
+    reservation: Option<Reservation>,
+    /// The response could carry usage: a successful SSE stream or JSON answer.
+    metered: Option<Metered>,
     /// keyrelay added `include_usage` to the request (`add_stream_usage`).
     added_usage: bool,
+    /// The request was handed to the upstream client.
+    forwarded: bool,
 }
 
 impl RequestRecord {
@@ -102,8 +105,10 @@ impl RequestRecord {
             bytes: 0,
             outcome: None,
             usage: None,
-            charge: None,
+            reservation: None,
+            metered: None,
             added_usage: false,
+            forwarded: false,
         }
     }
 
@@ -148,10 +153,22 @@ impl RequestRecord {
         self.token.as_deref()
     }
 
-    /// Charges the response's token usage, when it ends, to the budgets of
-    /// route `route`.
-    pub fn charge_to(&mut self, budgets: Arc<Budgets>, route: usize) {
-        self.charge = Some((budgets, route));
+    /// Holds `reservation` until the request ends, then replaces it with
+    /// what the response spent ([`RequestRecord::spent`]).
+    pub fn hold_reservation(&mut self, reservation: Reservation) {
+        self.reservation = Some(reservation);
+    }
+
+    /// Records that the request is being sent upstream: from here on a
+    /// client that leaves before the answer still pays for its prompt.
+    pub fn set_forwarded(&mut self) {
+        self.forwarded = true;
+    }
+
+    /// Records that the response is a successful stream or JSON answer,
+    /// which a budget charges even when it reports no usage.
+    pub fn set_metered(&mut self, metered: Metered) {
+        self.metered = Some(metered);
     }
 
     /// Records which local access token the request used (its name, never its value).
@@ -200,23 +217,15 @@ impl Drop for RequestRecord {
         let tokens = self.usage.map(|report| self.token_figures(report));
         if let (Some(report), Some(figures)) = (self.usage, tokens) {
             self.metrics.usage(self.token.as_deref(), &report, &figures);
-            if let Some((budgets, route)) = self.charge.take() {
-                let spent = (report.usage.prompt.unwrap_or(0))
-                    .saturating_add(report.usage.completion.unwrap_or(0));
-                let metrics = self.metrics.clone();
-                let now = std::time::SystemTime::now();
-                budgets.charge(
-                    route,
-                    self.token.as_deref(),
-                    spent,
-                    now,
-                    move |overshoots| {
-                        for overshoot in &overshoots {
-                            metrics.budget_overshoot(overshoot);
-                        }
-                    },
-                );
-            }
+        }
+        if let Some(reservation) = self.reservation.take() {
+            let spent = self.spent(reservation.prompt_estimate);
+            let metrics = self.metrics.clone();
+            reservation.settle(spent, std::time::SystemTime::now(), move |overshoots| {
+                for overshoot in &overshoots {
+                    metrics.budget_overshoot(overshoot);
+                }
+            });
         }
         self.metrics.finished(
             status,
@@ -242,6 +251,15 @@ impl Drop for RequestRecord {
     }
 }
 
+/// A response a budget charges: what kind of body it relayed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Metered {
+    /// Server-Sent Events.
+    Sse,
+    /// A JSON answer.
+    Json,
+}
+
 /// The timings derived from a usage report.
 #[derive(Debug, Clone, Copy)]
 pub struct TokenFigures {
@@ -252,6 +270,42 @@ pub struct TokenFigures {
 }
 
 impl RequestRecord {
+    /// The tokens the request is charged: what the upstream reported, and
+    /// for what it did not report of a successful stream or JSON answer
+    /// to a request that can generate (not GET or HEAD) and relayed a
+    /// byte, a lower bound from what passed: `prompt_estimate` (the
+    /// request body's bytes / 4) for the prompt, one token per generated
+    /// chunk (`"delta"` event) of a stream, or the bytes relayed / 4 of a
+    /// JSON answer. Never 0 for a served response. A request the client
+    /// abandoned after it was sent upstream, before the response head, is
+    /// charged its prompt estimate (the upstream may have read it); one
+    /// that failed or was refused before a byte, nothing.
+    fn spent(&self, prompt_estimate: u64) -> u64 {
+        let usage = self.usage.map(|report| report.usage).unwrap_or_default();
+        if self.forwarded && self.status.is_none() && self.outcome.is_none() {
+            return prompt_estimate.max(1);
+        }
+        let served = self.metered.is_some()
+            && self.bytes > 0
+            && self.method != Method::GET
+            && self.method != Method::HEAD;
+        if !served {
+            return usage
+                .prompt
+                .unwrap_or(0)
+                .saturating_add(usage.completion.unwrap_or(0));
+        }
+        let output_floor = match self.metered {
+            Some(Metered::Sse) => self.usage.map_or(0, |report| report.deltas),
+            _ => self.bytes / 4,
+        }
+        .max(1);
+        usage
+            .prompt
+            .unwrap_or(prompt_estimate)
+            .saturating_add(usage.completion.unwrap_or(output_floor))
+    }
+
     fn token_figures(&self, report: UsageReport) -> TokenFigures {
         let first = report.first_content;
         let generating = first

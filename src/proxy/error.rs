@@ -88,6 +88,17 @@ pub enum Refusal {
     /// The request body is larger than `max_request_body` (the limit in bytes).
     #[error("request body larger than max_request_body ({0} bytes)")]
     PayloadTooLarge(u64),
+    /// The request names a model the route's `allowed_models` leaves out.
+    #[error(
+        "the model this request names (or its lack of one) is not in this route's allowed_models"
+    )]
+    ModelNotAllowed,
+    /// The request asks for more output tokens than `max_output_tokens`.
+    #[error(
+        "the request asks for {asked} output tokens; this route's max_output_tokens \
+         (or access_token_max_output_tokens) is {cap} (over_max_output_tokens = \"refuse\")"
+    )]
+    OutputTokensOverCap { asked: u64, cap: u64 },
 }
 
 /// Requests that cannot be forwarded as the client sent them.
@@ -112,6 +123,13 @@ pub enum ClientError {
          connection closed before the announced length)"
     )]
     BadRequestBody,
+    /// A rule of the route needs the body read and it cannot be.
+    #[error(
+        "this route's request rules (allowed_models, max_output_tokens, their \
+         access_token_* variants, or unparsed_budget_requests = \"refuse\") need the request body to be one JSON \
+         object of at most 1 MiB with numeric token limits; this one is not"
+    )]
+    UnreadableBody,
     /// The request uses a transfer coding other than chunked (e.g. gzip).
     #[error(
         "only the chunked transfer coding is supported; keyrelay would otherwise \
@@ -282,9 +300,11 @@ impl ProxyError {
 impl Refusal {
     fn status(&self) -> StatusCode {
         match self {
-            Self::HostNotAllowed | Self::OriginNotAllowed | Self::PathNotAllowed => {
-                StatusCode::FORBIDDEN
-            }
+            Self::HostNotAllowed
+            | Self::OriginNotAllowed
+            | Self::PathNotAllowed
+            | Self::ModelNotAllowed
+            | Self::OutputTokensOverCap { .. } => StatusCode::FORBIDDEN,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::RateLimited(_) | Self::BudgetExhausted(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::NoRoute(_) => StatusCode::NOT_FOUND,
@@ -307,6 +327,8 @@ impl Refusal {
             Self::NoRoute(_) => "no_route",
             Self::Overloaded => "overloaded",
             Self::PayloadTooLarge(_) => "payload_too_large",
+            Self::ModelNotAllowed => "model_not_allowed",
+            Self::OutputTokensOverCap { .. } => "max_output_tokens_exceeded",
         }
     }
 }
@@ -315,9 +337,10 @@ impl ClientError {
     fn status(&self) -> StatusCode {
         match self {
             Self::ConnectNotSupported => StatusCode::METHOD_NOT_ALLOWED,
-            Self::BadRequestTarget | Self::BadRequestBody | Self::StagedPathOnRegionalHost => {
-                StatusCode::BAD_REQUEST
-            }
+            Self::BadRequestTarget
+            | Self::BadRequestBody
+            | Self::StagedPathOnRegionalHost
+            | Self::UnreadableBody => StatusCode::BAD_REQUEST,
             Self::UnsupportedTransferCoding => StatusCode::NOT_IMPLEMENTED,
         }
     }
@@ -329,6 +352,7 @@ impl ClientError {
             Self::BadRequestBody => "bad_request_body",
             Self::StagedPathOnRegionalHost => "staged_path_on_regional_host",
             Self::UnsupportedTransferCoding => "unsupported_transfer_coding",
+            Self::UnreadableBody => "unreadable_request_body",
         }
     }
 }

@@ -37,15 +37,16 @@ use crate::config::{Config, Timeouts};
 use crate::guard::tokens::AccessTokens;
 use crate::guard::{Admission, Guard};
 use crate::ops::metrics::{Metrics, RouteMetrics};
-use crate::ops::request_record::{Outcome, RequestRecord};
+use crate::ops::request_record::{Metered, Outcome, RequestRecord};
 use crate::proxy::request_body::RequestBody;
 use crate::proxy::response_body::RelayBody;
 use crate::proxy::route_table::{Route, RouteTable};
 use crate::proxy::tunnel::Tunnels;
 use crate::proxy::upstream::{Keeper, Lease, Upstreams, Via};
 use crate::usage::budget::Refused;
+use crate::usage::inspect::{self, Broken, ReadBody, RequestCaps, Unparsed};
 use crate::usage::stream_usage::{self, UsageEventStrip};
-use crate::usage::{Budgets, UsageTap};
+use crate::usage::{Budgets, Estimate, UsageTap};
 use error::{ClientError, ProxyError, Refusal, UpstreamError};
 use request_id::{server_timing, RequestIds, BASETEN_REQUEST_ID, SERVER_TIMING, X_REQUEST_ID};
 
@@ -84,6 +85,8 @@ struct Shared {
     usage_tap: bool,
     /// Token budgets, shared with the admin port and the state file.
     budgets: Arc<Budgets>,
+    /// Request caps of requests that present an access token.
+    token_caps: RequestCaps,
 }
 
 /// What is known of a request when it fails, for the error answer: the
@@ -138,6 +141,7 @@ impl Proxy {
             timeouts: config.timeouts,
             usage_tap: config.usage_tap,
             budgets,
+            token_caps: config.access.token_caps.clone(),
         });
         Ok(Self {
             worker: Arc::new(Worker {
@@ -242,20 +246,29 @@ impl Shared {
         let route = matched.ok_or_else(|| Refusal::NoRoute(self.routes.prefixes()))?;
         context.route = Some(route);
         self.check_limits(route, &parts, &body, record)?;
-        if !self.budgets.is_empty() {
+        let budgeted =
+            !self.budgets.is_empty() && self.budgets.applies_to(route.index, record.token());
+        if budgeted {
+            // The tap cannot read a compressed body, and a budget must
+            // not be escaped by asking for one.
+            identity_encoding(&mut parts.headers);
+        }
+        let (body, estimate) = self
+            .read_request(route, &mut parts, body, budgeted, record)
+            .await?;
+        if budgeted {
+            // Held until the request ends, then replaced by what it spent.
             // One round trip to a shared usage_store, none locally.
-            self.budgets
-                .check(route.index, record.token(), SystemTime::now())
+            let reservation = self
+                .budgets
+                .reserve(route.index, record.token(), estimate, SystemTime::now())
                 .await
                 .map_err(|refused| match refused {
                     Refused::Exhausted(exhausted) => Refusal::BudgetExhausted(exhausted),
                     Refused::StoreUnavailable => Refusal::UsageStoreUnavailable,
                 })?;
-            if self.budgets.applies_to(route.index, record.token()) {
-                record.charge_to(Arc::clone(&self.budgets), route.index);
-                // The tap cannot read a compressed body, and a budget must
-                // not be escaped by asking for one.
-                identity_encoding(&mut parts.headers);
+            if let Some(reservation) = reservation {
+                record.hold_reservation(reservation);
             }
         }
 
@@ -271,20 +284,6 @@ impl Shared {
         let client_upgrade = upgrade
             .as_ref()
             .and_then(|_| parts.extensions.remove::<OnUpgrade>());
-        let metrics = route.metrics.clone();
-        let body = if route.add_stream_usage && stream_usage::is_candidate(&parts) {
-            let (bytes, added) = stream_usage::add_include_usage(&mut parts, body)
-                .await
-                .ok_or(ClientError::BadRequestBody)?;
-            record.set_added_usage(added);
-            if added {
-                // The usage event must be readable to be cut out.
-                identity_encoding(&mut parts.headers);
-            }
-            RequestBody::buffered(bytes, self.max_request_body, metrics)
-        } else {
-            RequestBody::new(body, self.max_request_body, metrics)
-        };
         let mut upstream_request = upstream_request(route, parts, body, upgrade)?;
 
         // 4. Send, over the route's HTTP version (an `auto` route's first
@@ -306,6 +305,7 @@ impl Shared {
             .await
             .map_err(|err| self.send_failure(&err, err.is_connect()))?;
         set_version(&mut upstream_request, &via, route.host.as_ref());
+        record.set_forwarded();
         let (response, lease) = self.send(&worker.upstreams, via, upstream_request).await?;
         Ok(Answer::Relay(Sent {
             response,
@@ -350,6 +350,128 @@ impl Shared {
             }
         }
         Ok(())
+    }
+
+    /// Reads what the request asks for from its body where the route needs
+    /// it (a budget, a request cap, `add_stream_usage` on a completions
+    /// path): at most [`inspect::MAX_BODY`] bytes, whatever the content
+    /// type (multipart aside) or framing. Checks the caps, rewrites the
+    /// body (a clamp, `include_usage`), and estimates what a budget should
+    /// reserve. Returns the body to send.
+    async fn read_request(
+        &self,
+        route: &Route,
+        parts: &mut http::request::Parts,
+        body: Incoming,
+        budgeted: bool,
+        record: &mut RequestRecord,
+    ) -> Result<(RequestBody, Estimate), ProxyError> {
+        let rules = &route.rules;
+        let metrics = route.metrics.clone();
+        let declared = hyper::body::Body::size_hint(&body).exact();
+        let add_usage = route.add_stream_usage && inspect::is_completions_path(parts.uri.path());
+        let has_body = !hyper::body::Body::is_end_stream(&body);
+        let token_caps = record
+            .token()
+            .is_some()
+            .then_some(&self.token_caps)
+            .filter(|caps| caps.is_set());
+        let capped = rules.caps.is_set() || token_caps.is_some();
+        let wanted = budgeted || capped || add_usage;
+        let readable = capped || inspect::may_be_json(&parts.headers);
+        let mut estimate = Estimate {
+            prompt: inspect::prompt_estimate(declared.unwrap_or(0)),
+            output: rules.budget_reserve,
+        };
+        if !(wanted && has_body && readable) {
+            if has_body && budgeted && rules.unparsed_budget_requests == Unparsed::Refuse {
+                return Err(ClientError::UnreadableBody.into());
+            }
+            return Ok((
+                RequestBody::new(body, self.max_request_body, metrics),
+                estimate,
+            ));
+        }
+        let too_large = |length: usize| {
+            self.max_request_body
+                .filter(|limit| length as u64 > *limit)
+                .map(|limit| ProxyError::from(Refusal::PayloadTooLarge(limit)))
+        };
+        let bytes = match inspect::read(body).await {
+            Err(_) => return Err(ClientError::BadRequestBody.into()),
+            Ok(ReadBody::Longer { head, rest }) => {
+                if let Some(refused) = too_large(head.len()) {
+                    return Err(refused);
+                }
+                if capped || (budgeted && rules.unparsed_budget_requests == Unparsed::Refuse) {
+                    return Err(ClientError::UnreadableBody.into());
+                }
+                estimate.prompt = inspect::prompt_estimate(declared.unwrap_or(head.len() as u64));
+                let body = RequestBody::read_ahead(head, rest, self.max_request_body, metrics);
+                return Ok((body, estimate));
+            }
+            Ok(ReadBody::Whole(bytes)) => bytes,
+        };
+        if let Some(refused) = too_large(bytes.len()) {
+            return Err(refused);
+        }
+        estimate.prompt = inspect::prompt_estimate(bytes.len() as u64);
+        let Some(mut request) = inspect::parse(&bytes) else {
+            if rules.caps.is_set()
+                || (budgeted && rules.unparsed_budget_requests == Unparsed::Refuse)
+            {
+                return Err(ClientError::UnreadableBody.into());
+            }
+            return Ok((self.read_body(parts, bytes, metrics), estimate));
+        };
+        let clamped = rules
+            .caps
+            .apply(token_caps, &mut request, parts.uri.path())
+            .map_err(|broken| -> ProxyError {
+                match broken {
+                    Broken::Model => Refusal::ModelNotAllowed.into(),
+                    Broken::Output { asked, cap } => {
+                        Refusal::OutputTokensOverCap { asked, cap }.into()
+                    }
+                    Broken::Unreadable => ClientError::UnreadableBody.into(),
+                }
+            })?;
+        if let Ok(Some(output)) = inspect::max_output(&request) {
+            estimate.output = output.saturating_mul(inspect::choices(&request));
+        }
+        let adds_usage = add_usage && stream_usage::lacks_usage(&request);
+        let rewritten = if clamped {
+            if adds_usage {
+                stream_usage::set_include_usage(&mut request);
+            }
+            serde_json::to_vec(&request).ok()
+        } else if adds_usage {
+            stream_usage::with_include_usage(&bytes, &request)
+        } else {
+            None
+        };
+        let added = adds_usage && rewritten.is_some();
+        record.set_added_usage(added);
+        if added {
+            // The usage event must be readable to be cut out.
+            identity_encoding(&mut parts.headers);
+        }
+        let bytes = rewritten.map_or(bytes, Bytes::from);
+        Ok((self.read_body(parts, bytes, metrics), estimate))
+    }
+
+    /// A body read whole, sent with its length.
+    fn read_body(
+        &self,
+        parts: &mut http::request::Parts,
+        bytes: Bytes,
+        metrics: RouteMetrics,
+    ) -> RequestBody {
+        parts.headers.remove(http::header::TRANSFER_ENCODING);
+        parts
+            .headers
+            .insert(http::header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+        RequestBody::buffered(bytes, self.max_request_body, metrics)
     }
 
     /// The error answer for a request that could not be sent upstream.
@@ -415,6 +537,9 @@ impl Shared {
         }
         parts.headers.append(SERVER_TIMING, server_timing(overhead));
         record.set_status(parts.status.as_u16());
+        if let Some(metered) = metered(parts.status, &parts.headers) {
+            record.set_metered(metered);
+        }
         let tap = if self.usage_tap {
             let tap = UsageTap::for_response(parts.status, &parts.headers);
             if let Some(why) = UsageTap::unreadable(parts.status, &parts.headers) {
@@ -464,6 +589,27 @@ fn identity_encoding(headers: &mut http::HeaderMap) {
         http::header::ACCEPT_ENCODING,
         HeaderValue::from_static("identity"),
     );
+}
+
+/// What kind of metered answer a response is: a successful SSE stream or
+/// JSON answer, which budgets charge even when it reports no usage.
+fn metered(status: StatusCode, headers: &http::HeaderMap) -> Option<Metered> {
+    if !status.is_success() {
+        return None;
+    }
+    let media = headers
+        .get(http::header::CONTENT_TYPE)?
+        .to_str()
+        .ok()?
+        .split(';')
+        .next()?
+        .trim()
+        .to_ascii_lowercase();
+    match media.as_str() {
+        "text/event-stream" => Some(Metered::Sse),
+        "application/json" => Some(Metered::Json),
+        _ => None,
+    }
 }
 
 /// True when keyrelay added `include_usage` to the request and the answer

@@ -95,6 +95,19 @@ impl RequestBody {
         }
     }
 
+    /// A body whose first `head` bytes keyrelay has read already (to see
+    /// what it asks for), then the unread `rest` of the client's body.
+    pub fn read_ahead(
+        head: Bytes,
+        rest: Incoming,
+        limit: Option<u64>,
+        metrics: RouteMetrics,
+    ) -> Self {
+        let mut body = Self::buffered(head, limit, metrics);
+        body.client = Some(rest);
+        body
+    }
+
     /// This body, recording what it sends; the receiver gets it back when
     /// hyper drops it, unless it grew past [`REPLAY_LIMIT`] (then the
     /// receiver sees the sender dropped).

@@ -14,7 +14,7 @@ use http::uri::{PathAndQuery, Scheme};
 use http::{HeaderName, HeaderValue, Uri};
 
 use crate::config::baseten::{self, Stage};
-use crate::config::{Credential, RouteConfig, UpstreamUrl};
+use crate::config::{Credential, RequestRules, RouteConfig, UpstreamUrl};
 use crate::guard::paths::PathPolicy;
 use crate::ops::metrics::{Metrics, RouteMetrics};
 use crate::proxy::error::ClientError;
@@ -48,6 +48,8 @@ pub struct Route {
     pub metrics: RouteMetrics,
     /// Ask streams for usage the client did not (`add_stream_usage`).
     pub add_stream_usage: bool,
+    /// Budget reservations and request caps.
+    pub rules: RequestRules,
 }
 
 /// All routes, longest prefix first.
@@ -75,6 +77,7 @@ impl RouteTable {
                 set_headers: config.set_headers.clone(),
                 metrics: metrics.route(&config.name),
                 add_stream_usage: config.add_stream_usage,
+                rules: config.rules.clone(),
             })
             .collect();
         Self { routes }

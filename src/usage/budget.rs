@@ -1,12 +1,15 @@
 //! Token budgets: how many LLM tokens a route, or each local access token,
 //! may spend per minute, hour or day.
 //!
-//! A request is refused (429, `Retry-After`) before anything goes upstream
-//! when one of its budgets is already used up in the current window. What a
-//! response spends (prompt + completion tokens, as the [tap](super::tap)
-//! read them) is charged when it ends: a stream that crosses its budget was
-//! admitted and is finished, and the tokens beyond the budget are reported
-//! as overshoot.
+//! A request reserves what it may spend before it is sent
+//! ([`Budgets::reserve`]): each budget holds the estimate, or what it has
+//! left if that is less, and one with nothing left (reservations of
+//! requests in flight included) refuses it (429, `Retry-After`) before
+//! anything goes upstream. When the request ends its [`Reservation`] is
+//! replaced by what it spent (prompt + completion tokens, as the
+//! [tap](super::tap) read them, or a lower bound from what passed); a
+//! stream that crosses its budget was admitted and is finished, and the
+//! tokens beyond the budget are reported as overshoot.
 //!
 //! Windows are fixed and aligned to UTC (a day budget resets at midnight
 //! UTC), so that every replica and a restart agree on which window a moment
@@ -158,6 +161,68 @@ pub enum Refused {
     Exhausted(Exhausted),
     /// The shared store is unreachable and the policy is to deny.
     StoreUnavailable,
+}
+
+/// What a request is expected to spend, reserved before it is sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Estimate {
+    /// Its prompt, estimated from its body's length.
+    pub prompt: u64,
+    /// The most output it asked for (times its choices), or the route's
+    /// `budget_reserve` when it named none.
+    pub output: u64,
+}
+
+impl Estimate {
+    fn total(self) -> u64 {
+        self.prompt.saturating_add(self.output)
+    }
+}
+
+/// What one budget holds for a request in flight.
+#[derive(Debug)]
+struct Held {
+    account: Account,
+    limit: BudgetLimit,
+    /// The window it is held in.
+    start: u64,
+    amount: u64,
+}
+
+/// Tokens held in a request's budgets until it ends. Dropping it without
+/// [`Reservation::settle`] (a request that never reached the upstream)
+/// gives everything back.
+#[derive(Debug)]
+pub struct Reservation {
+    budgets: Arc<Budgets>,
+    held: Vec<Held>,
+    /// When it was made: a reservation dropped unsettled is given back to
+    /// the windows it was taken from.
+    made: SystemTime,
+    /// The prompt estimate, for a charge when no usage could be read.
+    pub prompt_estimate: u64,
+}
+
+impl Reservation {
+    /// Replaces the reservation with `spent` tokens (see [`Budgets::settle`]).
+    pub fn settle(
+        mut self,
+        spent: u64,
+        now: SystemTime,
+        overshot: impl FnOnce(Vec<Overshoot>) + Send + 'static,
+    ) {
+        let held = std::mem::take(&mut self.held);
+        self.budgets.settle(held, spent, now, overshot);
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        let held = std::mem::take(&mut self.held);
+        if !held.is_empty() {
+            self.budgets.settle(held, 0, self.made, |_overshoots| {});
+        }
+    }
 }
 
 /// Where the spent tokens are counted.
@@ -339,73 +404,179 @@ impl Budgets {
             || (token.is_some() && !self.per_token.is_empty())
     }
 
-    /// Refuses the request if one of its budgets is used up at `now`.
-    pub async fn check(
-        &self,
-        route: usize,
-        token: Option<&str>,
-        now: SystemTime,
-    ) -> Result<(), Refused> {
-        let accounts = self.applicable(route, token);
-        if accounts.is_empty() {
-            return Ok(());
-        }
-        let now = unix_seconds(now);
-        let Some(spent) = self.spent(&accounts, now).await else {
-            return match &self.store {
-                Store::Shared {
-                    policy: Unavailable::Deny,
-                    ..
-                } => Err(Refused::StoreUnavailable),
-                _ => Ok(()),
-            };
-        };
-        for ((account, limit), used) in accounts.iter().zip(spent) {
-            if used >= limit.tokens {
-                let start = limit.window.start(now);
-                return Err(Refused::Exhausted(Exhausted {
-                    budget: format!("{account}: {limit}"),
-                    retry_after: Duration::from_secs(start + limit.window.seconds() - now),
-                }));
-            }
-        }
-        Ok(())
-    }
-
-    /// Charges `tokens` to every budget of the request, and hands
-    /// `overshot` the tokens spent beyond each budget this crossed or had
-    /// already used up. With the shared store the charge is sent from a
-    /// task of its own, so the stream that ended never waits on Redis.
-    pub fn charge(
+    /// Reserves `estimate` tokens of every budget of a request on `route`
+    /// with access token `token`, before it is sent; `Ok(None)` when no
+    /// budget applies. A budget with room left holds the estimate, or all
+    /// of what it has left if that is less; a budget that is used up
+    /// (reservations of requests in flight included) refuses the request.
+    /// Locally this is one short lock; with the shared store one `EVAL`
+    /// that checks and holds every budget atomically.
+    pub async fn reserve(
         self: &Arc<Self>,
         route: usize,
         token: Option<&str>,
-        tokens: u64,
+        estimate: Estimate,
+        now: SystemTime,
+    ) -> Result<Option<Reservation>, Refused> {
+        let accounts = self.applicable(route, token);
+        if accounts.is_empty() {
+            return Ok(None);
+        }
+        let made = now;
+        let now = unix_seconds(now);
+        let wanted = estimate.total().max(1);
+        let held = match &self.store {
+            Store::Local { spent, dirty } => {
+                let mut spent = lock(spent);
+                for (account, limit) in &accounts {
+                    let start = limit.window.start(now);
+                    if spent_in(&spent, account, limit.window, start) >= limit.tokens {
+                        return Err(exhausted(account, *limit, now));
+                    }
+                }
+                let held = accounts
+                    .into_iter()
+                    .map(|(account, limit)| {
+                        let start = limit.window.start(now);
+                        let entry = window_entry(&mut spent, &account, limit.window, start);
+                        let amount = wanted.min(limit.tokens.saturating_sub(entry.tokens));
+                        entry.tokens += amount;
+                        Held {
+                            account,
+                            limit,
+                            start,
+                            amount,
+                        }
+                    })
+                    .collect();
+                dirty.store(true, Ordering::Relaxed);
+                held
+            }
+            Store::Shared { policy, .. } => match self.reserve_shared(&accounts, wanted, now).await
+            {
+                Some(Ok(held)) => held,
+                Some(Err(refused)) => return Err(refused),
+                None if *policy == Unavailable::Deny => return Err(Refused::StoreUnavailable),
+                // Unmetered: nothing held, the usage is still charged if
+                // the store answers by then.
+                None => accounts
+                    .into_iter()
+                    .map(|(account, limit)| Held {
+                        account,
+                        limit,
+                        start: limit.window.start(now),
+                        amount: 0,
+                    })
+                    .collect(),
+            },
+        };
+        Ok(Some(Reservation {
+            budgets: Arc::clone(self),
+            held,
+            made,
+            prompt_estimate: estimate.prompt,
+        }))
+    }
+
+    /// The shared store's half of [`Budgets::reserve`]: `None` when it
+    /// could not be asked.
+    async fn reserve_shared(
+        &self,
+        accounts: &[(Account, BudgetLimit)],
+        wanted: u64,
+        now: u64,
+    ) -> Option<Result<Vec<Held>, Refused>> {
+        let Store::Shared { redis, .. } = &self.store else {
+            return None;
+        };
+        if self.skipping_store() {
+            return None;
+        }
+        let mut eval = vec![
+            b"EVAL".to_vec(),
+            RESERVE_SCRIPT.as_bytes().to_vec(),
+            accounts.len().to_string().into_bytes(),
+        ];
+        eval.extend(
+            accounts
+                .iter()
+                .map(|(account, limit)| redis_key(account, *limit, now)),
+        );
+        eval.push(wanted.min(MAX_INCR).to_string().into_bytes());
+        for (_, limit) in accounts {
+            eval.push(limit.tokens.min(MAX_INCR).to_string().into_bytes());
+        }
+        for (_, limit) in accounts {
+            eval.push((2 * limit.window.seconds()).to_string().into_bytes());
+        }
+        let replies = redis.pipeline(&[eval]).await;
+        let reply = match replies.as_deref() {
+            Ok([Reply::Array(values)]) => values
+                .iter()
+                .map(|value| match value {
+                    Reply::Integer(n) => Some(*n),
+                    _ => None,
+                })
+                .collect::<Option<Vec<i64>>>(),
+            _ => None,
+        };
+        let outcome = match reply.as_deref() {
+            Some([1, amounts @ ..]) if amounts.len() == accounts.len() => Some(Ok(accounts
+                .iter()
+                .zip(amounts)
+                .map(|((account, limit), amount)| Held {
+                    account: account.clone(),
+                    limit: *limit,
+                    start: limit.window.start(now),
+                    amount: u64::try_from(*amount).unwrap_or(0),
+                })
+                .collect())),
+            Some([0, index]) => usize::try_from(*index - 1)
+                .ok()
+                .and_then(|index| accounts.get(index))
+                .map(|(account, limit)| Err(exhausted(account, *limit, now))),
+            _ => None,
+        };
+        self.store_answered(outcome.is_some(), replies.err());
+        outcome
+    }
+
+    /// Replaces what `reservation` held with `spent`, the tokens the
+    /// request really spent, and hands `overshot` the tokens beyond each
+    /// budget this took past its limit. A window that ended in between
+    /// gets nothing back; the new window is charged `spent`. With the
+    /// shared store the difference is sent from a task of its own, so the
+    /// stream that ended never waits on Redis.
+    fn settle(
+        self: &Arc<Self>,
+        held: Vec<Held>,
+        spent: u64,
         now: SystemTime,
         overshot: impl FnOnce(Vec<Overshoot>) + Send + 'static,
     ) {
-        let accounts = self.applicable(route, token);
-        if tokens == 0 || accounts.is_empty() {
-            return;
-        }
         let now = unix_seconds(now);
         match &self.store {
-            Store::Local { spent, dirty } => {
-                let mut spent = lock(spent);
+            Store::Local {
+                spent: counts,
+                dirty,
+            } => {
+                let mut counts = lock(counts);
                 let mut overshoots = Vec::new();
-                for (account, limit) in accounts {
-                    let start = limit.window.start(now);
-                    let entry = spent
-                        .entry((account.clone(), limit.window))
-                        .or_insert(Spent { start, tokens: 0 });
-                    if entry.start != start {
-                        *entry = Spent { start, tokens: 0 };
-                    }
-                    entry.tokens = entry.tokens.saturating_add(tokens);
-                    overshoots.extend(overshoot(account, limit, entry.tokens, tokens));
+                for held in held {
+                    let start = held.limit.window.start(now);
+                    let entry = window_entry(&mut counts, &held.account, held.limit.window, start);
+                    let charged = if held.start == start {
+                        entry.tokens = entry.tokens.saturating_sub(held.amount);
+                        entry.tokens = entry.tokens.saturating_add(spent);
+                        spent.saturating_sub(held.amount)
+                    } else {
+                        entry.tokens = entry.tokens.saturating_add(spent);
+                        spent
+                    };
+                    overshoots.extend(overshoot(held.account, held.limit, entry.tokens, charged));
                 }
                 dirty.store(true, Ordering::Relaxed);
-                drop(spent);
+                drop(counts);
                 overshot(overshoots);
             }
             Store::Shared { .. } => {
@@ -413,17 +584,16 @@ impl Budgets {
                     return;
                 };
                 let budgets = Arc::clone(self);
-                runtime.spawn(async move {
-                    budgets.charge_shared(accounts, tokens, now, overshot).await
-                });
+                runtime
+                    .spawn(async move { budgets.settle_shared(held, spent, now, overshot).await });
             }
         }
     }
 
-    async fn charge_shared(
+    async fn settle_shared(
         &self,
-        accounts: Vec<(Account, BudgetLimit)>,
-        tokens: u64,
+        held: Vec<Held>,
+        spent: u64,
         now: u64,
         overshot: impl FnOnce(Vec<Overshoot>),
     ) {
@@ -434,17 +604,39 @@ impl Budgets {
             // Lost, as the outage's log line and policy say.
             return;
         }
-        // INCRBY takes a signed 64-bit amount.
-        let amount = tokens.min(i64::MAX as u64).to_string().into_bytes();
-        let commands: Vec<Vec<Vec<u8>>> = accounts
+        let spent = spent.min(MAX_INCR);
+        // (what this adds to the window, as INCRBY's signed amount)
+        let changes: Vec<(i64, Vec<u8>, u64)> = held
             .iter()
-            .flat_map(|(account, limit)| {
-                let key = redis_key(account, *limit, now);
+            .map(|held| {
+                let start = held.limit.window.start(now);
+                let key = redis_key(&held.account, held.limit, now);
+                if held.start == start {
+                    (
+                        spent as i64 - held.amount.min(MAX_INCR) as i64,
+                        key,
+                        held.limit.window.seconds(),
+                    )
+                } else {
+                    (spent as i64, key, held.limit.window.seconds())
+                }
+            })
+            .collect();
+        if changes.iter().all(|(change, _, _)| *change == 0) {
+            return;
+        }
+        let commands: Vec<Vec<Vec<u8>>> = changes
+            .iter()
+            .flat_map(|(change, key, seconds)| {
                 // Kept for a window past its own end, then Redis drops it.
-                let expiry = (2 * limit.window.seconds()).to_string().into_bytes();
+                let expiry = (2 * seconds).to_string().into_bytes();
                 [
-                    vec![b"INCRBY".to_vec(), key.clone(), amount.clone()],
-                    vec![b"EXPIRE".to_vec(), key, expiry],
+                    vec![
+                        b"INCRBY".to_vec(),
+                        key.clone(),
+                        change.to_string().into_bytes(),
+                    ],
+                    vec![b"EXPIRE".to_vec(), key.clone(), expiry],
                 ]
             })
             .collect();
@@ -452,14 +644,32 @@ impl Budgets {
         let totals: Option<Vec<u64>> = replies
             .as_ref()
             .ok()
-            .map(|replies| replies.iter().step_by(2).map(Reply::as_count).collect())
-            .and_then(|totals: Option<Vec<u64>>| totals.filter(|t| t.len() == accounts.len()));
+            .map(|replies| {
+                replies
+                    .iter()
+                    .step_by(2)
+                    .map(|reply| match reply {
+                        // A key that expired in between may go below 0.
+                        Reply::Integer(n) => Some(u64::try_from(*n).unwrap_or(0)),
+                        _ => None,
+                    })
+                    .collect()
+            })
+            .and_then(|totals: Option<Vec<u64>>| totals.filter(|t| t.len() == held.len()));
         self.store_answered(totals.is_some(), replies.err());
         let Some(totals) = totals else { return };
-        let overshoots = accounts
+        let overshoots = held
             .into_iter()
             .zip(totals)
-            .filter_map(|((account, limit), total)| overshoot(account, limit, total, tokens))
+            .zip(changes)
+            .filter_map(|((held, total), (change, _, _))| {
+                overshoot(
+                    held.account,
+                    held.limit,
+                    total,
+                    u64::try_from(change).unwrap_or(0),
+                )
+            })
             .collect();
         overshot(overshoots);
     }
@@ -611,6 +821,60 @@ impl Budgets {
     }
 }
 
+/// The refusal for a used-up budget: which, and until when.
+fn exhausted(account: &Account, limit: BudgetLimit, now: u64) -> Refused {
+    let start = limit.window.start(now);
+    Refused::Exhausted(Exhausted {
+        budget: format!("{account}: {limit}"),
+        retry_after: Duration::from_secs(start + limit.window.seconds() - now),
+    })
+}
+
+/// An account's count for the window starting at `start`, reset if it
+/// still holds an older window's.
+fn window_entry<'a>(
+    spent: &'a mut HashMap<(Account, Window), Spent>,
+    account: &Account,
+    window: Window,
+    start: u64,
+) -> &'a mut Spent {
+    let entry = spent
+        .entry((account.clone(), window))
+        .or_insert(Spent { start, tokens: 0 });
+    if entry.start != start {
+        *entry = Spent { start, tokens: 0 };
+    }
+    entry
+}
+
+/// The largest amount sent to Redis (INCRBY takes a signed 64-bit amount;
+/// Lua counts in doubles, exact to 2^53).
+const MAX_INCR: u64 = 1 << 52;
+
+/// Checks every budget key (KEYS) against its limit (ARGV[1 + i]) and, if
+/// none is used up, holds min(ARGV[1], what is left) in each, setting its
+/// expiry (ARGV[1 + n + i]); answers {1, held...} or {0, index used up}.
+/// One round trip, atomic: concurrent requests cannot both take the last
+/// tokens.
+const RESERVE_SCRIPT: &str = r"
+local n = #KEYS
+local wanted = tonumber(ARGV[1])
+local held = {}
+for i = 1, n do
+  local used = tonumber(redis.call('GET', KEYS[i]) or '0')
+  local limit = tonumber(ARGV[1 + i])
+  if used >= limit then return {0, i} end
+  held[i] = math.min(wanted, limit - used)
+end
+local answer = {1}
+for i = 1, n do
+  redis.call('INCRBY', KEYS[i], held[i])
+  redis.call('EXPIRE', KEYS[i], ARGV[1 + n + i])
+  answer[i + 1] = held[i]
+end
+return answer
+";
+
 /// The tokens beyond `limit` once an account's window reached `total`
 /// with `charged` just added: all of them if the budget was already used
 /// up, the part past it if this charge crossed it.
@@ -720,20 +984,38 @@ mod tests {
         }
     }
 
-    /// Charges synchronously (the local store calls back at once).
-    fn charge(
+    fn estimate(output: u64) -> Estimate {
+        Estimate { prompt: 0, output }
+    }
+
+    /// Reserves `reserve`, then settles `spent` (the local store calls back
+    /// at once).
+    async fn spend(
         budgets: &Arc<Budgets>,
         token: Option<&str>,
-        tokens: u64,
+        reserve: u64,
+        spent: u64,
         now: u64,
     ) -> Vec<Overshoot> {
+        let reservation = budgets
+            .reserve(0, token, estimate(reserve), at(now))
+            .await
+            .expect("admitted")
+            .expect("budgeted");
         let seen = Arc::new(Mutex::new(None));
         let sink = Arc::clone(&seen);
-        budgets.charge(0, token, tokens, at(now), move |over| {
+        reservation.settle(spent, at(now), move |over| {
             *sink.lock().expect("lock") = Some(over);
         });
         let over = seen.lock().expect("lock").take();
-        over.expect("the local store charges at once")
+        over.expect("the local store settles at once")
+    }
+
+    async fn admits(budgets: &Arc<Budgets>, token: Option<&str>, now: u64) -> bool {
+        budgets
+            .reserve(0, token, estimate(1), at(now))
+            .await
+            .is_ok()
     }
 
     #[tokio::test]
@@ -741,31 +1023,50 @@ mod tests {
         let budgets = Arc::new(budgets());
         // 20 s into a minute (and into a day).
         let now = 86_400 * 20_000 + 20;
-        assert_eq!(budgets.check(0, Some("APP"), at(now)).await, Ok(()));
-        assert!(charge(&budgets, Some("APP"), 99, now).is_empty());
-        assert_eq!(budgets.check(0, Some("APP"), at(now)).await, Ok(()));
+        assert!(admits(&budgets, Some("APP"), now).await);
+        assert!(spend(&budgets, Some("APP"), 50, 99, now).await.is_empty());
+        assert!(admits(&budgets, Some("APP"), now).await);
         // The stream that crosses the budget is charged whole; 30 beyond it.
         assert_eq!(
-            charge(&budgets, Some("APP"), 31, now + 1),
+            spend(&budgets, Some("APP"), 1, 31, now + 1).await,
             vec![Overshoot {
                 account: Account::AccessToken("APP".to_owned()),
                 tokens: 30
             }]
         );
-        let Err(Refused::Exhausted(refused)) = budgets.check(0, Some("APP"), at(now + 1)).await
+        let Err(Refused::Exhausted(refused)) = budgets
+            .reserve(0, Some("APP"), estimate(1), at(now + 1))
+            .await
         else {
             panic!("the token's budget is used up");
         };
         assert_eq!(refused.budget, "access token APP: 100/minute");
         assert_eq!(refused.retry_after, Duration::from_secs(39));
         // Another token, and requests without one, only meet the route's budget.
-        assert_eq!(budgets.check(0, Some("OTHER"), at(now + 1)).await, Ok(()));
-        assert_eq!(budgets.check(0, None, at(now + 1)).await, Ok(()));
+        assert!(admits(&budgets, Some("OTHER"), now + 1).await);
+        assert!(admits(&budgets, None, now + 1).await);
         // The next minute frees the token's budget; the day still counts 130.
-        assert_eq!(budgets.check(0, Some("APP"), at(now + 40)).await, Ok(()));
+        assert!(admits(&budgets, Some("APP"), now + 40).await);
         let report = budgets.report(at(now + 40)).await;
         assert_eq!(report["budgets"][0]["spent"], 130);
         assert_eq!(report["budgets"][1]["spent"], 0);
+    }
+
+    #[tokio::test]
+    async fn reservations_in_flight_count_and_what_is_dropped_is_given_back() {
+        let budgets = Arc::new(budgets());
+        let now = 86_400 * 20_000 + 20;
+        let reserve = |output| budgets.reserve(0, Some("APP"), estimate(output), at(now));
+        // 60 + the 40 left of 100/minute: the third finds nothing left.
+        let first = reserve(60).await.expect("fits").expect("held");
+        let second = reserve(60).await.expect("the rest").expect("held");
+        assert!(matches!(reserve(1).await, Err(Refused::Exhausted(_))));
+        // A request that never reached the upstream gives its share back.
+        drop(second);
+        let third = reserve(10).await.expect("room again").expect("held");
+        first.settle(5, at(now), |_| {});
+        third.settle(5, at(now), |_| {});
+        assert_eq!(budgets.report(at(now)).await["budgets"][1]["spent"], 10);
     }
 
     #[test]
@@ -783,7 +1084,7 @@ mod tests {
     async fn the_state_survives_a_restart_within_its_window_only() {
         let budgets = Arc::new(budgets());
         let now = 86_400 * 20_000 + 20;
-        charge(&budgets, Some("APP"), 60, now);
+        spend(&budgets, Some("APP"), 60, 60, now).await;
         let state = budgets.state_if_changed().expect("changed");
         assert!(budgets.state_if_changed().is_none(), "written once");
 

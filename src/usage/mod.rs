@@ -9,11 +9,12 @@
 
 pub mod budget;
 pub mod event;
+pub mod inspect;
 pub mod redis_store;
 pub mod state_file;
 pub mod stream_usage;
 pub mod tap;
 
-pub use budget::{BudgetLimit, Budgets};
+pub use budget::{BudgetLimit, Budgets, Estimate, Reservation};
 pub use event::Usage;
 pub use tap::{GaveUp, UsageReport, UsageTap};

@@ -2,15 +2,15 @@
 //! replicas share, in Redis.
 //!
 //! Each account's window is one key, `keyrelay:budget:SCOPE:NAME:WINDOW:START`,
-//! holding the tokens spent in it; a response's tokens are added with
-//! `INCRBY` and the key expires a window after its own ends, so Redis never
-//! holds more than the current and the previous window. A request costs one
-//! round trip before it is sent (`MGET` of its budgets' keys); the charge at
-//! the end of a stream is sent from a task of its own, off the streaming
-//! path.
+//! holding the tokens spent (and reserved) in it; the key expires a window
+//! after its own ends, so Redis never holds more than the current and the
+//! previous window. A request costs one round trip before it is sent (an
+//! `EVAL` that checks and reserves in all its budgets' keys atomically); the
+//! settlement at the end of a stream (`INCRBY` of the difference) is sent
+//! from a task of its own, off the streaming path.
 //!
-//! The client speaks just enough of RESP2 for `SELECT`, `MGET`, `INCRBY` and
-//! `EXPIRE`, pipelined, over plain TCP with a short timeout: three commands
+//! The client speaks just enough of RESP2 for `SELECT`, `EVAL`, `MGET`,
+//! `INCRBY` and `EXPIRE`, pipelined, over plain TCP with a short timeout: three commands
 //! do not justify a Redis client library and its dependencies. It keeps a
 //! few idle connections and opens another when all are busy.
 

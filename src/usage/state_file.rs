@@ -110,7 +110,13 @@ mod tests {
         let path = dir.join("usage.json");
 
         let spent = Arc::new(budgets());
-        spent.charge(0, None, 250, SystemTime::now(), |_| {});
+        let estimate = crate::usage::Estimate {
+            prompt: 0,
+            output: 10,
+        };
+        let reservation = spent.reserve(0, None, estimate, SystemTime::now()).await;
+        let reservation = reservation.expect("admitted").expect("budgeted");
+        reservation.settle(250, SystemTime::now(), |_| {});
         save(&path, &spent);
         let restarted = budgets();
         load(&path, &restarted);

@@ -4,9 +4,9 @@
 //! OpenAI-compatible streams carry `usage` only when the request says
 //! `"stream_options": {"include_usage": true}`, which the SDKs do not send by
 //! default, so keyrelay would count nothing for them. With the route setting
-//! on, keyrelay adds it to streaming JSON chat/completions requests (whole
-//! bodies of at most [`MAX_REWRITE`] bytes with a declared length; other
-//! requests go through untouched), and removes the usage-only event it
+//! on, keyrelay adds it to streaming chat/completions requests (bodies that
+//! [`inspect`](super::inspect) reads as a JSON object within its bound;
+//! others go through untouched, under the budget's reservation), and removes the usage-only event it
 //! caused from what the client receives, so a script that indexes
 //! `chunk.choices[0]` on every event keeps working.
 //!
@@ -17,100 +17,63 @@
 //! end anyway); complete events pass at once.
 
 use bytes::Bytes;
-use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
-use http::request::Parts;
-use http::{HeaderValue, Method};
-use http_body_util::BodyExt;
-use hyper::body::Incoming;
-use serde_json::Value;
+use serde_json::{Map, Value};
 
+use super::inspect::truthy;
 use super::tap::{followed_by, has_usage_object, MAX_LINE};
-
-/// Largest request body keyrelay reads to add `include_usage`.
-pub const MAX_REWRITE: usize = 1 << 20;
-
-/// How long reading that body may take.
-pub const READ_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// The field keyrelay adds, as inserted after the body's opening brace.
 const INCLUDE_USAGE: &[u8] = br#""stream_options":{"include_usage":true},"#;
 
-/// True for a request `add_stream_usage` may rewrite: a POST of JSON to
-/// `.../chat/completions` or `.../completions` with a declared length
-/// within [`MAX_REWRITE`].
-pub fn is_candidate(parts: &Parts) -> bool {
-    let path = parts.uri.path();
-    let json = parts
-        .headers
-        .get(CONTENT_TYPE)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.split(';').next())
-        .is_some_and(|media| media.trim().eq_ignore_ascii_case("application/json"));
-    let length = parts
-        .headers
-        .get(CONTENT_LENGTH)
-        .and_then(|value| value.to_str().ok()?.parse::<usize>().ok());
-    parts.method == Method::POST
-        && (path.ends_with("/chat/completions") || path.ends_with("/completions"))
-        && json
-        && length.is_some_and(|length| length <= MAX_REWRITE)
-}
-
-/// Reads the body of a candidate request and, if it asks for a stream
-/// without usage, adds `include_usage`. Returns the body to send and
-/// whether keyrelay added the field (then the usage event is its own), or
-/// `None` if the body could not be read whole within [`READ_LIMIT`].
-pub async fn add_include_usage(parts: &mut Parts, body: Incoming) -> Option<(Bytes, bool)> {
-    // A client trickling its body must not hold the request (and its
-    // concurrency slot) forever.
-    let body = tokio::time::timeout(READ_LIMIT, body.collect())
-        .await
-        .ok()?
-        .ok()?
-        .to_bytes();
-    let Some(rewritten) = with_include_usage(&body) else {
-        return Some((body, false));
-    };
-    parts
-        .headers
-        .insert(CONTENT_LENGTH, HeaderValue::from(rewritten.len()));
-    Some((Bytes::from(rewritten), true))
-}
-
-/// The body with `include_usage` added, if it is a JSON object that
-/// streams and has no `stream_options.include_usage` of its own.
-fn with_include_usage(body: &[u8]) -> Option<Vec<u8>> {
-    let Ok(Value::Object(request)) = serde_json::from_slice::<Value>(body) else {
-        return None;
-    };
-    if request.get("stream") != Some(&Value::Bool(true)) {
-        return None;
+/// True if `request` streams (as a lenient server reads `stream`: `true`,
+/// `"true"`, `1`) and does not ask for usage itself.
+pub fn lacks_usage(request: &Map<String, Value>) -> bool {
+    if !truthy(request.get("stream")) {
+        return false;
     }
     match request.get("stream_options") {
-        None => {
-            // The common case: the bytes stay as sent, the field goes first.
-            let brace = body.iter().position(|b| *b == b'{')?;
-            let mut out = Vec::with_capacity(body.len() + INCLUDE_USAGE.len());
-            out.extend_from_slice(&body[..=brace]);
-            out.extend_from_slice(INCLUDE_USAGE);
-            out.extend_from_slice(&body[brace + 1..]);
-            Some(out)
-        }
-        Some(Value::Object(options))
-            if options.get("include_usage") == Some(&Value::Bool(true)) =>
-        {
-            None
-        }
-        Some(Value::Object(_)) => {
-            // Other stream options: set the one field, re-serialising.
-            let mut request = request;
-            let options = request.get_mut("stream_options")?.as_object_mut()?;
-            options.insert("include_usage".to_owned(), Value::Bool(true));
-            serde_json::to_vec(&request).ok()
-        }
+        None | Some(Value::Null) => true,
+        Some(Value::Object(options)) => options.get("include_usage") != Some(&Value::Bool(true)),
         // Not an object: the upstream will say what is wrong with it.
-        Some(_) => None,
+        Some(_) => false,
     }
+}
+
+/// Sets `stream_options.include_usage` in a request [`lacks_usage`] says
+/// lacks it; false if it could not (a `stream_options` that is no object).
+pub fn set_include_usage(request: &mut Map<String, Value>) -> bool {
+    let options = request.entry("stream_options").or_insert(Value::Null);
+    if options.is_null() {
+        *options = Value::Object(Map::new());
+    }
+    match options.as_object_mut() {
+        Some(options) => {
+            options.insert("include_usage".to_owned(), Value::Bool(true));
+            true
+        }
+        None => false,
+    }
+}
+
+/// `body` (which parsed as `request`) with `include_usage` added, if it
+/// streams without asking for usage. Without `stream_options` the bytes
+/// stay as sent, the field inserted after the opening brace; otherwise
+/// the request is written out again.
+pub fn with_include_usage(body: &[u8], request: &Map<String, Value>) -> Option<Vec<u8>> {
+    if !lacks_usage(request) {
+        return None;
+    }
+    if !request.contains_key("stream_options") {
+        // The common case: the bytes stay as sent, the field goes first.
+        let brace = body.iter().position(|b| *b == b'{')?;
+        let mut out = Vec::with_capacity(body.len() + INCLUDE_USAGE.len());
+        out.extend_from_slice(&body[..=brace]);
+        out.extend_from_slice(INCLUDE_USAGE);
+        out.extend_from_slice(&body[brace + 1..]);
+        return Some(out);
+    }
+    let mut request = request.clone();
+    set_include_usage(&mut request).then(|| serde_json::to_vec(&request).ok())?
 }
 
 /// Removes the usage-only event (`"choices": []` with `usage`) from an SSE
@@ -253,7 +216,11 @@ mod tests {
 
     #[test]
     fn include_usage_is_added_only_where_it_is_missing() {
-        let added = with_include_usage(br#"{"model":"m","stream":true,"messages":[]}"#)
+        let with = |body: &[u8]| {
+            let request = crate::usage::inspect::parse(body).expect("an object");
+            with_include_usage(body, &request)
+        };
+        let added = with(br#"{"model":"m","stream":true,"messages":[]}"#)
             .map(|body| String::from_utf8(body).expect("UTF-8"));
         assert_eq!(
             added.as_deref(),
@@ -261,22 +228,28 @@ mod tests {
                 r#"{"stream_options":{"include_usage":true},"model":"m","stream":true,"messages":[]}"#
             )
         );
-        let merged =
-            with_include_usage(br#"{"stream":true,"stream_options":{"x":1}}"#).expect("rewritten");
-        let merged: Value = serde_json::from_slice(&merged).expect("JSON");
+        for merged in [
+            &br#"{"stream":true,"stream_options":{"x":1}}"#[..],
+            br#"{"stream":"true","stream_options":{"x":1,"include_usage":false}}"#,
+        ] {
+            let merged = with(merged).expect("rewritten");
+            let merged: Value = serde_json::from_slice(&merged).expect("JSON");
+            assert_eq!(merged["stream_options"]["include_usage"], true);
+            assert_eq!(merged["stream_options"]["x"], 1);
+        }
+        let null = with(br#"{"stream":true,"stream_options":null}"#).expect("rewritten");
+        let null: Value = serde_json::from_slice(&null).expect("JSON");
         assert_eq!(
-            merged["stream_options"],
-            serde_json::json!({"include_usage": true, "x": 1})
+            null["stream_options"],
+            serde_json::json!({"include_usage": true})
         );
         for untouched in [
             &br#"{"stream":false}"#[..],
             br#"{"messages":[]}"#,
             br#"{"stream":true,"stream_options":{"include_usage":true}}"#,
-            br#"{"stream":true,"stream_options":null}"#,
-            b"[1,2]",
-            b"not json",
+            br#"{"stream":true,"stream_options":"odd"}"#,
         ] {
-            assert_eq!(with_include_usage(untouched), None);
+            assert_eq!(with(untouched), None);
         }
     }
 

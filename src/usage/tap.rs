@@ -5,7 +5,10 @@
 //! only what it must to find whole documents: for Server-Sent Events, the
 //! one unfinished line carried over from the previous frame (bounded by
 //! [`MAX_LINE`]); for a JSON response, a copy of the body (bounded by
-//! [`MAX_JSON`]), read when it ends. The frames themselves go on untouched.
+//! [`MAX_JSON`]; of a longer one only the last [`JSON_TAIL`] bytes, where
+//! a whole answer's `usage` is), read when it ends. The frames themselves
+//! go on untouched. SSE frames are also searched for `"delta"`, one per
+//! generated chunk, the lower bound a budget charges when no usage comes.
 //!
 //! Of the SSE lines, only `data:` lines are read, and of those only the ones
 //! that can matter: every line until the first generated content (for the
@@ -30,6 +33,10 @@ pub const MAX_LINE: usize = 64 * 1024;
 /// Largest JSON body the tap copies to read its `usage`.
 pub const MAX_JSON: usize = 1 << 20;
 
+/// How much of the end of a longer JSON body the tap keeps: OpenAI and
+/// Anthropic put `usage` after the content, at the end.
+pub const JSON_TAIL: usize = 64 * 1024;
+
 /// What the tap learnt from one response.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct UsageReport {
@@ -39,6 +46,9 @@ pub struct UsageReport {
     pub first_content: Option<Instant>,
     /// Why the tap stopped reading, if it did.
     pub gave_up: Option<GaveUp>,
+    /// SSE events seen carrying a `"delta"` (a generated chunk: at least
+    /// one token each), for a charge when no usage is reported.
+    pub deltas: u64,
 }
 
 /// Why a tap stopped reading its response.
@@ -76,6 +86,9 @@ enum Framing {
     Sse { partial: Vec<u8> },
     /// A JSON document, copied as it passes.
     Json { document: Vec<u8> },
+    /// A JSON document past [`MAX_JSON`]: only its last [`JSON_TAIL`]
+    /// bytes, where the `usage` of a whole answer is.
+    JsonTail { tail: Vec<u8> },
     /// Stopped reading (see [`UsageReport::gave_up`]).
     Off,
 }
@@ -105,10 +118,11 @@ impl UsageTap {
                 .get(CONTENT_LENGTH)
                 .and_then(|len| len.to_str().ok()?.parse::<usize>().ok());
             if declared.is_some_and(|len| len > MAX_JSON) {
-                return None;
-            }
-            Framing::Json {
-                document: Vec::with_capacity(declared.unwrap_or(0)),
+                Framing::JsonTail { tail: Vec::new() }
+            } else {
+                Framing::Json {
+                    document: Vec::with_capacity(declared.unwrap_or(0)),
+                }
             }
         } else {
             return None;
@@ -120,8 +134,7 @@ impl UsageTap {
     }
 
     /// Why a successful SSE or JSON response, which could carry usage,
-    /// cannot be tapped, if it cannot: it is compressed, or declares a JSON
-    /// body beyond [`MAX_JSON`].
+    /// cannot be tapped, if it cannot: it is compressed.
     pub fn unreadable(status: http::StatusCode, headers: &HeaderMap) -> Option<GaveUp> {
         if !status.is_success() {
             return None;
@@ -134,16 +147,7 @@ impl UsageTap {
         let encoded = headers
             .get(CONTENT_ENCODING)
             .is_some_and(|coding| !coding.as_bytes().eq_ignore_ascii_case(b"identity"));
-        let declared = headers
-            .get(CONTENT_LENGTH)
-            .and_then(|len| len.to_str().ok()?.parse::<usize>().ok());
-        if encoded {
-            Some(GaveUp::Encoded)
-        } else if media_type == "application/json" && declared.is_some_and(|len| len > MAX_JSON) {
-            Some(GaveUp::OverlongJson)
-        } else {
-            None
-        }
+        encoded.then_some(GaveUp::Encoded)
     }
 
     /// True for a Server-Sent Events response.
@@ -154,9 +158,19 @@ impl UsageTap {
     /// Reads one data frame, `now` being when it passes to the client.
     pub fn feed(&mut self, data: &[u8], now: Instant) {
         let gave_up = match &mut self.framing {
-            Framing::Sse { partial } => feed_sse(partial, data, now, &mut self.report),
+            Framing::Sse { partial } => {
+                self.report.deltas += MENTIONS_DELTA.find_iter(data).count() as u64;
+                feed_sse(partial, data, now, &mut self.report)
+            }
             Framing::Json { document } if document.len() + data.len() > MAX_JSON => {
-                Some(GaveUp::OverlongJson)
+                let mut tail = std::mem::take(document);
+                keep_tail(&mut tail, data);
+                self.framing = Framing::JsonTail { tail };
+                return;
+            }
+            Framing::JsonTail { tail } => {
+                keep_tail(tail, data);
+                None
             }
             Framing::Json { document } => {
                 document.extend_from_slice(data);
@@ -182,6 +196,15 @@ impl UsageTap {
                     self.report.first_content.get_or_insert(now);
                 }
             }
+            Framing::JsonTail { tail } => match last_usage_object(&tail) {
+                Some(usage) => {
+                    let mut document = b"{\"usage\":".to_vec();
+                    document.extend_from_slice(usage);
+                    document.push(b'}');
+                    self.report.usage.merge(event::read(&document).usage);
+                }
+                None => self.report.gave_up = Some(GaveUp::OverlongJson),
+            },
             // A last line without its newline still counts.
             Framing::Sse { partial } if !partial.is_empty() => {
                 read_line(&partial, now, &mut self.report);
@@ -243,6 +266,53 @@ fn feed_sse(
 /// than running it over one chunk.
 static MENTIONS_USAGE: LazyLock<memmem::Finder<'static>> =
     LazyLock::new(|| memmem::Finder::new(b"\"usage\""));
+
+/// The search for a generated chunk's `"delta"`.
+static MENTIONS_DELTA: LazyLock<memmem::Finder<'static>> =
+    LazyLock::new(|| memmem::Finder::new(b"\"delta\""));
+
+/// Appends `data` to `tail`, keeping only its last [`JSON_TAIL`] bytes.
+fn keep_tail(tail: &mut Vec<u8>, data: &[u8]) {
+    let data = &data[data.len().saturating_sub(JSON_TAIL)..];
+    let excess = (tail.len() + data.len()).saturating_sub(JSON_TAIL);
+    tail.drain(..excess.min(tail.len()));
+    tail.extend_from_slice(data);
+}
+
+/// The last complete `"usage": {...}` object in `tail` (its braces
+/// matched, strings skipped), if any.
+fn last_usage_object(tail: &[u8]) -> Option<&[u8]> {
+    let key = b"\"usage\"";
+    let mut found = None;
+    for at in MENTIONS_USAGE.find_iter(tail) {
+        let rest = &tail[at + key.len()..];
+        if !followed_by(rest, b":{") {
+            continue;
+        }
+        let open = rest.iter().position(|b| *b == b'{')?;
+        let object = &rest[open..];
+        let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+        for (i, byte) in object.iter().enumerate() {
+            match (in_string, escaped, *byte) {
+                (true, true, _) => escaped = false,
+                (true, false, b'\\') => escaped = true,
+                (true, false, b'"') => in_string = false,
+                (true, false, _) => {}
+                (false, _, b'"') => in_string = true,
+                (false, _, b'{') => depth += 1,
+                (false, _, b'}') => {
+                    depth -= 1;
+                    if depth == 0 {
+                        found = Some(&object[..=i]);
+                        break;
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    found
+}
 
 /// True if `data` has a `"usage"` key holding an object. OpenAI streams that
 /// were asked for usage send `"usage": null` on every chunk, which is
@@ -395,9 +465,20 @@ mod tests {
         assert_eq!(report.usage.prompt, Some(5));
         assert_eq!(report.usage.completion, Some(1));
 
+        // Beyond the bound, the usage at the end is still found...
         let mut big = headers("application/json");
         big.insert(CONTENT_LENGTH, HeaderValue::from(MAX_JSON + 1));
-        assert!(UsageTap::for_response(StatusCode::OK, &big).is_none());
+        let mut tap = UsageTap::for_response(StatusCode::OK, &big).expect("a tail tap");
+        tap.feed(br#"{"choices":[{"message":{"content":""#, now);
+        tap.feed(&vec![b'x'; MAX_JSON], now);
+        tap.feed(
+            br#""}}],"usage":{"prompt_tokens":10,"completion_tokens":5000,"x":{"s":"}"}}}"#,
+            now,
+        );
+        let report = tap.finish(now);
+        assert_eq!(report.usage.completion, Some(5000));
+        assert_eq!(report.gave_up, None);
+        // ...and a body without one is counted as unread.
         let mut tap = tap_for("application/json");
         tap.feed(&vec![b' '; MAX_JSON], now);
         tap.feed(b"{}", now);

@@ -117,6 +117,40 @@ fn every_problem_is_reported_in_one_run() {
 }
 
 #[test]
+fn budget_and_cap_settings_that_are_wrong_or_apply_to_nothing_are_named() {
+    let output = run(
+        &[
+            "--upstream",
+            "https://example.test",
+            "--budget-reserve",
+            "0",
+            "--unparsed-budget-requests",
+            "drop",
+            "--max-output-tokens",
+            "many",
+            "--over-max-output-tokens",
+            "trim",
+            "--access-token-max-output-tokens",
+            "100",
+            "--access-token-allowed-models",
+            "small",
+        ],
+        &[("BASETEN_API_KEY", KEY)],
+    );
+    assert_usage_error(
+        &output,
+        &[
+            "budget_reserve: must be at least 1",
+            "unparsed_budget_requests: \"drop\" is not one of: forward, refuse",
+            "max_output_tokens: \"many\" is not a whole number",
+            "over_max_output_tokens: \"trim\" is not one of: refuse, clamp",
+            "access_token_max_output_tokens: is set but no access tokens are",
+            "access_token_allowed_models: is set but no access tokens are",
+        ],
+    );
+}
+
+#[test]
 fn unknown_key_in_file_is_an_error_naming_it() {
     let file = temp_file(
         "unknown.toml",

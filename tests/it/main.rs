@@ -9,6 +9,7 @@ mod support;
 
 mod access_log;
 mod backpressure;
+mod budget_escapes;
 mod burst;
 mod cancellation;
 mod clients;

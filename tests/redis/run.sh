@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Shared token budgets against a real redis-server: two keyrelay processes
-# count one budget between them, and the usage_store_unavailable policies
+# count one budget between them, concurrent requests through both hold
+# atomic reservations (EVAL), and the usage_store_unavailable policies
 # hold when Redis goes away (shared_budget.py says what each step proves).
 # Called by .ci/run; on a fresh Debian machine it installs redis-server
 # itself. Not part of `cargo test`, which keeps in-process tests of the

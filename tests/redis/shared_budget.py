@@ -45,6 +45,8 @@ class Upstream(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     received = 0
     lock = threading.Lock()
+    # When set, answers wait for it: requests in flight at once.
+    gate = None
 
     def do_POST(self):
         self.rfile.read(int(self.headers.get("content-length", 0)))
@@ -55,6 +57,8 @@ class Upstream(http.server.BaseHTTPRequestHandler):
             return
         with Upstream.lock:
             Upstream.received += 1
+        if Upstream.gate is not None:
+            Upstream.gate.wait(STEP)
         self.send_response(200)
         self.send_header("content-type", "text/event-stream")
         self.send_header("content-length", str(len(SSE)))
@@ -78,7 +82,7 @@ def wait_for(what, probe):
 class Relay:
     """A keyrelay process with its admin listener."""
 
-    def __init__(self, binary, upstream_port, redis_port, policy="allow"):
+    def __init__(self, binary, upstream_port, redis_port, policy="allow", db=3, budget=BUDGET):
         self.log_path = f"/tmp/keyrelay-redis-test-{os.getpid()}-{id(self)}.log"
         self.log = open(self.log_path, "w+")
         env = {"PATH": os.environ.get("PATH", ""), "BASETEN_API_KEY": KEY}
@@ -89,9 +93,9 @@ class Relay:
                 "--admin-listen", "127.0.0.1:0",
                 "--upstream", f"http://127.0.0.1:{upstream_port}",
                 "--warm-connections", "0",
-                "--usage-store", f"redis://127.0.0.1:{redis_port}/3",
+                "--usage-store", f"redis://127.0.0.1:{redis_port}/{db}",
                 "--usage-store-unavailable", policy,
-                "--token-budget", BUDGET,
+                "--token-budget", budget,
             ],
             env=env,
             stdout=subprocess.DEVNULL,
@@ -107,9 +111,12 @@ class Relay:
             match = re.search(pattern, log.read())
         return match and match.group(0)
 
-    def chat(self):
+    def chat(self, max_tokens=None):
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=STEP)
-        body = json.dumps({"model": "m", "stream": True, "messages": []})
+        request = {"model": "m", "stream": True, "messages": []}
+        if max_tokens is not None:
+            request["max_tokens"] = max_tokens
+        body = json.dumps(request)
         conn.request("POST", "/v1/chat/completions", body, {"content-type": "application/json"})
         response = conn.getresponse()
         data = response.read()
@@ -184,6 +191,37 @@ def main():
         assert a.metric("keyrelay_usage_store_errors_total") == 0, "a closed idle connection is not an outage"
         ok("a request over the shared budget is refused by either replica (429, Retry-After), nothing forwarded, "
            "also after Redis closed the idle connections")
+
+        # 2b. Concurrent requests through both replicas hold reservations in
+        # the shared store: together they cannot spend past the budget.
+        # Each reserves 40 (max_tokens) + its body's bytes / 4 and spends 50.
+        c, d = Relay(binary, up, redis_port, db=4, budget="300/day"), Relay(binary, up, redis_port, db=4, budget="300/day")
+        relays += [c, d]
+        before = Upstream.received
+        Upstream.gate = threading.Event()
+        statuses = []
+        def one(relay):
+            status, _, _ = relay.chat(max_tokens=40)
+            with Upstream.lock:
+                statuses.append(status)
+        threads = [threading.Thread(target=one, args=(relay,)) for relay in (c, d) * 5]
+        for thread in threads:
+            thread.start()
+        wait_for("every request admitted or refused",
+                 lambda: (Upstream.received - before) + statuses.count(429) == len(threads))
+        admitted = Upstream.received - before
+        Upstream.gate.set()
+        for thread in threads:
+            thread.join(STEP)
+        Upstream.gate = None
+        assert statuses.count(200) == admitted, statuses
+        wait_for("the settlements in Redis", lambda: c.spent() == admitted * EVENT_TOKENS)
+        total = c.spent()
+        reservation = 40 + len(json.dumps({"model": "m", "stream": True, "messages": [], "max_tokens": 40})) // 4
+        assert admitted < len(threads), f"all {admitted} admitted: no reservation held"
+        assert total <= 300 + reservation, f"{total} spent of 300/day"
+        ok(f"10 concurrent requests through two replicas, 300/day shared: {admitted} admitted, "
+           f"{total} spent (at most one reservation, {reservation}, over)")
 
         # 3. Redis goes away: "allow" serves unmetered, logs once, counts it.
         redis.terminate()

@@ -1,0 +1,610 @@
+//! Budgets a client cannot escape (issue 23): every request shape an
+//! OpenAI-compatible server streams is asked for its usage, a response
+//! that reports none is still charged, concurrent requests hold
+//! reservations, and a route's request caps read the same bounded body.
+//! The real binary in front of a mock upstream, through real sockets.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::BodyExt;
+
+use crate::support::ops::{self, eventually, AdminRelay, HeldStream};
+use crate::support::*;
+
+fn sse() -> http::response::Builder {
+    http::Response::builder().header("content-type", "text/event-stream")
+}
+
+async fn relay_with(extra: &[&str], upstream: &MockUpstream) -> AdminRelay {
+    let mut command = ops::command(&upstream.url());
+    command.args(extra);
+    AdminRelay::spawn(command).await
+}
+
+/// What the route's first budget has spent (reservations included).
+async fn spent(relay: &AdminRelay) -> u64 {
+    let response = relay.admin("GET", "/usage").await;
+    assert_eq!(response.status(), 200);
+    let report: serde_json::Value = serde_json::from_str(&response.body_text()).expect("JSON");
+    report["budgets"][0]["spent"].as_u64().expect("a count")
+}
+
+/// Waits until the budget shows `want` spent.
+async fn wait_spent(relay: &AdminRelay, want: u64) {
+    let mut last = 0;
+    let found = tokio::time::timeout(STEP, async {
+        loop {
+            last = spent(relay).await;
+            if last == want {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(found.is_ok(), "spent {last}, expected {want}");
+}
+
+/// A body the client sends chunked, with no Content-Length, in two frames.
+fn chunked(body: &'static str) -> TestBody {
+    let (first, second) = body.split_at(body.len() / 2);
+    let (mut tx, channel) = http_body_util::channel::Channel::<Bytes, BoxError>::new(2);
+    tokio::spawn(async move {
+        let _ = tx.send_data(Bytes::from_static(first.as_bytes())).await;
+        let _ = tx.send_data(Bytes::from_static(second.as_bytes())).await;
+    });
+    channel.boxed()
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+#[tokio::test]
+async fn every_streaming_shape_a_server_accepts_is_asked_for_its_usage() {
+    let mut upstream = MockUpstream::start().await;
+    let relay = relay_with(&["--add-stream-usage"], &upstream).await;
+    let client = http1_client();
+    let json = Some("application/json");
+    // (what, path, content type, body, chunked)
+    let shapes: [(&str, &str, Option<&str>, &'static str, bool); 8] = [
+        (
+            "plain JSON",
+            "/v1/chat/completions",
+            json,
+            r#"{"stream":true}"#,
+            false,
+        ),
+        (
+            "stream_options: null",
+            "/v1/chat/completions",
+            json,
+            r#"{"stream":true,"stream_options":null}"#,
+            false,
+        ),
+        (
+            "\"stream\": \"true\"",
+            "/v1/chat/completions",
+            json,
+            r#"{"stream":"true"}"#,
+            false,
+        ),
+        (
+            "no content type",
+            "/v1/chat/completions",
+            None,
+            r#"{"stream":true}"#,
+            false,
+        ),
+        (
+            "text/plain",
+            "/v1/chat/completions",
+            Some("text/plain"),
+            r#"{"stream":true}"#,
+            false,
+        ),
+        (
+            "chunked body",
+            "/v1/chat/completions",
+            json,
+            r#"{"stream":true,"model":"m"}"#,
+            true,
+        ),
+        (
+            "UTF-8 BOM",
+            "/v1/chat/completions",
+            json,
+            "\u{feff}{\"stream\":true}",
+            false,
+        ),
+        (
+            "trailing slash",
+            "/v1/chat/completions/",
+            json,
+            r#"{"stream":true}"#,
+            false,
+        ),
+    ];
+    let mut escaped = Vec::new();
+    for (what, path, content_type, body, is_chunked) in shapes {
+        let mut request = Request::post(relay.url(path));
+        if let Some(content_type) = content_type {
+            request = request.header("content-type", content_type);
+        }
+        let body = if is_chunked {
+            chunked(body)
+        } else {
+            full(body)
+        };
+        let pending = tokio::spawn(client.request(request.body(body).expect("request")));
+        let mut exchange = upstream.next().await;
+        let sent = within("the request body", exchange.request.body_mut().collect())
+            .await
+            .expect("body")
+            .to_bytes();
+        let sent = sent.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&sent);
+        let sent: serde_json::Value = serde_json::from_slice(sent).expect("JSON upstream");
+        if sent["stream_options"]["include_usage"] != true {
+            escaped.push(what);
+        }
+        exchange.respond(sse().body(full("data: [DONE]\n\n")).expect("response"));
+        let response = within("the answer", pending)
+            .await
+            .expect("join")
+            .expect("answer");
+        assert_eq!(response.status(), 200, "{what}");
+        body_bytes(response).await;
+    }
+    assert!(
+        escaped.is_empty(),
+        "no include_usage added for: {escaped:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_client_gone_before_the_usage_event_is_charged_a_lower_bound() {
+    let mut upstream = MockUpstream::start().await;
+    let relay = relay_with(&["--token-budget", "1000000/day"], &upstream).await;
+    let client = http1_client();
+    let body = r#"{"stream":true,"messages":[{"role":"user","content":"Hi"}]}"#;
+    let request = Request::post(relay.url("/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(full(body))
+        .expect("request");
+    let mut stream = HeldStream::open_request(&client, &mut upstream, request, sse()).await;
+    for word in ["Hel", "lo", " there"] {
+        stream
+            .lockstep(&format!(
+                "data: {{\"choices\":[{{\"delta\":{{\"content\":\"{word}\"}}}}]}}\n\n"
+            ))
+            .await;
+    }
+    // Every content chunk read, then gone before the usage event.
+    let HeldStream {
+        tx,
+        dropped,
+        body: client_body,
+        ..
+    } = stream;
+    drop(client_body);
+    dropped.wait().await;
+    drop(tx);
+    // The prompt estimate (body bytes / 4) and one token per content chunk.
+    wait_spent(&relay, (body.len() / 4 + 3) as u64).await;
+}
+
+#[tokio::test]
+async fn a_json_answer_over_the_tap_bound_is_charged_the_usage_at_its_end() {
+    let mut upstream = MockUpstream::start().await;
+    let relay = relay_with(&["--token-budget", "1000000/day"], &upstream).await;
+    let client = http1_client();
+    let request = Request::post(relay.url("/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(full(r#"{"max_tokens":8000}"#))
+        .expect("request");
+    let pending = tokio::spawn(client.request(request));
+    let mut answer = br#"{"object":"chat.completion","choices":[{"message":{"content":""#.to_vec();
+    answer.extend(std::iter::repeat_n(b'a', (1 << 20) + 100));
+    answer.extend_from_slice(
+        br#""}}],"usage":{"prompt_tokens":10,"completion_tokens":5000,"total_tokens":5010}}"#,
+    );
+    let length = answer.len();
+    upstream.next().await.respond(
+        http::Response::builder()
+            .header("content-type", "application/json")
+            .body(full(answer))
+            .expect("response"),
+    );
+    let response = within("the answer", pending)
+        .await
+        .expect("join")
+        .expect("answer");
+    assert_eq!(body_bytes(response).await.len(), length, "relayed whole");
+    wait_spent(&relay, 5_010).await;
+}
+
+/// A streamed answer reporting `tokens` (prompt 100 + the rest completion).
+fn usage_stream(tokens: u64) -> TestBody {
+    full(format!(
+        "data: {{\"choices\":[{{\"delta\":{{\"content\":\"Hi\"}}}}]}}\n\n\
+         data: {{\"choices\":[],\"usage\":{{\"prompt_tokens\":100,\"completion_tokens\":{}}}}}\n\n\
+         data: [DONE]\n\n",
+        tokens - 100
+    ))
+}
+
+/// Sends `count` requests with `body` at once, holds every one that
+/// reaches the upstream until each of the others was refused, then answers
+/// them all with `tokens` each. Returns (admitted, refused with 429).
+async fn at_once(
+    relay: &AdminRelay,
+    upstream: &mut MockUpstream,
+    count: usize,
+    body: &'static str,
+    tokens: u64,
+) -> (usize, usize) {
+    let client = http1_client();
+    let tasks: Vec<_> = (0..count)
+        .map(|_| {
+            let request = Request::post(relay.url("/v1/chat/completions"))
+                .header("content-type", "application/json")
+                .body(full(body))
+                .expect("request");
+            let client = client.clone();
+            tokio::spawn(async move {
+                let response = client.request(request).await.expect("answered");
+                let status = response.status().as_u16();
+                body_bytes(response).await;
+                status
+            })
+        })
+        .collect();
+    let mut held = Vec::new();
+    loop {
+        let finished = tasks.iter().filter(|task| task.is_finished()).count();
+        if held.len() + finished == count {
+            break;
+        }
+        tokio::select! {
+            exchange = upstream.next() => held.push(exchange),
+            () = tokio::time::sleep(Duration::from_millis(5)) => {}
+        }
+    }
+    let admitted = held.len();
+    for exchange in held {
+        exchange.respond(sse().body(usage_stream(tokens)).expect("response"));
+    }
+    let mut refused = 0;
+    for task in tasks {
+        match task.await.expect("join") {
+            200 => {}
+            429 => refused += 1,
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    (admitted, refused)
+}
+
+#[tokio::test]
+async fn six_concurrent_streams_cannot_spend_past_the_budget_together() {
+    let mut upstream = MockUpstream::start().await;
+    let relay = relay_with(&["--token-budget", "1500/day"], &upstream).await;
+    // Each spends 1,166: before reservations all six were admitted (6,996).
+    let (admitted, refused) = at_once(&relay, &mut upstream, 6, r#"{"stream":true}"#, 1_166).await;
+    assert_eq!(
+        (admitted, refused),
+        (1, 5),
+        "the first holds the budget_reserve"
+    );
+    wait_spent(&relay, 1_166).await;
+}
+
+#[tokio::test]
+async fn twenty_concurrent_streams_overshoot_by_less_than_one_reservation() {
+    let mut upstream = MockUpstream::start().await;
+    let relay = relay_with(&["--token-budget", "1000/day"], &upstream).await;
+    // 113 bytes: a reservation of 28 (prompt) + 100 (max_tokens) = 128.
+    let body = r#"{"model":"m","stream":true,"max_tokens":100,"messages":[{"role":"user","content":"Say hello, in a few words."}]}"#;
+    let reservation = (body.len() / 4 + 100) as u64;
+    // Each spends 140: more than the prompt estimate guessed.
+    let (admitted, _) = at_once(&relay, &mut upstream, 20, body, 140).await;
+    let total = admitted as u64 * 140;
+    wait_spent(&relay, total).await;
+    let overshoot = total.saturating_sub(1_000);
+    println!("20 concurrent streams, 1000/day: {admitted} admitted, {total} spent, overshoot {overshoot} (one reservation: {reservation})");
+    assert!(admitted < 20, "reservations stop admission");
+    assert!(
+        overshoot <= reservation,
+        "overshoot {overshoot} > {reservation}"
+    );
+}
+
+#[tokio::test]
+async fn unreadable_bodies_are_forwarded_under_the_reservation_or_refused() {
+    let mut upstream = MockUpstream::start().await;
+    let relay = relay_with(&["--token-budget", "1000000/day"], &upstream).await;
+    let client = http1_client();
+    // Not JSON: forwarded, and its stream charged though it reports nothing.
+    let request = Request::post(relay.url("/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(full("stream=true&model=m"))
+        .expect("request");
+    let stream = HeldStream::open_request(&client, &mut upstream, request, sse()).await;
+    let mut stream = stream;
+    stream
+        .lockstep("data: {\"choices\":[{\"delta\":{\"content\":\"Hi\"}}]}\n\n")
+        .await;
+    stream.finish().await;
+    wait_spent(&relay, ("stream=true&model=m".len() / 4 + 1) as u64).await;
+    drop(relay);
+
+    let refusing = relay_with(
+        &[
+            "--token-budget",
+            "1000000/day",
+            "--unparsed-budget-requests",
+            "refuse",
+        ],
+        &upstream,
+    )
+    .await;
+    let too_big = "x".repeat((1 << 20) + 1);
+    for body in ["not json".to_owned(), format!("{{\"a\":\"{too_big}\"}}")] {
+        let request = Request::post(refusing.url("/v1/chat/completions"))
+            .body(full(body))
+            .expect("request");
+        let response = client.request(request).await.expect("answered");
+        assert_eq!(response.status(), 400);
+        let error: serde_json::Value =
+            serde_json::from_slice(&body_bytes(response).await).expect("JSON");
+        assert_eq!(error["type"], "unreadable_request_body");
+    }
+    assert!(upstream.nothing_received(), "refused before the upstream");
+}
+
+async fn answer(
+    client: &ops::TestClient,
+    relay: &AdminRelay,
+    content_type: Option<&str>,
+    body: &'static str,
+) -> (u16, serde_json::Value) {
+    let mut request = Request::post(relay.url("/v1/chat/completions"));
+    if let Some(content_type) = content_type {
+        request = request.header("content-type", content_type);
+    }
+    let response = client
+        .request(request.body(full(body)).expect("request"))
+        .await
+        .expect("answered");
+    let status = response.status().as_u16();
+    let body = body_bytes(response).await;
+    (status, serde_json::from_slice(&body).unwrap_or_default())
+}
+
+#[tokio::test]
+async fn request_caps_refuse_other_models_and_over_asking_however_the_body_is_sent() {
+    let mut upstream = MockUpstream::start().await;
+    let relay = relay_with(
+        &["--allowed-models", "small", "--max-output-tokens", "500"],
+        &upstream,
+    )
+    .await;
+    let client = http1_client();
+    for (content_type, body) in [
+        (Some("application/json"), r#"{"model":"large"}"#),
+        (None, "\u{feff}{\"model\":\"large\"}"),
+        (Some("text/plain"), r#"{"model":"large","max_tokens":10}"#),
+        (Some("application/json"), r#"{"messages":[]}"#),
+    ] {
+        let (status, error) = answer(&client, &relay, content_type, body).await;
+        assert_eq!(
+            (status, &error["type"]),
+            (403, &"model_not_allowed".into()),
+            "{body}"
+        );
+        assert!(
+            error["error"]
+                .as_str()
+                .is_some_and(|m| m.contains("allowed_models")),
+            "{error}"
+        );
+    }
+    let (status, error) = answer(
+        &client,
+        &relay,
+        Some("application/json"),
+        r#"{"model":"small","max_completion_tokens":"100000"}"#,
+    )
+    .await;
+    assert_eq!(
+        (status, &error["type"]),
+        (403, &"max_output_tokens_exceeded".into())
+    );
+    assert!(error["error"]
+        .as_str()
+        .is_some_and(|m| m.contains("max_output_tokens") && m.contains("is 500")));
+    // A body keyrelay cannot read cannot escape the caps.
+    let (status, error) = answer(&client, &relay, Some("application/json"), "model=large").await;
+    assert_eq!(
+        (status, &error["type"]),
+        (400, &"unreadable_request_body".into())
+    );
+    assert!(
+        upstream.nothing_received(),
+        "all refused before the upstream"
+    );
+
+    // Within the caps: forwarded, a missing limit filled in.
+    let pending = tokio::spawn(
+        client.request(
+            Request::post(relay.url("/v1/chat/completions"))
+                .body(full(r#"{"model":"small"}"#))
+                .expect("request"),
+        ),
+    );
+    let mut exchange = upstream.next().await;
+    let sent = exchange
+        .request
+        .body_mut()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    let sent: serde_json::Value = serde_json::from_slice(&sent).expect("JSON");
+    assert_eq!(sent["max_tokens"], 500);
+    exchange.respond_full(200, "{}");
+    within("the answer", pending)
+        .await
+        .expect("join")
+        .expect("answer");
+}
+
+#[tokio::test]
+async fn over_asking_is_clamped_when_the_route_says_so() {
+    let mut upstream = MockUpstream::start().await;
+    let relay = relay_with(
+        &[
+            "--max-output-tokens",
+            "256",
+            "--over-max-output-tokens",
+            "clamp",
+            "--add-stream-usage",
+        ],
+        &upstream,
+    )
+    .await;
+    let client = http1_client();
+    let pending = tokio::spawn(
+        client.request(
+            Request::post(relay.url("/v1/chat/completions"))
+                .header("content-type", "application/json")
+                .body(chunked(
+                    r#"{"stream":true,"max_tokens":100000,"max_completion_tokens":9}"#,
+                ))
+                .expect("request"),
+        ),
+    );
+    let mut exchange = upstream.next().await;
+    let length: usize = exchange.request.headers()["content-length"]
+        .to_str()
+        .expect("text")
+        .parse()
+        .expect("number");
+    let sent = exchange
+        .request
+        .body_mut()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    assert_eq!(sent.len(), length);
+    let sent: serde_json::Value = serde_json::from_slice(&sent).expect("JSON");
+    assert_eq!(sent["max_tokens"], 256);
+    assert_eq!(sent["max_completion_tokens"], 9);
+    assert_eq!(sent["stream_options"]["include_usage"], true);
+    exchange.respond(sse().body(full("data: [DONE]\n\n")).expect("response"));
+    within("the answer", pending)
+        .await
+        .expect("join")
+        .expect("answer");
+}
+
+#[tokio::test]
+async fn a_failed_request_gives_its_reservation_back() {
+    // No upstream listening: the request fails after reserving.
+    let upstream = MockUpstream::start().await;
+    let mut command = ops::command(&format!("http://127.0.0.1:{}", closed_port()));
+    command.args(["--token-budget", "5000/day"]);
+    let relay = AdminRelay::spawn(command).await;
+    drop(upstream);
+    let client = http1_client();
+    let request = Request::post(relay.url("/v1/chat/completions"))
+        .body(full(r#"{"stream":true}"#))
+        .expect("request");
+    let response = client.request(request).await.expect("answered");
+    assert_eq!(response.status(), 502);
+    eventually("the reservation given back", || async {
+        (spent(&relay).await == 0).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn access_tokens_carry_their_own_caps_on_top_of_the_route() {
+    let mut upstream = MockUpstream::start().await;
+    let mut command = ops::command(&upstream.url());
+    command
+        .args(["--access-token-env", "APP_TOKEN"])
+        .args(["--access-token-allowed-models", "small,tiny"])
+        .args(["--access-token-max-output-tokens", "64"])
+        .args(["--allowed-models", "small,large"])
+        .env("APP_TOKEN", "tok-app-7c1d9e2f3a4b5c6d");
+    let relay = AdminRelay::spawn(command).await;
+    let client = http1_client();
+    let ask = |body: &'static str| {
+        Request::post(relay.url("/v1/chat/completions"))
+            .header("authorization", "Bearer tok-app-7c1d9e2f3a4b5c6d")
+            .body(full(body))
+            .expect("request")
+    };
+    for (body, status, kind) in [
+        // The route allows it, the token does not.
+        (r#"{"model":"large"}"#, 403, "model_not_allowed"),
+        // The token allows it, the route does not.
+        (r#"{"model":"tiny"}"#, 403, "model_not_allowed"),
+        (
+            r#"{"model":"small","max_tokens":65}"#,
+            403,
+            "max_output_tokens_exceeded",
+        ),
+        ("{\"model\":\"small\"", 400, "unreadable_request_body"),
+    ] {
+        let response = client.request(ask(body)).await.expect("answered");
+        assert_eq!(response.status(), status, "{body}");
+        let error: serde_json::Value =
+            serde_json::from_slice(&body_bytes(response).await).expect("JSON");
+        assert_eq!(error["type"], kind, "{body}");
+    }
+    assert!(
+        upstream.nothing_received(),
+        "all refused before the upstream"
+    );
+    let pending = tokio::spawn(client.request(ask(r#"{"model":"small"}"#)));
+    let mut exchange = upstream.next().await;
+    let sent = exchange
+        .request
+        .body_mut()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    let sent: serde_json::Value = serde_json::from_slice(&sent).expect("JSON");
+    assert_eq!(sent["max_tokens"], 64, "the token's cap filled in");
+    exchange.respond_full(200, "{}");
+    within("the answer", pending)
+        .await
+        .expect("join")
+        .expect("answer");
+}
+
+#[tokio::test]
+async fn a_client_gone_before_the_response_head_still_pays_for_its_prompt() {
+    let mut upstream = MockUpstream::start().await;
+    let relay = relay_with(&["--token-budget", "1000000/day"], &upstream).await;
+    let client = http1_client();
+    let body = r#"{"stream":true,"messages":[{"role":"user","content":"a long prompt"}]}"#;
+    let pending = tokio::spawn(
+        client.request(
+            Request::post(relay.url("/v1/chat/completions"))
+                .body(full(body))
+                .expect("request"),
+        ),
+    );
+    // The upstream has the request (and reads its prompt); the client
+    // leaves before the answer starts.
+    let exchange = upstream.next().await;
+    pending.abort();
+    let _ = pending.await;
+    wait_spent(&relay, (body.len() / 4) as u64).await;
+    drop(exchange);
+}
