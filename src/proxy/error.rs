@@ -136,6 +136,9 @@ pub enum UpstreamError {
     /// No response headers within `response_header_timeout`.
     #[error("upstream sent no response headers within response_header_timeout ({0:?})")]
     HeaderTimeout(Duration),
+    /// The upstream switched protocols (101) on a request that asked for no upgrade.
+    #[error("upstream answered 101 Switching Protocols to a request that asked for no upgrade")]
+    UnrequestedUpgrade,
 }
 
 impl ProxyError {
@@ -341,6 +344,7 @@ impl UpstreamError {
             Self::Closed => "upstream_closed",
             Self::Protocol(_) => "upstream_protocol",
             Self::HeaderTimeout(_) => "upstream_header_timeout",
+            Self::UnrequestedUpgrade => "upstream_unrequested_upgrade",
         }
     }
 }

@@ -299,6 +299,12 @@ impl Shared {
             .map_err(|err| self.send_failure(&err, err.is_connect()))?;
         set_version(&mut upstream_request, &via, route.host.as_ref());
         let (response, lease) = self.send(&worker.upstreams, via, upstream_request).await?;
+        if response.status() == StatusCode::SWITCHING_PROTOCOLS && client_upgrade.is_none() {
+            // Relayed, a bare 101 would end the client's connection and the
+            // requests pipelined on it. The upstream connection has switched
+            // too: the lease drops it (it is never reusable after a 101).
+            return Err(UpstreamError::UnrequestedUpgrade.into());
+        }
         Ok(Answer::Relay(Sent {
             response,
             request_id,
