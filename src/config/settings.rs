@@ -188,7 +188,7 @@ pub const SETTINGS: &[Setting] = &[
     Setting {
         key: "allowed_paths",
         default: "",
-        help: "If set, only these `METHOD /path` rules (a trailing * matches a prefix) are forwarded; others get 403.",
+        help: "If set, only these `METHOD /path` rules (a trailing * matches a prefix) are forwarded; others get 403; ambiguous paths (dot segments, ;, %25, bad escapes, backslashes) get 400.",
         kind: Kind::List,
     },
     Setting {

@@ -107,6 +107,13 @@ pub enum ClientError {
          forward coded bytes the upstream could not tell were coded"
     )]
     UnsupportedTransferCoding,
+    /// With `allowed_paths` set, a path servers could resolve differently
+    /// (a dot segment, `;`, an encoded `%`, ...; the text says which).
+    #[error(
+        "the path has {0}; with allowed_paths set, keyrelay refuses paths that servers \
+         resolve differently rather than guess which one the upstream would serve"
+    )]
+    AmbiguousPath(&'static str),
 }
 
 /// Failures of the upstream or of the way to it.
@@ -301,9 +308,10 @@ impl ClientError {
     fn status(&self) -> StatusCode {
         match self {
             Self::ConnectNotSupported => StatusCode::METHOD_NOT_ALLOWED,
-            Self::BadRequestTarget | Self::BadRequestBody | Self::StagedPathOnRegionalHost => {
-                StatusCode::BAD_REQUEST
-            }
+            Self::BadRequestTarget
+            | Self::BadRequestBody
+            | Self::StagedPathOnRegionalHost
+            | Self::AmbiguousPath(_) => StatusCode::BAD_REQUEST,
             Self::UnsupportedTransferCoding => StatusCode::NOT_IMPLEMENTED,
         }
     }
@@ -315,6 +323,7 @@ impl ClientError {
             Self::BadRequestBody => "bad_request_body",
             Self::StagedPathOnRegionalHost => "staged_path_on_regional_host",
             Self::UnsupportedTransferCoding => "unsupported_transfer_coding",
+            Self::AmbiguousPath(_) => "ambiguous_path",
         }
     }
 }

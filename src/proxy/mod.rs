@@ -34,6 +34,7 @@ use tokio::sync::Semaphore;
 use tracing::Instrument;
 
 use crate::config::{Config, Timeouts};
+use crate::guard::paths::PathVerdict;
 use crate::guard::tokens::AccessTokens;
 use crate::guard::{Admission, Guard};
 use crate::ops::metrics::{Metrics, RouteMetrics};
@@ -326,8 +327,10 @@ impl Shared {
         if headers::has_unsupported_transfer_coding(&parts.headers) {
             return Err(ClientError::UnsupportedTransferCoding.into());
         }
-        if !route.paths.allows(&parts.method, parts.uri.path()) {
-            return Err(Refusal::PathNotAllowed.into());
+        match route.paths.check(&parts.method, parts.uri.path()) {
+            PathVerdict::Allowed => {}
+            PathVerdict::NotAllowed => return Err(Refusal::PathNotAllowed.into()),
+            PathVerdict::Ambiguous(why) => return Err(ClientError::AmbiguousPath(why).into()),
         }
         if let Some(semaphore) = &self.concurrency {
             let permit = Arc::clone(semaphore)

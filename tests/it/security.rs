@@ -1434,9 +1434,113 @@ async fn path_policy_prefix_cannot_be_escaped_with_dot_segments() {
     relay.stop().await;
 }
 
+/// With path rules on, every spelling that some server resolves to another
+/// path is refused with 400 `ambiguous_path` (keyrelay's JSON) and reaches
+/// nobody: Tomcat/Spring path parameters, double decoding, overlong UTF-8,
+/// backslashes, encoded separators, dot segments after one decoding.
+/// Ordinary paths, legitimate escapes included, still pass.
+#[tokio::test]
+async fn ambiguous_paths_are_refused_with_400_when_path_rules_are_on() {
+    let mut upstream = MockUpstream::start().await;
+    let relay = Relay::start(&upstream.url(), &[("allowed_paths", "POST /v1/*")]).await;
+    for target in [
+        "/v1/..;/admin",
+        "/v1/..;a=b/admin",
+        "/v1/chat;x=1/completions",
+        "/v1/%3b/admin",
+        "/v1/%2e%2e/admin",
+        "/v1/.%2E/admin",
+        "/v1/%2e/../admin",
+        "/v1/%252e%252e/admin",
+        "/v1/%25",
+        "/v1/%c0%ae%c0%ae/admin",
+        "/v1/%C0%AE%C0%AE/admin",
+        "/v1/%e0%80%ae%e0%80%ae/admin",
+        "/v1/%ff/admin",
+        "/v1/%5c..%5cadmin",
+        "/v1/..%5Cadmin",
+        "/v1/..%2fadmin",
+        "/v1/%2F..%2Fadmin",
+        "/v1/%zz",
+        "/v1/chat%",
+        "/v1/%u002e%u002e/admin",
+        "/v1/a%00.json",
+        "/v1/../admin",
+        "/v1/./chat",
+        "/v1/..?x=/v1/",
+    ] {
+        let response = refused(
+            &mut upstream,
+            relay.addr,
+            &request("POST", target, &[], "{}"),
+        )
+        .await;
+        assert_keyrelay_error(&response, 400, "ambiguous_path");
+    }
+    // A raw backslash: hyper may refuse the target itself (a bare 400); if it
+    // passes, keyrelay refuses it. Never forwarded either way.
+    let response = refused(
+        &mut upstream,
+        relay.addr,
+        &request("POST", "/v1/..\\admin", &[], "{}"),
+    )
+    .await;
+    assert_eq!(response.status(), 400, "{}", response.describe());
+
+    // Still a 403, not a 400, for a plain path the rules do not allow.
+    let response = refused(
+        &mut upstream,
+        relay.addr,
+        &request("POST", "/v2/chat", &[], "{}"),
+    )
+    .await;
+    assert_keyrelay_error(&response, 403, "path_not_allowed");
+
+    for target in [
+        "/v1/chat/completions",
+        "/v1/files/my%20file.jsonl",
+        "/v1/caf%C3%A9",
+        "/v1/models.json?x=..;%25",
+        "/v1/a.b/..c",
+    ] {
+        let (_, response) = forwarded(
+            &mut upstream,
+            relay.addr,
+            &request("POST", target, &[], "{}"),
+            ok(),
+        )
+        .await;
+        assert_eq!(response.status(), 200, "{target}");
+    }
+    relay.stop().await;
+}
+
+/// Without path rules nothing is refused as ambiguous: keyrelay forwards the
+/// target byte for byte (hostile_input.rs checks that it is never rewritten).
+#[tokio::test]
+async fn ambiguous_paths_pass_when_no_path_rules_are_set() {
+    let mut upstream = MockUpstream::start().await;
+    let relay = Relay::start(&upstream.url(), &[]).await;
+    let (_, response) = forwarded(
+        &mut upstream,
+        relay.addr,
+        &request("POST", "/v1/..;/x", &[], "{}"),
+        ok(),
+    )
+    .await;
+    assert_eq!(response.status(), 200);
+    relay.stop().await;
+}
+
 #[test]
 fn invalid_path_rules_stop_startup_naming_allowed_paths() {
-    for rules in ["POST predict", "GE{T /x", "POST", "v1/*"] {
+    for rules in [
+        "POST predict",
+        "GE{T /x",
+        "POST",
+        "v1/*",
+        "POST /v1/..;/admin",
+    ] {
         let sources = support::sources("http://127.0.0.1:9", &[("allowed_paths", rules)]);
         let err = config::load(&sources).expect_err("invalid rule");
         assert!(
