@@ -194,7 +194,7 @@ pub const SETTINGS: &[Setting] = &[
     Setting {
         key: "allow_unauthenticated_network",
         default: "false",
-        help: "Allow a non-loopback listen address without access tokens: anyone who can reach it can spend the key.",
+        help: "Allow a non-loopback listen address without access tokens (anyone who can reach it can spend the key), and a non-loopback admin_listen (the admin port takes no token).",
         kind: Kind::Switch,
     },
     Setting {
@@ -284,7 +284,7 @@ pub const SETTINGS: &[Setting] = &[
     Setting {
         key: "admin_listen",
         default: "off",
-        help: "Address of the admin listener (/healthz, /readyz, /metrics, POST /quitquitquit); off by default.",
+        help: "Address of the admin listener (/healthz, /readyz, /metrics, /usage, POST /quitquitquit); off by default. Beyond loopback it needs allow_unauthenticated_network, or a non-loopback listen guarded by access tokens.",
         kind: Kind::Text,
     },
     Setting {

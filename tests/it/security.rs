@@ -1342,6 +1342,78 @@ async fn non_loopback_listen_starts_with_an_access_token_and_demands_it() {
     assert!(!relay.log().contains("non-loopback address: anyone"));
 }
 
+/// The admin port takes no token, so it may leave loopback only with the
+/// explicit opt-out, or beside a main port that is on the network behind
+/// access tokens (deploy/kubernetes/shared.yaml). Its /metrics and /usage
+/// were otherwise open to the network without a word.
+#[tokio::test]
+async fn admin_listen_beyond_loopback_exits_64_naming_admin_listen() {
+    let mut command = tokio::process::Command::from(binary());
+    command
+        .args([
+            "--admin-listen",
+            "0.0.0.0:0",
+            "--upstream",
+            &format!("http://127.0.0.1:{}", closed_port()),
+        ])
+        .env("BASETEN_API_KEY", KEY)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        // A keyrelay that starts instead is killed when the wait times out.
+        .kill_on_drop(true);
+    let output = within("keyrelay to refuse the config", command.output())
+        .await
+        .expect("run keyrelay");
+    let text = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(64), "stderr: {text}");
+    assert!(text.contains("admin_listen"), "{text}");
+    assert!(text.contains("--allow-unauthenticated-network"), "{text}");
+}
+
+#[test]
+fn admin_listen_beyond_loopback_needs_the_same_opt_in_as_the_main_port() {
+    let load = |settings: &[(&str, &str)]| {
+        let mut sources = support::sources("http://127.0.0.1:9", settings);
+        sources
+            .env
+            .insert(ENV_TOKEN_VAR.to_owned(), ENV_TOKEN.to_owned());
+        config::load(&sources)
+    };
+    let names_admin = |result: Result<config::Config, config::ConfigError>| {
+        result
+            .expect_err("refused")
+            .problems
+            .iter()
+            .any(|p| p.setting == "admin_listen")
+    };
+    for admin in ["0.0.0.0:9901", "[::]:9901", "10.1.2.3:9901"] {
+        assert!(names_admin(load(&[("admin_listen", admin)])), "{admin}");
+        // Tokens guard only the main port: on loopback they are no reason
+        // to open the admin port to the network.
+        assert!(
+            names_admin(load(&[
+                ("admin_listen", admin),
+                ("access_token_env", ENV_TOKEN_VAR)
+            ])),
+            "{admin} with a loopback main port and tokens"
+        );
+        load(&[
+            ("admin_listen", admin),
+            ("allow_unauthenticated_network", "true"),
+        ])
+        .unwrap_or_else(|err| panic!("{admin} with the opt-out: {err}"));
+        // A deployment for other machines: main port on the network behind tokens.
+        load(&[
+            ("admin_listen", admin),
+            ("listen", "0.0.0.0:8080"),
+            ("access_token_env", ENV_TOKEN_VAR),
+        ])
+        .unwrap_or_else(|err| panic!("{admin} beside a token-guarded network port: {err}"));
+    }
+    load(&[("admin_listen", "127.0.0.2:9901")]).expect("127/8 is loopback");
+    load(&[("admin_listen", "[::1]:9901")]).expect("::1 is loopback");
+}
+
 // ---------------------------------------------------------------------------
 // 6. Path policy
 // ---------------------------------------------------------------------------
