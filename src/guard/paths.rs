@@ -108,14 +108,17 @@ pub enum PathVerdict {
 
 /// Why `path` could be read as another path by some server, if it could.
 ///
-/// Each segment is percent-decoded once and refused when the result is a
-/// dot segment (`.`, `..`), or holds a separator (`/`, `\`, `;`), a `%`
-/// (decoded again, it is another escape), a control character, or bytes
-/// that are not UTF-8 (overlong forms such as `%c0%ae` are how IIS-era
-/// servers were walked out of their roots). Raw backslashes and `;`
-/// parameters are refused too, and so are malformed escapes (`%zz`, a
-/// trailing `%`), which servers repair in different ways. Legitimate
-/// escapes such as `%20` pass. Runs only on routes with `allowed_paths`.
+/// Each segment is percent-decoded once and refused when the result is or
+/// holds a dot segment (`.`, `..`, also between encoded slashes, as in
+/// `..%2fadmin`), or holds a `\` or `;`, a `%` (decoded again, it is
+/// another escape), a control character, or bytes that are not UTF-8
+/// (overlong forms such as `%c0%ae` are how IIS-era servers were walked out
+/// of their roots). Raw backslashes and `;` parameters are refused too, and
+/// so are malformed escapes (`%zz`, a trailing `%`), which servers repair in
+/// different ways. Legitimate escapes pass: `%20`, and an encoded slash
+/// with no dot segment beside it (`/v1/models/org%2Fmodel`), which can only
+/// add segments below the prefix a rule matched literally. Runs only on
+/// routes with `allowed_paths`.
 pub fn ambiguity(path: &str) -> Option<&'static str> {
     let bytes = path.as_bytes();
     if bytes.contains(&b'\\') {
@@ -147,7 +150,6 @@ pub fn ambiguity(path: &str) -> Option<&'static str> {
                 let value = high << 4 | low;
                 match value {
                     b'%' => return Some("an encoded %"),
-                    b'/' => return Some("an encoded /"),
                     b'\\' => return Some("an encoded backslash"),
                     b';' => return Some("an encoded ;"),
                     _ => decoded.push(value),
@@ -161,7 +163,11 @@ pub fn ambiguity(path: &str) -> Option<&'static str> {
         } else {
             raw
         };
-        if segment == b"." || segment == b".." {
+        // Split again: an upstream that decodes %2F sees these as segments.
+        if segment
+            .split(|byte| *byte == b'/')
+            .any(|part| part == b"." || part == b"..")
+        {
             return Some("a dot segment");
         }
         if segment.iter().any(|b| b.is_ascii_control()) {
@@ -211,6 +217,8 @@ mod tests {
             "/v1/.%2e/admin",
             "/v1/./../admin",
             "/v1/..%2fadmin",
+            "/v1/a%2f..%2f..%2fadmin",
+            "/v1/%2F.",
             "/v1/.",
             "/v1/a\\..\\b",
             "/v1/..%5cadmin",
@@ -241,6 +249,8 @@ mod tests {
             "/v1/files/my%20file",
             "/v1/caf%C3%A9",
             "/v1/a.b/c",
+            "/v1/models/meta-llama%2FLlama-3.1-8B",
+            "/v1/%2F",
             "/v1//models",
         ] {
             assert!(policy.allows(&Method::GET, path), "{path}");

@@ -1509,8 +1509,9 @@ async fn path_policy_prefix_cannot_be_escaped_with_dot_segments() {
 /// With path rules on, every spelling that some server resolves to another
 /// path is refused with 400 `ambiguous_path` (keyrelay's JSON) and reaches
 /// nobody: Tomcat/Spring path parameters, double decoding, overlong UTF-8,
-/// backslashes, encoded separators, dot segments after one decoding.
-/// Ordinary paths, legitimate escapes included, still pass.
+/// backslashes, encoded separators hiding dot segments, dot segments after
+/// one decoding. Ordinary paths, legitimate escapes (`%20`, an encoded slash
+/// in a model name) included, still pass.
 #[tokio::test]
 async fn ambiguous_paths_are_refused_with_400_when_path_rules_are_on() {
     let mut upstream = MockUpstream::start().await;
@@ -1533,6 +1534,7 @@ async fn ambiguous_paths_are_refused_with_400_when_path_rules_are_on() {
         "/v1/..%5Cadmin",
         "/v1/..%2fadmin",
         "/v1/%2F..%2Fadmin",
+        "/v1/a%2f..%2f..%2fadmin",
         "/v1/%zz",
         "/v1/chat%",
         "/v1/%u002e%u002e/admin",
@@ -1572,6 +1574,7 @@ async fn ambiguous_paths_are_refused_with_400_when_path_rules_are_on() {
         "/v1/chat/completions",
         "/v1/files/my%20file.jsonl",
         "/v1/caf%C3%A9",
+        "/v1/models/meta-llama%2FLlama-3.1-8B",
         "/v1/models.json?x=..;%25",
         "/v1/a.b/..c",
     ] {
