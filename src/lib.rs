@@ -127,6 +127,7 @@ pub async fn run_with_metrics(
             let bound = admin.local_addr()?;
             background.spawn(ops::admin::serve(
                 admin,
+                config.access.hosts.clone(),
                 Arc::clone(&metrics),
                 Arc::clone(&lifecycle),
                 Arc::clone(&budgets),

@@ -235,6 +235,9 @@ pub(super) fn validate(
         found.optional_duration("header_read_timeout", &raw.header_read_timeout);
     let admin_listen =
         found.optional::<SocketAddr>("admin_listen", &raw.admin_listen, "an IP:port address");
+    if let Some(Some(admin)) = admin_listen {
+        check_admin_exposure(&raw, admin, tcp_listen, found);
+    }
     let max_concurrent_requests = found
         .optional::<usize>(
             "max_concurrent_requests",
@@ -575,6 +578,38 @@ fn check_access(
             allowed_models: token_models,
         },
     })
+}
+
+/// The admin port takes no access token, so tokens cannot be what lets it
+/// onto the network by themselves: beyond loopback it needs
+/// `allow_unauthenticated_network`, or a main listener that is itself on
+/// the network behind access tokens (a deployment meant for other machines,
+/// as deploy/kubernetes/shared.yaml, where a NetworkPolicy guards the admin
+/// port). `/quitquitquit` stays loopback-only either way.
+fn check_admin_exposure(
+    raw: &RawConfig,
+    admin: SocketAddr,
+    listen: Option<SocketAddr>,
+    found: &mut Problems,
+) {
+    if admin.ip().is_loopback() || raw.allow_unauthenticated_network {
+        return;
+    }
+    let tokens = raw.access_token_env.iter().any(|n| !n.is_empty())
+        || raw.access_token_files.iter().any(|p| !p.is_empty());
+    let networked = listen.is_some_and(|addr| !addr.ip().is_loopback());
+    if tokens && networked {
+        return;
+    }
+    found.report(
+        "admin_listen",
+        format!(
+            "{admin} is reachable from other machines, and the admin port takes no access token \
+             (its /metrics and /usage would be open to them): keep it on loopback \
+             (127.0.0.1:9901), or pass --allow-unauthenticated-network if something else \
+             (a NetworkPolicy, a firewall) already restricts who can connect"
+        ),
+    );
 }
 
 /// Largest accepted `listen_backlog`: the kernel keeps the backlog in a

@@ -188,13 +188,13 @@ pub const SETTINGS: &[Setting] = &[
     Setting {
         key: "allowed_paths",
         default: "",
-        help: "If set, only these `METHOD /path` rules (a trailing * matches a prefix) are forwarded; others get 403.",
+        help: "If set, only these `METHOD /path` rules (a trailing * matches a prefix) are forwarded; others get 403; ambiguous paths (dot segments, ;, %25, bad escapes, backslashes) get 400.",
         kind: Kind::List,
     },
     Setting {
         key: "allow_unauthenticated_network",
         default: "false",
-        help: "Allow a non-loopback listen address without access tokens: anyone who can reach it can spend the key.",
+        help: "Allow a non-loopback listen address without access tokens (anyone who can reach it can spend the key), and a non-loopback admin_listen (the admin port takes no token).",
         kind: Kind::Switch,
     },
     Setting {
@@ -290,7 +290,7 @@ pub const SETTINGS: &[Setting] = &[
     Setting {
         key: "admin_listen",
         default: "off",
-        help: "Address of the admin listener (/healthz, /readyz, /metrics, POST /quitquitquit); off by default.",
+        help: "Address of the admin listener (/healthz, /readyz, /metrics, /usage, POST /quitquitquit); off by default. Beyond loopback it needs allow_unauthenticated_network, or a non-loopback listen guarded by access tokens.",
         kind: Kind::Text,
     },
     Setting {

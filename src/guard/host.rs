@@ -8,6 +8,8 @@
 //! into closed: an empty or missing Host is refused, ports and a trailing dot
 //! are tolerated, and `[::1]` is understood.
 
+use std::net::IpAddr;
+
 use http::header::HOST;
 use http::{HeaderMap, Uri};
 
@@ -37,16 +39,29 @@ impl HostPolicy {
     /// HTTP/2 and absolute-form requests, the URI's authority. At least one
     /// must be present, and all present must be accepted.
     pub fn allows(&self, uri: &Uri, headers: &HeaderMap) -> bool {
+        self.allows_with(uri, headers, None)
+    }
+
+    /// [`allows`](Self::allows), also accepting the literal IP address the
+    /// connection arrived on, `local` (for the admin port, which kubelet
+    /// probes and Prometheus address by the pod's IP). A rebinding page
+    /// can only make the browser send its own host name, never an IP
+    /// literal, so this opens nothing to it.
+    pub fn allows_at(&self, uri: &Uri, headers: &HeaderMap, local: Option<IpAddr>) -> bool {
+        self.allows_with(uri, headers, local)
+    }
+
+    fn allows_with(&self, uri: &Uri, headers: &HeaderMap, local: Option<IpAddr>) -> bool {
         let mut seen = false;
         for value in headers.get_all(HOST) {
             seen = true;
-            if !value.to_str().is_ok_and(|host| self.accepts(host)) {
+            if !value.to_str().is_ok_and(|host| self.accepts(host, local)) {
                 return false;
             }
         }
         if let Some(authority) = uri.authority() {
             seen = true;
-            if !self.accepts(authority.as_str()) {
+            if !self.accepts(authority.as_str(), local) {
                 return false;
             }
         }
@@ -59,15 +74,28 @@ impl HostPolicy {
     }
 
     // Runs on every request, so it compares without allocating a lowercase copy.
-    fn accepts(&self, host: &str) -> bool {
+    fn accepts(&self, host: &str, local: Option<IpAddr>) -> bool {
         normalize(host).is_some_and(|name| {
             LOOPBACK_NAMES
                 .iter()
                 .copied()
                 .chain(self.extra.iter().map(String::as_str))
                 .any(|accepted| accepted.eq_ignore_ascii_case(name))
+                || local.is_some_and(|local| names_ip(name, local))
         })
     }
+}
+
+/// True when `name` (normalised) is the literal address `ip`: `10.0.0.7`,
+/// `[fd00::7]`, an IPv4 address also matching its IPv4-mapped IPv6 form.
+fn names_ip(name: &str, ip: IpAddr) -> bool {
+    let literal = name
+        .strip_prefix('[')
+        .and_then(|inner| inner.strip_suffix(']'))
+        .unwrap_or(name);
+    literal
+        .parse::<IpAddr>()
+        .is_ok_and(|parsed| parsed.to_canonical() == ip.to_canonical())
 }
 
 /// Drops the port and a trailing dot (case is left to the comparison);
@@ -163,6 +191,34 @@ mod tests {
         assert!(!policy.allows(&Uri::from_static("/"), &HeaderMap::new()));
         assert!(policy.allows(&Uri::from_static("http://localhost:1/x"), &HeaderMap::new()));
         assert!(!policy.allows(&Uri::from_static("http://evil.test/x"), &HeaderMap::new()));
+    }
+
+    #[test]
+    fn the_listeners_own_ip_passes_only_where_asked() {
+        let policy = HostPolicy::default();
+        let local: IpAddr = "10.1.2.3".parse().expect("ip");
+        let at = |host: &str, local| {
+            let mut headers = HeaderMap::new();
+            headers.insert(HOST, http::HeaderValue::from_str(host).expect("value"));
+            policy.allows_at(&Uri::from_static("/"), &headers, local)
+        };
+        assert!(at("10.1.2.3:9901", Some(local)));
+        assert!(at("10.1.2.3", Some(local)));
+        assert!(at("localhost:9901", Some(local)));
+        assert!(!at("10.1.2.4:9901", Some(local)));
+        assert!(!at("attacker.example", Some(local)));
+        assert!(!at("10.1.2.3.nip.io", Some(local)));
+        assert!(!at("012.1.2.3", Some(local)));
+        assert!(!at("10.1.2.3:9901", None));
+        assert!(
+            !allows(&policy, "10.1.2.3"),
+            "the main port's check is unchanged"
+        );
+        let mapped: IpAddr = "::ffff:10.1.2.3".parse().expect("ip");
+        assert!(at("10.1.2.3:9901", Some(mapped)));
+        let v6: IpAddr = "fd00::7".parse().expect("ip");
+        assert!(at("[fd00::7]:9901", Some(v6)));
+        assert!(!at("[fd00::8]:9901", Some(v6)));
     }
 
     #[test]

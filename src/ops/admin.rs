@@ -9,19 +9,32 @@
 //! - `POST /quitquitquit`: starts a graceful shutdown, so a Kubernetes Job can
 //!   end its keyrelay sidecar when the main container is done (loopback
 //!   callers only).
+//!
+//! It is not a browser target. Every request must name an accepted `Host`:
+//! the main port's names (loopback, `allowed_hosts`) or the IP address the
+//! connection arrived on (what kubelet probes and Prometheus send), so a
+//! DNS-rebinding page is refused. A request with an `Origin`, or with
+//! `Sec-Fetch-Site` other than `none` or `same-origin`, comes from a web
+//! page and is refused too. `POST /quitquitquit` also refuses the body types
+//! a page can send cross-site without a preflight (`text/plain`, forms),
+//! for browsers that would send neither header: send it with no body
+//! (`curl -X POST`) or a JSON one.
 
 use std::convert::Infallible;
 use std::sync::Arc;
 
+use std::net::IpAddr;
+
 use bytes::Bytes;
-use http::header::CONTENT_TYPE;
-use http::{HeaderValue, Method, Request, Response, StatusCode};
+use http::header::{CONTENT_TYPE, ORIGIN};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
+use crate::guard::host::HostPolicy;
 use crate::ops::lifecycle::Lifecycle;
 use crate::ops::metrics::Metrics;
 use crate::usage::Budgets;
@@ -33,10 +46,12 @@ const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0;
 /// Serves the admin endpoints on `listener` until the task is dropped.
 pub async fn serve(
     listener: TcpListener,
+    hosts: HostPolicy,
     metrics: Arc<Metrics>,
     lifecycle: Arc<Lifecycle>,
     budgets: Arc<Budgets>,
 ) {
+    let hosts = Arc::new(hosts);
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -47,22 +62,30 @@ pub async fn serve(
                 continue;
             }
         };
-        let local_caller = peer.ip().is_loopback();
+        let caller = Caller {
+            loopback: peer.ip().is_loopback(),
+            // The address the caller dialled; unknown only if the socket is
+            // already gone, and then no Host but a name can pass.
+            local: stream.local_addr().ok().map(|addr| addr.ip()),
+        };
+        let hosts = Arc::clone(&hosts);
         let metrics = Arc::clone(&metrics);
         let lifecycle = Arc::clone(&lifecycle);
         let budgets = Arc::clone(&budgets);
         tokio::spawn(async move {
             let service = service_fn(move |request| {
+                let hosts = Arc::clone(&hosts);
                 let metrics = Arc::clone(&metrics);
                 let lifecycle = Arc::clone(&lifecycle);
                 let budgets = Arc::clone(&budgets);
                 async move {
                     let state = Admin {
+                        hosts: &hosts,
                         metrics: &metrics,
                         lifecycle: &lifecycle,
                         budgets: &budgets,
                     };
-                    Ok::<_, Infallible>(state.answer(&request, local_caller).await)
+                    Ok::<_, Infallible>(state.answer(&request, caller).await)
                 }
             });
             let served = hyper::server::conn::http1::Builder::new()
@@ -76,24 +99,43 @@ pub async fn serve(
     }
 }
 
+/// Who is on the other end of an admin connection.
+#[derive(Clone, Copy)]
+struct Caller {
+    /// The peer is on loopback (may stop keyrelay).
+    loopback: bool,
+    /// The local address the connection arrived on.
+    local: Option<IpAddr>,
+}
+
 /// What the admin endpoints report on.
 struct Admin<'a> {
+    hosts: &'a HostPolicy,
     metrics: &'a Metrics,
     lifecycle: &'a Lifecycle,
     budgets: &'a Budgets,
 }
 
 impl Admin<'_> {
-    async fn answer(
-        &self,
-        request: &Request<Incoming>,
-        local_caller: bool,
-    ) -> Response<Full<Bytes>> {
+    async fn answer(&self, request: &Request<Incoming>, caller: Caller) -> Response<Full<Bytes>> {
         let Self {
+            hosts,
             metrics,
             lifecycle,
             budgets,
         } = self;
+        if !hosts.allows_at(request.uri(), request.headers(), caller.local) {
+            return json(
+                StatusCode::FORBIDDEN,
+                r#"{"error":"the Host header is not a loopback name, one in allowed_hosts or this listener's IP address (keyrelay refuses other names to defeat DNS rebinding)","type":"host_not_allowed","source":"keyrelay"}"#,
+            );
+        }
+        if from_a_web_page(request.headers()) {
+            return json(
+                StatusCode::FORBIDDEN,
+                r#"{"error":"the admin port does not answer web pages (a request with Origin, or Sec-Fetch-Site other than none or same-origin)","type":"cross_site_request","source":"keyrelay"}"#,
+            );
+        }
         match (request.method(), request.uri().path()) {
             (&Method::GET | &Method::HEAD, "/healthz") => {
                 json(StatusCode::OK, r#"{"status":"ok"}"#)
@@ -122,9 +164,13 @@ impl Admin<'_> {
             }
             // Unauthenticated, so only a process in the same pod or machine may
             // stop keyrelay, even when the admin port is open for scraping.
-            (&Method::POST, "/quitquitquit") if !local_caller => json(
+            (&Method::POST, "/quitquitquit") if !caller.loopback => json(
                 StatusCode::FORBIDDEN,
                 r#"{"error":"/quitquitquit is only accepted from loopback"}"#,
+            ),
+            (&Method::POST, "/quitquitquit") if has_simple_body_type(request.headers()) => json(
+                StatusCode::FORBIDDEN,
+                r#"{"error":"/quitquitquit refuses the body types a web page can send cross-site (text/plain, forms): send it with no body, as curl -X POST does","type":"cross_site_request","source":"keyrelay"}"#,
             ),
             (&Method::POST, "/quitquitquit") => {
                 tracing::info!("quit requested on the admin listener");
@@ -137,6 +183,42 @@ impl Admin<'_> {
             ),
         }
     }
+}
+
+/// `Sec-Fetch-Site`, which browsers send on every request they make.
+const SEC_FETCH_SITE: HeaderName = HeaderName::from_static("sec-fetch-site");
+
+/// True when a browser made the request for a web page: it carries an
+/// `Origin` (any, even `null`), or a `Sec-Fetch-Site` other than `none`
+/// (typed in the address bar) and `same-origin` (the admin port serves no
+/// pages, so no page is of its origin; a rebinding page is, and meets the
+/// Host check). `same-site` is refused: another port on localhost is the
+/// same site.
+fn from_a_web_page(headers: &HeaderMap) -> bool {
+    headers.contains_key(ORIGIN)
+        || headers.get_all(SEC_FETCH_SITE).iter().any(|site| {
+            !(site.as_bytes().eq_ignore_ascii_case(b"none")
+                || site.as_bytes().eq_ignore_ascii_case(b"same-origin"))
+        })
+}
+
+/// True when a `Content-Type` is one a page may send cross-site with no
+/// preflight (fetch's CORS-safelisted types), or is not one keyrelay can
+/// read (refused rather than guessed at).
+fn has_simple_body_type(headers: &HeaderMap) -> bool {
+    headers.get_all(CONTENT_TYPE).iter().any(|value| {
+        let Ok(text) = value.to_str() else {
+            return true;
+        };
+        let essence = text.split(';').next().unwrap_or_default().trim();
+        [
+            "text/plain",
+            "application/x-www-form-urlencoded",
+            "multipart/form-data",
+        ]
+        .iter()
+        .any(|simple| essence.eq_ignore_ascii_case(simple))
+    })
 }
 
 fn json(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {

@@ -136,6 +136,13 @@ pub enum ClientError {
          forward coded bytes the upstream could not tell were coded"
     )]
     UnsupportedTransferCoding,
+    /// With `allowed_paths` set, a path servers could resolve differently
+    /// (a dot segment, `;`, an encoded `%`, ...; the text says which).
+    #[error(
+        "the path has {0}; with allowed_paths set, keyrelay refuses paths that servers \
+         resolve differently rather than guess which one the upstream would serve"
+    )]
+    AmbiguousPath(&'static str),
 }
 
 /// Failures of the upstream or of the way to it.
@@ -165,6 +172,9 @@ pub enum UpstreamError {
     /// No response headers within `response_header_timeout`.
     #[error("upstream sent no response headers within response_header_timeout ({0:?})")]
     HeaderTimeout(Duration),
+    /// The upstream switched protocols (101) on a request that asked for no upgrade.
+    #[error("upstream answered 101 Switching Protocols to a request that asked for no upgrade")]
+    UnrequestedUpgrade,
 }
 
 impl ProxyError {
@@ -340,7 +350,8 @@ impl ClientError {
             Self::BadRequestTarget
             | Self::BadRequestBody
             | Self::StagedPathOnRegionalHost
-            | Self::UnreadableBody => StatusCode::BAD_REQUEST,
+            | Self::UnreadableBody
+            | Self::AmbiguousPath(_) => StatusCode::BAD_REQUEST,
             Self::UnsupportedTransferCoding => StatusCode::NOT_IMPLEMENTED,
         }
     }
@@ -353,6 +364,7 @@ impl ClientError {
             Self::StagedPathOnRegionalHost => "staged_path_on_regional_host",
             Self::UnsupportedTransferCoding => "unsupported_transfer_coding",
             Self::UnreadableBody => "unreadable_request_body",
+            Self::AmbiguousPath(_) => "ambiguous_path",
         }
     }
 }
@@ -382,6 +394,7 @@ impl UpstreamError {
             Self::Closed => "upstream_closed",
             Self::Protocol(_) => "upstream_protocol",
             Self::HeaderTimeout(_) => "upstream_header_timeout",
+            Self::UnrequestedUpgrade => "upstream_unrequested_upgrade",
         }
     }
 }

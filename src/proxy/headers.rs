@@ -7,7 +7,7 @@
 
 use http::header::{
     HeaderMap, HeaderName, HeaderValue, CACHE_CONTROL, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE,
-    HOST, PROXY_AUTHENTICATE, TE, TRANSFER_ENCODING, UPGRADE,
+    HOST, PROXY_AUTHENTICATE, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
 };
 
 /// Hop-by-hop headers of RFC 9110 section 7.6.1, plus the legacy ones proxies still see.
@@ -59,7 +59,7 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
 
 /// Prepares a client's request headers for the upstream.
 ///
-/// Drops `Host` (the caller, or hyper, sets the upstream's), hop-by-hop headers
+/// Drops `Host` (the caller, or hyper, sets the upstream's), `Trailer`, hop-by-hop headers
 /// and every client credential in `strip`, then sets `credential_header` to
 /// `credential`. Order matters: injection comes last so that nothing a client
 /// sends, not even `Connection: authorization`, can remove or replace the key.
@@ -70,6 +70,8 @@ pub fn prepare_request(
     credential: HeaderValue,
 ) {
     headers.remove(HOST);
+    // Request trailers are dropped (request_body.rs), so none are announced.
+    headers.remove(TRAILER);
     remove_hop_by_hop(headers);
     // As above: look for client credentials once before removing any.
     if headers.keys().any(|name| strip.contains(name)) {

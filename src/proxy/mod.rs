@@ -34,6 +34,7 @@ use tokio::sync::Semaphore;
 use tracing::Instrument;
 
 use crate::config::{Config, Timeouts};
+use crate::guard::paths::PathVerdict;
 use crate::guard::tokens::AccessTokens;
 use crate::guard::{Admission, Guard};
 use crate::ops::metrics::{Metrics, RouteMetrics};
@@ -307,6 +308,12 @@ impl Shared {
         set_version(&mut upstream_request, &via, route.host.as_ref());
         record.set_forwarded();
         let (response, lease) = self.send(&worker.upstreams, via, upstream_request).await?;
+        if response.status() == StatusCode::SWITCHING_PROTOCOLS && client_upgrade.is_none() {
+            // Relayed, a bare 101 would end the client's connection and the
+            // requests pipelined on it. The upstream connection has switched
+            // too: the lease drops it (it is never reusable after a 101).
+            return Err(UpstreamError::UnrequestedUpgrade.into());
+        }
         Ok(Answer::Relay(Sent {
             response,
             request_id,
@@ -333,8 +340,10 @@ impl Shared {
                 return Err(Refusal::MethodNotAllowed(method).into());
             }
         }
-        if !route.paths.allows(&parts.method, parts.uri.path()) {
-            return Err(Refusal::PathNotAllowed.into());
+        match route.paths.check(&parts.method, parts.uri.path()) {
+            PathVerdict::Allowed => {}
+            PathVerdict::NotAllowed => return Err(Refusal::PathNotAllowed.into()),
+            PathVerdict::Ambiguous(why) => return Err(ClientError::AmbiguousPath(why).into()),
         }
         if let Some(semaphore) = &self.concurrency {
             let permit = Arc::clone(semaphore)

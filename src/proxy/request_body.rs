@@ -165,30 +165,35 @@ impl Body for RequestBody {
         let Some(client) = this.client.as_mut() else {
             return Poll::Ready(None);
         };
-        let frame = match Pin::new(client).poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => frame,
-            Poll::Ready(Some(Err(err))) => {
-                return Poll::Ready(Some(Err(Box::new(ClientBodyError(err)))))
-            }
-            Poll::Ready(None) => return Poll::Ready(None),
-            Poll::Pending => return Poll::Pending,
-        };
-        match frame.data_ref() {
-            Some(data) => {
-                this.seen += data.len() as u64;
-                this.metrics.request_bytes(data.len());
-                if let Some(limit) = this.limit {
-                    if this.seen > limit {
-                        return Poll::Ready(Some(Err(Box::new(BodyTooLarge(limit)))));
-                    }
+        // Bounded: a body ends with at most one trailers frame, and every
+        // other frame returns.
+        loop {
+            let frame = match Pin::new(&mut *client).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => frame,
+                Poll::Ready(Some(Err(err))) => {
+                    return Poll::Ready(Some(Err(Box::new(ClientBodyError(err)))))
                 }
-                let data = data.clone();
-                this.record(&data);
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Pending => return Poll::Pending,
+            };
+            // Request trailers are dropped, as nginx does: they would reach
+            // the upstream after every header check (a second credential, a
+            // cookie, the access token), and no API keyrelay fronts needs
+            // them (gRPC requests carry none).
+            let Some(data) = frame.data_ref() else {
+                continue;
+            };
+            this.seen += data.len() as u64;
+            this.metrics.request_bytes(data.len());
+            if let Some(limit) = this.limit {
+                if this.seen > limit {
+                    return Poll::Ready(Some(Err(Box::new(BodyTooLarge(limit)))));
+                }
             }
-            // Trailers are not kept: a body with trailers is not resent.
-            None => this.recording = None,
+            let data = data.clone();
+            this.record(&data);
+            return Poll::Ready(Some(Ok(frame)));
         }
-        Poll::Ready(Some(Ok(frame)))
     }
 
     fn is_end_stream(&self) -> bool {

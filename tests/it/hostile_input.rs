@@ -789,6 +789,125 @@ async fn request_trailers_cannot_add_a_second_credential_upstream() {
     relay.stop().await;
 }
 
+/// The access token the trailer tests configure (in `APP_TOKEN`).
+const TRAILER_TOKEN: &str = "tok-trailer-7c1e9a3f5b2d4e60";
+
+/// Request trailers are dropped before the upstream, whatever they carry: a
+/// cookie, a proxy or API credential, the local access token. hyper's client
+/// sends only the trailers the head's `Trailer` header declares, so the
+/// attack declares them all.
+#[tokio::test]
+async fn request_trailers_are_dropped_before_the_upstream() {
+    let upstream = Recorder::start().await;
+    let mut sources = sources(&upstream.url(), &[("access_token_env", "APP_TOKEN")]);
+    sources
+        .env
+        .insert("APP_TOKEN".to_owned(), TRAILER_TOKEN.to_owned());
+    let relay = Relay::from_sources(&sources).await;
+    let trailers = format!(
+        "Cookie: session=stolen\r\nProxy-Authorization: Basic YTpi\r\n\
+         X-Api-Key: sk-attacker\r\nX-Keyrelay-Token: {TRAILER_TOKEN}\r\n"
+    );
+    let saw = probe(
+        relay.addr,
+        &post(
+            &format!(
+                "Transfer-Encoding: chunked\r\nX-Keyrelay-Token: {TRAILER_TOKEN}\r\n\
+                 Trailer: Cookie, Proxy-Authorization, X-Api-Key, X-Keyrelay-Token\r\n\
+                 TE: trailers\r\nConnection: close\r\n"
+            ),
+            &format!("5\r\nhello\r\n0\r\n{trailers}\r\n"),
+        ),
+    )
+    .await;
+    let requests = upstream.all_requests();
+    let upload = requests
+        .iter()
+        .find(|r| r.target == "/v1/upload")
+        .unwrap_or_else(|| panic!("not forwarded: {}", saw.describe()));
+    report(
+        "framing",
+        &[
+            "chunked request with Cookie, Proxy-Authorization, X-Api-Key and access-token trailers",
+            "0\\r\\nCookie: ...\\r\\nX-Keyrelay-Token: TOKEN",
+            "trailers dropped",
+            &saw.describe(),
+            &describe_upstream(std::slice::from_ref(upload), &[]),
+            "(next request needs the token: not probed)",
+        ],
+    );
+    assert_eq!(saw.answers().first().map(|a| a.status()), Some(200));
+    assert!(upload.complete, "{upload:?}");
+    assert_eq!(upload.body, b"hello");
+    assert!(
+        upload.trailers.is_empty(),
+        "request trailers reached the upstream: {:?}",
+        String::from_utf8_lossy(&upload.trailers)
+    );
+    assert!(
+        upload.header("trailer").is_empty(),
+        "the upstream is told of trailers that never come"
+    );
+    let everything = format!("{upload:?}");
+    for secret in [TRAILER_TOKEN, "stolen", "sk-attacker", "YTpi"] {
+        assert!(
+            !everything.contains(secret),
+            "{secret} reached the upstream"
+        );
+    }
+    relay.stop().await;
+}
+
+/// The same over HTTP/2 on both hops, where trailers need no declaration:
+/// an h2c client's trailing HEADERS frame is not sent on to the upstream,
+/// and the body before it is.
+#[tokio::test]
+async fn http2_request_trailers_are_dropped_before_an_http2_upstream() {
+    let mut upstream = MockUpstream::start().await;
+    let relay = Relay::start(&upstream.url(), &[("upstream_http2", "true")]).await;
+    let (mut tx, body) =
+        http_body_util::channel::Channel::<Bytes, Box<dyn std::error::Error + Send + Sync>>::new(2);
+    let request = Request::post(relay.url("/v1/upload"))
+        .body(body.boxed())
+        .expect("request");
+    let pending = tokio::spawn(h2c_client().request(request));
+    tx.send_data(Bytes::from_static(b"hello"))
+        .await
+        .expect("send data");
+    let mut trailers = http::HeaderMap::new();
+    for (name, value) in [
+        ("cookie", "session=stolen"),
+        ("proxy-authorization", "Basic YTpi"),
+        ("x-api-key", "sk-attacker"),
+        ("authorization", "Bearer attacker"),
+    ] {
+        trailers.insert(name, http::HeaderValue::from_static(value));
+    }
+    tx.send_trailers(trailers).await.expect("send trailers");
+    drop(tx);
+    let mut exchange = upstream.next().await;
+    assert_eq!(exchange.request.version(), http::Version::HTTP_2);
+    let received = within(
+        "the request body upstream",
+        exchange.request.body_mut().collect(),
+    )
+    .await
+    .expect("the request body arrives whole");
+    assert_eq!(
+        received.trailers(),
+        None,
+        "request trailers reached the upstream"
+    );
+    assert_eq!(received.to_bytes(), "hello");
+    exchange.respond_full(200, "ok");
+    let response = within("the response", pending)
+        .await
+        .expect("join")
+        .expect("response");
+    assert_eq!(response.status(), 200);
+    relay.stop().await;
+}
+
 // ---------------------------------------------------------------------------
 // Request targets: forwarded byte for byte or refused, never rewritten
 // ---------------------------------------------------------------------------

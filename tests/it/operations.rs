@@ -18,7 +18,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::Request;
 use http_body_util::BodyExt;
-use ops::{admin_request, health_check, AdminRelay, HeldStream};
+use ops::{admin_request, admin_request_with, health_check, AdminRelay, HeldStream};
 use raw::RawConn;
 use support::*;
 use tokio::time::Instant;
@@ -218,6 +218,173 @@ async fn admin_needs_no_token_while_the_proxy_port_does() {
         .await
         .expect("join");
     assert_eq!(response.status(), 200);
+}
+
+/// A web page can reach the admin port: a cross-site `no-cors` POST needs
+/// no preflight, and a rebinding name makes the browser send its own Host.
+/// Neither may stop keyrelay or read its metrics and usage.
+#[tokio::test]
+async fn a_cross_site_post_to_quitquitquit_is_refused_and_keyrelay_keeps_serving() {
+    let mut upstream = MockUpstream::start().await;
+    let mut relay = AdminRelay::spawn(ops::command(&upstream.url())).await;
+    let attacker = ("Origin", "https://attacker.example");
+    let cross_site = ("Sec-Fetch-Site", "cross-site");
+    let text_plain = ("Content-Type", "text/plain;charset=UTF-8");
+    // What the case is, its header lines, its body.
+    type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
+    let cases: &[Case] = &[
+        // What fetch(url, {method: "POST", mode: "no-cors", body: "x"}) sends.
+        ("a no-cors fetch", &[attacker, cross_site, text_plain], "x"),
+        ("an Origin alone", &[attacker], ""),
+        ("Origin: null (a sandboxed page)", &[("Origin", "null")], ""),
+        ("Sec-Fetch-Site: cross-site alone", &[cross_site], ""),
+        (
+            "Sec-Fetch-Site: same-site (another localhost port)",
+            &[("Sec-Fetch-Site", "same-site")],
+            "",
+        ),
+        (
+            "a text/plain body alone",
+            &[("Content-Type", "TEXT/PLAIN")],
+            "x",
+        ),
+        (
+            "a form alone",
+            &[("Content-Type", "application/x-www-form-urlencoded")],
+            "a=b",
+        ),
+        (
+            "a multipart form alone",
+            &[("Content-Type", "multipart/form-data; boundary=x")],
+            "--x--",
+        ),
+        (
+            "a rebinding Host",
+            &[
+                ("Host", "attacker.example"),
+                ("Sec-Fetch-Site", "same-origin"),
+            ],
+            "",
+        ),
+    ];
+    for (what, headers, body) in cases {
+        let response =
+            admin_request_with(relay.admin, "POST", "/quitquitquit", headers, body).await;
+        assert_eq!(response.status(), 403, "{what}: {}", response.body_text());
+        assert_eq!(
+            response.header("content-type"),
+            Some("application/json"),
+            "{what}"
+        );
+        let json = response.json();
+        assert_eq!(json["source"], "keyrelay", "{what}: {json}");
+        assert!(json["error"].is_string(), "{what}: {json}");
+    }
+    assert!(relay.running(), "a refused quit must not stop keyrelay");
+    assert_eq!(relay.admin("GET", "/readyz").await.status(), 200);
+    let pending = tokio::spawn(raw::get(relay.addr(), "/v1/models"));
+    upstream.next().await.respond_full(200, "models");
+    let response = within("a request after the refused quits", pending)
+        .await
+        .expect("join");
+    assert_eq!(response.status(), 200, "keyrelay still serves");
+
+    // What a Job's container sends (curl -X POST, or a JSON body, typed in
+    // by hand with Sec-Fetch-Site: none) still stops it.
+    let quit = admin_request_with(
+        relay.admin,
+        "POST",
+        "/quitquitquit",
+        &[
+            ("Content-Type", "application/json"),
+            ("Sec-Fetch-Site", "none"),
+        ],
+        "{}",
+    )
+    .await;
+    assert_eq!(quit.status(), 200, "{}", quit.body_text());
+    let status = relay.exit_within(STEP).await;
+    assert_eq!(status.code(), Some(0), "{}", relay.process.log());
+}
+
+#[tokio::test]
+async fn admin_endpoints_refuse_rebinding_hosts_and_web_pages() {
+    let upstream = MockUpstream::start().await;
+    let mut relay = AdminRelay::spawn(ops::command(&upstream.url())).await;
+    let port = relay.admin.port().to_string();
+    for path in ["/usage", "/metrics", "/healthz", "/readyz"] {
+        for host in [
+            "attacker.example".to_owned(),
+            format!("attacker.example:{port}"),
+            format!("localhost.attacker.example:{port}"),
+            format!("127.0.0.1.nip.io:{port}"),
+            format!("0.0.0.0:{port}"),
+            format!("127.0.0.2:{port}"),
+            String::new(),
+        ] {
+            let response =
+                admin_request_with(relay.admin, "GET", path, &[("Host", &host)], "").await;
+            assert_eq!(response.status(), 403, "{path} with Host {host:?}");
+            assert_eq!(
+                response.json()["type"],
+                "host_not_allowed",
+                "{path} {host:?}"
+            );
+        }
+        for headers in [
+            &[("Origin", "https://attacker.example")][..],
+            &[("Sec-Fetch-Site", "cross-site")],
+            &[("Sec-Fetch-Site", "same-site")],
+        ] {
+            let response = admin_request_with(relay.admin, "GET", path, headers, "").await;
+            assert_eq!(response.status(), 403, "{path} with {headers:?}");
+            assert_eq!(
+                response.json()["type"],
+                "cross_site_request",
+                "{path} {headers:?}"
+            );
+            assert!(
+                !response.body_text().contains("keyrelay_"),
+                "no metrics leak"
+            );
+        }
+        for host in [
+            format!("localhost:{port}"),
+            format!("127.0.0.1:{port}"),
+            format!("[::1]:{port}"),
+        ] {
+            let response =
+                admin_request_with(relay.admin, "GET", path, &[("Host", &host)], "").await;
+            assert_eq!(response.status(), 200, "{path} with Host {host}");
+        }
+        let typed =
+            admin_request_with(relay.admin, "GET", path, &[("Sec-Fetch-Site", "none")], "").await;
+        assert_eq!(typed.status(), 200, "{path} typed into the address bar");
+    }
+    assert!(relay.running());
+}
+
+/// Kubelet probes and Prometheus address the admin port by the pod's IP,
+/// which is no loopback name: the IP the connection arrived on is accepted
+/// (a rebinding page can only send its own name). 127.0.0.2 stands in for
+/// the pod IP.
+#[tokio::test]
+async fn admin_port_accepts_its_own_ip_as_host_as_probes_send_it() {
+    let upstream = MockUpstream::start().await;
+    let mut command = binary();
+    command
+        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.2:0"])
+        .args(["--upstream", &upstream.url(), "--warm-connections", "0"])
+        .env("BASETEN_API_KEY", KEY);
+    let relay = AdminRelay::spawn(command).await;
+    assert_eq!(relay.admin.ip().to_string(), "127.0.0.2");
+    let own = relay.admin.to_string();
+    let response = admin_request_with(relay.admin, "GET", "/metrics", &[("Host", &own)], "").await;
+    assert_eq!(response.status(), 200, "{}", response.body_text());
+    let other = format!("127.0.0.3:{}", relay.admin.port());
+    let response =
+        admin_request_with(relay.admin, "GET", "/metrics", &[("Host", &other)], "").await;
+    assert_eq!(response.status(), 403, "{}", response.body_text());
 }
 
 #[tokio::test]

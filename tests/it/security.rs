@@ -1342,6 +1342,78 @@ async fn non_loopback_listen_starts_with_an_access_token_and_demands_it() {
     assert!(!relay.log().contains("non-loopback address: anyone"));
 }
 
+/// The admin port takes no token, so it may leave loopback only with the
+/// explicit opt-out, or beside a main port that is on the network behind
+/// access tokens (deploy/kubernetes/shared.yaml). Its /metrics and /usage
+/// were otherwise open to the network without a word.
+#[tokio::test]
+async fn admin_listen_beyond_loopback_exits_64_naming_admin_listen() {
+    let mut command = tokio::process::Command::from(binary());
+    command
+        .args([
+            "--admin-listen",
+            "0.0.0.0:0",
+            "--upstream",
+            &format!("http://127.0.0.1:{}", closed_port()),
+        ])
+        .env("BASETEN_API_KEY", KEY)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        // A keyrelay that starts instead is killed when the wait times out.
+        .kill_on_drop(true);
+    let output = within("keyrelay to refuse the config", command.output())
+        .await
+        .expect("run keyrelay");
+    let text = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(64), "stderr: {text}");
+    assert!(text.contains("admin_listen"), "{text}");
+    assert!(text.contains("--allow-unauthenticated-network"), "{text}");
+}
+
+#[test]
+fn admin_listen_beyond_loopback_needs_the_same_opt_in_as_the_main_port() {
+    let load = |settings: &[(&str, &str)]| {
+        let mut sources = support::sources("http://127.0.0.1:9", settings);
+        sources
+            .env
+            .insert(ENV_TOKEN_VAR.to_owned(), ENV_TOKEN.to_owned());
+        config::load(&sources)
+    };
+    let names_admin = |result: Result<config::Config, config::ConfigError>| {
+        result
+            .expect_err("refused")
+            .problems
+            .iter()
+            .any(|p| p.setting == "admin_listen")
+    };
+    for admin in ["0.0.0.0:9901", "[::]:9901", "10.1.2.3:9901"] {
+        assert!(names_admin(load(&[("admin_listen", admin)])), "{admin}");
+        // Tokens guard only the main port: on loopback they are no reason
+        // to open the admin port to the network.
+        assert!(
+            names_admin(load(&[
+                ("admin_listen", admin),
+                ("access_token_env", ENV_TOKEN_VAR)
+            ])),
+            "{admin} with a loopback main port and tokens"
+        );
+        load(&[
+            ("admin_listen", admin),
+            ("allow_unauthenticated_network", "true"),
+        ])
+        .unwrap_or_else(|err| panic!("{admin} with the opt-out: {err}"));
+        // A deployment for other machines: main port on the network behind tokens.
+        load(&[
+            ("admin_listen", admin),
+            ("listen", "0.0.0.0:8080"),
+            ("access_token_env", ENV_TOKEN_VAR),
+        ])
+        .unwrap_or_else(|err| panic!("{admin} beside a token-guarded network port: {err}"));
+    }
+    load(&[("admin_listen", "127.0.0.2:9901")]).expect("127/8 is loopback");
+    load(&[("admin_listen", "[::1]:9901")]).expect("::1 is loopback");
+}
+
 // ---------------------------------------------------------------------------
 // 6. Path policy
 // ---------------------------------------------------------------------------
@@ -1434,9 +1506,116 @@ async fn path_policy_prefix_cannot_be_escaped_with_dot_segments() {
     relay.stop().await;
 }
 
+/// With path rules on, every spelling that some server resolves to another
+/// path is refused with 400 `ambiguous_path` (keyrelay's JSON) and reaches
+/// nobody: Tomcat/Spring path parameters, double decoding, overlong UTF-8,
+/// backslashes, encoded separators hiding dot segments, dot segments after
+/// one decoding. Ordinary paths, legitimate escapes (`%20`, an encoded slash
+/// in a model name) included, still pass.
+#[tokio::test]
+async fn ambiguous_paths_are_refused_with_400_when_path_rules_are_on() {
+    let mut upstream = MockUpstream::start().await;
+    let relay = Relay::start(&upstream.url(), &[("allowed_paths", "POST /v1/*")]).await;
+    for target in [
+        "/v1/..;/admin",
+        "/v1/..;a=b/admin",
+        "/v1/chat;x=1/completions",
+        "/v1/%3b/admin",
+        "/v1/%2e%2e/admin",
+        "/v1/.%2E/admin",
+        "/v1/%2e/../admin",
+        "/v1/%252e%252e/admin",
+        "/v1/%25",
+        "/v1/%c0%ae%c0%ae/admin",
+        "/v1/%C0%AE%C0%AE/admin",
+        "/v1/%e0%80%ae%e0%80%ae/admin",
+        "/v1/%ff/admin",
+        "/v1/%5c..%5cadmin",
+        "/v1/..%5Cadmin",
+        "/v1/..%2fadmin",
+        "/v1/%2F..%2Fadmin",
+        "/v1/a%2f..%2f..%2fadmin",
+        "/v1/%zz",
+        "/v1/chat%",
+        "/v1/%u002e%u002e/admin",
+        "/v1/a%00.json",
+        "/v1/../admin",
+        "/v1/./chat",
+        "/v1/..?x=/v1/",
+    ] {
+        let response = refused(
+            &mut upstream,
+            relay.addr,
+            &request("POST", target, &[], "{}"),
+        )
+        .await;
+        assert_keyrelay_error(&response, 400, "ambiguous_path");
+    }
+    // A raw backslash: hyper may refuse the target itself (a bare 400); if it
+    // passes, keyrelay refuses it. Never forwarded either way.
+    let response = refused(
+        &mut upstream,
+        relay.addr,
+        &request("POST", "/v1/..\\admin", &[], "{}"),
+    )
+    .await;
+    assert_eq!(response.status(), 400, "{}", response.describe());
+
+    // Still a 403, not a 400, for a plain path the rules do not allow.
+    let response = refused(
+        &mut upstream,
+        relay.addr,
+        &request("POST", "/v2/chat", &[], "{}"),
+    )
+    .await;
+    assert_keyrelay_error(&response, 403, "path_not_allowed");
+
+    for target in [
+        "/v1/chat/completions",
+        "/v1/files/my%20file.jsonl",
+        "/v1/caf%C3%A9",
+        "/v1/models/meta-llama%2FLlama-3.1-8B",
+        "/v1/models.json?x=..;%25",
+        "/v1/a.b/..c",
+    ] {
+        let (_, response) = forwarded(
+            &mut upstream,
+            relay.addr,
+            &request("POST", target, &[], "{}"),
+            ok(),
+        )
+        .await;
+        assert_eq!(response.status(), 200, "{target}");
+    }
+    relay.stop().await;
+}
+
+/// Without path rules nothing is refused as ambiguous: keyrelay forwards the
+/// target byte for byte (hostile_input.rs checks that it is never rewritten).
+#[tokio::test]
+async fn ambiguous_paths_pass_when_no_path_rules_are_set() {
+    let mut upstream = MockUpstream::start().await;
+    let relay = Relay::start(&upstream.url(), &[]).await;
+    let (_, response) = forwarded(
+        &mut upstream,
+        relay.addr,
+        &request("POST", "/v1/..;/x", &[], "{}"),
+        ok(),
+    )
+    .await;
+    assert_eq!(response.status(), 200);
+    relay.stop().await;
+}
+
 #[test]
 fn invalid_path_rules_stop_startup_naming_allowed_paths() {
-    for rules in ["POST predict", "GE{T /x", "POST", "v1/*"] {
+    for rules in [
+        "POST predict",
+        "GE{T /x",
+        "POST",
+        "v1/*",
+        "POST /v1/..;/admin",
+    ] {
         let sources = support::sources("http://127.0.0.1:9", &[("allowed_paths", rules)]);
         let err = config::load(&sources).expect_err("invalid rule");
         assert!(

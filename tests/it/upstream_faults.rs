@@ -222,6 +222,12 @@ faults! {
     /// received Content-Length first.
     upstream_response_with_content_length_and_chunked_reaches_the_client_whole =>
         Fault::scenario(Scenario::ContentLengthAndChunked);
+    /// A 101 to a plain GET: relayed bare, it ended the client's connection
+    /// and the request pipelined behind it. It is keyrelay's 502 instead,
+    /// the switched upstream connection is dropped, and the pipelined
+    /// request is served on a new one.
+    unrequested_101_becomes_502_and_the_pipelined_request_is_served =>
+        Fault::scenario(Scenario::UnrequestedUpgrade);
 }
 
 /// The control for the TLS rows: a private CA named in `ca_file` is trusted,
@@ -343,6 +349,7 @@ enum Scenario {
     IdlePooledConnectionClosed,
     UnsolicitedSecondResponse,
     ContentLengthAndChunked,
+    UnrequestedUpgrade,
 }
 
 /// What a raw upstream sends after reading the request head.
@@ -490,6 +497,7 @@ async fn check(fault: Fault) {
         Upstream::Scenario(Scenario::IdlePooledConnectionClosed) => idle_pooled_close().await,
         Upstream::Scenario(Scenario::UnsolicitedSecondResponse) => unsolicited_response().await,
         Upstream::Scenario(Scenario::ContentLengthAndChunked) => content_length_and_chunked().await,
+        Upstream::Scenario(Scenario::UnrequestedUpgrade) => unrequested_upgrade().await,
     }
 }
 
@@ -1178,5 +1186,58 @@ async fn content_length_and_chunked() {
         "the upstream's conflicting Content-Length was relayed: {saw}"
     );
     assert!(String::from_utf8_lossy(&body).contains("hello"), "{saw}");
+    relay.stop().await;
+}
+
+async fn unrequested_upgrade() {
+    let mut upstream = RawUpstream::start().await;
+    let relay = Relay::start(&upstream.url(), &[]).await;
+    let mut client = RawConn::connect(relay.addr).await;
+    let host = relay.addr;
+    client
+        .send(format!(
+            "GET /first HTTP/1.1\r\nHost: {host}\r\n\r\n\
+             GET /second HTTP/1.1\r\nHost: {host}\r\n\r\n"
+        ))
+        .await;
+    let mut first = upstream.next_conn().await;
+    let head = first.read_head().await;
+    assert_eq!(head.target(), "/first");
+    assert!(head.header("upgrade").is_none(), "{head:?}");
+    first
+        .send(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+        )
+        .await;
+    let answer = client.read_response().await;
+
+    // The pipelined request, on the same client connection: the switched
+    // upstream connection cannot carry it, so it takes a new one.
+    let mut second = upstream.next_conn().await;
+    let head = raw::serve_ok(&mut second, "two").await;
+    assert_eq!(head.target(), "/second");
+    let next = client.read_response().await;
+    report_row(
+        "upstream answers 101 Switching Protocols to a plain GET, with a second GET pipelined",
+        &format!("first request: {}", answer.describe()),
+        &format!(
+            "pipelined request on the same connection: {} {:?}",
+            next.status(),
+            next.body_text()
+        ),
+    );
+    assert_eq!(answer.status(), 502, "{}", answer.body_text());
+    let json = answer.json();
+    assert_eq!(json["type"], "upstream_unrequested_upgrade", "{json}");
+    assert_eq!(json["source"], "keyrelay", "{json}");
+    assert_eq!(next.status(), 200);
+    assert_eq!(next.body, b"two");
+    // keyrelay let go of the switched connection without sending on it.
+    let rest = first.read_to_end().await;
+    assert!(
+        rest.bytes.is_empty(),
+        "a request was sent on the switched connection: {:?}",
+        String::from_utf8_lossy(&rest.bytes)
+    );
     relay.stop().await;
 }

@@ -203,11 +203,35 @@ pub async fn send_signal(pid: u32, signal: &str) {
 
 /// One request with an empty body to `addr`, on a fresh connection.
 pub async fn admin_request(addr: SocketAddr, method: &str, path: &str) -> RawResponse {
+    admin_request_with(addr, method, path, &[], "").await
+}
+
+/// One request to `addr` on a fresh connection, with extra header lines and
+/// `body` (sent with its Content-Length); a `Host` among `headers` replaces
+/// the default one (`addr`).
+pub async fn admin_request_with(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> RawResponse {
+    let mut text = format!("{method} {path} HTTP/1.1\r\n");
+    if !headers
+        .iter()
+        .any(|(name, _)| name.eq_ignore_ascii_case("host"))
+    {
+        text.push_str(&format!("Host: {addr}\r\n"));
+    }
+    for (name, value) in headers {
+        text.push_str(&format!("{name}: {value}\r\n"));
+    }
+    text.push_str(&format!(
+        "Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    ));
     let mut conn = raw::RawConn::connect(addr).await;
-    conn.send(format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-    ))
-    .await;
+    conn.send(text).await;
     conn.read_response_to(method == "HEAD").await
 }
 
