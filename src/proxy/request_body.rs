@@ -123,6 +123,11 @@ impl RequestBody {
         }
     }
 
+    /// The route's metrics, which the pools count their resends in.
+    pub fn metrics(&self) -> &RouteMetrics {
+        &self.metrics
+    }
+
     fn record(&mut self, data: &Bytes) {
         if let Some(recording) = &mut self.recording {
             recording.bytes += data.len();
