@@ -101,6 +101,9 @@ pub enum ClientError {
          connection closed before the announced length)"
     )]
     BadRequestBody,
+    /// The client paused its request body longer than `request_body_timeout`.
+    #[error("the request body stopped arriving: nothing came for request_body_timeout ({0:?})")]
+    RequestBodyTimeout(Duration),
     /// The request uses a transfer coding other than chunked (e.g. gzip).
     #[error(
         "only the chunked transfer coding is supported; keyrelay would otherwise \
@@ -244,6 +247,8 @@ impl ProxyError {
 
         if let Some(limit) = cause.body_too_large {
             Refusal::PayloadTooLarge(limit).into()
+        } else if let Some(limit) = cause.body_timeout {
+            ClientError::RequestBodyTimeout(limit).into()
         } else if cause.client_body {
             ClientError::BadRequestBody.into()
         } else if let Some(tls) = cause.tls {
@@ -302,6 +307,7 @@ impl ClientError {
                 StatusCode::BAD_REQUEST
             }
             Self::UnsupportedTransferCoding => StatusCode::NOT_IMPLEMENTED,
+            Self::RequestBodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
         }
     }
 
@@ -312,6 +318,7 @@ impl ClientError {
             Self::BadRequestBody => "bad_request_body",
             Self::StagedPathOnRegionalHost => "staged_path_on_regional_host",
             Self::UnsupportedTransferCoding => "unsupported_transfer_coding",
+            Self::RequestBodyTimeout(_) => "request_body_timeout",
         }
     }
 }
@@ -350,6 +357,7 @@ impl UpstreamError {
 struct Cause {
     tls: Option<rustls::Error>,
     body_too_large: Option<u64>,
+    body_timeout: Option<Duration>,
     client_body: bool,
     dns: bool,
     refused: bool,
@@ -364,6 +372,9 @@ impl Cause {
         self.client_body |= err.is::<crate::proxy::request_body::ClientBodyError>();
         if let Some(too_large) = err.downcast_ref::<crate::proxy::request_body::BodyTooLarge>() {
             self.body_too_large = Some(too_large.0);
+        }
+        if let Some(timeout) = err.downcast_ref::<crate::proxy::request_body::BodyTimeout>() {
+            self.body_timeout = Some(timeout.0);
         }
         if let Some(tls) = err.downcast_ref::<rustls::Error>() {
             self.tls.get_or_insert_with(|| tls.clone());

@@ -77,6 +77,8 @@ struct Shared {
     unmatched: RouteMetrics,
     concurrency: Option<Arc<Semaphore>>,
     max_request_body: Option<u64>,
+    /// Longest pause between two parts of a request body.
+    request_body_timeout: Option<std::time::Duration>,
     guard: Guard,
     tunnels: Arc<Tunnels>,
     timeouts: Timeouts,
@@ -133,6 +135,7 @@ impl Proxy {
                 .max_concurrent_requests
                 .map(|n| Arc::new(Semaphore::new(n))),
             max_request_body: config.limits.max_request_body,
+            request_body_timeout: config.limits.request_body_timeout,
             guard: Guard::new(&config.access),
             tunnels,
             timeouts: config.timeouts,
@@ -284,6 +287,7 @@ impl Shared {
             RequestBody::buffered(bytes, self.max_request_body, metrics)
         } else {
             RequestBody::new(body, self.max_request_body, metrics)
+                .with_frame_timeout(self.request_body_timeout)
         };
         let mut upstream_request = upstream_request(route, parts, body, upgrade)?;
 

@@ -11,6 +11,7 @@ mod access_log;
 mod backpressure;
 mod burst;
 mod cancellation;
+mod client_timeouts;
 mod clients;
 mod completions_and_man;
 mod config_errors;
