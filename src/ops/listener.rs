@@ -56,7 +56,8 @@ impl From<TcpListener> for Listener {
 
 /// Binds `addr` with room for `backlog` pending connections; a Unix socket
 /// file gets permissions `mode` (e.g. 0o600). A stale socket file left by a
-/// previous run is replaced; any other file is not.
+/// previous run is replaced; a live one (something accepts on it) and any
+/// other file are not.
 ///
 /// The backlog is what a burst of new connections (a frontend fanning out, a
 /// restarted app pool) queues in before keyrelay accepts them: when it is
@@ -79,11 +80,48 @@ pub async fn bind(addr: &ListenAddr, mode: u32, backlog: u32) -> io::Result<List
                         format!("{} exists and is not a socket", path.display()),
                     ));
                 }
+                ensure_socket_stale(path).await?;
                 std::fs::remove_file(path)?;
             }
             let listener = bind_unix_with_mode(path, mode, backlog)?;
             Ok(Listener::Unix(listener, Arc::new(SocketFile(path.clone()))))
         }
+    }
+}
+
+/// Fails with "address in use" unless the socket file at `path` is stale:
+/// nothing accepts connections on it any more (a run that was killed left
+/// it). A live socket belongs to another process, often a second keyrelay
+/// started with the same `listen`: replacing it would take its clients.
+/// The connect does not block (a live server with a full backlog answers
+/// "try again", which counts as live), and connecting is the one test that
+/// works across processes and containers sharing the directory.
+async fn ensure_socket_stale(path: &Path) -> io::Result<()> {
+    match UnixStream::connect(path).await {
+        Ok(_live) => Err(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            format!(
+                "{} is a socket another process is listening on (another keyrelay?); \
+                 stop it or choose another path",
+                path.display()
+            ),
+        )),
+        Err(err)
+            if matches!(
+                err.kind(),
+                io::ErrorKind::ConnectionRefused | io::ErrorKind::NotFound
+            ) =>
+        {
+            Ok(())
+        }
+        Err(err) => Err(io::Error::new(
+            err.kind(),
+            format!(
+                "cannot tell whether the socket {} is still in use ({err}); \
+                 not replacing it",
+                path.display()
+            ),
+        )),
     }
 }
 
