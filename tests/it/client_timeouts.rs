@@ -9,7 +9,9 @@ use bytes::Bytes;
 use http_body_util::BodyExt;
 use tokio::time::Instant;
 
-use crate::support::h2_frames::{frame, get_frame, H2Conn, FRAME_GOAWAY, FRAME_PING};
+use crate::support::h2_frames::{
+    frame, get_frame, headers_frame, H2Conn, FRAME_GOAWAY, FRAME_PING,
+};
 use crate::support::raw::{RawConn, RawUpstream};
 use crate::support::*;
 
@@ -237,5 +239,36 @@ async fn a_slow_body_under_request_body_timeout_is_forwarded_whole() {
     let answer = client.read_response().await;
     // The test dropped the exchange without answering: the mock says 500.
     assert_eq!(answer.status(), 500, "{}", answer.body_text());
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn an_h2c_request_body_that_stalls_gets_408_and_the_connection_is_then_idle() {
+    let mut upstream = MockUpstream::start().await;
+    let relay = Relay::start(
+        &upstream.url(),
+        &[
+            ("request_body_timeout", "300ms"),
+            ("client_idle_timeout", "400ms"),
+        ],
+    )
+    .await;
+    let mut conn = H2Conn::open(relay.addr).await;
+    // A POST whose body starts and then stops, its stream left open.
+    let fields = [
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":authority", "127.0.0.1"),
+        (":path", "/v1/upload"),
+        ("content-type", "text/plain"),
+    ];
+    conn.send(&headers_frame(1, &fields, false)).await;
+    conn.send(&frame(0x0, 0, 1, b"ab")).await;
+    let exchange = upstream.next().await;
+    let upstream_body = within("the upstream body", exchange.request.into_body().collect()).await;
+    assert!(upstream_body.is_err(), "the upstream request was aborted");
+    assert_eq!(conn.response_status(1).await, Some(408));
+    // With the stream answered, nothing is in flight: GOAWAY and the end.
+    assert!(goaway_then_end(&mut conn).await);
     relay.stop().await;
 }
