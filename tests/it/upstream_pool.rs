@@ -300,3 +300,43 @@ async fn a_request_with_a_body_or_an_answer_begun_is_never_sent_twice() {
     }
     assert_eq!(relay.scrape().await.counter(RETRIES, &STALE), 0.0);
 }
+
+#[tokio::test]
+async fn a_bodiless_request_on_a_warm_spare_closed_unanswered_goes_once_more() {
+    let mut upstream = RawUpstream::start().await;
+    let mut command = crate::support::binary();
+    command
+        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .args(["--upstream", &upstream.url()])
+        .args(["--warm-connections", "1", "--workers", "1"])
+        .env("BASETEN_API_KEY", crate::support::KEY);
+    let relay = AdminRelay::spawn(command).await;
+    // The spare keyrelay opened at startup, silent until a request takes it.
+    let mut spare = upstream.next_conn().await;
+
+    let answer = send_raw(&relay, request(&relay, "GET /on-a-spare", ""), false);
+    assert_eq!(spare.read_head().await.target(), "/on-a-spare");
+    drop(spare);
+
+    // Two connections come next: the resend's, dialled for it, and the
+    // keeper's new spare. The request rides one of them.
+    let mut first = upstream.next_conn().await;
+    let mut second = upstream.next_conn().await;
+    let mut carrier = tokio::select! {
+        head = first.read_head() => {
+            assert_eq!(head.target(), "/on-a-spare");
+            first
+        }
+        head = second.read_head() => {
+            assert_eq!(head.target(), "/on-a-spare");
+            second
+        }
+    };
+    carrier
+        .send("HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nagain")
+        .await;
+    let answer = within("the answer", answer).await.expect("join");
+    assert_eq!(answer.status(), 200, "{}", answer.body_text());
+    assert_eq!(answer.body_text(), "again");
+    relay.wait_for_sample(RETRIES, &STALE, 1.0).await;
+}

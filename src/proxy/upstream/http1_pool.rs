@@ -28,8 +28,10 @@
 //! - A response body dropped before its end (the client went away) drops
 //!   the connection with it: hyper closes it, which tells the upstream to
 //!   stop generating.
-//! - New connections come from the [`WarmConnector`], which hands out a
-//!   warm spare when it has one.
+//! - New connections come from the [`WarmConnector`]: a warm spare when it
+//!   has one (treated as a reused connection above: it was opened before
+//!   the request and may be closing), else a connection dialled for the
+//!   request.
 
 use std::error::Error as StdError;
 use std::fmt;
@@ -47,8 +49,8 @@ use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
-use tower::ServiceExt;
 
+use super::warm::Io;
 use super::WarmConnector;
 use crate::proxy::request_body::RequestBody;
 
@@ -203,9 +205,21 @@ impl Http1Pool {
         *request.uri_mut() = origin_form(request.uri());
 
         let index = self.inner.origin_index(&origin);
-        // What a resend needs, kept only for requests that may have one.
-        let mut resendable = Resendable::of(&request);
-        while let Some(mut conn) = self.inner.checkout(index) {
+        // What a resend needs, copied once a connection opened before this
+        // request takes it, and only for requests that may have one.
+        let mut resendable: Option<Resendable> = None;
+        // Idle pooled connections, most recent first, then a warm spare:
+        // each was opened before this request, and the server may be
+        // closing it as the request arrives.
+        loop {
+            let mut conn = match self.inner.checkout(index) {
+                Some(conn) => conn,
+                None => match self.inner.connector.spare_for(&origin) {
+                    Some(io) => self.handshake(io).await?,
+                    None => break,
+                },
+            };
+            let copy = resendable.get_or_insert_with(|| Resendable::of(&request));
             let read_before = conn.bytes_read();
             match conn.sender.try_send_request(request).await {
                 Ok(response) => return Ok((response, self.lease(index, conn))),
@@ -215,10 +229,10 @@ impl Http1Pool {
                         unsent.body().metrics().upstream_retry("unsent");
                         request = unsent;
                     }
-                    None => match resendable.take() {
+                    None => match copy.take() {
                         // Written, and the connection died before answering
                         // with a single byte: the server closed a connection
-                        // it had kept alive. Once more, on a new one.
+                        // it had kept open. Once more, on a new one.
                         Some(again) if conn.bytes_read() == read_before => {
                             tracing::debug!(
                                 error = %failed.error(),
@@ -234,22 +248,23 @@ impl Http1Pool {
             }
         }
 
-        let mut conn = self.connect(origin).await?;
+        // A connection dialled for this request: what fails here is not a
+        // stale connection, and is not sent again.
+        let io = self
+            .inner
+            .connector
+            .dial(origin)
+            .await
+            .map_err(Http1Error::Connect)?;
+        let mut conn = self.handshake(io).await?;
         match conn.sender.try_send_request(request).await {
             Ok(response) => Ok((response, self.lease(index, conn))),
             Err(failed) => Err(Http1Error::Send(failed.into_error())),
         }
     }
 
-    /// A new connection to `origin`, its reads counted.
-    async fn connect(&self, origin: Uri) -> Result<Conn, Http1Error> {
-        let io = self
-            .inner
-            .connector
-            .clone()
-            .oneshot(origin)
-            .await
-            .map_err(Http1Error::Connect)?;
+    /// An HTTP/1.1 connection on `io`, its reads counted.
+    async fn handshake(&self, io: Io) -> Result<Conn, Http1Error> {
         let read = Arc::new(AtomicU64::new(0));
         let io = TokioIo::new(CountReads {
             io: TokioIo::new(io),
