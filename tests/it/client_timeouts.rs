@@ -13,6 +13,7 @@ use crate::support::h2_frames::{
     frame, get_frame, headers_frame, H2Conn, FRAME_GOAWAY, FRAME_PING,
 };
 use crate::support::raw::{RawConn, RawUpstream};
+use crate::support::reliability::report;
 use crate::support::*;
 
 /// Reads frames until the connection ends; true if a GOAWAY came first.
@@ -71,6 +72,16 @@ async fn an_h2c_connection_that_only_pings_is_closed_after_client_idle_timeout()
     assert!(
         held < Duration::from_secs(5),
         "closed soon after client_idle_timeout: {held:?}"
+    );
+    report(
+        "issue23",
+        &[
+            "an h2c connection that only sends PINGs (client_idle_timeout 400ms)",
+            &format!(
+                "GOAWAY, then closed {} ms after it opened",
+                held.as_millis()
+            ),
+        ],
     );
     relay.stop().await;
 }
@@ -153,6 +164,16 @@ async fn a_body_trickled_slower_than_request_body_timeout_gets_408_and_the_upstr
     assert_eq!(answer.json()["source"], "keyrelay");
     let waited = started.elapsed();
     assert!(waited < Duration::from_secs(3), "cut promptly: {waited:?}");
+    report(
+        "issue23",
+        &[
+            "a request body that stops after 2 of 10 bytes (request_body_timeout 300ms)",
+            &format!(
+                "408 request_body_timeout after {} ms; the upstream request aborted",
+                waited.as_millis()
+            ),
+        ],
+    );
     relay.stop().await;
 }
 

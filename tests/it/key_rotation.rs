@@ -463,6 +463,16 @@ async fn a_fifo_directory_or_device_as_a_secret_file_exits_64_at_once_naming_the
             "{what}: refused at once, not after a blocked read: {:?}",
             started.elapsed()
         );
+        support::reliability::report(
+            "issue23",
+            &[
+                &format!("a {kind} as {setting} at startup"),
+                &format!(
+                    "exit 64 in {} ms naming {setting}",
+                    started.elapsed().as_millis()
+                ),
+            ],
+        );
     }
 }
 
@@ -505,6 +515,13 @@ async fn a_key_file_swapped_for_a_fifo_keeps_the_key_and_the_control_plane_answe
     assert_eq!(
         injected(&mut upstream, relay.addr()).await,
         api_key(KEY_ONE)
+    );
+    support::reliability::report(
+        "issue23",
+        &[
+            "key_file replaced by a FIFO while running",
+            "previous key kept; /healthz answered within 1 s throughout; SIGHUP handled",
+        ],
     );
 
     // SIGHUP is still handled, and a good file is picked up again.

@@ -168,6 +168,13 @@ async fn a_second_keyrelay_on_a_live_unix_socket_exits_69_and_leaves_it_alone() 
     assert_eq!(same, inode, "the socket file was not replaced");
     let answer = get_through(&socket, &mut upstream).await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    support::reliability::report(
+        "issue23",
+        &[
+            "a second keyrelay on the same live unix: path",
+            "exit 69 naming the path; the first keeps its socket and serves",
+        ],
+    );
 
     first.start_kill().expect("kill");
     let _ = within("the first keyrelay to exit", first.wait()).await;

@@ -20,6 +20,7 @@ use tokio::task::JoinHandle;
 
 use crate::support::ops::{self, AdminRelay};
 use crate::support::raw::{serve_ok, RawConn, RawResponse, RawUpstream};
+use crate::support::reliability::report;
 use crate::support::{body_bytes, empty, http1_client, sources, within, Relay};
 use keyrelay::config::OverrideValue;
 
@@ -223,6 +224,13 @@ async fn a_bodiless_request_on_a_reused_connection_closed_unanswered_goes_once_m
         if !head {
             assert_eq!(answer.body_text(), "second");
         }
+        report(
+            "issue23",
+            &[
+                &format!("{start} (bodiless) on a reused upstream connection the upstream closes without answering"),
+                "200 from a second, new connection; counted in upstream_retries_total{reason=stale_connection}",
+            ],
+        );
         idle = fresh;
     }
     relay.wait_for_sample(RETRIES, &STALE, 4.0).await;
@@ -296,6 +304,13 @@ async fn a_request_with_a_body_or_an_answer_begun_is_never_sent_twice() {
         assert!(
             upstream.no_connection_pending(),
             "{start} reached the upstream exactly once"
+        );
+        report(
+            "issue23",
+            &[
+                &format!("{start} (with a body, or an answer begun) on a reused connection closed before the answer ended"),
+                "502 upstream_closed; reached the upstream exactly once",
+            ],
         );
     }
     assert_eq!(relay.scrape().await.counter(RETRIES, &STALE), 0.0);
