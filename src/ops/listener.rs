@@ -38,13 +38,36 @@ pub enum WorkerSocket {
     Unix(std::os::unix::net::UnixListener, Arc<SocketFile>),
 }
 
-/// The socket file, removed on drop so a restart can bind again.
+/// The socket file, removed on drop so a restart can bind again, unless
+/// the path no longer names this socket (another process has since put its
+/// own there: removing it would cut that one off).
 #[derive(Debug)]
-pub struct SocketFile(PathBuf);
+pub struct SocketFile {
+    path: PathBuf,
+    /// Device and inode of the socket keyrelay bound.
+    id: Option<(u64, u64)>,
+}
+
+impl SocketFile {
+    fn new(path: PathBuf) -> Self {
+        let id = file_id(&path);
+        Self { path, id }
+    }
+}
+
+/// The device and inode `path` names (not following a symlink).
+fn file_id(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|meta| (meta.dev(), meta.ino()))
+}
 
 impl Drop for SocketFile {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
+        if self.id.is_some() && file_id(&self.path) == self.id {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 
@@ -84,7 +107,10 @@ pub async fn bind(addr: &ListenAddr, mode: u32, backlog: u32) -> io::Result<List
                 std::fs::remove_file(path)?;
             }
             let listener = bind_unix_with_mode(path, mode, backlog)?;
-            Ok(Listener::Unix(listener, Arc::new(SocketFile(path.clone()))))
+            Ok(Listener::Unix(
+                listener,
+                Arc::new(SocketFile::new(path.clone())),
+            ))
         }
     }
 }
@@ -259,7 +285,7 @@ impl Listener {
     pub fn local_addr(&self) -> io::Result<ListenAddr> {
         match self {
             Self::Tcp(listener) => Ok(ListenAddr::Tcp(listener.local_addr()?)),
-            Self::Unix(_, file) => Ok(ListenAddr::Unix(file.0.clone())),
+            Self::Unix(_, file) => Ok(ListenAddr::Unix(file.path.clone())),
         }
     }
 

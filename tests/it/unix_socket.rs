@@ -234,3 +234,47 @@ async fn a_file_that_is_not_a_socket_is_refused_and_kept() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test]
+async fn keyrelay_leaves_a_socket_another_process_put_at_its_path_on_exit() {
+    let upstream = MockUpstream::start().await;
+    let dir = support::unique_temp_path("unix-taken", "dir");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let socket = dir.join("keyrelay.sock");
+    let mut relay = unix_keyrelay(&socket, &upstream.url())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn keyrelay");
+    wait_for_socket(&socket).await;
+
+    // Another server renames its own socket over the path.
+    let other_path = dir.join("other.sock");
+    let other = std::os::unix::net::UnixListener::bind(&other_path).expect("bind other");
+    std::fs::rename(&other_path, &socket).expect("rename over");
+
+    let pid = relay.id().expect("running");
+    support::ops::eventually("keyrelay to handle SIGTERM", || {
+        let caught = support::catches_signal(pid, support::ops::SIGTERM);
+        async move { caught.then_some(()) }
+    })
+    .await;
+    let pid = pid.to_string();
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let exit = within("keyrelay to exit", relay.wait())
+        .await
+        .expect("wait");
+    assert!(exit.success(), "{exit}");
+    assert!(
+        socket.exists(),
+        "keyrelay removed a socket file that was no longer its own"
+    );
+    // It is still the other server's, and it still answers.
+    assert!(std::os::unix::net::UnixStream::connect(&socket).is_ok());
+    drop(other);
+    let _ = std::fs::remove_dir_all(&dir);
+}
