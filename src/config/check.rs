@@ -233,6 +233,10 @@ pub(super) fn validate(
     let shutdown_delay = found.optional_duration("shutdown_delay", &raw.shutdown_delay);
     let header_read_timeout =
         found.optional_duration("header_read_timeout", &raw.header_read_timeout);
+    let client_idle_timeout =
+        found.optional_duration("client_idle_timeout", &raw.client_idle_timeout);
+    let request_body_timeout =
+        found.optional_duration("request_body_timeout", &raw.request_body_timeout);
     let admin_listen =
         found.optional::<SocketAddr>("admin_listen", &raw.admin_listen, "an IP:port address");
     if let Some(Some(admin)) = admin_listen {
@@ -369,6 +373,8 @@ pub(super) fn validate(
             max_request_header_size: max_request_header_size?,
             max_request_body: max_request_body?,
             header_read_timeout: header_read_timeout?,
+            client_idle_timeout: client_idle_timeout?,
+            request_body_timeout: request_body_timeout?,
             http2_max_concurrent_streams: raw.http2_max_concurrent_streams,
         },
         log_format: log_format?,

@@ -244,6 +244,10 @@ pub struct Limits {
     pub max_request_body: Option<u64>,
     /// Time allowed for an HTTP/1.1 request head.
     pub header_read_timeout: Option<Duration>,
+    /// Longest a client connection may stay open with no request in flight.
+    pub client_idle_timeout: Option<Duration>,
+    /// Longest wait between two parts of a request body.
+    pub request_body_timeout: Option<Duration>,
     /// Concurrent streams per HTTP/2 connection.
     pub http2_max_concurrent_streams: u32,
 }
@@ -313,6 +317,8 @@ struct RawConfig {
     max_request_header_size: String,
     max_request_body: String,
     header_read_timeout: String,
+    client_idle_timeout: String,
+    request_body_timeout: String,
     http2_max_concurrent_streams: u32,
     usage_tap: String,
     add_stream_usage: bool,

@@ -324,6 +324,18 @@ pub const SETTINGS: &[Setting] = &[
         kind: Kind::Text,
     },
     Setting {
+        key: "client_idle_timeout",
+        default: "3m",
+        help: "Close a client connection with no request in flight for this long (HTTP/2 and h2c included: PINGs do not count as activity); off to keep idle connections.",
+        kind: Kind::Text,
+    },
+    Setting {
+        key: "request_body_timeout",
+        default: "60s",
+        help: "Longest wait between two parts of a request body: 408 if the response has not started, else the upstream request is aborted; off to wait forever.",
+        kind: Kind::Text,
+    },
+    Setting {
         key: "http2_max_concurrent_streams",
         default: "256",
         help: "Most concurrent streams per HTTP/2 client connection.",

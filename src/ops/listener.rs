@@ -38,13 +38,36 @@ pub enum WorkerSocket {
     Unix(std::os::unix::net::UnixListener, Arc<SocketFile>),
 }
 
-/// The socket file, removed on drop so a restart can bind again.
+/// The socket file, removed on drop so a restart can bind again, unless
+/// the path no longer names this socket (another process has since put its
+/// own there: removing it would cut that one off).
 #[derive(Debug)]
-pub struct SocketFile(PathBuf);
+pub struct SocketFile {
+    path: PathBuf,
+    /// Device and inode of the socket keyrelay bound.
+    id: Option<(u64, u64)>,
+}
+
+impl SocketFile {
+    fn new(path: PathBuf) -> Self {
+        let id = file_id(&path);
+        Self { path, id }
+    }
+}
+
+/// The device and inode `path` names (not following a symlink).
+fn file_id(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|meta| (meta.dev(), meta.ino()))
+}
 
 impl Drop for SocketFile {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
+        if self.id.is_some() && file_id(&self.path) == self.id {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 
@@ -56,7 +79,8 @@ impl From<TcpListener> for Listener {
 
 /// Binds `addr` with room for `backlog` pending connections; a Unix socket
 /// file gets permissions `mode` (e.g. 0o600). A stale socket file left by a
-/// previous run is replaced; any other file is not.
+/// previous run is replaced; a live one (something accepts on it) and any
+/// other file are not.
 ///
 /// The backlog is what a burst of new connections (a frontend fanning out, a
 /// restarted app pool) queues in before keyrelay accepts them: when it is
@@ -79,11 +103,51 @@ pub async fn bind(addr: &ListenAddr, mode: u32, backlog: u32) -> io::Result<List
                         format!("{} exists and is not a socket", path.display()),
                     ));
                 }
+                ensure_socket_stale(path).await?;
                 std::fs::remove_file(path)?;
             }
             let listener = bind_unix_with_mode(path, mode, backlog)?;
-            Ok(Listener::Unix(listener, Arc::new(SocketFile(path.clone()))))
+            Ok(Listener::Unix(
+                listener,
+                Arc::new(SocketFile::new(path.clone())),
+            ))
         }
+    }
+}
+
+/// Fails with "address in use" unless the socket file at `path` is stale:
+/// nothing accepts connections on it any more (a run that was killed left
+/// it). A live socket belongs to another process, often a second keyrelay
+/// started with the same `listen`: replacing it would take its clients.
+/// The connect does not block (a live server with a full backlog answers
+/// "try again", which counts as live), and connecting is the one test that
+/// works across processes and containers sharing the directory.
+async fn ensure_socket_stale(path: &Path) -> io::Result<()> {
+    match UnixStream::connect(path).await {
+        Ok(_live) => Err(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            format!(
+                "{} is a socket another process is listening on (another keyrelay?); \
+                 stop it or choose another path",
+                path.display()
+            ),
+        )),
+        Err(err)
+            if matches!(
+                err.kind(),
+                io::ErrorKind::ConnectionRefused | io::ErrorKind::NotFound
+            ) =>
+        {
+            Ok(())
+        }
+        Err(err) => Err(io::Error::new(
+            err.kind(),
+            format!(
+                "cannot tell whether the socket {} is still in use ({err}); \
+                 not replacing it",
+                path.display()
+            ),
+        )),
     }
 }
 
@@ -221,7 +285,7 @@ impl Listener {
     pub fn local_addr(&self) -> io::Result<ListenAddr> {
         match self {
             Self::Tcp(listener) => Ok(ListenAddr::Tcp(listener.local_addr()?)),
-            Self::Unix(_, file) => Ok(ListenAddr::Unix(file.0.clone())),
+            Self::Unix(_, file) => Ok(ListenAddr::Unix(file.path.clone())),
         }
     }
 

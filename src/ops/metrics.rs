@@ -93,6 +93,18 @@ pub struct ErrorLabels {
     pub kind: &'static str,
 }
 
+/// Labels of the upstream retry counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RetryLabels {
+    /// The route.
+    pub route: String,
+    /// Why the request went again: `unsent` (a pooled connection closed
+    /// before the request was written) or `stale_connection` (a bodiless
+    /// idempotent request written on a reused connection that closed before
+    /// any response byte).
+    pub reason: &'static str,
+}
+
 /// Labels of the LLM token counter.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TokenLabels {
@@ -134,6 +146,7 @@ pub struct Metrics {
     bytes_in: Family<RouteLabel, Counter>,
     bytes_out: Family<RouteLabel, Counter>,
     upstream_errors: Family<ErrorLabels, Counter>,
+    upstream_retries: Family<RetryLabels, Counter>,
     llm_tokens: Family<TokenLabels, Counter>,
     usage_unread: Family<UnreadLabels, Counter>,
     time_to_first_token: Family<RouteLabel, Histogram>,
@@ -179,6 +192,7 @@ impl Metrics {
         let bytes_in = Family::<RouteLabel, Counter>::default();
         let bytes_out = Family::<RouteLabel, Counter>::default();
         let upstream_errors = Family::<ErrorLabels, Counter>::default();
+        let upstream_retries = Family::<RetryLabels, Counter>::default();
         let llm_tokens = Family::<TokenLabels, Counter>::default();
         let usage_unread = Family::<UnreadLabels, Counter>::default();
         let time_to_first_token = Family::<RouteLabel, Histogram>::new_with_constructor(
@@ -243,6 +257,11 @@ impl Metrics {
             upstream_errors.clone(),
         );
         registry.register(
+            "upstream_retries",
+            "Requests sent upstream a second time, by reason (unsent: a pooled connection closed before the request was written; stale_connection: a bodiless GET, HEAD, OPTIONS or DELETE on a reused connection that closed before any response byte)",
+            upstream_retries.clone(),
+        );
+        registry.register(
             "llm_tokens",
             "LLM tokens the upstream reported using, by route, access token and kind (prompt, completion, cached)",
             llm_tokens.clone(),
@@ -295,6 +314,7 @@ impl Metrics {
             bytes_in,
             bytes_out,
             upstream_errors,
+            upstream_retries,
             llm_tokens,
             usage_unread,
             time_to_first_token,
@@ -430,6 +450,18 @@ impl RouteMetrics {
             .get_or_create(&ErrorLabels {
                 route: self.0.route.clone(),
                 kind,
+            })
+            .inc();
+    }
+
+    /// A request sent upstream once more, and why.
+    pub fn upstream_retry(&self, reason: &'static str) {
+        self.0
+            .all
+            .upstream_retries
+            .get_or_create(&RetryLabels {
+                route: self.0.route.clone(),
+                reason,
             })
             .inc();
     }

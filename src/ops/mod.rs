@@ -6,6 +6,7 @@
 
 pub(crate) mod access_log;
 pub(crate) mod admin;
+pub(crate) mod client_idle;
 pub mod health;
 pub(crate) mod lifecycle;
 pub mod listener;

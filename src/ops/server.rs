@@ -6,7 +6,9 @@
 //! HTTP/1.1 or HTTP/2 with prior knowledge on the same port. On shutdown the
 //! listener closes at once, connections are asked to finish what they are
 //! doing (HTTP/1.1 closes after the current response, HTTP/2 sends GOAWAY), and
-//! whatever is still running after the grace period is aborted.
+//! whatever is still running after the grace period is aborted. A connection
+//! with no request in flight for `client_idle_timeout` is closed the same
+//! graceful way ([`crate::ops::client_idle`]).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -15,11 +17,11 @@ use std::time::Duration;
 use crate::ops::listener::Listener;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::task::JoinSet;
 
 use crate::config::Config;
+use crate::ops::client_idle::{self, Counted, InFlight};
 use crate::proxy::tunnel::Tunnels;
 use crate::proxy::Proxy;
 
@@ -66,7 +68,7 @@ pub async fn serve(
 
     let builder = Arc::new(builder);
     let first_bytes_timeout = limits.header_read_timeout;
-    let graceful = GracefulShutdown::new();
+    let idle_timeout = limits.client_idle_timeout;
     // Tells connections that have not sent a byte yet that keyrelay is
     // draining: hyper's graceful shutdown cannot reach them (they are not
     // served yet), and waiting out their first-bytes timeout would hold up
@@ -92,9 +94,9 @@ pub async fn serve(
                         continue;
                     }
                 };
-                let service = TowerToHyperService::new(proxy.clone());
+                let (in_flight, open) = InFlight::new();
+                let service = TowerToHyperService::new(Counted::new(proxy.clone(), in_flight));
                 let builder = Arc::clone(&builder);
-                let watcher = graceful.watcher();
                 let mut draining = draining.clone();
                 connections.spawn(async move {
                     // hyper waits for the first bytes (to tell HTTP/1.1 from
@@ -117,7 +119,43 @@ pub async fn serve(
                     let connection = builder
                         .serve_connection_with_upgrades(TokioIo::new(stream), service)
                         .into_owned();
-                    if let Err(err) = watcher.watch(connection).await {
+                    tokio::pin!(connection);
+                    let after_goaway = open.clone();
+                    let idle = async {
+                        match idle_timeout {
+                            Some(limit) => client_idle::idle_for(open, limit).await,
+                            None => std::future::pending().await,
+                        }
+                    };
+                    tokio::pin!(idle);
+                    // Polled only once the idle close began: a client that
+                    // never completes the GOAWAY exchange is cut after it.
+                    let cut = client_idle::idle_for(after_goaway, client_idle::GOAWAY_GRACE);
+                    tokio::pin!(cut);
+                    // Drain and idleness end a connection the same way:
+                    // hyper finishes what is in flight (HTTP/2: GOAWAY).
+                    let mut closing = false;
+                    let mut idle_closing = false;
+                    let ended = loop {
+                        tokio::select! {
+                            ended = connection.as_mut() => break ended,
+                            _ = draining.wait_for(|draining| *draining), if !closing => {
+                                connection.as_mut().graceful_shutdown();
+                                closing = true;
+                            }
+                            () = &mut idle, if !closing => {
+                                tracing::debug!(%peer, "no request for client_idle_timeout; closing");
+                                connection.as_mut().graceful_shutdown();
+                                closing = true;
+                                idle_closing = true;
+                            }
+                            () = &mut cut, if idle_closing => {
+                                tracing::debug!(%peer, "idle connection did not finish closing; dropping it");
+                                break Ok(());
+                            }
+                        }
+                    };
+                    if let Err(err) = ended {
                         tracing::debug!(%peer, error = %err, "connection ended with an error");
                     }
                 });
@@ -129,10 +167,11 @@ pub async fn serve(
 
     drop(listener);
     let _ = draining_tx.send(true);
-    let open = graceful.count();
+    let open = connections.len();
     tracing::info!(open_connections = open, grace = ?grace, "shutting down; draining connections");
     let drained = async {
-        graceful.shutdown().await;
+        // Each connection task saw the drain signal and closes gracefully.
+        while connections.join_next().await.is_some() {}
         // Upgraded connections (WebSockets) left hyper's watch when they switched.
         tunnels.wait_idle().await;
     };

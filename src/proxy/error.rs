@@ -130,6 +130,9 @@ pub enum ClientError {
          object of at most 1 MiB with numeric token limits; this one is not"
     )]
     UnreadableBody,
+    /// The client paused its request body longer than `request_body_timeout`.
+    #[error("the request body stopped arriving: nothing came for request_body_timeout ({0:?})")]
+    RequestBodyTimeout(Duration),
     /// The request uses a transfer coding other than chunked (e.g. gzip).
     #[error(
         "only the chunked transfer coding is supported; keyrelay would otherwise \
@@ -287,6 +290,8 @@ impl ProxyError {
 
         if let Some(limit) = cause.body_too_large {
             Refusal::PayloadTooLarge(limit).into()
+        } else if let Some(limit) = cause.body_timeout {
+            ClientError::RequestBodyTimeout(limit).into()
         } else if cause.client_body {
             ClientError::BadRequestBody.into()
         } else if let Some(tls) = cause.tls {
@@ -353,6 +358,7 @@ impl ClientError {
             | Self::UnreadableBody
             | Self::AmbiguousPath(_) => StatusCode::BAD_REQUEST,
             Self::UnsupportedTransferCoding => StatusCode::NOT_IMPLEMENTED,
+            Self::RequestBodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
         }
     }
 
@@ -365,6 +371,7 @@ impl ClientError {
             Self::UnsupportedTransferCoding => "unsupported_transfer_coding",
             Self::UnreadableBody => "unreadable_request_body",
             Self::AmbiguousPath(_) => "ambiguous_path",
+            Self::RequestBodyTimeout(_) => "request_body_timeout",
         }
     }
 }
@@ -404,6 +411,7 @@ impl UpstreamError {
 struct Cause {
     tls: Option<rustls::Error>,
     body_too_large: Option<u64>,
+    body_timeout: Option<Duration>,
     client_body: bool,
     dns: bool,
     refused: bool,
@@ -418,6 +426,9 @@ impl Cause {
         self.client_body |= err.is::<crate::proxy::request_body::ClientBodyError>();
         if let Some(too_large) = err.downcast_ref::<crate::proxy::request_body::BodyTooLarge>() {
             self.body_too_large = Some(too_large.0);
+        }
+        if let Some(timeout) = err.downcast_ref::<crate::proxy::request_body::BodyTimeout>() {
+            self.body_timeout = Some(timeout.0);
         }
         if let Some(tls) = err.downcast_ref::<rustls::Error>() {
             self.tls.get_or_insert_with(|| tls.clone());

@@ -79,6 +79,8 @@ struct Shared {
     unmatched: RouteMetrics,
     concurrency: Option<Arc<Semaphore>>,
     max_request_body: Option<u64>,
+    /// Longest pause between two parts of a request body.
+    request_body_timeout: Option<std::time::Duration>,
     guard: Guard,
     tunnels: Arc<Tunnels>,
     timeouts: Timeouts,
@@ -137,6 +139,7 @@ impl Proxy {
                 .max_concurrent_requests
                 .map(|n| Arc::new(Semaphore::new(n))),
             max_request_body: config.limits.max_request_body,
+            request_body_timeout: config.limits.request_body_timeout,
             guard: Guard::new(&config.access),
             tunnels,
             timeouts: config.timeouts,
@@ -396,10 +399,9 @@ impl Shared {
             if has_body && budgeted && rules.unparsed_budget_requests == Unparsed::Refuse {
                 return Err(ClientError::UnreadableBody.into());
             }
-            return Ok((
-                RequestBody::new(body, self.max_request_body, metrics),
-                estimate,
-            ));
+            let body = RequestBody::new(body, self.max_request_body, metrics)
+                .with_frame_timeout(self.request_body_timeout);
+            return Ok((body, estimate));
         }
         let too_large = |length: usize| {
             self.max_request_body
@@ -416,7 +418,8 @@ impl Shared {
                     return Err(ClientError::UnreadableBody.into());
                 }
                 estimate.prompt = inspect::prompt_estimate(declared.unwrap_or(head.len() as u64));
-                let body = RequestBody::read_ahead(head, rest, self.max_request_body, metrics);
+                let body = RequestBody::read_ahead(head, rest, self.max_request_body, metrics)
+                    .with_frame_timeout(self.request_body_timeout);
                 return Ok((body, estimate));
             }
             Ok(ReadBody::Whole(bytes)) => bytes,

@@ -1,5 +1,8 @@
 //! The request body keyrelay sends upstream: the client's body, frame by
 //! frame, counted for metrics and cut off at `max_request_body` if one is set.
+//! A client that stops sending for `request_body_timeout` between two parts
+//! of its body fails the body with [`BodyTimeout`], which aborts the
+//! upstream request (the client gets 408 if no response had started).
 //!
 //! On HTTP/2 routes the body also keeps what it has sent, up to
 //! [`REPLAY_LIMIT`], as references to the client's own buffers (no copy),
@@ -12,12 +15,16 @@
 use std::collections::VecDeque;
 use std::error::Error as StdError;
 use std::fmt;
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+
+use std::time::Duration;
 
 use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::sync::oneshot;
+use tokio::time::{Instant, Sleep};
 
 use crate::ops::metrics::RouteMetrics;
 
@@ -35,6 +42,12 @@ pub struct RequestBody {
     seen: u64,
     metrics: RouteMetrics,
     recording: Option<Recording>,
+    /// Longest wait for the client's next frame (`request_body_timeout`).
+    frame_timeout: Option<Duration>,
+    /// Armed while the client's next frame is awaited; made on the first wait.
+    waiting: Option<Pin<Box<Sleep>>>,
+    /// True while `waiting` runs for the current wait (a frame disarms it).
+    armed: bool,
 }
 
 /// What a recording body keeps, and where it goes when hyper drops it.
@@ -52,6 +65,7 @@ pub struct UnsentBody {
     seen: u64,
     limit: Option<u64>,
     metrics: RouteMetrics,
+    frame_timeout: Option<Duration>,
 }
 
 impl UnsentBody {
@@ -64,6 +78,9 @@ impl UnsentBody {
             seen: self.seen,
             metrics: self.metrics,
             recording: None,
+            frame_timeout: self.frame_timeout,
+            waiting: None,
+            armed: false,
         }
     }
 }
@@ -78,7 +95,17 @@ impl RequestBody {
             seen: 0,
             metrics,
             recording: None,
+            frame_timeout: None,
+            waiting: None,
+            armed: false,
         }
+    }
+
+    /// This body, failing with [`BodyTimeout`] when the client sends nothing
+    /// for `limit` between two frames (`None`: it may pause forever).
+    pub fn with_frame_timeout(mut self, limit: Option<Duration>) -> Self {
+        self.frame_timeout = limit;
+        self
     }
 
     /// A body keyrelay has read whole already (to rewrite it), counted as
@@ -92,6 +119,9 @@ impl RequestBody {
             limit,
             metrics,
             recording: None,
+            frame_timeout: None,
+            waiting: None,
+            armed: false,
         }
     }
 
@@ -133,6 +163,46 @@ impl RequestBody {
             seen: 0,
             metrics: self.metrics.clone(),
             recording: None,
+            frame_timeout: None,
+            waiting: None,
+            armed: false,
+        }
+    }
+
+    /// The route's metrics, which the pools count their resends in.
+    pub fn metrics(&self) -> &RouteMetrics {
+        &self.metrics
+    }
+
+    /// The client has no frame ready: pending, or [`BodyTimeout`] once it
+    /// has been silent for the frame timeout.
+    fn poll_frame_timeout(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, <Self as Body>::Error>>> {
+        let Some(limit) = self.frame_timeout else {
+            return Poll::Pending;
+        };
+        let deadline = Instant::now() + limit;
+        let timer = match &mut self.waiting {
+            Some(timer) => {
+                if !self.armed {
+                    timer.as_mut().reset(deadline);
+                }
+                timer
+            }
+            None => self
+                .waiting
+                .insert(Box::pin(tokio::time::sleep_until(deadline))),
+        };
+        self.armed = true;
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => {
+                // Whatever the client sends later is not read.
+                self.client = None;
+                Poll::Ready(Some(Err(Box::new(BodyTimeout(limit)))))
+            }
+            Poll::Pending => Poll::Pending,
         }
     }
 
@@ -174,8 +244,9 @@ impl Body for RequestBody {
                     return Poll::Ready(Some(Err(Box::new(ClientBodyError(err)))))
                 }
                 Poll::Ready(None) => return Poll::Ready(None),
-                Poll::Pending => return Poll::Pending,
+                Poll::Pending => return this.poll_frame_timeout(cx),
             };
+            this.armed = false;
             // Request trailers are dropped, as nginx does: they would reach
             // the upstream after every header check (a second credential, a
             // cookie, the access token), and no API keyrelay fronts needs
@@ -227,6 +298,7 @@ impl Drop for RequestBody {
                 seen: self.seen,
                 limit: self.limit,
                 metrics: self.metrics.clone(),
+                frame_timeout: self.frame_timeout,
             });
         }
     }
@@ -253,6 +325,22 @@ impl StdError for ClientBodyError {
         Some(&self.0)
     }
 }
+
+/// The client sent no part of its request body for `request_body_timeout`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BodyTimeout(pub Duration);
+
+impl fmt::Display for BodyTimeout {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "the client sent no request body data for request_body_timeout ({:?})",
+            self.0
+        )
+    }
+}
+
+impl StdError for BodyTimeout {}
 
 /// A request body grew past `max_request_body` (the limit in bytes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -289,6 +377,9 @@ mod tests {
             seen: 0,
             metrics: std::sync::Arc::new(Metrics::new()).route("test"),
             recording: None,
+            frame_timeout: None,
+            waiting: None,
+            armed: false,
         }
     }
 

@@ -409,3 +409,126 @@ async fn wait_for_status(upstream: &mut MockUpstream, addr: SocketAddr, token: &
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+// ---------------------------------------------------------------------------
+// Files that are not regular files, and reads off the control thread
+// ---------------------------------------------------------------------------
+
+/// Makes a FIFO (named pipe) at `path`: opening it for reading blocks until
+/// a writer comes, which none ever does here.
+fn mkfifo(path: &Path) {
+    let status = std::process::Command::new("mkfifo")
+        .arg(path)
+        .status()
+        .expect("run mkfifo");
+    assert!(status.success(), "mkfifo {}", path.display());
+}
+
+#[tokio::test]
+async fn a_fifo_directory_or_device_as_a_secret_file_exits_64_at_once_naming_the_setting() {
+    let dir = TempDir::new("key-special");
+    let fifo = dir.path().join("key-fifo");
+    mkfifo(&fifo);
+    let directory = dir.path().join("key-dir");
+    std::fs::create_dir(&directory).expect("dir");
+    let device = Path::new("/dev/zero");
+    let cases = [
+        ("--key-file", "key_file", &fifo, "FIFO"),
+        ("--key-file", "key_file", &directory, "directory"),
+        ("--key-file", "key_file", &device.to_path_buf(), "device"),
+        ("--access-token-files", "access_token_files", &fifo, "FIFO"),
+    ];
+    for (flag, setting, path, kind) in cases {
+        let mut command = tokio::process::Command::from(binary());
+        command
+            .args(["--listen", "127.0.0.1:0", "--upstream", "https://a.test"])
+            .arg(flag)
+            .arg(path)
+            .env("BASETEN_API_KEY", KEY)
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        let started = Instant::now();
+        let output = within("keyrelay to refuse the file", command.output())
+            .await
+            .expect("run keyrelay");
+        let text = String::from_utf8_lossy(&output.stderr);
+        let what = format!("{setting} = {}", path.display());
+        assert_eq!(output.status.code(), Some(64), "{what}: stderr {text}");
+        assert!(
+            text.contains(setting) && text.contains("not a regular file") && text.contains(kind),
+            "{what}: {text}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{what}: refused at once, not after a blocked read: {:?}",
+            started.elapsed()
+        );
+        support::reliability::report(
+            "issue23",
+            &[
+                &format!("a {kind} as {setting} at startup"),
+                &format!(
+                    "exit 64 in {} ms naming {setting}",
+                    started.elapsed().as_millis()
+                ),
+            ],
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_key_file_swapped_for_a_fifo_keeps_the_key_and_the_control_plane_answers() {
+    let mut upstream = MockUpstream::start().await;
+    let dir = TempDir::new("key-fifo-reload");
+    let key_file = dir.write("api-key", &format!("{KEY_ONE}\n"));
+    let mut command = support::ops::command(&upstream.url());
+    command.arg("--key-file").arg(&key_file);
+    let relay = support::ops::AdminRelay::spawn(command).await;
+    assert_eq!(
+        injected(&mut upstream, relay.addr()).await,
+        api_key(KEY_ONE)
+    );
+
+    // A FIFO renamed over the key file: the next re-read must neither block
+    // the thread that serves signals and the admin port nor drop the key.
+    let fifo = dir.path().join("fifo");
+    mkfifo(&fifo);
+    std::fs::rename(&fifo, &key_file).expect("rename the FIFO into place");
+
+    // Over two polls, the admin port answers at once every time.
+    let until = Instant::now() + over_two_polls();
+    while Instant::now() < until {
+        let asked = Instant::now();
+        let health = relay.admin("GET", "/healthz").await;
+        assert_eq!(health.status(), 200);
+        assert!(
+            asked.elapsed() < Duration::from_secs(1),
+            "/healthz took {:?}",
+            asked.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The watcher said why, and is not stuck in the FIFO.
+    relay.wait_for_log("not a regular file", 1).await;
+    let log = relay.wait_for_log("keeping the previous key", 1).await;
+    assert!(log.contains("FIFO"), "{log}");
+    assert_eq!(
+        injected(&mut upstream, relay.addr()).await,
+        api_key(KEY_ONE)
+    );
+    support::reliability::report(
+        "issue23",
+        &[
+            "key_file replaced by a FIFO while running",
+            "previous key kept; /healthz answered within 1 s throughout; SIGHUP handled",
+        ],
+    );
+
+    // SIGHUP is still handled, and a good file is picked up again.
+    relay.signal("HUP").await;
+    relay
+        .wait_for_log("SIGHUP: re-reading the upstream key file", 1)
+        .await;
+    replace_atomically(&key_file, &format!("{KEY_TWO}\n"));
+    wait_for_key(&mut upstream, relay.addr(), KEY_ONE, KEY_TWO).await;
+}

@@ -12,6 +12,7 @@ mod backpressure;
 mod budget_escapes;
 mod burst;
 mod cancellation;
+mod client_timeouts;
 mod clients;
 mod completions_and_man;
 mod config_errors;

@@ -12,8 +12,15 @@
 //! - A request taken by an idle connection that turns out to be closed (the
 //!   server's keep-alive ran out as keyrelay picked it) is handed back by
 //!   hyper unsent and tried on the next connection, or a new one: it never
-//!   reached the upstream, so it cannot be processed twice. A request that
-//!   may have been written is never sent again.
+//!   reached the upstream, so it cannot be processed twice.
+//! - A request that was written on a reused connection which then failed
+//!   before a single response byte came back (the server closed it as the
+//!   request crossed its keep-alive timeout) is sent once more, on a new
+//!   connection, only when it is bodiless and its method idempotent (GET,
+//!   HEAD, OPTIONS, DELETE), as nginx and Go's transport do. Each connection
+//!   counts the bytes it has read, so "no response byte" is a fact, not a
+//!   guess from hyper's error. A request with a body, one on a new
+//!   connection, or one that got any response byte is never sent again.
 //! - A connection idle for `pool_idle_timeout` is closed, by a task that
 //!   runs only while connections are idle, so keyrelay rarely picks one the
 //!   server is closing. At most `pool_max_idle_per_host` idle connections
@@ -21,21 +28,29 @@
 //! - A response body dropped before its end (the client went away) drops
 //!   the connection with it: hyper closes it, which tells the upstream to
 //!   stop generating.
-//! - New connections come from the [`WarmConnector`], which hands out a
-//!   warm spare when it has one.
+//! - New connections come from the [`WarmConnector`]: a warm spare when it
+//!   has one (treated as a reused connection above: it was opened before
+//!   the request and may be closing), else a connection dialled for the
+//!   request.
 
 use std::error::Error as StdError;
 use std::fmt;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::uri::{Parts, PathAndQuery};
+use http::Method;
 use http::{HeaderValue, Request, Response, Uri};
-use hyper::body::Incoming;
+use hyper::body::{Body, Incoming};
 use hyper::client::conn::http1::{self, SendRequest};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
-use tower::ServiceExt;
 
+use super::warm::Io;
 use super::WarmConnector;
 use crate::proxy::request_body::RequestBody;
 
@@ -71,8 +86,20 @@ struct IdleList {
 }
 
 struct Idle {
-    sender: SendRequest<RequestBody>,
+    conn: Conn,
     since: Instant,
+}
+
+/// One connection's request side and the count of bytes it has read.
+struct Conn {
+    sender: SendRequest<RequestBody>,
+    read: Arc<AtomicU64>,
+}
+
+impl Conn {
+    fn bytes_read(&self) -> u64 {
+        self.read.load(Ordering::Relaxed)
+    }
 }
 
 /// A connection lent to one request until its response body is done with.
@@ -82,7 +109,7 @@ pub struct Http1Lease {
     /// The origin's place in the pool's list.
     origin: usize,
     /// Always `Some` until dropped.
-    sender: Option<SendRequest<RequestBody>>,
+    conn: Option<Conn>,
     reusable: bool,
 }
 
@@ -96,14 +123,14 @@ impl Http1Lease {
 
 impl Drop for Http1Lease {
     fn drop(&mut self) {
-        let Some(sender) = self.sender.take() else {
+        let Some(conn) = self.conn.take() else {
             return;
         };
-        if !self.reusable || sender.is_closed() {
+        if !self.reusable || conn.sender.is_closed() {
             return;
         }
         if let Some(pool) = self.pool.upgrade() {
-            Inner::put(&pool, self.origin, sender);
+            Inner::put(&pool, self.origin, conn);
         }
     }
 }
@@ -178,25 +205,72 @@ impl Http1Pool {
         *request.uri_mut() = origin_form(request.uri());
 
         let index = self.inner.origin_index(&origin);
-        while let Some(mut sender) = self.inner.checkout(index) {
-            match sender.try_send_request(request).await {
-                Ok(response) => return Ok((response, self.lease(index, sender))),
+        // What a resend needs, copied once a connection opened before this
+        // request takes it, and only for requests that may have one.
+        let mut resendable: Option<Resendable> = None;
+        // Idle pooled connections, most recent first, then a warm spare:
+        // each was opened before this request, and the server may be
+        // closing it as the request arrives.
+        loop {
+            let mut conn = match self.inner.checkout(index) {
+                Some(conn) => conn,
+                None => match self.inner.connector.spare_for(&origin) {
+                    Some(io) => self.handshake(io).await?,
+                    None => break,
+                },
+            };
+            let copy = resendable.get_or_insert_with(|| Resendable::of(&request));
+            let read_before = conn.bytes_read();
+            match conn.sender.try_send_request(request).await {
+                Ok(response) => return Ok((response, self.lease(index, conn))),
                 Err(mut failed) => match failed.take_message() {
                     // Not written: the connection closed under it. Next one.
-                    Some(unsent) => request = unsent,
-                    None => return Err(Http1Error::Send(failed.into_error())),
+                    Some(unsent) => {
+                        unsent.body().metrics().upstream_retry("unsent");
+                        request = unsent;
+                    }
+                    None => match copy.take() {
+                        // Written, and the connection died before answering
+                        // with a single byte: the server closed a connection
+                        // it had kept open. Once more, on a new one.
+                        Some(again) if conn.bytes_read() == read_before => {
+                            tracing::debug!(
+                                error = %failed.error(),
+                                "reused upstream connection closed before answering; sending again"
+                            );
+                            again.body().metrics().upstream_retry("stale_connection");
+                            request = again;
+                            break;
+                        }
+                        _ => return Err(Http1Error::Send(failed.into_error())),
+                    },
                 },
             }
         }
 
+        // A connection dialled for this request: what fails here is not a
+        // stale connection, and is not sent again.
         let io = self
             .inner
             .connector
-            .clone()
-            .oneshot(origin)
+            .dial(origin)
             .await
             .map_err(Http1Error::Connect)?;
-        let (mut sender, connection) = http1::Builder::new()
+        let mut conn = self.handshake(io).await?;
+        match conn.sender.try_send_request(request).await {
+            Ok(response) => Ok((response, self.lease(index, conn))),
+            Err(failed) => Err(Http1Error::Send(failed.into_error())),
+        }
+    }
+
+    /// An HTTP/1.1 connection on `io`, its reads counted.
+    async fn handshake(&self, io: Io) -> Result<Conn, Http1Error> {
+        let read = Arc::new(AtomicU64::new(0));
+        let io = TokioIo::new(CountReads {
+            io: TokioIo::new(io),
+            read: Arc::clone(&read),
+        });
+        let (sender, connection) = http1::Builder::new()
             .handshake(io)
             .await
             .map_err(|err| Http1Error::Connect(err.into()))?;
@@ -206,17 +280,14 @@ impl Http1Pool {
                 tracing::debug!(error = %err, "upstream connection ended with an error");
             }
         });
-        match sender.try_send_request(request).await {
-            Ok(response) => Ok((response, self.lease(index, sender))),
-            Err(failed) => Err(Http1Error::Send(failed.into_error())),
-        }
+        Ok(Conn { sender, read })
     }
 
-    fn lease(&self, origin: usize, sender: SendRequest<RequestBody>) -> Http1Lease {
+    fn lease(&self, origin: usize, conn: Conn) -> Http1Lease {
         Http1Lease {
             pool: Arc::downgrade(&self.inner),
             origin,
-            sender: Some(sender),
+            conn: Some(conn),
             reusable: false,
         }
     }
@@ -254,7 +325,7 @@ impl Inner {
     /// if the upstream answered before reading the whole request body, which
     /// hyper then finishes sending). Such a connection stays in the list
     /// for a later request rather than making this one wait for it.
-    fn checkout(&self, index: usize) -> Option<SendRequest<RequestBody>> {
+    fn checkout(&self, index: usize) -> Option<Conn> {
         let mut state = self.lock();
         let connections = &mut state.origins[index].connections;
         let now = Instant::now();
@@ -262,26 +333,26 @@ impl Inner {
         while at > 0 {
             at -= 1;
             let idle = &connections[at];
-            if now.duration_since(idle.since) >= self.idle_timeout || idle.sender.is_closed() {
+            if now.duration_since(idle.since) >= self.idle_timeout || idle.conn.sender.is_closed() {
                 connections.remove(at);
-            } else if idle.sender.is_ready() {
-                return Some(connections.remove(at).sender);
+            } else if idle.conn.sender.is_ready() {
+                return Some(connections.remove(at).conn);
             }
         }
         None
     }
 
-    /// Keeps `sender` for the next request to origin `index`, unless the origin
+    /// Keeps `conn` for the next request to origin `index`, unless the origin
     /// has its fill of idle connections; starts the reaper if it is not
     /// running.
-    fn put(this: &Arc<Self>, index: usize, sender: SendRequest<RequestBody>) {
+    fn put(this: &Arc<Self>, index: usize, conn: Conn) {
         let mut state = this.lock();
         let list = &mut state.origins[index];
         if list.connections.len() >= this.max_idle_per_origin {
             return;
         }
         list.connections.push(Idle {
-            sender,
+            conn,
             since: Instant::now(),
         });
         if !state.reaping {
@@ -314,7 +385,7 @@ async fn reap(pool: Weak<Inner>) {
         for list in &mut state.origins {
             list.connections.retain(|connection| {
                 now.duration_since(connection.since) < inner.idle_timeout
-                    && !connection.sender.is_closed()
+                    && !connection.conn.sender.is_closed()
             });
             idle += list.connections.len();
         }
@@ -323,6 +394,95 @@ async fn reap(pool: Weak<Inner>) {
             state.reaping = false;
             return;
         }
+    }
+}
+
+/// A copy of a request that may be sent a second time: bodiless, with an
+/// idempotent method. Taken before the request goes out, since hyper keeps
+/// a request it has written.
+struct Resendable(Option<Request<RequestBody>>);
+
+impl Resendable {
+    fn of(request: &Request<RequestBody>) -> Self {
+        let idempotent = matches!(
+            *request.method(),
+            Method::GET | Method::HEAD | Method::OPTIONS | Method::DELETE
+        );
+        // No body at all: an empty one that is already at its end (no
+        // chunked framing still to come), and no upgrade to another protocol.
+        let bodiless = request.body().is_end_stream()
+            && !request
+                .headers()
+                .contains_key(http::header::TRANSFER_ENCODING)
+            && !request.headers().contains_key(http::header::UPGRADE);
+        if !(idempotent && bodiless) {
+            return Self(None);
+        }
+        let mut copy = Request::new(request.body().empty_copy());
+        *copy.method_mut() = request.method().clone();
+        *copy.uri_mut() = request.uri().clone();
+        *copy.version_mut() = request.version();
+        *copy.headers_mut() = request.headers().clone();
+        Self(Some(copy))
+    }
+
+    /// The copy, once: a request is sent at most twice.
+    fn take(&mut self) -> Option<Request<RequestBody>> {
+        self.0.take()
+    }
+}
+
+/// An upstream connection that counts the bytes it reads, so the pool can
+/// tell a connection that died before answering from one that died
+/// mid-answer.
+struct CountReads<T> {
+    io: T,
+    read: Arc<AtomicU64>,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for CountReads<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
+        let read = buf.filled().len() - before;
+        if read > 0 {
+            self.read.fetch_add(read as u64, Ordering::Relaxed);
+        }
+        polled
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for CountReads<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 

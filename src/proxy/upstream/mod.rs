@@ -4,8 +4,10 @@
 //!   `client::conn::http1`. Connections are reused; the pool's idle timeout
 //!   is kept shorter than common server keep-alives so keyrelay rarely picks
 //!   a connection the server is closing. When it does, the request is tried
-//!   on another connection only if hyper hands it back unwritten: a request
-//!   that may have reached the upstream is never sent twice.
+//!   on another connection if hyper hands it back unwritten, or if it is a
+//!   bodiless GET, HEAD, OPTIONS or DELETE that got no response byte before
+//!   the reused connection closed (once, on a new connection); a request
+//!   with a body that may have reached the upstream is never sent twice.
 //! - HTTP/2 routes use keyrelay's own [`Http2Pool`]: several multiplexed
 //!   connections per upstream, a new one opened when the others are at the
 //!   server's `SETTINGS_MAX_CONCURRENT_STREAMS`, GOAWAY and dead connections

@@ -172,7 +172,16 @@ impl WarmConnector {
         keep(origin, self.dial.clone())
     }
 
-    fn spare_for(&self, uri: &Uri) -> Option<Io> {
+    /// A new connection to `uri`'s origin, never a spare.
+    pub(super) fn dial(
+        &self,
+        uri: Uri,
+    ) -> impl Future<Output = Result<Io, BoxError>> + Send + 'static {
+        self.dial.clone().oneshot(uri)
+    }
+
+    /// A warm spare for `uri`'s origin, if one is open and young enough.
+    pub(super) fn spare_for(&self, uri: &Uri) -> Option<Io> {
         let origins = self.origins.lock().unwrap_or_else(|p| p.into_inner());
         origins.iter().find(|o| o.serves(uri))?.take()
     }

@@ -12,6 +12,7 @@ use crate::support::raw::RawConn;
 pub const FRAME_HEADERS: u8 = 0x1;
 pub const FRAME_RST_STREAM: u8 = 0x3;
 pub const FRAME_SETTINGS: u8 = 0x4;
+pub const FRAME_PING: u8 = 0x6;
 pub const FRAME_GOAWAY: u8 = 0x7;
 pub const FLAG_END_STREAM: u8 = 0x1;
 pub const FLAG_END_HEADERS: u8 = 0x4;

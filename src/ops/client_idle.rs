@@ -1,0 +1,154 @@
+//! `client_idle_timeout`: a client connection with no request in flight is
+//! closed after this long, whatever the client sends in between.
+//!
+//! hyper's HTTP/2 server has no idle timeout of its own, and it answers
+//! PINGs (and keyrelay's own keep-alive PINGs are answered) without a
+//! request: a client that opens an h2c connection and only pings would hold
+//! it forever. So each connection counts its requests in flight here, from
+//! the moment the request arrives until its response body is done with (or
+//! dropped), and the connection's task closes it gracefully (GOAWAY on
+//! HTTP/2) once the count has stayed at zero for the timeout. Nothing but a
+//! request counts as activity: not PINGs, not SETTINGS, not WINDOW_UPDATEs.
+//! On HTTP/1.1 the same rule closes an idle keep-alive connection
+//! (`header_read_timeout` usually does it first).
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::{Request, Response};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use tokio::sync::watch;
+
+use crate::proxy::Proxy;
+
+/// How long a connection closed for idleness may take to finish the
+/// GOAWAY exchange: HTTP/2 sends its final GOAWAY only once the client
+/// answers a PING, which a hostile client never does.
+pub const GOAWAY_GRACE: Duration = Duration::from_secs(2);
+
+/// The requests in flight on one client connection.
+#[derive(Clone)]
+pub struct InFlight(Arc<watch::Sender<usize>>);
+
+impl InFlight {
+    /// A count at zero, and the receiver the idle timer watches.
+    pub fn new() -> (Self, watch::Receiver<usize>) {
+        let (sender, receiver) = watch::channel(0);
+        (Self(Arc::new(sender)), receiver)
+    }
+
+    fn start(&self) -> Open {
+        self.0.send_modify(|open| *open += 1);
+        Open(Arc::clone(&self.0))
+    }
+}
+
+/// One request in flight; dropping it ends it.
+struct Open(Arc<watch::Sender<usize>>);
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.send_modify(|open| *open = open.saturating_sub(1));
+    }
+}
+
+/// Resolves once the connection has had no request in flight for `limit`.
+pub async fn idle_for(mut open: watch::Receiver<usize>, limit: Duration) {
+    loop {
+        if *open.borrow_and_update() == 0 {
+            tokio::select! {
+                () = tokio::time::sleep(limit) => return,
+                changed = open.changed() => {
+                    if changed.is_err() {
+                        return std::future::pending().await;
+                    }
+                }
+            }
+        } else if open.changed().await.is_err() {
+            // The service is gone: the connection is ending anyway.
+            return std::future::pending().await;
+        }
+    }
+}
+
+/// The proxy as one client connection serves it, counting its requests.
+#[derive(Clone)]
+pub struct Counted {
+    proxy: Proxy,
+    in_flight: InFlight,
+}
+
+impl Counted {
+    pub fn new(proxy: Proxy, in_flight: InFlight) -> Self {
+        Self { proxy, in_flight }
+    }
+}
+
+type ProxyFuture = <Proxy as tower::Service<Request<Incoming>>>::Future;
+type ProxyBody = crate::proxy::ResponseBody;
+
+impl tower::Service<Request<Incoming>> for Counted {
+    type Response = Response<CountedBody>;
+    type Error = Infallible;
+    type Future = CountedFuture;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        tower::Service::poll_ready(&mut self.proxy, cx)
+    }
+
+    fn call(&mut self, request: Request<Incoming>) -> Self::Future {
+        CountedFuture {
+            request: Some(self.in_flight.start()),
+            inner: tower::Service::call(&mut self.proxy, request),
+        }
+    }
+}
+
+/// The proxy's answer, holding the request's place in the count.
+pub struct CountedFuture {
+    inner: ProxyFuture,
+    request: Option<Open>,
+}
+
+impl Future for CountedFuture {
+    type Output = Result<Response<CountedBody>, Infallible>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let Ok(response) = std::task::ready!(self.inner.as_mut().poll(cx));
+        let request = self.request.take();
+        Poll::Ready(Ok(response.map(|inner| CountedBody {
+            inner,
+            _request: request,
+        })))
+    }
+}
+
+/// A response body that ends its request's place in the count when dropped.
+pub struct CountedBody {
+    inner: ProxyBody,
+    _request: Option<Open>,
+}
+
+impl Body for CountedBody {
+    type Data = <ProxyBody as Body>::Data;
+    type Error = <ProxyBody as Body>::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
