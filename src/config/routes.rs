@@ -6,7 +6,9 @@
 //! route named `default` at prefix `/`. A config file can add named routes,
 //! which take the top-level route policy (the settings in [`Policy`]:
 //! `auth_*`, the header lists, `allowed_paths`, `token_budget`,
-//! `add_stream_usage`) and `upstream_http` unless they set their own:
+//! `add_stream_usage` and the request rules `budget_reserve`,
+//! `unparsed_budget_requests`, `max_output_tokens`, `over_max_output_tokens`,
+//! `allowed_models`) and `upstream_http` unless they set their own:
 //!
 //! ```toml
 //! [[routes]]
@@ -37,7 +39,7 @@ use crate::config::baseten::{self, Stage, Target};
 use crate::guard::paths::PathPolicy;
 use crate::secrets::key::{ApiKey, KEY_PLACEHOLDER};
 use crate::secrets::secret_file;
-use crate::usage::inspect::{OverCap, RequestCaps, Unparsed, DEFAULT_BUDGET_RESERVE};
+use crate::usage::inspect::{OverCap, RequestCaps, Unparsed};
 use crate::usage::BudgetLimit;
 
 /// A route as written in the config file.
@@ -137,129 +139,83 @@ pub struct RequestRules {
     pub caps: RequestCaps,
 }
 
-/// A route's request-rule settings as written; `None` where it sets none.
-struct RawRules<'a> {
-    budget_reserve: Option<u64>,
-    unparsed_budget_requests: Option<&'a str>,
-    max_output_tokens: Option<Option<u64>>,
-    over_max_output_tokens: Option<&'a str>,
-    allowed_models: Option<&'a [String]>,
-}
-
 impl RequestRules {
-    /// What a route has when nothing is set.
-    fn defaults() -> Self {
-        Self {
-            budget_reserve: DEFAULT_BUDGET_RESERVE,
-            unparsed_budget_requests: Unparsed::Forward,
-            caps: RequestCaps::default(),
+    /// Validates the request rules in `policy`; `None` if one is wrong.
+    /// Only the values the route sets itself are reported: an inherited
+    /// one was checked (and reported) at the top level, where it is written.
+    fn check(policy: &Policy, scope: &Scope, found: &mut Problems) -> Option<Self> {
+        let mut valid = true;
+        let mut wrong = |from: Source, setting: &str, message: String| {
+            if from == Source::Own {
+                found.report(&scope.setting(setting), message);
+            }
+            valid = false;
+        };
+        let unparsed = &policy.unparsed_budget_requests;
+        let unparsed_budget_requests = Unparsed::parse(&unparsed.value);
+        if unparsed_budget_requests.is_none() {
+            let text = &unparsed.value;
+            let message = format!("{text:?} is not one of: forward, refuse");
+            wrong(unparsed.from, "unparsed_budget_requests", message);
         }
+        let over = &policy.over_max_output_tokens;
+        let over_max_output_tokens = OverCap::parse(&over.value);
+        if over_max_output_tokens.is_none() {
+            let text = &over.value;
+            let message = format!("{text:?} is not one of: refuse, clamp");
+            wrong(over.from, "over_max_output_tokens", message);
+        }
+        let max = &policy.max_output_tokens;
+        if max.value == Ok(Some(0)) {
+            let message = "0 would refuse every request; leave it unset (off) for no cap";
+            wrong(max.from, "max_output_tokens", message.to_owned());
+        }
+        let models = &policy.allowed_models;
+        let allowed_models: Vec<String> = models
+            .value
+            .iter()
+            .map(|model| model.trim().to_owned())
+            .collect();
+        if allowed_models.iter().any(String::is_empty) {
+            let message = "an empty model name would match no request; remove it";
+            wrong(models.from, "allowed_models", message.to_owned());
+        }
+        let reserve = &policy.budget_reserve;
+        // "off" at the top level reserves nothing, like 0.
+        if matches!(reserve.value, Ok(None | Some(0))) {
+            let message =
+                "must be at least 1: a request that reserves nothing is not held to its budget";
+            wrong(reserve.from, "budget_reserve", message.to_owned());
+        }
+        let (Some(unparsed_budget_requests), Some(over_max_output_tokens)) =
+            (unparsed_budget_requests, over_max_output_tokens)
+        else {
+            return None;
+        };
+        let (Ok(Some(budget_reserve)), Ok(max_output_tokens)) = (reserve.value, max.value) else {
+            return None;
+        };
+        valid.then_some(Self {
+            budget_reserve,
+            unparsed_budget_requests,
+            caps: RequestCaps {
+                max_output_tokens,
+                over_max_output_tokens,
+                allowed_models,
+            },
+        })
     }
 }
 
-/// Validates a route's request rules, taking `inherited`'s for what it
-/// does not set; `None` if one is wrong (reported), or if what it inherits
-/// was (reported there).
-fn request_rules(
-    raw: &RawRules<'_>,
-    inherited: Option<&RequestRules>,
-    scope: &Scope,
-    found: &mut Problems,
-) -> Option<RequestRules> {
-    let mut valid = true;
-    let unparsed = raw.unparsed_budget_requests.map(|text| {
-        let parsed = Unparsed::parse(text);
-        if parsed.is_none() {
-            found.report(
-                &scope.setting("unparsed_budget_requests"),
-                format!("{text:?} is not one of: forward, refuse"),
-            );
-            valid = false;
-        }
-        parsed
-    });
-    let over = raw.over_max_output_tokens.map(|text| {
-        let parsed = OverCap::parse(text);
-        if parsed.is_none() {
-            found.report(
-                &scope.setting("over_max_output_tokens"),
-                format!("{text:?} is not one of: refuse, clamp"),
-            );
-            valid = false;
-        }
-        parsed
-    });
-    if raw.max_output_tokens == Some(Some(0)) {
-        found.report(
-            &scope.setting("max_output_tokens"),
-            "0 would refuse every request; leave it unset (off) for no cap",
-        );
-        valid = false;
-    }
-    let models: Option<Vec<String>> = raw
-        .allowed_models
-        .map(|models| models.iter().map(|model| model.trim().to_owned()).collect());
-    if models.iter().flatten().any(String::is_empty) {
-        found.report(
-            &scope.setting("allowed_models"),
-            "an empty model name would match no request; remove it",
-        );
-        valid = false;
-    }
-    if raw.budget_reserve == Some(0) {
-        found.report(
-            &scope.setting("budget_reserve"),
-            "must be at least 1: a request that reserves nothing is not held to its budget",
-        );
-        valid = false;
-    }
-    let inherited = inherited?;
-    if !valid {
-        return None;
-    }
-    Some(RequestRules {
-        budget_reserve: raw.budget_reserve.unwrap_or(inherited.budget_reserve),
-        unparsed_budget_requests: unparsed
-            .flatten()
-            .unwrap_or(inherited.unparsed_budget_requests),
-        caps: RequestCaps {
-            max_output_tokens: raw
-                .max_output_tokens
-                .unwrap_or(inherited.caps.max_output_tokens),
-            over_max_output_tokens: over
-                .flatten()
-                .unwrap_or(inherited.caps.over_max_output_tokens),
-            allowed_models: models.unwrap_or_else(|| inherited.caps.allowed_models.clone()),
-        },
-    })
-}
+/// A problem that was reported to [`Problems`] where the value is written;
+/// what carries it is unusable, and nothing more needs saying about it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Reported;
 
-/// The top level's request rules (what routes inherit); `None` if one is
-/// wrong (each reported).
-fn top_rules(raw: &RawConfig, found: &mut Problems) -> Option<RequestRules> {
-    let top = Scope(None);
-    let budget_reserve =
-        found.optional::<u64>("budget_reserve", &raw.budget_reserve, "a whole number");
-    let max_output_tokens = found.optional::<u64>(
-        "max_output_tokens",
-        &raw.max_output_tokens,
-        "a whole number",
-    );
-    let rules = request_rules(
-        &RawRules {
-            // "off" reserves nothing: refused as 0.
-            budget_reserve: budget_reserve.map(|reserve| reserve.unwrap_or(0)),
-            unparsed_budget_requests: Some(&raw.unparsed_budget_requests),
-            max_output_tokens: max_output_tokens.or(Some(None)),
-            over_max_output_tokens: Some(&raw.over_max_output_tokens),
-            allowed_models: Some(&raw.allowed_models),
-        },
-        Some(&RequestRules::defaults()),
-        &top,
-        found,
-    );
-    rules.filter(|_| budget_reserve.is_some() && max_output_tokens.is_some())
-}
+/// A whole-number setting: `Ok(None)` is the top level's "off" (a route
+/// writes a number or leaves the setting out); `Err` is top-level text that
+/// is not a number.
+type Number = Result<Option<u64>, Reported>;
 
 /// Where a route's policy value came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -277,6 +233,52 @@ struct Inherit<T> {
     from: Source,
 }
 
+/// A route policy value as the top level writes it (a `RawConfig` field of
+/// type `Top`) and as a `[[routes]]` entry does (an `Option<Route>` field).
+trait PolicyValue: Clone {
+    /// The `RawRoute` field's type, inside its `Option`.
+    type Route;
+    /// The `RawConfig` field's type.
+    type Top: AtDefault;
+    /// A route's own value.
+    fn own(route: &Self::Route) -> Self;
+    /// The top level's value of setting `key`, read once (problems reported).
+    fn top(top: &Self::Top, key: &str, found: &mut Problems) -> Self;
+}
+
+/// Policy values written the same way at the top level and in a route.
+macro_rules! written_alike {
+    ($($ty:ty),*) => {$(
+        impl PolicyValue for $ty {
+            type Route = $ty;
+            type Top = $ty;
+            fn own(route: &$ty) -> Self {
+                route.clone()
+            }
+            fn top(top: &$ty, _key: &str, _found: &mut Problems) -> Self {
+                top.clone()
+            }
+        }
+    )*};
+}
+
+written_alike!(String, Vec<String>, bool);
+
+/// A number in a route; text (a number or "off") at the top level, where
+/// flags and environment variables set it too.
+impl PolicyValue for Number {
+    type Route = u64;
+    type Top = String;
+    fn own(route: &u64) -> Self {
+        Ok(Some(*route))
+    }
+    fn top(top: &String, key: &str, found: &mut Problems) -> Self {
+        found
+            .optional::<u64>(key, top, "a whole number")
+            .ok_or(Reported)
+    }
+}
+
 /// Declares [`Policy`]: per setting, a route's own value or the top level's.
 macro_rules! route_policy {
     ($($field:ident: $ty:ty),* $(,)?) => {
@@ -286,19 +288,26 @@ macro_rules! route_policy {
         }
 
         impl Policy {
-            /// The top-level settings, as the default route's own.
-            fn top(raw: &RawConfig) -> Self {
+            /// The top-level settings, as the default route's own; what
+            /// cannot be read is reported here, once.
+            fn top(raw: &RawConfig, found: &mut Problems) -> Self {
                 Self {
-                    $($field: Inherit { value: raw.$field.clone(), from: Source::Own },)*
+                    $($field: Inherit {
+                        value: <$ty as PolicyValue>::top(&raw.$field, stringify!($field), found),
+                        from: Source::Own,
+                    },)*
                 }
             }
 
             /// A `[[routes]]` entry's: what it sets, else the top level's.
-            fn of(route: &RawRoute, raw: &RawConfig) -> Self {
+            fn of(route: &RawRoute, top: &Policy) -> Self {
                 Self {
                     $($field: match &route.$field {
-                        Some(value) => Inherit { value: value.clone(), from: Source::Own },
-                        None => Inherit { value: raw.$field.clone(), from: Source::Top },
+                        Some(value) => Inherit {
+                            value: <$ty as PolicyValue>::own(value),
+                            from: Source::Own,
+                        },
+                        None => Inherit { value: top.$field.value.clone(), from: Source::Top },
                     },)*
                 }
             }
@@ -358,11 +367,13 @@ impl AtDefault for bool {
 
 // Every per-route policy setting that also exists at the top level: a
 // `[[routes]]` entry that leaves it out takes the top level's value, one
-// that sets it (even to `[]`) keeps its own. Adding one is one line here,
-// given a `RawConfig` field and an `Option` `RawRoute` field of the same
-// name and type, plus a row in the README's "Route policy" table. Settings
-// that apply process-wide (token_rate_limit, access_token_budget,
-// max_request_body, max_concurrent_requests) are not route policy.
+// that sets it (even to `[]`) keeps its own, and a top-level value that
+// every route overrides, with no top-level route to use it, is refused.
+// Adding one is one line here, given a `RawConfig` field and an `Option`
+// `RawRoute` field of the same name (of the types a `PolicyValue` pairs),
+// plus a row in the README's "Route policy" table. Settings that apply
+// process-wide (token_rate_limit, access_token_budget, max_request_body,
+// max_concurrent_requests) are not route policy.
 route_policy! {
     auth_header: String,
     auth_template: String,
@@ -371,6 +382,12 @@ route_policy! {
     allowed_paths: Vec<String>,
     token_budget: Vec<String>,
     add_stream_usage: bool,
+    // Request rules ([`RequestRules`]).
+    budget_reserve: Number,
+    unparsed_budget_requests: String,
+    max_output_tokens: Number,
+    over_max_output_tokens: String,
+    allowed_models: Vec<String>,
 }
 
 /// The account a route's `token_budget` is counted in: its own name when
@@ -414,12 +431,52 @@ struct TargetSpec<'a> {
     allow_cleartext: bool,
 }
 
+impl<'a> TargetSpec<'a> {
+    /// The top-level target settings.
+    fn top(raw: &'a RawConfig) -> Self {
+        Self {
+            upstream: raw.upstream.as_deref(),
+            model: raw.model.as_deref(),
+            chain: raw.chain.as_deref(),
+            model_apis: raw.model_apis,
+            environment: raw.environment.as_deref(),
+            deployment: raw.deployment.as_deref(),
+            development: raw.development,
+            grpc: raw.grpc,
+            regional: raw.regional,
+            allow_cleartext: raw.allow_cleartext_upstream,
+        }
+    }
+
+    /// A `[[routes]]` entry's target settings.
+    fn of(route: &'a RawRoute, raw: &RawConfig) -> Self {
+        Self {
+            upstream: route.upstream.as_deref(),
+            model: route.model.as_deref(),
+            chain: route.chain.as_deref(),
+            model_apis: route.model_apis,
+            environment: route.environment.as_deref(),
+            deployment: route.deployment.as_deref(),
+            development: route.development,
+            grpc: route.grpc,
+            regional: route.regional,
+            allow_cleartext: raw.allow_cleartext_upstream,
+        }
+    }
+}
+
 /// What a route points at, resolved.
 struct Resolved {
     upstream: UpstreamUrl,
     stage: Option<Stage>,
     /// For `grpc`: the headers naming the model and its stage.
     grpc_headers: Option<Vec<(&'static str, String)>>,
+}
+
+/// Where a route's key comes from: `key_file` if set, else `key_env`.
+struct KeySource<'a> {
+    key_env: &'a str,
+    key_file: Option<&'a str>,
 }
 
 /// A route's credential settings, before validation.
@@ -429,6 +486,56 @@ struct CredentialSpec<'a> {
     header: &'a str,
     template: &'a str,
     strip: &'a [String],
+}
+
+/// What a route's policy makes, each checked in the route's context (its
+/// prefix, its target, its key); `None` where something was wrong.
+struct PolicyParts {
+    credential: Option<Credential>,
+    set_headers: Option<Vec<(HeaderName, HeaderValue)>>,
+    paths: Option<PathPolicy>,
+    budgets: Option<Vec<BudgetLimit>>,
+}
+
+/// Checks the parts of `policy` that depend on the route: the credential
+/// (with the key from `key`), the static headers, the path rules (against
+/// `prefix`) and the budgets.
+fn policy_parts(
+    policy: &Policy,
+    key: &KeySource<'_>,
+    grpc_headers: Option<&Vec<(&'static str, String)>>,
+    prefix: &str,
+    scope: &Scope,
+    env: &HashMap<String, String>,
+    found: &mut Problems,
+) -> PolicyParts {
+    let (mut credential, key) = credential(
+        &CredentialSpec {
+            key_env: key.key_env,
+            key_file: key.key_file,
+            header: key_header(&policy.auth_header.value, grpc_headers.is_some()),
+            template: &policy.auth_template.value,
+            strip: &policy.strip_request_headers.value,
+        },
+        scope,
+        env,
+        found,
+    );
+    let set_headers = static_headers(
+        &policy.set_request_headers.value,
+        grpc_headers,
+        credential.as_ref(),
+        key.as_ref(),
+        scope,
+        found,
+    );
+    strip_grpc_stage_headers(credential.as_mut(), grpc_headers.is_some());
+    PolicyParts {
+        credential,
+        set_headers,
+        paths: path_policy(&policy.allowed_paths, prefix, scope, found),
+        budgets: budgets(&policy.token_budget.value, scope, found),
+    }
 }
 
 /// Builds and validates every route; `None` if anything was wrong.
@@ -441,19 +548,7 @@ pub(super) fn check(
     let mut routes = Vec::new();
 
     let top = Scope(None);
-    let top_target = TargetSpec {
-        upstream: raw.upstream.as_deref(),
-        model: raw.model.as_deref(),
-        chain: raw.chain.as_deref(),
-        model_apis: raw.model_apis,
-        environment: raw.environment.as_deref(),
-        deployment: raw.deployment.as_deref(),
-        development: raw.development,
-        grpc: raw.grpc,
-        regional: raw.regional,
-        allow_cleartext: raw.allow_cleartext_upstream,
-    };
-    let top_target = target(&top_target, &top, found).flatten();
+    let top_target = target(&TargetSpec::top(raw), &top, found).ok().flatten();
     let top_http = named_protocol(
         raw.upstream_http.as_deref(),
         raw.upstream_http2,
@@ -461,89 +556,93 @@ pub(super) fn check(
         &top,
         found,
     );
-    // Checked whether or not a top-level route is made: routes inherit them.
-    let rules = top_rules(raw, found);
+    // Read and checked whether or not a top-level route is made: routes
+    // inherit them.
+    let policy = Policy::top(raw, found);
+    let rules = RequestRules::check(&policy, &top, found);
     // The top-level credential is checked whenever it may be used, even if the
     // upstream is missing, so that every problem is reported in one pass.
     if top_target.is_some() || raw.routes.is_empty() {
-        let policy = Policy::top(raw);
-        let grpc_headers = top_target.as_ref().and_then(|t| t.grpc_headers.as_ref());
-        let (mut credential, key) = credential(
-            &CredentialSpec {
-                key_env: &raw.key_env,
-                key_file: raw.key_file.as_deref(),
-                header: key_header(&policy.auth_header.value, grpc_headers.is_some()),
-                template: &policy.auth_template.value,
-                strip: &policy.strip_request_headers.value,
-            },
-            &top,
-            env,
-            found,
-        );
-        let set_headers = static_headers(
-            &policy.set_request_headers.value,
-            grpc_headers,
-            credential.as_ref(),
-            key.as_ref(),
-            &top,
-            found,
-        );
-        strip_grpc_stage_headers(credential.as_mut(), grpc_headers.is_some());
-        let paths = path_policy(&policy.allowed_paths, "/", &top, found);
-        let budgets = budgets(&policy.token_budget.value, &top, found);
-        let http = top_http.and_then(|named| {
-            resolve_protocol(
-                named,
-                UpstreamHttp::Http1,
-                grpc_headers.is_some(),
-                &top,
-                found,
-            )
-        });
-        if let (
-            Some(target),
-            Some(credential),
-            Some(paths),
-            Some(http),
-            Some(set_headers),
-            Some(budgets),
-            Some(rules),
-        ) = (
-            top_target,
-            credential,
-            paths,
-            http,
-            set_headers,
-            budgets,
-            rules.clone(),
-        ) {
-            routes.push(RouteConfig {
-                name: DEFAULT_ROUTE.to_owned(),
-                prefix: "/".to_owned(),
-                strip_prefix: false,
-                upstream: target.upstream,
-                stage: target.stage,
-                credential,
-                paths,
-                http,
-                set_headers,
-                budgets,
-                budget_account: budget_account(DEFAULT_ROUTE, &policy),
-                add_stream_usage: policy.add_stream_usage.value,
-                rules,
-            });
-        }
+        let top_route = TopRoute {
+            target: top_target,
+            http: top_http,
+            rules: rules.clone(),
+        };
+        routes.extend(default_route(raw, &policy, top_route, env, found));
     }
 
+    let inherited_http = top_http.ok().flatten().unwrap_or(UpstreamHttp::Http1);
     for (index, route) in raw.routes.iter().enumerate() {
         let scope = Scope(Some(format!("routes[{index}] {:?}", route.name)));
-        let inherited = top_http.flatten().unwrap_or(UpstreamHttp::Http1);
-        if let Some(route) = check_route(route, raw, inherited, rules.as_ref(), &scope, env, found)
-        {
-            routes.push(route);
-        }
+        let inherited = Inherited {
+            policy: &policy,
+            http: inherited_http,
+        };
+        routes.extend(check_route(route, raw, &inherited, &scope, env, found));
     }
 
+    report_unused_top_level(raw, found);
+    report_clashes(&routes, found);
+    if found.0.len() > errors_before {
+        return None;
+    }
+    // Longest prefix first, so the first match is the most specific.
+    routes.sort_by_key(|route| std::cmp::Reverse(route.prefix.len()));
+    Some(routes)
+}
+
+/// The top-level settings checked before the default route is built.
+struct TopRoute {
+    target: Option<Resolved>,
+    http: Result<Option<UpstreamHttp>, Reported>,
+    rules: Option<RequestRules>,
+}
+
+/// The route the top-level settings make, at prefix `/`; `None` if
+/// something was wrong (reported).
+fn default_route(
+    raw: &RawConfig,
+    policy: &Policy,
+    top_route: TopRoute,
+    env: &HashMap<String, String>,
+    found: &mut Problems,
+) -> Option<RouteConfig> {
+    let top = Scope(None);
+    let grpc_headers = top_route
+        .target
+        .as_ref()
+        .and_then(|t| t.grpc_headers.as_ref());
+    let key = KeySource {
+        key_env: &raw.key_env,
+        key_file: raw.key_file.as_deref(),
+    };
+    let parts = policy_parts(policy, &key, grpc_headers, "/", &top, env, found);
+    let grpc = grpc_headers.is_some();
+    let http = top_route
+        .http
+        .ok()
+        .and_then(|named| resolve_protocol(named, UpstreamHttp::Http1, grpc, &top, found));
+    let target = top_route.target?;
+    Some(RouteConfig {
+        name: DEFAULT_ROUTE.to_owned(),
+        prefix: "/".to_owned(),
+        strip_prefix: false,
+        upstream: target.upstream,
+        stage: target.stage,
+        credential: parts.credential?,
+        paths: parts.paths?,
+        http: http?,
+        set_headers: parts.set_headers?,
+        budgets: parts.budgets?,
+        budget_account: budget_account(DEFAULT_ROUTE, policy),
+        add_stream_usage: policy.add_stream_usage.value,
+        rules: top_route.rules?,
+    })
+}
+
+/// Top-level settings that no route would use: refused, so that nothing
+/// written in the config file silently applies to nothing.
+fn report_unused_top_level(raw: &RawConfig, found: &mut Problems) {
     let no_upstream = [&raw.upstream, &raw.model, &raw.chain]
         .iter()
         .all(|value| set(value.as_deref()).is_none())
@@ -571,6 +670,11 @@ pub(super) fn check(
              set KEYRELAY_UPSTREAM, or declare [[routes]] in the config file",
         );
     }
+}
+
+/// Routes that share a prefix, a name, or a budget account with different
+/// budgets.
+fn report_clashes(routes: &[RouteConfig], found: &mut Problems) {
     for (i, a) in routes.iter().enumerate() {
         for b in &routes[i + 1..] {
             if a.prefix == b.prefix {
@@ -601,23 +705,16 @@ pub(super) fn check(
             }
         }
     }
-    if found.0.len() > errors_before {
-        return None;
-    }
-    // Longest prefix first, so the first match is the most specific.
-    routes.sort_by_key(|route| std::cmp::Reverse(route.prefix.len()));
-    Some(routes)
 }
 
-fn check_route(
-    route: &RawRoute,
-    raw: &RawConfig,
-    inherited_http: UpstreamHttp,
-    inherited_rules: Option<&RequestRules>,
-    scope: &Scope,
-    env: &HashMap<String, String>,
-    found: &mut Problems,
-) -> Option<RouteConfig> {
+/// What a `[[routes]]` entry takes from the top level when it sets nothing.
+struct Inherited<'a> {
+    policy: &'a Policy,
+    http: UpstreamHttp,
+}
+
+/// A route's prefix as matched: `/`, or without a trailing slash.
+fn route_prefix(route: &RawRoute, scope: &Scope, found: &mut Problems) -> String {
     let prefix = route.prefix.trim();
     let prefix = if prefix == "/" {
         "/".to_owned()
@@ -630,31 +727,31 @@ fn check_route(
             format!("{:?} must be a path such as /llama", route.prefix),
         );
     }
+    prefix
+}
+
+fn check_route(
+    route: &RawRoute,
+    raw: &RawConfig,
+    inherited: &Inherited<'_>,
+    scope: &Scope,
+    env: &HashMap<String, String>,
+    found: &mut Problems,
+) -> Option<RouteConfig> {
+    let prefix = route_prefix(route, scope, found);
     if route.name.trim().is_empty() {
         found.report(&scope.setting("name"), "must not be empty");
     }
-    let spec = TargetSpec {
-        upstream: route.upstream.as_deref(),
-        model: route.model.as_deref(),
-        chain: route.chain.as_deref(),
-        model_apis: route.model_apis,
-        environment: route.environment.as_deref(),
-        deployment: route.deployment.as_deref(),
-        development: route.development,
-        grpc: route.grpc,
-        regional: route.regional,
-        allow_cleartext: raw.allow_cleartext_upstream,
-    };
-    let target = match target(&spec, scope, found) {
-        Some(Some(target)) => Some(target),
-        Some(None) => {
+    let target = match target(&TargetSpec::of(route, raw), scope, found) {
+        Ok(Some(target)) => Some(target),
+        Ok(None) => {
             found.report(
                 &scope.setting("upstream"),
                 "the route has no upstream: set upstream, model, chain or model_apis",
             );
             None
         }
-        None => None,
+        Err(Reported) => None,
     };
     let key_env = route.key_env.as_deref().filter(|v| !v.is_empty());
     let key_file = route.key_file.as_deref().filter(|v| !v.is_empty());
@@ -665,55 +762,16 @@ fn check_route(
         );
         return None;
     }
-    let policy = Policy::of(route, raw);
+    let policy = Policy::of(route, inherited.policy);
     let grpc_headers = target.as_ref().and_then(|t| t.grpc_headers.as_ref());
-    let (mut credential, key) = credential(
-        &CredentialSpec {
-            key_env: key_env.unwrap_or_default(),
-            key_file,
-            header: key_header(&policy.auth_header.value, grpc_headers.is_some()),
-            template: &policy.auth_template.value,
-            strip: &policy.strip_request_headers.value,
-        },
-        scope,
-        env,
-        found,
-    );
-    let set_headers = static_headers(
-        &policy.set_request_headers.value,
-        grpc_headers,
-        credential.as_ref(),
-        key.as_ref(),
-        scope,
-        found,
-    );
-    strip_grpc_stage_headers(credential.as_mut(), grpc_headers.is_some());
-    let paths = path_policy(&policy.allowed_paths, &prefix, scope, found);
-    let budgets = budgets(&policy.token_budget.value, scope, found);
-    let rules = RawRules {
-        budget_reserve: route.budget_reserve,
-        unparsed_budget_requests: route.unparsed_budget_requests.as_deref(),
-        max_output_tokens: route.max_output_tokens.map(Some),
-        over_max_output_tokens: route.over_max_output_tokens.as_deref(),
-        allowed_models: route.allowed_models.as_deref(),
+    let key = KeySource {
+        key_env: key_env.unwrap_or_default(),
+        key_file,
     };
-    let rules = request_rules(&rules, inherited_rules, scope, found);
-    let explicit = [
-        ("budget_reserve", route.budget_reserve.is_some()),
-        (
-            "unparsed_budget_requests",
-            route.unparsed_budget_requests.is_some(),
-        ),
-    ];
-    let no_budget = policy.token_budget.value.is_empty() && raw.access_token_budget.is_empty();
-    for (setting, set) in explicit {
-        if set && no_budget {
-            found.report(
-                &scope.setting(setting),
-                "has no effect: no token_budget or access_token_budget applies to this route",
-            );
-        }
-    }
+    let parts = policy_parts(&policy, &key, grpc_headers, &prefix, scope, env, found);
+    let rules = RequestRules::check(&policy, scope, found);
+    report_without_budget(&policy, raw, scope, found);
+    let grpc = grpc_headers.is_some();
     let http = named_protocol(
         route.upstream_http.as_deref(),
         route.http2,
@@ -721,9 +779,8 @@ fn check_route(
         scope,
         found,
     )
-    .and_then(|named| {
-        resolve_protocol(named, inherited_http, grpc_headers.is_some(), scope, found)
-    });
+    .ok()
+    .and_then(|named| resolve_protocol(named, inherited.http, grpc, scope, found));
     let target = target?;
     Some(RouteConfig {
         name: route.name.clone(),
@@ -731,15 +788,35 @@ fn check_route(
         strip_prefix: route.strip_prefix.unwrap_or(true),
         upstream: target.upstream,
         stage: target.stage,
-        credential: credential?,
-        paths: paths?,
+        credential: parts.credential?,
+        paths: parts.paths?,
         http: http?,
-        set_headers: set_headers?,
-        budgets: budgets?,
+        set_headers: parts.set_headers?,
+        budgets: parts.budgets?,
         budget_account: budget_account(&route.name, &policy),
         add_stream_usage: policy.add_stream_usage.value,
         rules: rules?,
     })
+}
+
+/// A route's own budget settings that no budget would use.
+fn report_without_budget(policy: &Policy, raw: &RawConfig, scope: &Scope, found: &mut Problems) {
+    let no_budget = policy.token_budget.value.is_empty() && raw.access_token_budget.is_empty();
+    let explicit = [
+        ("budget_reserve", policy.budget_reserve.from),
+        (
+            "unparsed_budget_requests",
+            policy.unparsed_budget_requests.from,
+        ),
+    ];
+    for (setting, from) in explicit {
+        if from == Source::Own && no_budget {
+            found.report(
+                &scope.setting(setting),
+                "has no effect: no token_budget or access_token_budget applies to this route",
+            );
+        }
+    }
 }
 
 /// A route's `token_budget` entries; `None` if one is wrong (reported).
@@ -749,14 +826,14 @@ fn budgets(entries: &[String], scope: &Scope, found: &mut Problems) -> Option<Ve
 
 /// The HTTP version a route names: `upstream_http`, or the older switch
 /// (`http2` on a route, `upstream_http2` at the top level) meaning "2";
-/// `Some(None)` when it names none.
+/// `Ok(None)` when it names none.
 fn named_protocol(
     text: Option<&str>,
     switch_on: bool,
     switch: &str,
     scope: &Scope,
     found: &mut Problems,
-) -> Option<Option<UpstreamHttp>> {
+) -> Result<Option<UpstreamHttp>, Reported> {
     let named = match set(text) {
         None => None,
         Some(text) => match UpstreamHttp::parse(text) {
@@ -766,7 +843,7 @@ fn named_protocol(
                     &scope.setting("upstream_http"),
                     format!("{text:?} is not one of: 1.1, 2, auto"),
                 );
-                return None;
+                return Err(Reported);
             }
         },
     };
@@ -779,10 +856,10 @@ fn named_protocol(
                      upstream_http = \"{named}\"; set only upstream_http"
                 ),
             );
-            None
+            Err(Reported)
         }
-        None if switch_on => Some(Some(UpstreamHttp::Http2)),
-        named => Some(named),
+        None if switch_on => Ok(Some(UpstreamHttp::Http2)),
+        named => Ok(named),
     }
 }
 
@@ -872,8 +949,12 @@ fn set(value: Option<&str>) -> Option<&str> {
     value.filter(|v| !v.trim().is_empty())
 }
 
-/// Resolves what a route points at: `Some(None)` when nothing was set.
-fn target(spec: &TargetSpec<'_>, scope: &Scope, found: &mut Problems) -> Option<Option<Resolved>> {
+/// Resolves what a route points at: `Ok(None)` when nothing was set.
+fn target(
+    spec: &TargetSpec<'_>,
+    scope: &Scope,
+    found: &mut Problems,
+) -> Result<Option<Resolved>, Reported> {
     let model = set(spec.model);
     let chain = set(spec.chain);
     let upstream = set(spec.upstream);
@@ -891,7 +972,7 @@ fn target(spec: &TargetSpec<'_>, scope: &Scope, found: &mut Problems) -> Option<
             &scope.setting("upstream"),
             "set only one of upstream, model, chain and model_apis",
         );
-        return None;
+        return Err(Reported);
     }
     let environment = set(spec.environment);
     let deployment = set(spec.deployment);
@@ -908,7 +989,7 @@ fn target(spec: &TargetSpec<'_>, scope: &Scope, found: &mut Problems) -> Option<
             &scope.setting("environment"),
             "set only one of environment, deployment and development",
         );
-        return None;
+        return Err(Reported);
     }
     let named = match (model, chain) {
         (Some(id), _) => Some(Target::Model(id.to_owned())),
@@ -920,7 +1001,7 @@ fn target(spec: &TargetSpec<'_>, scope: &Scope, found: &mut Problems) -> Option<
             &scope.setting("environment"),
             "environment, deployment and development go with model or chain",
         );
-        return None;
+        return Err(Reported);
     }
     for (key, value) in [
         ("model", model),
@@ -933,13 +1014,13 @@ fn target(spec: &TargetSpec<'_>, scope: &Scope, found: &mut Problems) -> Option<
                 &scope.setting(key),
                 format!("{value:?} may contain only letters, digits, - and _"),
             );
-            return None;
+            return Err(Reported);
         }
     }
     if let Some(problem) = shortcut_problem(spec, model, environment) {
         let key = if spec.grpc { "grpc" } else { "regional" };
         found.report(&scope.setting(key), problem);
-        return None;
+        return Err(Reported);
     }
     let given = match (environment, deployment) {
         (_, Some(id)) => Some(Stage::Deployment(id.to_owned())),
@@ -964,7 +1045,7 @@ fn target(spec: &TargetSpec<'_>, scope: &Scope, found: &mut Problems) -> Option<
         (None, _) if spec.model_apis => (baseten::upstream_url(&Target::ModelApis), None),
         (None, _) => match upstream {
             Some(url) => (url.to_owned(), None),
-            None => return Some(None),
+            None => return Ok(None),
         },
     };
     match parse_upstream(&url) {
@@ -977,16 +1058,16 @@ fn target(spec: &TargetSpec<'_>, scope: &Scope, found: &mut Problems) -> Option<
                      allow_cleartext_upstream = true if that network path is trusted"
                 ),
             );
-            None
+            Err(Reported)
         }
-        Ok(upstream) => Some(Some(Resolved {
+        Ok(upstream) => Ok(Some(Resolved {
             upstream,
             stage,
             grpc_headers,
         })),
         Err(message) => {
             found.report(&scope.setting("upstream"), message);
-            None
+            Err(Reported)
         }
     }
 }
@@ -1439,6 +1520,49 @@ allowed_models = [" "]
         ] {
             assert!(settings.contains(&expected), "{expected} in {settings:?}");
         }
+    }
+
+    #[test]
+    fn top_level_request_rules_every_route_overrides_are_refused() {
+        let route = |name: &str, prefix: &str, own: &str| {
+            format!(
+                "[[routes]]\nname = {name:?}\nprefix = {prefix:?}\nupstream = \"https://a.test\"\n\
+                 key_env = \"BASETEN_API_KEY\"\ntoken_budget = [\"10/minute\"]\n{own}\n"
+            )
+        };
+        let own = "budget_reserve = 64\nunparsed_budget_requests = \"forward\"\n\
+                   max_output_tokens = 50\nover_max_output_tokens = \"refuse\"\nallowed_models = []";
+        let top = "budget_reserve = 512\nunparsed_budget_requests = \"refuse\"\n\
+                   max_output_tokens = \"1000\"\nover_max_output_tokens = \"clamp\"\n\
+                   allowed_models = [\"small\"]\n";
+        let refused = with_file(
+            &format!("{top}{}{}", route("a", "/a", own), route("b", "/b", own)),
+            &[],
+        )
+        .expect_err("refused");
+        let unused: Vec<&str> = refused
+            .problems
+            .iter()
+            .filter(|p| p.message.contains("would apply to nothing"))
+            .map(|p| p.setting.as_str())
+            .collect();
+        assert_eq!(
+            unused,
+            [
+                "budget_reserve",
+                "unparsed_budget_requests",
+                "max_output_tokens",
+                "over_max_output_tokens",
+                "allowed_models"
+            ],
+            "{refused}"
+        );
+        // One route that inherits them is enough for them to apply.
+        with_file(
+            &format!("{top}{}{}", route("a", "/a", own), route("b", "/b", "")),
+            &[],
+        )
+        .expect("valid");
     }
 
     #[test]
