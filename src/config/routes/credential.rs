@@ -1,0 +1,189 @@
+//! A route's credential (the key, the header it goes in, the headers
+//! scrubbed from clients) and its static request headers.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use http::{HeaderName, HeaderValue};
+
+use super::Scope;
+use crate::config::baseten;
+use crate::config::check::Problems;
+use crate::config::request_headers;
+use crate::config::Credential;
+use crate::secrets::key::{ApiKey, KEY_PLACEHOLDER};
+use crate::secrets::secret_file;
+
+/// A route's credential settings, before validation.
+pub(super) struct CredentialSpec<'a> {
+    pub(super) key_env: &'a str,
+    pub(super) key_file: Option<&'a str>,
+    pub(super) header: &'a str,
+    pub(super) template: &'a str,
+    pub(super) strip: &'a [String],
+}
+
+/// On a gRPC route a client's own stage headers are removed, so a call
+/// cannot pick a stage other than the configured one (or production).
+pub(super) fn strip_grpc_stage_headers(credential: Option<&mut Credential>, grpc: bool) {
+    let Some(credential) = credential.filter(|_| grpc) else {
+        return;
+    };
+    for name in baseten::GRPC_STAGE_HEADERS {
+        let name = HeaderName::from_static(name);
+        if !credential.strip.contains(&name) {
+            credential.strip.push(name);
+        }
+    }
+}
+
+/// The header the key goes in: Baseten's gRPC endpoint reads
+/// `baseten-authorization`, so a gRPC route left at the default uses it.
+pub(super) fn key_header(configured: &str, grpc: bool) -> &str {
+    if grpc && configured.eq_ignore_ascii_case("authorization") {
+        baseten::GRPC_KEY_HEADER
+    } else {
+        configured
+    }
+}
+
+/// The route's static request headers: its `set_request_headers` and, for
+/// a gRPC shortcut, the headers naming the model (which win: they are what
+/// makes the shortcut reach its model).
+pub(super) fn static_headers(
+    entries: &[String],
+    grpc_headers: Option<&Vec<(&'static str, String)>>,
+    credential: Option<&Credential>,
+    key: Option<&ApiKey>,
+    scope: &Scope,
+    found: &mut Problems,
+) -> Option<Vec<(HeaderName, HeaderValue)>> {
+    let setting = scope.setting("set_request_headers");
+    let key_header = credential.map(|c| &c.header);
+    let mut headers = request_headers::parse(entries, key_header, key, |problem| {
+        found.report(&setting, problem)
+    })?;
+    for (name, value) in grpc_headers.into_iter().flatten() {
+        let name = HeaderName::from_static(name);
+        // Checked names and values: ids are letters, digits, - and _.
+        let value = HeaderValue::from_str(value).ok()?;
+        if headers.iter().any(|(set, _)| *set == name) {
+            found.report(
+                &setting,
+                format!(
+                    "{name} is set by grpc from model, environment and deployment; leave it out"
+                ),
+            );
+            return None;
+        }
+        headers.push((name, value));
+    }
+    Some(headers)
+}
+
+/// The header the credential goes in; `None` (reported) if it cannot
+/// carry one: not a header name, or one keyrelay manages itself.
+fn credential_header(written: &str, scope: &Scope, found: &mut Problems) -> Option<HeaderName> {
+    let header = HeaderName::from_bytes(written.as_bytes())
+        .ok()
+        .filter(|name| !request_headers::is_managed(name));
+    if header.is_none() {
+        let name = written.trim();
+        let why = if name.starts_with(':') {
+            "is an HTTP/2 pseudo-header, which keyrelay sets itself; the credential needs an ordinary header"
+        } else if HeaderName::from_bytes(name.as_bytes()).is_ok() {
+            "frames or routes the message (host, length, transfer coding, hop-by-hop), \
+             which keyrelay manages itself: a credential there would be dropped or corrupt \
+             the request; use an ordinary header such as authorization"
+        } else {
+            "is not a valid header name"
+        };
+        found.report(&scope.setting("auth_header"), format!("{written:?} {why}"));
+    }
+    header
+}
+
+/// Validates a route's credential: header, template, strip list and the key
+/// itself. The key comes back too (when it could be read), for checks that
+/// other settings do not contain it.
+pub(super) fn credential(
+    spec: &CredentialSpec<'_>,
+    scope: &Scope,
+    env: &HashMap<String, String>,
+    found: &mut Problems,
+) -> (Option<Credential>, Option<ApiKey>) {
+    let header = credential_header(spec.header, scope, found);
+    let template_ok = spec.template.contains(KEY_PLACEHOLDER);
+    if !template_ok {
+        found.report(
+            &scope.setting("auth_template"),
+            format!("must contain {KEY_PLACEHOLDER} where the key goes"),
+        );
+    }
+    let mut strip = Vec::with_capacity(spec.strip.len() + 1);
+    for name in spec.strip.iter().map(|n| n.trim()) {
+        match HeaderName::from_bytes(name.as_bytes()) {
+            Ok(name) => strip.push(name),
+            Err(_) if name.is_empty() => {}
+            Err(_) => found.report(
+                &scope.setting("strip_request_headers"),
+                format!("{name:?} is not a valid header name"),
+            ),
+        }
+    }
+
+    let key_file = spec.key_file.filter(|p| !p.is_empty()).map(PathBuf::from);
+    let (key, source_setting, source) = match &key_file {
+        Some(path) => (
+            secret_file::read(path)
+                .map_err(|problem| found.report(&scope.setting("key_file"), problem))
+                .ok(),
+            "key_file",
+            path.display().to_string(),
+        ),
+        None => {
+            let key = env
+                .get(spec.key_env)
+                .map(|value| ApiKey::new(value.clone()))
+                .filter(|key| !key.is_blank());
+            if key.is_none() {
+                found.report(
+                    &scope.setting("key_env"),
+                    format!(
+                        "environment variable {} is not set or is empty; export the upstream API key \
+                         in it (or set key_file)",
+                        spec.key_env
+                    ),
+                );
+            }
+            (key, "key_env", spec.key_env.to_owned())
+        }
+    };
+    let value = match &key {
+        Some(key) if template_ok => key
+            .header_value(spec.template)
+            .map_err(|err| {
+                found.report(
+                    &scope.setting(source_setting),
+                    format!("the key from {source} (as rendered by auth_template) {err}"),
+                )
+            })
+            .ok(),
+        _ => None,
+    };
+    let (Some(header), Some(value)) = (header, value) else {
+        return (None, key);
+    };
+    if !strip.contains(&header) {
+        strip.push(header.clone());
+    }
+    let credential = Credential {
+        key_env: spec.key_env.to_owned(),
+        key_file,
+        template: spec.template.to_owned(),
+        header,
+        value,
+        strip,
+    };
+    (Some(credential), key)
+}

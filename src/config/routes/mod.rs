@@ -1,0 +1,509 @@
+//! The route table: which local path prefix goes to which upstream, with
+//! which credential.
+//!
+//! The top-level settings (`upstream` or a Baseten shortcut, `key_env`,
+//! `auth_*`, `allowed_paths`, `upstream_http`, `set_request_headers`) make a
+//! route named `default` at prefix `/`. A config file can add named routes,
+//! which take the top-level route policy (the settings in [`Policy`]:
+//! `auth_*`, the header lists, `allowed_paths`, `token_budget`,
+//! `add_stream_usage` and the request rules `budget_reserve`,
+//! `unparsed_budget_requests`, `max_output_tokens`, `over_max_output_tokens`,
+//! `allowed_models`) and `upstream_http` unless they set their own:
+//!
+//! ```toml
+//! [[routes]]
+//! name = "llama"
+//! prefix = "/llama"            # requests under /llama go here (prefix stripped)
+//! model = "abc123"             # or upstream = "https://...", chain = "...", model_apis = true
+//! environment = "production"   # or deployment = "...", development = true
+//! key_env = "BASETEN_API_KEY"  # or key_file = "/run/secrets/key"
+//! auth_template = "Api-Key {key}"
+//! upstream_http = "2"          # or "1.1", "auto"; grpc = true implies "2"
+//! set_request_headers = ["x-team: search"]
+//! ```
+//!
+//! Longest prefix wins. Every problem names its route.
+//!
+//! Here: the route as written and as validated, and the checks of the whole
+//! table. `policy` declares what routes inherit (one line per setting),
+//! `rules` checks the request rules, `target` resolves the upstream (Baseten
+//! and gRPC shortcuts, HTTP version), `credential` the key and the static
+//! headers.
+
+mod credential;
+mod policy;
+mod rules;
+mod target;
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
+
+use http::{HeaderName, HeaderValue};
+use serde::Deserialize;
+
+use self::credential::{
+    credential, key_header, static_headers, strip_grpc_stage_headers, CredentialSpec,
+};
+use self::policy::{budget_account, path_policy, Policy, Source};
+pub use self::rules::RequestRules;
+use self::target::{named_protocol, resolve_protocol, target, Resolved, TargetSpec};
+use super::check::{parse_budgets, Problems};
+use super::{Credential, RawConfig, UpstreamHttp, UpstreamUrl};
+use crate::config::baseten::Stage;
+use crate::guard::paths::PathPolicy;
+use crate::usage::BudgetLimit;
+
+/// A route as written in the config file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRoute {
+    name: String,
+    prefix: String,
+    upstream: Option<String>,
+    model: Option<String>,
+    chain: Option<String>,
+    #[serde(default)]
+    model_apis: bool,
+    environment: Option<String>,
+    deployment: Option<String>,
+    #[serde(default)]
+    development: bool,
+    #[serde(default)]
+    grpc: bool,
+    #[serde(default)]
+    regional: bool,
+    key_env: Option<String>,
+    key_file: Option<String>,
+    auth_header: Option<String>,
+    auth_template: Option<String>,
+    strip_request_headers: Option<Vec<String>>,
+    strip_prefix: Option<bool>,
+    allowed_paths: Option<Vec<String>>,
+    token_budget: Option<Vec<String>>,
+    add_stream_usage: Option<bool>,
+    budget_reserve: Option<u64>,
+    unparsed_budget_requests: Option<String>,
+    max_output_tokens: Option<u64>,
+    over_max_output_tokens: Option<String>,
+    allowed_models: Option<Vec<String>>,
+    upstream_http: Option<String>,
+    /// The older spelling of `upstream_http = "2"`.
+    #[serde(default)]
+    http2: bool,
+    set_request_headers: Option<Vec<String>>,
+}
+
+impl RawRoute {
+    /// True if the route sets a `token_budget`.
+    pub(super) fn has_budget(&self) -> bool {
+        self.token_budget.as_ref().is_some_and(|b| !b.is_empty())
+    }
+
+    /// True if the route turns `add_stream_usage` on.
+    pub(super) fn adds_stream_usage(&self) -> bool {
+        self.add_stream_usage == Some(true)
+    }
+}
+
+/// One validated route.
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    /// Name used in metrics, logs and messages.
+    pub name: String,
+    /// Local path prefix (`/` for the default route), without a trailing slash otherwise.
+    pub prefix: String,
+    /// Whether the prefix is removed before forwarding.
+    pub strip_prefix: bool,
+    /// Where matching requests go.
+    pub upstream: UpstreamUrl,
+    /// For Baseten shortcuts: the stage short paths are mapped under.
+    pub stage: Option<Stage>,
+    /// What is injected and what is scrubbed.
+    pub credential: Credential,
+    /// Allowed methods and paths (matched on the local path).
+    pub paths: PathPolicy,
+    /// The HTTP version spoken to this upstream.
+    pub http: UpstreamHttp,
+    /// Static headers set on every upstream request, replacing the client's.
+    pub set_headers: Vec<(HeaderName, HeaderValue)>,
+    /// LLM tokens everyone may spend on this route per window.
+    pub budgets: Vec<BudgetLimit>,
+    /// The account `budgets` are counted in: the route's name, or
+    /// `default` for the top-level budget the route inherited (shared by
+    /// every route that inherits it).
+    pub budget_account: String,
+    /// Ask streams for usage the client did not ask for (`add_stream_usage`).
+    pub add_stream_usage: bool,
+    /// What a budgeted request reserves, and what happens to one keyrelay
+    /// cannot read; the route's request caps.
+    pub rules: RequestRules,
+}
+
+/// A problem that was reported to [`Problems`] where the value is written;
+/// what carries it is unusable, and nothing more needs saying about it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Reported;
+
+/// The name of the route the top-level settings make.
+const DEFAULT_ROUTE: &str = "default";
+
+/// Where one route's problems are reported: `key` for the top level,
+/// `routes[i] "name".key` for a named route.
+struct Scope(Option<String>);
+
+impl Scope {
+    fn setting(&self, key: &str) -> String {
+        match &self.0 {
+            None => key.to_owned(),
+            Some(route) => format!("{route}.{key}"),
+        }
+    }
+}
+
+/// Where a route's key comes from: `key_file` if set, else `key_env`.
+struct KeySource<'a> {
+    key_env: &'a str,
+    key_file: Option<&'a str>,
+}
+
+/// What a route's policy makes, each checked in the route's context (its
+/// prefix, its target, its key); `None` where something was wrong.
+struct PolicyParts {
+    credential: Option<Credential>,
+    set_headers: Option<Vec<(HeaderName, HeaderValue)>>,
+    paths: Option<PathPolicy>,
+    budgets: Option<Vec<BudgetLimit>>,
+}
+
+/// Checks the parts of `policy` that depend on the route: the credential
+/// (with the key from `key`), the static headers, the path rules (against
+/// `prefix`) and the budgets.
+fn policy_parts(
+    policy: &Policy,
+    key: &KeySource<'_>,
+    grpc_headers: Option<&Vec<(&'static str, String)>>,
+    prefix: &str,
+    scope: &Scope,
+    env: &HashMap<String, String>,
+    found: &mut Problems,
+) -> PolicyParts {
+    let (mut credential, key) = credential(
+        &CredentialSpec {
+            key_env: key.key_env,
+            key_file: key.key_file,
+            header: key_header(&policy.auth_header.value, grpc_headers.is_some()),
+            template: &policy.auth_template.value,
+            strip: &policy.strip_request_headers.value,
+        },
+        scope,
+        env,
+        found,
+    );
+    let set_headers = static_headers(
+        &policy.set_request_headers.value,
+        grpc_headers,
+        credential.as_ref(),
+        key.as_ref(),
+        scope,
+        found,
+    );
+    strip_grpc_stage_headers(credential.as_mut(), grpc_headers.is_some());
+    PolicyParts {
+        credential,
+        set_headers,
+        paths: path_policy(&policy.allowed_paths, prefix, scope, found),
+        budgets: budgets(&policy.token_budget.value, scope, found),
+    }
+}
+
+/// Builds and validates every route; `None` if anything was wrong.
+pub(super) fn check(
+    raw: &RawConfig,
+    env: &HashMap<String, String>,
+    found: &mut Problems,
+) -> Option<Vec<RouteConfig>> {
+    let errors_before = found.0.len();
+    let mut routes = Vec::new();
+
+    let top = Scope(None);
+    let top_target = target(&TargetSpec::top(raw), &top, found).ok().flatten();
+    let top_http = named_protocol(
+        raw.upstream_http.as_deref(),
+        raw.upstream_http2,
+        "upstream_http2",
+        &top,
+        found,
+    );
+    // Read and checked whether or not a top-level route is made: routes
+    // inherit them.
+    let policy = Policy::top(raw, found);
+    let rules = RequestRules::check(&policy, &top, found);
+    // The top-level credential is checked whenever it may be used, even if the
+    // upstream is missing, so that every problem is reported in one pass.
+    if top_target.is_some() || raw.routes.is_empty() {
+        let top_route = TopRoute {
+            target: top_target,
+            http: top_http,
+            rules: rules.clone(),
+        };
+        routes.extend(default_route(raw, &policy, top_route, env, found));
+    }
+
+    let inherited_http = top_http.ok().flatten().unwrap_or(UpstreamHttp::Http1);
+    for (index, route) in raw.routes.iter().enumerate() {
+        let scope = Scope(Some(format!("routes[{index}] {:?}", route.name)));
+        let inherited = Inherited {
+            policy: &policy,
+            http: inherited_http,
+        };
+        routes.extend(check_route(route, raw, &inherited, &scope, env, found));
+    }
+
+    report_unused_top_level(raw, found);
+    report_clashes(&routes, found);
+    if found.0.len() > errors_before {
+        return None;
+    }
+    // Longest prefix first, so the first match is the most specific.
+    routes.sort_by_key(|route| std::cmp::Reverse(route.prefix.len()));
+    Some(routes)
+}
+
+/// The top-level settings checked before the default route is built.
+struct TopRoute {
+    target: Option<Resolved>,
+    http: Result<Option<UpstreamHttp>, Reported>,
+    rules: Option<RequestRules>,
+}
+
+/// The route the top-level settings make, at prefix `/`; `None` if
+/// something was wrong (reported).
+fn default_route(
+    raw: &RawConfig,
+    policy: &Policy,
+    top_route: TopRoute,
+    env: &HashMap<String, String>,
+    found: &mut Problems,
+) -> Option<RouteConfig> {
+    let top = Scope(None);
+    let grpc_headers = top_route
+        .target
+        .as_ref()
+        .and_then(|t| t.grpc_headers.as_ref());
+    let key = KeySource {
+        key_env: &raw.key_env,
+        key_file: raw.key_file.as_deref(),
+    };
+    let parts = policy_parts(policy, &key, grpc_headers, "/", &top, env, found);
+    let grpc = grpc_headers.is_some();
+    let http = top_route
+        .http
+        .ok()
+        .and_then(|named| resolve_protocol(named, UpstreamHttp::Http1, grpc, &top, found));
+    let target = top_route.target?;
+    Some(RouteConfig {
+        name: DEFAULT_ROUTE.to_owned(),
+        prefix: "/".to_owned(),
+        strip_prefix: false,
+        upstream: target.upstream,
+        stage: target.stage,
+        credential: parts.credential?,
+        paths: parts.paths?,
+        http: http?,
+        set_headers: parts.set_headers?,
+        budgets: parts.budgets?,
+        budget_account: budget_account(DEFAULT_ROUTE, policy),
+        add_stream_usage: policy.add_stream_usage.value,
+        rules: top_route.rules?,
+    })
+}
+
+/// Top-level settings that no route would use: refused, so that nothing
+/// written in the config file silently applies to nothing.
+fn report_unused_top_level(raw: &RawConfig, found: &mut Problems) {
+    let no_upstream = [&raw.upstream, &raw.model, &raw.chain]
+        .iter()
+        .all(|value| set(value.as_deref()).is_none())
+        && !raw.model_apis;
+    if !raw.routes.is_empty() && no_upstream {
+        for key in Policy::overridden_everywhere(raw) {
+            found.report(
+                key,
+                "is set at the top level, but every [[routes]] entry sets its own and there \
+                 is no top-level upstream, so it would apply to nothing",
+            );
+        }
+    }
+    if !raw.routes.is_empty() && no_upstream && set(raw.key_file.as_deref()).is_some() {
+        found.report(
+            "key_file",
+            "is set at the top level, but no upstream is, so no route would use it: \
+             each [[routes]] entry names its own key_env or key_file",
+        );
+    }
+    if raw.routes.is_empty() && no_upstream {
+        found.report(
+            "upstream",
+            "not set; pass --upstream URL (or --model ID, --chain ID, --model-apis), \
+             set KEYRELAY_UPSTREAM, or declare [[routes]] in the config file",
+        );
+    }
+}
+
+/// Routes that share a prefix, a name, or a budget account with different
+/// budgets.
+fn report_clashes(routes: &[RouteConfig], found: &mut Problems) {
+    for (i, a) in routes.iter().enumerate() {
+        for b in &routes[i + 1..] {
+            if a.prefix == b.prefix {
+                found.report(
+                    &format!("routes {:?} and {:?}", a.name, b.name),
+                    format!(
+                        "both use prefix {:?}; each prefix may appear once",
+                        a.prefix
+                    ),
+                );
+            }
+            if a.name == b.name {
+                found.report(
+                    &format!("routes {:?}", a.name),
+                    "two routes share this name; names must be unique",
+                );
+            } else if a.budget_account == b.budget_account && a.budgets != b.budgets {
+                // Only a [[routes]] entry named "default" with a budget of
+                // its own, beside routes that inherit the top-level one.
+                found.report(
+                    &format!("routes {:?} and {:?}", a.name, b.name),
+                    format!(
+                        "both budgets would be counted as {:?}, the name of the top-level \
+                         token_budget the routes without their own share; rename the route",
+                        a.budget_account
+                    ),
+                );
+            }
+        }
+    }
+}
+
+/// What a `[[routes]]` entry takes from the top level when it sets nothing.
+struct Inherited<'a> {
+    policy: &'a Policy,
+    http: UpstreamHttp,
+}
+
+/// A route's prefix as matched: `/`, or without a trailing slash.
+fn route_prefix(route: &RawRoute, scope: &Scope, found: &mut Problems) -> String {
+    let prefix = route.prefix.trim();
+    let prefix = if prefix == "/" {
+        "/".to_owned()
+    } else {
+        prefix.trim_end_matches('/').to_owned()
+    };
+    if !prefix.starts_with('/') || prefix.contains(['?', '#', '*']) {
+        found.report(
+            &scope.setting("prefix"),
+            format!("{:?} must be a path such as /llama", route.prefix),
+        );
+    }
+    prefix
+}
+
+fn check_route(
+    route: &RawRoute,
+    raw: &RawConfig,
+    inherited: &Inherited<'_>,
+    scope: &Scope,
+    env: &HashMap<String, String>,
+    found: &mut Problems,
+) -> Option<RouteConfig> {
+    let prefix = route_prefix(route, scope, found);
+    if route.name.trim().is_empty() {
+        found.report(&scope.setting("name"), "must not be empty");
+    }
+    let target = match target(&TargetSpec::of(route, raw), scope, found) {
+        Ok(Some(target)) => Some(target),
+        Ok(None) => {
+            found.report(
+                &scope.setting("upstream"),
+                "the route has no upstream: set upstream, model, chain or model_apis",
+            );
+            None
+        }
+        Err(Reported) => None,
+    };
+    let key_env = route.key_env.as_deref().filter(|v| !v.is_empty());
+    let key_file = route.key_file.as_deref().filter(|v| !v.is_empty());
+    if key_env.is_none() && key_file.is_none() {
+        found.report(
+            &scope.setting("key_env"),
+            "the route has no credential source: set key_env or key_file",
+        );
+        return None;
+    }
+    let policy = Policy::of(route, inherited.policy);
+    let grpc_headers = target.as_ref().and_then(|t| t.grpc_headers.as_ref());
+    let key = KeySource {
+        key_env: key_env.unwrap_or_default(),
+        key_file,
+    };
+    let parts = policy_parts(&policy, &key, grpc_headers, &prefix, scope, env, found);
+    let rules = RequestRules::check(&policy, scope, found);
+    report_without_budget(&policy, raw, scope, found);
+    let grpc = grpc_headers.is_some();
+    let http = named_protocol(
+        route.upstream_http.as_deref(),
+        route.http2,
+        "http2",
+        scope,
+        found,
+    )
+    .ok()
+    .and_then(|named| resolve_protocol(named, inherited.http, grpc, scope, found));
+    let target = target?;
+    Some(RouteConfig {
+        name: route.name.clone(),
+        prefix,
+        strip_prefix: route.strip_prefix.unwrap_or(true),
+        upstream: target.upstream,
+        stage: target.stage,
+        credential: parts.credential?,
+        paths: parts.paths?,
+        http: http?,
+        set_headers: parts.set_headers?,
+        budgets: parts.budgets?,
+        budget_account: budget_account(&route.name, &policy),
+        add_stream_usage: policy.add_stream_usage.value,
+        rules: rules?,
+    })
+}
+
+/// A route's own budget settings that no budget would use.
+fn report_without_budget(policy: &Policy, raw: &RawConfig, scope: &Scope, found: &mut Problems) {
+    let no_budget = policy.token_budget.value.is_empty() && raw.access_token_budget.is_empty();
+    let explicit = [
+        ("budget_reserve", policy.budget_reserve.from),
+        (
+            "unparsed_budget_requests",
+            policy.unparsed_budget_requests.from,
+        ),
+    ];
+    for (setting, from) in explicit {
+        if from == Source::Own && no_budget {
+            found.report(
+                &scope.setting(setting),
+                "has no effect: no token_budget or access_token_budget applies to this route",
+            );
+        }
+    }
+}
+
+/// A route's `token_budget` entries; `None` if one is wrong (reported).
+fn budgets(entries: &[String], scope: &Scope, found: &mut Problems) -> Option<Vec<BudgetLimit>> {
+    parse_budgets(entries, &scope.setting("token_budget"), found)
+}
+
+/// `value` unless it is missing or blank.
+fn set(value: Option<&str>) -> Option<&str> {
+    value.filter(|v| !v.trim().is_empty())
+}
