@@ -94,8 +94,9 @@ pub async fn serve(
                         continue;
                     }
                 };
-                let (in_flight, open) = InFlight::new();
-                let service = TowerToHyperService::new(Counted::new(proxy.clone(), in_flight));
+                let in_flight = InFlight::new();
+                let service =
+                    TowerToHyperService::new(Counted::new(proxy.clone(), in_flight.clone()));
                 let builder = Arc::clone(&builder);
                 let mut draining = draining.clone();
                 connections.spawn(async move {
@@ -120,10 +121,10 @@ pub async fn serve(
                         .serve_connection_with_upgrades(TokioIo::new(stream), service)
                         .into_owned();
                     tokio::pin!(connection);
-                    let after_goaway = open.clone();
+                    let after_goaway = in_flight.clone();
                     let idle = async {
                         match idle_timeout {
-                            Some(limit) => client_idle::idle_for(open, limit).await,
+                            Some(limit) => client_idle::idle_for(in_flight, limit).await,
                             None => std::future::pending().await,
                         }
                     };
