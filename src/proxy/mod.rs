@@ -417,9 +417,8 @@ impl Shared {
         }
         estimate.prompt = inspect::prompt_estimate(bytes.len() as u64);
         let Some(mut request) = inspect::parse(&bytes) else {
-            if rules.caps.is_set()
-                || (budgeted && rules.unparsed_budget_requests == Unparsed::Refuse)
-            {
+            // An access token's caps hold as the route's do.
+            if capped || (budgeted && rules.unparsed_budget_requests == Unparsed::Refuse) {
                 return Err(ClientError::UnreadableBody.into());
             }
             return Ok((self.read_body(parts, bytes, metrics), estimate));

@@ -27,8 +27,15 @@ pub const READ_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// The fields that bound a request's output, by API: chat completions and
 /// Anthropic (`max_tokens`), newer chat completions
-/// (`max_completion_tokens`), the Responses API (`max_output_tokens`).
-pub const OUTPUT_FIELDS: [&str; 3] = ["max_tokens", "max_completion_tokens", "max_output_tokens"];
+/// (`max_completion_tokens`), the Responses API (`max_output_tokens`),
+/// llama.cpp's server (`n_predict`, which it prefers to `max_tokens` on
+/// its OpenAI-compatible paths too, and where -1 means no limit).
+pub const OUTPUT_FIELDS: [&str; 4] = [
+    "max_tokens",
+    "max_completion_tokens",
+    "max_output_tokens",
+    "n_predict",
+];
 
 /// The body as read.
 #[derive(Debug)]
@@ -92,12 +99,74 @@ pub async fn read(mut body: Incoming) -> Result<ReadBody, ReadFailed> {
 }
 
 /// The body as a JSON object, if it is one (a leading byte order mark is
-/// allowed, as Python's and Go's servers allow it).
+/// allowed, as Python's and Go's servers allow it), and one that every
+/// server reads as keyrelay does: `None` for an object that names a
+/// top-level key twice, or two keys that differ only in letter case
+/// (servers disagree on which one counts: Go's `encoding/json`, behind
+/// Ollama and LocalAI, matches field names case-insensitively and takes
+/// the last; others take the first), or spells a key keyrelay reads
+/// ([`READ_FIELDS`]) in another case.
 pub fn parse(body: &[u8]) -> Option<Map<String, Value>> {
     let body = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
-    match serde_json::from_slice::<Value>(body) {
-        Ok(Value::Object(object)) => Some(object),
-        _ => None,
+    serde_json::from_slice::<Unambiguous>(body).ok()?.0
+}
+
+/// The top-level keys keyrelay reads from a request.
+pub const READ_FIELDS: [&str; 9] = [
+    "model",
+    "stream",
+    "stream_options",
+    "n",
+    "best_of",
+    OUTPUT_FIELDS[0],
+    OUTPUT_FIELDS[1],
+    OUTPUT_FIELDS[2],
+    OUTPUT_FIELDS[3],
+];
+
+/// A key as Go's `encoding/json` compares field names: each character
+/// lowered then raised, so `MAX_TOKENS`, `Max_Tokens` and `max_to\u{212A}ens`
+/// (a Kelvin sign) are all `max_tokens`.
+fn fold(key: &str) -> String {
+    key.chars()
+        .flat_map(char::to_lowercase)
+        .flat_map(char::to_uppercase)
+        .collect()
+}
+
+/// A JSON object whose top-level keys no two servers read differently;
+/// `None` inside when they might.
+struct Unambiguous(Option<Map<String, Value>>);
+
+impl<'de> serde::Deserialize<'de> for Unambiguous {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Keys;
+        impl<'de> serde::de::Visitor<'de> for Keys {
+            type Value = Unambiguous;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Unambiguous, A::Error> {
+                let mut object = Map::new();
+                let mut folded = std::collections::HashSet::new();
+                let mut ambiguous = false;
+                while let Some(key) = map.next_key::<String>()? {
+                    let value: Value = map.next_value()?;
+                    let key_fold = fold(&key);
+                    let misspelt = !READ_FIELDS.contains(&key.as_str())
+                        && READ_FIELDS.iter().any(|field| fold(field) == key_fold);
+                    ambiguous |= misspelt || !folded.insert(key_fold);
+                    object.insert(key, value);
+                }
+                Ok(Unambiguous((!ambiguous).then_some(object)))
+            }
+        }
+        deserializer.deserialize_map(Keys)
     }
 }
 
@@ -265,9 +334,19 @@ impl RequestCaps {
         path: &str,
     ) -> Result<bool, Broken> {
         let model = request.get("model").and_then(Value::as_str);
+        // A model named by the path is the one such servers run: it must be
+        // allowed too, and then stands in for a body that names none.
+        let in_path = path_model(path);
         for caps in std::iter::once(self).chain(token) {
             let allowed = |model: &str| caps.allowed_models.iter().any(|m| m == model);
-            if !caps.allowed_models.is_empty() && !model.is_some_and(allowed) {
+            if caps.allowed_models.is_empty() {
+                continue;
+            }
+            let body_ok = match request.get("model") {
+                None if in_path.is_some() => true,
+                _ => model.is_some_and(allowed),
+            };
+            if !body_ok || in_path.as_deref().is_some_and(|m| !allowed(m)) {
                 return Err(Broken::Model);
             }
         }
@@ -307,17 +386,43 @@ impl RequestCaps {
     }
 }
 
-/// True for a path `add_stream_usage` applies to: one ending in
-/// `/completions` (chat or legacy), with trailing slashes or a
-/// percent-encoded letter, as servers that decode paths would route it.
-pub fn is_completions_path(path: &str) -> bool {
-    let path = path.trim_end_matches('/');
-    let last = path.rsplit('/').next().unwrap_or(path);
-    if last.contains('%') {
-        let decoded = percent_decode(last);
-        return decoded.eq_ignore_ascii_case("completions");
+/// The model a path names, as APIs that put it there write it, percent
+/// decoded: Gemini and Vertex AI (`.../models/MODEL:generateContent`),
+/// Azure OpenAI (`/openai/deployments/MODEL/...`), Bedrock
+/// (`/model/MODEL/invoke`, `/converse`, and their streaming forms).
+pub fn path_model(path: &str) -> Option<String> {
+    let path = percent_decode(path);
+    let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    for (i, pair) in segments.windows(2).enumerate() {
+        let (name, value) = (pair[0].to_ascii_lowercase(), pair[1]);
+        let after = segments.get(i + 2).map(|s| s.to_ascii_lowercase());
+        let named = match name.as_str() {
+            "models" => value.split_once(':').map(|(model, _)| model),
+            "deployments" => Some(value),
+            "model" => after
+                .is_some_and(|action| {
+                    action.starts_with("invoke") || action.starts_with("converse")
+                })
+                .then_some(value),
+            _ => None,
+        };
+        if let Some(model) = named.filter(|m| !m.is_empty()) {
+            return Some(model.to_owned());
+        }
     }
-    last == "completions"
+    None
+}
+
+/// True for a path `add_stream_usage` applies to: one ending in
+/// `/completions` (chat or legacy), with trailing slashes, in any letter
+/// case, or percent-encoded (a letter, or the slash: uvicorn decodes
+/// `/v1/chat%2Fcompletions` before Starlette routes it), as servers that
+/// decode paths would route it.
+pub fn is_completions_path(path: &str) -> bool {
+    let decoded = percent_decode(path);
+    let path = decoded.trim_end_matches('/');
+    let last = path.rsplit('/').next().unwrap_or(path);
+    last.eq_ignore_ascii_case("completions")
 }
 
 fn percent_decode(text: &str) -> String {
@@ -442,11 +547,56 @@ mod tests {
             "/v1/completions",
             "/v1/chat/completion%73",
             "/v1/chat/%63ompletions",
+            "/v1/chat%2Fcompletions",
+            "/V1/CHAT/COMPLETIONS",
         ] {
             assert!(is_completions_path(path), "{path}");
         }
         for path in ["/v1/embeddings", "/v1/chat/completionsx", "/completions/x"] {
             assert!(!is_completions_path(path), "{path}");
+        }
+    }
+
+    #[test]
+    fn keys_servers_read_differently_make_a_body_unreadable() {
+        for ambiguous in [
+            &br#"{"model":"a","model":"b"}"#[..],
+            br#"{"model":"a","Model":"b"}"#,
+            br#"{"Stream":true}"#,
+            "{\"max_to\u{212A}ens\":1}".as_bytes(),
+            br#"{"x":1,"X":2}"#,
+        ] {
+            assert!(parse(ambiguous).is_none(), "{ambiguous:?}");
+        }
+        let fine = parse(br#"{"model":"a","Temperature":1,"messages":[{"a":1,"a":2}]}"#);
+        assert!(
+            fine.is_some(),
+            "nested keys and other fields are the server's"
+        );
+    }
+
+    #[test]
+    fn models_in_paths_are_found() {
+        for (path, model) in [
+            (
+                "/v1beta/models/gemini-pro:generateContent",
+                Some("gemini-pro"),
+            ),
+            (
+                "/v1/projects/p/locations/l/publishers/google/models/g%31:x",
+                Some("g1"),
+            ),
+            ("/openai/deployments/gpt/chat/completions", Some("gpt")),
+            (
+                "/model/anthropic.claude/invoke-with-response-stream",
+                Some("anthropic.claude"),
+            ),
+            ("/model/abc/environments/production/predict", None),
+            ("/v1/models", None),
+            ("/v1/models/gpt-4", None),
+            ("/v1/chat/completions", None),
+        ] {
+            assert_eq!(path_model(path).as_deref(), model, "{path}");
         }
     }
 }

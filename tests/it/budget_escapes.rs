@@ -608,3 +608,240 @@ async fn a_client_gone_before_the_response_head_still_pays_for_its_prompt() {
     wait_spent(&relay, (body.len() / 4) as u64).await;
     drop(exchange);
 }
+
+/// Sends `body` to `path` and reads keyrelay's answer: `None` if none came
+/// within a second (the request went to the upstream, which holds it).
+async fn refusal(
+    client: &ops::TestClient,
+    relay: &AdminRelay,
+    path: &str,
+    token: Option<&str>,
+    body: &'static str,
+) -> Option<(u16, String)> {
+    let mut request = Request::post(relay.url(path)).header("content-type", "application/json");
+    if let Some(token) = token {
+        request = request.header("authorization", format!("Bearer {token}"));
+    }
+    let pending = client.request(request.body(full(body)).expect("request"));
+    let response = tokio::time::timeout(Duration::from_secs(1), pending)
+        .await
+        .ok()?
+        .expect("answered");
+    let status = response.status().as_u16();
+    let error: serde_json::Value =
+        serde_json::from_slice(&body_bytes(response).await).unwrap_or_default();
+    Some((
+        status,
+        error["type"].as_str().unwrap_or_default().to_owned(),
+    ))
+}
+
+/// Asserts that each `(path, body)` is refused with `(status, kind)`, and
+/// none reaches the upstream.
+async fn all_refused(
+    relay: &AdminRelay,
+    upstream: &mut MockUpstream,
+    token: Option<&str>,
+    cases: &[(&str, &'static str, u16, &str)],
+) {
+    let client = http1_client();
+    let mut escaped = Vec::new();
+    for (path, body, status, kind) in cases {
+        let got = refusal(&client, relay, path, token, body).await;
+        if got != Some((*status, (*kind).to_owned())) {
+            escaped.push(format!("{path} {body}: {got:?}"));
+        }
+    }
+    assert!(escaped.is_empty(), "not refused as expected: {escaped:#?}");
+    assert!(upstream.nothing_received(), "refused before the upstream");
+}
+
+#[tokio::test]
+async fn an_access_tokens_caps_hold_for_a_body_keyrelay_cannot_parse() {
+    // The route has no caps of its own; the token's must still hold for a
+    // body Python's json module reads (NaN, UTF-16) and serde_json does not.
+    let mut upstream = MockUpstream::start().await;
+    let mut command = ops::command(&upstream.url());
+    command
+        .args(["--access-token-env", "APP_TOKEN"])
+        .args(["--access-token-allowed-models", "small"])
+        .args(["--access-token-max-output-tokens", "64"])
+        .env("APP_TOKEN", "tok-app-7c1d9e2f3a4b5c6d");
+    let relay = AdminRelay::spawn(command).await;
+    all_refused(
+        &relay,
+        &mut upstream,
+        Some("tok-app-7c1d9e2f3a4b5c6d"),
+        &[
+            (
+                "/v1/chat/completions",
+                r#"{"model":"large","max_tokens":100000,"temperature":NaN}"#,
+                400,
+                "unreadable_request_body",
+            ),
+            (
+                "/v1/chat/completions",
+                "\u{feff}{\"model\":\"large\"} trailing",
+                400,
+                "unreadable_request_body",
+            ),
+        ],
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn keys_servers_read_differently_cannot_carry_a_model_or_limit_past_the_caps() {
+    let mut upstream = MockUpstream::start().await;
+    let relay = relay_with(
+        &["--allowed-models", "small", "--max-output-tokens", "500"],
+        &upstream,
+    )
+    .await;
+    let unreadable = "unreadable_request_body";
+    all_refused(
+        &relay,
+        &mut upstream,
+        None,
+        &[
+            // Go's encoding/json (Ollama, LocalAI) matches names in any
+            // case and takes the last.
+            (
+                "/v1/chat/completions",
+                r#"{"model":"small","Model":"large"}"#,
+                400,
+                unreadable,
+            ),
+            (
+                "/v1/chat/completions",
+                r#"{"model":"small","max_tokens":10,"MAX_TOKENS":100000}"#,
+                400,
+                unreadable,
+            ),
+            // A Kelvin sign folds to k.
+            (
+                "/v1/chat/completions",
+                "{\"model\":\"small\",\"max_to\u{212A}ens\":100000}",
+                400,
+                unreadable,
+            ),
+            (
+                "/v1/chat/completions",
+                r#"{"model":"small","MODEL":"large"}"#,
+                400,
+                unreadable,
+            ),
+            // Parsers that keep the first of a repeated key.
+            (
+                "/v1/chat/completions",
+                r#"{"model":"large","model":"small"}"#,
+                400,
+                unreadable,
+            ),
+            (
+                "/v1/chat/completions",
+                r#"{"model":"small","max_tokens":100000,"max_tokens":10}"#,
+                400,
+                unreadable,
+            ),
+            // llama.cpp prefers n_predict to max_tokens; -1 is no limit.
+            (
+                "/v1/chat/completions",
+                r#"{"model":"small","max_tokens":10,"n_predict":100000}"#,
+                403,
+                "max_output_tokens_exceeded",
+            ),
+            (
+                "/v1/chat/completions",
+                r#"{"model":"small","n_predict":-1}"#,
+                400,
+                unreadable,
+            ),
+            // The model in the path is the one Gemini, Vertex AI, Azure
+            // and Bedrock run.
+            (
+                "/v1beta/models/large:streamGenerateContent",
+                r#"{"model":"small","contents":[]}"#,
+                403,
+                "model_not_allowed",
+            ),
+            (
+                "/v1beta/models/lar%67e:generateContent",
+                r#"{"contents":[]}"#,
+                403,
+                "model_not_allowed",
+            ),
+            (
+                "/openai/deployments/large/chat/completions",
+                r#"{"model":"small"}"#,
+                403,
+                "model_not_allowed",
+            ),
+            (
+                "/model/large/invoke",
+                r#"{"model":"small"}"#,
+                403,
+                "model_not_allowed",
+            ),
+        ],
+    )
+    .await;
+
+    // An allowed model in the path stands in for the body's.
+    let client = http1_client();
+    let pending = tokio::spawn(
+        client.request(
+            Request::post(relay.url("/v1beta/models/small:generateContent"))
+                .body(full(r#"{"contents":[],"Temperature":1}"#))
+                .expect("request"),
+        ),
+    );
+    let exchange = upstream.next().await;
+    exchange.respond_full(200, "{}");
+    let response = within("the answer", pending)
+        .await
+        .expect("join")
+        .expect("answer");
+    assert_eq!(response.status(), 200);
+}
+
+#[tokio::test]
+async fn completions_paths_a_server_decodes_are_asked_for_their_usage() {
+    let mut upstream = MockUpstream::start().await;
+    let relay = relay_with(&["--add-stream-usage"], &upstream).await;
+    let client = http1_client();
+    let mut escaped = Vec::new();
+    // uvicorn decodes %2F before Starlette routes the path.
+    for path in [
+        "/v1/chat%2Fcompletions",
+        "/v1/chat%2fcompletions/",
+        "/V1/CHAT/COMPLETIONS",
+    ] {
+        let pending = tokio::spawn(
+            client.request(
+                Request::post(relay.url(path))
+                    .body(full(r#"{"stream":true}"#))
+                    .expect("request"),
+            ),
+        );
+        let mut exchange = upstream.next().await;
+        let sent = within("the request body", exchange.request.body_mut().collect())
+            .await
+            .expect("body")
+            .to_bytes();
+        let sent: serde_json::Value = serde_json::from_slice(&sent).expect("JSON upstream");
+        if sent["stream_options"]["include_usage"] != true {
+            escaped.push(path);
+        }
+        exchange.respond(sse().body(full("data: [DONE]\n\n")).expect("response"));
+        let response = within("the answer", pending)
+            .await
+            .expect("join")
+            .expect("answer");
+        body_bytes(response).await;
+    }
+    assert!(
+        escaped.is_empty(),
+        "no include_usage added for: {escaped:?}"
+    );
+}
