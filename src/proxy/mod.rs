@@ -328,13 +328,19 @@ impl Shared {
         if headers::has_unsupported_transfer_coding(&parts.headers) {
             return Err(ClientError::UnsupportedTransferCoding.into());
         }
-        if let Some(method) = echoing_method(&parts.method) {
-            if !route.paths.names(&parts.method, parts.uri.path()) {
-                return Err(Refusal::MethodNotAllowed(method).into());
+        // The method the upstream may act on: the request's, and any a
+        // method-override header names (Google's front ends, Express's
+        // method-override and Symfony obey them on a POST). Each must pass.
+        let path = parts.uri.path();
+        for method in std::iter::once(parts.method.clone()).chain(overridden(&parts.headers)) {
+            if let Some(echoing) = echoing_method(&method) {
+                if !route.paths.names(&method, path) {
+                    return Err(Refusal::MethodNotAllowed(echoing).into());
+                }
             }
-        }
-        if !route.paths.allows(&parts.method, parts.uri.path()) {
-            return Err(Refusal::PathNotAllowed.into());
+            if !route.paths.allows(&method, path) {
+                return Err(Refusal::PathNotAllowed.into());
+            }
         }
         if let Some(semaphore) = &self.concurrency {
             let permit = Arc::clone(semaphore)
@@ -653,6 +659,24 @@ fn switch_protocols(
 /// `TRACE` or `TRACK` (in any case: methods are case-sensitive, but some
 /// servers are not), which make a server echo the request it received, the
 /// injected credential included.
+/// Headers with which a client asks a server to act as if its request
+/// used another method.
+const METHOD_OVERRIDES: [&str; 3] = [
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+];
+
+/// The methods a request's method-override headers name, as the servers
+/// that obey them read them (in upper case; every value, every header).
+fn overridden(headers: &http::HeaderMap) -> impl Iterator<Item = Method> + '_ {
+    METHOD_OVERRIDES
+        .iter()
+        .flat_map(|name| headers.get_all(*name))
+        .flat_map(|value| value.as_bytes().split(|b| *b == b','))
+        .filter_map(|method| Method::from_bytes(&method.trim_ascii().to_ascii_uppercase()).ok())
+}
+
 fn echoing_method(method: &Method) -> Option<&'static str> {
     ["TRACE", "TRACK"]
         .into_iter()
