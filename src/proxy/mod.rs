@@ -602,8 +602,11 @@ fn metered(status: StatusCode, headers: &http::HeaderMap) -> Option<Metered> {
     if !status.is_success() {
         return None;
     }
-    let media = headers
-        .get(http::header::CONTENT_TYPE)?
+    let Some(content_type) = headers.get(http::header::CONTENT_TYPE) else {
+        // Text a server did not label is still generated text.
+        return Some(Metered::Json);
+    };
+    let media = content_type
         .to_str()
         .ok()?
         .split(';')
@@ -612,7 +615,17 @@ fn metered(status: StatusCode, headers: &http::HeaderMap) -> Option<Metered> {
         .to_ascii_lowercase();
     match media.as_str() {
         "text/event-stream" => Some(Metered::Sse),
+        "application/x-ndjson"
+        | "application/ndjson"
+        | "application/jsonl"
+        | "application/x-jsonlines"
+        | "application/jsonlines"
+        | "application/json-seq"
+        | "application/stream+json"
+        | "application/x-json-stream" => Some(Metered::Lines),
         "application/json" => Some(Metered::Json),
+        media if media.starts_with("text/") || media.ends_with("+json") => Some(Metered::Json),
+        // Audio, images, binary: not metered (see the README).
         _ => None,
     }
 }

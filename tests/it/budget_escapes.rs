@@ -845,3 +845,50 @@ async fn completions_paths_a_server_decodes_are_asked_for_their_usage() {
         "no include_usage added for: {escaped:?}"
     );
 }
+
+#[tokio::test]
+async fn answers_in_other_text_types_are_charged_a_lower_bound() {
+    // Ollama's native API streams JSON lines; other servers answer in
+    // plain text or name no type. None reports OpenAI-style usage.
+    let mut upstream = MockUpstream::start().await;
+    let relay = relay_with(&["--token-budget", "1000000/day"], &upstream).await;
+    let client = http1_client();
+    let body = r#"{"model":"llama3","messages":[{"role":"user","content":"hello there"}]}"#;
+    let prompt = (body.len() / 4) as u64;
+    let lines = "{\"message\":{\"content\":\"Hi\"},\"done\":false}\n\
+                 {\"message\":{\"content\":\" you\"},\"done\":false}\n\
+                 {\"done\":true,\"eval_count\":2}\n";
+    let text = "x".repeat(400);
+    let mut expected = 0;
+    for (content_type, answer, charge) in [
+        (Some("application/x-ndjson"), lines.to_owned(), prompt + 3),
+        (
+            Some("text/plain; charset=utf-8"),
+            text.clone(),
+            prompt + 100,
+        ),
+        (None, text.clone(), prompt + 100),
+    ] {
+        let pending = tokio::spawn(
+            client.request(
+                Request::post(relay.url("/api/chat"))
+                    .body(full(body))
+                    .expect("request"),
+            ),
+        );
+        let exchange = upstream.next().await;
+        let mut response = http::Response::builder();
+        if let Some(content_type) = content_type {
+            response = response.header("content-type", content_type);
+        }
+        exchange.respond(response.body(full(answer)).expect("response"));
+        let response = within("the answer", pending)
+            .await
+            .expect("join")
+            .expect("answer");
+        assert_eq!(response.status(), 200);
+        body_bytes(response).await;
+        expected += charge;
+        wait_spent(&relay, expected).await;
+    }
+}
