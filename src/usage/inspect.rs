@@ -291,7 +291,8 @@ impl OverCap {
 /// A route's request caps, read from the request's JSON body.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RequestCaps {
-    /// The most output tokens a request may ask for (per choice).
+    /// The most output tokens a request may ask for, all its choices
+    /// (`n`, `best_of`) together.
     pub max_output_tokens: Option<u64>,
     /// What happens to a request asking for more.
     pub over_max_output_tokens: OverCap,
@@ -358,16 +359,21 @@ impl RequestCaps {
             (Some(cap), None) | (None, Some(cap)) => cap,
             (None, None) => return Ok(false),
         };
+        // The cap bounds the whole request: `n` answers of `max_tokens`
+        // each ask for n times as much.
+        let choices = choices(request);
+        let per_choice = (cap / choices).max(1);
         match max_output(request).map_err(|NotACount| Broken::Unreadable)? {
-            Some(asked) if asked <= cap => Ok(false),
-            Some(asked) if self.over_max_output_tokens == OverCap::Refuse => {
-                Err(Broken::Output { asked, cap })
-            }
+            Some(asked) if asked.saturating_mul(choices) <= cap => Ok(false),
+            Some(asked) if self.over_max_output_tokens == OverCap::Refuse => Err(Broken::Output {
+                asked: asked.saturating_mul(choices),
+                cap,
+            }),
             Some(_) => {
                 for field in OUTPUT_FIELDS {
                     if let Some(value) = request.get_mut(field) {
-                        if count(value).is_ok_and(|asked| asked > cap) {
-                            *value = Value::from(cap);
+                        if count(value).is_ok_and(|asked| asked > per_choice) {
+                            *value = Value::from(per_choice);
                         }
                     }
                 }
@@ -379,7 +385,7 @@ impl RequestCaps {
                 } else {
                     "max_tokens"
                 };
-                request.insert(field.to_owned(), Value::from(cap));
+                request.insert(field.to_owned(), Value::from(per_choice));
                 Ok(true)
             }
         }

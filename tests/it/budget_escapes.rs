@@ -892,3 +892,64 @@ async fn answers_in_other_text_types_are_charged_a_lower_bound() {
         wait_spent(&relay, expected).await;
     }
 }
+
+#[tokio::test]
+async fn n_answers_ask_for_n_times_the_output_cap() {
+    let mut upstream = MockUpstream::start().await;
+    let relay = relay_with(&["--max-output-tokens", "500"], &upstream).await;
+    all_refused(
+        &relay,
+        &mut upstream,
+        None,
+        &[
+            (
+                "/v1/chat/completions",
+                r#"{"max_tokens":500,"n":128}"#,
+                403,
+                "max_output_tokens_exceeded",
+            ),
+            (
+                "/v1/completions",
+                r#"{"max_tokens":"200","best_of":3}"#,
+                403,
+                "max_output_tokens_exceeded",
+            ),
+        ],
+    )
+    .await;
+    drop(relay);
+
+    // Clamped, each answer gets its share; with none named, likewise.
+    let clamping = relay_with(
+        &[
+            "--max-output-tokens",
+            "500",
+            "--over-max-output-tokens",
+            "clamp",
+        ],
+        &upstream,
+    )
+    .await;
+    let client = http1_client();
+    for body in [r#"{"max_tokens":500,"n":4}"#, r#"{"n":4}"#] {
+        let pending = tokio::spawn(
+            client.request(
+                Request::post(clamping.url("/v1/chat/completions"))
+                    .body(full(body))
+                    .expect("request"),
+            ),
+        );
+        let mut exchange = upstream.next().await;
+        let sent = within("the request body", exchange.request.body_mut().collect())
+            .await
+            .expect("body")
+            .to_bytes();
+        let sent: serde_json::Value = serde_json::from_slice(&sent).expect("JSON upstream");
+        assert_eq!(sent["max_tokens"], 125, "{body}");
+        exchange.respond_full(200, "{}");
+        within("the answer", pending)
+            .await
+            .expect("join")
+            .expect("answer");
+    }
+}
