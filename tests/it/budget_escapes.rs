@@ -953,3 +953,66 @@ async fn n_answers_ask_for_n_times_the_output_cap() {
             .expect("answer");
     }
 }
+
+#[tokio::test]
+async fn twenty_clients_gone_at_the_worst_moments_leave_exact_charges() {
+    // Half leave after the request went upstream, before the answer's
+    // head; half after one generated chunk, before the end. Every
+    // reservation is settled: nothing stays held, nothing is charged 0.
+    let mut upstream = MockUpstream::start().await;
+    let relay = relay_with(&["--token-budget", "1000000/day"], &upstream).await;
+    let client = http1_client();
+    let body = r#"{"stream":true,"messages":[{"role":"user","content":"a prompt"}]}"#;
+    let prompt = (body.len() / 4) as u64;
+    let (first_frame, first_frames) = tokio::sync::mpsc::channel::<()>(20);
+    let tasks: Vec<_> = (0..20)
+        .map(|_| {
+            let request = Request::post(relay.url("/v1/chat/completions"))
+                .body(full(body))
+                .expect("request");
+            let client = client.clone();
+            let first_frame = first_frame.clone();
+            tokio::spawn(async move {
+                let Ok(response) = client.request(request).await else {
+                    return;
+                };
+                let mut body = response.into_body();
+                let _ = body.frame().await;
+                let _ = first_frame.send(()).await;
+                // Gone, the stream unfinished.
+            })
+        })
+        .collect();
+    let mut held = Vec::new();
+    for _ in 0..20 {
+        held.push(upstream.next().await);
+    }
+    // The even requests' clients leave before any answer.
+    for task in tasks.iter().step_by(2) {
+        task.abort();
+    }
+    let mut senders = Vec::new();
+    for exchange in held {
+        let (mut tx, channel) = http_body_util::channel::Channel::<Bytes, BoxError>::new(4);
+        let chunk = "data: {\"choices\":[{\"delta\":{\"content\":\"Hi\"}}]}\n\n";
+        let _ = tx.send_data(Bytes::from_static(chunk.as_bytes())).await;
+        exchange.respond(sse().body(channel.boxed()).expect("response"));
+        senders.push(tx);
+    }
+    let mut first_frames = first_frames;
+    for _ in 0..10 {
+        within("a first chunk", first_frames.recv()).await;
+    }
+    for task in tasks {
+        let _ = task.await;
+    }
+    // An even client may leave only after its head and chunk were
+    // written to its socket (then it paid for the chunk): between the two.
+    let (low, high) = (10 * prompt + 10 * (prompt + 1), 20 * (prompt + 1));
+    eventually("every reservation settled", || async {
+        let now = spent(&relay).await;
+        (low..=high).contains(&now).then_some(())
+    })
+    .await;
+    drop(senders);
+}
