@@ -368,7 +368,7 @@ pub const SETTINGS: &[Setting] = &[
     Setting {
         key: "max_output_tokens",
         default: "off",
-        help: "Most output tokens (max_tokens, max_completion_tokens, max_output_tokens, n_predict) a request may ask for; a request naming none gets it. Bodies keyrelay cannot read get 400.",
+        help: "Most output tokens (max_tokens, max_completion_tokens, max_output_tokens, n_predict, and nested forms) a request may ask for; a request naming none gets it. Bodies keyrelay cannot read get 400.",
         kind: Kind::Text,
     },
     Setting {

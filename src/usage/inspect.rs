@@ -112,7 +112,7 @@ pub fn parse(body: &[u8]) -> Option<Map<String, Value>> {
 }
 
 /// The top-level keys keyrelay reads from a request.
-pub const READ_FIELDS: [&str; 9] = [
+pub const READ_FIELDS: [&str; 14] = [
     "model",
     "stream",
     "stream_options",
@@ -122,6 +122,12 @@ pub const READ_FIELDS: [&str; 9] = [
     OUTPUT_FIELDS[1],
     OUTPUT_FIELDS[2],
     OUTPUT_FIELDS[3],
+    // The objects that hold NESTED_OUTPUT_FIELDS.
+    "options",
+    "generationConfig",
+    "generation_config",
+    "inferenceConfig",
+    "parameters",
 ];
 
 /// A key as Go's `encoding/json` compares field names: each character
@@ -206,25 +212,58 @@ pub fn count(value: &Value) -> Result<u64, NotACount> {
     }
 }
 
+/// Output limits one object down, by API: Ollama's native API
+/// (`options.num_predict`), Gemini and Vertex AI
+/// (`generationConfig.maxOutputTokens`, in both of proto JSON's
+/// spellings), Bedrock Converse (`inferenceConfig.maxTokens`), TGI
+/// (`parameters.max_new_tokens`).
+pub const NESTED_OUTPUT_FIELDS: [(&str, &str); 7] = [
+    ("options", "num_predict"),
+    ("generationConfig", "maxOutputTokens"),
+    ("generationConfig", "max_output_tokens"),
+    ("generation_config", "maxOutputTokens"),
+    ("generation_config", "max_output_tokens"),
+    ("inferenceConfig", "maxTokens"),
+    ("parameters", "max_new_tokens"),
+];
+
+/// Every output limit the request names: its [`OUTPUT_FIELDS`] and
+/// [`NESTED_OUTPUT_FIELDS`].
+fn output_limits(request: &Map<String, Value>) -> impl Iterator<Item = &Value> {
+    let top = OUTPUT_FIELDS.iter().filter_map(|field| request.get(*field));
+    let nested = NESTED_OUTPUT_FIELDS
+        .iter()
+        .filter_map(|(parent, field)| request.get(*parent)?.as_object()?.get(*field));
+    top.chain(nested)
+}
+
 /// The most output tokens the request may generate per choice: the largest
-/// of its [`OUTPUT_FIELDS`]; `Ok(None)` when it names none (or only nulls),
-/// `Err` when one is not a whole number.
+/// of its output limits ([`OUTPUT_FIELDS`], [`NESTED_OUTPUT_FIELDS`]);
+/// `Ok(None)` when it names none (or only nulls), `Err` when one is not a
+/// whole number.
 pub fn max_output(request: &Map<String, Value>) -> Result<Option<u64>, NotACount> {
     let mut max = None;
-    for field in OUTPUT_FIELDS {
-        match request.get(field) {
-            None | Some(Value::Null) => {}
-            Some(value) => max = Some(max.unwrap_or(0).max(count(value)?)),
+    for value in output_limits(request) {
+        if !value.is_null() {
+            max = Some(max.unwrap_or(0).max(count(value)?));
         }
     }
     Ok(max)
 }
 
-/// How many answers the request asks for (`n`, `best_of`), at least 1.
+/// How many answers the request asks for (`n`, `best_of`, Gemini's
+/// `candidateCount`), at least 1.
 pub fn choices(request: &Map<String, Value>) -> u64 {
-    ["n", "best_of"]
+    let top = ["n", "best_of"]
         .iter()
-        .filter_map(|field| count(request.get(*field)?).ok())
+        .filter_map(|field| request.get(*field));
+    let nested = ["generationConfig", "generation_config"]
+        .iter()
+        .filter_map(|parent| request.get(*parent)?.as_object())
+        .flat_map(|config| ["candidateCount", "candidate_count"].map(|f| config.get(f)))
+        .flatten();
+    top.chain(nested)
+        .filter_map(|value| count(value).ok())
         .max()
         .unwrap_or(1)
         .clamp(1, 128)
@@ -370,25 +409,67 @@ impl RequestCaps {
                 cap,
             }),
             Some(_) => {
+                let clamp = |value: &mut Value| {
+                    if count(value).is_ok_and(|asked| asked > per_choice) {
+                        *value = Value::from(per_choice);
+                    }
+                };
                 for field in OUTPUT_FIELDS {
                     if let Some(value) = request.get_mut(field) {
-                        if count(value).is_ok_and(|asked| asked > per_choice) {
-                            *value = Value::from(per_choice);
-                        }
+                        clamp(value);
+                    }
+                }
+                for (parent, field) in NESTED_OUTPUT_FIELDS {
+                    if let Some(value) = request
+                        .get_mut(parent)
+                        .and_then(Value::as_object_mut)
+                        .and_then(|config| config.get_mut(field))
+                    {
+                        clamp(value);
                     }
                 }
                 Ok(true)
             }
             None => {
-                let field = if path.trim_end_matches('/').ends_with("/responses") {
-                    "max_output_tokens"
-                } else {
-                    "max_tokens"
+                let (parent, field) = limit_field(path, request);
+                let target = match parent {
+                    None => request,
+                    Some(parent) => request
+                        .entry(parent)
+                        .or_insert_with(|| Value::Object(Map::new()))
+                        .as_object_mut()
+                        .ok_or(Broken::Unreadable)?,
                 };
-                request.insert(field.to_owned(), Value::from(per_choice));
+                target.insert(field.to_owned(), Value::from(per_choice));
                 Ok(true)
             }
         }
+    }
+}
+
+/// Where a request to `path` that names no output limit gets one: the
+/// field its API reads (`parent.field` when nested).
+fn limit_field(path: &str, request: &Map<String, Value>) -> (Option<&'static str>, &'static str) {
+    let decoded = percent_decode(path);
+    let path = decoded.trim_end_matches('/');
+    let ends = |suffix: &str| path.ends_with(suffix);
+    if ends("/api/chat") || ends("/api/generate") {
+        (Some("options"), "num_predict")
+    } else if ends(":generateContent") || ends(":streamGenerateContent") {
+        let parent = if request.contains_key("generation_config") {
+            "generation_config"
+        } else {
+            "generationConfig"
+        };
+        (Some(parent), "maxOutputTokens")
+    } else if ends("/converse") || ends("/converse-stream") {
+        (Some("inferenceConfig"), "maxTokens")
+    } else if ends("/generate") || ends("/generate_stream") {
+        (Some("parameters"), "max_new_tokens")
+    } else if ends("/responses") {
+        (None, "max_output_tokens")
+    } else {
+        (None, "max_tokens")
     }
 }
 

@@ -1016,3 +1016,103 @@ async fn twenty_clients_gone_at_the_worst_moments_leave_exact_charges() {
     .await;
     drop(senders);
 }
+
+#[tokio::test]
+async fn output_limits_other_apis_nest_are_capped_too() {
+    // Ollama's native API, Gemini, Bedrock Converse and TGI read their
+    // output limit from a nested object, and ignore a top-level max_tokens.
+    let mut upstream = MockUpstream::start().await;
+    let relay = relay_with(&["--max-output-tokens", "500"], &upstream).await;
+    let over = "max_output_tokens_exceeded";
+    all_refused(
+        &relay,
+        &mut upstream,
+        None,
+        &[
+            (
+                "/api/chat",
+                r#"{"options":{"num_predict":100000}}"#,
+                403,
+                over,
+            ),
+            (
+                "/api/generate",
+                r#"{"options":{"num_predict":-1}}"#,
+                400,
+                "unreadable_request_body",
+            ),
+            (
+                "/v1beta/models/m:generateContent",
+                r#"{"generationConfig":{"maxOutputTokens":100000}}"#,
+                403,
+                over,
+            ),
+            (
+                "/v1beta/models/m:generateContent",
+                r#"{"generationConfig":{"maxOutputTokens":400,"candidateCount":8}}"#,
+                403,
+                over,
+            ),
+            (
+                "/model/m/converse",
+                r#"{"inferenceConfig":{"maxTokens":9000}}"#,
+                403,
+                over,
+            ),
+            (
+                "/generate",
+                r#"{"parameters":{"max_new_tokens":9000}}"#,
+                403,
+                over,
+            ),
+            (
+                "/api/chat",
+                r#"{"OPTIONS":{"num_predict":-1}}"#,
+                400,
+                "unreadable_request_body",
+            ),
+        ],
+    )
+    .await;
+
+    // A request naming none gets the cap where its API reads it.
+    let client = http1_client();
+    for (path, body, pointer) in [
+        ("/api/chat", r#"{"model":"m"}"#, "/options/num_predict"),
+        (
+            "/v1beta/models/m:streamGenerateContent",
+            r#"{"contents":[]}"#,
+            "/generationConfig/maxOutputTokens",
+        ),
+        (
+            "/model/m/converse-stream",
+            r#"{"messages":[]}"#,
+            "/inferenceConfig/maxTokens",
+        ),
+        (
+            "/generate_stream",
+            r#"{"inputs":"x","parameters":{}}"#,
+            "/parameters/max_new_tokens",
+        ),
+    ] {
+        let pending = tokio::spawn(
+            client.request(
+                Request::post(relay.url(path))
+                    .body(full(body))
+                    .expect("request"),
+            ),
+        );
+        let mut exchange = upstream.next().await;
+        let sent = within("the request body", exchange.request.body_mut().collect())
+            .await
+            .expect("body")
+            .to_bytes();
+        let sent: serde_json::Value = serde_json::from_slice(&sent).expect("JSON upstream");
+        assert_eq!(sent.pointer(pointer), Some(&500.into()), "{path}: {sent}");
+        exchange.respond_full(200, "{}");
+        within("the answer", pending)
+            .await
+            .expect("join")
+            .expect("answer");
+    }
+}
