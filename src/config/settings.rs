@@ -380,7 +380,7 @@ pub const SETTINGS: &[Setting] = &[
     Setting {
         key: "allowed_models",
         default: "",
-        help: "The only models requests may name in their JSON body's \"model\" (or their path, Gemini/Azure/Bedrock style); others get 403. Bodies keyrelay cannot read get 400.",
+        help: "The only models requests may name in their JSON body's \"model\" (or their path or query, Gemini/Azure/Bedrock/Realtime style); others get 403. Bodies keyrelay cannot read get 400.",
         kind: Kind::List,
     },
     Setting {

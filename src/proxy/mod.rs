@@ -389,6 +389,14 @@ impl Shared {
             prompt: inspect::prompt_estimate(declared.unwrap_or(0)),
             output: rules.budget_reserve,
         };
+        if capped && !has_body {
+            // A model named by the target alone (a WebSocket to
+            // `/v1/realtime?model=`) is checked too.
+            rules
+                .caps
+                .check_target(token_caps, &parts.uri)
+                .map_err(|_| Refusal::ModelNotAllowed)?;
+        }
         if !(wanted && has_body && readable) {
             if has_body && budgeted && rules.unparsed_budget_requests == Unparsed::Refuse {
                 return Err(ClientError::UnreadableBody.into());
@@ -431,7 +439,7 @@ impl Shared {
         };
         let clamped = rules
             .caps
-            .apply(token_caps, &mut request, parts.uri.path())
+            .apply(token_caps, &mut request, &parts.uri)
             .map_err(|broken| -> ProxyError {
                 match broken {
                     Broken::Model => Refusal::ModelNotAllowed.into(),

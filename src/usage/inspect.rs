@@ -371,22 +371,23 @@ impl RequestCaps {
         &self,
         token: Option<&RequestCaps>,
         request: &mut Map<String, Value>,
-        path: &str,
+        target: &http::Uri,
     ) -> Result<bool, Broken> {
+        let path = target.path();
         let model = request.get("model").and_then(Value::as_str);
-        // A model named by the path is the one such servers run: it must be
-        // allowed too, and then stands in for a body that names none.
-        let in_path = path_model(path);
+        // A model named by the target is the one such servers run: it must
+        // be allowed too, and then stands in for a body that names none.
+        let in_target = self.check_target(token, target)?;
         for caps in std::iter::once(self).chain(token) {
             let allowed = |model: &str| caps.allowed_models.iter().any(|m| m == model);
             if caps.allowed_models.is_empty() {
                 continue;
             }
             let body_ok = match request.get("model") {
-                None if in_path.is_some() => true,
+                None if in_target => true,
                 _ => model.is_some_and(allowed),
             };
-            if !body_ok || in_path.as_deref().is_some_and(|m| !allowed(m)) {
+            if !body_ok {
                 return Err(Broken::Model);
             }
         }
@@ -445,6 +446,41 @@ impl RequestCaps {
             }
         }
     }
+}
+
+impl RequestCaps {
+    /// Checks the models the request target names ([`target_models`])
+    /// against `allowed_models` (and the token's): for every request,
+    /// with a body or without (a WebSocket to OpenAI's
+    /// `/v1/realtime?model=`). True if it names one.
+    pub fn check_target(
+        &self,
+        token: Option<&RequestCaps>,
+        target: &http::Uri,
+    ) -> Result<bool, Broken> {
+        let named = target_models(target);
+        for caps in std::iter::once(self).chain(token) {
+            let allowed = |model: &String| caps.allowed_models.iter().any(|m| m == model);
+            if !caps.allowed_models.is_empty() && !named.iter().all(allowed) {
+                return Err(Broken::Model);
+            }
+        }
+        Ok(!named.is_empty())
+    }
+}
+
+/// The models a request target names: its path ([`path_model`]), and its
+/// query's `model` and `deployment` parameters (OpenAI's and Azure's
+/// Realtime WebSockets), percent decoded.
+pub fn target_models(target: &http::Uri) -> Vec<String> {
+    let mut named: Vec<String> = path_model(target.path()).into_iter().collect();
+    for pair in target.query().unwrap_or_default().split('&') {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        if matches!(percent_decode(key).as_str(), "model" | "deployment") {
+            named.push(percent_decode(&value.replace('+', " ")));
+        }
+    }
+    named
 }
 
 /// Where a request to `path` that names no output limit gets one: the
@@ -575,10 +611,21 @@ mod tests {
             allowed_models: vec!["small".to_owned()],
         };
         let mut ok = parse(br#"{"model":"small","max_tokens":50}"#).expect("object");
-        assert_eq!(caps.apply(None, &mut ok, "/v1/chat/completions"), Ok(false));
+        assert_eq!(
+            caps.apply(
+                None,
+                &mut ok,
+                &http::Uri::from_static("/v1/chat/completions")
+            ),
+            Ok(false)
+        );
         let mut big = parse(br#"{"model":"small","max_completion_tokens":"500"}"#).expect("o");
         assert_eq!(
-            caps.apply(None, &mut big, "/v1/chat/completions"),
+            caps.apply(
+                None,
+                &mut big,
+                &http::Uri::from_static("/v1/chat/completions")
+            ),
             Err(Broken::Output {
                 asked: 500,
                 cap: 100
@@ -590,18 +637,28 @@ mod tests {
             b"{}",
         ] {
             let mut request = parse(model).expect("object");
-            assert_eq!(caps.apply(None, &mut request, "/v1/x"), Err(Broken::Model));
+            assert_eq!(
+                caps.apply(None, &mut request, &http::Uri::from_static("/v1/x")),
+                Err(Broken::Model)
+            );
         }
         let clamp = RequestCaps {
             over_max_output_tokens: OverCap::Clamp,
             ..caps
         };
         clamp
-            .apply(None, &mut big, "/v1/chat/completions")
+            .apply(
+                None,
+                &mut big,
+                &http::Uri::from_static("/v1/chat/completions"),
+            )
             .expect("clamped");
         assert_eq!(big["max_completion_tokens"], 100);
         let mut none = parse(br#"{"model":"small"}"#).expect("object");
-        assert_eq!(clamp.apply(None, &mut none, "/v1/responses/"), Ok(true));
+        assert_eq!(
+            clamp.apply(None, &mut none, &http::Uri::from_static("/v1/responses/")),
+            Ok(true)
+        );
         assert_eq!(none["max_output_tokens"], 100);
         // An access token's caps add to the route's.
         let token = RequestCaps {
@@ -611,14 +668,17 @@ mod tests {
         };
         let mut small = parse(br#"{"model":"small","max_tokens":50}"#).expect("object");
         assert_eq!(
-            clamp.apply(Some(&token), &mut small, "/v1/x"),
+            clamp.apply(Some(&token), &mut small, &http::Uri::from_static("/v1/x")),
             Err(Broken::Model)
         );
         let both = RequestCaps {
             allowed_models: vec!["small".to_owned()],
             ..token
         };
-        assert_eq!(clamp.apply(Some(&both), &mut small, "/v1/x"), Ok(true));
+        assert_eq!(
+            clamp.apply(Some(&both), &mut small, &http::Uri::from_static("/v1/x")),
+            Ok(true)
+        );
         assert_eq!(
             small["max_tokens"], 10,
             "the lower cap, clamped as the route says"

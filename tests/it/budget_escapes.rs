@@ -1116,3 +1116,39 @@ async fn output_limits_other_apis_nest_are_capped_too() {
             .expect("answer");
     }
 }
+
+#[tokio::test]
+async fn a_model_named_in_the_query_is_checked_with_or_without_a_body() {
+    // OpenAI's Realtime API takes its model from the query of a WebSocket
+    // upgrade (Azure's: `deployment`), with no body to read.
+    let mut upstream = MockUpstream::start().await;
+    let relay = relay_with(&["--allowed-models", "small"], &upstream).await;
+    let mut escaped = Vec::new();
+    for (target, body) in [
+        ("/v1/realtime?model=large", ""),
+        ("/openai/realtime?api-version=1&deployment=large", ""),
+        ("/v1/realtime?model=lar%67e", ""),
+        (
+            "/v1/chat/completions?model=large",
+            "Content-Length: 17\r\n\r\n{\"model\":\"small\"}",
+        ),
+    ] {
+        let body = if body.is_empty() { "\r\n" } else { body };
+        let request = format!(
+            "GET {target} HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\n\
+             Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{body}"
+        );
+        let response = tokio::time::timeout(
+            Duration::from_secs(1),
+            raw::exchange(relay.addr(), &request),
+        )
+        .await;
+        let status = response.as_ref().map(|r| r.status()).ok();
+        if status != Some(403) {
+            escaped.push(format!("{target}: {status:?}"));
+        }
+    }
+    assert!(escaped.is_empty(), "not refused: {escaped:#?}");
+    assert!(upstream.nothing_received(), "refused before the upstream");
+}
