@@ -380,7 +380,7 @@ pub const SETTINGS: &[Setting] = &[
     Setting {
         key: "max_output_tokens",
         default: "off",
-        help: "Most output tokens (max_tokens, max_completion_tokens, max_output_tokens) a request may ask for; a request naming none gets it. Bodies keyrelay cannot read get 400.",
+        help: "Most output tokens (max_tokens, max_completion_tokens, max_output_tokens, n_predict, and nested forms) a request may ask for; a request naming none gets it. Bodies keyrelay cannot read get 400.",
         kind: Kind::Text,
     },
     Setting {
@@ -392,7 +392,7 @@ pub const SETTINGS: &[Setting] = &[
     Setting {
         key: "allowed_models",
         default: "",
-        help: "The only models requests may name in their JSON body's \"model\"; others get 403. Bodies keyrelay cannot read get 400.",
+        help: "The only models requests may name in their JSON body's \"model\" (or their path or query, Gemini/Azure/Bedrock/Realtime style); others get 403. Bodies keyrelay cannot read get 400.",
         kind: Kind::List,
     },
     Setting {

@@ -80,6 +80,8 @@ pub struct RequestRecord {
     reservation: Option<Reservation>,
     /// The response could carry usage: a successful SSE stream or JSON answer.
     metered: Option<Metered>,
+    /// Line ends relayed of a [`Metered::Lines`] response.
+    lines: u64,
     /// keyrelay added `include_usage` to the request (`add_stream_usage`).
     added_usage: bool,
     /// The request was handed to the upstream client.
@@ -107,6 +109,7 @@ impl RequestRecord {
             usage: None,
             reservation: None,
             metered: None,
+            lines: 0,
             added_usage: false,
             forwarded: false,
         }
@@ -179,6 +182,14 @@ impl RequestRecord {
     /// Records the status sent to the client.
     pub fn set_status(&mut self, status: u16) {
         self.status = Some(status);
+    }
+
+    /// Counts the line ends of a data frame of a [`Metered::Lines`]
+    /// response (one generated chunk each).
+    pub fn count_lines(&mut self, data: &[u8]) {
+        if self.metered == Some(Metered::Lines) {
+            self.lines += memchr::memchr_iter(b'\n', data).count() as u64;
+        }
     }
 
     /// Counts a data frame relayed to the client.
@@ -256,8 +267,12 @@ impl Drop for RequestRecord {
 pub enum Metered {
     /// Server-Sent Events.
     Sse,
-    /// A JSON answer.
+    /// A JSON answer, or another text body (plain text, `+json`, none
+    /// named): charged by its bytes.
     Json,
+    /// A stream of JSON lines (Ollama's `application/x-ndjson`): one
+    /// generated chunk per line.
+    Lines,
 }
 
 /// The timings derived from a usage report.
@@ -297,6 +312,7 @@ impl RequestRecord {
         }
         let output_floor = match self.metered {
             Some(Metered::Sse) => self.usage.map_or(0, |report| report.deltas),
+            Some(Metered::Lines) => self.lines,
             _ => self.bytes / 4,
         }
         .max(1);

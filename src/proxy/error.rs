@@ -127,7 +127,8 @@ pub enum ClientError {
     #[error(
         "this route's request rules (allowed_models, max_output_tokens, their \
          access_token_* variants, or unparsed_budget_requests = \"refuse\") need the request body to be one JSON \
-         object of at most 1 MiB with numeric token limits; this one is not"
+         object of at most 1 MiB with numeric token limits, naming each key once and the keys \
+         keyrelay reads (model, stream, max_tokens, n...) in lower case; this one is not"
     )]
     UnreadableBody,
     /// The client paused its request body longer than `request_body_timeout`.

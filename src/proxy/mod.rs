@@ -338,15 +338,21 @@ impl Shared {
         if headers::has_unsupported_transfer_coding(&parts.headers) {
             return Err(ClientError::UnsupportedTransferCoding.into());
         }
-        if let Some(method) = echoing_method(&parts.method) {
-            if !route.paths.names(&parts.method, parts.uri.path()) {
-                return Err(Refusal::MethodNotAllowed(method).into());
+        // The method the upstream may act on: the request's, and any a
+        // method-override header names (Google's front ends, Express's
+        // method-override and Symfony obey them on a POST). Each must pass.
+        let path = parts.uri.path();
+        for method in std::iter::once(parts.method.clone()).chain(overridden(&parts.headers)) {
+            if let Some(echoing) = echoing_method(&method) {
+                if !route.paths.names(&method, path) {
+                    return Err(Refusal::MethodNotAllowed(echoing).into());
+                }
             }
-        }
-        match route.paths.check(&parts.method, parts.uri.path()) {
-            PathVerdict::Allowed => {}
-            PathVerdict::NotAllowed => return Err(Refusal::PathNotAllowed.into()),
-            PathVerdict::Ambiguous(why) => return Err(ClientError::AmbiguousPath(why).into()),
+            match route.paths.check(&method, path) {
+                PathVerdict::Allowed => {}
+                PathVerdict::NotAllowed => return Err(Refusal::PathNotAllowed.into()),
+                PathVerdict::Ambiguous(why) => return Err(ClientError::AmbiguousPath(why).into()),
+            }
         }
         if let Some(semaphore) = &self.concurrency {
             let permit = Arc::clone(semaphore)
@@ -395,6 +401,14 @@ impl Shared {
             prompt: inspect::prompt_estimate(declared.unwrap_or(0)),
             output: rules.budget_reserve,
         };
+        if capped && !has_body {
+            // A model named by the target alone (a WebSocket to
+            // `/v1/realtime?model=`) is checked too.
+            rules
+                .caps
+                .check_target(token_caps, &parts.uri)
+                .map_err(|_| Refusal::ModelNotAllowed)?;
+        }
         if !(wanted && has_body && readable) {
             if has_body && budgeted && rules.unparsed_budget_requests == Unparsed::Refuse {
                 return Err(ClientError::UnreadableBody.into());
@@ -429,16 +443,15 @@ impl Shared {
         }
         estimate.prompt = inspect::prompt_estimate(bytes.len() as u64);
         let Some(mut request) = inspect::parse(&bytes) else {
-            if rules.caps.is_set()
-                || (budgeted && rules.unparsed_budget_requests == Unparsed::Refuse)
-            {
+            // An access token's caps hold as the route's do.
+            if capped || (budgeted && rules.unparsed_budget_requests == Unparsed::Refuse) {
                 return Err(ClientError::UnreadableBody.into());
             }
             return Ok((self.read_body(parts, bytes, metrics), estimate));
         };
         let clamped = rules
             .caps
-            .apply(token_caps, &mut request, parts.uri.path())
+            .apply(token_caps, &mut request, &parts.uri)
             .map_err(|broken| -> ProxyError {
                 match broken {
                     Broken::Model => Refusal::ModelNotAllowed.into(),
@@ -609,8 +622,11 @@ fn metered(status: StatusCode, headers: &http::HeaderMap) -> Option<Metered> {
     if !status.is_success() {
         return None;
     }
-    let media = headers
-        .get(http::header::CONTENT_TYPE)?
+    let Some(content_type) = headers.get(http::header::CONTENT_TYPE) else {
+        // Text a server did not label is still generated text.
+        return Some(Metered::Json);
+    };
+    let media = content_type
         .to_str()
         .ok()?
         .split(';')
@@ -619,7 +635,17 @@ fn metered(status: StatusCode, headers: &http::HeaderMap) -> Option<Metered> {
         .to_ascii_lowercase();
     match media.as_str() {
         "text/event-stream" => Some(Metered::Sse),
+        "application/x-ndjson"
+        | "application/ndjson"
+        | "application/jsonl"
+        | "application/x-jsonlines"
+        | "application/jsonlines"
+        | "application/json-seq"
+        | "application/stream+json"
+        | "application/x-json-stream" => Some(Metered::Lines),
         "application/json" => Some(Metered::Json),
+        media if media.starts_with("text/") || media.ends_with("+json") => Some(Metered::Json),
+        // Audio, images, binary: not metered (see the README).
         _ => None,
     }
 }
@@ -666,6 +692,24 @@ fn switch_protocols(
 /// `TRACE` or `TRACK` (in any case: methods are case-sensitive, but some
 /// servers are not), which make a server echo the request it received, the
 /// injected credential included.
+/// Headers with which a client asks a server to act as if its request
+/// used another method.
+const METHOD_OVERRIDES: [&str; 3] = [
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+];
+
+/// The methods a request's method-override headers name, as the servers
+/// that obey them read them (in upper case; every value, every header).
+fn overridden(headers: &http::HeaderMap) -> impl Iterator<Item = Method> + '_ {
+    METHOD_OVERRIDES
+        .iter()
+        .flat_map(|name| headers.get_all(*name))
+        .flat_map(|value| value.as_bytes().split(|b| *b == b','))
+        .filter_map(|method| Method::from_bytes(&method.trim_ascii().to_ascii_uppercase()).ok())
+}
+
 fn echoing_method(method: &Method) -> Option<&'static str> {
     ["TRACE", "TRACK"]
         .into_iter()

@@ -196,6 +196,7 @@ impl Body for RelayBody {
                     if let Some(tap) = this.tap.as_mut() {
                         tap.feed(&data, now);
                     }
+                    this.log.count_lines(&data);
                     let data = match this.strip.as_mut() {
                         None => data,
                         Some(strip) => match strip.pass(data) {

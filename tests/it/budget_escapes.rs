@@ -608,3 +608,547 @@ async fn a_client_gone_before_the_response_head_still_pays_for_its_prompt() {
     wait_spent(&relay, (body.len() / 4) as u64).await;
     drop(exchange);
 }
+
+/// Sends `body` to `path` and reads keyrelay's answer: `None` if none came
+/// within a second (the request went to the upstream, which holds it).
+async fn refusal(
+    client: &ops::TestClient,
+    relay: &AdminRelay,
+    path: &str,
+    token: Option<&str>,
+    body: &'static str,
+) -> Option<(u16, String)> {
+    let mut request = Request::post(relay.url(path)).header("content-type", "application/json");
+    if let Some(token) = token {
+        request = request.header("authorization", format!("Bearer {token}"));
+    }
+    let pending = client.request(request.body(full(body)).expect("request"));
+    let response = tokio::time::timeout(Duration::from_secs(1), pending)
+        .await
+        .ok()?
+        .expect("answered");
+    let status = response.status().as_u16();
+    let error: serde_json::Value =
+        serde_json::from_slice(&body_bytes(response).await).unwrap_or_default();
+    Some((
+        status,
+        error["type"].as_str().unwrap_or_default().to_owned(),
+    ))
+}
+
+/// Asserts that each `(path, body)` is refused with `(status, kind)`, and
+/// none reaches the upstream.
+async fn all_refused(
+    relay: &AdminRelay,
+    upstream: &mut MockUpstream,
+    token: Option<&str>,
+    cases: &[(&str, &'static str, u16, &str)],
+) {
+    let client = http1_client();
+    let mut escaped = Vec::new();
+    for (path, body, status, kind) in cases {
+        let got = refusal(&client, relay, path, token, body).await;
+        if got != Some((*status, (*kind).to_owned())) {
+            escaped.push(format!("{path} {body}: {got:?}"));
+        }
+    }
+    assert!(escaped.is_empty(), "not refused as expected: {escaped:#?}");
+    assert!(upstream.nothing_received(), "refused before the upstream");
+}
+
+#[tokio::test]
+async fn an_access_tokens_caps_hold_for_a_body_keyrelay_cannot_parse() {
+    // The route has no caps of its own; the token's must still hold for a
+    // body Python's json module reads (NaN, UTF-16) and serde_json does not.
+    let mut upstream = MockUpstream::start().await;
+    let mut command = ops::command(&upstream.url());
+    command
+        .args(["--access-token-env", "APP_TOKEN"])
+        .args(["--access-token-allowed-models", "small"])
+        .args(["--access-token-max-output-tokens", "64"])
+        .env("APP_TOKEN", "tok-app-7c1d9e2f3a4b5c6d");
+    let relay = AdminRelay::spawn(command).await;
+    all_refused(
+        &relay,
+        &mut upstream,
+        Some("tok-app-7c1d9e2f3a4b5c6d"),
+        &[
+            (
+                "/v1/chat/completions",
+                r#"{"model":"large","max_tokens":100000,"temperature":NaN}"#,
+                400,
+                "unreadable_request_body",
+            ),
+            (
+                "/v1/chat/completions",
+                "\u{feff}{\"model\":\"large\"} trailing",
+                400,
+                "unreadable_request_body",
+            ),
+        ],
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn keys_servers_read_differently_cannot_carry_a_model_or_limit_past_the_caps() {
+    let mut upstream = MockUpstream::start().await;
+    let relay = relay_with(
+        &["--allowed-models", "small", "--max-output-tokens", "500"],
+        &upstream,
+    )
+    .await;
+    let unreadable = "unreadable_request_body";
+    all_refused(
+        &relay,
+        &mut upstream,
+        None,
+        &[
+            // Go's encoding/json (Ollama, LocalAI) matches names in any
+            // case and takes the last.
+            (
+                "/v1/chat/completions",
+                r#"{"model":"small","Model":"large"}"#,
+                400,
+                unreadable,
+            ),
+            (
+                "/v1/chat/completions",
+                r#"{"model":"small","max_tokens":10,"MAX_TOKENS":100000}"#,
+                400,
+                unreadable,
+            ),
+            // A Kelvin sign folds to k.
+            (
+                "/v1/chat/completions",
+                "{\"model\":\"small\",\"max_to\u{212A}ens\":100000}",
+                400,
+                unreadable,
+            ),
+            (
+                "/v1/chat/completions",
+                r#"{"model":"small","MODEL":"large"}"#,
+                400,
+                unreadable,
+            ),
+            // Parsers that keep the first of a repeated key.
+            (
+                "/v1/chat/completions",
+                r#"{"model":"large","model":"small"}"#,
+                400,
+                unreadable,
+            ),
+            (
+                "/v1/chat/completions",
+                r#"{"model":"small","max_tokens":100000,"max_tokens":10}"#,
+                400,
+                unreadable,
+            ),
+            // llama.cpp prefers n_predict to max_tokens; -1 is no limit.
+            (
+                "/v1/chat/completions",
+                r#"{"model":"small","max_tokens":10,"n_predict":100000}"#,
+                403,
+                "max_output_tokens_exceeded",
+            ),
+            (
+                "/v1/chat/completions",
+                r#"{"model":"small","n_predict":-1}"#,
+                400,
+                unreadable,
+            ),
+            // The model in the path is the one Gemini, Vertex AI, Azure
+            // and Bedrock run.
+            (
+                "/v1beta/models/large:streamGenerateContent",
+                r#"{"model":"small","contents":[]}"#,
+                403,
+                "model_not_allowed",
+            ),
+            (
+                "/v1beta/models/lar%67e:generateContent",
+                r#"{"contents":[]}"#,
+                403,
+                "model_not_allowed",
+            ),
+            (
+                "/openai/deployments/large/chat/completions",
+                r#"{"model":"small"}"#,
+                403,
+                "model_not_allowed",
+            ),
+            (
+                "/model/large/invoke",
+                r#"{"model":"small"}"#,
+                403,
+                "model_not_allowed",
+            ),
+        ],
+    )
+    .await;
+
+    // An allowed model in the path stands in for the body's.
+    let client = http1_client();
+    let pending = tokio::spawn(
+        client.request(
+            Request::post(relay.url("/v1beta/models/small:generateContent"))
+                .body(full(r#"{"contents":[],"Temperature":1}"#))
+                .expect("request"),
+        ),
+    );
+    let exchange = upstream.next().await;
+    exchange.respond_full(200, "{}");
+    let response = within("the answer", pending)
+        .await
+        .expect("join")
+        .expect("answer");
+    assert_eq!(response.status(), 200);
+}
+
+#[tokio::test]
+async fn completions_paths_a_server_decodes_are_asked_for_their_usage() {
+    let mut upstream = MockUpstream::start().await;
+    let relay = relay_with(&["--add-stream-usage"], &upstream).await;
+    let client = http1_client();
+    let mut escaped = Vec::new();
+    // uvicorn decodes %2F before Starlette routes the path.
+    for path in [
+        "/v1/chat%2Fcompletions",
+        "/v1/chat%2fcompletions/",
+        "/V1/CHAT/COMPLETIONS",
+    ] {
+        let pending = tokio::spawn(
+            client.request(
+                Request::post(relay.url(path))
+                    .body(full(r#"{"stream":true}"#))
+                    .expect("request"),
+            ),
+        );
+        let mut exchange = upstream.next().await;
+        let sent = within("the request body", exchange.request.body_mut().collect())
+            .await
+            .expect("body")
+            .to_bytes();
+        let sent: serde_json::Value = serde_json::from_slice(&sent).expect("JSON upstream");
+        if sent["stream_options"]["include_usage"] != true {
+            escaped.push(path);
+        }
+        exchange.respond(sse().body(full("data: [DONE]\n\n")).expect("response"));
+        let response = within("the answer", pending)
+            .await
+            .expect("join")
+            .expect("answer");
+        body_bytes(response).await;
+    }
+    assert!(
+        escaped.is_empty(),
+        "no include_usage added for: {escaped:?}"
+    );
+}
+
+#[tokio::test]
+async fn answers_in_other_text_types_are_charged_a_lower_bound() {
+    // Ollama's native API streams JSON lines; other servers answer in
+    // plain text or name no type. None reports OpenAI-style usage.
+    let mut upstream = MockUpstream::start().await;
+    let relay = relay_with(&["--token-budget", "1000000/day"], &upstream).await;
+    let client = http1_client();
+    let body = r#"{"model":"llama3","messages":[{"role":"user","content":"hello there"}]}"#;
+    let prompt = (body.len() / 4) as u64;
+    let lines = "{\"message\":{\"content\":\"Hi\"},\"done\":false}\n\
+                 {\"message\":{\"content\":\" you\"},\"done\":false}\n\
+                 {\"done\":true,\"eval_count\":2}\n";
+    let text = "x".repeat(400);
+    let mut expected = 0;
+    for (content_type, answer, charge) in [
+        (Some("application/x-ndjson"), lines.to_owned(), prompt + 3),
+        (
+            Some("text/plain; charset=utf-8"),
+            text.clone(),
+            prompt + 100,
+        ),
+        (None, text.clone(), prompt + 100),
+    ] {
+        let pending = tokio::spawn(
+            client.request(
+                Request::post(relay.url("/api/chat"))
+                    .body(full(body))
+                    .expect("request"),
+            ),
+        );
+        let exchange = upstream.next().await;
+        let mut response = http::Response::builder();
+        if let Some(content_type) = content_type {
+            response = response.header("content-type", content_type);
+        }
+        exchange.respond(response.body(full(answer)).expect("response"));
+        let response = within("the answer", pending)
+            .await
+            .expect("join")
+            .expect("answer");
+        assert_eq!(response.status(), 200);
+        body_bytes(response).await;
+        expected += charge;
+        wait_spent(&relay, expected).await;
+    }
+}
+
+#[tokio::test]
+async fn n_answers_ask_for_n_times_the_output_cap() {
+    let mut upstream = MockUpstream::start().await;
+    let relay = relay_with(&["--max-output-tokens", "500"], &upstream).await;
+    all_refused(
+        &relay,
+        &mut upstream,
+        None,
+        &[
+            (
+                "/v1/chat/completions",
+                r#"{"max_tokens":500,"n":128}"#,
+                403,
+                "max_output_tokens_exceeded",
+            ),
+            (
+                "/v1/completions",
+                r#"{"max_tokens":"200","best_of":3}"#,
+                403,
+                "max_output_tokens_exceeded",
+            ),
+        ],
+    )
+    .await;
+    drop(relay);
+
+    // Clamped, each answer gets its share; with none named, likewise.
+    let clamping = relay_with(
+        &[
+            "--max-output-tokens",
+            "500",
+            "--over-max-output-tokens",
+            "clamp",
+        ],
+        &upstream,
+    )
+    .await;
+    let client = http1_client();
+    for body in [r#"{"max_tokens":500,"n":4}"#, r#"{"n":4}"#] {
+        let pending = tokio::spawn(
+            client.request(
+                Request::post(clamping.url("/v1/chat/completions"))
+                    .body(full(body))
+                    .expect("request"),
+            ),
+        );
+        let mut exchange = upstream.next().await;
+        let sent = within("the request body", exchange.request.body_mut().collect())
+            .await
+            .expect("body")
+            .to_bytes();
+        let sent: serde_json::Value = serde_json::from_slice(&sent).expect("JSON upstream");
+        assert_eq!(sent["max_tokens"], 125, "{body}");
+        exchange.respond_full(200, "{}");
+        within("the answer", pending)
+            .await
+            .expect("join")
+            .expect("answer");
+    }
+}
+
+#[tokio::test]
+async fn twenty_clients_gone_at_the_worst_moments_leave_exact_charges() {
+    // Half leave after the request went upstream, before the answer's
+    // head; half after one generated chunk, before the end. Every
+    // reservation is settled: nothing stays held, nothing is charged 0.
+    let mut upstream = MockUpstream::start().await;
+    let relay = relay_with(&["--token-budget", "1000000/day"], &upstream).await;
+    let client = http1_client();
+    let body = r#"{"stream":true,"messages":[{"role":"user","content":"a prompt"}]}"#;
+    let prompt = (body.len() / 4) as u64;
+    let (first_frame, first_frames) = tokio::sync::mpsc::channel::<()>(20);
+    let tasks: Vec<_> = (0..20)
+        .map(|_| {
+            let request = Request::post(relay.url("/v1/chat/completions"))
+                .body(full(body))
+                .expect("request");
+            let client = client.clone();
+            let first_frame = first_frame.clone();
+            tokio::spawn(async move {
+                let Ok(response) = client.request(request).await else {
+                    return;
+                };
+                let mut body = response.into_body();
+                let _ = body.frame().await;
+                let _ = first_frame.send(()).await;
+                // Gone, the stream unfinished.
+            })
+        })
+        .collect();
+    let mut held = Vec::new();
+    for _ in 0..20 {
+        held.push(upstream.next().await);
+    }
+    // The even requests' clients leave before any answer.
+    for task in tasks.iter().step_by(2) {
+        task.abort();
+    }
+    let mut senders = Vec::new();
+    for exchange in held {
+        let (mut tx, channel) = http_body_util::channel::Channel::<Bytes, BoxError>::new(4);
+        let chunk = "data: {\"choices\":[{\"delta\":{\"content\":\"Hi\"}}]}\n\n";
+        let _ = tx.send_data(Bytes::from_static(chunk.as_bytes())).await;
+        exchange.respond(sse().body(channel.boxed()).expect("response"));
+        senders.push(tx);
+    }
+    let mut first_frames = first_frames;
+    for _ in 0..10 {
+        within("a first chunk", first_frames.recv()).await;
+    }
+    for task in tasks {
+        let _ = task.await;
+    }
+    // An even client may leave only after its head and chunk were
+    // written to its socket (then it paid for the chunk): between the two.
+    let (low, high) = (10 * prompt + 10 * (prompt + 1), 20 * (prompt + 1));
+    eventually("every reservation settled", || async {
+        let now = spent(&relay).await;
+        (low..=high).contains(&now).then_some(())
+    })
+    .await;
+    drop(senders);
+}
+
+#[tokio::test]
+async fn output_limits_other_apis_nest_are_capped_too() {
+    // Ollama's native API, Gemini, Bedrock Converse and TGI read their
+    // output limit from a nested object, and ignore a top-level max_tokens.
+    let mut upstream = MockUpstream::start().await;
+    let relay = relay_with(&["--max-output-tokens", "500"], &upstream).await;
+    let over = "max_output_tokens_exceeded";
+    all_refused(
+        &relay,
+        &mut upstream,
+        None,
+        &[
+            (
+                "/api/chat",
+                r#"{"options":{"num_predict":100000}}"#,
+                403,
+                over,
+            ),
+            (
+                "/api/generate",
+                r#"{"options":{"num_predict":-1}}"#,
+                400,
+                "unreadable_request_body",
+            ),
+            (
+                "/v1beta/models/m:generateContent",
+                r#"{"generationConfig":{"maxOutputTokens":100000}}"#,
+                403,
+                over,
+            ),
+            (
+                "/v1beta/models/m:generateContent",
+                r#"{"generationConfig":{"maxOutputTokens":400,"candidateCount":8}}"#,
+                403,
+                over,
+            ),
+            (
+                "/model/m/converse",
+                r#"{"inferenceConfig":{"maxTokens":9000}}"#,
+                403,
+                over,
+            ),
+            (
+                "/generate",
+                r#"{"parameters":{"max_new_tokens":9000}}"#,
+                403,
+                over,
+            ),
+            (
+                "/api/chat",
+                r#"{"OPTIONS":{"num_predict":-1}}"#,
+                400,
+                "unreadable_request_body",
+            ),
+        ],
+    )
+    .await;
+
+    // A request naming none gets the cap where its API reads it.
+    let client = http1_client();
+    for (path, body, pointer) in [
+        ("/api/chat", r#"{"model":"m"}"#, "/options/num_predict"),
+        (
+            "/v1beta/models/m:streamGenerateContent",
+            r#"{"contents":[]}"#,
+            "/generationConfig/maxOutputTokens",
+        ),
+        (
+            "/model/m/converse-stream",
+            r#"{"messages":[]}"#,
+            "/inferenceConfig/maxTokens",
+        ),
+        (
+            "/generate_stream",
+            r#"{"inputs":"x","parameters":{}}"#,
+            "/parameters/max_new_tokens",
+        ),
+    ] {
+        let pending = tokio::spawn(
+            client.request(
+                Request::post(relay.url(path))
+                    .body(full(body))
+                    .expect("request"),
+            ),
+        );
+        let mut exchange = upstream.next().await;
+        let sent = within("the request body", exchange.request.body_mut().collect())
+            .await
+            .expect("body")
+            .to_bytes();
+        let sent: serde_json::Value = serde_json::from_slice(&sent).expect("JSON upstream");
+        assert_eq!(sent.pointer(pointer), Some(&500.into()), "{path}: {sent}");
+        exchange.respond_full(200, "{}");
+        within("the answer", pending)
+            .await
+            .expect("join")
+            .expect("answer");
+    }
+}
+
+#[tokio::test]
+async fn a_model_named_in_the_query_is_checked_with_or_without_a_body() {
+    // OpenAI's Realtime API takes its model from the query of a WebSocket
+    // upgrade (Azure's: `deployment`), with no body to read.
+    let mut upstream = MockUpstream::start().await;
+    let relay = relay_with(&["--allowed-models", "small"], &upstream).await;
+    let mut escaped = Vec::new();
+    for (target, body) in [
+        ("/v1/realtime?model=large", ""),
+        ("/openai/realtime?api-version=1&deployment=large", ""),
+        ("/v1/realtime?model=lar%67e", ""),
+        (
+            "/v1/chat/completions?model=large",
+            "Content-Length: 17\r\n\r\n{\"model\":\"small\"}",
+        ),
+    ] {
+        let body = if body.is_empty() { "\r\n" } else { body };
+        let request = format!(
+            "GET {target} HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\n\
+             Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{body}"
+        );
+        let response = tokio::time::timeout(
+            Duration::from_secs(1),
+            raw::exchange(relay.addr(), &request),
+        )
+        .await;
+        let status = response.as_ref().map(|r| r.status()).ok();
+        if status != Some(403) {
+            escaped.push(format!("{target}: {status:?}"));
+        }
+    }
+    assert!(escaped.is_empty(), "not refused: {escaped:#?}");
+    assert!(upstream.nothing_received(), "refused before the upstream");
+}

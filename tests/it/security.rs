@@ -1757,3 +1757,52 @@ async fn trace_and_track_are_answered_here_unless_a_rule_names_them() {
     open.stop().await;
     ruled.stop().await;
 }
+
+/// A method-override header makes servers that obey it (Google's front
+/// ends, Express's method-override, Symfony) act on another method than
+/// the request's: it cannot carry a TRACE past the 405, nor a DELETE past
+/// `allowed_paths = "POST /v1/*"`.
+#[tokio::test]
+async fn method_override_headers_cannot_carry_a_method_past_the_rules() {
+    let mut upstream = MockUpstream::start().await;
+    let open = Relay::start(&upstream.url(), &[]).await;
+    let ruled = Relay::start(&upstream.url(), &[("allowed_paths", "POST /v1/*")]).await;
+    let mut escaped = Vec::new();
+    for (relay, header, want) in [
+        (&open, "X-HTTP-Method-Override: TRACE", 405),
+        (&open, "X-HTTP-Method: trace", 405),
+        (&open, "X-Method-Override: TRACK", 405),
+        (&ruled, "X-HTTP-Method-Override: DELETE", 403),
+        (&ruled, "X-HTTP-Method-Override: POST, delete", 403),
+        (&ruled, "X-HTTP-Method: PUT", 403),
+    ] {
+        let request = format!(
+            "POST /v1/files/f1 HTTP/1.1\r\nHost: localhost\r\n{header}\r\n\
+             Content-Length: 2\r\nConnection: close\r\n\r\n{{}}"
+        );
+        let response = tokio::time::timeout(
+            std::time::Duration::from_secs(1),
+            raw::exchange(relay.addr, &request),
+        )
+        .await;
+        let status = response.as_ref().map(|r| r.status()).ok();
+        if status != Some(want) {
+            escaped.push(format!("{header}: {status:?}"));
+        }
+    }
+    assert!(escaped.is_empty(), "not refused: {escaped:#?}");
+    assert!(upstream.nothing_received(), "nothing reached the upstream");
+
+    // Naming the request's own allowed method is harmless.
+    let pending = tokio::spawn(raw::exchange(
+        ruled.addr,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n\
+         X-HTTP-Method-Override: POST\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}",
+    ));
+    let exchange = upstream.next().await;
+    exchange.respond_full(200, "{}");
+    let allowed = within("allowed POST", pending).await.expect("join");
+    assert_eq!(allowed.status(), 200);
+    open.stop().await;
+    ruled.stop().await;
+}
