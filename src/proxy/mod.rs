@@ -307,7 +307,7 @@ impl Shared {
         let via = client
             .via(upgrading)
             .await
-            .map_err(|err| self.send_failure(&err, err.is_connect()))?;
+            .map_err(|err| self.send_failure(&err))?;
         set_version(&mut upstream_request, &via, route.host.as_ref());
         record.set_forwarded();
         let (response, lease) = self.send(&worker.upstreams, via, upstream_request).await?;
@@ -487,13 +487,9 @@ impl Shared {
     }
 
     /// The error answer for a request that could not be sent upstream.
-    fn send_failure(
-        &self,
-        err: &(dyn std::error::Error + 'static),
-        is_connect: bool,
-    ) -> ProxyError {
+    fn send_failure(&self, err: &upstream::SendError) -> ProxyError {
         tracing::debug!(error = ?err, "upstream request failed");
-        ProxyError::from_send_failure(err, is_connect, self.timeouts.connect)
+        ProxyError::from_send_error(err, self.timeouts.connect)
     }
 
     /// Sends upstream over an HTTP/2 pool or the HTTP/1.1 client, applying
@@ -505,16 +501,13 @@ impl Shared {
         request: Request<RequestBody>,
     ) -> Result<(Response<Incoming>, Lease), ProxyError> {
         let pending = async {
-            match via {
-                Via::Http2(pool) => match pool.send(request).await {
-                    Ok((response, slot)) => Ok((response, Lease::Http2(slot))),
-                    Err(err) => Err(self.send_failure(&err, err.is_connect())),
-                },
-                Via::Http1 => match upstreams.http1.send(request).await {
-                    Ok((response, lease)) => Ok((response, Lease::Http1(lease))),
-                    Err(err) => Err(self.send_failure(&err, err.is_connect())),
-                },
-            }
+            let sent = match via {
+                Via::Http2(pool) => (pool.send(request).await)
+                    .map(|(response, slot)| (response, Lease::Http2(slot))),
+                Via::Http1 => (upstreams.http1.send(request).await)
+                    .map(|(response, lease)| (response, Lease::Http1(lease))),
+            };
+            sent.map_err(|err| self.send_failure(&err))
         };
         match self.timeouts.response_headers {
             Some(limit) => tokio::time::timeout(limit, pending)
