@@ -667,7 +667,8 @@ fn echoing_method(method: &Method) -> Option<&'static str> {
 
 /// Turns the client's request into the upstream's: new target, scrubbed
 /// headers, injected credential and static headers, same method and body.
-/// The HTTP version is set once the route has chosen it ([`set_version`]).
+/// The HTTP version and `Host` are set once the route has chosen the
+/// version ([`set_version`]).
 fn upstream_request(
     route: &Route,
     mut parts: http::request::Parts,
@@ -693,14 +694,31 @@ fn upstream_request(
     Ok(Request::from_parts(parts, body))
 }
 
-/// The HTTP version the request goes with, and over HTTP/1.1 its `Host`
-/// (HTTP/2 carries the upstream's authority in `:authority` instead).
+/// The HTTP version the request goes with, and its `Host`: the one place
+/// that decides the host the upstream sees (the client's `Host` is left in
+/// the headers until here, and replaced or removed here).
+///
+/// - HTTP/1.1: the route's `host` (the upstream's authority without a
+///   default port), replacing every `Host` the client sent; the upstream
+///   URI's authority if the route has none.
+/// - HTTP/2: no `Host` at all; hyper sends the upstream URI's authority as
+///   `:authority`.
 fn set_version(request: &mut Request<RequestBody>, via: &Via<'_>, host: Option<&HeaderValue>) {
     *request.version_mut() = via.version();
-    if let (Via::Http1, Some(host)) = (via, host) {
-        request
-            .headers_mut()
-            .insert(http::header::HOST, host.clone());
+    let host = match via {
+        Via::Http1 => host.cloned().or_else(|| {
+            let authority = request.uri().authority()?;
+            HeaderValue::from_str(authority.as_str()).ok()
+        }),
+        Via::Http2(_) => None,
+    };
+    match host {
+        Some(host) => {
+            request.headers_mut().insert(http::header::HOST, host);
+        }
+        None => {
+            request.headers_mut().remove(http::header::HOST);
+        }
     }
 }
 

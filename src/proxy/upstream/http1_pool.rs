@@ -41,7 +41,7 @@ use std::time::Duration;
 
 use http::uri::{Parts, PathAndQuery};
 use http::Method;
-use http::{HeaderValue, Request, Response, Uri};
+use http::{Request, Response, Uri};
 use hyper::body::{Body, Incoming};
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
@@ -149,22 +149,15 @@ impl Http1Pool {
         }
     }
 
-    /// Sends `request` (its URI absolute) on an idle connection to its
-    /// origin, or on a new one, and returns the response with the lease on
-    /// its connection.
+    /// Sends `request` (its URI absolute, its `Host` set by the caller: see
+    /// `set_version` in `proxy/mod.rs`) on an idle connection to its origin,
+    /// or on a new one, and returns the response with the lease on its
+    /// connection.
     pub async fn send(
         &self,
         mut request: Request<RequestBody>,
     ) -> Result<(Response<Incoming>, Http1Lease), SendError> {
         let origin = origin_of(request.uri());
-        if !request.headers().contains_key(http::header::HOST) {
-            if let Some(host) = origin
-                .authority()
-                .and_then(|authority| HeaderValue::from_str(authority.as_str()).ok())
-            {
-                request.headers_mut().insert(http::header::HOST, host);
-            }
-        }
         *request.uri_mut() = origin_form(request.uri());
 
         let index = self.inner.origin_index(&origin);
