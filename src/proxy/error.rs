@@ -6,7 +6,6 @@
 //! apart from an error the upstream returned (those are passed through as is).
 //! Nothing here ever includes a credential.
 
-use std::error::Error as StdError;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -15,6 +14,7 @@ use http::{HeaderValue, Response, StatusCode};
 use http_body_util::Full;
 
 use crate::ops::request_record::Outcome;
+use crate::proxy::upstream::{Cause, SendError};
 use crate::usage::budget::Exhausted;
 
 /// Why keyrelay could not relay a request, grouped by where the failure came
@@ -265,50 +265,23 @@ impl ProxyError {
         response
     }
 
-    /// Maps a request that failed on its way upstream to the most specific
-    /// cause in its error chain. That is usually the upstream, but the chain
-    /// also carries failures of the client's own body as the upstream client
-    /// streamed it (malformed, or over `max_request_body`), and those are the
-    /// client's.
-    pub fn from_send_failure(
-        err: &(dyn StdError + 'static),
-        is_connect: bool,
-        connect_timeout: Duration,
-    ) -> Self {
-        let mut cause = Cause::default();
-        let mut current: Option<&(dyn StdError + 'static)> = Some(err);
-        while let Some(err) = current {
-            cause.inspect(err);
-            // io::Error::source() skips the error it wraps, and TLS errors come
-            // wrapped in more than one io::Error, so unwrap each layer too.
-            let mut wrapped = io_inner(err);
-            while let Some(inner) = wrapped {
-                cause.inspect(inner);
-                wrapped = io_inner(inner);
-            }
-            current = err.source();
-        }
-
-        if let Some(limit) = cause.body_too_large {
-            Refusal::PayloadTooLarge(limit).into()
-        } else if let Some(limit) = cause.body_timeout {
-            ClientError::RequestBodyTimeout(limit).into()
-        } else if cause.client_body {
-            ClientError::BadRequestBody.into()
-        } else if let Some(tls) = cause.tls {
-            UpstreamError::Tls(describe_tls(&tls)).into()
-        } else if cause.dns {
-            UpstreamError::Dns.into()
-        } else if cause.refused {
-            UpstreamError::Refused.into()
-        } else if cause.timed_out && is_connect {
-            UpstreamError::ConnectTimeout(connect_timeout).into()
-        } else if is_connect {
-            UpstreamError::Connect(cause.innermost).into()
-        } else if cause.closed {
-            UpstreamError::Closed.into()
-        } else {
-            UpstreamError::Protocol(cause.innermost).into()
+    /// The answer for a request that failed on its way upstream: the one
+    /// place a [`SendError`]'s cause becomes what the client sees. Most
+    /// causes are the upstream's (or the way to it), but the client's own
+    /// body fails there too as it is streamed (malformed, too slow, or over
+    /// `max_request_body`), and those are the client's.
+    pub fn from_send_error(err: &SendError, connect_timeout: Duration) -> Self {
+        match err.cause() {
+            Cause::BodyTooLarge(limit) => Refusal::PayloadTooLarge(*limit).into(),
+            Cause::BodyTimeout(limit) => ClientError::RequestBodyTimeout(*limit).into(),
+            Cause::BadBody => ClientError::BadRequestBody.into(),
+            Cause::Tls(tls) => UpstreamError::Tls(describe_tls(tls)).into(),
+            Cause::Dns => UpstreamError::Dns.into(),
+            Cause::Refused => UpstreamError::Refused.into(),
+            Cause::ConnectTimeout => UpstreamError::ConnectTimeout(connect_timeout).into(),
+            Cause::Connect => UpstreamError::Connect(err.detail()).into(),
+            Cause::Closed => UpstreamError::Closed.into(),
+            Cause::Protocol => UpstreamError::Protocol(err.detail()).into(),
         }
     }
 }
@@ -407,63 +380,9 @@ impl UpstreamError {
     }
 }
 
-/// What the error chain of a failed upstream request revealed.
-#[derive(Default)]
-struct Cause {
-    tls: Option<rustls::Error>,
-    body_too_large: Option<u64>,
-    body_timeout: Option<Duration>,
-    client_body: bool,
-    dns: bool,
-    refused: bool,
-    timed_out: bool,
-    closed: bool,
-    innermost: String,
-}
-
-impl Cause {
-    fn inspect(&mut self, err: &(dyn StdError + 'static)) {
-        self.innermost = err.to_string();
-        self.client_body |= err.is::<crate::proxy::request_body::ClientBodyError>();
-        if let Some(too_large) = err.downcast_ref::<crate::proxy::request_body::BodyTooLarge>() {
-            self.body_too_large = Some(too_large.0);
-        }
-        if let Some(timeout) = err.downcast_ref::<crate::proxy::request_body::BodyTimeout>() {
-            self.body_timeout = Some(timeout.0);
-        }
-        if let Some(tls) = err.downcast_ref::<rustls::Error>() {
-            self.tls.get_or_insert_with(|| tls.clone());
-        }
-        if let Some(io) = err.downcast_ref::<std::io::Error>() {
-            match io.kind() {
-                std::io::ErrorKind::ConnectionRefused => self.refused = true,
-                std::io::ErrorKind::TimedOut => self.timed_out = true,
-                _ => {}
-            }
-        }
-        if let Some(lost) = err.downcast_ref::<crate::proxy::upstream::SendError>() {
-            self.closed |= lost.is_connection_lost();
-        }
-        if let Some(hyper) = err.downcast_ref::<hyper::Error>() {
-            self.closed |=
-                hyper.is_incomplete_message() || hyper.is_closed() || hyper.is_canceled();
-        }
-        // hyper-util's connector reports resolver failures with this exact text
-        // and does not export a type for them.
-        self.dns |= err.to_string() == "dns error";
-    }
-}
-
 /// Whole seconds for `Retry-After`, rounded up so a client never retries too early.
 fn retry_after_secs(wait: Duration) -> u64 {
     wait.as_secs() + u64::from(wait.subsec_nanos() > 0)
-}
-
-/// The error an `io::Error` wraps, if `err` is one.
-fn io_inner<'a>(err: &'a (dyn StdError + 'static)) -> Option<&'a (dyn StdError + 'static)> {
-    err.downcast_ref::<std::io::Error>()?
-        .get_ref()
-        .map(|inner| inner as _)
 }
 
 /// Says in plain words why the upstream's certificate was refused.

@@ -7,7 +7,7 @@
 
 use http::header::{
     HeaderMap, HeaderName, HeaderValue, CACHE_CONTROL, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE,
-    HOST, PROXY_AUTHENTICATE, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
+    PROXY_AUTHENTICATE, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
 };
 
 /// Hop-by-hop headers of RFC 9110 section 7.6.1, plus the legacy ones proxies still see.
@@ -59,8 +59,8 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
 
 /// Prepares a client's request headers for the upstream.
 ///
-/// Drops `Host` (the caller, or hyper, sets the upstream's), `Trailer`, hop-by-hop headers
-/// and every client credential in `strip`, then sets `credential_header` to
+/// Drops `Trailer`, hop-by-hop headers and every client credential in
+/// `strip`, then sets `credential_header` to
 /// `credential`. Order matters: injection comes last so that nothing a client
 /// sends, not even `Connection: authorization`, can remove or replace the key.
 pub fn prepare_request(
@@ -69,7 +69,8 @@ pub fn prepare_request(
     credential_header: &HeaderName,
     credential: HeaderValue,
 ) {
-    headers.remove(HOST);
+    // `Host` is left alone: `set_version` in proxy/mod.rs replaces or
+    // removes it once the upstream's HTTP version is known, and nowhere else.
     // Request trailers are dropped (request_body.rs), so none are announced.
     headers.remove(TRAILER);
     remove_hop_by_hop(headers);
@@ -265,7 +266,6 @@ mod tests {
     #[test]
     fn request_credentials_are_replaced_not_appended() {
         let mut headers = map(&[
-            ("host", "127.0.0.1:8080"),
             ("authorization", "Bearer placeholder"),
             ("authorization", "Bearer second"),
             ("x-api-key", "anthropic-style"),

@@ -307,7 +307,7 @@ impl Shared {
         let via = client
             .via(upgrading)
             .await
-            .map_err(|err| self.send_failure(&err, err.is_connect()))?;
+            .map_err(|err| self.send_failure(&err))?;
         set_version(&mut upstream_request, &via, route.host.as_ref());
         record.set_forwarded();
         let (response, lease) = self.send(&worker.upstreams, via, upstream_request).await?;
@@ -500,13 +500,9 @@ impl Shared {
     }
 
     /// The error answer for a request that could not be sent upstream.
-    fn send_failure(
-        &self,
-        err: &(dyn std::error::Error + 'static),
-        is_connect: bool,
-    ) -> ProxyError {
+    fn send_failure(&self, err: &upstream::SendError) -> ProxyError {
         tracing::debug!(error = ?err, "upstream request failed");
-        ProxyError::from_send_failure(err, is_connect, self.timeouts.connect)
+        ProxyError::from_send_error(err, self.timeouts.connect)
     }
 
     /// Sends upstream over an HTTP/2 pool or the HTTP/1.1 client, applying
@@ -518,16 +514,13 @@ impl Shared {
         request: Request<RequestBody>,
     ) -> Result<(Response<Incoming>, Lease), ProxyError> {
         let pending = async {
-            match via {
-                Via::Http2(pool) => match pool.send(request).await {
-                    Ok((response, slot)) => Ok((response, Lease::Http2(slot))),
-                    Err(err) => Err(self.send_failure(&err, err.is_connect())),
-                },
-                Via::Http1 => match upstreams.http1.send(request).await {
-                    Ok((response, lease)) => Ok((response, Lease::Http1(lease))),
-                    Err(err) => Err(self.send_failure(&err, err.is_connect())),
-                },
-            }
+            let sent = match via {
+                Via::Http2(pool) => (pool.send(request).await)
+                    .map(|(response, slot)| (response, Lease::Http2(slot))),
+                Via::Http1 => (upstreams.http1.send(request).await)
+                    .map(|(response, lease)| (response, Lease::Http1(lease))),
+            };
+            sent.map_err(|err| self.send_failure(&err))
         };
         match self.timeouts.response_headers {
             Some(limit) => tokio::time::timeout(limit, pending)
@@ -718,7 +711,8 @@ fn echoing_method(method: &Method) -> Option<&'static str> {
 
 /// Turns the client's request into the upstream's: new target, scrubbed
 /// headers, injected credential and static headers, same method and body.
-/// The HTTP version is set once the route has chosen it ([`set_version`]).
+/// The HTTP version and `Host` are set once the route has chosen the
+/// version ([`set_version`]).
 fn upstream_request(
     route: &Route,
     mut parts: http::request::Parts,
@@ -744,14 +738,31 @@ fn upstream_request(
     Ok(Request::from_parts(parts, body))
 }
 
-/// The HTTP version the request goes with, and over HTTP/1.1 its `Host`
-/// (HTTP/2 carries the upstream's authority in `:authority` instead).
+/// The HTTP version the request goes with, and its `Host`: the one place
+/// that decides the host the upstream sees (the client's `Host` is left in
+/// the headers until here, and replaced or removed here).
+///
+/// - HTTP/1.1: the route's `host` (the upstream's authority without a
+///   default port), replacing every `Host` the client sent; the upstream
+///   URI's authority if the route has none.
+/// - HTTP/2: no `Host` at all; hyper sends the upstream URI's authority as
+///   `:authority`.
 fn set_version(request: &mut Request<RequestBody>, via: &Via<'_>, host: Option<&HeaderValue>) {
     *request.version_mut() = via.version();
-    if let (Via::Http1, Some(host)) = (via, host) {
-        request
-            .headers_mut()
-            .insert(http::header::HOST, host.clone());
+    let host = match via {
+        Via::Http1 => host.cloned().or_else(|| {
+            let authority = request.uri().authority()?;
+            HeaderValue::from_str(authority.as_str()).ok()
+        }),
+        Via::Http2(_) => None,
+    };
+    match host {
+        Some(host) => {
+            request.headers_mut().insert(http::header::HOST, host);
+        }
+        None => {
+            request.headers_mut().remove(http::header::HOST);
+        }
     }
 }
 

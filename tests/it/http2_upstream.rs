@@ -410,3 +410,28 @@ async fn auto_speaks_http1_to_a_server_without_h2() {
     );
     relay.stop().await;
 }
+
+/// Over HTTP/2 the upstream is named by `:authority` alone: the client's
+/// `Host` (a name keyrelay accepts, over either client protocol) never
+/// reaches it, and keyrelay adds none of its own.
+#[tokio::test]
+async fn the_clients_host_never_reaches_an_http2_upstream() {
+    let upstream = H2Upstream::start(Limits::default()).await;
+    let relay = relay_to(&upstream, &[("allowed_hosts", "client-side.example")]).await;
+    let expected = format!(
+        "host headers: 0, authority: Some(\"localhost:{}\")",
+        upstream.addr.port()
+    );
+    for (client, protocol) in [(keepalive_client(), "HTTP/1.1"), (h2c_client(), "h2c")] {
+        let request = Request::get(relay.url("/host"))
+            .header("host", "client-side.example:9999")
+            .body(full(""))
+            .expect("request");
+        let response = within("a response", client.request(request))
+            .await
+            .expect("request through keyrelay");
+        assert_eq!(response.status(), StatusCode::OK, "{protocol}");
+        assert_eq!(body_of(response).await, expected, "{protocol}");
+    }
+    relay.stop().await;
+}

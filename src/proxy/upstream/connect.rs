@@ -1,5 +1,9 @@
 //! Reaching the upstream: DNS, TCP and TLS under one connect timeout.
 //!
+//! A failure to connect leaves here as a [`SendError`] whose cause is typed
+//! (DNS, refused, TLS, the timeout, anything else): the resolver's errors
+//! are keyrelay's own [`DnsError`], so a DNS failure is known by its type.
+//!
 //! HTTPS trusts the Mozilla web roots compiled into the binary (so a scratch
 //! container needs no CA bundle) plus any `ca_file` certificates. Plain
 //! `http://` upstreams work too, for local model servers and tests.
@@ -12,14 +16,16 @@ use std::time::Duration;
 
 use http::Uri;
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
+use hyper_util::client::legacy::connect::dns::{GaiAddrs, GaiFuture, GaiResolver, Name};
 use hyper_util::client::legacy::connect::HttpConnector;
 use rustls::{ClientConfig, RootCertStore};
 use tower::Service;
 
+use super::error::{DnsError, SendError};
 use crate::config::Config;
 
 /// The connector every upstream connection is made with.
-pub type Connector = ConnectTimeout<HttpsConnector<HttpConnector>>;
+pub type Connector = ConnectTimeout<HttpsConnector<HttpConnector<Resolver>>>;
 
 /// The HTTP version a connector offers in TLS's ALPN.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -39,7 +45,7 @@ pub enum Alpn {
 pub fn connector(config: &Config, alpn: Alpn) -> std::io::Result<Connector> {
     let tls = tls_config(config)?;
 
-    let mut tcp = HttpConnector::new();
+    let mut tcp = HttpConnector::new_with_resolver(Resolver(GaiResolver::new()));
     // The connector must accept https:// URIs; hyper-rustls does the TLS part.
     tcp.enforce_http(false);
     tcp.set_nodelay(true);
@@ -74,8 +80,39 @@ fn tls_config(config: &Config) -> std::io::Result<ClientConfig> {
     Ok(tls)
 }
 
-/// A connector that fails with a timed-out error when connecting (DNS, TCP
-/// and TLS together) takes longer than `limit`.
+/// The system resolver (hyper-util's, `getaddrinfo` on a blocking thread),
+/// its failures typed as [`DnsError`]. IP literals never reach it.
+#[derive(Clone)]
+pub struct Resolver(GaiResolver);
+
+impl Service<Name> for Resolver {
+    type Response = GaiAddrs;
+    type Error = DnsError;
+    type Future = Resolving;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), DnsError>> {
+        self.0.poll_ready(cx).map_err(DnsError)
+    }
+
+    fn call(&mut self, name: Name) -> Resolving {
+        Resolving(self.0.call(name))
+    }
+}
+
+/// A lookup under way.
+pub struct Resolving(GaiFuture);
+
+impl Future for Resolving {
+    type Output = Result<GaiAddrs, DnsError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.0).poll(cx).map_err(DnsError)
+    }
+}
+
+/// A connector that fails with [`SendError`]s, typed by cause, and with a
+/// connect timeout when connecting (DNS, TCP and TLS together) takes longer
+/// than `limit`.
 #[derive(Clone)]
 pub struct ConnectTimeout<C> {
     inner: C,
@@ -89,11 +126,11 @@ where
     C::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     type Response = C::Response;
-    type Error = Box<dyn std::error::Error + Send + Sync>;
-    type Future = Pin<Box<dyn Future<Output = Result<C::Response, Self::Error>> + Send>>;
+    type Error = SendError;
+    type Future = Pin<Box<dyn Future<Output = Result<C::Response, SendError>> + Send>>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx).map_err(Into::into)
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), SendError>> {
+        self.inner.poll_ready(cx).map_err(SendError::connecting)
     }
 
     fn call(&mut self, uri: Uri) -> Self::Future {
@@ -101,12 +138,8 @@ where
         let limit = self.limit;
         Box::pin(async move {
             match tokio::time::timeout(limit, connecting).await {
-                Ok(result) => result.map_err(Into::into),
-                Err(_) => Err(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "connecting to the upstream (DNS, TCP and TLS) timed out",
-                )
-                .into()),
+                Ok(result) => result.map_err(SendError::connecting),
+                Err(_) => Err(SendError::connect_timeout()),
             }
         })
     }

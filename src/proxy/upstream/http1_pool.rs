@@ -33,8 +33,6 @@
 //!   the request and may be closing), else a connection dialled for the
 //!   request.
 
-use std::error::Error as StdError;
-use std::fmt;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -43,18 +41,17 @@ use std::time::Duration;
 
 use http::uri::{Parts, PathAndQuery};
 use http::Method;
-use http::{HeaderValue, Request, Response, Uri};
+use http::{Request, Response, Uri};
 use hyper::body::{Body, Incoming};
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
+use super::error::SendError;
 use super::warm::Io;
 use super::WarmConnector;
 use crate::proxy::request_body::RequestBody;
-
-type BoxError = Box<dyn StdError + Send + Sync>;
 
 /// One serving thread's HTTP/1.1 connections to every upstream origin.
 /// Cloning shares the connections.
@@ -135,40 +132,6 @@ impl Drop for Http1Lease {
     }
 }
 
-/// Why a request could not be sent.
-#[derive(Debug)]
-pub enum Http1Error {
-    /// No connection could be opened (DNS, TCP, TLS or the connect timeout).
-    Connect(BoxError),
-    /// The connection failed while the request was sent or answered.
-    Send(hyper::Error),
-}
-
-impl Http1Error {
-    /// True when the request never left keyrelay for want of a connection.
-    pub fn is_connect(&self) -> bool {
-        matches!(self, Self::Connect(_))
-    }
-}
-
-impl fmt::Display for Http1Error {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Connect(_) => f.write_str("could not connect to the upstream"),
-            Self::Send(_) => f.write_str("the upstream connection failed"),
-        }
-    }
-}
-
-impl StdError for Http1Error {
-    fn source(&self) -> Option<&(dyn StdError + 'static)> {
-        match self {
-            Self::Connect(err) => Some(&**err),
-            Self::Send(err) => Some(err),
-        }
-    }
-}
-
 impl Http1Pool {
     /// An empty pool dialling through `connector`.
     pub fn new(
@@ -186,22 +149,15 @@ impl Http1Pool {
         }
     }
 
-    /// Sends `request` (its URI absolute) on an idle connection to its
-    /// origin, or on a new one, and returns the response with the lease on
-    /// its connection.
+    /// Sends `request` (its URI absolute, its `Host` set by the caller: see
+    /// `set_version` in `proxy/mod.rs`) on an idle connection to its origin,
+    /// or on a new one, and returns the response with the lease on its
+    /// connection.
     pub async fn send(
         &self,
         mut request: Request<RequestBody>,
-    ) -> Result<(Response<Incoming>, Http1Lease), Http1Error> {
+    ) -> Result<(Response<Incoming>, Http1Lease), SendError> {
         let origin = origin_of(request.uri());
-        if !request.headers().contains_key(http::header::HOST) {
-            if let Some(host) = origin
-                .authority()
-                .and_then(|authority| HeaderValue::from_str(authority.as_str()).ok())
-            {
-                request.headers_mut().insert(http::header::HOST, host);
-            }
-        }
         *request.uri_mut() = origin_form(request.uri());
 
         let index = self.inner.origin_index(&origin);
@@ -242,7 +198,7 @@ impl Http1Pool {
                             request = again;
                             break;
                         }
-                        _ => return Err(Http1Error::Send(failed.into_error())),
+                        _ => return Err(SendError::sending(failed.into_error())),
                     },
                 },
             }
@@ -250,21 +206,16 @@ impl Http1Pool {
 
         // A connection dialled for this request: what fails here is not a
         // stale connection, and is not sent again.
-        let io = self
-            .inner
-            .connector
-            .dial(origin)
-            .await
-            .map_err(Http1Error::Connect)?;
+        let io = self.inner.connector.dial(origin).await?;
         let mut conn = self.handshake(io).await?;
         match conn.sender.try_send_request(request).await {
             Ok(response) => Ok((response, self.lease(index, conn))),
-            Err(failed) => Err(Http1Error::Send(failed.into_error())),
+            Err(failed) => Err(SendError::sending(failed.into_error())),
         }
     }
 
     /// An HTTP/1.1 connection on `io`, its reads counted.
-    async fn handshake(&self, io: Io) -> Result<Conn, Http1Error> {
+    async fn handshake(&self, io: Io) -> Result<Conn, SendError> {
         let read = Arc::new(AtomicU64::new(0));
         let io = TokioIo::new(CountReads {
             io: TokioIo::new(io),
@@ -273,7 +224,7 @@ impl Http1Pool {
         let (sender, connection) = http1::Builder::new()
             .handshake(io)
             .await
-            .map_err(|err| Http1Error::Connect(err.into()))?;
+            .map_err(SendError::connecting)?;
         tokio::spawn(async move {
             // WebSocket upgrades leave hyper through the connection here.
             if let Err(err) = connection.with_upgrades().await {

@@ -26,7 +26,6 @@
 //!   `pool_idle_timeout`.
 
 use std::error::Error as StdError;
-use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -45,14 +44,20 @@ use tokio::time::Instant;
 use tower::ServiceExt;
 
 use super::connect::{connector, Alpn, Connector};
+use super::error::SendError;
 use crate::config::{Config, UpstreamUrl};
 use crate::proxy::request_body::RequestBody;
-
-type BoxError = Box<dyn StdError + Send + Sync>;
 
 /// Streams a connection being opened is expected to carry: RFC 9113 section
 /// 5.1.2 recommends servers allow at least 100.
 const ASSUMED_STREAMS: usize = 100;
+
+/// What a request is told when connections opened, yet none had room for
+/// another stream.
+const NO_CAPACITY: &str = "the upstream allows no HTTP/2 streams";
+
+/// What waiters are told when the task opening their connection is gone.
+const ABANDONED: &str = "the connection attempt was abandoned";
 
 /// How often a request is sent again after a stream the server refused.
 const MAX_RESENDS: usize = 3;
@@ -125,7 +130,7 @@ struct State {
 struct Opening {
     id: u64,
     waiters: usize,
-    done: watch::Receiver<Option<Result<(), Arc<BoxError>>>>,
+    done: watch::Receiver<Option<Result<(), SendError>>>,
 }
 
 struct Connection {
@@ -177,57 +182,6 @@ pub enum Negotiated {
     Http2,
     /// `http/1.1` (or no ALPN at all): requests go over HTTP/1.1.
     Http1,
-}
-
-/// Why a request could not be sent.
-#[derive(Debug)]
-pub enum SendError {
-    /// No connection could be opened (DNS, TCP, TLS, ALPN, handshake).
-    Connect(Arc<BoxError>),
-    /// The request failed on its connection.
-    Send(hyper::Error),
-    /// Connections opened, yet none had room for another stream.
-    NoCapacity,
-    /// The connection closed and the stream was never answered.
-    ConnectionLost,
-}
-
-impl SendError {
-    /// True when the request never reached a connection.
-    pub fn is_connect(&self) -> bool {
-        matches!(self, Self::Connect(_) | Self::NoCapacity)
-    }
-
-    /// True when the connection closed under the request.
-    pub fn is_connection_lost(&self) -> bool {
-        matches!(self, Self::ConnectionLost)
-    }
-}
-
-impl fmt::Display for SendError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Connect(err) => write!(f, "connecting to the upstream failed: {err}"),
-            Self::Send(err) => write!(f, "the upstream request failed: {err}"),
-            Self::NoCapacity => write!(f, "the upstream allows no HTTP/2 streams"),
-            Self::ConnectionLost => {
-                write!(
-                    f,
-                    "the upstream connection closed before answering the request"
-                )
-            }
-        }
-    }
-}
-
-impl StdError for SendError {
-    fn source(&self) -> Option<&(dyn StdError + 'static)> {
-        match self {
-            Self::Connect(err) => Some(&***err),
-            Self::Send(err) => Some(err),
-            Self::NoCapacity | Self::ConnectionLost => None,
-        }
-    }
 }
 
 impl Http2Pool {
@@ -407,16 +361,12 @@ impl Http2Pool {
                 return Ok(Negotiated::Http1);
             }
             match outcome {
-                Ok(Some(Err(err))) => return Err(SendError::Connect(err)),
-                Err(_) => {
-                    return Err(SendError::Connect(Arc::new(
-                        "the connection attempt was abandoned".into(),
-                    )))
-                }
+                Ok(Some(Err(err))) => return Err(err),
+                Err(_) => return Err(SendError::cannot_connect(ABANDONED)),
                 Ok(_) => {}
             }
         }
-        Err(SendError::NoCapacity)
+        Err(SendError::cannot_connect(NO_CAPACITY))
     }
 
     /// A stream slot on a connection with room.
@@ -447,13 +397,13 @@ impl Http2Pool {
             };
             let outcome = match done.wait_for(Option::is_some).await {
                 Ok(outcome) => outcome.clone(),
-                Err(_) => Some(Err(Arc::new("the connection attempt was abandoned".into()))),
+                Err(_) => Some(Err(SendError::cannot_connect(ABANDONED))),
             };
             if let Some(Err(err)) = outcome {
-                return Err(SendError::Connect(err));
+                return Err(err);
             }
         }
-        Err(SendError::NoCapacity)
+        Err(SendError::cannot_connect(NO_CAPACITY))
     }
 }
 
@@ -489,10 +439,7 @@ impl Inner {
     }
 
     /// Starts opening a connection; the caller is its first waiter.
-    fn open(
-        this: &Arc<Self>,
-        state: &mut State,
-    ) -> watch::Receiver<Option<Result<(), Arc<BoxError>>>> {
+    fn open(this: &Arc<Self>, state: &mut State) -> watch::Receiver<Option<Result<(), SendError>>> {
         let id = this.next_id.fetch_add(1, Ordering::Relaxed);
         let (done_tx, done) = watch::channel(None);
         state.opening.push(Opening {
@@ -515,7 +462,7 @@ impl Inner {
                     }
                     Err(err) => {
                         tracing::debug!(error = %err, "opening an HTTP/2 upstream connection failed");
-                        Err(Arc::new(err))
+                        Err(err)
                     }
                 }
             };
@@ -524,25 +471,30 @@ impl Inner {
         done
     }
 
-    async fn connect(self: &Arc<Self>) -> Result<Arc<Connection>, BoxError> {
+    async fn connect(self: &Arc<Self>) -> Result<Arc<Connection>, SendError> {
         let io = self.connector.clone().oneshot(self.target.clone()).await?;
         if self.target.scheme() == Some(&Scheme::HTTPS) && !io.connected().is_negotiated_h2() {
             if self.alpn == Alpn::Both {
                 self.server_chose_http1.store(true, Ordering::Release);
-                return Err("the upstream chose HTTP/1.1 in the TLS handshake (ALPN)".into());
+                return Err(SendError::cannot_connect(
+                    "the upstream chose HTTP/1.1 in the TLS handshake (ALPN)",
+                ));
             }
-            return Err(
+            return Err(SendError::cannot_connect(
                 "the upstream did not accept HTTP/2 in the TLS handshake (ALPN); \
-                        set upstream_http = \"1.1\" or \"auto\" for it"
-                    .into(),
-            );
+                 set upstream_http = \"1.1\" or \"auto\" for it",
+            ));
         }
         let (closed_tx, io_closed) = watch::channel(());
         let io = WatchedIo {
             inner: io,
             _closed: closed_tx,
         };
-        let (sender, mut task) = self.builder.handshake(io).await?;
+        let (sender, mut task) = self
+            .builder
+            .handshake(io)
+            .await
+            .map_err(SendError::connecting)?;
         let connection = Arc::new(Connection {
             sender,
             streams: AtomicUsize::new(0),
@@ -589,8 +541,8 @@ enum Failure {
 impl Failure {
     fn into_error(self) -> SendError {
         match self {
-            Self::Send(failed) => SendError::Send(failed.into_error()),
-            Self::Lost => SendError::ConnectionLost,
+            Self::Send(failed) => SendError::sending(failed.into_error()),
+            Self::Lost => SendError::connection_lost(),
         }
     }
 }

@@ -20,8 +20,12 @@
 //!   TLS's ALPN and follow the server's choice: an HTTP/2 pool if it picks
 //!   `h2`, the HTTP/1.1 client otherwise (and always for WebSocket
 //!   upgrades, which exist only in HTTP/1.1 here).
+//! - Both pools and the connector fail with one [`SendError`], its
+//!   [`Cause`] typed where the failure happened; `proxy/error.rs` turns it
+//!   into the client's answer.
 
 mod connect;
+mod error;
 mod http1_pool;
 mod http2_pool;
 mod warm;
@@ -34,8 +38,9 @@ use crate::config::{Config, UpstreamHttp};
 use crate::proxy::route_table::Route;
 
 pub use connect::{connector, Alpn};
+pub use error::{Cause, SendError};
 pub use http1_pool::{Http1Lease, Http1Pool};
-pub use http2_pool::{Http2Pool, Negotiated, SendError, StreamSlot};
+pub use http2_pool::{Http2Pool, Negotiated, StreamSlot};
 pub use warm::WarmConnector;
 
 /// A task that keeps warm connections open, for the serving thread to spawn.

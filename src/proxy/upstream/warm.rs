@@ -36,11 +36,10 @@ use tokio::time::Instant;
 use tower::{Service, ServiceExt};
 
 use super::connect::Connector;
+use super::error::SendError;
 
 /// An upstream connection as the connector makes it.
 pub type Io = MaybeHttpsStream<TokioIo<TcpStream>>;
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Wait before retrying a spare that could not be opened; doubles per
 /// failure up to [`MAX_RETRY`], so a down upstream costs a dial now and then.
@@ -176,7 +175,7 @@ impl WarmConnector {
     pub(super) fn dial(
         &self,
         uri: Uri,
-    ) -> impl Future<Output = Result<Io, BoxError>> + Send + 'static {
+    ) -> impl Future<Output = Result<Io, SendError>> + Send + 'static {
         self.dial.clone().oneshot(uri)
     }
 
@@ -229,10 +228,10 @@ async fn keep(origin: Arc<Origin>, dial: Connector) {
 
 impl Service<Uri> for WarmConnector {
     type Response = Io;
-    type Error = BoxError;
-    type Future = Pin<Box<dyn Future<Output = Result<Io, BoxError>> + Send>>;
+    type Error = SendError;
+    type Future = Pin<Box<dyn Future<Output = Result<Io, SendError>> + Send>>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), SendError>> {
         self.dial.poll_ready(cx)
     }
 

@@ -293,6 +293,17 @@ async fn answer(
                 let _ = tx.send_data(Bytes::from_static(b"last\n")).await;
             });
         }
+        // What names the upstream in the request: `:authority`, and any
+        // `host` header (an HTTP/2 request needs none).
+        "/host" => {
+            let host = request.headers().get_all("host").iter().count();
+            let authority = request.uri().authority().map(|a| a.to_string());
+            tokio::spawn(async move {
+                let _open = open;
+                let seen = format!("host headers: {host}, authority: {authority:?}");
+                let _ = tx.send_data(seen.into()).await;
+            });
+        }
         "/freeze" => {
             frozen.store(true, Ordering::SeqCst);
             std::future::pending::<()>().await;
