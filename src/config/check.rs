@@ -76,46 +76,60 @@ impl Problems {
         });
     }
 
-    /// A duration that may be "off".
+    /// A duration that may be "off" (`Ok(None)`).
     pub(super) fn optional_duration(
         &mut self,
         setting: &str,
         text: &str,
-    ) -> Option<Option<Duration>> {
-        parse_duration(text)
-            .map_err(|message| self.report(setting, message))
-            .ok()
+    ) -> Result<Option<Duration>, Reported> {
+        parse_duration(text).map_err(|message| self.report(setting, message).into())
     }
 
-    /// A value parsed from `text`, or `None` for "off" (or empty); `what`
-    /// describes a valid value in the message.
+    /// A value parsed from `text`, or `Ok(None)` for "off" (or empty);
+    /// `what` describes a valid value in the message.
     pub(super) fn optional<T: std::str::FromStr>(
         &mut self,
         setting: &str,
         text: &str,
         what: &str,
-    ) -> Option<Option<T>> {
+    ) -> Result<Option<T>, Reported> {
         match text.trim() {
-            "" | "off" => Some(None),
+            "" | "off" => Ok(None),
             text => match text.parse::<T>() {
-                Ok(value) => Some(Some(value)),
+                Ok(value) => Ok(Some(value)),
                 Err(_) => {
                     self.report(setting, format!("{text:?} is not {what} or off"));
-                    None
+                    Err(Reported)
                 }
             },
         }
     }
 
     /// A duration that must be set; `why` says what "off" would break.
-    pub(super) fn duration(&mut self, setting: &str, text: &str, why: &str) -> Option<Duration> {
+    pub(super) fn duration(
+        &mut self,
+        setting: &str,
+        text: &str,
+        why: &str,
+    ) -> Result<Duration, Reported> {
         match self.optional_duration(setting, text)? {
-            Some(duration) => Some(duration),
+            Some(duration) => Ok(duration),
             None => {
                 self.report(setting, format!("cannot be off: {why}"));
-                None
+                Err(Reported)
             }
         }
+    }
+}
+
+/// A problem that was reported to [`Problems`] where the value is written;
+/// what carries it is unusable, and nothing more needs saying about it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Reported;
+
+impl From<()> for Reported {
+    fn from((): ()) -> Self {
+        Reported
     }
 }
 
@@ -239,7 +253,7 @@ pub(super) fn validate(
         found.optional_duration("request_body_timeout", &raw.request_body_timeout);
     let admin_listen =
         found.optional::<SocketAddr>("admin_listen", &raw.admin_listen, "an IP:port address");
-    if let Some(Some(admin)) = admin_listen {
+    if let Ok(Some(admin)) = admin_listen {
         check_admin_exposure(&raw, admin, tcp_listen, found);
     }
     let max_concurrent_requests = found
@@ -354,27 +368,27 @@ pub(super) fn validate(
         routes: routes?,
         extra_ca_certs: extra_ca_certs?,
         timeouts: Timeouts {
-            connect: connect?,
-            response_headers: response_headers?,
-            idle: idle?,
+            connect: connect.ok()?,
+            response_headers: response_headers.ok()?,
+            idle: idle.ok()?,
         },
         pool: PoolSettings {
-            idle_timeout: pool_idle?,
+            idle_timeout: pool_idle.ok()?,
             max_idle_per_host: raw.pool_max_idle_per_host,
             warm_connections: warm_connections?,
         },
-        http2_keepalive_interval: keepalive?,
-        http2_keepalive_timeout: keepalive_timeout?,
-        shutdown_grace: shutdown_grace?,
-        shutdown_delay: shutdown_delay?,
-        admin_listen: admin_listen?,
+        http2_keepalive_interval: keepalive.ok()?,
+        http2_keepalive_timeout: keepalive_timeout.ok()?,
+        shutdown_grace: shutdown_grace.ok()?,
+        shutdown_delay: shutdown_delay.ok()?,
+        admin_listen: admin_listen.ok()?,
         limits: Limits {
-            max_concurrent_requests: max_concurrent_requests?,
+            max_concurrent_requests: max_concurrent_requests.ok()?,
             max_request_header_size: max_request_header_size?,
             max_request_body: max_request_body?,
-            header_read_timeout: header_read_timeout?,
-            client_idle_timeout: client_idle_timeout?,
-            request_body_timeout: request_body_timeout?,
+            header_read_timeout: header_read_timeout.ok()?,
+            client_idle_timeout: client_idle_timeout.ok()?,
+            request_body_timeout: request_body_timeout.ok()?,
             http2_max_concurrent_streams: raw.http2_max_concurrent_streams,
         },
         log_format: log_format?,
@@ -488,9 +502,9 @@ fn check_access(
                     "access_token_max_output_tokens",
                     "0 would refuse every request; leave it off for no cap",
                 );
-                return None;
+                return Err(Reported);
             }
-            Some(cap)
+            Ok(cap)
         });
     let token_models: Vec<String> = raw
         .access_token_allowed_models
@@ -506,7 +520,7 @@ fn check_access(
     for (setting, set) in [
         (
             "access_token_max_output_tokens",
-            token_max_output.is_some_and(|cap| cap.is_some()),
+            token_max_output.is_ok_and(|cap| cap.is_some()),
         ),
         ("access_token_allowed_models", !token_models.is_empty()),
     ] {
@@ -578,7 +592,7 @@ fn check_access(
         token_rate: token_rate?,
         token_budgets: token_budgets?,
         token_caps: crate::usage::inspect::RequestCaps {
-            max_output_tokens: token_max_output?,
+            max_output_tokens: token_max_output.ok()?,
             // The route's over_max_output_tokens decides refuse or clamp.
             over_max_output_tokens: Default::default(),
             allowed_models: token_models,

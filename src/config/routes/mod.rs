@@ -48,7 +48,7 @@ use self::credential::{
 use self::policy::{budget_account, path_policy, Policy, Source};
 pub use self::rules::RequestRules;
 use self::target::{named_protocol, resolve_protocol, target, Resolved, TargetSpec};
-use super::check::{parse_budgets, Problems};
+use super::check::{parse_budgets, Problems, Reported};
 use super::{Credential, RawConfig, UpstreamHttp, UpstreamUrl};
 use crate::config::baseten::Stage;
 use crate::guard::paths::PathPolicy;
@@ -139,11 +139,6 @@ pub struct RouteConfig {
     /// cannot read; the route's request caps.
     pub rules: RequestRules,
 }
-
-/// A problem that was reported to [`Problems`] where the value is written;
-/// what carries it is unusable, and nothing more needs saying about it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Reported;
 
 /// The name of the route the top-level settings make.
 const DEFAULT_ROUTE: &str = "default";

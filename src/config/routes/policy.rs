@@ -72,9 +72,7 @@ impl PolicyValue for Number {
         Ok(Some(*route))
     }
     fn top(top: &String, key: &str, found: &mut Problems) -> Self {
-        found
-            .optional::<u64>(key, top, "a whole number")
-            .ok_or(Reported)
+        found.optional::<u64>(key, top, "a whole number")
     }
 }
 
