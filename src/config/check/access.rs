@@ -42,7 +42,7 @@ pub(super) fn check(
     check_hosts(&raw.allowed_hosts, found);
     let cors = cors(raw, found);
     let exposed = listen.is_some_and(|addr| !addr.ip().is_loopback());
-    if exposed && tokens.is_empty() && !raw.allow_unauthenticated_network {
+    if exposed && tokens.is_empty() && !raw.allow_unauthenticated_network.on() {
         found.report(
             "listen",
             format!(
@@ -194,7 +194,7 @@ fn cors(raw: &RawConfig, found: &mut Problems) -> CorsPolicy {
                 .ok()
         })
         .collect();
-    if raw.allow_credentials {
+    if raw.allow_credentials.on() {
         if raw.allowed_origins.is_empty() {
             found.report(
                 "allow_credentials",
@@ -211,5 +211,5 @@ fn cors(raw: &RawConfig, found: &mut Problems) -> CorsPolicy {
             );
         }
     }
-    CorsPolicy::new(origins, raw.allow_credentials)
+    CorsPolicy::new(origins, raw.allow_credentials.on())
 }

@@ -49,21 +49,12 @@ pub(super) fn tcp(listen: &ListenAddr) -> Option<SocketAddr> {
 /// `listen_backlog`, `workers`, `unix_socket_mode`, `shutdown_grace`,
 /// `shutdown_delay`.
 pub(super) fn serving(raw: &RawConfig, found: &mut Problems) -> Result<Serving, Reported> {
-    let backlog = raw
-        .listen_backlog
-        .trim()
-        .parse::<u32>()
-        .ok()
-        .filter(|backlog| (1..=MAX_LISTEN_BACKLOG).contains(backlog));
-    if backlog.is_none() {
-        found.report(
-            "listen_backlog",
-            format!(
-                "{:?} is not a number of connections from 1 to {MAX_LISTEN_BACKLOG}",
-                raw.listen_backlog
-            ),
-        );
-    }
+    let backlog = found.number(
+        "listen_backlog",
+        &raw.listen_backlog,
+        1..=MAX_LISTEN_BACKLOG,
+        "a number of connections",
+    );
     let workers = parse_workers(&raw.workers);
     if workers.is_none() {
         found.report(
@@ -89,7 +80,7 @@ pub(super) fn serving(raw: &RawConfig, found: &mut Problems) -> Result<Serving, 
     let shutdown_grace = found.optional_duration("shutdown_grace", &raw.shutdown_grace);
     let shutdown_delay = found.optional_duration("shutdown_delay", &raw.shutdown_delay);
     Ok(Serving {
-        backlog: backlog.ok_or(Reported)?,
+        backlog: backlog?,
         workers: workers.ok_or(Reported)?,
         unix_socket_mode: unix_socket_mode.ok_or(Reported)?,
         shutdown_grace: shutdown_grace?,
@@ -124,7 +115,7 @@ fn check_admin_exposure(
     listen: Option<SocketAddr>,
     found: &mut Problems,
 ) {
-    if admin.ip().is_loopback() || raw.allow_unauthenticated_network {
+    if admin.ip().is_loopback() || raw.allow_unauthenticated_network.on() {
         return;
     }
     let tokens = raw.access_token_env.iter().any(|n| !n.is_empty())

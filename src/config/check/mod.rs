@@ -17,6 +17,8 @@ mod usage;
 
 use std::collections::HashMap;
 use std::fmt;
+use std::ops::RangeInclusive;
+use std::str::FromStr;
 use std::time::Duration;
 
 use super::parse::parse_duration;
@@ -110,6 +112,48 @@ impl Problems {
         }
     }
 
+    /// A whole number in `range`; `what` says what it counts ("a number
+    /// of connections"), and the message gives the range.
+    pub(super) fn number<T>(
+        &mut self,
+        setting: &str,
+        text: &str,
+        range: RangeInclusive<T>,
+        what: &str,
+    ) -> Result<T, Reported>
+    where
+        T: FromStr + PartialOrd + fmt::Display,
+    {
+        in_range(text, &range).ok_or_else(|| {
+            let (low, high) = range.into_inner();
+            self.refuse(
+                setting,
+                format!("{text:?} is not {what} from {low} to {high}"),
+            )
+        })
+    }
+
+    /// Like [`Problems::number`], or `Ok(None)` for "off" (or empty).
+    pub(super) fn optional_number<T>(
+        &mut self,
+        setting: &str,
+        text: &str,
+        range: RangeInclusive<T>,
+        what: &str,
+    ) -> Result<Option<T>, Reported>
+    where
+        T: FromStr + PartialOrd + fmt::Display,
+    {
+        if matches!(text.trim(), "" | "off") {
+            return Ok(None);
+        }
+        in_range(text, &range).map(Some).ok_or_else(|| {
+            let (low, high) = range.into_inner();
+            let message = format!("{text:?} is not {what} from {low} to {high}, or off");
+            self.refuse(setting, message)
+        })
+    }
+
     /// A duration that must be set; `why` says what "off" would break.
     pub(super) fn duration(
         &mut self,
@@ -127,6 +171,14 @@ impl Problems {
     }
 }
 
+/// `text` as a number, if it is one within `range`.
+fn in_range<T: FromStr + PartialOrd>(text: &str, range: &RangeInclusive<T>) -> Option<T> {
+    text.trim()
+        .parse::<T>()
+        .ok()
+        .filter(|number| range.contains(number))
+}
+
 /// A problem that was reported to [`Problems`] where the value is written;
 /// what carries it is unusable, and nothing more needs saying about it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,6 +191,7 @@ pub(super) fn validate(
     env: &HashMap<String, String>,
     found: &mut Problems,
 ) -> Result<Config, Reported> {
+    check_switches(&raw, found);
     let listen = listener::listen_addr(&raw, found);
     let tcp_listen = listen.as_ref().ok().and_then(listener::tcp);
     let serving = listener::serving(&raw, found);
@@ -175,6 +228,30 @@ pub(super) fn validate(
         usage_store: usage.store,
         usage_store_unavailable: usage.store_unavailable,
     })
+}
+
+/// Every switch is read as text ([`super::parse::Switch`]); one that is
+/// neither on nor off is reported here.
+fn check_switches(raw: &RawConfig, found: &mut Problems) {
+    let switches = [
+        ("model_apis", &raw.model_apis),
+        ("development", &raw.development),
+        ("grpc", &raw.grpc),
+        ("regional", &raw.regional),
+        ("allow_credentials", &raw.allow_credentials),
+        (
+            "allow_unauthenticated_network",
+            &raw.allow_unauthenticated_network,
+        ),
+        ("allow_cleartext_upstream", &raw.allow_cleartext_upstream),
+        ("upstream_http2", &raw.upstream_http2),
+        ("add_stream_usage", &raw.add_stream_usage),
+    ];
+    for (setting, switch) in switches {
+        if let Some(message) = switch.invalid() {
+            found.report(setting, message);
+        }
+    }
 }
 
 fn log_format(text: &str, found: &mut Problems) -> Result<LogFormat, Reported> {
@@ -221,6 +298,7 @@ pub(super) fn parse_budgets(
 mod tests {
     use crate::config::load;
     use crate::config::load::tests::sources;
+    use crate::config::{Kind, Setting, SETTINGS};
 
     #[test]
     fn every_problem_is_reported_at_once() {
@@ -267,6 +345,29 @@ mod tests {
         std::fs::remove_dir_all(&dir).expect("clean up");
         let settings: Vec<&str> = err.problems.iter().map(|p| p.setting.as_str()).collect();
         assert_eq!(settings, ["access_token_files"], "{err}");
+    }
+
+    #[test]
+    fn every_switch_is_read_as_text_and_a_bad_one_named() {
+        let switches: Vec<&Setting> = SETTINGS
+            .iter()
+            .filter(|setting| setting.kind == Kind::Switch)
+            .collect();
+        let env: Vec<(String, &str)> = switches
+            .iter()
+            .map(|setting| (setting.env_var(), "maybe"))
+            .collect();
+        let pairs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+        let err = load(&sources(&pairs)).expect_err("invalid switches");
+        for setting in switches {
+            assert!(
+                err.problems
+                    .iter()
+                    .any(|p| p.setting == setting.key && p.message.contains("\"maybe\"")),
+                "{} not named: {err}",
+                setting.key
+            );
+        }
     }
 
     #[test]

@@ -72,27 +72,29 @@ fn pool(raw: &RawConfig, found: &mut Problems) -> Result<PoolSettings, Reported>
         &raw.pool_idle_timeout,
         "keep it shorter than the upstream's keep-alive so stale connections are not reused",
     );
-    let warm_connections = raw
-        .warm_connections
-        .trim()
-        .parse::<usize>()
-        .ok()
-        .filter(|count| *count <= MAX_WARM_CONNECTIONS);
-    if warm_connections.is_none() {
-        found.report(
-            "warm_connections",
-            format!(
-                "{:?} is not a number of connections from 0 to {MAX_WARM_CONNECTIONS}",
-                raw.warm_connections
-            ),
-        );
-    }
+    let max_idle_per_host = found.number(
+        "pool_max_idle_per_host",
+        &raw.pool_max_idle_per_host,
+        0..=MAX_IDLE_PER_HOST,
+        "a number of connections",
+    );
+    let warm_connections = found.number(
+        "warm_connections",
+        &raw.warm_connections,
+        0..=MAX_WARM_CONNECTIONS,
+        "a number of connections",
+    );
     Ok(PoolSettings {
         idle_timeout: idle_timeout?,
-        max_idle_per_host: raw.pool_max_idle_per_host,
-        warm_connections: warm_connections.ok_or(Reported)?,
+        max_idle_per_host: max_idle_per_host?,
+        warm_connections: warm_connections?,
     })
 }
+
+/// Most idle connections kept per upstream: one local address can hold no
+/// more connections to one upstream address than there are ports; 0 keeps
+/// none (every request opens its own).
+const MAX_IDLE_PER_HOST: usize = 65_535;
 
 /// Most warm connections per upstream: spares beyond a few only hold
 /// sockets the server has to keep open.

@@ -73,7 +73,7 @@ fn tap(raw: &RawConfig, budgeted: bool, found: &mut Problems) -> Result<bool, Re
         );
     }
     let adds_usage =
-        raw.add_stream_usage || raw.routes.iter().any(routes::RawRoute::adds_stream_usage);
+        raw.add_stream_usage.on() || raw.routes.iter().any(routes::RawRoute::adds_stream_usage);
     if !tap && adds_usage {
         found.report(
             "add_stream_usage",

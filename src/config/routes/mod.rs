@@ -225,7 +225,7 @@ pub(super) fn check(
     let top_target = target(&TargetSpec::top(raw), &top, found).ok().flatten();
     let top_http = named_protocol(
         raw.upstream_http.as_deref(),
-        raw.upstream_http2,
+        raw.upstream_http2.on(),
         "upstream_http2",
         &top,
         found,
@@ -320,7 +320,7 @@ fn report_unused_top_level(raw: &RawConfig, found: &mut Problems) {
     let no_upstream = [&raw.upstream, &raw.model, &raw.chain]
         .iter()
         .all(|value| set(value.as_deref()).is_none())
-        && !raw.model_apis;
+        && !raw.model_apis.on();
     if !raw.routes.is_empty() && no_upstream {
         for key in Policy::overridden_everywhere(raw) {
             found.report(

@@ -6,7 +6,7 @@
 
 use super::{RawRoute, Reported, Scope, DEFAULT_ROUTE};
 use crate::config::check::Problems;
-use crate::config::parse::split_list;
+use crate::config::parse::{split_list, Switch};
 use crate::config::settings::SETTINGS;
 use crate::config::RawConfig;
 use crate::guard::paths::PathPolicy;
@@ -61,7 +61,20 @@ macro_rules! written_alike {
     )*};
 }
 
-written_alike!(String, Vec<String>, bool);
+written_alike!(String, Vec<String>);
+
+/// A switch in a route; text at the top level, read as on or off (a value
+/// that is neither is reported with the other top-level switches).
+impl PolicyValue for bool {
+    type Route = bool;
+    type Top = Switch;
+    fn own(route: &bool) -> Self {
+        *route
+    }
+    fn top(top: &Switch, _key: &str, _found: &mut Problems) -> Self {
+        top.on()
+    }
+}
 
 /// A number in a route; text (a number or "off") at the top level, where
 /// flags and environment variables set it too.
@@ -156,9 +169,9 @@ impl AtDefault for Vec<String> {
     }
 }
 
-impl AtDefault for bool {
+impl AtDefault for Switch {
     fn is_default(&self, key: &str) -> bool {
-        *self == (default_of(key) == "true")
+        self.on() == (default_of(key) == "true")
     }
 }
 
