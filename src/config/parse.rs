@@ -171,7 +171,7 @@ pub fn parse_upstream(text: &str) -> Result<UpstreamUrl, String> {
 /// `1`/`0`, in any case, as the `config` crate reads a boolean), kept as
 /// text: a value that is none of these does not fail the whole read, it is
 /// reported with every other problem ([`Switch::invalid`]).
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(from = "String")]
 pub(super) struct Switch {
     text: String,
@@ -186,6 +186,13 @@ impl From<String> for Switch {
             _ => None,
         };
         Self { text, value }
+    }
+}
+
+/// Off, as a switch left out of a `[[routes]]` entry.
+impl Default for Switch {
+    fn default() -> Self {
+        Self::from("false".to_owned())
     }
 }
 

@@ -762,3 +762,47 @@ fn numeric_settings_out_of_range_stop_startup_naming_the_range() {
         ],
     );
 }
+
+#[test]
+fn a_routes_numbers_and_switches_are_read_as_text_too() {
+    let file = temp_file(
+        "typed-routes.toml",
+        r#"
+token_budget = ["1000/day"]
+
+[[routes]]
+name = "r"
+prefix = "/r"
+upstream = "https://a.test"
+key_env = "BASETEN_API_KEY"
+budget_reserve = "lots"
+max_output_tokens = -1
+grpc = "maybe"
+strip_prefix = "perhaps"
+add_stream_usage = "sometimes"
+
+[[routes]]
+name = "ok"
+prefix = "nowhere"
+upstream = "https://b.test"
+key_env = "BASETEN_API_KEY"
+budget_reserve = 64
+strip_prefix = false
+"#,
+    );
+    let output = run(
+        &["--config", file.to_str().expect("utf-8 path")],
+        &[("BASETEN_API_KEY", KEY)],
+    );
+    assert_usage_error(
+        &output,
+        &[
+            "routes[0] \"r\".budget_reserve: \"lots\" is not a whole number",
+            "routes[0] \"r\".max_output_tokens: \"-1\" is not a whole number",
+            "routes[0] \"r\".grpc: \"maybe\" is not one of: true, false",
+            "routes[0] \"r\".strip_prefix: \"perhaps\" is not one of: true, false",
+            "routes[0] \"r\".add_stream_usage: \"sometimes\" is not one of: true, false",
+            "routes[1] \"ok\".prefix: \"nowhere\" must be a path",
+        ],
+    );
+}

@@ -46,12 +46,12 @@ impl<'a> TargetSpec<'a> {
             upstream: route.upstream.as_deref(),
             model: route.model.as_deref(),
             chain: route.chain.as_deref(),
-            model_apis: route.model_apis,
+            model_apis: route.model_apis.on(),
             environment: route.environment.as_deref(),
             deployment: route.deployment.as_deref(),
-            development: route.development,
-            grpc: route.grpc,
-            regional: route.regional,
+            development: route.development.on(),
+            grpc: route.grpc.on(),
+            regional: route.regional.on(),
             allow_cleartext: raw.allow_cleartext_upstream.on(),
         }
     }
