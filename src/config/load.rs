@@ -64,7 +64,7 @@ pub fn load(sources: &Sources) -> Result<Config, ConfigError> {
         .map_err(|err| ConfigError::single("config", err.to_string()))?;
     let mut found = Problems(Vec::new());
     match validate(raw, &sources.env, &mut found) {
-        Some(config) if found.0.is_empty() => Ok(config),
+        Ok(config) if found.0.is_empty() => Ok(config),
         _ => Err(ConfigError { problems: found.0 }),
     }
 }

@@ -19,6 +19,7 @@ use http::{HeaderName, HeaderValue};
 use rustls::pki_types::CertificateDer;
 use serde::Deserialize;
 
+use self::parse::Switch;
 use crate::guard::cors::CorsPolicy;
 use crate::guard::host::HostPolicy;
 use crate::guard::tokens::{AccessToken, Rate};
@@ -263,8 +264,9 @@ pub enum LogFormat {
 
 /// The settings as they arrive from the merged layers, before validation.
 ///
-/// Values a user types (addresses, durations, URLs) are kept as strings here so
-/// that validation can report every bad one at once with its setting's name.
+/// Every value is kept as text here (numbers too, and switches as
+/// [`Switch`]), so that reading never fails on one: validation reports
+/// every bad one at once with its setting's name.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
@@ -272,10 +274,10 @@ struct RawConfig {
     upstream: Option<String>,
     model: Option<String>,
     chain: Option<String>,
-    model_apis: bool,
+    model_apis: Switch,
     environment: Option<String>,
     deployment: Option<String>,
-    development: bool,
+    development: Switch,
     /// Named routes; only from the config file (`[[routes]]`).
     #[serde(default)]
     routes: Vec<routes::RawRoute>,
@@ -286,23 +288,23 @@ struct RawConfig {
     key_file: Option<String>,
     allowed_hosts: Vec<String>,
     allowed_origins: Vec<String>,
-    allow_credentials: bool,
+    allow_credentials: Switch,
     access_token_env: Vec<String>,
     access_token_files: Vec<String>,
     token_rate_limit: String,
     allowed_paths: Vec<String>,
-    allow_unauthenticated_network: bool,
-    allow_cleartext_upstream: bool,
+    allow_unauthenticated_network: Switch,
+    allow_cleartext_upstream: Switch,
     ca_file: Option<String>,
     connect_timeout: String,
     response_header_timeout: String,
     idle_timeout: String,
     pool_idle_timeout: String,
-    pool_max_idle_per_host: usize,
+    pool_max_idle_per_host: String,
     upstream_http: Option<String>,
-    upstream_http2: bool,
-    grpc: bool,
-    regional: bool,
+    upstream_http2: Switch,
+    grpc: Switch,
+    regional: Switch,
     set_request_headers: Vec<String>,
     warm_connections: String,
     http2_keepalive_interval: String,
@@ -319,9 +321,9 @@ struct RawConfig {
     header_read_timeout: String,
     client_idle_timeout: String,
     request_body_timeout: String,
-    http2_max_concurrent_streams: u32,
+    http2_max_concurrent_streams: String,
     usage_tap: String,
-    add_stream_usage: bool,
+    add_stream_usage: Switch,
     token_budget: Vec<String>,
     access_token_budget: Vec<String>,
     budget_reserve: String,

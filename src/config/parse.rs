@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use http::uri::{Authority, PathAndQuery, Scheme};
+use serde::Deserialize;
 
 use super::UpstreamUrl;
 use crate::guard::tokens::Rate;
@@ -164,6 +165,53 @@ pub fn parse_upstream(text: &str) -> Result<UpstreamUrl, String> {
         authority,
         base_path: path.trim_end_matches('/').to_owned(),
     })
+}
+
+/// A switch as written (`true`/`false`; also `yes`/`no`, `on`/`off`,
+/// `1`/`0`, in any case, as the `config` crate reads a boolean), kept as
+/// text: a value that is none of these does not fail the whole read, it is
+/// reported with every other problem ([`Switch::invalid`]).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(from = "String")]
+pub(super) struct Switch {
+    text: String,
+    value: Option<bool>,
+}
+
+impl From<String> for Switch {
+    fn from(text: String) -> Self {
+        let value = match text.trim().to_ascii_lowercase().as_str() {
+            "true" | "yes" | "on" | "1" => Some(true),
+            "false" | "no" | "off" | "0" => Some(false),
+            _ => None,
+        };
+        Self { text, value }
+    }
+}
+
+/// Off, as a switch left out of a `[[routes]]` entry.
+impl Default for Switch {
+    fn default() -> Self {
+        Self::from("false".to_owned())
+    }
+}
+
+impl Switch {
+    /// True if the switch is on; a switch that is neither is off here
+    /// (and reported where the settings are checked).
+    pub(super) fn on(&self) -> bool {
+        self.value == Some(true)
+    }
+
+    /// What is wrong with the value, if it is neither on nor off.
+    pub(super) fn invalid(&self) -> Option<String> {
+        self.value.is_none().then(|| {
+            format!(
+                "{:?} is not one of: true, false (or yes/no, on/off, 1/0)",
+                self.text
+            )
+        })
+    }
 }
 
 /// Parses "250ms", "10s", "5m", "1h", a bare number of seconds, or "off" (None).

@@ -56,7 +56,7 @@ pub const SETTINGS: &[Setting] = &[
     Setting {
         key: "listen_backlog",
         default: "4096",
-        help: "Connections the kernel queues for keyrelay before it accepts them; a burst larger than this waits seconds on SYN retries. Capped by net.core.somaxconn.",
+        help: "Connections the kernel queues for keyrelay before it accepts them (1 to 65535); a burst larger than this waits seconds on SYN retries. Capped by net.core.somaxconn.",
         kind: Kind::Text,
     },
     Setting {
@@ -236,7 +236,7 @@ pub const SETTINGS: &[Setting] = &[
     Setting {
         key: "pool_max_idle_per_host",
         default: "1024",
-        help: "Most idle upstream connections kept for reuse (high enough that bursts do not churn connections).",
+        help: "Most idle upstream connections kept for reuse, 0 to 65535 (high enough that bursts do not churn connections).",
         kind: Kind::Text,
     },
     Setting {
@@ -248,7 +248,7 @@ pub const SETTINGS: &[Setting] = &[
     Setting {
         key: "warm_connections",
         default: "1",
-        help: "Connections to each upstream opened at startup and kept open by each serving thread (re-opened when the server closes them), so the first request pays no DNS, TCP or TLS handshake; 0 turns it off.",
+        help: "Connections to each upstream opened at startup and kept open by each serving thread (re-opened when the server closes them), so the first request pays no DNS, TCP or TLS handshake; 0 to 64, 0 turns it off.",
         kind: Kind::Text,
     },
     Setting {
@@ -302,19 +302,19 @@ pub const SETTINGS: &[Setting] = &[
     Setting {
         key: "max_concurrent_requests",
         default: "off",
-        help: "Most requests (streams included) in flight at once; beyond it 503 with Retry-After.",
+        help: "Most requests (streams included) in flight at once, 1 to 1000000 or off; beyond it 503 with Retry-After.",
         kind: Kind::Text,
     },
     Setting {
         key: "max_request_header_size",
         default: "64KiB",
-        help: "Largest request head accepted (HTTP/1.1 431 beyond it; HTTP/2 header list limit).",
+        help: "Largest request head accepted, 8KiB to 16MiB (HTTP/1.1 431 beyond it; HTTP/2 header list limit).",
         kind: Kind::Text,
     },
     Setting {
         key: "max_request_body",
         default: "off",
-        help: "Largest request body forwarded (e.g. 100MiB); 413 beyond it. Off by default.",
+        help: "Largest request body forwarded (e.g. 100MiB; above 0); 413 beyond it. Off by default.",
         kind: Kind::Text,
     },
     Setting {
@@ -338,7 +338,7 @@ pub const SETTINGS: &[Setting] = &[
     Setting {
         key: "http2_max_concurrent_streams",
         default: "256",
-        help: "Most concurrent streams per HTTP/2 client connection.",
+        help: "Most concurrent streams per HTTP/2 client connection, 1 to 65535.",
         kind: Kind::Text,
     },
     Setting {

@@ -679,3 +679,130 @@ fn two_access_tokens_of_one_name_stop_startup() {
     assert_usage_error(&output, &["access_token_files", "\"token\""]);
     std::fs::remove_dir_all(&dir).expect("clean up");
 }
+
+#[test]
+fn numbers_and_switches_are_read_as_text_so_every_problem_is_reported_together() {
+    // Each of these failed the whole read on its own, hiding the rest.
+    let output = run(
+        &["--upstream", "https://a.test"],
+        &[
+            ("BASETEN_API_KEY", KEY),
+            ("KEYRELAY_POOL_MAX_IDLE_PER_HOST", "abc"),
+            ("KEYRELAY_HTTP2_MAX_CONCURRENT_STREAMS", "many"),
+            ("KEYRELAY_DEVELOPMENT", "maybe"),
+            ("KEYRELAY_ALLOW_CREDENTIALS", "sometimes"),
+            ("KEYRELAY_LISTEN", "bogus"),
+        ],
+    );
+    assert_usage_error(
+        &output,
+        &[
+            "pool_max_idle_per_host: \"abc\" is not a number of connections from 0 to 65535",
+            "http2_max_concurrent_streams: \"many\" is not a number of streams from 1 to 65535",
+            "development: \"maybe\" is not one of: true, false",
+            "allow_credentials: \"sometimes\" is not one of: true, false",
+            "listen: \"bogus\" is not an IP:port address",
+        ],
+    );
+    // The file's typed values still read as before.
+    let file = temp_file(
+        "typed.toml",
+        "upstream = \"https://a.test\"\npool_max_idle_per_host = 16\n\
+         http2_max_concurrent_streams = 8\nallow_credentials = \"yes\"\n",
+    );
+    let output = run(
+        &["--config", file.to_str().expect("utf-8 path")],
+        &[("BASETEN_API_KEY", KEY)],
+    );
+    assert_usage_error(
+        &output,
+        &["allow_credentials: is set but allowed_origins is empty"],
+    );
+    assert!(!stderr(&output).contains("pool_max_idle_per_host"));
+}
+
+#[test]
+fn numeric_settings_out_of_range_stop_startup_naming_the_range() {
+    let output = run(
+        &["--upstream", "https://a.test"],
+        &[
+            ("BASETEN_API_KEY", KEY),
+            // No HTTP/2 client could open a stream; it started "ready".
+            ("KEYRELAY_HTTP2_MAX_CONCURRENT_STREAMS", "0"),
+            ("KEYRELAY_POOL_MAX_IDLE_PER_HOST", "100000"),
+            // 0 meant no limit at all; far beyond any host panicked.
+            ("KEYRELAY_MAX_CONCURRENT_REQUESTS", "0"),
+            ("KEYRELAY_MAX_REQUEST_HEADER_SIZE", "1GiB"),
+            ("KEYRELAY_MAX_REQUEST_BODY", "0"),
+        ],
+    );
+    assert_usage_error(
+        &output,
+        &[
+            "http2_max_concurrent_streams: \"0\" is not a number of streams from 1 to 65535",
+            "pool_max_idle_per_host: \"100000\" is not a number of connections from 0 to 65535",
+            "max_concurrent_requests: \"0\" is not a number of requests from 1 to 1000000, or off",
+            "max_request_header_size: \"1GiB\" is more than any request head needs",
+            "max_request_body: 0 would refuse every request with a body; use off",
+        ],
+    );
+    let output = run(
+        &["--upstream", "https://a.test"],
+        &[
+            ("BASETEN_API_KEY", KEY),
+            ("KEYRELAY_MAX_CONCURRENT_REQUESTS", "18446744073709551615"),
+            ("KEYRELAY_HTTP2_MAX_CONCURRENT_STREAMS", "4294967295"),
+        ],
+    );
+    assert_usage_error(
+        &output,
+        &[
+            "max_concurrent_requests: \"18446744073709551615\" is not a number of requests from 1 to 1000000",
+            "http2_max_concurrent_streams: \"4294967295\" is not a number of streams from 1 to 65535",
+        ],
+    );
+}
+
+#[test]
+fn a_routes_numbers_and_switches_are_read_as_text_too() {
+    let file = temp_file(
+        "typed-routes.toml",
+        r#"
+token_budget = ["1000/day"]
+
+[[routes]]
+name = "r"
+prefix = "/r"
+upstream = "https://a.test"
+key_env = "BASETEN_API_KEY"
+budget_reserve = "lots"
+max_output_tokens = -1
+grpc = "maybe"
+strip_prefix = "perhaps"
+add_stream_usage = "sometimes"
+
+[[routes]]
+name = "ok"
+prefix = "nowhere"
+upstream = "https://b.test"
+key_env = "BASETEN_API_KEY"
+budget_reserve = 64
+strip_prefix = false
+"#,
+    );
+    let output = run(
+        &["--config", file.to_str().expect("utf-8 path")],
+        &[("BASETEN_API_KEY", KEY)],
+    );
+    assert_usage_error(
+        &output,
+        &[
+            "routes[0] \"r\".budget_reserve: \"lots\" is not a whole number",
+            "routes[0] \"r\".max_output_tokens: \"-1\" is not a whole number",
+            "routes[0] \"r\".grpc: \"maybe\" is not one of: true, false",
+            "routes[0] \"r\".strip_prefix: \"perhaps\" is not one of: true, false",
+            "routes[0] \"r\".add_stream_usage: \"sometimes\" is not one of: true, false",
+            "routes[1] \"ok\".prefix: \"nowhere\" must be a path",
+        ],
+    );
+}

@@ -48,13 +48,15 @@ use self::credential::{
 use self::policy::{budget_account, path_policy, Policy, Source};
 pub use self::rules::RequestRules;
 use self::target::{named_protocol, resolve_protocol, target, Resolved, TargetSpec};
-use super::check::{parse_budgets, Problems};
+use super::check::{parse_budgets, Problems, Reported};
+use super::parse::Switch;
 use super::{Credential, RawConfig, UpstreamHttp, UpstreamUrl};
 use crate::config::baseten::Stage;
 use crate::guard::paths::PathPolicy;
 use crate::usage::BudgetLimit;
 
-/// A route as written in the config file.
+/// A route as written in the config file; numbers and switches as text,
+/// so a bad one is reported with the rest (naming the route).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawRoute {
@@ -64,33 +66,33 @@ pub(super) struct RawRoute {
     model: Option<String>,
     chain: Option<String>,
     #[serde(default)]
-    model_apis: bool,
+    model_apis: Switch,
     environment: Option<String>,
     deployment: Option<String>,
     #[serde(default)]
-    development: bool,
+    development: Switch,
     #[serde(default)]
-    grpc: bool,
+    grpc: Switch,
     #[serde(default)]
-    regional: bool,
+    regional: Switch,
     key_env: Option<String>,
     key_file: Option<String>,
     auth_header: Option<String>,
     auth_template: Option<String>,
     strip_request_headers: Option<Vec<String>>,
-    strip_prefix: Option<bool>,
+    strip_prefix: Option<Switch>,
     allowed_paths: Option<Vec<String>>,
     token_budget: Option<Vec<String>>,
-    add_stream_usage: Option<bool>,
-    budget_reserve: Option<u64>,
+    add_stream_usage: Option<Switch>,
+    budget_reserve: Option<String>,
     unparsed_budget_requests: Option<String>,
-    max_output_tokens: Option<u64>,
+    max_output_tokens: Option<String>,
     over_max_output_tokens: Option<String>,
     allowed_models: Option<Vec<String>>,
     upstream_http: Option<String>,
     /// The older spelling of `upstream_http = "2"`.
     #[serde(default)]
-    http2: bool,
+    http2: Switch,
     set_request_headers: Option<Vec<String>>,
 }
 
@@ -102,7 +104,7 @@ impl RawRoute {
 
     /// True if the route turns `add_stream_usage` on.
     pub(super) fn adds_stream_usage(&self) -> bool {
-        self.add_stream_usage == Some(true)
+        self.add_stream_usage.as_ref().is_some_and(Switch::on)
     }
 }
 
@@ -139,11 +141,6 @@ pub struct RouteConfig {
     /// cannot read; the route's request caps.
     pub rules: RequestRules,
 }
-
-/// A problem that was reported to [`Problems`] where the value is written;
-/// what carries it is unusable, and nothing more needs saying about it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Reported;
 
 /// The name of the route the top-level settings make.
 const DEFAULT_ROUTE: &str = "default";
@@ -230,7 +227,7 @@ pub(super) fn check(
     let top_target = target(&TargetSpec::top(raw), &top, found).ok().flatten();
     let top_http = named_protocol(
         raw.upstream_http.as_deref(),
-        raw.upstream_http2,
+        raw.upstream_http2.on(),
         "upstream_http2",
         &top,
         found,
@@ -325,7 +322,7 @@ fn report_unused_top_level(raw: &RawConfig, found: &mut Problems) {
     let no_upstream = [&raw.upstream, &raw.model, &raw.chain]
         .iter()
         .all(|value| set(value.as_deref()).is_none())
-        && !raw.model_apis;
+        && !raw.model_apis.on();
     if !raw.routes.is_empty() && no_upstream {
         for key in Policy::overridden_everywhere(raw) {
             found.report(
@@ -441,7 +438,8 @@ fn check_route(
         );
         return None;
     }
-    let policy = Policy::of(route, inherited.policy);
+    report_switches(route, scope, found);
+    let policy = Policy::of(route, inherited.policy, scope, found);
     let grpc_headers = target.as_ref().and_then(|t| t.grpc_headers.as_ref());
     let key = KeySource {
         key_env: key_env.unwrap_or_default(),
@@ -453,7 +451,7 @@ fn check_route(
     let grpc = grpc_headers.is_some();
     let http = named_protocol(
         route.upstream_http.as_deref(),
-        route.http2,
+        route.http2.on(),
         "http2",
         scope,
         found,
@@ -464,7 +462,7 @@ fn check_route(
     Some(RouteConfig {
         name: route.name.clone(),
         prefix,
-        strip_prefix: route.strip_prefix.unwrap_or(true),
+        strip_prefix: route.strip_prefix.as_ref().is_none_or(Switch::on),
         upstream: target.upstream,
         stage: target.stage,
         credential: parts.credential?,
@@ -476,6 +474,24 @@ fn check_route(
         add_stream_usage: policy.add_stream_usage.value,
         rules: rules?,
     })
+}
+
+/// A route's switches that are neither on nor off (`add_stream_usage`,
+/// route policy, is read in [`Policy::of`]).
+fn report_switches(route: &RawRoute, scope: &Scope, found: &mut Problems) {
+    let switches = [
+        ("model_apis", Some(&route.model_apis)),
+        ("development", Some(&route.development)),
+        ("grpc", Some(&route.grpc)),
+        ("regional", Some(&route.regional)),
+        ("http2", Some(&route.http2)),
+        ("strip_prefix", route.strip_prefix.as_ref()),
+    ];
+    for (key, switch) in switches {
+        if let Some(message) = switch.and_then(Switch::invalid) {
+            found.report(&scope.setting(key), message);
+        }
+    }
 }
 
 /// A route's own budget settings that no budget would use.

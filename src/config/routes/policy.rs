@@ -6,7 +6,7 @@
 
 use super::{RawRoute, Reported, Scope, DEFAULT_ROUTE};
 use crate::config::check::Problems;
-use crate::config::parse::split_list;
+use crate::config::parse::{split_list, Switch};
 use crate::config::settings::SETTINGS;
 use crate::config::RawConfig;
 use crate::guard::paths::PathPolicy;
@@ -39,8 +39,8 @@ pub(super) trait PolicyValue: Clone {
     type Route;
     /// The `RawConfig` field's type.
     type Top: AtDefault;
-    /// A route's own value.
-    fn own(route: &Self::Route) -> Self;
+    /// A route's own value of setting `key` (as its problems name it).
+    fn own(route: &Self::Route, key: &str, found: &mut Problems) -> Self;
     /// The top level's value of setting `key`, read once (problems reported).
     fn top(top: &Self::Top, key: &str, found: &mut Problems) -> Self;
 }
@@ -51,7 +51,7 @@ macro_rules! written_alike {
         impl PolicyValue for $ty {
             type Route = $ty;
             type Top = $ty;
-            fn own(route: &$ty) -> Self {
+            fn own(route: &$ty, _key: &str, _found: &mut Problems) -> Self {
                 route.clone()
             }
             fn top(top: &$ty, _key: &str, _found: &mut Problems) -> Self {
@@ -61,20 +61,37 @@ macro_rules! written_alike {
     )*};
 }
 
-written_alike!(String, Vec<String>, bool);
+written_alike!(String, Vec<String>);
 
-/// A number in a route; text (a number or "off") at the top level, where
-/// flags and environment variables set it too.
+/// A switch, read as on or off; a route's that is neither is reported
+/// here, the top level's with the other top-level switches.
+impl PolicyValue for bool {
+    type Route = Switch;
+    type Top = Switch;
+    fn own(route: &Switch, key: &str, found: &mut Problems) -> Self {
+        if let Some(message) = route.invalid() {
+            found.report(key, message);
+        }
+        route.on()
+    }
+    fn top(top: &Switch, _key: &str, _found: &mut Problems) -> Self {
+        top.on()
+    }
+}
+
+/// A number: a route writes one (a TOML integer, read as text), the top
+/// level a number or "off", as flags and environment variables set it too.
 impl PolicyValue for Number {
-    type Route = u64;
+    type Route = String;
     type Top = String;
-    fn own(route: &u64) -> Self {
-        Ok(Some(*route))
+    fn own(route: &String, key: &str, found: &mut Problems) -> Self {
+        match route.trim().parse::<u64>() {
+            Ok(number) => Ok(Some(number)),
+            Err(_) => Err(found.refuse(key, format!("{route:?} is not a whole number"))),
+        }
     }
     fn top(top: &String, key: &str, found: &mut Problems) -> Self {
-        found
-            .optional::<u64>(key, top, "a whole number")
-            .ok_or(Reported)
+        found.optional::<u64>(key, top, "a whole number")
     }
 }
 
@@ -98,12 +115,22 @@ macro_rules! route_policy {
                 }
             }
 
-            /// A `[[routes]]` entry's: what it sets, else the top level's.
-            pub(super) fn of(route: &RawRoute, top: &Policy) -> Self {
+            /// A `[[routes]]` entry's: what it sets (problems reported in
+            /// `scope`), else the top level's.
+            pub(super) fn of(
+                route: &RawRoute,
+                top: &Policy,
+                scope: &Scope,
+                found: &mut Problems,
+            ) -> Self {
                 Self {
                     $($field: match &route.$field {
                         Some(value) => Inherit {
-                            value: <$ty as PolicyValue>::own(value),
+                            value: <$ty as PolicyValue>::own(
+                                value,
+                                &scope.setting(stringify!($field)),
+                                found,
+                            ),
                             from: Source::Own,
                         },
                         None => Inherit { value: top.$field.value.clone(), from: Source::Top },
@@ -158,9 +185,9 @@ impl AtDefault for Vec<String> {
     }
 }
 
-impl AtDefault for bool {
+impl AtDefault for Switch {
     fn is_default(&self, key: &str) -> bool {
-        *self == (default_of(key) == "true")
+        self.on() == (default_of(key) == "true")
     }
 }
 

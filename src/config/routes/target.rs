@@ -30,13 +30,13 @@ impl<'a> TargetSpec<'a> {
             upstream: raw.upstream.as_deref(),
             model: raw.model.as_deref(),
             chain: raw.chain.as_deref(),
-            model_apis: raw.model_apis,
+            model_apis: raw.model_apis.on(),
             environment: raw.environment.as_deref(),
             deployment: raw.deployment.as_deref(),
-            development: raw.development,
-            grpc: raw.grpc,
-            regional: raw.regional,
-            allow_cleartext: raw.allow_cleartext_upstream,
+            development: raw.development.on(),
+            grpc: raw.grpc.on(),
+            regional: raw.regional.on(),
+            allow_cleartext: raw.allow_cleartext_upstream.on(),
         }
     }
 
@@ -46,13 +46,13 @@ impl<'a> TargetSpec<'a> {
             upstream: route.upstream.as_deref(),
             model: route.model.as_deref(),
             chain: route.chain.as_deref(),
-            model_apis: route.model_apis,
+            model_apis: route.model_apis.on(),
             environment: route.environment.as_deref(),
             deployment: route.deployment.as_deref(),
-            development: route.development,
-            grpc: route.grpc,
-            regional: route.regional,
-            allow_cleartext: raw.allow_cleartext_upstream,
+            development: route.development.on(),
+            grpc: route.grpc.on(),
+            regional: route.regional.on(),
+            allow_cleartext: raw.allow_cleartext_upstream.on(),
         }
     }
 }
