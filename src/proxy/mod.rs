@@ -687,10 +687,11 @@ fn switch_protocols(
 /// injected credential included.
 /// Headers with which a client asks a server to act as if its request
 /// used another method.
-const METHOD_OVERRIDES: [&str; 3] = [
-    "x-http-method-override",
-    "x-http-method",
-    "x-method-override",
+/// Named once as `HeaderName`s: a `&str` name is parsed again on every lookup.
+static METHOD_OVERRIDES: [http::HeaderName; 3] = [
+    http::HeaderName::from_static("x-http-method-override"),
+    http::HeaderName::from_static("x-http-method"),
+    http::HeaderName::from_static("x-method-override"),
 ];
 
 /// The methods a request's method-override headers name, as the servers
@@ -698,7 +699,7 @@ const METHOD_OVERRIDES: [&str; 3] = [
 fn overridden(headers: &http::HeaderMap) -> impl Iterator<Item = Method> + '_ {
     METHOD_OVERRIDES
         .iter()
-        .flat_map(|name| headers.get_all(*name))
+        .flat_map(|name| headers.get_all(name))
         .flat_map(|value| value.as_bytes().split(|b| *b == b','))
         .filter_map(|method| Method::from_bytes(&method.trim_ascii().to_ascii_uppercase()).ok())
 }
