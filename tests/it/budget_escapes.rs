@@ -147,6 +147,16 @@ async fn every_streaming_shape_a_server_accepts_is_asked_for_its_usage() {
         if sent["stream_options"]["include_usage"] != true {
             escaped.push(what);
         }
+        crate::support::reliability::report(
+            "issue23",
+            &[
+                &format!("add_stream_usage; a streaming chat request with {what}"),
+                &format!(
+                    "forwarded with stream_options.include_usage = {}",
+                    sent["stream_options"]["include_usage"]
+                ),
+            ],
+        );
         exchange.respond(sse().body(full("data: [DONE]\n\n")).expect("response"));
         let response = within("the answer", pending)
             .await
@@ -191,6 +201,17 @@ async fn a_client_gone_before_the_usage_event_is_charged_a_lower_bound() {
     drop(tx);
     // The prompt estimate (body bytes / 4) and one token per content chunk.
     wait_spent(&relay, (body.len() / 4 + 3) as u64).await;
+    crate::support::reliability::report(
+        "issue23",
+        &[
+            "a client reads every content chunk (3), then disconnects before the usage event",
+            &format!(
+                "charged {} tokens (lower bound: {}-byte body / 4, 1 per content chunk)",
+                spent(&relay).await,
+                body.len()
+            ),
+        ],
+    );
 }
 
 #[tokio::test]
@@ -221,6 +242,16 @@ async fn a_json_answer_over_the_tap_bound_is_charged_the_usage_at_its_end() {
         .expect("answer");
     assert_eq!(body_bytes(response).await.len(), length, "relayed whole");
     wait_spent(&relay, 5_010).await;
+    crate::support::reliability::report(
+        "issue23",
+        &[
+            &format!("a non-streamed JSON answer of {length} bytes (over the 1 MiB bound) reporting 5,010 tokens"),
+            &format!(
+                "relayed whole; charged {} tokens (the usage at its end)",
+                spent(&relay).await
+            ),
+        ],
+    );
 }
 
 /// A streamed answer reporting `tokens` (prompt 100 + the rest completion).
@@ -297,6 +328,16 @@ async fn six_concurrent_streams_cannot_spend_past_the_budget_together() {
         "the first holds the budget_reserve"
     );
     wait_spent(&relay, 1_166).await;
+    crate::support::reliability::report(
+        "issue23",
+        &[
+            "6 concurrent streams against a 1,500/day budget, each spending 1,166",
+            &format!(
+                "{admitted} admitted, {refused} refused with 429; {} spent",
+                spent(&relay).await
+            ),
+        ],
+    );
 }
 
 #[tokio::test]
@@ -307,7 +348,7 @@ async fn twenty_concurrent_streams_overshoot_by_less_than_one_reservation() {
     let body = r#"{"model":"m","stream":true,"max_tokens":100,"messages":[{"role":"user","content":"Say hello, in a few words."}]}"#;
     let reservation = (body.len() / 4 + 100) as u64;
     // Each spends 140: more than the prompt estimate guessed.
-    let (admitted, _) = at_once(&relay, &mut upstream, 20, body, 140).await;
+    let (admitted, refused) = at_once(&relay, &mut upstream, 20, body, 140).await;
     let total = admitted as u64 * 140;
     wait_spent(&relay, total).await;
     let overshoot = total.saturating_sub(1_000);
@@ -316,6 +357,13 @@ async fn twenty_concurrent_streams_overshoot_by_less_than_one_reservation() {
     assert!(
         overshoot <= reservation,
         "overshoot {overshoot} > {reservation}"
+    );
+    crate::support::reliability::report(
+        "issue23",
+        &[
+            &format!("20 concurrent streams against a 1,000/day budget, each reserving {reservation} and spending 140"),
+            &format!("{admitted} admitted, {refused} refused with 429; {total} spent: overshoot {overshoot}, one reservation is {reservation}"),
+        ],
     );
 }
 
@@ -336,6 +384,16 @@ async fn unreadable_bodies_are_forwarded_under_the_reservation_or_refused() {
         .await;
     stream.finish().await;
     wait_spent(&relay, ("stream=true&model=m".len() / 4 + 1) as u64).await;
+    crate::support::reliability::report(
+        "issue23",
+        &[
+            "a budgeted streaming request whose body is not JSON (`stream=true&model=m`), its stream reporting no usage",
+            &format!(
+                "forwarded; charged {} tokens (lower bound)",
+                spent(&relay).await
+            ),
+        ],
+    );
     drop(relay);
 
     let refusing = relay_with(
@@ -350,14 +408,31 @@ async fn unreadable_bodies_are_forwarded_under_the_reservation_or_refused() {
     .await;
     let too_big = "x".repeat((1 << 20) + 1);
     for body in ["not json".to_owned(), format!("{{\"a\":\"{too_big}\"}}")] {
+        let length = body.len();
         let request = Request::post(refusing.url("/v1/chat/completions"))
             .body(full(body))
             .expect("request");
         let response = client.request(request).await.expect("answered");
-        assert_eq!(response.status(), 400);
+        let status = response.status();
+        assert_eq!(status, 400);
         let error: serde_json::Value =
             serde_json::from_slice(&body_bytes(response).await).expect("JSON");
         assert_eq!(error["type"], "unreadable_request_body");
+        crate::support::reliability::report(
+            "issue23",
+            &[
+                &if length > 1 << 20 {
+                    format!("unparsed_budget_requests = refuse; a JSON body of {length} bytes, over the 1 MiB bound")
+                } else {
+                    format!("unparsed_budget_requests = refuse; a body that is not JSON ({length} bytes)")
+                },
+                &format!(
+                    "{} {}; not forwarded",
+                    status.as_u16(),
+                    error["type"].as_str().unwrap_or("?")
+                ),
+            ],
+        );
     }
     assert!(upstream.nothing_received(), "refused before the upstream");
 }
@@ -397,6 +472,17 @@ async fn request_caps_refuse_other_models_and_over_asking_however_the_body_is_se
         (Some("application/json"), r#"{"messages":[]}"#),
     ] {
         let (status, error) = answer(&client, &relay, content_type, body).await;
+        crate::support::reliability::report(
+            "issue23",
+            &[
+                &format!(
+                    "allowed_models = small; `{}` sent as {}",
+                    body.replace('\u{feff}', "(BOM)"),
+                    content_type.unwrap_or("no content type")
+                ),
+                &format!("{status} {}", error["type"].as_str().unwrap_or("?")),
+            ],
+        );
         assert_eq!(
             (status, &error["type"]),
             (403, &"model_not_allowed".into()),
@@ -416,6 +502,13 @@ async fn request_caps_refuse_other_models_and_over_asking_however_the_body_is_se
         r#"{"model":"small","max_completion_tokens":"100000"}"#,
     )
     .await;
+    crate::support::reliability::report(
+        "issue23",
+        &[
+            "max_output_tokens = 500; `\"max_completion_tokens\": \"100000\"` (a string)",
+            &format!("{status} {}", error["type"].as_str().unwrap_or("?")),
+        ],
+    );
     assert_eq!(
         (status, &error["type"]),
         (403, &"max_output_tokens_exceeded".into())
@@ -451,6 +544,13 @@ async fn request_caps_refuse_other_models_and_over_asking_however_the_body_is_se
         .expect("body")
         .to_bytes();
     let sent: serde_json::Value = serde_json::from_slice(&sent).expect("JSON");
+    crate::support::reliability::report(
+        "issue23",
+        &[
+            "max_output_tokens = 500; a request that names no output limit",
+            &format!("forwarded with max_tokens = {}", sent["max_tokens"]),
+        ],
+    );
     assert_eq!(sent["max_tokens"], 500);
     exchange.respond_full(200, "{}");
     within("the answer", pending)
@@ -499,6 +599,16 @@ async fn over_asking_is_clamped_when_the_route_says_so() {
         .to_bytes();
     assert_eq!(sent.len(), length);
     let sent: serde_json::Value = serde_json::from_slice(&sent).expect("JSON");
+    crate::support::reliability::report(
+        "issue23",
+        &[
+            "max_output_tokens = 256, over_max_output_tokens = clamp; a chunked streaming body asking max_tokens 100000",
+            &format!(
+                "forwarded with max_tokens = {}, max_completion_tokens = {}, include_usage = {}",
+                sent["max_tokens"], sent["max_completion_tokens"], sent["stream_options"]["include_usage"]
+            ),
+        ],
+    );
     assert_eq!(sent["max_tokens"], 256);
     assert_eq!(sent["max_completion_tokens"], 9);
     assert_eq!(sent["stream_options"]["include_usage"], true);
@@ -560,9 +670,17 @@ async fn access_tokens_carry_their_own_caps_on_top_of_the_route() {
         ("{\"model\":\"small\"", 400, "unreadable_request_body"),
     ] {
         let response = client.request(ask(body)).await.expect("answered");
-        assert_eq!(response.status(), status, "{body}");
+        let got = response.status();
         let error: serde_json::Value =
             serde_json::from_slice(&body_bytes(response).await).expect("JSON");
+        crate::support::reliability::report(
+            "issue23",
+            &[
+                &format!("an access token capped at small,tiny / 64 tokens on a route allowing small,large; `{body}`"),
+                &format!("{} {}", got.as_u16(), error["type"].as_str().unwrap_or("?")),
+            ],
+        );
+        assert_eq!(got, status, "{body}");
         assert_eq!(error["type"], kind, "{body}");
     }
     assert!(
@@ -606,6 +724,17 @@ async fn a_client_gone_before_the_response_head_still_pays_for_its_prompt() {
     pending.abort();
     let _ = pending.await;
     wait_spent(&relay, (body.len() / 4) as u64).await;
+    crate::support::reliability::report(
+        "issue23",
+        &[
+            "a budgeted client disconnects after the upstream has its prompt, before the response head",
+            &format!(
+                "charged {} tokens ({}-byte body / 4)",
+                spent(&relay).await,
+                body.len()
+            ),
+        ],
+    );
     drop(exchange);
 }
 

@@ -52,6 +52,30 @@ fn assert_usage_error(output: &Output, mentions: &[&str]) {
     assert!(!text.contains(KEY), "stderr leaked the key: {text}");
 }
 
+/// Prints an issue 23 row for RELIABILITY.md: the exit status and the
+/// first line of stderr that mentions `needle`.
+fn report_refusal(attack: &str, output: &Output, needle: &str) {
+    let text = stderr(output);
+    let line = text
+        .lines()
+        .find(|line| line.contains(needle))
+        .unwrap_or("(no line names it)")
+        .trim()
+        .trim_start_matches("- ");
+    // Long messages shortened for the table.
+    let line = match line.char_indices().nth(140) {
+        Some((at, _)) => format!("{}…", &line[..at]),
+        None => line.to_owned(),
+    };
+    support::reliability::report(
+        "issue23",
+        &[
+            attack,
+            &format!("exit {}: {line}", output.status.code().unwrap_or(-1)),
+        ],
+    );
+}
+
 /// Writes `contents` to a fresh file under the temp dir and returns its path.
 fn temp_file(name: &str, contents: &str) -> PathBuf {
     let path = support::unique_temp_path("test", name);
@@ -548,6 +572,7 @@ fn an_auth_header_that_frames_or_routes_the_message_stops_startup() {
             &[("BASETEN_API_KEY", KEY)],
         );
         assert_usage_error(&output, &["auth_header", name]);
+        report_refusal(&format!("--auth-header {name}"), &output, "auth_header");
     }
     // On a route too, inherited or its own.
     let file = temp_file(
@@ -586,6 +611,11 @@ fn an_upstream_url_is_parsed_strictly_and_never_echoed() {
         let output = run(&["--upstream", &url], &[("BASETEN_API_KEY", KEY)]);
         assert_usage_error(&output, &["upstream"]);
         assert!(!stderr(&output).contains(SECRET), "{}", stderr(&output));
+        report_refusal(
+            &format!("--upstream {}", url.replace(SECRET, "SECRET")),
+            &output,
+            "upstream",
+        );
     }
 }
 
@@ -598,9 +628,15 @@ fn a_cleartext_upstream_beyond_loopback_needs_the_opt_in() {
         "http://[2001:db8::1]:80",
         "HTTP://example.com",
     ] {
+        let output = run(&["--upstream", url], &key);
         assert_usage_error(
-            &run(&["--upstream", url], &key),
+            &output,
             &["upstream", "clear text", "allow_cleartext_upstream"],
+        );
+        report_refusal(
+            &format!("--upstream {url} (cleartext, not loopback)"),
+            &output,
+            "allow_cleartext_upstream",
         );
         assert_usage_error(
             &run(&[], &[key[0], ("KEYRELAY_UPSTREAM", url)]),
@@ -661,6 +697,11 @@ fn two_access_tokens_of_one_name_stop_startup() {
         &[("BASETEN_API_KEY", KEY)],
     );
     assert_usage_error(&output, &["access_token_files", "\"token\"", "unique"]);
+    report_refusal(
+        "--access-token-files a/token,b/token (two tokens named \"token\")",
+        &output,
+        "access_token_files",
+    );
     // A variable and a file of the same name.
     let output = run(
         &[
@@ -677,6 +718,11 @@ fn two_access_tokens_of_one_name_stop_startup() {
         ],
     );
     assert_usage_error(&output, &["access_token_files", "\"token\""]);
+    report_refusal(
+        "--access-token-env token beside --access-token-files a/token",
+        &output,
+        "access_token_files",
+    );
     std::fs::remove_dir_all(&dir).expect("clean up");
 }
 

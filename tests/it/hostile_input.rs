@@ -855,6 +855,18 @@ async fn request_trailers_are_dropped_before_the_upstream() {
             "{secret} reached the upstream"
         );
     }
+    report(
+        "issue23",
+        &[
+            "chunked request trailers carrying Cookie, Proxy-Authorization, X-Api-Key and the local access token (declared in Trailer)",
+            &format!(
+                "answered {}; the upstream got the body {:?}, {} trailer bytes, no Trailer header",
+                saw.answers().first().map_or(0, |a| a.status()),
+                String::from_utf8_lossy(&upload.body),
+                upload.trailers.len()
+            ),
+        ],
+    );
     relay.stop().await;
 }
 
@@ -898,6 +910,7 @@ async fn http2_request_trailers_are_dropped_before_an_http2_upstream() {
         None,
         "request trailers reached the upstream"
     );
+    let trailers_seen = received.trailers().map_or(0, |t| t.len());
     assert_eq!(received.to_bytes(), "hello");
     exchange.respond_full(200, "ok");
     let response = within("the response", pending)
@@ -905,6 +918,16 @@ async fn http2_request_trailers_are_dropped_before_an_http2_upstream() {
         .expect("join")
         .expect("response");
     assert_eq!(response.status(), 200);
+    report(
+        "issue23",
+        &[
+            "HTTP/2 request trailers (cookie, proxy-authorization, x-api-key, authorization) to an HTTP/2 upstream",
+            &format!(
+                "answered {}; the upstream got the body and {trailers_seen} trailers",
+                response.status()
+            ),
+        ],
+    );
     relay.stop().await;
 }
 

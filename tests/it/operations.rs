@@ -279,15 +279,40 @@ async fn a_cross_site_post_to_quitquitquit_is_refused_and_keyrelay_keeps_serving
         let json = response.json();
         assert_eq!(json["source"], "keyrelay", "{what}: {json}");
         assert!(json["error"].is_string(), "{what}: {json}");
+        support::reliability::report(
+            "issue23",
+            &[
+                &format!("admin port: POST /quitquitquit with {what}"),
+                &format!(
+                    "{} {}",
+                    response.status(),
+                    json["type"].as_str().unwrap_or("?")
+                ),
+            ],
+        );
     }
     assert!(relay.running(), "a refused quit must not stop keyrelay");
-    assert_eq!(relay.admin("GET", "/readyz").await.status(), 200);
+    let ready = relay.admin("GET", "/readyz").await.status();
+    assert_eq!(ready, 200);
     let pending = tokio::spawn(raw::get(relay.addr(), "/v1/models"));
     upstream.next().await.respond_full(200, "models");
     let response = within("a request after the refused quits", pending)
         .await
         .expect("join");
     assert_eq!(response.status(), 200, "keyrelay still serves");
+    support::reliability::report(
+        "issue23",
+        &[
+            &format!(
+                "admin port: after the {} refused POSTs to /quitquitquit",
+                cases.len()
+            ),
+            &format!(
+                "still running: /readyz {ready}, a proxied request {}",
+                response.status()
+            ),
+        ],
+    );
 
     // What a Job's container sends (curl -X POST, or a JSON body, typed in
     // by hand with Sec-Fetch-Site: none) still stops it.
@@ -313,6 +338,7 @@ async fn admin_endpoints_refuse_rebinding_hosts_and_web_pages() {
     let mut relay = AdminRelay::spawn(ops::command(&upstream.url())).await;
     let port = relay.admin.port().to_string();
     for path in ["/usage", "/metrics", "/healthz", "/readyz"] {
+        let mut refusals = std::collections::BTreeMap::<String, usize>::new();
         for host in [
             "attacker.example".to_owned(),
             format!("attacker.example:{port}"),
@@ -330,6 +356,13 @@ async fn admin_endpoints_refuse_rebinding_hosts_and_web_pages() {
                 "host_not_allowed",
                 "{path} {host:?}"
             );
+            *refusals
+                .entry(format!(
+                    "{} {}",
+                    response.status(),
+                    response.json()["type"].as_str().unwrap_or("?")
+                ))
+                .or_default() += 1;
         }
         for headers in [
             &[("Origin", "https://attacker.example")][..],
@@ -347,7 +380,25 @@ async fn admin_endpoints_refuse_rebinding_hosts_and_web_pages() {
                 !response.body_text().contains("keyrelay_"),
                 "no metrics leak"
             );
+            *refusals
+                .entry(format!(
+                    "{} {}",
+                    response.status(),
+                    response.json()["type"].as_str().unwrap_or("?")
+                ))
+                .or_default() += 1;
         }
+        support::reliability::report(
+            "issue23",
+            &[
+                &format!("admin port: GET {path} with a rebinding Host (attacker.example, 127.0.0.1.nip.io, 0.0.0.0, 127.0.0.2, empty: 7 forms), an Origin or a cross-/same-site Sec-Fetch-Site"),
+                &refusals
+                    .iter()
+                    .map(|(what, count)| format!("{count} × {what}"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            ],
+        );
         for host in [
             format!("localhost:{port}"),
             format!("127.0.0.1:{port}"),

@@ -323,6 +323,16 @@ token_budget = []
     let body: serde_json::Value = serde_json::from_slice(&body_bytes(refused).await).expect("JSON");
     assert_eq!(body["type"], "path_not_allowed");
     assert!(upstream.nothing_received(), "refused before the upstream");
+    crate::support::reliability::report(
+        "issue23",
+        &[
+            "top-level allowed_paths = POST /llama/v1/* with [[routes]]; DELETE /llama/admin",
+            &format!(
+                "403 {}; not forwarded",
+                body["type"].as_str().unwrap_or("?")
+            ),
+        ],
+    );
 
     // The first request is within the inherited budget and spends 1,000 tokens.
     let pending = send("POST", "/llama/v1/chat/completions");
@@ -363,6 +373,16 @@ token_budget = []
         assert_eq!(body["budget"], "route default: 10/day");
     }
     assert!(upstream.nothing_received(), "refused before the upstream");
+    crate::support::reliability::report(
+        "issue23",
+        &[
+            "top-level token_budget = 10/day with [[routes]]; 3 requests of 1,000 tokens on two routes",
+            &format!(
+                "first served and charged {}; the next two 429 token_budget_exhausted, not forwarded",
+                budgets[0]["spent"]
+            ),
+        ],
+    );
 
     // A route with its own (empty) rules and budget is not held by them.
     let pending = send("DELETE", "/own/anything");

@@ -1368,6 +1368,16 @@ async fn admin_listen_beyond_loopback_exits_64_naming_admin_listen() {
     assert_eq!(output.status.code(), Some(64), "stderr: {text}");
     assert!(text.contains("admin_listen"), "{text}");
     assert!(text.contains("--allow-unauthenticated-network"), "{text}");
+    support::reliability::report(
+        "issue23",
+        &[
+            "--admin-listen 0.0.0.0:0 without an opt-in",
+            &format!(
+                "exit {}, naming admin_listen and --allow-unauthenticated-network",
+                output.status.code().unwrap_or(-1)
+            ),
+        ],
+    );
 }
 
 #[test]
@@ -1550,6 +1560,17 @@ async fn ambiguous_paths_are_refused_with_400_when_path_rules_are_on() {
         )
         .await;
         assert_keyrelay_error(&response, 400, "ambiguous_path");
+        support::reliability::report(
+            "issue23",
+            &[
+                &format!("allowed_paths = POST /v1/*; POST {target}"),
+                &format!(
+                    "{} {}; not forwarded",
+                    response.status(),
+                    response.json()["type"].as_str().unwrap_or("?")
+                ),
+            ],
+        );
     }
     // A raw backslash: hyper may refuse the target itself (a bare 400); if it
     // passes, keyrelay refuses it. Never forwarded either way.
@@ -1688,7 +1709,9 @@ async fn trace_and_track_are_answered_here_unless_a_rule_names_them() {
         &[("allowed_paths", "/v1/*,TRACE /debug/*")],
     )
     .await;
+    let answered = std::cell::Cell::new(0);
     let refused = |response: &raw::RawResponse, what: &str| {
+        answered.set(answered.get() + 1);
         assert_eq!(response.status(), 405, "{what}: {}", response.describe());
         assert_eq!(response.json()["type"], "method_not_allowed", "{what}");
         assert_eq!(response.json()["source"], "keyrelay", "{what}");
@@ -1743,6 +1766,16 @@ async fn trace_and_track_are_answered_here_unless_a_rule_names_them() {
         refused(&raw::exchange(ruled.addr, &full).await, request);
     }
     assert!(upstream.nothing_received(), "nothing reached the upstream");
+    support::reliability::report(
+        "issue23",
+        &[
+            "TRACE / TRACK in any letter case, origin or absolute form, with a chunked body, with and without path rules, or escaping a `TRACE /debug/*` rule by dot segments",
+            &format!(
+                "{} HTTP/1.1 requests: 405 method_not_allowed with Allow, no key echoed; 2 HTTP/2: 405; none forwarded",
+                answered.get()
+            ),
+        ],
+    );
 
     // Named by a rule, TRACE is the route owner's choice and is forwarded.
     let pending = tokio::spawn(raw::exchange(

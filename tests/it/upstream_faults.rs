@@ -1239,5 +1239,17 @@ async fn unrequested_upgrade() {
         "a request was sent on the switched connection: {:?}",
         String::from_utf8_lossy(&rest.bytes)
     );
+    report(
+        "issue23",
+        &[
+            "an upstream answers 101 to a plain GET (no upgrade asked), a second GET pipelined behind it",
+            &format!(
+                "{} {}; the pipelined request {} on a new upstream connection; nothing sent on the switched one",
+                answer.status(),
+                json["type"].as_str().unwrap_or("?"),
+                next.status()
+            ),
+        ],
+    );
     relay.stop().await;
 }
