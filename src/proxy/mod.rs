@@ -396,7 +396,6 @@ impl Shared {
             .filter(|caps| caps.is_set());
         let capped = rules.caps.is_set() || token_caps.is_some();
         let wanted = budgeted || capped || add_usage;
-        let readable = capped || inspect::may_be_json(&parts.headers);
         let mut estimate = Estimate {
             prompt: inspect::prompt_estimate(declared.unwrap_or(0)),
             output: rules.budget_reserve,
@@ -409,7 +408,9 @@ impl Shared {
                 .check_target(token_caps, &parts.uri)
                 .map_err(|_| Refusal::ModelNotAllowed)?;
         }
-        if !(wanted && has_body && readable) {
+        // Most requests: nothing wants the body, or there is none.
+        let readable = || capped || inspect::may_be_json(&parts.headers);
+        if !(wanted && has_body && readable()) {
             if has_body && budgeted && rules.unparsed_budget_requests == Unparsed::Refuse {
                 return Err(ClientError::UnreadableBody.into());
             }
