@@ -67,6 +67,12 @@ pub struct BudgetLimit {
     pub window: Window,
 }
 
+/// The largest budget a window may have: a trillion tokens, far beyond
+/// any real spend, and below 10^14, past which the Redis reserve script
+/// (Lua numbers written with `%.14g`) would turn counts into exponents
+/// that `INCRBY` refuses, leaving requests unmetered.
+pub const MAX_BUDGET_TOKENS: u64 = 1_000_000_000_000;
+
 impl BudgetLimit {
     /// Parses `TOKENS/WINDOW`: `2000000/day`, `50_000/minute`, `1e6`-free.
     pub fn parse(text: &str) -> Result<Self, String> {
@@ -77,8 +83,12 @@ impl BudgetLimit {
         let tokens = digits
             .parse::<u64>()
             .ok()
-            .filter(|tokens| *tokens > 0)
-            .ok_or_else(|| format!("{text:?}: the token count must be a whole number above 0"))?;
+            .filter(|tokens| (1..=MAX_BUDGET_TOKENS).contains(tokens))
+            .ok_or_else(|| {
+                format!(
+                    "{text:?}: the token count must be a whole number from 1 to {MAX_BUDGET_TOKENS}"
+                )
+            })?;
         let window = match window.trim().to_ascii_lowercase().as_str() {
             "m" | "min" | "minute" => Window::Minute,
             "h" | "hour" => Window::Hour,
@@ -979,7 +989,17 @@ mod tests {
             BudgetLimit::parse(" 50_000 / Minute ").map(|b| b.to_string()),
             Ok("50000/minute".to_owned())
         );
-        for bad in ["2000000", "0/day", "-5/day", "10/week", "many/day", "1.5/h"] {
+        assert!(BudgetLimit::parse("1_000_000_000_000/day").is_ok());
+        for bad in [
+            "2000000",
+            "0/day",
+            "-5/day",
+            "10/week",
+            "many/day",
+            "1.5/h",
+            "1_000_000_000_001/day",
+            "100000000000000/day",
+        ] {
             assert!(BudgetLimit::parse(bad).is_err(), "{bad}");
         }
     }
