@@ -35,6 +35,7 @@ pub mod guard;
 pub mod ops;
 pub mod proxy;
 pub mod secrets;
+pub mod telemetry;
 pub mod usage;
 
 use std::future::Future;
@@ -62,7 +63,7 @@ pub async fn run(
     listener: impl Into<ops::listener::Listener>,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
-    let metrics = Arc::new(ops::metrics::Metrics::new());
+    let metrics = Arc::new(telemetry::metrics::Metrics::new());
     run_with_metrics(config, listener, shutdown, metrics).await
 }
 
@@ -72,7 +73,7 @@ pub async fn run_with_metrics(
     config: Config,
     listener: impl Into<ops::listener::Listener>,
     shutdown: impl Future<Output = ()>,
-    metrics: Arc<ops::metrics::Metrics>,
+    metrics: Arc<telemetry::metrics::Metrics>,
 ) -> std::io::Result<()> {
     let listener = listener.into();
     let lifecycle = Arc::new(ops::lifecycle::Lifecycle::default());
@@ -99,11 +100,11 @@ pub async fn run_with_metrics(
                 path,
                 route.credential.template.clone(),
                 Arc::clone(&route.live),
-                Arc::clone(&metrics),
+                metrics.credential_reloads(),
             ));
         }
     }
-    background.spawn(ops::logging::report_dropped_lines());
+    background.spawn(telemetry::logging::report_dropped_lines());
     if let Some(path) = config.usage_state_file.clone() {
         background.spawn(usage::state_file::keep_saved(path, Arc::clone(&budgets)));
     }

@@ -4,15 +4,11 @@
 //! readiness and metrics endpoints, logging, and the per-request record that
 //! feeds the access log and the metrics.
 
-pub(crate) mod access_log;
 pub(crate) mod admin;
 pub(crate) mod client_idle;
 pub mod health;
 pub(crate) mod lifecycle;
 pub mod listener;
-pub(crate) mod log_writer;
-pub mod logging;
-pub mod metrics;
 pub(crate) mod request_record;
 pub(crate) mod server;
 pub mod signals;

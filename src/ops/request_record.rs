@@ -13,12 +13,10 @@ use http::{HeaderValue, Method, Uri};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
-use crate::ops::access_log::AccessLine;
-use crate::ops::metrics::RouteMetrics;
+use crate::telemetry::access_log::AccessLine;
+use crate::telemetry::metrics::RouteMetrics;
+use crate::telemetry::tokens::TokenFigures;
 use crate::usage::{Reservation, UsageReport};
-
-/// Target of access-log events, for `RUST_LOG=keyrelay::access=info` style filters.
-pub const TARGET: &str = "keyrelay::access";
 
 /// How a request ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -273,15 +271,6 @@ pub enum Metered {
     /// A stream of JSON lines (Ollama's `application/x-ndjson`): one
     /// generated chunk per line.
     Lines,
-}
-
-/// The timings derived from a usage report.
-#[derive(Debug, Clone, Copy)]
-pub struct TokenFigures {
-    /// From the request's arrival to the first generated content.
-    pub time_to_first_token: Option<Duration>,
-    /// Output tokens per second after the first one arrived.
-    pub tokens_per_second: Option<f64>,
 }
 
 impl RequestRecord {

@@ -13,6 +13,7 @@ use http::header::{ALLOW, CACHE_CONTROL, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTI
 use http::{HeaderValue, Response, StatusCode};
 use http_body_util::Full;
 
+use crate::guard::Denied;
 use crate::ops::request_record::Outcome;
 use crate::proxy::upstream::{Cause, SendError};
 use crate::usage::budget::Exhausted;
@@ -99,6 +100,17 @@ pub enum Refusal {
          (or access_token_max_output_tokens) is {cap} (over_max_output_tokens = \"refuse\")"
     )]
     OutputTokensOverCap { asked: u64, cap: u64 },
+}
+
+impl From<Denied> for Refusal {
+    fn from(denied: Denied) -> Self {
+        match denied {
+            Denied::HostNotAllowed => Self::HostNotAllowed,
+            Denied::OriginNotAllowed => Self::OriginNotAllowed,
+            Denied::Unauthorized => Self::Unauthorized,
+            Denied::RateLimited(wait) => Self::RateLimited(wait),
+        }
+    }
 }
 
 /// Requests that cannot be forwarded as the client sent them.

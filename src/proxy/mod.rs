@@ -37,13 +37,13 @@ use crate::config::{Config, Timeouts};
 use crate::guard::paths::PathVerdict;
 use crate::guard::tokens::AccessTokens;
 use crate::guard::{Admission, Guard};
-use crate::ops::metrics::{Metrics, RouteMetrics};
 use crate::ops::request_record::{Metered, Outcome, RequestRecord};
 use crate::proxy::request_body::RequestBody;
 use crate::proxy::response_body::RelayBody;
 use crate::proxy::route_table::{Route, RouteTable};
 use crate::proxy::tunnel::Tunnels;
 use crate::proxy::upstream::{Keeper, Lease, Upstreams, Via};
+use crate::telemetry::metrics::{Metrics, RouteMetrics};
 use crate::usage::budget::Refused;
 use crate::usage::inspect::{self, Broken, ReadBody, RequestCaps, Unparsed};
 use crate::usage::stream_usage::{self, UsageEventStrip};
@@ -242,7 +242,7 @@ impl Shared {
             Admission::Preflight(headers) => return Ok(Answer::Preflight(headers)),
             Admission::Reject { error, origin } => {
                 context.origin = origin;
-                return Err(error.into());
+                return Err(Refusal::from(error).into());
             }
         }
 

@@ -15,6 +15,6 @@ pub mod state_file;
 pub mod stream_usage;
 pub mod tap;
 
+pub use crate::telemetry::tokens::Usage;
 pub use budget::{BudgetLimit, Budgets, Estimate, Reservation};
-pub use event::Usage;
 pub use tap::{GaveUp, UsageReport, UsageTap};
