@@ -14,8 +14,8 @@ use http::{HeaderValue, Response, StatusCode};
 use http_body_util::Full;
 
 use crate::guard::Denied;
-use crate::ops::request_record::Outcome;
 use crate::proxy::upstream::{Cause, SendError};
+use crate::telemetry::record::Outcome;
 use crate::usage::budget::Exhausted;
 
 /// Why keyrelay could not relay a request, grouped by where the failure came

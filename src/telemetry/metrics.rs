@@ -13,8 +13,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 
-use crate::ops::request_record::Outcome;
 use crate::telemetry::logging;
+use crate::telemetry::record::Outcome;
 use crate::telemetry::tokens::{Account, GaveUp, Overshoot, TokenFigures, UsageReport};
 
 /// Latency buckets in seconds, 1 ms to 20 minutes (cold starts and long generations).
