@@ -8,19 +8,28 @@
 //! - [`config`]: what to do. The settings table, layering (defaults < file <
 //!   env < flags), checks that report every problem at once, value parsers,
 //!   the route table's settings, the command line and the Baseten shortcuts.
+//! - [`secrets`]: the key as a type that cannot be logged, and the watcher that
+//!   re-reads key and token files without a restart.
 //! - [`guard`]: who may. Admission in order: host (DNS rebinding), origin and
 //!   CORS, access tokens, path policy.
+//! - [`usage`]: LLM token usage read off responses as they stream past,
+//!   what a request asks for (request caps), and the budgets that charge it.
+//! - [`telemetry`]: what keyrelay reports. Metrics, the per-request access
+//!   record and its access-log line, logging and the log-writer thread, and
+//!   the token figures they print. A leaf: it names only `config`.
 //! - [`proxy`]: the data path. The `tower::Service` whose `forward` runs
-//!   admit -> route -> build upstream request -> send -> relay; the request
+//!   admit -> route -> build upstream request -> send -> relay, sharing the
+//!   request's context and settling its budgets when it ends; the request
 //!   and response bodies (frames in, frames out, nothing collected); header
 //!   hygiene; WebSocket tunnels; the upstream client; the route table;
 //!   request ids; errors grouped by where they came from.
-//! - [`ops`]: what runs around it. Listeners and the accept loop, graceful
-//!   drain, signals, the admin listener (health, readiness, metrics),
-//!   `keyrelay health`, logging, metrics and the per-request record.
-//! - [`secrets`]: the key as a type that cannot be logged, and the watcher that
-//!   re-reads key and token files without a restart.
+//! - [`ops`]: what runs the data path. Listeners and the accept loop on the
+//!   serving threads, graceful drain, signals, the admin listener (health,
+//!   readiness, metrics), `keyrelay health`.
 //! - [`demo`]: `keyrelay demo` and its local mock model endpoint.
+//!
+//! Imports point down that list's layers: `config` < `secrets`, `guard`,
+//! `usage`, `telemetry` < `proxy` < `ops` (`tests/it/layering.rs` checks it).
 //!
 //! [`run`] ties them together; `src/main.rs` only parses the command line and
 //! maps failures to exit codes.
@@ -35,6 +44,7 @@ pub mod guard;
 pub mod ops;
 pub mod proxy;
 pub mod secrets;
+pub mod telemetry;
 pub mod usage;
 
 use std::future::Future;
@@ -62,7 +72,7 @@ pub async fn run(
     listener: impl Into<ops::listener::Listener>,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
-    let metrics = Arc::new(ops::metrics::Metrics::new());
+    let metrics = Arc::new(telemetry::metrics::Metrics::new());
     run_with_metrics(config, listener, shutdown, metrics).await
 }
 
@@ -72,7 +82,7 @@ pub async fn run_with_metrics(
     config: Config,
     listener: impl Into<ops::listener::Listener>,
     shutdown: impl Future<Output = ()>,
-    metrics: Arc<ops::metrics::Metrics>,
+    metrics: Arc<telemetry::metrics::Metrics>,
 ) -> std::io::Result<()> {
     let listener = listener.into();
     let lifecycle = Arc::new(ops::lifecycle::Lifecycle::default());
@@ -99,11 +109,11 @@ pub async fn run_with_metrics(
                 path,
                 route.credential.template.clone(),
                 Arc::clone(&route.live),
-                Arc::clone(&metrics),
+                metrics.credential_reloads(),
             ));
         }
     }
-    background.spawn(ops::logging::report_dropped_lines());
+    background.spawn(telemetry::logging::report_dropped_lines());
     if let Some(path) = config.usage_state_file.clone() {
         background.spawn(usage::state_file::keep_saved(path, Arc::clone(&budgets)));
     }

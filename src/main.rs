@@ -6,7 +6,8 @@ use std::process::ExitCode;
 use keyrelay::config::cli::{self, Action};
 use keyrelay::config::{self, Sources};
 use keyrelay::demo::{self, DemoError};
-use keyrelay::ops::{logging, signals};
+use keyrelay::ops::signals;
+use keyrelay::telemetry::logging;
 
 /// EX_USAGE from sysexits.h: the configuration or command line is wrong.
 const EXIT_USAGE: u8 = 64;

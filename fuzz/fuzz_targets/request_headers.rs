@@ -33,7 +33,7 @@ use keyrelay::config::{self, OverrideValue, RouteConfig, Sources};
 use keyrelay::guard::host::HostPolicy;
 use keyrelay::guard::paths::PathPolicy;
 use keyrelay::proxy::headers;
-use keyrelay::ops::metrics::Metrics;
+use keyrelay::telemetry::metrics::Metrics;
 use keyrelay::proxy::route_table::RouteTable;
 use libfuzzer_sys::fuzz_target;
 

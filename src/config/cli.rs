@@ -15,6 +15,11 @@ use roff::{bold, italic, roman, Roff};
 
 use crate::config::{Kind, OverrideValue, Sources, SETTINGS};
 
+/// Where `keyrelay health` looks by default (the admin address the
+/// container image uses). Here, with the command line, so that `config`
+/// names nothing of `ops`, which runs the check.
+pub const DEFAULT_HEALTH_URL: &str = "http://127.0.0.1:9901/healthz";
+
 /// What the user asked keyrelay to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
@@ -93,7 +98,7 @@ pub fn command() -> Command {
                     Arg::new("url")
                         .long("url")
                         .value_name("URL")
-                        .default_value(crate::ops::health::DEFAULT_URL)
+                        .default_value(DEFAULT_HEALTH_URL)
                         .help("The /healthz URL of the admin listener"),
                 ),
         )
@@ -146,7 +151,7 @@ pub fn interpret(matches: &ArgMatches, mut sources: Sources) -> (Action, Sources
         Some(("health", sub)) => Action::Health(
             sub.get_one::<String>("url")
                 .cloned()
-                .unwrap_or_else(|| crate::ops::health::DEFAULT_URL.to_owned()),
+                .unwrap_or_else(|| DEFAULT_HEALTH_URL.to_owned()),
         ),
         Some(("completions", sub)) => Action::Completions(
             *sub.get_one::<Shell>("shell")

@@ -27,9 +27,9 @@ use tokio::net::TcpListener;
 
 use crate::config::{self, ListenAddr, OverrideValue, Sources};
 use crate::guard::origin::AllowedOrigin;
-use crate::ops::metrics::Metrics;
 use crate::ops::signals;
 use crate::secrets::key::ApiKey;
+use crate::telemetry::metrics::Metrics;
 
 /// Variable the demo puts its generated key in (in keyrelay's swapped environment only).
 const DEMO_KEY_ENV: &str = "DEMO_MODEL_API_KEY";
@@ -69,7 +69,7 @@ pub async fn run(mut sources: Sources) -> Result<(), DemoError> {
         sources.set(setting, OverrideValue::Text(value));
     }
     let mut config = config::load(&sources).map_err(DemoError::Config)?;
-    let _log = crate::ops::logging::init(config.log_format);
+    let _log = crate::telemetry::logging::init(config.log_format);
 
     // The page's origin is allowed, by both names a user may type.
     let (page_listener, page_addr) = page::bind().await?;

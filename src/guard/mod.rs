@@ -17,12 +17,12 @@ pub mod paths;
 pub(crate) mod tokens;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::request::Parts;
 use http::{HeaderMap, HeaderValue};
 
 use crate::config::AccessSettings;
-use crate::proxy::error::Refusal;
 use cors::{CorsPolicy, OriginVerdict};
 use host::HostPolicy;
 use tokens::{AccessTokens, TokenRejection};
@@ -36,6 +36,20 @@ pub struct Guard {
     pub cors: CorsPolicy,
     /// Local access tokens and their rate limit (shared with the token-file watchers).
     pub tokens: Arc<AccessTokens>,
+}
+
+/// Why admission refused a request; the data path turns it into its
+/// JSON error (`proxy::error::Refusal`), so the guard names nothing above it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Denied {
+    /// The `Host` is not a loopback or configured name (DNS rebinding).
+    HostNotAllowed,
+    /// The request's `Origin` is not allowed.
+    OriginNotAllowed,
+    /// An access token is required and none (or a wrong one) was presented.
+    Unauthorized,
+    /// The access token's rate limit is used up; retry after this long.
+    RateLimited(Duration),
 }
 
 /// What to do with a request.
@@ -54,7 +68,7 @@ pub enum Admission {
     /// read why (a 401 or a 429's `Retry-After`).
     Reject {
         /// Why.
-        error: Refusal,
+        error: Denied,
         /// The allowed origin to echo back, if the origin check had passed.
         origin: Option<HeaderValue>,
     },
@@ -84,10 +98,10 @@ impl Guard {
             OriginVerdict::Absent | OriginVerdict::Denied => None,
         };
         if !self.hosts.allows(&request.uri, &request.headers) {
-            return reject(Refusal::HostNotAllowed, allowed);
+            return reject(Denied::HostNotAllowed, allowed);
         }
         if verdict == OriginVerdict::Denied {
-            return reject(Refusal::OriginNotAllowed, None);
+            return reject(Denied::OriginNotAllowed, None);
         }
         let origin = allowed;
         if let Some(origin) = &origin {
@@ -97,9 +111,9 @@ impl Guard {
         }
         let token = match self.tokens.authenticate(&mut request.headers) {
             Ok(name) => name.map(str::to_owned),
-            Err(TokenRejection::Unauthorized) => return reject(Refusal::Unauthorized, origin),
+            Err(TokenRejection::Unauthorized) => return reject(Denied::Unauthorized, origin),
             Err(TokenRejection::RateLimited(wait)) => {
-                return reject(Refusal::RateLimited(wait), origin)
+                return reject(Denied::RateLimited(wait), origin)
             }
         };
         Admission::Forward { origin, token }
@@ -136,7 +150,7 @@ mod tests {
         request.body(()).expect("request").into_parts().0
     }
 
-    fn refusal(admission: Admission) -> (Refusal, Option<HeaderValue>) {
+    fn refusal(admission: Admission) -> (Denied, Option<HeaderValue>) {
         match admission {
             Admission::Reject { error, origin } => (error, origin),
             other => panic!("expected a refusal, got {other:?}"),
@@ -156,17 +170,17 @@ mod tests {
 
         // The host comes first: a rebinding page is refused whatever else it sends.
         let (error, origin) = refusal(guard.admit(&mut parts("POST", &[BAD_HOST, BAD_ORIGIN])));
-        assert_eq!(error, Refusal::HostNotAllowed);
+        assert_eq!(error, Denied::HostNotAllowed);
         assert!(origin.is_none());
 
         // An allowed page that used a name keyrelay does not accept may read why.
         let (error, origin) = refusal(guard.admit(&mut parts("POST", &[BAD_HOST, GOOD_ORIGIN])));
-        assert_eq!(error, Refusal::HostNotAllowed);
+        assert_eq!(error, Denied::HostNotAllowed);
         assert!(origin.is_some(), "an allowed origin is told why");
 
         // Then the origin, before any token is looked at.
         let (error, origin) = refusal(guard.admit(&mut parts("POST", &[GOOD_HOST, BAD_ORIGIN])));
-        assert_eq!(error, Refusal::OriginNotAllowed);
+        assert_eq!(error, Denied::OriginNotAllowed);
         assert!(origin.is_none(), "a disallowed origin is told nothing");
 
         // An allowed origin's preflight is answered without a token (browsers send none).
@@ -179,7 +193,7 @@ mod tests {
         // Its real request still needs the token, and the refusal carries the
         // origin so the page can read why.
         let (error, origin) = refusal(guard.admit(&mut parts("POST", &[GOOD_HOST, GOOD_ORIGIN])));
-        assert_eq!(error, Refusal::Unauthorized);
+        assert_eq!(error, Denied::Unauthorized);
         assert_eq!(
             origin.as_ref().map(HeaderValue::as_bytes),
             Some(&b"http://localhost:5173"[..])

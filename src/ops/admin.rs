@@ -36,7 +36,7 @@ use tokio::net::TcpListener;
 
 use crate::guard::host::HostPolicy;
 use crate::ops::lifecycle::Lifecycle;
-use crate::ops::metrics::Metrics;
+use crate::telemetry::metrics::Metrics;
 use crate::usage::Budgets;
 
 /// The encoder writes OpenMetrics text (`# EOF`, `# UNIT`), so say so:

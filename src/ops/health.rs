@@ -11,9 +11,6 @@ use http_body_util::Empty;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
-/// Where `keyrelay health` looks by default (the admin address the container image uses).
-pub const DEFAULT_URL: &str = "http://127.0.0.1:9901/healthz";
-
 /// How long the check waits before calling keyrelay unhealthy.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(3);
 

@@ -1,19 +1,14 @@
 //! What runs around the data path: listening and accepting on the serving
 //! threads, the process's
 //! lifecycle (readiness, drain, signals), the admin listener and its health,
-//! readiness and metrics endpoints, logging, and the per-request record that
-//! feeds the access log and the metrics.
+//! readiness and metrics endpoints, and `keyrelay health`. The top layer:
+//! it runs the data path ([`crate::proxy`]) and nothing below names it.
 
-pub(crate) mod access_log;
 pub(crate) mod admin;
 pub(crate) mod client_idle;
 pub mod health;
 pub(crate) mod lifecycle;
 pub mod listener;
-pub(crate) mod log_writer;
-pub mod logging;
-pub mod metrics;
-pub(crate) mod request_record;
 pub(crate) mod server;
 pub mod signals;
 pub(crate) mod workers;

@@ -27,7 +27,7 @@ pub fn shutdown_requested() -> impl Future<Output = ()> {
         tokio::spawn(async move {
             handlers.recv().await;
             tracing::warn!("second shutdown signal; exiting without draining");
-            crate::ops::logging::flush_and_stop();
+            crate::telemetry::logging::flush_and_stop();
             std::process::exit(EXIT_ON_SECOND_SIGNAL);
         });
     }

@@ -13,8 +13,9 @@ use http::header::{ALLOW, CACHE_CONTROL, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTI
 use http::{HeaderValue, Response, StatusCode};
 use http_body_util::Full;
 
-use crate::ops::request_record::Outcome;
+use crate::guard::Denied;
 use crate::proxy::upstream::{Cause, SendError};
+use crate::telemetry::record::Outcome;
 use crate::usage::budget::Exhausted;
 
 /// Why keyrelay could not relay a request, grouped by where the failure came
@@ -99,6 +100,17 @@ pub enum Refusal {
          (or access_token_max_output_tokens) is {cap} (over_max_output_tokens = \"refuse\")"
     )]
     OutputTokensOverCap { asked: u64, cap: u64 },
+}
+
+impl From<Denied> for Refusal {
+    fn from(denied: Denied) -> Self {
+        match denied {
+            Denied::HostNotAllowed => Self::HostNotAllowed,
+            Denied::OriginNotAllowed => Self::OriginNotAllowed,
+            Denied::Unauthorized => Self::Unauthorized,
+            Denied::RateLimited(wait) => Self::RateLimited(wait),
+        }
+    }
 }
 
 /// Requests that cannot be forwarded as the client sent them.

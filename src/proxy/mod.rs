@@ -9,6 +9,7 @@
 //! client's path and query (byte for byte), so an absolute-form request such as
 //! `GET http://elsewhere/ HTTP/1.1` can never make keyrelay contact another host.
 
+pub(crate) mod context;
 pub(crate) mod error;
 pub mod headers;
 pub(crate) mod request_body;
@@ -37,13 +38,14 @@ use crate::config::{Config, Timeouts};
 use crate::guard::paths::PathVerdict;
 use crate::guard::tokens::AccessTokens;
 use crate::guard::{Admission, Guard};
-use crate::ops::metrics::{Metrics, RouteMetrics};
-use crate::ops::request_record::{Metered, Outcome, RequestRecord};
+use crate::proxy::context::{RequestContext, Settlement};
 use crate::proxy::request_body::RequestBody;
 use crate::proxy::response_body::RelayBody;
 use crate::proxy::route_table::{Route, RouteTable};
 use crate::proxy::tunnel::Tunnels;
 use crate::proxy::upstream::{Keeper, Lease, Upstreams, Via};
+use crate::telemetry::metrics::{Metrics, RouteMetrics};
+use crate::telemetry::record::{AccessRecord, Metered, Outcome};
 use crate::usage::budget::Refused;
 use crate::usage::inspect::{self, Broken, ReadBody, RequestCaps, Unparsed};
 use crate::usage::stream_usage::{self, UsageEventStrip};
@@ -193,25 +195,25 @@ impl Proxy {
         let (parts, body) = request.into_parts();
         let matched = shared.routes.find(parts.uri.path());
         let metrics = matched.map_or(&shared.unmatched, |route| &route.metrics);
-        let mut record = RequestRecord::start(
+        let mut request = Settlement::new(AccessRecord::start(
             number,
             parts.method.clone(),
             parts.uri.clone(),
             metrics.clone(),
-        );
-        let mut context = FailureContext::default();
+        ));
+        let mut failure = FailureContext::default();
 
         let answer = shared
-            .admit_and_send(worker, parts, body, matched, &mut record, &mut context)
+            .admit_and_send(worker, parts, body, matched, &mut request, &mut failure)
             .instrument(tracing::debug_span!("request", request_id = number))
             .await;
         let mut response = match answer {
-            Ok(Answer::Preflight(headers)) => return preflight(headers, record),
-            Ok(Answer::Relay(sent)) => shared.relay(sent, record),
-            Err(error) => return shared.fail(&error, record, &context),
+            Ok(Answer::Preflight(headers)) => return preflight(headers, request),
+            Ok(Answer::Relay(sent)) => shared.relay(sent, request),
+            Err(error) => return shared.fail(&error, request, &failure),
         };
         // Allowed browser origins may read keyrelay's answers.
-        if let Some(origin) = &context.origin {
+        if let Some(origin) = &failure.origin {
             shared
                 .guard
                 .cors
@@ -230,50 +232,57 @@ impl Shared {
         mut parts: http::request::Parts,
         body: Incoming,
         matched: Option<&'a Route>,
-        record: &mut RequestRecord,
-        context: &mut FailureContext<'a>,
+        request: &mut Settlement,
+        failure: &mut FailureContext<'a>,
     ) -> Result<Answer, ProxyError> {
+        // The phases share the request's context and fill its access record.
+        let Settlement { context, record } = request;
         // 1. Admit: host, origin, preflight, access token (guard/).
         match self.guard.admit(&mut parts) {
             Admission::Forward { origin, token } => {
-                context.origin = origin;
-                record.set_token(token);
+                failure.origin = origin;
+                context.token = token;
             }
             Admission::Preflight(headers) => return Ok(Answer::Preflight(headers)),
             Admission::Reject { error, origin } => {
-                context.origin = origin;
-                return Err(error.into());
+                failure.origin = origin;
+                return Err(Refusal::from(error).into());
             }
         }
 
         // 2. Route, and the route's limits.
         let route = matched.ok_or_else(|| Refusal::NoRoute(self.routes.prefixes()))?;
-        context.route = Some(route);
-        self.check_limits(route, &parts, &body, record)?;
-        let budgeted =
-            !self.budgets.is_empty() && self.budgets.applies_to(route.index, record.token());
+        failure.route = Some(route);
+        self.check_limits(route, &parts, &body, context)?;
+        let budgeted = !self.budgets.is_empty()
+            && self
+                .budgets
+                .applies_to(route.index, context.token.as_deref());
         if budgeted {
             // The tap cannot read a compressed body, and a budget must
             // not be escaped by asking for one.
             identity_encoding(&mut parts.headers);
         }
         let (body, estimate) = self
-            .read_request(route, &mut parts, body, budgeted, record)
+            .read_request(route, &mut parts, body, budgeted, context)
             .await?;
         if budgeted {
             // Held until the request ends, then replaced by what it spent.
             // One round trip to a shared usage_store, none locally.
             let reservation = self
                 .budgets
-                .reserve(route.index, record.token(), estimate, SystemTime::now())
+                .reserve(
+                    route.index,
+                    context.token.as_deref(),
+                    estimate,
+                    SystemTime::now(),
+                )
                 .await
                 .map_err(|refused| match refused {
                     Refused::Exhausted(exhausted) => Refusal::BudgetExhausted(exhausted),
                     Refused::StoreUnavailable => Refusal::UsageStoreUnavailable,
                 })?;
-            if let Some(reservation) = reservation {
-                record.hold_reservation(reservation);
-            }
+            context.reservation = reservation;
         }
 
         // 3. Build the upstream request.
@@ -333,7 +342,7 @@ impl Shared {
         route: &Route,
         parts: &http::request::Parts,
         body: &Incoming,
-        record: &mut RequestRecord,
+        context: &mut RequestContext,
     ) -> Result<(), ProxyError> {
         if headers::has_unsupported_transfer_coding(&parts.headers) {
             return Err(ClientError::UnsupportedTransferCoding.into());
@@ -358,7 +367,7 @@ impl Shared {
             let permit = Arc::clone(semaphore)
                 .try_acquire_owned()
                 .map_err(|_| Refusal::Overloaded)?;
-            record.hold(permit);
+            context.permit = Some(permit);
         }
         if let Some(limit) = self.max_request_body {
             // hyper has parsed (and checked) Content-Length already.
@@ -382,15 +391,15 @@ impl Shared {
         parts: &mut http::request::Parts,
         body: Incoming,
         budgeted: bool,
-        record: &mut RequestRecord,
+        context: &mut RequestContext,
     ) -> Result<(RequestBody, Estimate), ProxyError> {
         let rules = &route.rules;
         let metrics = route.metrics.clone();
         let declared = hyper::body::Body::size_hint(&body).exact();
         let add_usage = route.add_stream_usage && inspect::is_completions_path(parts.uri.path());
         let has_body = !hyper::body::Body::is_end_stream(&body);
-        let token_caps = record
-            .token()
+        let token_caps = context
+            .token
             .is_some()
             .then_some(&self.token_caps)
             .filter(|caps| caps.is_set());
@@ -477,7 +486,7 @@ impl Shared {
             None
         };
         let added = adds_usage && rewritten.is_some();
-        record.set_added_usage(added);
+        context.added_usage = added;
         if added {
             // The usage event must be readable to be cut out.
             identity_encoding(&mut parts.headers);
@@ -533,7 +542,7 @@ impl Shared {
 
     /// Phase 5, relay: the upstream's response to the client, frame by frame, or
     /// the tunnel when both sides switched protocols.
-    fn relay(&self, sent: Sent, mut record: RequestRecord) -> Response<ResponseBody> {
+    fn relay(&self, sent: Sent, mut request: Settlement) -> Response<ResponseBody> {
         let Sent {
             mut response,
             request_id,
@@ -543,57 +552,60 @@ impl Shared {
         } = sent;
         if let Some(client) = client_upgrade {
             if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-                return switch_protocols(&self.tunnels, client, &mut response, record);
+                return switch_protocols(&self.tunnels, client, &mut response, request);
             }
         }
         let (mut parts, body) = response.into_parts();
         headers::prepare_response(&mut parts.headers);
         match parts.headers.get(BASETEN_REQUEST_ID) {
-            Some(upstream_id) => record.set_request_id(upstream_id.clone()),
+            Some(upstream_id) => request.record.set_request_id(upstream_id.clone()),
             None => {
                 parts.headers.entry(X_REQUEST_ID).or_insert(request_id);
             }
         }
         parts.headers.append(SERVER_TIMING, server_timing(overhead));
-        record.set_status(parts.status.as_u16());
+        request.record.set_status(parts.status.as_u16());
         if let Some(metered) = metered(parts.status, &parts.headers) {
-            record.set_metered(metered);
+            request.record.set_metered(metered);
         }
         let tap = if self.usage_tap {
             let tap = UsageTap::for_response(parts.status, &parts.headers);
             if let Some(why) = UsageTap::unreadable(parts.status, &parts.headers) {
-                record.metrics().usage_unread(why);
+                request.record.metrics().usage_unread(why);
             }
             tap
         } else {
             None
         };
         // The usage event keyrelay asked for is its own, not the client's.
-        let strip = strips_usage_event(&record, tap.as_ref()).then(|| {
+        let strip = strips_usage_event(&request.context, tap.as_ref()).then(|| {
             parts.headers.remove(http::header::CONTENT_LENGTH);
             UsageEventStrip::default()
         });
-        let body = RelayBody::new(body, self.timeouts.idle, record, lease, tap, strip);
+        let body = RelayBody::new(body, self.timeouts.idle, request, lease, tap, strip);
         Response::from_parts(parts, Either::Left(body))
     }
 
-    /// keyrelay's own JSON error response, logged and counted, with CORS
-    /// headers for an allowed origin so the page can read why.
+    /// The failure exit: keyrelay's own JSON error response, logged and
+    /// counted, with CORS headers for an allowed origin so the page can
+    /// read why. The request ends here, so it settles here.
     fn fail(
         &self,
         err: &ProxyError,
-        mut record: RequestRecord,
-        context: &FailureContext<'_>,
+        mut request: Settlement,
+        failure: &FailureContext<'_>,
     ) -> Response<ResponseBody> {
+        let record = &mut request.record;
         if let Some(upstream) = err.upstream() {
             record.metrics().upstream_error(upstream.kind());
         }
         record.set_status(err.status().as_u16());
         record.finish(err.outcome());
         tracing::warn!(request_id = record.id(), kind = err.kind(), error = %err, "request failed");
-        let upstream = context.route.map(|route| route.upstream.authority.as_str());
+        request.settle();
+        let upstream = failure.route.map(|route| route.upstream.authority.as_str());
         let mut response = err.to_response(upstream).map(Either::Right);
-        if let Some(origin) = &context.origin {
+        if let Some(origin) = &failure.origin {
             self.guard
                 .cors
                 .add_origin_headers(response.headers_mut(), origin);
@@ -646,14 +658,15 @@ fn metered(status: StatusCode, headers: &http::HeaderMap) -> Option<Metered> {
 
 /// True when keyrelay added `include_usage` to the request and the answer
 /// is a stream: the usage event it carries was not the client's to see.
-fn strips_usage_event(record: &RequestRecord, tap: Option<&UsageTap>) -> bool {
-    record.added_usage() && tap.is_some_and(UsageTap::is_sse)
+fn strips_usage_event(context: &RequestContext, tap: Option<&UsageTap>) -> bool {
+    context.added_usage && tap.is_some_and(UsageTap::is_sse)
 }
 
 /// keyrelay's answer to a CORS preflight: 204 with the allow headers.
-fn preflight(headers: http::HeaderMap, mut record: RequestRecord) -> Response<ResponseBody> {
-    record.set_status(StatusCode::NO_CONTENT.as_u16());
-    record.finish(Outcome::Ok);
+fn preflight(headers: http::HeaderMap, mut request: Settlement) -> Response<ResponseBody> {
+    request.record.set_status(StatusCode::NO_CONTENT.as_u16());
+    request.record.finish(Outcome::Ok);
+    request.settle();
     let mut response = Response::new(Either::Right(Full::new(Bytes::new())));
     *response.status_mut() = StatusCode::NO_CONTENT;
     *response.headers_mut() = headers;
@@ -666,7 +679,7 @@ fn switch_protocols(
     tunnels: &Arc<Tunnels>,
     client: OnUpgrade,
     upstream: &mut Response<Incoming>,
-    mut record: RequestRecord,
+    mut request: Settlement,
 ) -> Response<ResponseBody> {
     let upstream_upgrade = hyper::upgrade::on(&mut *upstream);
     let mut headers = std::mem::take(upstream.headers_mut());
@@ -675,8 +688,10 @@ fn switch_protocols(
     if let Some(protocol) = protocol {
         headers::restore_upgrade(&mut headers, protocol);
     }
-    record.set_status(StatusCode::SWITCHING_PROTOCOLS.as_u16());
-    tunnels.spawn(client, upstream_upgrade, record);
+    request
+        .record
+        .set_status(StatusCode::SWITCHING_PROTOCOLS.as_u16());
+    tunnels.spawn(client, upstream_upgrade, request);
     let mut response = Response::new(Either::Right(Full::new(Bytes::new())));
     *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     *response.headers_mut() = headers;

@@ -26,7 +26,7 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::sync::oneshot;
 use tokio::time::{Instant, Sleep};
 
-use crate::ops::metrics::RouteMetrics;
+use crate::telemetry::metrics::RouteMetrics;
 
 /// The most request-body bytes kept for a resend. Prompts fit; a larger
 /// upload that meets a refused stream fails as it would without the replay.
@@ -363,7 +363,7 @@ mod tests {
     use std::task::{Context, Waker};
 
     use super::*;
-    use crate::ops::metrics::Metrics;
+    use crate::telemetry::metrics::Metrics;
 
     /// A body being resent, as the pool builds it after a refused stream.
     fn resending(frames: &[&'static str]) -> RequestBody {

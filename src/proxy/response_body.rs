@@ -32,8 +32,9 @@ use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::time::{Instant, Sleep};
 
-use crate::ops::request_record::{Outcome, RequestRecord};
+use crate::proxy::context::Settlement;
 use crate::proxy::upstream::Lease;
+use crate::telemetry::record::Outcome;
 use crate::usage::stream_usage::UsageEventStrip;
 use crate::usage::UsageTap;
 
@@ -46,7 +47,8 @@ pub struct RelayBody {
     /// Always `Some` until dropped.
     upstream: Option<Incoming>,
     idle: Option<IdleTimer>,
-    log: RequestRecord,
+    /// The request's context and access record, settled when the body ends.
+    request: Settlement,
     /// Its hold on the upstream connection: an HTTP/2 stream's place, freed
     /// with the stream, or an HTTP/1.1 connection, back to the pool when the
     /// body was read to its end (dropped with it otherwise, which closes it).
@@ -64,19 +66,19 @@ impl RelayBody {
     pub fn new(
         upstream: Incoming,
         idle: Option<Duration>,
-        mut log: RequestRecord,
+        mut request: Settlement,
         lease: Lease,
         tap: Option<UsageTap>,
         strip: Option<UsageEventStrip>,
     ) -> Self {
         // hyper never polls a body that says it is empty.
         if upstream.is_end_stream() {
-            log.finish(Outcome::Ok);
+            request.record.finish(Outcome::Ok);
         }
         Self {
             upstream: Some(upstream),
             idle: idle.map(IdleTimer::new),
-            log,
+            request,
             lease: Some(lease),
             tap,
             strip,
@@ -96,11 +98,14 @@ impl RelayBody {
 
 impl Drop for RelayBody {
     fn drop(&mut self) {
-        // What the tap read, even of a stream cut short, goes in the record
-        // before the record is dropped (and emitted) with this body.
+        // The response's end, however it came (finished, failed, timed out,
+        // or the client went away): what the tap read, even of a stream cut
+        // short, goes in the record, the request settles its budgets by it,
+        // and then the record is dropped (and emitted) with this body.
         if let Some(tap) = self.tap.take() {
-            self.log.set_usage(tap.finish(Instant::now()));
+            self.request.record.set_usage(tap.finish(Instant::now()));
         }
+        self.request.settle();
         let Some(upstream) = self.upstream.take() else {
             return;
         };
@@ -150,21 +155,24 @@ impl Body for RelayBody {
                 Poll::Ready(Some(Ok(frame))) => frame,
                 Poll::Ready(Some(Err(err))) => {
                     tracing::warn!(
-                        request_id = this.log.id(),
+                        request_id = this.request.record.id(),
                         error = %err,
                         "upstream failed mid-stream; aborting the client's response"
                     );
-                    this.log.finish(Outcome::UpstreamError);
-                    this.log.metrics().upstream_error("reset_mid_stream");
+                    this.request.record.finish(Outcome::UpstreamError);
+                    this.request
+                        .record
+                        .metrics()
+                        .upstream_error("reset_mid_stream");
                     return Poll::Ready(Some(Err(RelayError::Upstream(err))));
                 }
                 Poll::Ready(None) => {
                     let held = this.strip.as_mut().and_then(UsageEventStrip::finish);
                     if let Some(rest) = held {
-                        this.log.add_bytes(rest.len(), Instant::now());
+                        this.request.record.add_bytes(rest.len(), Instant::now());
                         return Poll::Ready(Some(Ok(Frame::data(rest))));
                     }
-                    this.log.finish(Outcome::Ok);
+                    this.request.record.finish(Outcome::Ok);
                     this.body_finished();
                     return Poll::Ready(None);
                 }
@@ -176,12 +184,12 @@ impl Body for RelayBody {
                         return Poll::Pending;
                     }
                     tracing::warn!(
-                        request_id = this.log.id(),
+                        request_id = this.request.record.id(),
                         idle_timeout = ?idle.limit,
                         "upstream went silent mid-stream; aborting the client's response"
                     );
-                    this.log.finish(Outcome::Timeout);
-                    this.log.metrics().upstream_error("idle_timeout");
+                    this.request.record.finish(Outcome::Timeout);
+                    this.request.record.metrics().upstream_error("idle_timeout");
                     return Poll::Ready(Some(Err(RelayError::Idle(idle.limit))));
                 }
             };
@@ -196,7 +204,7 @@ impl Body for RelayBody {
                     if let Some(tap) = this.tap.as_mut() {
                         tap.feed(&data, now);
                     }
-                    this.log.count_lines(&data);
+                    this.request.record.count_lines(&data);
                     let data = match this.strip.as_mut() {
                         None => data,
                         Some(strip) => match strip.pass(data) {
@@ -205,13 +213,13 @@ impl Body for RelayBody {
                             None => continue,
                         },
                     };
-                    this.log.add_bytes(data.len(), now);
+                    this.request.record.add_bytes(data.len(), now);
                     Frame::data(data)
                 }
                 // Trailers, after the line the strip may hold.
                 Err(trailers) => match this.strip.as_mut().and_then(UsageEventStrip::finish) {
                     Some(held) => {
-                        this.log.add_bytes(held.len(), now);
+                        this.request.record.add_bytes(held.len(), now);
                         this.trailers = Some(trailers);
                         Frame::data(held)
                     }
@@ -222,7 +230,7 @@ impl Body for RelayBody {
             // once the declared length is written, so the last frame is
             // where a Content-Length response completes.
             if upstream.is_end_stream() || upstream.size_hint().exact() == Some(0) {
-                this.log.finish(Outcome::Ok);
+                this.request.record.finish(Outcome::Ok);
                 if upstream.is_end_stream() {
                     this.body_finished();
                 }

@@ -16,9 +16,9 @@ use http::{HeaderName, HeaderValue, Uri};
 use crate::config::baseten::{self, Stage};
 use crate::config::{Credential, RequestRules, RouteConfig, UpstreamUrl};
 use crate::guard::paths::PathPolicy;
-use crate::ops::metrics::{Metrics, RouteMetrics};
 use crate::proxy::error::ClientError;
 use crate::secrets::secret_file::LiveCredential;
+use crate::telemetry::metrics::{Metrics, RouteMetrics};
 
 /// One route, ready to serve.
 pub struct Route {

@@ -14,7 +14,8 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::sync::{watch, Notify};
 
-use crate::ops::request_record::{Outcome, RequestRecord};
+use crate::proxy::context::Settlement;
+use crate::telemetry::record::Outcome;
 
 /// The upgraded connections in flight, so shutdown can wait for them (within
 /// the grace period) and then cut them.
@@ -58,13 +59,13 @@ impl Tunnels {
     }
 
     /// Relays `client` and `upstream` in a tracked task.
-    pub fn spawn(self: &Arc<Self>, client: OnUpgrade, upstream: OnUpgrade, log: RequestRecord) {
+    pub fn spawn(self: &Arc<Self>, client: OnUpgrade, upstream: OnUpgrade, request: Settlement) {
         self.active.fetch_add(1, Ordering::AcqRel);
         let tunnels = Arc::clone(self);
         let mut abort = self.abort.subscribe();
         tokio::spawn(async move {
             tokio::select! {
-                () = splice(client, upstream, log) => {}
+                () = splice(client, upstream, request) => {}
                 _ = abort.wait_for(|cut| *cut) => {
                     tracing::debug!("shutdown: cutting an upgraded connection");
                 }
@@ -77,12 +78,16 @@ impl Tunnels {
 }
 
 /// Waits for both sides to finish switching protocols, then relays until done.
-async fn splice(client: OnUpgrade, upstream: OnUpgrade, mut log: RequestRecord) {
+/// The tunnel's end settles the request (dropped first, by a shutdown that
+/// cuts it, [`Settlement`]'s fallback does).
+async fn splice(client: OnUpgrade, upstream: OnUpgrade, mut request: Settlement) {
+    let log = &mut request.record;
     let (client, upstream) = match tokio::try_join!(client, upstream) {
         Ok(pair) => pair,
         Err(err) => {
             tracing::warn!(request_id = log.id(), error = %err, "upgrade failed");
             log.finish(Outcome::UpstreamError);
+            request.settle();
             return;
         }
     };
@@ -98,4 +103,5 @@ async fn splice(client: OnUpgrade, upstream: OnUpgrade, mut log: RequestRecord) 
             log.finish(Outcome::ClientCancelled);
         }
     }
+    request.settle();
 }

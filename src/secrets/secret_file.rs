@@ -25,11 +25,11 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use http::HeaderValue;
+use prometheus_client::metrics::counter::Counter;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::task::JoinHandle;
 use zeroize::Zeroizing;
 
-use crate::ops::metrics::Metrics;
 use crate::secrets::key::ApiKey;
 
 /// How often the key file is re-read. Reading a small file once a second
@@ -160,12 +160,13 @@ impl LiveCredential {
 /// Starts watching `path`: installs the SIGHUP handler now (so a SIGHUP right
 /// after startup re-reads the key instead of killing the process), then
 /// re-reads the file every [`POLL_INTERVAL`] and on SIGHUP, rendering it with
-/// `template` into `live`. The returned future runs until dropped.
+/// `template` into `live` and counting each change in `reloads` (the
+/// `credential_reloads` metric). The returned future runs until dropped.
 pub fn watch(
     path: PathBuf,
     template: String,
     live: Arc<LiveCredential>,
-    metrics: Arc<Metrics>,
+    reloads: Counter,
 ) -> impl std::future::Future<Output = ()> {
     let shown = path.display().to_string();
     watch_secret(path, "upstream key", move |read| {
@@ -177,7 +178,7 @@ pub fn watch(
             return Ok(false);
         }
         live.replace(value);
-        metrics.credential_reloaded();
+        reloads.inc();
         Ok(true)
     })
 }

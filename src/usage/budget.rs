@@ -25,6 +25,7 @@ use prometheus_client::metrics::counter::Counter;
 use serde::{Deserialize, Serialize};
 
 use super::redis_store::{RedisClient, Reply};
+pub use crate::telemetry::tokens::{Account, Overshoot};
 
 /// The length of a budget's window.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -109,25 +110,6 @@ impl fmt::Display for BudgetLimit {
     }
 }
 
-/// Who spends against a budget.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(tag = "scope", content = "name", rename_all = "snake_case")]
-pub enum Account {
-    /// Everyone calling this route.
-    Route(String),
-    /// The local access token of this name (never its value).
-    AccessToken(String),
-}
-
-impl fmt::Display for Account {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Route(name) => write!(f, "route {name}"),
-            Self::AccessToken(name) => write!(f, "access token {name}"),
-        }
-    }
-}
-
 /// A budget that is used up: which, and how long until its window ends.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Exhausted {
@@ -135,15 +117,6 @@ pub struct Exhausted {
     pub budget: String,
     /// Until the window frees up.
     pub retry_after: Duration,
-}
-
-/// Tokens a response spent beyond one of its budgets.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Overshoot {
-    /// Whose budget.
-    pub account: Account,
-    /// Tokens beyond it.
-    pub tokens: u64,
 }
 
 /// Tokens spent in one account's current window.

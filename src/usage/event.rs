@@ -16,30 +16,7 @@
 
 use serde::Deserialize;
 
-/// Tokens one response used, as far as the upstream reported them.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Usage {
-    /// Input (prompt) tokens.
-    pub prompt: Option<u64>,
-    /// Output (completion) tokens.
-    pub completion: Option<u64>,
-    /// Input tokens served from the provider's prompt cache.
-    pub cached: Option<u64>,
-}
-
-impl Usage {
-    /// True if no figure was reported.
-    pub fn is_empty(&self) -> bool {
-        self.prompt.is_none() && self.completion.is_none() && self.cached.is_none()
-    }
-
-    /// Takes every figure `later` reports, keeping the others.
-    pub fn merge(&mut self, later: Usage) {
-        self.prompt = later.prompt.or(self.prompt);
-        self.completion = later.completion.or(self.completion);
-        self.cached = later.cached.or(self.cached);
-    }
-}
+pub use crate::telemetry::tokens::Usage;
 
 /// What a document says: its usage report, and whether it carries
 /// generated content (the first such event is the time to first token).

@@ -23,7 +23,8 @@ use std::sync::LazyLock;
 use memchr::memmem;
 use tokio::time::Instant;
 
-use super::event::{self, Usage};
+use super::event;
+pub use crate::telemetry::tokens::{GaveUp, Usage, UsageReport};
 
 /// Longest SSE line the tap carries across frames; a longer one (a huge
 /// tool-call argument, or a stream that is not SSE) turns the tap off for
@@ -36,42 +37,6 @@ pub const MAX_JSON: usize = 1 << 20;
 /// How much of the end of a longer JSON body the tap keeps: OpenAI and
 /// Anthropic put `usage` after the content, at the end.
 pub const JSON_TAIL: usize = 64 * 1024;
-
-/// What the tap learnt from one response.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct UsageReport {
-    /// The usage the upstream reported, if any.
-    pub usage: Usage,
-    /// When the first generated content passed (time to first token).
-    pub first_content: Option<Instant>,
-    /// Why the tap stopped reading, if it did.
-    pub gave_up: Option<GaveUp>,
-    /// SSE events seen carrying a `"delta"` (a generated chunk: at least
-    /// one token each), for a charge when no usage is reported.
-    pub deltas: u64,
-}
-
-/// Why a tap stopped reading its response.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum GaveUp {
-    /// An SSE line longer than [`MAX_LINE`].
-    OverlongLine,
-    /// A JSON body larger than [`MAX_JSON`].
-    OverlongJson,
-    /// A compressed body, which the tap does not inflate.
-    Encoded,
-}
-
-impl GaveUp {
-    /// The metric label.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::OverlongLine => "overlong_line",
-            Self::OverlongJson => "overlong_json",
-            Self::Encoded => "encoded",
-        }
-    }
-}
 
 /// A tap on one response body.
 #[derive(Debug)]

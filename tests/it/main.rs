@@ -23,6 +23,7 @@ mod grpc;
 mod hostile_input;
 mod http2_upstream;
 mod key_rotation;
+mod layering;
 mod lifecycle;
 mod metrics;
 mod operations;

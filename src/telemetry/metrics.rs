@@ -13,10 +13,9 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 
-use crate::ops::logging;
-use crate::ops::request_record::{Outcome, TokenFigures};
-use crate::usage::budget::{Account, Overshoot};
-use crate::usage::{GaveUp, UsageReport};
+use crate::telemetry::logging;
+use crate::telemetry::record::Outcome;
+use crate::telemetry::tokens::{Account, GaveUp, Overshoot, TokenFigures, UsageReport};
 
 /// Latency buckets in seconds, 1 ms to 20 minutes (cold starts and long generations).
 const LATENCY_BUCKETS: [f64; 17] = [
@@ -375,9 +374,9 @@ impl Metrics {
         self.usage_store_errors.clone()
     }
 
-    /// Counts a reload of the key file.
-    pub fn credential_reloaded(&self) {
-        self.credential_reloads.inc();
+    /// The counter of key-file reloads, for the key-file watchers.
+    pub fn credential_reloads(&self) -> Counter {
+        self.credential_reloads.clone()
     }
 
     /// The Prometheus text exposition of every metric.

@@ -1,24 +1,26 @@
-//! The per-request record: one access-log event and the request's metrics,
-//! emitted when the request ends.
+//! The per-request access record: what one access-log event and the
+//! request's metrics say, emitted when the request ends.
 //!
-//! A [`RequestRecord`] travels with the request and then with its response body,
-//! collecting timings and byte counts. It emits its event and metrics when
-//! dropped, so a stream that ends in any way (finished, failed, or abandoned
-//! by the client) is counted exactly once. Only the method and path are
-//! logged: never headers, queries or bodies, which can carry secrets.
+//! An [`AccessRecord`] travels with the request and then with its response
+//! body, collecting timings, byte counts and the usage read off the
+//! response. It emits its event and metrics when dropped, so a stream that
+//! ends in any way (finished, failed, or abandoned by the client) is
+//! counted exactly once. Only the method and path are logged: never
+//! headers, queries or bodies, which can carry secrets.
+//!
+//! It holds nothing the request acts on (the concurrency permit, the
+//! budget reservation): those are the data path's request context, which
+//! fills this record and reads it back to settle the budgets
+//! ([`AccessRecord::spent`]).
 
 use std::time::Duration;
 
 use http::{HeaderValue, Method, Uri};
-use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
-use crate::ops::access_log::AccessLine;
-use crate::ops::metrics::RouteMetrics;
-use crate::usage::{Reservation, UsageReport};
-
-/// Target of access-log events, for `RUST_LOG=keyrelay::access=info` style filters.
-pub const TARGET: &str = "keyrelay::access";
+use crate::telemetry::access_log::AccessLine;
+use crate::telemetry::metrics::RouteMetrics;
+use crate::telemetry::tokens::{TokenFigures, UsageReport};
 
 /// How a request ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,13 +61,11 @@ impl Outcome {
 
 /// Everything the access-log event reports about one request.
 #[derive(Debug)]
-pub struct RequestRecord {
+pub struct AccessRecord {
     id: u64,
     request_id: Option<HeaderValue>,
     metrics: RouteMetrics,
     last_frame: Option<Instant>,
-    /// A concurrency slot, released when the request (or its stream) ends.
-    permit: Option<OwnedSemaphorePermit>,
     method: Method,
     uri: Uri,
     started: Instant,
@@ -76,19 +76,15 @@ pub struct RequestRecord {
     outcome: Option<Outcome>,
     /// The token usage read off the response, if it was tapped.
     usage: Option<UsageReport>,
-    /// What the request holds in its budgets, settled when it ends.
-    reservation: Option<Reservation>,
     /// The response could carry usage: a successful SSE stream or JSON answer.
     metered: Option<Metered>,
     /// Line ends relayed of a [`Metered::Lines`] response.
     lines: u64,
-    /// keyrelay added `include_usage` to the request (`add_stream_usage`).
-    added_usage: bool,
     /// The request was handed to the upstream client.
     forwarded: bool,
 }
 
-impl RequestRecord {
+impl AccessRecord {
     /// Starts the record when the request arrives.
     pub fn start(id: u64, method: Method, uri: Uri, metrics: RouteMetrics) -> Self {
         metrics.started();
@@ -97,7 +93,6 @@ impl RequestRecord {
             request_id: None,
             metrics,
             last_frame: None,
-            permit: None,
             method,
             uri,
             started: Instant::now(),
@@ -107,10 +102,8 @@ impl RequestRecord {
             bytes: 0,
             outcome: None,
             usage: None,
-            reservation: None,
             metered: None,
             lines: 0,
-            added_usage: false,
             forwarded: false,
         }
     }
@@ -118,11 +111,6 @@ impl RequestRecord {
     /// The request id, shared with the request's tracing span.
     pub fn id(&self) -> u64 {
         self.id
-    }
-
-    /// Keeps a concurrency slot until the request ends.
-    pub fn hold(&mut self, permit: OwnedSemaphorePermit) {
-        self.permit = Some(permit);
     }
 
     /// Time since the request arrived.
@@ -139,27 +127,6 @@ impl RequestRecord {
     /// `X-Baseten-Request-Id` when it sent one, else keyrelay's `X-Request-Id`).
     pub fn set_request_id(&mut self, id: HeaderValue) {
         self.request_id = Some(id);
-    }
-
-    /// Records that keyrelay asked the upstream for usage the client did not.
-    pub fn set_added_usage(&mut self, added: bool) {
-        self.added_usage = added;
-    }
-
-    /// True if keyrelay asked for the stream's usage event itself.
-    pub fn added_usage(&self) -> bool {
-        self.added_usage
-    }
-
-    /// The name of the local access token the request used, if any.
-    pub fn token(&self) -> Option<&str> {
-        self.token.as_deref()
-    }
-
-    /// Holds `reservation` until the request ends, then replaces it with
-    /// what the response spent ([`RequestRecord::spent`]).
-    pub fn hold_reservation(&mut self, reservation: Reservation) {
-        self.reservation = Some(reservation);
     }
 
     /// Records that the request is being sent upstream: from here on a
@@ -220,7 +187,7 @@ impl RequestRecord {
     }
 }
 
-impl Drop for RequestRecord {
+impl Drop for AccessRecord {
     fn drop(&mut self) {
         let outcome = self.outcome.unwrap_or(Outcome::ClientCancelled);
         let duration = self.started.elapsed();
@@ -228,15 +195,6 @@ impl Drop for RequestRecord {
         let tokens = self.usage.map(|report| self.token_figures(report));
         if let (Some(report), Some(figures)) = (self.usage, tokens) {
             self.metrics.usage(self.token.as_deref(), &report, &figures);
-        }
-        if let Some(reservation) = self.reservation.take() {
-            let spent = self.spent(reservation.prompt_estimate);
-            let metrics = self.metrics.clone();
-            reservation.settle(spent, std::time::SystemTime::now(), move |overshoots| {
-                for overshoot in &overshoots {
-                    metrics.budget_overshoot(overshoot);
-                }
-            });
         }
         self.metrics.finished(
             status,
@@ -275,16 +233,7 @@ pub enum Metered {
     Lines,
 }
 
-/// The timings derived from a usage report.
-#[derive(Debug, Clone, Copy)]
-pub struct TokenFigures {
-    /// From the request's arrival to the first generated content.
-    pub time_to_first_token: Option<Duration>,
-    /// Output tokens per second after the first one arrived.
-    pub tokens_per_second: Option<f64>,
-}
-
-impl RequestRecord {
+impl AccessRecord {
     /// The tokens the request is charged: what the upstream reported, and
     /// for what it did not report of a successful stream or JSON answer
     /// to a request that can generate (not GET or HEAD) and relayed a
@@ -295,7 +244,7 @@ impl RequestRecord {
     /// abandoned after it was sent upstream, before the response head, is
     /// charged its prompt estimate (the upstream may have read it); one
     /// that failed or was refused before a byte, nothing.
-    fn spent(&self, prompt_estimate: u64) -> u64 {
+    pub fn spent(&self, prompt_estimate: u64) -> u64 {
         let usage = self.usage.map(|report| report.usage).unwrap_or_default();
         if self.forwarded && self.status.is_none() && self.outcome.is_none() {
             return prompt_estimate.max(1);

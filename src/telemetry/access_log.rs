@@ -5,7 +5,7 @@
 //! (field visitors, `Debug` formatting of floats, the timestamp, a copy into
 //! a per-event buffer); this formats the same line, text or JSON, straight
 //! into a reused buffer with integer arithmetic, then hands it to the same
-//! writer thread as every other log line (see [`crate::ops::logging`]).
+//! writer thread as every other log line (see [`crate::telemetry::logging`]).
 //!
 //! The line is only written when `RUST_LOG` enables the `keyrelay::access`
 //! target at `info` (the default), checked through `tracing`'s own filter.
@@ -17,9 +17,11 @@ use std::io::Write as _;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::config::LogFormat;
-use crate::ops::logging;
-use crate::ops::request_record::TARGET;
-use crate::usage::Usage;
+use crate::telemetry::logging;
+use crate::telemetry::tokens::Usage;
+
+/// Target of access-log events, for `RUST_LOG=keyrelay::access=info` style filters.
+pub const TARGET: &str = "keyrelay::access";
 
 /// The access-log event's message, kept for filters and tests that look for it.
 const MESSAGE: &str = "request finished";

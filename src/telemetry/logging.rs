@@ -2,14 +2,14 @@
 //!
 //! Requests never wait on stderr. Each event is formatted where it happens
 //! and appended to an in-memory buffer that a writer thread writes out in
-//! batches ([`crate::ops::log_writer`]). If the thread falls behind (a
+//! batches ([`crate::telemetry::log_writer`]). If the thread falls behind (a
 //! stalled terminal, a slow log collector) new lines are dropped and counted
 //! ([`dropped_lines`], the `keyrelay_log_lines_dropped` metric, a periodic
 //! warning), never stalling a request. The [`LogGuard`] that [`init`] returns
 //! writes out every line appended before it is dropped, so whatever was
 //! logged before a SIGTERM is written before the process exits. The access
 //! log's line per request skips `tracing`'s formatter for one of its own
-//! ([`crate::ops::access_log`]) but goes to the same writer.
+//! ([`crate::telemetry::access_log`]) but goes to the same writer.
 //!
 //! Nothing keyrelay logs carries a credential: the key lives in a type that
 //! prints a mask, the injected header value is marked sensitive, and request
@@ -23,7 +23,7 @@ use std::time::Duration;
 use tracing_subscriber::EnvFilter;
 
 use crate::config::LogFormat;
-use crate::ops::log_writer::{LogWriter, WriterGuard};
+use crate::telemetry::log_writer::{LogWriter, WriterGuard};
 
 /// Filter used when `RUST_LOG` is unset: keyrelay's own events at info.
 const DEFAULT_FILTER: &str = "info";
@@ -37,7 +37,7 @@ const PENDING_LIMIT: usize = 4 * 1024 * 1024;
 const DROPPED_REPORT_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Where the access log writes its hand-formatted lines (see
-/// [`crate::ops::access_log`]): the same queue as every other line.
+/// [`crate::telemetry::access_log`]): the same queue as every other line.
 static SINK: OnceLock<Sink> = OnceLock::new();
 
 /// The installed log writer, for lines formatted outside `tracing`.
