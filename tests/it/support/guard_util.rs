@@ -2,7 +2,6 @@
 //! started from hand-built config sources, raw requests that must or must not
 //! reach the upstream, an HTTP/2 client that can name any `:authority`, and
 //! throwaway directories for key and token files.
-#![allow(dead_code)]
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -19,7 +19,6 @@
 //! - `/hold`: one chunk `first\n`, then waits for [`H2Upstream::release`],
 //!   then `last\n`: a long generation the test ends when it chooses.
 //! - `/freeze`: makes this connection go silent for good, then never answers.
-#![allow(dead_code)]
 
 use std::convert::Infallible;
 use std::io;

@@ -1,7 +1,6 @@
 //! Helpers for the operations tests (admin listener, metrics, lifecycle,
 //! limits): the real binary with its admin listener, Prometheus scrapes, signals,
 //! bounded polling and held streams through the mock upstream.
-#![allow(dead_code)]
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -358,7 +357,6 @@ pub struct HeldStream {
     pub tx: Sender<Bytes, BoxError>,
     pub dropped: Dropped,
     pub body: Incoming,
-    pub headers: http::HeaderMap,
     /// The request headers the upstream received.
     pub upstream_headers: http::HeaderMap,
     /// Bytes relayed to the client so far.
@@ -390,12 +388,11 @@ impl HeldStream {
             .expect("join")
             .expect("keyrelay answered");
         assert_eq!(response.status(), 200, "a held stream starts with 200");
-        let (parts, body) = response.into_parts();
+        let body = response.into_body();
         Self {
             tx,
             dropped,
             body,
-            headers: parts.headers,
             upstream_headers,
             relayed: 0,
         }

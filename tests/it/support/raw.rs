@@ -5,7 +5,6 @@
 //! is exactly what some tests must avoid: sending a request target byte for
 //! byte, an absolute-form or CONNECT request, or an upstream that breaks the
 //! protocol (garbage, early close, a chunked body with no terminator).
-#![allow(dead_code)]
 
 use std::net::SocketAddr;
 

@@ -4,7 +4,6 @@
 //! repository or on the machine's trust store. The upstream speaks HTTP/1.1
 //! over rustls and reports the requests it sees, so a test can check that the
 //! key really travelled over TLS.
-#![allow(dead_code)]
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
