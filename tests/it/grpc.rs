@@ -36,16 +36,9 @@ use keyrelay::config::parse::parse_upstream;
 use keyrelay::config::{self, Config, OverrideValue, Sources};
 use python::Script;
 use support::*;
-use tls::{TempFile, TestCa};
+use tls::TestCa;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
-
-/// A uniquely named temporary file holding `contents`, removed on drop.
-fn temp_file(name: &str, contents: &[u8]) -> TempFile {
-    let path = support::unique_temp_path("grpc", name);
-    std::fs::write(&path, contents).expect("write temp file");
-    TempFile(path)
-}
 
 /// The Python gRPC server over TLS, and the CA keyrelay must trust for it.
 struct GrpcUpstream {
@@ -66,8 +59,8 @@ impl GrpcUpstream {
     async fn start_checking(checks: &[String]) -> Self {
         let ca = TestCa::new();
         let cert = ca.issue(&["localhost"]);
-        let cert_file = temp_file("cert.der", &cert.chain[0]);
-        let key_file = temp_file("key.der", cert.key.secret_der());
+        let cert_file = temp_file("grpc", "cert.der", &cert.chain[0]);
+        let key_file = temp_file("grpc", "key.der", cert.key.secret_der());
         let mut args = vec![cert_file.path(), key_file.path(), EXPECTED_AUTH];
         args.extend(checks.iter().map(String::as_str));
         let mut server = Script::spawn("grpc_server.py", &args);
@@ -117,7 +110,7 @@ fn key_env() -> HashMap<String, String> {
 
 impl GrpcRelay {
     async fn start(toml: &str) -> Self {
-        let file = temp_file("keyrelay.toml", toml.as_bytes());
+        let file = temp_file("grpc", "keyrelay.toml", toml);
         let sources = Sources {
             file: Some(PathBuf::from(file.path())),
             env: key_env(),

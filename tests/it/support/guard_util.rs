@@ -60,26 +60,6 @@ pub async fn forwarded(
     (seen, response)
 }
 
-/// Asserts `response` is keyrelay's own JSON error with `status` and `kind`.
-pub fn assert_keyrelay_error(response: &RawResponse, status: u16, kind: &str) {
-    assert_eq!(
-        response.status(),
-        status,
-        "expected {status} {kind}; got {:?} {:?}",
-        response.head,
-        response.body_text()
-    );
-    assert_eq!(
-        response.header("content-type"),
-        Some("application/json"),
-        "{:?}",
-        response.head
-    );
-    let json = response.json();
-    assert_eq!(json["type"], kind, "{json}");
-    assert_eq!(json["source"], "keyrelay", "{json}");
-}
-
 /// Every value of header `name` (lowercase) in a raw head, comma lists split.
 pub fn list_values(response: &RawResponse, name: &str) -> Vec<String> {
     response

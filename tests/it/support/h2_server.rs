@@ -39,7 +39,8 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify};
 use tokio_rustls::TlsAcceptor;
 
-use crate::support::tls::{TempFile, TestCa};
+use crate::support::tls::TestCa;
+use crate::support::TempFile;
 use crate::support::TestBody;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -11,15 +11,12 @@ use bytes::Bytes;
 use http::Request;
 use http_body_util::channel::Sender;
 use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
 use tokio::time::Instant;
 
 use crate::support::raw::{self, RawResponse};
 use crate::support::*;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-pub type TestClient = Client<HttpConnector, TestBody>;
 
 /// The signal number of SIGTERM (Linux).
 pub const SIGTERM: u32 = 15;
@@ -351,6 +348,11 @@ fn parse_sample(line: &str) -> Option<Sample> {
 // ---------------------------------------------------------------------------
 // Held streams through the mock upstream
 // ---------------------------------------------------------------------------
+
+/// The head of a server-sent-events answer, for [`HeldStream::open_request`].
+pub fn sse() -> http::response::Builder {
+    http::Response::builder().header("content-type", "text/event-stream")
+}
 
 /// A response stream the test feeds frame by frame from the mock upstream.
 pub struct HeldStream {

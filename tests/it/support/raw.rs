@@ -546,3 +546,23 @@ pub async fn probe_with(addr: SocketAddr, request: &[u8], half_close: bool) -> C
         ending,
     }
 }
+
+/// Asserts `response` is keyrelay's own JSON error with `status` and `kind`.
+pub fn assert_keyrelay_error(response: &RawResponse, status: u16, kind: &str) {
+    assert_eq!(
+        response.status(),
+        status,
+        "expected {status} {kind}; got {:?} {:?}",
+        response.head,
+        response.body_text()
+    );
+    assert_eq!(
+        response.header("content-type"),
+        Some("application/json"),
+        "{:?}",
+        response.head
+    );
+    let json = response.json();
+    assert_eq!(json["type"], kind, "{json}");
+    assert_eq!(json["source"], "keyrelay", "{json}");
+}
