@@ -20,9 +20,11 @@
 //! fields). The server then requires, per call, exactly one
 //! `baseten-model-id: model-abc123` and the stage's header
 //! (`x-baseten-environment` or `x-baseten-deployment`, and not the other),
-//! besides the key. They cover a unary call, a server stream in lockstep, an
-//! error status after messages, 200 concurrent streams on one channel, and a
-//! client that sends its own `baseten-model-id` (keyrelay must replace it).
+//! besides the key. The server-stream and error-status tests run once per
+//! [`Setup`]: the TOML route (the direct case) and the shortcut with each
+//! stage. The shortcut alone has a unary call, 200 concurrent streams on one
+//! channel, and a client that sends its own `baseten-model-id` (keyrelay must
+//! replace it).
 
 use crate::support;
 use crate::support::python;
@@ -240,35 +242,6 @@ async fn trailers_and_status(client: &mut Script) -> (Vec<String>, String) {
     }
 }
 
-#[tokio::test]
-async fn grpc_server_stream_arrives_message_by_message_with_ok_trailers() {
-    let mut upstream = GrpcUpstream::start().await;
-    let relay = GrpcRelay::start(&upstream.config("baseten-authorization")).await;
-    let (trailers, status) = stream_in_lockstep(&mut upstream, &relay, "stream 6", 6).await;
-    assert_eq!(status, "status OK");
-    assert_eq!(
-        trailers,
-        ["x-tokens-sent=6"],
-        "the server's trailing metadata"
-    );
-    relay.stop().await;
-}
-
-#[tokio::test]
-async fn grpc_error_status_after_messages_reaches_the_client() {
-    let mut upstream = GrpcUpstream::start().await;
-    let relay = GrpcRelay::start(&upstream.config("baseten-authorization")).await;
-    let (trailers, status) =
-        stream_in_lockstep(&mut upstream, &relay, "abort-after 2 RESOURCE_EXHAUSTED", 2).await;
-    assert_eq!(status, "status RESOURCE_EXHAUSTED stopped by the test");
-    assert_eq!(
-        trailers,
-        ["x-tokens-sent=2"],
-        "the server's trailing metadata"
-    );
-    relay.stop().await;
-}
-
 /// The key in the wrong header: the server refuses the call before sending
 /// anything (a "trailers-only" response, where grpc-status travels in the
 /// only HEADERS frame), and the client must see exactly that status. This
@@ -411,6 +384,71 @@ async fn shortcut(stage: Stage) -> (GrpcUpstream, GrpcRelay) {
     (upstream, relay)
 }
 
+/// How keyrelay is set up in front of the server: a route from a TOML table
+/// (the direct case), or the Baseten gRPC shortcut with a stage.
+#[derive(Debug, Clone, Copy)]
+enum Setup {
+    Table,
+    Shortcut(Stage),
+}
+
+/// Every setup a streaming test runs through. `deployment = "dep42"` instead
+/// of an environment: the server requires `x-baseten-deployment: dep42` and
+/// no `x-baseten-environment`.
+const EVERY_SETUP: [Setup; 3] = [
+    Setup::Table,
+    Setup::Shortcut(Stage::Environment),
+    Setup::Shortcut(Stage::Deployment),
+];
+
+impl Setup {
+    /// The server, and keyrelay set up this way in front of it.
+    async fn start(self) -> (GrpcUpstream, GrpcRelay) {
+        match self {
+            Self::Table => {
+                let upstream = GrpcUpstream::start().await;
+                let relay = GrpcRelay::start(&upstream.config("baseten-authorization")).await;
+                (upstream, relay)
+            }
+            Self::Shortcut(stage) => shortcut(stage).await,
+        }
+    }
+}
+
+#[tokio::test]
+async fn grpc_server_stream_arrives_message_by_message_with_ok_trailers() {
+    for setup in EVERY_SETUP {
+        let (mut upstream, relay) = setup.start().await;
+        let (trailers, status) = stream_in_lockstep(&mut upstream, &relay, "stream 6", 6).await;
+        assert_eq!(status, "status OK", "{setup:?}");
+        assert_eq!(
+            trailers,
+            ["x-tokens-sent=6"],
+            "the server's trailing metadata, {setup:?}"
+        );
+        relay.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn grpc_error_status_after_messages_reaches_the_client() {
+    for setup in EVERY_SETUP {
+        let (mut upstream, relay) = setup.start().await;
+        let (trailers, status) =
+            stream_in_lockstep(&mut upstream, &relay, "abort-after 2 RESOURCE_EXHAUSTED", 2).await;
+        assert_eq!(
+            status, "status RESOURCE_EXHAUSTED stopped by the test",
+            "{setup:?}"
+        );
+        assert_eq!(
+            trailers,
+            ["x-tokens-sent=2"],
+            "the server's trailing metadata, {setup:?}"
+        );
+        relay.stop().await;
+    }
+}
+
 #[tokio::test]
 async fn grpc_shortcut_unary_call_gets_its_reply_and_trailers() {
     let (mut upstream, relay) = shortcut(Stage::Environment).await;
@@ -431,44 +469,6 @@ async fn grpc_shortcut_unary_call_gets_its_reply_and_trailers() {
         "the server's trailing metadata"
     );
     client.success().await;
-    relay.stop().await;
-}
-
-#[tokio::test]
-async fn grpc_shortcut_server_stream_arrives_message_by_message_with_ok_trailers() {
-    let (mut upstream, relay) = shortcut(Stage::Environment).await;
-    let (trailers, status) = stream_in_lockstep(&mut upstream, &relay, "stream 6", 6).await;
-    assert_eq!(status, "status OK");
-    assert_eq!(
-        trailers,
-        ["x-tokens-sent=6"],
-        "the server's trailing metadata"
-    );
-    relay.stop().await;
-}
-
-/// `deployment = "dep42"` instead of an environment: the server requires
-/// `x-baseten-deployment: dep42` and no `x-baseten-environment`.
-#[tokio::test]
-async fn grpc_shortcut_with_a_deployment_sends_the_deployment_header() {
-    let (mut upstream, relay) = shortcut(Stage::Deployment).await;
-    let (trailers, status) = stream_in_lockstep(&mut upstream, &relay, "stream 3", 3).await;
-    assert_eq!(status, "status OK");
-    assert_eq!(trailers, ["x-tokens-sent=3"]);
-    relay.stop().await;
-}
-
-#[tokio::test]
-async fn grpc_shortcut_error_status_after_messages_reaches_the_client() {
-    let (mut upstream, relay) = shortcut(Stage::Environment).await;
-    let (trailers, status) =
-        stream_in_lockstep(&mut upstream, &relay, "abort-after 2 RESOURCE_EXHAUSTED", 2).await;
-    assert_eq!(status, "status RESOURCE_EXHAUSTED stopped by the test");
-    assert_eq!(
-        trailers,
-        ["x-tokens-sent=2"],
-        "the server's trailing metadata"
-    );
     relay.stop().await;
 }
 
