@@ -31,7 +31,6 @@ use crate::support::python;
 use crate::support::tls;
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use keyrelay::config::parse::parse_upstream;
@@ -39,8 +38,6 @@ use keyrelay::config::{self, Config, OverrideValue, Sources};
 use python::Script;
 use support::*;
 use tls::TestCa;
-use tokio::net::TcpListener;
-use tokio::sync::oneshot;
 
 /// The Python gRPC server over TLS, and the CA keyrelay must trust for it.
 struct GrpcUpstream {
@@ -97,11 +94,9 @@ auth_template = "Api-Key {{key}}"
 }
 
 /// keyrelay started in-process from a TOML route table or the Baseten gRPC
-/// shortcut's settings.
+/// shortcut's settings, and the table's file while it runs.
 struct GrpcRelay {
-    addr: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<std::io::Result<()>>,
+    relay: Relay,
     _config: Option<TempFile>,
 }
 
@@ -148,28 +143,14 @@ impl GrpcRelay {
     }
 
     async fn serve(config: Config, file: Option<TempFile>) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(keyrelay::run(config, listener, async {
-            let _ = stopped.await;
-        }));
         Self {
-            addr,
-            stop: Some(stop),
-            task,
+            relay: Relay::from_config(config).await,
             _config: file,
         }
     }
 
-    async fn stop(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        within("keyrelay to stop", &mut self.task)
-            .await
-            .expect("join")
-            .expect("run");
+    async fn stop(self) {
+        self.relay.stop().await;
     }
 }
 
@@ -181,7 +162,7 @@ fn call_through(relay: &GrpcRelay, request: &str) -> Script {
 /// Starts the client calling keyrelay with `request` over h2c, with `options`
 /// (`--unary`, `--metadata NAME=VALUE`, `--concurrent N`).
 fn call_through_with(relay: &GrpcRelay, request: &str, options: &[&str]) -> Script {
-    let target = relay.addr.to_string();
+    let target = relay.relay.addr.to_string();
     let mut args = vec![target.as_str(), request];
     args.extend_from_slice(options);
     Script::spawn("grpc_client.py", &args)
