@@ -54,30 +54,14 @@ async fn key_file_relay(upstream: &MockUpstream, key_file: &Path) -> AdminRelay 
 
 /// Sends one request through keyrelay and returns the credential the upstream saw.
 async fn injected(upstream: &mut MockUpstream, addr: SocketAddr) -> String {
-    let client = http1_client();
-    let pending = tokio::spawn(
-        client.request(
-            Request::get(format!("http://{addr}/v1/models"))
-                .body(empty())
-                .expect("request"),
-        ),
-    );
-    let exchange = upstream.next().await;
-    let seen = exchange
-        .request
-        .headers()
-        .get_all("authorization")
-        .iter()
-        .map(|v| v.to_str().expect("ASCII credential").to_owned())
-        .collect::<Vec<_>>();
-    exchange.respond_full(200, "ok");
-    let response = within("the response", pending)
-        .await
-        .expect("join")
-        .expect("response");
+    let request = Request::get(format!("http://{addr}/v1/models"))
+        .body(empty())
+        .expect("request");
+    let (seen, response) = round_trip(&http1_client(), upstream, request, ok("ok")).await;
     assert_eq!(response.status(), 200);
+    let seen = header_values(&seen, "authorization");
     assert_eq!(seen.len(), 1, "exactly one credential: {seen:?}");
-    seen.into_iter().next().expect("one credential")
+    seen[0].to_owned()
 }
 
 /// Sends requests until the upstream sees `new` (bounded by [`ROTATION_LIMIT`]);
