@@ -10,12 +10,8 @@ use bytes::Bytes;
 use http::Request;
 use http_body_util::BodyExt;
 
-use crate::support::ops::{self, eventually, AdminRelay, HeldStream};
+use crate::support::ops::{self, eventually, sse, AdminRelay, HeldStream};
 use crate::support::*;
-
-fn sse() -> http::response::Builder {
-    http::Response::builder().header("content-type", "text/event-stream")
-}
 
 async fn relay_with(extra: &[&str], upstream: &MockUpstream) -> AdminRelay {
     let mut command = ops::command(&upstream.url());
@@ -438,7 +434,7 @@ async fn unreadable_bodies_are_forwarded_under_the_reservation_or_refused() {
 }
 
 async fn answer(
-    client: &ops::TestClient,
+    client: &TestClient,
     relay: &AdminRelay,
     content_type: Option<&str>,
     body: &'static str,
@@ -741,7 +737,7 @@ async fn a_client_gone_before_the_response_head_still_pays_for_its_prompt() {
 /// Sends `body` to `path` and reads keyrelay's answer: `None` if none came
 /// within a second (the request went to the upstream, which holds it).
 async fn refusal(
-    client: &ops::TestClient,
+    client: &TestClient,
     relay: &AdminRelay,
     path: &str,
     token: Option<&str>,

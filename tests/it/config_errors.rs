@@ -4,7 +4,6 @@
 
 use crate::support;
 
-use std::path::PathBuf;
 use std::process::Output;
 
 use support::*;
@@ -74,13 +73,6 @@ fn report_refusal(attack: &str, output: &Output, needle: &str) {
             &format!("exit {}: {line}", output.status.code().unwrap_or(-1)),
         ],
     );
-}
-
-/// Writes `contents` to a fresh file under the temp dir and returns its path.
-fn temp_file(name: &str, contents: &str) -> PathBuf {
-    let path = support::unique_temp_path("test", name);
-    std::fs::write(&path, contents).expect("write temp file");
-    path
 }
 
 #[test]
@@ -177,13 +169,11 @@ fn budget_and_cap_settings_that_are_wrong_or_apply_to_nothing_are_named() {
 #[test]
 fn unknown_key_in_file_is_an_error_naming_it() {
     let file = temp_file(
+        "test",
         "unknown.toml",
         "upstream = \"https://a.test\"\nconect_timeout = \"5s\"\nidle_timout = \"1s\"\n",
     );
-    let output = run(
-        &["--config", file.to_str().expect("utf-8 path")],
-        &[("BASETEN_API_KEY", KEY)],
-    );
+    let output = run(&["--config", file.path()], &[("BASETEN_API_KEY", KEY)]);
     assert_usage_error(
         &output,
         &["conect_timeout", "idle_timout", "unknown setting"],
@@ -213,14 +203,9 @@ fn missing_config_file_is_named() {
 
 #[test]
 fn unreadable_ca_file_is_named() {
-    let file = temp_file("not-a-ca.pem", "this is not PEM\n");
+    let file = temp_file("test", "not-a-ca.pem", "this is not PEM\n");
     let output = run(
-        &[
-            "--upstream",
-            "https://a.test",
-            "--ca-file",
-            file.to_str().expect("utf-8"),
-        ],
+        &["--upstream", "https://a.test", "--ca-file", file.path()],
         &[("BASETEN_API_KEY", KEY)],
     );
     assert_usage_error(&output, &["ca_file"]);
@@ -339,6 +324,7 @@ fn every_example_config_in_config_dir_is_valid() {
 #[test]
 fn invalid_route_tables_are_reported_naming_the_route() {
     let file = temp_file(
+        "test",
         "routes.toml",
         r#"
 [[routes]]
@@ -366,10 +352,7 @@ key_env = "BASETEN_API_KEY"
 auth_template = "Bearer"
 "#,
     );
-    let output = run(
-        &["--config", file.to_str().expect("utf-8 path")],
-        &[("BASETEN_API_KEY", KEY)],
-    );
+    let output = run(&["--config", file.path()], &[("BASETEN_API_KEY", KEY)]);
     assert_usage_error(
         &output,
         &[
@@ -543,11 +526,8 @@ fn top_level_route_policy_that_no_route_could_use_stops_startup() {
         ),
     ];
     for (toml, mentions) in cases {
-        let file = temp_file("policy.toml", &toml);
-        let output = run(
-            &["--config", file.to_str().expect("utf-8 path")],
-            &[("BASETEN_API_KEY", KEY)],
-        );
+        let file = temp_file("test", "policy.toml", &toml);
+        let output = run(&["--config", file.path()], &[("BASETEN_API_KEY", KEY)]);
         assert_usage_error(&output, &mentions);
     }
 }
@@ -576,16 +556,14 @@ fn an_auth_header_that_frames_or_routes_the_message_stops_startup() {
     }
     // On a route too, inherited or its own.
     let file = temp_file(
+        "test",
         "auth-header.toml",
         "auth_header = \"transfer-encoding\"\n\n[[routes]]\nname = \"a\"\nprefix = \"/a\"\n\
          upstream = \"https://a.test\"\nkey_env = \"BASETEN_API_KEY\"\n\n[[routes]]\nname = \"b\"\n\
          prefix = \"/b\"\nupstream = \"https://b.test\"\nkey_env = \"BASETEN_API_KEY\"\n\
          auth_header = \"host\"\n",
     );
-    let output = run(
-        &["--config", file.to_str().expect("utf-8 path")],
-        &[("BASETEN_API_KEY", KEY)],
-    );
+    let output = run(&["--config", file.path()], &[("BASETEN_API_KEY", KEY)]);
     assert_usage_error(
         &output,
         &[
@@ -644,12 +622,13 @@ fn a_cleartext_upstream_beyond_loopback_needs_the_opt_in() {
         );
     }
     let file = temp_file(
+        "test",
         "cleartext.toml",
         "[[routes]]\nname = \"a\"\nprefix = \"/a\"\nupstream = \"http://model.internal\"\n\
          key_env = \"BASETEN_API_KEY\"\n",
     );
     assert_usage_error(
-        &run(&["--config", file.to_str().expect("utf-8 path")], &key),
+        &run(&["--config", file.path()], &key),
         &[r#"routes[0] "a".upstream"#, "allow_cleartext_upstream"],
     );
     // Loopback needs nothing; beyond it, the opt-in (flag, variable or file).
@@ -752,14 +731,12 @@ fn numbers_and_switches_are_read_as_text_so_every_problem_is_reported_together()
     );
     // The file's typed values still read as before.
     let file = temp_file(
+        "test",
         "typed.toml",
         "upstream = \"https://a.test\"\npool_max_idle_per_host = 16\n\
          http2_max_concurrent_streams = 8\nallow_credentials = \"yes\"\n",
     );
-    let output = run(
-        &["--config", file.to_str().expect("utf-8 path")],
-        &[("BASETEN_API_KEY", KEY)],
-    );
+    let output = run(&["--config", file.path()], &[("BASETEN_API_KEY", KEY)]);
     assert_usage_error(
         &output,
         &["allow_credentials: is set but allowed_origins is empty"],
@@ -812,6 +789,7 @@ fn numeric_settings_out_of_range_stop_startup_naming_the_range() {
 #[test]
 fn a_routes_numbers_and_switches_are_read_as_text_too() {
     let file = temp_file(
+        "test",
         "typed-routes.toml",
         r#"
 token_budget = ["1000/day"]
@@ -836,10 +814,7 @@ budget_reserve = 64
 strip_prefix = false
 "#,
     );
-    let output = run(
-        &["--config", file.to_str().expect("utf-8 path")],
-        &[("BASETEN_API_KEY", KEY)],
-    );
+    let output = run(&["--config", file.path()], &[("BASETEN_API_KEY", KEY)]);
     assert_usage_error(
         &output,
         &[

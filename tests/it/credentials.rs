@@ -9,7 +9,7 @@
 
 use crate::support;
 
-use crate::support::raw;
+use crate::support::guard_util::forwarded;
 
 use http::{HeaderMap, Request};
 use http_body_util::BodyExt;
@@ -18,12 +18,12 @@ use support::*;
 
 /// Sends a GET with `headers` through keyrelay (HTTP/1.1) and returns the
 /// headers the upstream received.
-async fn forwarded(
+async fn upstream_headers(
     relay: &Relay,
     upstream: &mut MockUpstream,
     headers: &[(&str, &str)],
 ) -> HeaderMap {
-    forwarded_with(
+    upstream_headers_with(
         &http1_client(),
         relay.url("/v1/chat/completions"),
         upstream,
@@ -32,11 +32,9 @@ async fn forwarded(
     .await
 }
 
-async fn forwarded_with(
-    client: &hyper_util::client::legacy::Client<
-        hyper_util::client::legacy::connect::HttpConnector,
-        TestBody,
-    >,
+/// [`upstream_headers`] with any client and URL.
+async fn upstream_headers_with(
+    client: &TestClient,
     url: String,
     upstream: &mut MockUpstream,
     headers: &[(&str, &str)],
@@ -45,20 +43,10 @@ async fn forwarded_with(
     for (name, value) in headers {
         request = request.header(*name, *value);
     }
-    let pending = tokio::spawn(client.request(request.body(empty()).expect("request")));
-    let exchange = upstream.next().await;
-    let seen = exchange.request.headers().clone();
-    exchange.respond_full(200, "ok");
-    let response = within("keyrelay's response", pending)
-        .await
-        .expect("join")
-        .expect("response");
+    let request = request.body(empty()).expect("request");
+    let (seen, response) = round_trip(client, upstream, request, ok("ok")).await;
     assert_eq!(response.status(), 200);
     seen
-}
-
-fn values<'a>(headers: &'a HeaderMap, name: &str) -> Vec<&'a [u8]> {
-    headers.get_all(name).iter().map(|v| v.as_bytes()).collect()
 }
 
 /// Fails if any header other than `except` carries `needle`.
@@ -79,8 +67,8 @@ async fn key_is_injected_exactly_once() {
     let mut upstream = MockUpstream::start().await;
     let relay = Relay::start(&upstream.url(), &[]).await;
 
-    let seen = forwarded(&relay, &mut upstream, &[]).await;
-    assert_eq!(values(&seen, "authorization"), [EXPECTED_AUTH.as_bytes()]);
+    let seen = upstream_headers(&relay, &mut upstream, &[]).await;
+    assert_eq!(header_values(&seen, "authorization"), [EXPECTED_AUTH]);
     assert_only_in(&seen, "authorization", KEY);
     relay.stop().await;
 }
@@ -91,7 +79,7 @@ async fn openai_sdk_bearer_placeholder_is_replaced_not_forwarded() {
     let relay = Relay::start(&upstream.url(), &[]).await;
 
     // Two of them, as a misconfigured client stack might send.
-    let seen = forwarded(
+    let seen = upstream_headers(
         &relay,
         &mut upstream,
         &[
@@ -100,7 +88,7 @@ async fn openai_sdk_bearer_placeholder_is_replaced_not_forwarded() {
         ],
     )
     .await;
-    assert_eq!(values(&seen, "authorization"), [EXPECTED_AUTH.as_bytes()]);
+    assert_eq!(header_values(&seen, "authorization"), [EXPECTED_AUTH]);
     assert_only_in(&seen, "", "placeholder");
     relay.stop().await;
 }
@@ -110,7 +98,7 @@ async fn anthropic_sdk_x_api_key_is_removed() {
     let mut upstream = MockUpstream::start().await;
     let relay = Relay::start(&upstream.url(), &[]).await;
 
-    let seen = forwarded(
+    let seen = upstream_headers(
         &relay,
         &mut upstream,
         &[
@@ -123,12 +111,9 @@ async fn anthropic_sdk_x_api_key_is_removed() {
         seen.get("x-api-key").is_none(),
         "x-api-key forwarded: {seen:?}"
     );
-    assert_eq!(values(&seen, "authorization"), [EXPECTED_AUTH.as_bytes()]);
+    assert_eq!(header_values(&seen, "authorization"), [EXPECTED_AUTH]);
     // Only credentials are scrubbed, not the SDK's other headers.
-    assert_eq!(
-        values(&seen, "anthropic-version"),
-        [b"2023-06-01".as_slice()]
-    );
+    assert_eq!(header_values(&seen, "anthropic-version"), ["2023-06-01"]);
     relay.stop().await;
 }
 
@@ -137,7 +122,7 @@ async fn proxy_authorization_is_removed() {
     let mut upstream = MockUpstream::start().await;
     let relay = Relay::start(&upstream.url(), &[]).await;
 
-    let seen = forwarded(
+    let seen = upstream_headers(
         &relay,
         &mut upstream,
         &[("proxy-authorization", "Basic dXNlcjpjb3Jwb3JhdGUtcGFzcw==")],
@@ -147,7 +132,7 @@ async fn proxy_authorization_is_removed() {
         seen.get("proxy-authorization").is_none(),
         "proxy-authorization forwarded: {seen:?}"
     );
-    assert_eq!(values(&seen, "authorization"), [EXPECTED_AUTH.as_bytes()]);
+    assert_eq!(header_values(&seen, "authorization"), [EXPECTED_AUTH]);
     relay.stop().await;
 }
 
@@ -158,23 +143,14 @@ async fn connection_header_cannot_remove_the_injected_key() {
 
     // Raw, so the Connection header reaches keyrelay exactly as written.
     let addr = relay.addr;
-    let client = tokio::spawn(async move {
-        raw::exchange(
-            addr,
-            &format!(
-                "GET /v1/models HTTP/1.1\r\nHost: {addr}\r\n\
-                 Connection: authorization, close\r\n\
-                 Authorization: Bearer placeholder\r\n\r\n"
-            ),
-        )
-        .await
-    });
-    let exchange = upstream.next().await;
-    let seen = exchange.request.headers().clone();
-    exchange.respond_full(200, "ok");
-    let response = within("raw response", client).await.expect("raw client");
+    let request = format!(
+        "GET /v1/models HTTP/1.1\r\nHost: {addr}\r\n\
+         Connection: authorization, close\r\n\
+         Authorization: Bearer placeholder\r\n\r\n"
+    );
+    let (seen, response) = forwarded(&mut upstream, addr, &request, ok("ok")).await;
     assert_eq!(response.status(), 200);
-    assert_eq!(values(&seen, "authorization"), [EXPECTED_AUTH.as_bytes()]);
+    assert_eq!(header_values(&seen, "authorization"), [EXPECTED_AUTH]);
     relay.stop().await;
 }
 
@@ -190,7 +166,7 @@ async fn custom_header_and_template_carry_the_key() {
     )
     .await;
 
-    let seen = forwarded(
+    let seen = upstream_headers(
         &relay,
         &mut upstream,
         &[
@@ -201,8 +177,8 @@ async fn custom_header_and_template_carry_the_key() {
     )
     .await;
     assert_eq!(
-        values(&seen, "baseten-authorization"),
-        [EXPECTED_AUTH.as_bytes()]
+        header_values(&seen, "baseten-authorization"),
+        [EXPECTED_AUTH]
     );
     assert!(
         seen.get("authorization").is_none(),
@@ -218,29 +194,15 @@ async fn connection_header_cannot_remove_a_custom_credential_header() {
     let relay = Relay::start(&upstream.url(), &[("auth_header", "baseten-authorization")]).await;
 
     let addr = relay.addr;
-    let client = tokio::spawn(async move {
-        raw::exchange(
-            addr,
-            &format!(
-                "GET /v1/models HTTP/1.1\r\nHost: {addr}\r\n\
-                 Connection: baseten-authorization, close\r\n\r\n"
-            ),
-        )
-        .await
-    });
-    let exchange = upstream.next().await;
-    let seen = exchange.request.headers().clone();
-    exchange.respond_full(200, "ok");
-    assert_eq!(
-        within("raw response", client)
-            .await
-            .expect("raw client")
-            .status(),
-        200
+    let request = format!(
+        "GET /v1/models HTTP/1.1\r\nHost: {addr}\r\n\
+         Connection: baseten-authorization, close\r\n\r\n"
     );
+    let (seen, response) = forwarded(&mut upstream, addr, &request, ok("ok")).await;
+    assert_eq!(response.status(), 200);
     assert_eq!(
-        values(&seen, "baseten-authorization"),
-        [EXPECTED_AUTH.as_bytes()]
+        header_values(&seen, "baseten-authorization"),
+        [EXPECTED_AUTH]
     );
     relay.stop().await;
 }
@@ -250,15 +212,15 @@ async fn bearer_template_is_rendered() {
     let mut upstream = MockUpstream::start().await;
     let relay = Relay::start(&upstream.url(), &[("auth_template", "Bearer {key}")]).await;
 
-    let seen = forwarded(
+    let seen = upstream_headers(
         &relay,
         &mut upstream,
         &[("authorization", "Bearer placeholder")],
     )
     .await;
     assert_eq!(
-        values(&seen, "authorization"),
-        [format!("Bearer {KEY}").as_bytes()]
+        header_values(&seen, "authorization"),
+        [format!("Bearer {KEY}")]
     );
     relay.stop().await;
 }
@@ -268,7 +230,7 @@ async fn h2c_client_credentials_are_replaced_too() {
     let mut upstream = MockUpstream::start().await;
     let relay = Relay::start(&upstream.url(), &[]).await;
 
-    let seen = forwarded_with(
+    let seen = upstream_headers_with(
         &h2c_client(),
         relay.url("/v1/chat/completions"),
         &mut upstream,
@@ -278,7 +240,7 @@ async fn h2c_client_credentials_are_replaced_too() {
         ],
     )
     .await;
-    assert_eq!(values(&seen, "authorization"), [EXPECTED_AUTH.as_bytes()]);
+    assert_eq!(header_values(&seen, "authorization"), [EXPECTED_AUTH]);
     assert!(seen.get("x-api-key").is_none());
     relay.stop().await;
 }
@@ -300,25 +262,14 @@ async fn key_env_selects_the_variable_holding_the_key() {
         .insert("MY_MODEL_KEY".to_owned(), OTHER_KEY.to_owned());
     let relay = Relay::from_sources(&sources).await;
 
-    let client = http1_client();
-    let pending = tokio::spawn(
-        client.request(
-            Request::get(format!("http://{}/v1/models", relay.addr))
-                .body(empty())
-                .expect("request"),
-        ),
-    );
-    let exchange = upstream.next().await;
-    let seen = exchange.request.headers().clone();
-    exchange.respond_full(200, "ok");
-    let response = within("response", pending)
-        .await
-        .expect("join")
-        .expect("response");
+    let request = Request::get(format!("http://{}/v1/models", relay.addr))
+        .body(empty())
+        .expect("request");
+    let (seen, response) = round_trip(&http1_client(), &mut upstream, request, ok("ok")).await;
     assert_eq!(response.status(), 200);
     assert_eq!(
-        values(&seen, "authorization"),
-        [format!("Api-Key {OTHER_KEY}").as_bytes()]
+        header_values(&seen, "authorization"),
+        [format!("Api-Key {OTHER_KEY}")]
     );
     assert_only_in(&seen, "", KEY);
     relay.stop().await;
@@ -439,7 +390,7 @@ async fn upstream_sees_the_key_only_in_the_credential_header_with_a_body() {
         .expect("join")
         .expect("response");
     assert_eq!(body, r#"{"model": "m", "messages": []}"#);
-    assert_eq!(values(&seen, "authorization"), [EXPECTED_AUTH.as_bytes()]);
+    assert_eq!(header_values(&seen, "authorization"), [EXPECTED_AUTH]);
     assert_only_in(&seen, "authorization", KEY);
     relay.stop().await;
 }

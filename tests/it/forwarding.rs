@@ -10,9 +10,9 @@ use crate::support;
 use crate::support::raw;
 
 use bytes::Bytes;
-use http::{HeaderMap, Method, Request};
+use http::{Method, Request};
 use http_body_util::BodyExt;
-use raw::{RawResponse, RawUpstream};
+use raw::{assert_keyrelay_error, RawResponse, RawUpstream};
 use support::*;
 
 /// Sends `request` raw to keyrelay while the test answers at `upstream`.
@@ -52,18 +52,6 @@ async fn take_request(
     parts.headers = exchange.request.headers().clone();
     exchange.respond(answer);
     (parts, body)
-}
-
-fn ok(body: &'static str) -> http::Response<TestBody> {
-    http::Response::new(full(body))
-}
-
-fn values<'a>(headers: &'a HeaderMap, name: &str) -> Vec<&'a str> {
-    headers
-        .get_all(name)
-        .iter()
-        .map(|v| v.to_str().expect("ASCII header"))
-        .collect()
 }
 
 #[tokio::test]
@@ -136,7 +124,7 @@ async fn upstream_receives_its_own_authority_as_host() {
     let (parts, _, response) = raw_through(&relay, &mut upstream, request, ok("ok")).await;
     assert_eq!(response.status(), 200);
     assert_eq!(
-        values(&parts.headers, "host"),
+        header_values(&parts.headers, "host"),
         [upstream.addr.to_string().as_str()],
         "exactly one Host, the upstream's"
     );
@@ -178,7 +166,7 @@ async fn hop_by_hop_request_headers_are_not_forwarded() {
             parts.headers
         );
     }
-    assert_eq!(values(&parts.headers, "x-end-to-end"), ["kept"]);
+    assert_eq!(header_values(&parts.headers, "x-end-to-end"), ["kept"]);
     relay.stop().await;
 }
 
@@ -219,7 +207,7 @@ async fn hop_by_hop_response_headers_are_not_relayed() {
             "{name} reached the client: {headers:?}"
         );
     }
-    assert_eq!(values(&headers, "x-baseten-request-id"), ["req-hop"]);
+    assert_eq!(header_values(&headers, "x-baseten-request-id"), ["req-hop"]);
     assert_eq!(body_bytes(response).await, "ok");
     relay.stop().await;
 }
@@ -257,11 +245,14 @@ async fn end_to_end_headers_and_encoded_bodies_pass_untouched() {
         .expect("answer");
     let (parts, received) = take_request(upstream.next().await, answer).await;
     assert_eq!(received, payload, "request body bytes unchanged");
-    assert_eq!(values(&parts.headers, "content-encoding"), ["gzip"]);
-    assert_eq!(values(&parts.headers, "accept-encoding"), ["gzip, br"]);
-    assert_eq!(values(&parts.headers, "x-request-tag"), ["abc"]);
+    assert_eq!(header_values(&parts.headers, "content-encoding"), ["gzip"]);
     assert_eq!(
-        values(&parts.headers, "content-length"),
+        header_values(&parts.headers, "accept-encoding"),
+        ["gzip, br"]
+    );
+    assert_eq!(header_values(&parts.headers, "x-request-tag"), ["abc"]);
+    assert_eq!(
+        header_values(&parts.headers, "content-length"),
         [payload.len().to_string().as_str()]
     );
 
@@ -271,11 +262,11 @@ async fn end_to_end_headers_and_encoded_bodies_pass_untouched() {
         .expect("response");
     assert_eq!(response.status(), 200);
     let headers = response.headers().clone();
-    assert_eq!(values(&headers, "content-encoding"), ["gzip"]);
-    assert_eq!(values(&headers, "vary"), ["accept-encoding"]);
-    assert_eq!(values(&headers, "x-baseten-request-id"), ["req-123"]);
+    assert_eq!(header_values(&headers, "content-encoding"), ["gzip"]);
+    assert_eq!(header_values(&headers, "vary"), ["accept-encoding"]);
+    assert_eq!(header_values(&headers, "x-baseten-request-id"), ["req-123"]);
     assert_eq!(
-        values(&headers, "content-length"),
+        header_values(&headers, "content-length"),
         [payload.len().to_string().as_str()],
         "a Content-Length response stays one"
     );
@@ -300,7 +291,11 @@ async fn te_trailers_is_forwarded_for_grpc_style_clients() {
         );
         let (parts, _, response) = raw_through(&relay, &mut upstream, request, ok("ok")).await;
         assert_eq!(response.status(), 200);
-        assert_eq!(values(&parts.headers, "te"), ["trailers"], "for TE: {sent}");
+        assert_eq!(
+            header_values(&parts.headers, "te"),
+            ["trailers"],
+            "for TE: {sent}"
+        );
     }
     relay.stop().await;
 }
@@ -319,12 +314,12 @@ async fn absolute_form_target_cannot_redirect_to_another_host() {
     assert_eq!(response.status(), 200);
     assert_eq!(parts.uri.to_string(), "/steal?what=key");
     assert_eq!(
-        values(&parts.headers, "host"),
+        header_values(&parts.headers, "host"),
         [upstream.addr.to_string().as_str()]
     );
     assert!(elsewhere.nothing_received(), "the other host got a request");
     assert_eq!(
-        *elsewhere.connections.lock().expect("lock"),
+        upstream_connections(&elsewhere),
         0,
         "keyrelay connected to the host named in the request target"
     );
@@ -342,11 +337,8 @@ async fn connect_is_refused_with_405_and_reaches_nobody() {
         &format!("CONNECT {0} HTTP/1.1\r\nHost: {0}\r\n\r\n", elsewhere.addr),
     )
     .await;
-    assert_eq!(response.status(), 405, "{}", response.body_text());
-    assert_eq!(response.header("content-type"), Some("application/json"));
+    assert_keyrelay_error(&response, 405, "connect_not_supported");
     let json = response.json();
-    assert_eq!(json["type"], "connect_not_supported");
-    assert_eq!(json["source"], "keyrelay");
     assert!(json["error"]
         .as_str()
         .is_some_and(|e| e.contains("CONNECT")));
@@ -354,7 +346,7 @@ async fn connect_is_refused_with_405_and_reaches_nobody() {
     for (name, mock) in [("upstream", &mut upstream), ("other host", &mut elsewhere)] {
         assert!(mock.nothing_received(), "the {name} got a request");
         assert_eq!(
-            *mock.connections.lock().expect("lock"),
+            upstream_connections(mock),
             0,
             "keyrelay connected to the {name}"
         );
@@ -375,10 +367,7 @@ async fn asterisk_target_is_400_and_not_forwarded() {
         ),
     )
     .await;
-    assert_eq!(response.status(), 400, "{}", response.body_text());
-    let json = response.json();
-    assert_eq!(json["type"], "bad_request_target");
-    assert_eq!(json["source"], "keyrelay");
+    assert_keyrelay_error(&response, 400, "bad_request_target");
     assert!(upstream.nothing_received());
     relay.stop().await;
 }
@@ -472,12 +461,15 @@ async fn h2c_client_is_forwarded_like_http1() {
         "/a/b%2Fc/../d?x=1&y=%20+z&empty=&x=2"
     );
     assert_eq!(
-        values(&parts.headers, "host"),
+        header_values(&parts.headers, "host"),
         [upstream.addr.to_string().as_str()]
     );
-    assert_eq!(values(&parts.headers, "authorization"), [EXPECTED_AUTH]);
-    assert_eq!(values(&parts.headers, "x-request-tag"), ["h2"]);
-    assert_eq!(values(&parts.headers, "te"), ["trailers"]);
+    assert_eq!(
+        header_values(&parts.headers, "authorization"),
+        [EXPECTED_AUTH]
+    );
+    assert_eq!(header_values(&parts.headers, "x-request-tag"), ["h2"]);
+    assert_eq!(header_values(&parts.headers, "te"), ["trailers"]);
     assert_eq!(received, r#"{"prompt": "hi"}"#);
 
     let response = within("response", pending)
@@ -511,8 +503,11 @@ async fn static_request_headers_replace_what_the_client_sent() {
         .to_owned();
     let (parts, _, response) = raw_through(&relay, &mut upstream, request, ok("ok")).await;
     assert_eq!(response.status(), 200);
-    assert_eq!(values(&parts.headers, "x-team"), ["ml"]);
-    assert_eq!(values(&parts.headers, "x-baseten-environment"), ["staging"]);
-    assert_eq!(values(&parts.headers, "x-other"), ["kept"]);
+    assert_eq!(header_values(&parts.headers, "x-team"), ["ml"]);
+    assert_eq!(
+        header_values(&parts.headers, "x-baseten-environment"),
+        ["staging"]
+    );
+    assert_eq!(header_values(&parts.headers, "x-other"), ["kept"]);
     relay.stop().await;
 }

@@ -20,32 +20,24 @@
 //! fields). The server then requires, per call, exactly one
 //! `baseten-model-id: model-abc123` and the stage's header
 //! (`x-baseten-environment` or `x-baseten-deployment`, and not the other),
-//! besides the key. They cover a unary call, a server stream in lockstep, an
-//! error status after messages, 200 concurrent streams on one channel, and a
-//! client that sends its own `baseten-model-id` (keyrelay must replace it).
+//! besides the key. The server-stream and error-status tests run once per
+//! [`Setup`]: the TOML route (the direct case) and the shortcut with each
+//! stage. The shortcut alone has a unary call, 200 concurrent streams on one
+//! channel, and a client that sends its own `baseten-model-id` (keyrelay must
+//! replace it).
 
 use crate::support;
 use crate::support::python;
 use crate::support::tls;
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use keyrelay::config::parse::parse_upstream;
 use keyrelay::config::{self, Config, OverrideValue, Sources};
 use python::Script;
 use support::*;
-use tls::{TempFile, TestCa};
-use tokio::net::TcpListener;
-use tokio::sync::oneshot;
-
-/// A uniquely named temporary file holding `contents`, removed on drop.
-fn temp_file(name: &str, contents: &[u8]) -> TempFile {
-    let path = support::unique_temp_path("grpc", name);
-    std::fs::write(&path, contents).expect("write temp file");
-    TempFile(path)
-}
+use tls::TestCa;
 
 /// The Python gRPC server over TLS, and the CA keyrelay must trust for it.
 struct GrpcUpstream {
@@ -66,8 +58,8 @@ impl GrpcUpstream {
     async fn start_checking(checks: &[String]) -> Self {
         let ca = TestCa::new();
         let cert = ca.issue(&["localhost"]);
-        let cert_file = temp_file("cert.der", &cert.chain[0]);
-        let key_file = temp_file("key.der", cert.key.secret_der());
+        let cert_file = temp_file("grpc", "cert.der", &cert.chain[0]);
+        let key_file = temp_file("grpc", "key.der", cert.key.secret_der());
         let mut args = vec![cert_file.path(), key_file.path(), EXPECTED_AUTH];
         args.extend(checks.iter().map(String::as_str));
         let mut server = Script::spawn("grpc_server.py", &args);
@@ -102,11 +94,9 @@ auth_template = "Api-Key {{key}}"
 }
 
 /// keyrelay started in-process from a TOML route table or the Baseten gRPC
-/// shortcut's settings.
+/// shortcut's settings, and the table's file while it runs.
 struct GrpcRelay {
-    addr: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<std::io::Result<()>>,
+    relay: Relay,
     _config: Option<TempFile>,
 }
 
@@ -117,7 +107,7 @@ fn key_env() -> HashMap<String, String> {
 
 impl GrpcRelay {
     async fn start(toml: &str) -> Self {
-        let file = temp_file("keyrelay.toml", toml.as_bytes());
+        let file = temp_file("grpc", "keyrelay.toml", toml);
         let sources = Sources {
             file: Some(PathBuf::from(file.path())),
             env: key_env(),
@@ -153,28 +143,14 @@ impl GrpcRelay {
     }
 
     async fn serve(config: Config, file: Option<TempFile>) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(keyrelay::run(config, listener, async {
-            let _ = stopped.await;
-        }));
         Self {
-            addr,
-            stop: Some(stop),
-            task,
+            relay: Relay::from_config(config).await,
             _config: file,
         }
     }
 
-    async fn stop(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        within("keyrelay to stop", &mut self.task)
-            .await
-            .expect("join")
-            .expect("run");
+    async fn stop(self) {
+        self.relay.stop().await;
     }
 }
 
@@ -186,7 +162,7 @@ fn call_through(relay: &GrpcRelay, request: &str) -> Script {
 /// Starts the client calling keyrelay with `request` over h2c, with `options`
 /// (`--unary`, `--metadata NAME=VALUE`, `--concurrent N`).
 fn call_through_with(relay: &GrpcRelay, request: &str, options: &[&str]) -> Script {
-    let target = relay.addr.to_string();
+    let target = relay.relay.addr.to_string();
     let mut args = vec![target.as_str(), request];
     args.extend_from_slice(options);
     Script::spawn("grpc_client.py", &args)
@@ -245,35 +221,6 @@ async fn trailers_and_status(client: &mut Script) -> (Vec<String>, String) {
             None => return (trailers, line),
         }
     }
-}
-
-#[tokio::test]
-async fn grpc_server_stream_arrives_message_by_message_with_ok_trailers() {
-    let mut upstream = GrpcUpstream::start().await;
-    let relay = GrpcRelay::start(&upstream.config("baseten-authorization")).await;
-    let (trailers, status) = stream_in_lockstep(&mut upstream, &relay, "stream 6", 6).await;
-    assert_eq!(status, "status OK");
-    assert_eq!(
-        trailers,
-        ["x-tokens-sent=6"],
-        "the server's trailing metadata"
-    );
-    relay.stop().await;
-}
-
-#[tokio::test]
-async fn grpc_error_status_after_messages_reaches_the_client() {
-    let mut upstream = GrpcUpstream::start().await;
-    let relay = GrpcRelay::start(&upstream.config("baseten-authorization")).await;
-    let (trailers, status) =
-        stream_in_lockstep(&mut upstream, &relay, "abort-after 2 RESOURCE_EXHAUSTED", 2).await;
-    assert_eq!(status, "status RESOURCE_EXHAUSTED stopped by the test");
-    assert_eq!(
-        trailers,
-        ["x-tokens-sent=2"],
-        "the server's trailing metadata"
-    );
-    relay.stop().await;
 }
 
 /// The key in the wrong header: the server refuses the call before sending
@@ -418,6 +365,71 @@ async fn shortcut(stage: Stage) -> (GrpcUpstream, GrpcRelay) {
     (upstream, relay)
 }
 
+/// How keyrelay is set up in front of the server: a route from a TOML table
+/// (the direct case), or the Baseten gRPC shortcut with a stage.
+#[derive(Debug, Clone, Copy)]
+enum Setup {
+    Table,
+    Shortcut(Stage),
+}
+
+/// Every setup a streaming test runs through. `deployment = "dep42"` instead
+/// of an environment: the server requires `x-baseten-deployment: dep42` and
+/// no `x-baseten-environment`.
+const EVERY_SETUP: [Setup; 3] = [
+    Setup::Table,
+    Setup::Shortcut(Stage::Environment),
+    Setup::Shortcut(Stage::Deployment),
+];
+
+impl Setup {
+    /// The server, and keyrelay set up this way in front of it.
+    async fn start(self) -> (GrpcUpstream, GrpcRelay) {
+        match self {
+            Self::Table => {
+                let upstream = GrpcUpstream::start().await;
+                let relay = GrpcRelay::start(&upstream.config("baseten-authorization")).await;
+                (upstream, relay)
+            }
+            Self::Shortcut(stage) => shortcut(stage).await,
+        }
+    }
+}
+
+#[tokio::test]
+async fn grpc_server_stream_arrives_message_by_message_with_ok_trailers() {
+    for setup in EVERY_SETUP {
+        let (mut upstream, relay) = setup.start().await;
+        let (trailers, status) = stream_in_lockstep(&mut upstream, &relay, "stream 6", 6).await;
+        assert_eq!(status, "status OK", "{setup:?}");
+        assert_eq!(
+            trailers,
+            ["x-tokens-sent=6"],
+            "the server's trailing metadata, {setup:?}"
+        );
+        relay.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn grpc_error_status_after_messages_reaches_the_client() {
+    for setup in EVERY_SETUP {
+        let (mut upstream, relay) = setup.start().await;
+        let (trailers, status) =
+            stream_in_lockstep(&mut upstream, &relay, "abort-after 2 RESOURCE_EXHAUSTED", 2).await;
+        assert_eq!(
+            status, "status RESOURCE_EXHAUSTED stopped by the test",
+            "{setup:?}"
+        );
+        assert_eq!(
+            trailers,
+            ["x-tokens-sent=2"],
+            "the server's trailing metadata, {setup:?}"
+        );
+        relay.stop().await;
+    }
+}
+
 #[tokio::test]
 async fn grpc_shortcut_unary_call_gets_its_reply_and_trailers() {
     let (mut upstream, relay) = shortcut(Stage::Environment).await;
@@ -438,44 +450,6 @@ async fn grpc_shortcut_unary_call_gets_its_reply_and_trailers() {
         "the server's trailing metadata"
     );
     client.success().await;
-    relay.stop().await;
-}
-
-#[tokio::test]
-async fn grpc_shortcut_server_stream_arrives_message_by_message_with_ok_trailers() {
-    let (mut upstream, relay) = shortcut(Stage::Environment).await;
-    let (trailers, status) = stream_in_lockstep(&mut upstream, &relay, "stream 6", 6).await;
-    assert_eq!(status, "status OK");
-    assert_eq!(
-        trailers,
-        ["x-tokens-sent=6"],
-        "the server's trailing metadata"
-    );
-    relay.stop().await;
-}
-
-/// `deployment = "dep42"` instead of an environment: the server requires
-/// `x-baseten-deployment: dep42` and no `x-baseten-environment`.
-#[tokio::test]
-async fn grpc_shortcut_with_a_deployment_sends_the_deployment_header() {
-    let (mut upstream, relay) = shortcut(Stage::Deployment).await;
-    let (trailers, status) = stream_in_lockstep(&mut upstream, &relay, "stream 3", 3).await;
-    assert_eq!(status, "status OK");
-    assert_eq!(trailers, ["x-tokens-sent=3"]);
-    relay.stop().await;
-}
-
-#[tokio::test]
-async fn grpc_shortcut_error_status_after_messages_reaches_the_client() {
-    let (mut upstream, relay) = shortcut(Stage::Environment).await;
-    let (trailers, status) =
-        stream_in_lockstep(&mut upstream, &relay, "abort-after 2 RESOURCE_EXHAUSTED", 2).await;
-    assert_eq!(status, "status RESOURCE_EXHAUSTED stopped by the test");
-    assert_eq!(
-        trailers,
-        ["x-tokens-sent=2"],
-        "the server's trailing metadata"
-    );
     relay.stop().await;
 }
 

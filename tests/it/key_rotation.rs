@@ -5,8 +5,10 @@
 //! rotate the same way, except that an unusable token file revokes its token.
 //!
 //! The watcher re-reads the file every `key_file::POLL_INTERVAL`. Where a
-//! test must show that nothing changes over a poll, it waits that period out:
-//! the period is the behaviour under test, so no event could replace the wait.
+//! test shows that a bad file leaves the key alone, it first waits for the
+//! watcher's log line saying it re-read that file and kept the previous key:
+//! without it, "the old key is still in use" would also pass if the file had
+//! never been read again.
 
 use crate::support;
 
@@ -21,6 +23,7 @@ use bytes::Bytes;
 use guard_util::TempDir;
 use http::Request;
 use keyrelay::secrets::secret_file::POLL_INTERVAL;
+use support::ops::AdminRelay;
 use support::*;
 use tokio::time::Instant;
 
@@ -41,32 +44,24 @@ fn api_key(key: &str) -> String {
     format!("Api-Key {key}")
 }
 
+/// keyrelay (the binary, for its log) reading its key from `key_file`.
+/// `BASETEN_API_KEY` is set too: the file must win over it.
+async fn key_file_relay(upstream: &MockUpstream, key_file: &Path) -> AdminRelay {
+    let mut command = support::ops::command(&upstream.url());
+    command.arg("--key-file").arg(key_file);
+    AdminRelay::spawn(command).await
+}
+
 /// Sends one request through keyrelay and returns the credential the upstream saw.
 async fn injected(upstream: &mut MockUpstream, addr: SocketAddr) -> String {
-    let client = http1_client();
-    let pending = tokio::spawn(
-        client.request(
-            Request::get(format!("http://{addr}/v1/models"))
-                .body(empty())
-                .expect("request"),
-        ),
-    );
-    let exchange = upstream.next().await;
-    let seen = exchange
-        .request
-        .headers()
-        .get_all("authorization")
-        .iter()
-        .map(|v| v.to_str().expect("ASCII credential").to_owned())
-        .collect::<Vec<_>>();
-    exchange.respond_full(200, "ok");
-    let response = within("the response", pending)
-        .await
-        .expect("join")
-        .expect("response");
+    let request = Request::get(format!("http://{addr}/v1/models"))
+        .body(empty())
+        .expect("request");
+    let (seen, response) = round_trip(&http1_client(), upstream, request, ok("ok")).await;
     assert_eq!(response.status(), 200);
+    let seen = header_values(&seen, "authorization");
     assert_eq!(seen.len(), 1, "exactly one credential: {seen:?}");
-    seen.into_iter().next().expect("one credential")
+    seen[0].to_owned()
 }
 
 /// Sends requests until the upstream sees `new` (bounded by [`ROTATION_LIMIT`]);
@@ -89,6 +84,19 @@ async fn wait_for_key(upstream: &mut MockUpstream, addr: SocketAddr, old: &str, 
         // test); space the probes out rather than spin.
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Runs `spoil` (which makes the key file unusable) and waits until keyrelay
+/// logs that it re-read the file, found `problem` and kept the previous key:
+/// the proof that what the test checks next follows a re-read.
+///
+/// The watcher logs a problem once, not again while it persists, so two
+/// calls in a row must name different problems.
+async fn kept_after_reread(relay: &AdminRelay, problem: &str, spoil: impl FnOnce()) {
+    let line = format!("{problem}; keeping the previous key");
+    let before = relay.process.log().matches(&line).count();
+    spoil();
+    relay.wait_for_log(&line, before + 1).await;
 }
 
 /// Replaces `path` atomically, as Kubernetes does when a Secret rotates.
@@ -124,11 +132,7 @@ async fn rotated_key_applies_to_new_requests_while_a_stream_keeps_going() {
     let mut upstream = MockUpstream::start().await;
     let dir = TempDir::new("key-rotation");
     let key_file = dir.write("api-key", &format!("{KEY_ONE}\n"));
-    let relay = Relay::start(
-        &upstream.url(),
-        &[("key_file", key_file.to_str().expect("UTF-8 path"))],
-    )
-    .await;
+    let relay = key_file_relay(&upstream, &key_file).await;
 
     // A stream opened with the first key.
     let client = http1_client();
@@ -160,7 +164,7 @@ async fn rotated_key_applies_to_new_requests_while_a_stream_keeps_going() {
     // Rotate (a plain rewrite: the watcher may catch it half-written, which
     // must not matter) and wait for new requests to carry the new key.
     std::fs::write(&key_file, KEY_TWO).expect("rewrite key file");
-    wait_for_key(&mut upstream, relay.addr, KEY_ONE, KEY_TWO).await;
+    wait_for_key(&mut upstream, relay.addr(), KEY_ONE, KEY_TWO).await;
 
     // The first stream never noticed.
     assert!(!dropped.happened(), "rotation cut the stream in flight");
@@ -171,12 +175,16 @@ async fn rotated_key_applies_to_new_requests_while_a_stream_keeps_going() {
     assert!(end.is_none(), "stream should end cleanly, got {end:?}");
 
     // An empty file is a mistake, not a new key: keep using the last good one.
-    std::fs::write(&key_file, "").expect("empty the key file");
-    tokio::time::sleep(over_two_polls()).await;
+    kept_after_reread(&relay, "is empty", || {
+        std::fs::write(&key_file, "").expect("empty the key file");
+    })
+    .await;
     for _ in 0..2 {
-        assert_eq!(injected(&mut upstream, relay.addr).await, api_key(KEY_TWO));
+        assert_eq!(
+            injected(&mut upstream, relay.addr()).await,
+            api_key(KEY_TWO)
+        );
     }
-    relay.stop().await;
 }
 
 #[tokio::test]
@@ -184,26 +192,32 @@ async fn unusable_key_files_keep_the_previous_key_until_a_good_one_appears() {
     let mut upstream = MockUpstream::start().await;
     let dir = TempDir::new("key-unusable");
     let key_file = dir.write("api-key", &format!("{KEY_ONE}\n"));
-    let relay = Relay::start(
-        &upstream.url(),
-        &[("key_file", key_file.to_str().expect("UTF-8 path"))],
-    )
-    .await;
-    assert_eq!(injected(&mut upstream, relay.addr).await, api_key(KEY_ONE));
+    let relay = key_file_relay(&upstream, &key_file).await;
+    assert_eq!(
+        injected(&mut upstream, relay.addr()).await,
+        api_key(KEY_ONE)
+    );
 
-    for (what, contents) in [
-        ("whitespace only", Some(" \n\t\n")),
-        ("two keys on two lines", Some("kr-a-key\nkr-b-key\n")),
-        ("a control character", Some("kr-bad\u{7f}key")),
-        ("deleted", None),
+    // Ordered so that no two cases in a row share a problem (see
+    // kept_after_reread).
+    const NOT_A_HEADER: &str = "contains characters that are not allowed in an HTTP header value";
+    for (what, contents, problem) in [
+        ("whitespace only", Some(" \n\t\n"), "is empty"),
+        (
+            "two keys on two lines",
+            Some("kr-a-key\nkr-b-key\n"),
+            NOT_A_HEADER,
+        ),
+        ("deleted", None, "No such file or directory (os error 2)"),
+        ("a control character", Some("kr-bad\u{7f}key"), NOT_A_HEADER),
     ] {
-        match contents {
+        kept_after_reread(&relay, problem, || match contents {
             Some(text) => std::fs::write(&key_file, text).expect("write key file"),
             None => std::fs::remove_file(&key_file).expect("remove key file"),
-        }
-        tokio::time::sleep(over_two_polls()).await;
+        })
+        .await;
         assert_eq!(
-            injected(&mut upstream, relay.addr).await,
+            injected(&mut upstream, relay.addr()).await,
             api_key(KEY_ONE),
             "key file {what}: the previous key must stay in use"
         );
@@ -211,8 +225,7 @@ async fn unusable_key_files_keep_the_previous_key_until_a_good_one_appears() {
 
     // The Kubernetes way: a new file renamed into place.
     replace_atomically(&key_file, &format!("{KEY_THREE}\n"));
-    wait_for_key(&mut upstream, relay.addr, KEY_ONE, KEY_THREE).await;
-    relay.stop().await;
+    wait_for_key(&mut upstream, relay.addr(), KEY_ONE, KEY_THREE).await;
 }
 
 #[tokio::test]
@@ -503,9 +516,7 @@ async fn a_key_file_swapped_for_a_fifo_keeps_the_key_and_the_control_plane_answe
     let mut upstream = MockUpstream::start().await;
     let dir = TempDir::new("key-fifo-reload");
     let key_file = dir.write("api-key", &format!("{KEY_ONE}\n"));
-    let mut command = support::ops::command(&upstream.url());
-    command.arg("--key-file").arg(&key_file);
-    let relay = support::ops::AdminRelay::spawn(command).await;
+    let relay = key_file_relay(&upstream, &key_file).await;
     assert_eq!(
         injected(&mut upstream, relay.addr()).await,
         api_key(KEY_ONE)

@@ -15,11 +15,9 @@ use crate::support::ops;
 
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::Request;
-use http_body_util::BodyExt;
 use ops::{admin_request, admin_request_with, health_check, AdminRelay, HeldStream};
-use raw::RawConn;
+use raw::{assert_keyrelay_error, RawConn};
 use support::*;
 use tokio::time::Instant;
 
@@ -27,25 +25,12 @@ use tokio::time::Instant;
 const TOKEN_VAR: &str = "FRONTEND_TOKEN";
 const TOKEN: &str = "tok-frontend-7c1e5a9b3d2f4e60";
 
-fn upstream_connections(upstream: &MockUpstream) -> usize {
-    *upstream.connections.lock().expect("lock")
-}
-
 /// Sends the raw `request` on a fresh connection in the background.
 fn spawn_exchange(
     addr: std::net::SocketAddr,
     request: String,
 ) -> tokio::task::JoinHandle<raw::RawResponse> {
     tokio::spawn(async move { raw::exchange(addr, &request).await })
-}
-
-/// Checks that `response` is keyrelay's own JSON error of `kind`.
-fn assert_keyrelay_error(response: &raw::RawResponse, status: u16, kind: &str) {
-    assert_eq!(response.status(), status, "{}", response.body_text());
-    assert_eq!(response.header("content-type"), Some("application/json"));
-    let json = response.json();
-    assert_eq!(json["type"], kind, "{json}");
-    assert_eq!(json["source"], "keyrelay", "{json}");
 }
 
 // ---------------------------------------------------------------------------
@@ -711,30 +696,6 @@ fn server_timing_ms(value: &str) -> f64 {
         .unwrap_or_else(|_| panic!("dur is not a number in {value:?}"))
 }
 
-/// Sends `request` through keyrelay, answers upstream with `answer`, and
-/// returns the request the upstream saw and the client's response.
-async fn round_trip(
-    upstream: &mut MockUpstream,
-    request: Request<TestBody>,
-    answer: http::response::Builder,
-) -> (http::HeaderMap, http::Response<Bytes>) {
-    let client = http1_client();
-    let pending = tokio::spawn(client.request(request));
-    let exchange = upstream.next().await;
-    let seen = exchange.request.headers().clone();
-    exchange.respond(answer.body(full("answer")).expect("response"));
-    let response = within("keyrelay's response", pending)
-        .await
-        .expect("join")
-        .expect("response");
-    let (parts, body) = response.into_parts();
-    let body = within("the body", body.collect())
-        .await
-        .expect("body")
-        .to_bytes();
-    (seen, http::Response::from_parts(parts, body))
-}
-
 #[tokio::test]
 async fn generated_request_id_goes_upstream_and_back_with_server_timing() {
     let mut upstream = MockUpstream::start().await;
@@ -745,7 +706,13 @@ async fn generated_request_id_goes_upstream_and_back_with_server_timing() {
         let request = Request::get(relay.url("/v1/models"))
             .body(empty())
             .expect("request");
-        let (seen, response) = round_trip(&mut upstream, request, http::Response::builder()).await;
+        let (seen, response) = round_trip(
+            &http1_client(),
+            &mut upstream,
+            request,
+            http::Response::new(full("answer")),
+        )
+        .await;
         let sent = seen
             .get("x-request-id")
             .expect("the upstream receives an x-request-id")
@@ -784,7 +751,13 @@ async fn client_request_id_is_kept_end_to_end() {
         .header("x-request-id", "client-trace-42")
         .body(full("{}"))
         .expect("request");
-    let (seen, response) = round_trip(&mut upstream, request, http::Response::builder()).await;
+    let (seen, response) = round_trip(
+        &http1_client(),
+        &mut upstream,
+        request,
+        http::Response::new(full("answer")),
+    )
+    .await;
     assert_eq!(seen["x-request-id"], "client-trace-42");
     assert_eq!(
         seen.get_all("x-request-id").iter().count(),
@@ -804,7 +777,13 @@ async fn upstream_baseten_request_id_is_passed_back_instead_of_keyrelays() {
         .body(empty())
         .expect("request");
     let answer = http::Response::builder().header("x-baseten-request-id", "bt-pred-123");
-    let (seen, response) = round_trip(&mut upstream, request, answer).await;
+    let (seen, response) = round_trip(
+        &http1_client(),
+        &mut upstream,
+        request,
+        answer.body(full("answer")).expect("response"),
+    )
+    .await;
     assert!(
         seen.contains_key("x-request-id"),
         "keyrelay still sends its id upstream"
@@ -847,7 +826,13 @@ async fn json_access_log_line_reports_each_request() {
     let request = Request::get(relay.url("/v1/models"))
         .body(empty())
         .expect("request");
-    let (_, response) = round_trip(&mut upstream, request, http::Response::builder()).await;
+    let (_, response) = round_trip(
+        &http1_client(),
+        &mut upstream,
+        request,
+        http::Response::new(full("answer")),
+    )
+    .await;
     let own_id = response.headers()["x-request-id"]
         .to_str()
         .expect("ascii")

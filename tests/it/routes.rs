@@ -9,30 +9,22 @@ use std::collections::HashMap;
 use http::Request;
 use keyrelay::config::{self, Sources};
 use support::*;
-use tokio::net::TcpListener;
 
 const OTHER_KEY: &str = "kr-test-OTHER-KEY-91b2c3";
 
-/// Starts keyrelay in-process from a TOML route table.
-async fn start_with_file(toml: &str) -> (std::net::SocketAddr, tokio::sync::oneshot::Sender<()>) {
-    let path = support::unique_temp_path("routes", "keyrelay.toml");
-    std::fs::write(&path, toml).expect("write config");
+/// Starts keyrelay in-process from a TOML route table; the file lives as
+/// long as the returned [`TempFile`].
+async fn start_with_file(toml: &str) -> (Relay, TempFile) {
+    let file = temp_file("routes", "keyrelay.toml", toml);
     let sources = Sources {
-        file: Some(path),
+        file: Some(file.0.clone()),
         env: HashMap::from([
             ("BASETEN_API_KEY".to_owned(), KEY.to_owned()),
             ("OTHER_KEY".to_owned(), OTHER_KEY.to_owned()),
         ]),
         ..Sources::default()
     };
-    let config = config::load(&sources).expect("valid route table");
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(keyrelay::run(config, listener, async {
-        let _ = stopped.await;
-    }));
-    (addr, stop)
+    (Relay::from_sources(&sources).await, file)
 }
 
 async fn get(
@@ -75,7 +67,8 @@ strip_prefix = false
         llama = llama.url(),
         other = grpc_like.url(),
     );
-    let (addr, _stop) = start_with_file(&toml).await;
+    let (relay, _file) = start_with_file(&toml).await;
+    let addr = relay.addr;
 
     // /llama/... -> the llama upstream, prefix stripped, base path joined.
     let pending = get(addr, "/llama/v1/models?x=1").await;
@@ -145,7 +138,8 @@ key_env = "OTHER_KEY"
 "#,
         url = upstream.url()
     );
-    let (addr, _stop) = start_with_file(&toml).await;
+    let (relay, _file) = start_with_file(&toml).await;
+    let addr = relay.addr;
     let response = within("404", get(addr, "/c/predict").await)
         .await
         .expect("join");
@@ -180,7 +174,8 @@ allowed_paths = ["GET /whisper/health"]
 "#,
         url = upstream.url()
     );
-    let (addr, _stop) = start_with_file(&toml).await;
+    let (relay, _file) = start_with_file(&toml).await;
+    let addr = relay.addr;
     let response = within("403", get(addr, "/whisper/other").await)
         .await
         .expect("join");
@@ -262,9 +257,9 @@ async fn top_level_path_rules_and_budget_hold_on_routes_that_do_not_set_their_ow
     use crate::support::ops::{self, AdminRelay};
 
     let mut upstream = MockUpstream::start().await;
-    let config = support::unique_temp_path("routes", "inherit.toml");
-    std::fs::write(
-        &config,
+    let config = temp_file(
+        "routes",
+        "inherit.toml",
         format!(
             r#"
 allowed_paths = ["POST /llama/v1/*", "POST /mistral/v1/*"]
@@ -293,14 +288,12 @@ token_budget = []
 "#,
             url = upstream.url()
         ),
-    )
-    .expect("write config");
+    );
     let mut command = binary();
     command
         .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
         .args(["--warm-connections", "0"])
-        .arg("--config")
-        .arg(&config)
+        .args(["--config", config.path()])
         .env("BASETEN_API_KEY", KEY);
     let relay = AdminRelay::spawn(command).await;
     let client = http1_client();
@@ -394,5 +387,4 @@ token_budget = []
         .expect("join")
         .expect("response");
     assert_eq!(own.status(), 200);
-    std::fs::remove_file(&config).expect("remove config");
 }

@@ -20,6 +20,7 @@ use bytes::Bytes;
 use guard_util::*;
 use http::{Request, Response};
 use keyrelay::config::{self, OverrideValue, Sources};
+use raw::assert_keyrelay_error;
 use support::*;
 
 /// The origin the CORS tests allow.
@@ -58,14 +59,6 @@ fn request(method: &str, target: &str, headers: &[(&str, &str)], body: &str) -> 
         body.len()
     ));
     text
-}
-
-fn ok() -> Response<TestBody> {
-    Response::new(full("ok"))
-}
-
-fn upstream_connections(upstream: &MockUpstream) -> usize {
-    *upstream.connections.lock().expect("lock")
 }
 
 // ---------------------------------------------------------------------------
@@ -224,7 +217,7 @@ async fn loopback_hosts_in_every_spelling_and_configured_hosts_are_accepted() {
             &mut upstream,
             relay.addr,
             &with_host("GET", "/v1/models", Some(host), &[]),
-            ok(),
+            ok("ok"),
         )
         .await;
         assert_eq!(response.status(), 200, "{host}: {:?}", response.head);
@@ -369,7 +362,7 @@ async fn any_origin_is_refused_by_default_and_requests_without_one_pass() {
         &mut upstream,
         relay.addr,
         &request("POST", "/v1/chat/completions", &[], "{}"),
-        ok(),
+        ok("ok"),
     )
     .await;
     assert_eq!(response.status(), 200);
@@ -703,7 +696,7 @@ async fn a_loopback_port_wildcard_allows_every_dev_server_port_and_nothing_else(
             &mut upstream,
             relay.addr,
             &request("GET", "/v1/models", &[("Origin", origin)], ""),
-            ok(),
+            ok("ok"),
         )
         .await;
         assert_eq!(response.status(), 200);
@@ -792,7 +785,7 @@ async fn credentials_are_granted_to_allowed_origins_only_when_configured() {
         answer.header("access-control-allow-credentials"),
         Some("true")
     );
-    let (seen, response) = forwarded(&mut upstream, relay.addr, &call, ok()).await;
+    let (seen, response) = forwarded(&mut upstream, relay.addr, &call, ok("ok")).await;
     assert_eq!(
         response.header("access-control-allow-credentials"),
         Some("true")
@@ -925,7 +918,7 @@ async fn valid_tokens_pass_and_are_never_forwarded() {
             &[("Authorization", &format!("Bearer {ENV_TOKEN}"))],
             "{}",
         ),
-        ok(),
+        ok("ok"),
     )
     .await;
     assert_eq!(response.status(), 200);
@@ -946,7 +939,7 @@ async fn valid_tokens_pass_and_are_never_forwarded() {
             &[("X-Keyrelay-Token", FILE_TOKEN)],
             "{}",
         ),
-        ok(),
+        ok("ok"),
     )
     .await;
     assert_eq!(response.status(), 200);
@@ -967,7 +960,7 @@ async fn valid_tokens_pass_and_are_never_forwarded() {
             &[("authorization", &format!("bearer {FILE_TOKEN}"))],
             "",
         ),
-        ok(),
+        ok("ok"),
     )
     .await;
     assert_eq!(response.status(), 200);
@@ -1001,7 +994,7 @@ async fn bearer_token_is_not_forwarded_when_authorization_is_not_scrubbed() {
             &[("Authorization", &format!("Bearer {ENV_TOKEN}"))],
             "{}",
         ),
-        ok(),
+        ok("ok"),
     )
     .await;
     assert_eq!(response.status(), 200);
@@ -1056,7 +1049,7 @@ async fn preflight_from_an_allowed_origin_needs_no_token() {
             ],
             "{}",
         ),
-        ok(),
+        ok("ok"),
     )
     .await;
     assert_eq!(response.status(), 200);
@@ -1094,7 +1087,7 @@ async fn token_values_never_appear_in_trace_logs_but_their_names_do() {
             &[("Authorization", &format!("Bearer {ENV_TOKEN}"))],
             "{}",
         ),
-        ok(),
+        ok("ok"),
     )
     .await;
     assert_eq!(response.status(), 200);
@@ -1193,7 +1186,7 @@ async fn token_rate_limit_refuses_the_fourth_request_with_retry_after() {
         "{}",
     );
     for n in 1..=3 {
-        let (_, response) = forwarded(&mut upstream, relay.addr, &with_env_token, ok()).await;
+        let (_, response) = forwarded(&mut upstream, relay.addr, &with_env_token, ok("ok")).await;
         assert_eq!(response.status(), 200, "request {n} is within the rate");
     }
     let limited = refused(&mut upstream, relay.addr, &with_env_token).await;
@@ -1217,7 +1210,7 @@ async fn token_rate_limit_refuses_the_fourth_request_with_retry_after() {
         "{}",
     );
     for n in 1..=3 {
-        let (_, response) = forwarded(&mut upstream, relay.addr, &with_file_token, ok()).await;
+        let (_, response) = forwarded(&mut upstream, relay.addr, &with_file_token, ok("ok")).await;
         assert_eq!(response.status(), 200, "second token, request {n}");
     }
     let limited = refused(&mut upstream, relay.addr, &with_file_token).await;
@@ -1331,7 +1324,7 @@ async fn non_loopback_listen_starts_with_an_access_token_and_demands_it() {
             &[("Authorization", &format!("Bearer {ENV_TOKEN}"))],
             "",
         ),
-        ok(),
+        ok("ok"),
     )
     .await;
     assert_eq!(response.status(), 200);
@@ -1446,7 +1439,7 @@ async fn path_policy_forwards_only_matching_methods_and_paths() {
             &mut upstream,
             relay.addr,
             &request(method, target, &[], ""),
-            ok(),
+            ok("ok"),
         )
         .await;
         assert_eq!(response.status(), 200, "{method} {target}");
@@ -1603,7 +1596,7 @@ async fn ambiguous_paths_are_refused_with_400_when_path_rules_are_on() {
             &mut upstream,
             relay.addr,
             &request("POST", target, &[], "{}"),
-            ok(),
+            ok("ok"),
         )
         .await;
         assert_eq!(response.status(), 200, "{target}");
@@ -1621,7 +1614,7 @@ async fn ambiguous_paths_pass_when_no_path_rules_are_set() {
         &mut upstream,
         relay.addr,
         &request("POST", "/v1/..;/x", &[], "{}"),
-        ok(),
+        ok("ok"),
     )
     .await;
     assert_eq!(response.status(), 200);

@@ -12,7 +12,7 @@ use crate::support::guard_util::TempDir;
 use crate::support::ops;
 
 use http::Request;
-use ops::{AdminRelay, HeldStream, TestClient};
+use ops::{sse, AdminRelay, HeldStream};
 use support::*;
 
 const TOKENS: &str = "keyrelay_llm_tokens_total";
@@ -29,10 +29,6 @@ fn tokens(token: &'static str, kind: &'static str) -> [(&'static str, &'static s
         ("access_token", token),
         ("kind", kind),
     ]
-}
-
-fn sse() -> http::response::Builder {
-    http::Response::builder().header("content-type", "text/event-stream")
 }
 
 fn post(relay: &AdminRelay, path: &str, body: &'static str) -> Request<TestBody> {

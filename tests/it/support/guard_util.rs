@@ -2,7 +2,6 @@
 //! started from hand-built config sources, raw requests that must or must not
 //! reach the upstream, an HTTP/2 client that can name any `:authority`, and
 //! throwaway directories for key and token files.
-#![allow(dead_code)]
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -59,26 +58,6 @@ pub async fn forwarded(
         .await
         .expect("raw client");
     (seen, response)
-}
-
-/// Asserts `response` is keyrelay's own JSON error with `status` and `kind`.
-pub fn assert_keyrelay_error(response: &RawResponse, status: u16, kind: &str) {
-    assert_eq!(
-        response.status(),
-        status,
-        "expected {status} {kind}; got {:?} {:?}",
-        response.head,
-        response.body_text()
-    );
-    assert_eq!(
-        response.header("content-type"),
-        Some("application/json"),
-        "{:?}",
-        response.head
-    );
-    let json = response.json();
-    assert_eq!(json["type"], kind, "{json}");
-    assert_eq!(json["source"], "keyrelay", "{json}");
 }
 
 /// Every value of header `name` (lowercase) in a raw head, comma lists split.

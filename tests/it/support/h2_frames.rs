@@ -3,7 +3,6 @@
 //! malformed header blocks. HPACK is written without the dynamic table or
 //! Huffman coding, so no encoder state is needed; responses are read as far
 //! as the tests need (frame type, stream, error code, `:status`).
-#![allow(dead_code)]
 
 use std::net::SocketAddr;
 

@@ -19,7 +19,6 @@
 //! - `/hold`: one chunk `first\n`, then waits for [`H2Upstream::release`],
 //!   then `last\n`: a long generation the test ends when it chooses.
 //! - `/freeze`: makes this connection go silent for good, then never answers.
-#![allow(dead_code)]
 
 use std::convert::Infallible;
 use std::io;
@@ -40,7 +39,8 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify};
 use tokio_rustls::TlsAcceptor;
 
-use crate::support::tls::{TempFile, TestCa};
+use crate::support::tls::TestCa;
+use crate::support::TempFile;
 use crate::support::TestBody;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -1,7 +1,6 @@
 //! Helpers for the operations tests (admin listener, metrics, lifecycle,
 //! limits): the real binary with its admin listener, Prometheus scrapes, signals,
 //! bounded polling and held streams through the mock upstream.
-#![allow(dead_code)]
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -12,15 +11,12 @@ use bytes::Bytes;
 use http::Request;
 use http_body_util::channel::Sender;
 use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
 use tokio::time::Instant;
 
 use crate::support::raw::{self, RawResponse};
 use crate::support::*;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-pub type TestClient = Client<HttpConnector, TestBody>;
 
 /// The signal number of SIGTERM (Linux).
 pub const SIGTERM: u32 = 15;
@@ -353,12 +349,16 @@ fn parse_sample(line: &str) -> Option<Sample> {
 // Held streams through the mock upstream
 // ---------------------------------------------------------------------------
 
+/// The head of a server-sent-events answer, for [`HeldStream::open_request`].
+pub fn sse() -> http::response::Builder {
+    http::Response::builder().header("content-type", "text/event-stream")
+}
+
 /// A response stream the test feeds frame by frame from the mock upstream.
 pub struct HeldStream {
     pub tx: Sender<Bytes, BoxError>,
     pub dropped: Dropped,
     pub body: Incoming,
-    pub headers: http::HeaderMap,
     /// The request headers the upstream received.
     pub upstream_headers: http::HeaderMap,
     /// Bytes relayed to the client so far.
@@ -390,12 +390,11 @@ impl HeldStream {
             .expect("join")
             .expect("keyrelay answered");
         assert_eq!(response.status(), 200, "a held stream starts with 200");
-        let (parts, body) = response.into_parts();
+        let body = response.into_body();
         Self {
             tx,
             dropped,
             body,
-            headers: parts.headers,
             upstream_headers,
             relayed: 0,
         }

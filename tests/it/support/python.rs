@@ -10,7 +10,6 @@
 //! The interpreter is [`interpreter`]: a virtual environment under the
 //! target directory, built from `tests/requirements.txt` on first use, so
 //! `cargo test` needs nothing but python3 on the machine.
-#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};

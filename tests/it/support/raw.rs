@@ -5,7 +5,6 @@
 //! is exactly what some tests must avoid: sending a request target byte for
 //! byte, an absolute-form or CONNECT request, or an upstream that breaks the
 //! protocol (garbage, early close, a chunked body with no terminator).
-#![allow(dead_code)]
 
 use std::net::SocketAddr;
 
@@ -546,4 +545,24 @@ pub async fn probe_with(addr: SocketAddr, request: &[u8], half_close: bool) -> C
         bytes: end.bytes,
         ending,
     }
+}
+
+/// Asserts `response` is keyrelay's own JSON error with `status` and `kind`.
+pub fn assert_keyrelay_error(response: &RawResponse, status: u16, kind: &str) {
+    assert_eq!(
+        response.status(),
+        status,
+        "expected {status} {kind}; got {:?} {:?}",
+        response.head,
+        response.body_text()
+    );
+    assert_eq!(
+        response.header("content-type"),
+        Some("application/json"),
+        "{:?}",
+        response.head
+    );
+    let json = response.json();
+    assert_eq!(json["type"], kind, "{json}");
+    assert_eq!(json["source"], "keyrelay", "{json}");
 }

@@ -4,7 +4,6 @@
 //! `Transfer-Encoding`, a coding other than chunked, a malformed chunk). The
 //! hostile-input tests check against it that nothing a client smuggles, and
 //! nothing ambiguous, ever reaches an upstream.
-#![allow(dead_code)]
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};

@@ -1,7 +1,6 @@
 //! The machine-readable lines the hostile-input and upstream-fault tables
 //! print, `RELIABILITY|table|cell|cell|...`, which `bench/reliability.sh`
 //! collects (from a `--nocapture` run) into RELIABILITY.md.
-#![allow(dead_code)]
 
 /// Prints one `RELIABILITY|table|...` line; `|` and line breaks in cells are escaped.
 pub fn report(table: &str, cells: &[&str]) {

@@ -4,11 +4,9 @@
 //! repository or on the machine's trust store. The upstream speaks HTTP/1.1
 //! over rustls and reports the requests it sees, so a test can check that the
 //! key really travelled over TLS.
-#![allow(dead_code)]
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use http::{HeaderMap, Request, Response, Uri};
@@ -21,7 +19,7 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
 
-use crate::support::{full, within};
+use crate::support::{full, temp_file, within, TempFile};
 
 /// A throwaway certificate authority.
 pub struct TestCa {
@@ -73,9 +71,7 @@ impl TestCa {
 
     /// Writes the CA's PEM to a uniquely named temporary file, removed on drop.
     pub fn write_pem_file(&self) -> TempFile {
-        let path = crate::support::unique_temp_path("test-ca", "ca.pem");
-        std::fs::write(&path, self.pem()).expect("write CA file");
-        TempFile(path)
+        temp_file("test-ca", "ca.pem", self.pem())
     }
 }
 
@@ -89,22 +85,6 @@ impl Default for TestCa {
 pub struct ServerCert {
     pub chain: Vec<CertificateDer<'static>>,
     pub key: PrivateKeyDer<'static>,
-}
-
-/// A file deleted when the test is done with it.
-pub struct TempFile(pub PathBuf);
-
-impl TempFile {
-    pub fn path(&self) -> &str {
-        self.0.to_str().expect("temp path is UTF-8")
-    }
-}
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        // Best effort: a leftover file in the temp dir harms nobody.
-        let _ = std::fs::remove_file(&self.0);
-    }
 }
 
 /// What the HTTPS upstream saw of one request.
