@@ -27,17 +27,17 @@ use zeroize::Zeroizing;
 use crate::secrets::key::MASK;
 
 /// The dedicated header a client may put its token in.
-pub const TOKEN_HEADER: &str = "x-keyrelay-token";
+pub(crate) const TOKEN_HEADER: &str = "x-keyrelay-token";
 const TOKEN_HEADER_NAME: HeaderName = HeaderName::from_static(TOKEN_HEADER);
 
 /// Shortest token accepted, at startup and on reload: tokens must be random
 /// strings, not passwords a person picked.
-pub const MIN_TOKEN_LEN: usize = 16;
+pub(crate) const MIN_TOKEN_LEN: usize = 16;
 
 /// Why `value` cannot be token `name`: too short, or holding characters a
 /// client cannot send as-is in a header (spaces, line breaks, control bytes),
 /// which would make a token nobody can present.
-pub fn check_value(name: &str, value: &str) -> Result<(), String> {
+pub(crate) fn check_value(name: &str, value: &str) -> Result<(), String> {
     if value.len() < MIN_TOKEN_LEN {
         return Err(format!(
             "token {name} is shorter than {MIN_TOKEN_LEN} characters; use a random one"

@@ -44,7 +44,7 @@ use crate::usage::Budgets;
 const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// Serves the admin endpoints on `listener` until the task is dropped.
-pub async fn serve(
+pub(crate) async fn serve(
     listener: TcpListener,
     hosts: HostPolicy,
     metrics: Arc<Metrics>,

@@ -29,7 +29,7 @@ use crate::proxy::Proxy;
 /// How long a connection closed for idleness may take to finish the
 /// GOAWAY exchange: HTTP/2 sends its final GOAWAY only once the client
 /// answers a PING, which a hostile client never does.
-pub const GOAWAY_GRACE: Duration = Duration::from_secs(2);
+pub(crate) const GOAWAY_GRACE: Duration = Duration::from_secs(2);
 
 /// The requests in flight on one client connection, and when the last one
 /// ended.
@@ -39,7 +39,7 @@ pub const GOAWAY_GRACE: Duration = Duration::from_secs(2);
 /// that woke the timer on every change, re-arming it each time, cost about
 /// 5,000 instructions per request in `bench/instructions.sh`.)
 #[derive(Clone)]
-pub struct InFlight(Arc<Activity>);
+pub(crate) struct InFlight(Arc<Activity>);
 
 struct Activity {
     /// Requests whose response body is not done with yet.
@@ -51,7 +51,7 @@ struct Activity {
 
 impl InFlight {
     /// A connection with nothing in flight, idle from now.
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self(Arc::new(Activity {
             open: AtomicUsize::new(0),
             last_end: AtomicU64::new(0),
@@ -91,7 +91,7 @@ impl Drop for Open {
 /// (counted from the first poll at the earliest). The timer wakes only
 /// when a deadline passes, and then moves the deadline on if a request came
 /// in meanwhile.
-pub async fn idle_for(in_flight: InFlight, limit: Duration) {
+pub(crate) async fn idle_for(in_flight: InFlight, limit: Duration) {
     let mut deadline = Instant::now() + limit;
     loop {
         tokio::time::sleep_until(deadline).await;
@@ -105,13 +105,13 @@ pub async fn idle_for(in_flight: InFlight, limit: Duration) {
 
 /// The proxy as one client connection serves it, counting its requests.
 #[derive(Clone)]
-pub struct Counted {
+pub(crate) struct Counted {
     proxy: Proxy,
     in_flight: InFlight,
 }
 
 impl Counted {
-    pub fn new(proxy: Proxy, in_flight: InFlight) -> Self {
+    pub(crate) fn new(proxy: Proxy, in_flight: InFlight) -> Self {
         Self { proxy, in_flight }
     }
 }
@@ -137,7 +137,7 @@ impl tower::Service<Request<Incoming>> for Counted {
 }
 
 /// The proxy's answer, holding the request's place in the count.
-pub struct CountedFuture {
+pub(crate) struct CountedFuture {
     inner: ProxyFuture,
     request: Option<Open>,
 }
@@ -156,7 +156,7 @@ impl Future for CountedFuture {
 }
 
 /// A response body that ends its request's place in the count when dropped.
-pub struct CountedBody {
+pub(crate) struct CountedBody {
     inner: ProxyBody,
     _request: Option<Open>,
 }

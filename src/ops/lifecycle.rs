@@ -7,30 +7,30 @@ use tokio::sync::Notify;
 
 /// Draining state and the quit request (`POST /quitquitquit`).
 #[derive(Debug, Default)]
-pub struct Lifecycle {
+pub(crate) struct Lifecycle {
     draining: AtomicBool,
     quit: Notify,
 }
 
 impl Lifecycle {
     /// True once shutdown has begun; `/readyz` then fails.
-    pub fn is_draining(&self) -> bool {
+    pub(crate) fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
     }
 
     /// Marks the start of shutdown.
-    pub fn start_draining(&self) {
+    pub(crate) fn start_draining(&self) {
         self.draining.store(true, Ordering::Relaxed);
     }
 
     /// Asks the process to shut down as if signalled (for Kubernetes Jobs).
-    pub fn request_quit(&self) {
+    pub(crate) fn request_quit(&self) {
         // notify_one keeps the permit if nobody is waiting yet.
         self.quit.notify_one();
     }
 
     /// Resolves when a quit was requested.
-    pub async fn quit_requested(&self) {
+    pub(crate) async fn quit_requested(&self) {
         self.quit.notified().await;
     }
 }

@@ -40,7 +40,7 @@ const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 pub(crate) const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
 
 /// Serves `proxy` on `listener` until `shutdown` resolves, then drains.
-pub async fn serve(
+pub(crate) async fn serve(
     listener: Listener,
     proxy: Proxy,
     tunnels: Arc<Tunnels>,

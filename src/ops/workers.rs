@@ -29,7 +29,7 @@ use crate::proxy::Proxy;
 
 /// Serves on `config.workers` threads until `stop_accepting` resolves and
 /// every thread has drained; the first thread's error, if any, is returned.
-pub async fn serve(
+pub(crate) async fn serve(
     listener: Listener,
     proxy: Proxy,
     tunnels: Arc<Tunnels>,

@@ -23,7 +23,7 @@ use crate::usage::budget::Exhausted;
 /// fault" follow from the group, so a new variant cannot be forgotten in one
 /// of them.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ProxyError {
+pub(crate) enum ProxyError {
     /// keyrelay's own policy said no: admission, limits, routing (4xx, 503).
     #[error(transparent)]
     Refused(#[from] Refusal),
@@ -41,7 +41,7 @@ const RELAYED_METHODS: &str = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS";
 
 /// Requests keyrelay turns away by policy.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum Refusal {
+pub(crate) enum Refusal {
     /// The `Host` is not a loopback or configured name (DNS rebinding defence).
     #[error(
         "the Host header is not a loopback name or one in allowed_hosts \
@@ -163,7 +163,7 @@ pub enum ClientError {
 
 /// Failures of the upstream or of the way to it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum UpstreamError {
+pub(crate) enum UpstreamError {
     /// The upstream's host name did not resolve.
     #[error("upstream host name did not resolve (DNS failure)")]
     Dns,
@@ -195,7 +195,7 @@ pub enum UpstreamError {
 
 impl ProxyError {
     /// The status code the client receives.
-    pub fn status(&self) -> StatusCode {
+    pub(crate) fn status(&self) -> StatusCode {
         match self {
             Self::Refused(refusal) => refusal.status(),
             Self::Client(error) => error.status(),
@@ -205,7 +205,7 @@ impl ProxyError {
 
     /// The upstream's failure, when it was the upstream (or the way to it)
     /// that failed, as opposed to keyrelay refusing the request.
-    pub fn upstream(&self) -> Option<&UpstreamError> {
+    pub(crate) fn upstream(&self) -> Option<&UpstreamError> {
         match self {
             Self::Upstream(error) => Some(error),
             Self::Refused(_) | Self::Client(_) => None,
@@ -213,7 +213,7 @@ impl ProxyError {
     }
 
     /// How the request ended, for the per-request record.
-    pub fn outcome(&self) -> Outcome {
+    pub(crate) fn outcome(&self) -> Outcome {
         match self {
             Self::Upstream(error) if error.is_timeout() => Outcome::Timeout,
             Self::Upstream(_) => Outcome::UpstreamError,
@@ -222,7 +222,7 @@ impl ProxyError {
     }
 
     /// A stable machine-readable name, also used in logs and metric labels.
-    pub fn kind(&self) -> &'static str {
+    pub(crate) fn kind(&self) -> &'static str {
         match self {
             Self::Refused(refusal) => refusal.kind(),
             Self::Client(error) => error.kind(),
@@ -232,7 +232,7 @@ impl ProxyError {
 
     /// The JSON error response for this failure; `upstream` (host and port,
     /// never a credential) tells the client which endpoint keyrelay was trying.
-    pub fn to_response(&self, upstream: Option<&str>) -> Response<Full<Bytes>> {
+    pub(crate) fn to_response(&self, upstream: Option<&str>) -> Response<Full<Bytes>> {
         let mut body = serde_json::json!({
             "error": self.to_string(),
             "type": self.kind(),
@@ -282,7 +282,7 @@ impl ProxyError {
     /// causes are the upstream's (or the way to it), but the client's own
     /// body fails there too as it is streamed (malformed, too slow, or over
     /// `max_request_body`), and those are the client's.
-    pub fn from_send_error(err: &SendError, connect_timeout: Duration) -> Self {
+    pub(crate) fn from_send_error(err: &SendError, connect_timeout: Duration) -> Self {
         match err.cause() {
             Cause::BodyTooLarge(limit) => Refusal::PayloadTooLarge(*limit).into(),
             Cause::BodyTimeout(limit) => ClientError::RequestBodyTimeout(*limit).into(),
@@ -377,7 +377,7 @@ impl UpstreamError {
     }
 
     /// The metric label and the JSON `type`.
-    pub fn kind(&self) -> &'static str {
+    pub(crate) fn kind(&self) -> &'static str {
         match self {
             Self::Dns => "upstream_dns",
             Self::Refused => "upstream_refused",

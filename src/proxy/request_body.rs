@@ -30,10 +30,10 @@ use crate::telemetry::metrics::RouteMetrics;
 
 /// The most request-body bytes kept for a resend. Prompts fit; a larger
 /// upload that meets a refused stream fails as it would without the replay.
-pub const REPLAY_LIMIT: usize = 64 * 1024;
+pub(crate) const REPLAY_LIMIT: usize = 64 * 1024;
 
 /// A client's request body on its way upstream.
-pub struct RequestBody {
+pub(crate) struct RequestBody {
     /// The client's body; `None` once handed back for a resend.
     client: Option<Incoming>,
     /// Frames sent once already, to send again before reading on (a resend).
@@ -59,7 +59,7 @@ struct Recording {
 
 /// A body handed back after its stream was dropped: the frames already sent
 /// and the part of the client's body not read yet.
-pub struct UnsentBody {
+pub(crate) struct UnsentBody {
     sent: Vec<Bytes>,
     client: Option<Incoming>,
     seen: u64,
@@ -70,7 +70,7 @@ pub struct UnsentBody {
 
 impl UnsentBody {
     /// The same body again, from its first byte.
-    pub fn resend(self) -> RequestBody {
+    pub(crate) fn resend(self) -> RequestBody {
         RequestBody {
             client: self.client,
             resend: self.sent.into(),
@@ -87,7 +87,7 @@ impl UnsentBody {
 
 impl RequestBody {
     /// Wraps the client's body; `limit` caps its total size.
-    pub fn new(client: Incoming, limit: Option<u64>, metrics: RouteMetrics) -> Self {
+    pub(crate) fn new(client: Incoming, limit: Option<u64>, metrics: RouteMetrics) -> Self {
         Self {
             client: Some(client),
             resend: VecDeque::new(),
@@ -103,14 +103,14 @@ impl RequestBody {
 
     /// This body, failing with [`BodyTimeout`] when the client sends nothing
     /// for `limit` between two frames (`None`: it may pause forever).
-    pub fn with_frame_timeout(mut self, limit: Option<Duration>) -> Self {
+    pub(crate) fn with_frame_timeout(mut self, limit: Option<Duration>) -> Self {
         self.frame_timeout = limit;
         self
     }
 
     /// A body keyrelay has read whole already (to rewrite it), counted as
     /// relayed.
-    pub fn buffered(bytes: Bytes, limit: Option<u64>, metrics: RouteMetrics) -> Self {
+    pub(crate) fn buffered(bytes: Bytes, limit: Option<u64>, metrics: RouteMetrics) -> Self {
         metrics.request_bytes(bytes.len());
         Self {
             client: None,
@@ -127,7 +127,7 @@ impl RequestBody {
 
     /// A body whose first `head` bytes keyrelay has read already (to see
     /// what it asks for), then the unread `rest` of the client's body.
-    pub fn read_ahead(
+    pub(crate) fn read_ahead(
         head: Bytes,
         rest: Incoming,
         limit: Option<u64>,
@@ -141,7 +141,7 @@ impl RequestBody {
     /// This body, recording what it sends; the receiver gets it back when
     /// hyper drops it, unless it grew past [`REPLAY_LIMIT`] (then the
     /// receiver sees the sender dropped).
-    pub fn recorded(mut self) -> (Self, oneshot::Receiver<UnsentBody>) {
+    pub(crate) fn recorded(mut self) -> (Self, oneshot::Receiver<UnsentBody>) {
         let (give_back, receiver) = oneshot::channel();
         // Frames still to be resent are recorded as they go out (and handed
         // back with the rest if they never do).
@@ -155,7 +155,7 @@ impl RequestBody {
 
     /// An empty body with the same limits and metrics: what a body that had
     /// ended before it was sent becomes when it is sent again.
-    pub fn empty_copy(&self) -> Self {
+    pub(crate) fn empty_copy(&self) -> Self {
         Self {
             client: None,
             resend: VecDeque::new(),
@@ -170,7 +170,7 @@ impl RequestBody {
     }
 
     /// The route's metrics, which the pools count their resends in.
-    pub fn metrics(&self) -> &RouteMetrics {
+    pub(crate) fn metrics(&self) -> &RouteMetrics {
         &self.metrics
     }
 
@@ -308,7 +308,7 @@ impl Drop for RequestBody {
 /// connection closed before Content-Length): the client's fault, not the
 /// upstream's.
 #[derive(Debug)]
-pub struct ClientBodyError(pub hyper::Error);
+pub(crate) struct ClientBodyError(pub hyper::Error);
 
 impl fmt::Display for ClientBodyError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -328,7 +328,7 @@ impl StdError for ClientBodyError {
 
 /// The client sent no part of its request body for `request_body_timeout`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BodyTimeout(pub Duration);
+pub(crate) struct BodyTimeout(pub Duration);
 
 impl fmt::Display for BodyTimeout {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -344,7 +344,7 @@ impl StdError for BodyTimeout {}
 
 /// A request body grew past `max_request_body` (the limit in bytes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BodyTooLarge(pub u64);
+pub(crate) struct BodyTooLarge(pub u64);
 
 impl fmt::Display for BodyTooLarge {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -11,10 +11,10 @@ use http::HeaderValue;
 use zeroize::Zeroizing;
 
 /// What every secret prints as, wherever it is formatted.
-pub const MASK: &str = "***";
+pub(crate) const MASK: &str = "***";
 
 /// The placeholder in a credential template that the key replaces.
-pub const KEY_PLACEHOLDER: &str = "{key}";
+pub(crate) const KEY_PLACEHOLDER: &str = "{key}";
 
 /// The API key keyrelay injects into upstream requests.
 #[derive(Clone)]

@@ -21,7 +21,7 @@ use crate::telemetry::logging;
 use crate::telemetry::tokens::Usage;
 
 /// Target of access-log events, for `RUST_LOG=keyrelay::access=info` style filters.
-pub const TARGET: &str = "keyrelay::access";
+pub(crate) const TARGET: &str = "keyrelay::access";
 
 /// The access-log event's message, kept for filters and tests that look for it.
 const MESSAGE: &str = "request finished";

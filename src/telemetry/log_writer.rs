@@ -59,14 +59,14 @@ impl Shared {
 
 /// A handle that appends lines for the writer thread; cheap to clone.
 #[derive(Debug, Clone)]
-pub struct LogWriter {
+pub(crate) struct LogWriter {
     shared: Arc<Shared>,
 }
 
 /// Stops the writer thread when dropped, after it has written every line
 /// appended before.
 #[derive(Debug)]
-pub struct WriterGuard {
+pub(crate) struct WriterGuard {
     shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
 }
@@ -74,7 +74,7 @@ pub struct WriterGuard {
 impl LogWriter {
     /// Starts the writer thread on `output`, holding at most `limit` bytes of
     /// lines not yet written.
-    pub fn start(output: impl Write + Send + 'static, limit: usize) -> (Self, WriterGuard) {
+    pub(crate) fn start(output: impl Write + Send + 'static, limit: usize) -> (Self, WriterGuard) {
         let shared = Arc::new(Shared {
             pending: Mutex::new(Pending {
                 lines: Vec::with_capacity(limit.min(64 * 1024)),
@@ -100,7 +100,7 @@ impl LogWriter {
 
     /// Queues `line` (which should end in a newline), or drops and counts it
     /// when the writer is that far behind. Never waits for the output.
-    pub fn append(&self, line: &[u8]) {
+    pub(crate) fn append(&self, line: &[u8]) {
         let mut pending = self.shared.lock();
         if pending.stop || pending.lines.len() + line.len() > self.shared.limit {
             drop(pending);
@@ -116,7 +116,7 @@ impl LogWriter {
     }
 
     /// Lines dropped so far because the writer was behind.
-    pub fn dropped(&self) -> u64 {
+    pub(crate) fn dropped(&self) -> u64 {
         self.shared.dropped.load(Ordering::Relaxed)
     }
 }

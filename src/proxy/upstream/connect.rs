@@ -25,11 +25,11 @@ use super::error::{DnsError, SendError};
 use crate::config::Config;
 
 /// The connector every upstream connection is made with.
-pub type Connector = ConnectTimeout<HttpsConnector<HttpConnector<Resolver>>>;
+pub(super) type Connector = ConnectTimeout<HttpsConnector<HttpConnector<Resolver>>>;
 
 /// The HTTP version a connector offers in TLS's ALPN.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Alpn {
+pub(crate) enum Alpn {
     /// `http/1.1` only.
     Http1,
     /// `h2` only: a server that does not accept it fails the connection.
@@ -42,7 +42,7 @@ pub enum Alpn {
 /// under one `connect_timeout`: hyper-util's own connect timeout covers only
 /// each TCP attempt, so a server that accepts TCP but never finishes TLS
 /// would otherwise hang a request.
-pub fn connector(config: &Config, alpn: Alpn) -> std::io::Result<Connector> {
+pub(crate) fn connector(config: &Config, alpn: Alpn) -> std::io::Result<Connector> {
     let tls = tls_config(config)?;
 
     let mut tcp = HttpConnector::new_with_resolver(Resolver(GaiResolver::new()));
@@ -83,7 +83,7 @@ fn tls_config(config: &Config) -> std::io::Result<ClientConfig> {
 /// The system resolver (hyper-util's, `getaddrinfo` on a blocking thread),
 /// its failures typed as [`DnsError`]. IP literals never reach it.
 #[derive(Clone)]
-pub struct Resolver(GaiResolver);
+pub(crate) struct Resolver(GaiResolver);
 
 impl Service<Name> for Resolver {
     type Response = GaiAddrs;
@@ -100,7 +100,7 @@ impl Service<Name> for Resolver {
 }
 
 /// A lookup under way.
-pub struct Resolving(GaiFuture);
+pub(crate) struct Resolving(GaiFuture);
 
 impl Future for Resolving {
     type Output = Result<GaiAddrs, DnsError>;
@@ -114,7 +114,7 @@ impl Future for Resolving {
 /// connect timeout when connecting (DNS, TCP and TLS together) takes longer
 /// than `limit`.
 #[derive(Clone)]
-pub struct ConnectTimeout<C> {
+pub(crate) struct ConnectTimeout<C> {
     inner: C,
     limit: Duration,
 }

@@ -21,7 +21,7 @@ type BoxError = Box<dyn StdError + Send + Sync>;
 /// Why a request could not be sent upstream, from either pool. Cloning
 /// shares it (an HTTP/2 connection attempt fails all its waiters alike).
 #[derive(Clone, Debug)]
-pub struct SendError {
+pub(crate) struct SendError {
     cause: Cause,
     /// What failed, in keyrelay's words.
     context: &'static str,
@@ -31,7 +31,7 @@ pub struct SendError {
 
 /// What made a request fail on its way upstream.
 #[derive(Clone, Debug, PartialEq)]
-pub enum Cause {
+pub(crate) enum Cause {
     // No connection: the request never left keyrelay.
     /// The upstream's host name did not resolve.
     Dns,
@@ -121,13 +121,13 @@ impl SendError {
     }
 
     /// Why the request failed.
-    pub fn cause(&self) -> &Cause {
+    pub(crate) fn cause(&self) -> &Cause {
         &self.cause
     }
 
     /// The most specific text about the failure: the innermost error of its
     /// chain, else keyrelay's own words.
-    pub fn detail(&self) -> String {
+    pub(crate) fn detail(&self) -> String {
         match self.innermost() {
             Some(err) => err.to_string(),
             None => self.context.to_owned(),
@@ -161,7 +161,7 @@ impl StdError for SendError {
 /// The upstream's host name did not resolve: the error keyrelay's resolver
 /// (see [`super::connect`]) gives, so the cause is known by its type.
 #[derive(Debug)]
-pub struct DnsError(pub(super) std::io::Error);
+pub(crate) struct DnsError(pub(super) std::io::Error);
 
 impl fmt::Display for DnsError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -56,7 +56,7 @@ use crate::proxy::request_body::RequestBody;
 /// One serving thread's HTTP/1.1 connections to every upstream origin.
 /// Cloning shares the connections.
 #[derive(Clone)]
-pub struct Http1Pool {
+pub(crate) struct Http1Pool {
     inner: Arc<Inner>,
 }
 
@@ -134,7 +134,7 @@ impl Drop for Http1Lease {
 
 impl Http1Pool {
     /// An empty pool dialling through `connector`.
-    pub fn new(
+    pub(crate) fn new(
         connector: WarmConnector,
         idle_timeout: Duration,
         max_idle_per_origin: usize,
@@ -153,7 +153,7 @@ impl Http1Pool {
     /// `set_version` in `proxy/mod.rs`) on an idle connection to its origin,
     /// or on a new one, and returns the response with the lease on its
     /// connection.
-    pub async fn send(
+    pub(crate) async fn send(
         &self,
         mut request: Request<RequestBody>,
     ) -> Result<(Response<Incoming>, Http1Lease), SendError> {

@@ -96,7 +96,7 @@ const BODY_RETURN_WAIT: Duration = Duration::from_secs(1);
 
 /// Connections to one upstream origin; cloning shares the pool.
 #[derive(Clone)]
-pub struct Http2Pool {
+pub(crate) struct Http2Pool {
     inner: Arc<Inner>,
 }
 
@@ -177,7 +177,7 @@ impl Drop for StreamSlot {
 
 /// The HTTP version the server chose in ALPN.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Negotiated {
+pub(crate) enum Negotiated {
     /// `h2`: requests go on this pool.
     Http2,
     /// `http/1.1` (or no ALPN at all): requests go over HTTP/1.1.
@@ -187,7 +187,11 @@ pub enum Negotiated {
 impl Http2Pool {
     /// A pool for `upstream`, built from the validated config, offering
     /// `alpn` (`Http2`, or `Both` for `upstream_http = "auto"`).
-    pub fn new(config: &Config, upstream: &UpstreamUrl, alpn: Alpn) -> std::io::Result<Self> {
+    pub(crate) fn new(
+        config: &Config,
+        upstream: &UpstreamUrl,
+        alpn: Alpn,
+    ) -> std::io::Result<Self> {
         let target = upstream.origin();
         let mut builder = http2::Builder::new(TokioExecutor::new());
         builder
@@ -216,13 +220,13 @@ impl Http2Pool {
     }
 
     /// True when `other` is this pool (a clone of it).
-    pub fn is(&self, other: &Self) -> bool {
+    pub(crate) fn is(&self, other: &Self) -> bool {
         Arc::ptr_eq(&self.inner, &other.inner)
     }
 
     /// Sends `request` on a connection with room, opening one if needed, and
     /// sends it again elsewhere if the server refused it unprocessed.
-    pub async fn send(
+    pub(crate) async fn send(
         &self,
         mut request: Request<RequestBody>,
     ) -> Result<(Response<Incoming>, StreamSlot), SendError> {
@@ -289,7 +293,7 @@ impl Http2Pool {
     /// them at startup, again when the server closes one), until dropped.
     /// It ends only for a pool offering both versions whose server turns
     /// out to choose HTTP/1.1.
-    pub fn keep_warm(&self) -> impl Future<Output = ()> + Send + 'static {
+    pub(crate) fn keep_warm(&self) -> impl Future<Output = ()> + Send + 'static {
         let pool = self.clone();
         async move {
             let mut retry = WARM_RETRY;
@@ -339,7 +343,7 @@ impl Http2Pool {
     /// the pool for the requests, an HTTP/1.1 one is closed and the answer
     /// kept (a server's ALPN preference is its configuration, so it is not
     /// asked again).
-    pub async fn negotiate(&self) -> Result<Negotiated, SendError> {
+    pub(crate) async fn negotiate(&self) -> Result<Negotiated, SendError> {
         for _ in 0..MAX_OPEN_ROUNDS {
             if self.inner.server_chose_http1.load(Ordering::Acquire) {
                 return Ok(Negotiated::Http1);

@@ -37,14 +37,14 @@ use std::time::Duration;
 use crate::config::{Config, UpstreamHttp};
 use crate::proxy::route_table::Route;
 
-pub use connect::{connector, Alpn};
-pub use error::{Cause, SendError};
-pub use http1_pool::{Http1Lease, Http1Pool};
-pub use http2_pool::{Http2Pool, Negotiated, StreamSlot};
-pub use warm::WarmConnector;
+pub(crate) use connect::{connector, Alpn};
+pub(crate) use error::{Cause, SendError};
+pub(crate) use http1_pool::{Http1Lease, Http1Pool};
+pub(crate) use http2_pool::{Http2Pool, Negotiated, StreamSlot};
+pub(crate) use warm::WarmConnector;
 
 /// A task that keeps warm connections open, for the serving thread to spawn.
-pub type Keeper = Pin<Box<dyn Future<Output = ()> + Send>>;
+pub(crate) type Keeper = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// What a response holds on its upstream connection until its body is done.
 pub enum Lease {
@@ -65,7 +65,7 @@ impl Lease {
 
 /// One serving thread's way to every upstream: the HTTP/1.1 pool and each
 /// route's [`RouteClient`], in route order.
-pub struct Upstreams {
+pub(crate) struct Upstreams {
     /// The HTTP/1.1 pool; HTTP/2 routes carry their own pool.
     pub http1: Http1Pool,
     /// Its connector, which keeps the HTTP/1.1 routes' warm connections.
@@ -80,7 +80,7 @@ pub struct Upstreams {
 impl Upstreams {
     /// Clients for every route of a validated config; no connection opens
     /// until a request or a warm keeper needs one.
-    pub fn new(config: &Config) -> std::io::Result<Self> {
+    pub(crate) fn new(config: &Config) -> std::io::Result<Self> {
         let http1_warm = WarmConnector::new(connector(config, Alpn::Http1)?);
         let http1 = Http1Pool::new(
             http1_warm.clone(),
@@ -98,13 +98,13 @@ impl Upstreams {
     }
 
     /// How `route` reaches its upstream.
-    pub fn of(&self, route: &Route) -> &RouteClient {
+    pub(crate) fn of(&self, route: &Route) -> &RouteClient {
         &self.routes[route.index].0
     }
 
     /// The tasks that keep `warm_connections` open to each upstream (one
     /// per HTTP/1.1 origin and one per HTTP/2 pool).
-    pub fn warm_keepers(&self) -> Vec<Keeper> {
+    pub(crate) fn warm_keepers(&self) -> Vec<Keeper> {
         let mut keepers: Vec<Keeper> = Vec::new();
         if self.warm_connections == 0 {
             return keepers;
@@ -191,7 +191,7 @@ fn route_clients(config: &Config) -> std::io::Result<Vec<RouteClient>> {
 
 /// How one route reaches its upstream.
 #[derive(Clone)]
-pub enum RouteClient {
+pub(crate) enum RouteClient {
     /// HTTP/1.1, through the thread's [`Http1Pool`].
     Http1,
     /// HTTP/2, through this pool.
@@ -201,7 +201,7 @@ pub enum RouteClient {
 }
 
 /// The way one request goes upstream.
-pub enum Via<'a> {
+pub(crate) enum Via<'a> {
     /// Over the thread's HTTP/1.1 pool.
     Http1,
     /// On a stream of this pool.
@@ -210,13 +210,13 @@ pub enum Via<'a> {
 
 impl RouteClient {
     /// True when a WebSocket upgrade can be forwarded (over HTTP/1.1).
-    pub fn can_upgrade(&self) -> bool {
+    pub(crate) fn can_upgrade(&self) -> bool {
         !matches!(self, Self::Http2(_))
     }
 
     /// How a request goes upstream; `upgrade` requests need HTTP/1.1. For
     /// an `auto` route the first call finds out what the server speaks.
-    pub async fn via(&self, upgrade: bool) -> Result<Via<'_>, SendError> {
+    pub(crate) async fn via(&self, upgrade: bool) -> Result<Via<'_>, SendError> {
         match self {
             Self::Http1 => Ok(Via::Http1),
             Self::Http2(pool) => Ok(Via::Http2(pool)),
@@ -231,7 +231,7 @@ impl RouteClient {
 
 impl Via<'_> {
     /// The HTTP version of the upstream request.
-    pub fn version(&self) -> http::Version {
+    pub(crate) fn version(&self) -> http::Version {
         match self {
             Self::Http1 => http::Version::HTTP_11,
             Self::Http2(_) => http::Version::HTTP_2,

@@ -39,7 +39,7 @@ use super::connect::Connector;
 use super::error::SendError;
 
 /// An upstream connection as the connector makes it.
-pub type Io = MaybeHttpsStream<TokioIo<TcpStream>>;
+pub(super) type Io = MaybeHttpsStream<TokioIo<TcpStream>>;
 
 /// Wait before retrying a spare that could not be opened; doubles per
 /// failure up to [`MAX_RETRY`], so a down upstream costs a dial now and then.
@@ -54,7 +54,7 @@ pub(super) const MIN_REDIAL: Duration = Duration::from_secs(1);
 /// A connector that hands out spare connections where it keeps them, and
 /// dials otherwise. Cloning shares the spares.
 #[derive(Clone)]
-pub struct WarmConnector {
+pub(crate) struct WarmConnector {
     dial: Connector,
     origins: Arc<Mutex<Vec<Arc<Origin>>>>,
 }
@@ -140,7 +140,7 @@ fn is_open(io: &mut Io, cx: &mut Context<'_>) -> bool {
 }
 
 impl WarmConnector {
-    pub fn new(dial: Connector) -> Self {
+    pub(crate) fn new(dial: Connector) -> Self {
         Self {
             dial,
             origins: Arc::default(),
@@ -150,7 +150,7 @@ impl WarmConnector {
     /// The task that keeps `count` spare connections to `target`'s origin
     /// open, each for at most `max_age`, until it is dropped (the caller
     /// runs it beside the server).
-    pub fn keep_warm(
+    pub(crate) fn keep_warm(
         &self,
         target: Uri,
         count: usize,

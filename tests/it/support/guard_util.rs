@@ -16,7 +16,11 @@ use crate::support::{within, MockUpstream, TestBody};
 
 /// Sends `request` raw to `addr` and expects keyrelay to answer it itself:
 /// panics at once if the request reaches `upstream` instead.
-pub async fn refused(upstream: &mut MockUpstream, addr: SocketAddr, request: &str) -> RawResponse {
+pub(crate) async fn refused(
+    upstream: &mut MockUpstream,
+    addr: SocketAddr,
+    request: &str,
+) -> RawResponse {
     let request = request.to_owned();
     let client = tokio::spawn(async move { raw::exchange(addr, &request).await });
     let response = tokio::select! {
@@ -37,7 +41,7 @@ pub async fn refused(upstream: &mut MockUpstream, addr: SocketAddr, request: &st
 
 /// Sends `request` raw to `addr`, answers it at `upstream` with `answer`, and
 /// returns the headers the upstream saw and the client's response.
-pub async fn forwarded(
+pub(crate) async fn forwarded(
     upstream: &mut MockUpstream,
     addr: SocketAddr,
     request: &str,
@@ -61,7 +65,7 @@ pub async fn forwarded(
 }
 
 /// Every value of header `name` (lowercase) in a raw head, comma lists split.
-pub fn list_values(response: &RawResponse, name: &str) -> Vec<String> {
+pub(crate) fn list_values(response: &RawResponse, name: &str) -> Vec<String> {
     response
         .head
         .headers
@@ -74,7 +78,7 @@ pub fn list_values(response: &RawResponse, name: &str) -> Vec<String> {
 }
 
 /// How many times header `name` (lowercase) occurs in a raw head.
-pub fn count(response: &RawResponse, name: &str) -> usize {
+pub(crate) fn count(response: &RawResponse, name: &str) -> usize {
     response
         .head
         .headers
@@ -84,7 +88,7 @@ pub fn count(response: &RawResponse, name: &str) -> usize {
 }
 
 /// True if any header name or value in `headers` contains `needle`.
-pub fn headers_contain(headers: &HeaderMap, needle: &str) -> bool {
+pub(crate) fn headers_contain(headers: &HeaderMap, needle: &str) -> bool {
     headers.iter().any(|(name, value)| {
         name.as_str().contains(needle) || String::from_utf8_lossy(value.as_bytes()).contains(needle)
     })
@@ -92,7 +96,7 @@ pub fn headers_contain(headers: &HeaderMap, needle: &str) -> bool {
 
 /// Sends one request over a fresh HTTP/2 prior-knowledge connection to
 /// `addr`, whatever authority its URI names (the `:authority` pseudo-header).
-pub async fn h2_send(addr: SocketAddr, request: Request<TestBody>) -> Response<Incoming> {
+pub(crate) async fn h2_send(addr: SocketAddr, request: Request<TestBody>) -> Response<Incoming> {
     let stream = within("an h2c connection", TcpStream::connect(addr))
         .await
         .expect("connect");
@@ -107,21 +111,21 @@ pub async fn h2_send(addr: SocketAddr, request: Request<TestBody>) -> Response<I
 }
 
 /// A fresh directory under the system temp dir, removed on drop.
-pub struct TempDir(PathBuf);
+pub(crate) struct TempDir(PathBuf);
 
 impl TempDir {
-    pub fn new(label: &str) -> Self {
+    pub(crate) fn new(label: &str) -> Self {
         let path = crate::support::unique_temp_path(label, "dir");
         std::fs::create_dir_all(&path).expect("create temp dir");
         Self(path)
     }
 
-    pub fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         &self.0
     }
 
     /// Writes `contents` to `name` in this directory and returns its path.
-    pub fn write(&self, name: &str, contents: &str) -> PathBuf {
+    pub(crate) fn write(&self, name: &str, contents: &str) -> PathBuf {
         let path = self.0.join(name);
         std::fs::write(&path, contents).expect("write temp file");
         path

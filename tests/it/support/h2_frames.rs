@@ -8,19 +8,19 @@ use std::net::SocketAddr;
 
 use crate::support::raw::RawConn;
 
-pub const FRAME_HEADERS: u8 = 0x1;
-pub const FRAME_RST_STREAM: u8 = 0x3;
-pub const FRAME_SETTINGS: u8 = 0x4;
-pub const FRAME_PING: u8 = 0x6;
-pub const FRAME_GOAWAY: u8 = 0x7;
-pub const FLAG_END_STREAM: u8 = 0x1;
-pub const FLAG_END_HEADERS: u8 = 0x4;
-pub const FLAG_ACK: u8 = 0x1;
-pub const CANCEL: u32 = 0x8;
-pub const REFUSED_STREAM: u32 = 0x7;
-pub const ENHANCE_YOUR_CALM: u32 = 0xb;
+pub(crate) const FRAME_HEADERS: u8 = 0x1;
+pub(crate) const FRAME_RST_STREAM: u8 = 0x3;
+pub(crate) const FRAME_SETTINGS: u8 = 0x4;
+pub(crate) const FRAME_PING: u8 = 0x6;
+pub(crate) const FRAME_GOAWAY: u8 = 0x7;
+pub(crate) const FLAG_END_STREAM: u8 = 0x1;
+pub(crate) const FLAG_END_HEADERS: u8 = 0x4;
+pub(crate) const FLAG_ACK: u8 = 0x1;
+pub(crate) const CANCEL: u32 = 0x8;
+pub(crate) const REFUSED_STREAM: u32 = 0x7;
+pub(crate) const ENHANCE_YOUR_CALM: u32 = 0xb;
 
-pub fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+pub(crate) fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
     let len = u32::try_from(payload.len()).expect("frame size");
     let mut bytes = len.to_be_bytes()[1..].to_vec();
     bytes.push(kind);
@@ -31,7 +31,7 @@ pub fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
 }
 
 /// An HPACK integer with an `n`-bit prefix whose high bits are `first`.
-pub fn hpack_int(first: u8, n: u32, mut value: usize, out: &mut Vec<u8>) {
+pub(crate) fn hpack_int(first: u8, n: u32, mut value: usize, out: &mut Vec<u8>) {
     let max = (1usize << n) - 1;
     if value < max {
         out.push(first | value as u8);
@@ -48,7 +48,7 @@ pub fn hpack_int(first: u8, n: u32, mut value: usize, out: &mut Vec<u8>) {
 
 /// A HEADERS frame; every field a literal without indexing (no Huffman), so
 /// the test needs no HPACK encoder state.
-pub fn headers_frame(stream: u32, fields: &[(&str, &str)], end_stream: bool) -> Vec<u8> {
+pub(crate) fn headers_frame(stream: u32, fields: &[(&str, &str)], end_stream: bool) -> Vec<u8> {
     let mut block = Vec::new();
     for (name, value) in fields {
         block.push(0x00);
@@ -61,7 +61,7 @@ pub fn headers_frame(stream: u32, fields: &[(&str, &str)], end_stream: bool) -> 
     frame(FRAME_HEADERS, flags, stream, &block)
 }
 
-pub fn get_fields(path: &str) -> Vec<(&'static str, String)> {
+pub(crate) fn get_fields(path: &str) -> Vec<(&'static str, String)> {
     vec![
         (":method", "GET".to_owned()),
         (":scheme", "http".to_owned()),
@@ -70,25 +70,25 @@ pub fn get_fields(path: &str) -> Vec<(&'static str, String)> {
     ]
 }
 
-pub fn get_frame(stream: u32, path: &str) -> Vec<u8> {
+pub(crate) fn get_frame(stream: u32, path: &str) -> Vec<u8> {
     let fields = get_fields(path);
     let fields: Vec<(&str, &str)> = fields.iter().map(|(n, v)| (*n, v.as_str())).collect();
     headers_frame(stream, &fields, true)
 }
 
-pub fn rst_frame(stream: u32, code: u32) -> Vec<u8> {
+pub(crate) fn rst_frame(stream: u32, code: u32) -> Vec<u8> {
     frame(FRAME_RST_STREAM, 0, stream, &code.to_be_bytes())
 }
 
 #[derive(Debug)]
-pub struct H2Frame {
+pub(crate) struct H2Frame {
     pub kind: u8,
     pub stream: u32,
     pub payload: Vec<u8>,
 }
 
 impl H2Frame {
-    pub fn error_code(&self) -> Option<u32> {
+    pub(crate) fn error_code(&self) -> Option<u32> {
         let at = match self.kind {
             FRAME_RST_STREAM => 0,
             FRAME_GOAWAY => 4,
@@ -101,7 +101,7 @@ impl H2Frame {
 
     /// The `:status` of a response HEADERS frame when HPACK indexed it from
     /// the static table (hyper does for 200, 204, 206, 304, 400, 404, 500).
-    pub fn indexed_status(&self) -> Option<u16> {
+    pub(crate) fn indexed_status(&self) -> Option<u16> {
         match self.payload.first()? {
             0x88 => Some(200),
             0x89 => Some(204),
@@ -115,7 +115,7 @@ impl H2Frame {
     }
 
     /// The status of a response head: indexed, or a literal `:status` (name index 8).
-    pub fn status(&self) -> Option<u16> {
+    pub(crate) fn status(&self) -> Option<u16> {
         if let Some(status) = self.indexed_status() {
             return Some(status);
         }
@@ -167,13 +167,13 @@ fn huffman_digits(bytes: &[u8]) -> Option<String> {
 }
 
 /// A raw HTTP/2 prior-knowledge connection.
-pub struct H2Conn {
+pub(crate) struct H2Conn {
     conn: RawConn,
 }
 
 impl H2Conn {
     /// Connects, sends the preface and empty SETTINGS, and acknowledges the server's.
-    pub async fn open(addr: SocketAddr) -> Self {
+    pub(crate) async fn open(addr: SocketAddr) -> Self {
         let mut conn = Self {
             conn: RawConn::connect(addr).await,
         };
@@ -186,17 +186,17 @@ impl H2Conn {
         conn
     }
 
-    pub async fn send(&mut self, bytes: &[u8]) {
+    pub(crate) async fn send(&mut self, bytes: &[u8]) {
         self.conn.send(bytes).await;
     }
 
     /// Sends without failing when keyrelay already closed the connection.
-    pub async fn send_lossy(&mut self, bytes: &[u8]) -> bool {
+    pub(crate) async fn send_lossy(&mut self, bytes: &[u8]) -> bool {
         self.conn.try_send(bytes).await.is_ok()
     }
 
     /// The next frame, or `None` when the connection ended (EOF or reset).
-    pub async fn next_frame(&mut self) -> Option<H2Frame> {
+    pub(crate) async fn next_frame(&mut self) -> Option<H2Frame> {
         let head = self.conn.exact_or_end(9).await?;
         let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
         let payload = self.conn.exact_or_end(len).await?;
@@ -208,7 +208,7 @@ impl H2Conn {
     }
 
     /// The statuses of two streams' responses (`None` for a reset), in any order.
-    pub async fn two_statuses(&mut self, a: u32, b: u32) -> (Option<u16>, Option<u16>) {
+    pub(crate) async fn two_statuses(&mut self, a: u32, b: u32) -> (Option<u16>, Option<u16>) {
         let mut statuses = [None, None];
         let mut done = [false, false];
         // Bounded: next_frame reads with a timeout, and the connection ending stops it.
@@ -237,7 +237,7 @@ impl H2Conn {
 
     /// Reads frames until the response HEADERS (its status) or a reset of
     /// `stream` (`None`); other streams' frames are skipped.
-    pub async fn response_status(&mut self, stream: u32) -> Option<u16> {
+    pub(crate) async fn response_status(&mut self, stream: u32) -> Option<u16> {
         // Bounded: next_frame reads with a timeout, and the connection ending stops it.
         while let Some(frame) = self.next_frame().await {
             if frame.stream != stream {

@@ -54,7 +54,7 @@ const PREFACE_LEN: usize = 24;
 
 /// The limits the server imposes.
 #[derive(Clone, Copy, Debug)]
-pub struct Limits {
+pub(crate) struct Limits {
     /// `SETTINGS_MAX_CONCURRENT_STREAMS`; `None` is hyper's default (200).
     pub max_concurrent_streams: Option<u32>,
     /// Send GOAWAY (graceful: streams in flight finish) after this many
@@ -73,7 +73,7 @@ impl Default for Limits {
 
 /// What the server has seen, counted across all its connections.
 #[derive(Default)]
-pub struct Counters {
+pub(crate) struct Counters {
     pub connections: AtomicUsize,
     pub requests: AtomicUsize,
     /// RST_STREAM frames the client sent.
@@ -90,7 +90,7 @@ pub struct Counters {
 }
 
 /// The HTTP/2 TLS upstream on 127.0.0.1:0 (certificate for `localhost`).
-pub struct H2Upstream {
+pub(crate) struct H2Upstream {
     pub addr: SocketAddr,
     pub counters: Arc<Counters>,
     ca_file: TempFile,
@@ -98,7 +98,7 @@ pub struct H2Upstream {
 }
 
 impl H2Upstream {
-    pub async fn start(limits: Limits) -> Self {
+    pub(crate) async fn start(limits: Limits) -> Self {
         let ca = TestCa::new();
         let cert = ca.issue(&["localhost"]);
         let ca_file = ca.write_pem_file();
@@ -141,21 +141,21 @@ impl H2Upstream {
     }
 
     /// The upstream URL (the certificate names `localhost`).
-    pub fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("https://localhost:{}", self.addr.port())
     }
 
     /// The CA file keyrelay must trust (`ca_file`).
-    pub fn ca_file(&self) -> &str {
+    pub(crate) fn ca_file(&self) -> &str {
         self.ca_file.path()
     }
 
     /// Lets every `/hold` stream, now and later, send its last chunk and end.
-    pub fn release(&self) {
+    pub(crate) fn release(&self) {
         let _ = self.release.send(true);
     }
 
-    pub fn count(&self, counter: impl Fn(&Counters) -> &AtomicUsize) -> usize {
+    pub(crate) fn count(&self, counter: impl Fn(&Counters) -> &AtomicUsize) -> usize {
         counter(&self.counters).load(Ordering::SeqCst)
     }
 }

@@ -9,15 +9,15 @@
 //! there is no `dead_code` allow, so a helper nothing calls any more fails the
 //! build instead of lingering.
 
-pub mod guard_util;
-pub mod h2_frames;
-pub mod h2_server;
-pub mod ops;
-pub mod python;
-pub mod raw;
-pub mod recording_upstream;
-pub mod reliability;
-pub mod tls;
+pub(crate) mod guard_util;
+pub(crate) mod h2_frames;
+pub(crate) mod h2_server;
+pub(crate) mod ops;
+pub(crate) mod python;
+pub(crate) mod raw;
+pub(crate) mod recording_upstream;
+pub(crate) mod reliability;
+pub(crate) mod tls;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -45,15 +45,15 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 
 /// The upstream key every test configures. Distinctive so a leak scan finds it.
-pub const KEY: &str = "kr-test-KEY-5f3c9a1e7b2d4c6f";
+pub(crate) const KEY: &str = "kr-test-KEY-5f3c9a1e7b2d4c6f";
 
 /// The header value the mock upstream expects keyrelay to inject.
-pub const EXPECTED_AUTH: &str = "Api-Key kr-test-KEY-5f3c9a1e7b2d4c6f";
+pub(crate) const EXPECTED_AUTH: &str = "Api-Key kr-test-KEY-5f3c9a1e7b2d4c6f";
 
 /// A path under the system temp dir that no other test, thread or process
 /// uses: `keyrelay-LABEL-PID-N-NAME`. All tests run in one process, so the
 /// pid alone no longer tells two tests apart; the counter does.
-pub fn unique_temp_path(label: &str, name: &str) -> std::path::PathBuf {
+pub(crate) fn unique_temp_path(label: &str, name: &str) -> std::path::PathBuf {
     static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     std::env::temp_dir().join(format!(
@@ -63,10 +63,10 @@ pub fn unique_temp_path(label: &str, name: &str) -> std::path::PathBuf {
 }
 
 /// A file deleted when the test is done with it.
-pub struct TempFile(pub std::path::PathBuf);
+pub(crate) struct TempFile(pub std::path::PathBuf);
 
 impl TempFile {
-    pub fn path(&self) -> &str {
+    pub(crate) fn path(&self) -> &str {
         self.0.to_str().expect("temp path is UTF-8")
     }
 }
@@ -80,22 +80,22 @@ impl Drop for TempFile {
 
 /// A uniquely named temporary file (see [`unique_temp_path`]) holding
 /// `contents`, removed on drop.
-pub fn temp_file(label: &str, name: &str, contents: impl AsRef<[u8]>) -> TempFile {
+pub(crate) fn temp_file(label: &str, name: &str, contents: impl AsRef<[u8]>) -> TempFile {
     let path = unique_temp_path(label, name);
     std::fs::write(&path, contents).expect("write temp file");
     TempFile(path)
 }
 
 /// Generous bound for anything a test waits on; failures show up as timeouts.
-pub const STEP: Duration = Duration::from_secs(10);
+pub(crate) const STEP: Duration = Duration::from_secs(10);
 
-pub type TestBody = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+pub(crate) type TestBody = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
 
 /// The hyper client the tests use, HTTP/1.1 or h2c.
-pub type TestClient = Client<HttpConnector, TestBody>;
+pub(crate) type TestClient = Client<HttpConnector, TestBody>;
 
 /// Awaits `future` for at most [`STEP`], panicking with `what` on timeout.
-pub async fn within<F: std::future::Future>(what: &str, future: F) -> F::Output {
+pub(crate) async fn within<F: std::future::Future>(what: &str, future: F) -> F::Output {
     tokio::time::timeout(STEP, future)
         .await
         .unwrap_or_else(|_| panic!("timed out after {STEP:?} waiting for {what}"))
@@ -106,19 +106,19 @@ pub async fn within<F: std::future::Future>(what: &str, future: F) -> F::Output 
 // ---------------------------------------------------------------------------
 
 /// One request that reached the mock upstream, waiting for the test to answer it.
-pub struct Exchange {
+pub(crate) struct Exchange {
     pub request: Request<Incoming>,
     respond: oneshot::Sender<Response<TestBody>>,
 }
 
 impl Exchange {
     /// Answers with `response`.
-    pub fn respond(self, response: Response<TestBody>) {
+    pub(crate) fn respond(self, response: Response<TestBody>) {
         let _ = self.respond.send(response);
     }
 
     /// Answers with a fixed body (sent with Content-Length).
-    pub fn respond_full(self, status: u16, body: &'static str) {
+    pub(crate) fn respond_full(self, status: u16, body: &'static str) {
         let mut response = Response::new(full(body));
         *response.status_mut() = http::StatusCode::from_u16(status).expect("status");
         self.respond(response);
@@ -128,7 +128,7 @@ impl Exchange {
     ///
     /// The returned [`Dropped`] resolves when the mock's server drops the body,
     /// i.e. when the connection or stream to keyrelay is gone.
-    pub fn respond_streaming(
+    pub(crate) fn respond_streaming(
         self,
     ) -> (
         Sender<Bytes, Box<dyn std::error::Error + Send + Sync>>,
@@ -138,7 +138,7 @@ impl Exchange {
     }
 
     /// Like [`respond_streaming`](Self::respond_streaming) with custom status/headers.
-    pub fn respond_streaming_with(
+    pub(crate) fn respond_streaming_with(
         self,
         builder: http::response::Builder,
     ) -> (
@@ -154,7 +154,7 @@ impl Exchange {
 }
 
 /// A mock upstream on 127.0.0.1:0 (HTTP/1.1 and h2c) handing each request to the test.
-pub struct MockUpstream {
+pub(crate) struct MockUpstream {
     pub addr: SocketAddr,
     exchanges: mpsc::UnboundedReceiver<Exchange>,
     /// Number of TCP connections accepted so far.
@@ -162,7 +162,7 @@ pub struct MockUpstream {
 }
 
 impl MockUpstream {
-    pub async fn start() -> Self {
+    pub(crate) async fn start() -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind mock");
         let addr = listener.local_addr().expect("addr");
         let (tx, exchanges) = mpsc::unbounded_channel();
@@ -205,45 +205,45 @@ impl MockUpstream {
     }
 
     /// The base URL to configure as keyrelay's upstream.
-    pub fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("http://{}", self.addr)
     }
 
     /// Waits for the next request to reach the upstream.
-    pub async fn next(&mut self) -> Exchange {
+    pub(crate) async fn next(&mut self) -> Exchange {
         within("a request at the mock upstream", self.exchanges.recv())
             .await
             .expect("mock upstream stopped")
     }
 
     /// True if no request has reached the upstream (without waiting).
-    pub fn nothing_received(&mut self) -> bool {
+    pub(crate) fn nothing_received(&mut self) -> bool {
         self.exchanges.try_recv().is_err()
     }
 }
 
 /// Resolves when the observed body was dropped by the server holding it.
-pub struct Dropped(oneshot::Receiver<()>);
+pub(crate) struct Dropped(oneshot::Receiver<()>);
 
 impl Dropped {
-    pub async fn wait(self) {
+    pub(crate) async fn wait(self) {
         let _ = within("the upstream to see the stream dropped", self.0).await;
     }
 
     /// True if the body has been dropped already.
-    pub fn happened(&mut self) -> bool {
+    pub(crate) fn happened(&mut self) -> bool {
         !matches!(self.0.try_recv(), Err(oneshot::error::TryRecvError::Empty))
     }
 }
 
 /// Wraps a body and reports when it is dropped.
-pub struct ObservedBody<B> {
+pub(crate) struct ObservedBody<B> {
     inner: Pin<Box<B>>,
     on_drop: Option<oneshot::Sender<()>>,
 }
 
 impl<B> ObservedBody<B> {
-    pub fn new(inner: B) -> (Self, Dropped) {
+    pub(crate) fn new(inner: B) -> (Self, Dropped) {
         let (tx, rx) = oneshot::channel();
         (
             Self {
@@ -287,19 +287,19 @@ where
     }
 }
 
-pub fn full(body: impl Into<Bytes>) -> TestBody {
+pub(crate) fn full(body: impl Into<Bytes>) -> TestBody {
     Full::new(body.into())
         .map_err(|never| match never {})
         .boxed()
 }
 
-pub fn empty() -> TestBody {
+pub(crate) fn empty() -> TestBody {
     full(Bytes::new())
 }
 
 /// Sends `request` with `client`, answers it at `upstream` with `answer`, and
 /// returns the headers the upstream saw and keyrelay's response, body read.
-pub async fn round_trip(
+pub(crate) async fn round_trip(
     client: &TestClient,
     upstream: &mut MockUpstream,
     request: Request<TestBody>,
@@ -322,17 +322,17 @@ pub async fn round_trip(
 }
 
 /// A 200 answer with `body`, for the mock upstream.
-pub fn ok(body: &'static str) -> Response<TestBody> {
+pub(crate) fn ok(body: &'static str) -> Response<TestBody> {
     Response::new(full(body))
 }
 
 /// How many TCP connections `upstream` has accepted so far.
-pub fn upstream_connections(upstream: &MockUpstream) -> usize {
+pub(crate) fn upstream_connections(upstream: &MockUpstream) -> usize {
     *upstream.connections.lock().expect("lock")
 }
 
 /// Every value of header `name` in `headers`, in order, as text.
-pub fn header_values<'a>(headers: &'a http::HeaderMap, name: &str) -> Vec<&'a str> {
+pub(crate) fn header_values<'a>(headers: &'a http::HeaderMap, name: &str) -> Vec<&'a str> {
     headers
         .get_all(name)
         .iter()
@@ -345,7 +345,7 @@ pub fn header_values<'a>(headers: &'a http::HeaderMap, name: &str) -> Vec<&'a st
 // ---------------------------------------------------------------------------
 
 /// keyrelay running in this process, on 127.0.0.1:0.
-pub struct Relay {
+pub(crate) struct Relay {
     pub addr: SocketAddr,
     shutdown: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
@@ -353,19 +353,19 @@ pub struct Relay {
 
 impl Relay {
     /// Starts keyrelay in front of `upstream` with [`KEY`] and extra settings.
-    pub async fn start(upstream: &str, settings: &[(&str, &str)]) -> Self {
+    pub(crate) async fn start(upstream: &str, settings: &[(&str, &str)]) -> Self {
         Self::from_sources(&sources(upstream, settings)).await
     }
 
     /// Starts keyrelay from sources the test built itself (e.g. with more
     /// variables in `env`).
-    pub async fn from_sources(sources: &Sources) -> Self {
+    pub(crate) async fn from_sources(sources: &Sources) -> Self {
         Self::from_config(config::load(sources).expect("test config is valid")).await
     }
 
     /// Starts keyrelay from a validated config the test may have adjusted
     /// (e.g. a Baseten shortcut's upstream pointed at a local server).
-    pub async fn from_config(config: config::Config) -> Self {
+    pub(crate) async fn from_config(config: config::Config) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind relay");
         let addr = listener.local_addr().expect("addr");
         let (shutdown, stop) = oneshot::channel::<()>();
@@ -379,12 +379,12 @@ impl Relay {
         }
     }
 
-    pub fn url(&self, path: &str) -> String {
+    pub(crate) fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
     }
 
     /// Asks keyrelay to shut down and waits until it has.
-    pub async fn stop(mut self) {
+    pub(crate) async fn stop(mut self) {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
@@ -396,7 +396,7 @@ impl Relay {
 }
 
 /// A port on 127.0.0.1 with nothing listening: bound by the OS, then released.
-pub fn closed_port() -> u16 {
+pub(crate) fn closed_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .expect("bind")
         .local_addr()
@@ -406,7 +406,7 @@ pub fn closed_port() -> u16 {
 
 /// Config sources for tests: [`KEY`] in the swapped environment, flags as
 /// overrides (comma-separated for list settings).
-pub fn sources(upstream: &str, settings: &[(&str, &str)]) -> Sources {
+pub(crate) fn sources(upstream: &str, settings: &[(&str, &str)]) -> Sources {
     let mut sources = Sources {
         env: HashMap::from([("BASETEN_API_KEY".to_owned(), KEY.to_owned())]),
         ..Sources::default()
@@ -437,21 +437,21 @@ pub fn sources(upstream: &str, settings: &[(&str, &str)]) -> Sources {
 // ---------------------------------------------------------------------------
 
 /// An HTTP/1.1 client with no pooling surprises (fresh connections per test).
-pub fn http1_client() -> Client<HttpConnector, TestBody> {
+pub(crate) fn http1_client() -> Client<HttpConnector, TestBody> {
     Client::builder(TokioExecutor::new())
         .pool_max_idle_per_host(0)
         .build_http()
 }
 
 /// An HTTP/2 prior-knowledge (h2c) client.
-pub fn h2c_client() -> Client<HttpConnector, TestBody> {
+pub(crate) fn h2c_client() -> Client<HttpConnector, TestBody> {
     Client::builder(TokioExecutor::new())
         .http2_only(true)
         .build_http()
 }
 
 /// Collects a whole response body.
-pub async fn body_bytes(response: Response<Incoming>) -> Bytes {
+pub(crate) async fn body_bytes(response: Response<Incoming>) -> Bytes {
     within("the whole body", response.into_body().collect())
         .await
         .expect("body completes")
@@ -459,7 +459,7 @@ pub async fn body_bytes(response: Response<Incoming>) -> Bytes {
 }
 
 /// Reads the next non-empty data frame of `body`, skipping trailers; `None` at the end.
-pub async fn next_data<B>(body: &mut B) -> Option<Result<Bytes, B::Error>>
+pub(crate) async fn next_data<B>(body: &mut B) -> Option<Result<Bytes, B::Error>>
 where
     B: Body<Data = Bytes> + Unpin,
 {
@@ -486,7 +486,7 @@ where
 /// `KEYRELAY_TEST_RUNNER` when that is set too: deploy/qemu_test.sh runs the
 /// tests that drive the binary against the aarch64 release build under
 /// qemu-user this way.
-pub fn binary() -> std::process::Command {
+pub(crate) fn binary() -> std::process::Command {
     let program = std::env::var_os("KEYRELAY_TEST_BINARY")
         .unwrap_or_else(|| env!("CARGO_BIN_EXE_keyrelay").into());
     let mut command = match std::env::var_os("KEYRELAY_TEST_RUNNER") {
@@ -505,7 +505,7 @@ pub fn binary() -> std::process::Command {
 }
 
 /// A running keyrelay process whose stderr (logs) is captured in full.
-pub struct RelayProcess {
+pub(crate) struct RelayProcess {
     pub child: tokio::process::Child,
     pub addr: SocketAddr,
     pub log: Arc<Mutex<String>>,
@@ -515,7 +515,7 @@ pub struct RelayProcess {
 
 impl RelayProcess {
     /// Spawns `command` (from [`binary`]) and waits for the "keyrelay ready" line.
-    pub async fn spawn(command: std::process::Command) -> Self {
+    pub(crate) async fn spawn(command: std::process::Command) -> Self {
         let mut command = tokio::process::Command::from(command);
         command
             .stdin(Stdio::null())
@@ -553,7 +553,7 @@ impl RelayProcess {
     }
 
     /// Everything the process wrote to stderr so far.
-    pub fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         self.log.lock().expect("lock").clone()
     }
 
@@ -562,7 +562,7 @@ impl RelayProcess {
     ///
     /// A child's stderr offers no event to wait on (a line is written just
     /// after the moment it describes), so this polls the captured text.
-    pub async fn wait_for_log(&self, needle: &str, times: usize) -> String {
+    pub(crate) async fn wait_for_log(&self, needle: &str, times: usize) -> String {
         let deadline = tokio::time::Instant::now() + STEP;
         loop {
             let log = self.log();
@@ -580,7 +580,7 @@ impl RelayProcess {
     /// Stops the process with SIGTERM, as an operator would, so that it
     /// writes every log line before it exits, and returns everything it
     /// printed: stderr (the log) followed by stdout.
-    pub async fn stop_and_output(&mut self) -> String {
+    pub(crate) async fn stop_and_output(&mut self) -> String {
         let pid = self.child.id().expect("running");
         // The ready line comes a moment before the signal handlers.
         ops::eventually("keyrelay to install its SIGTERM handler", || {
@@ -615,7 +615,7 @@ impl RelayProcess {
     }
 
     /// Peak resident memory (VmHWM) of the process, in KiB.
-    pub fn peak_rss_kib(&self) -> u64 {
+    pub(crate) fn peak_rss_kib(&self) -> u64 {
         let pid = self.child.id().expect("running");
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
         status
@@ -628,7 +628,7 @@ impl RelayProcess {
 
 /// True once process `pid` has a handler for `signal` (a signal number),
 /// read from the caught-signals mask in `/proc/PID/status`.
-pub fn catches_signal(pid: u32, signal: u32) -> bool {
+pub(crate) fn catches_signal(pid: u32, signal: u32) -> bool {
     let status =
         std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc/PID/status");
     let mask = status

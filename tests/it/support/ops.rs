@@ -16,17 +16,17 @@ use tokio::time::Instant;
 use crate::support::raw::{self, RawResponse};
 use crate::support::*;
 
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The signal number of SIGTERM (Linux).
-pub const SIGTERM: u32 = 15;
+pub(crate) const SIGTERM: u32 = 15;
 
 /// Interval between re-checks of a polled condition (polling, not synchronisation:
 /// the condition itself decides when the wait is over).
 const POLL: Duration = Duration::from_millis(10);
 
 /// Re-runs `probe` until it returns `Some`, for at most [`STEP`].
-pub async fn eventually<T, F, Fut>(what: &str, mut probe: F) -> T
+pub(crate) async fn eventually<T, F, Fut>(what: &str, mut probe: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
@@ -50,7 +50,7 @@ where
 
 /// `keyrelay` in front of `upstream`, on 127.0.0.1:0 with its admin listener on
 /// 127.0.0.1:0 and [`KEY`] in its environment; callers add flags.
-pub fn command(upstream: &str) -> std::process::Command {
+pub(crate) fn command(upstream: &str) -> std::process::Command {
     let mut command = binary();
     command
         .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
@@ -63,14 +63,14 @@ pub fn command(upstream: &str) -> std::process::Command {
 }
 
 /// A keyrelay process and the address of its admin listener.
-pub struct AdminRelay {
+pub(crate) struct AdminRelay {
     pub process: RelayProcess,
     pub admin: SocketAddr,
 }
 
 impl AdminRelay {
     /// Spawns `command` (from [`command`]) and reads both addresses from its ready line.
-    pub async fn spawn(command: std::process::Command) -> Self {
+    pub(crate) async fn spawn(command: std::process::Command) -> Self {
         let process = RelayProcess::spawn(command).await;
         // RelayProcess reports ready before the line lands in its log buffer.
         let admin = eventually("the admin address in the ready line", || {
@@ -82,27 +82,27 @@ impl AdminRelay {
     }
 
     /// The proxy address.
-    pub fn addr(&self) -> SocketAddr {
+    pub(crate) fn addr(&self) -> SocketAddr {
         self.process.addr
     }
 
     /// A URL on the proxy port.
-    pub fn url(&self, path: &str) -> String {
+    pub(crate) fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.process.addr)
     }
 
-    pub fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.process.child.id().expect("keyrelay is running")
     }
 
     /// Sends `signal` (e.g. "TERM") to the process.
-    pub async fn signal(&self, signal: &str) {
+    pub(crate) async fn signal(&self, signal: &str) {
         send_signal(self.pid(), signal).await;
     }
 
     /// True once the process has a handler for `signal` (a signal number),
     /// read from the caught-signals mask in `/proc/PID/status`.
-    pub fn catches(&self, signal: u32) -> bool {
+    pub(crate) fn catches(&self, signal: u32) -> bool {
         super::catches_signal(self.pid(), signal)
     }
 
@@ -110,7 +110,7 @@ impl AdminRelay {
     /// even serves requests) a moment before it installs its handlers; tests
     /// of what a signal does wait this out, while
     /// `sigterm_right_after_the_ready_line_drains_and_exits_0` covers the gap.
-    pub async fn wait_for_sigterm_handler(&self) {
+    pub(crate) async fn wait_for_sigterm_handler(&self) {
         eventually("keyrelay to install its SIGTERM handler", || {
             let caught = self.catches(SIGTERM);
             async move { caught.then_some(()) }
@@ -119,7 +119,7 @@ impl AdminRelay {
     }
 
     /// Waits at most `bound` for the process to exit.
-    pub async fn exit_within(&mut self, bound: Duration) -> ExitStatus {
+    pub(crate) async fn exit_within(&mut self, bound: Duration) -> ExitStatus {
         match tokio::time::timeout(bound, self.process.child.wait()).await {
             Ok(status) => status.expect("wait for keyrelay"),
             Err(_) => panic!(
@@ -130,7 +130,7 @@ impl AdminRelay {
     }
 
     /// True while the process has not exited.
-    pub fn running(&mut self) -> bool {
+    pub(crate) fn running(&mut self) -> bool {
         self.process
             .child
             .try_wait()
@@ -139,19 +139,24 @@ impl AdminRelay {
     }
 
     /// One request to the admin listener on a fresh connection.
-    pub async fn admin(&self, method: &str, path: &str) -> RawResponse {
+    pub(crate) async fn admin(&self, method: &str, path: &str) -> RawResponse {
         admin_request(self.admin, method, path).await
     }
 
     /// The current Prometheus scrape.
-    pub async fn scrape(&self) -> Scrape {
+    pub(crate) async fn scrape(&self) -> Scrape {
         let response = self.admin("GET", "/metrics").await;
         assert_eq!(response.status(), 200, "{}", response.body_text());
         Scrape(response.body_text())
     }
 
     /// Polls `/metrics` until sample `name{labels}` equals `want`; returns that scrape.
-    pub async fn wait_for_sample(&self, name: &str, labels: &[(&str, &str)], want: f64) -> Scrape {
+    pub(crate) async fn wait_for_sample(
+        &self,
+        name: &str,
+        labels: &[(&str, &str)],
+        want: f64,
+    ) -> Scrape {
         let deadline = Instant::now() + STEP;
         loop {
             let scrape = self.scrape().await;
@@ -168,7 +173,7 @@ impl AdminRelay {
     }
 
     /// Polls `/readyz` until it answers `status`.
-    pub async fn wait_for_readyz(&self, status: u16) -> RawResponse {
+    pub(crate) async fn wait_for_readyz(&self, status: u16) -> RawResponse {
         let admin = self.admin;
         eventually(&format!("/readyz to answer {status}"), || async move {
             let response = admin_request(admin, "GET", "/readyz").await;
@@ -178,13 +183,13 @@ impl AdminRelay {
     }
 
     /// Waits until the log holds `needle` at least `times` times; returns the log.
-    pub async fn wait_for_log(&self, needle: &str, times: usize) -> String {
+    pub(crate) async fn wait_for_log(&self, needle: &str, times: usize) -> String {
         self.process.wait_for_log(needle, times).await
     }
 }
 
 /// Sends `signal` (e.g. "TERM") to process `pid` with kill(1).
-pub async fn send_signal(pid: u32, signal: &str) {
+pub(crate) async fn send_signal(pid: u32, signal: &str) {
     let pid = pid.to_string();
     let status = within(
         "the kill command",
@@ -198,14 +203,14 @@ pub async fn send_signal(pid: u32, signal: &str) {
 }
 
 /// One request with an empty body to `addr`, on a fresh connection.
-pub async fn admin_request(addr: SocketAddr, method: &str, path: &str) -> RawResponse {
+pub(crate) async fn admin_request(addr: SocketAddr, method: &str, path: &str) -> RawResponse {
     admin_request_with(addr, method, path, &[], "").await
 }
 
 /// One request to `addr` on a fresh connection, with extra header lines and
 /// `body` (sent with its Content-Length); a `Host` among `headers` replaces
 /// the default one (`addr`).
-pub async fn admin_request_with(
+pub(crate) async fn admin_request_with(
     addr: SocketAddr,
     method: &str,
     path: &str,
@@ -245,7 +250,7 @@ fn admin_address(line: &str) -> Option<SocketAddr> {
 }
 
 /// Runs `keyrelay health --url URL` and returns its exit status and stderr.
-pub async fn health_check(url: &str) -> (ExitStatus, String) {
+pub(crate) async fn health_check(url: &str) -> (ExitStatus, String) {
     let mut command = tokio::process::Command::from(binary());
     command.args(["health", "--url", url]).kill_on_drop(true);
     let output = within("keyrelay health to finish", command.output())
@@ -263,11 +268,11 @@ pub async fn health_check(url: &str) -> (ExitStatus, String) {
 
 /// One `/metrics` body.
 #[derive(Debug, Clone)]
-pub struct Scrape(pub String);
+pub(crate) struct Scrape(pub String);
 
 impl Scrape {
     /// The value of the sample `name` whose label set is exactly `labels`.
-    pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    pub(crate) fn value(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
         self.0.lines().find_map(|line| {
             let sample = parse_sample(line)?;
             if sample.name != name || sample.labels.len() != labels.len() {
@@ -282,25 +287,25 @@ impl Scrape {
 
     /// Like [`value`](Self::value), with an absent series counted as 0 (a
     /// labelled counter appears at its first increment).
-    pub fn counter(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+    pub(crate) fn counter(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
         self.value(name, labels).unwrap_or(0.0)
     }
 
     /// A sample that must be present.
-    pub fn present(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+    pub(crate) fn present(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
         self.value(name, labels)
             .unwrap_or_else(|| panic!("no sample {name}{labels:?} in:\n{}", self.0))
     }
 
     /// Every sample line (comments skipped).
-    pub fn samples(&self) -> Vec<Sample> {
+    pub(crate) fn samples(&self) -> Vec<Sample> {
         self.0.lines().filter_map(parse_sample).collect()
     }
 }
 
 /// One sample line of the exposition.
 #[derive(Debug, Clone)]
-pub struct Sample {
+pub(crate) struct Sample {
     pub name: String,
     pub labels: Vec<(String, String)>,
     pub value: f64,
@@ -308,7 +313,7 @@ pub struct Sample {
 
 impl Sample {
     /// True if the sample carries label `key` with `value`.
-    pub fn has_label(&self, key: &str, value: &str) -> bool {
+    pub(crate) fn has_label(&self, key: &str, value: &str) -> bool {
         self.labels.iter().any(|(k, v)| k == key && v == value)
     }
 }
@@ -350,12 +355,12 @@ fn parse_sample(line: &str) -> Option<Sample> {
 // ---------------------------------------------------------------------------
 
 /// The head of a server-sent-events answer, for [`HeldStream::open_request`].
-pub fn sse() -> http::response::Builder {
+pub(crate) fn sse() -> http::response::Builder {
     http::Response::builder().header("content-type", "text/event-stream")
 }
 
 /// A response stream the test feeds frame by frame from the mock upstream.
-pub struct HeldStream {
+pub(crate) struct HeldStream {
     pub tx: Sender<Bytes, BoxError>,
     pub dropped: Dropped,
     pub body: Incoming,
@@ -368,14 +373,14 @@ pub struct HeldStream {
 impl HeldStream {
     /// GETs `url` with `client`, answers at `upstream` with a streaming 200 and
     /// returns once the client has the response head.
-    pub async fn open(client: &TestClient, upstream: &mut MockUpstream, url: &str) -> Self {
+    pub(crate) async fn open(client: &TestClient, upstream: &mut MockUpstream, url: &str) -> Self {
         let request = Request::get(url).body(empty()).expect("request");
         Self::open_request(client, upstream, request, http::Response::builder()).await
     }
 
     /// Sends `request`, answers it at `upstream` with a streaming response
     /// from `answer` (status 200 unless set) and returns once the client has the head.
-    pub async fn open_request(
+    pub(crate) async fn open_request(
         client: &TestClient,
         upstream: &mut MockUpstream,
         request: Request<TestBody>,
@@ -401,7 +406,7 @@ impl HeldStream {
     }
 
     /// Sends `frame` upstream and waits until the client has read exactly it.
-    pub async fn lockstep(&mut self, frame: &str) {
+    pub(crate) async fn lockstep(&mut self, frame: &str) {
         let frame = Bytes::from(frame.to_owned());
         within(
             "the upstream to take a frame",
@@ -418,7 +423,7 @@ impl HeldStream {
     }
 
     /// Ends the upstream body and checks the client sees a clean end.
-    pub async fn finish(self) -> usize {
+    pub(crate) async fn finish(self) -> usize {
         let Self {
             tx,
             mut body,

@@ -22,7 +22,7 @@ use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 use crate::support::STEP;
 
 /// Bound on a script's start-up: the interpreter, its imports, binding.
-pub const STARTUP: Duration = Duration::from_secs(60);
+pub(crate) const STARTUP: Duration = Duration::from_secs(60);
 
 /// How long a failing script is given to finish its traceback.
 const DYING_GRACE: Duration = Duration::from_secs(2);
@@ -46,7 +46,7 @@ const PROXY_VARIABLES: [&str; 8] = [
 
 /// Names an interpreter to use instead of building the test environment
 /// (one that already has the packages in `tests/requirements.txt`).
-pub const OVERRIDE: &str = "KEYRELAY_TEST_PYTHON";
+pub(crate) const OVERRIDE: &str = "KEYRELAY_TEST_PYTHON";
 
 /// The Python the tests run their clients and servers with.
 ///
@@ -56,7 +56,7 @@ pub const OVERRIDE: &str = "KEYRELAY_TEST_PYTHON";
 /// requirements change. That script locks against the other test binaries;
 /// the `OnceLock` makes the threads of this one ask only once. A failure to
 /// build it fails the test with the script's explanation; nothing is skipped.
-pub fn interpreter() -> &'static Path {
+pub(crate) fn interpreter() -> &'static Path {
     static PYTHON: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     match PYTHON.get_or_init(build_environment) {
         Ok(path) => path,
@@ -97,7 +97,7 @@ fn build_environment() -> Result<PathBuf, String> {
 }
 
 /// A running `tests/clients/<script>` under [`interpreter`].
-pub struct Script {
+pub(crate) struct Script {
     name: String,
     child: Child,
     stdin: Option<ChildStdin>,
@@ -109,7 +109,7 @@ pub struct Script {
 
 impl Script {
     /// Starts `tests/clients/<script>` with `args`, stdin and stdout piped.
-    pub fn spawn(script: &str, args: &[&str]) -> Self {
+    pub(crate) fn spawn(script: &str, args: &[&str]) -> Self {
         let path = format!("{}/tests/clients/{script}", env!("CARGO_MANIFEST_DIR"));
         let mut command = Command::new(interpreter());
         command
@@ -154,7 +154,7 @@ impl Script {
     }
 
     /// Everything the script has written to stderr so far.
-    pub fn stderr(&self) -> String {
+    pub(crate) fn stderr(&self) -> String {
         self.stderr.lock().expect("stderr lock").clone()
     }
 
@@ -170,13 +170,13 @@ impl Script {
     }
 
     /// The next line the script prints (without the newline), waiting at most [`STEP`].
-    pub async fn line(&mut self, what: &str) -> String {
+    pub(crate) async fn line(&mut self, what: &str) -> String {
         self.line_within(STEP, what).await
     }
 
     /// The next line the script prints, waiting at most `bound`: for a
     /// script that prints nothing until a long run of work is done.
-    pub async fn line_within(&mut self, bound: Duration, what: &str) -> String {
+    pub(crate) async fn line_within(&mut self, bound: Duration, what: &str) -> String {
         match tokio::time::timeout(bound, self.stdout.next_line()).await {
             Ok(Ok(Some(line))) => line,
             Ok(Ok(None)) => self.fail(format!("exited before printing {what}")).await,
@@ -189,7 +189,7 @@ impl Script {
     }
 
     /// Asserts that the next line the script prints is `expected`.
-    pub async fn expect_line(&mut self, expected: &str) {
+    pub(crate) async fn expect_line(&mut self, expected: &str) {
         let line = self.line(expected).await;
         if line != expected {
             self.fail(format!("printed {line:?}, expected {expected:?}"))
@@ -203,7 +203,7 @@ impl Script {
     /// Scripts print it once imports are done and sockets bound. The wait is
     /// [`STARTUP`], not [`STEP`]: loading a large SDK on a busy machine takes
     /// seconds, and that is not what the tests measure.
-    pub async fn started(&mut self, expected: &str) -> String {
+    pub(crate) async fn started(&mut self, expected: &str) -> String {
         let what = format!("{expected:?} (started)");
         let line = self.line_within(STARTUP, &what).await;
         match line.strip_prefix(expected) {
@@ -223,7 +223,7 @@ impl Script {
     /// more: the exit can be noticed before output written just before it
     /// (say a server's line about the call that made the client exit), and
     /// that output is the better failure message.
-    pub async fn while_running<F: std::future::Future>(
+    pub(crate) async fn while_running<F: std::future::Future>(
         &mut self,
         what: &str,
         future: F,
@@ -251,7 +251,7 @@ impl Script {
     }
 
     /// Writes `line` and a newline to the script's stdin.
-    pub async fn send_line(&mut self, line: &str) {
+    pub(crate) async fn send_line(&mut self, line: &str) {
         let stdin = self.stdin.as_mut().expect("stdin is still open");
         let written = tokio::time::timeout(STEP, async {
             stdin.write_all(format!("{line}\n").as_bytes()).await?;
@@ -265,13 +265,13 @@ impl Script {
     }
 
     /// Closes the script's stdin (it sees end of file).
-    pub fn close_stdin(&mut self) {
+    pub(crate) fn close_stdin(&mut self) {
         self.stdin = None;
     }
 
     /// Waits at most [`STEP`] for the script to exit and returns its status.
     /// Everything it wrote to stderr is in [`stderr`](Self::stderr) by then.
-    pub async fn exit_status(&mut self) -> ExitStatus {
+    pub(crate) async fn exit_status(&mut self) -> ExitStatus {
         match tokio::time::timeout(STEP, self.child.wait()).await {
             Ok(Ok(status)) => {
                 if let Some(reader) = self.stderr_reader.take() {
@@ -286,7 +286,7 @@ impl Script {
 
     /// Waits for the script to exit and asserts that it succeeded, with
     /// nothing left unread on its stdout.
-    pub async fn success(mut self) {
+    pub(crate) async fn success(mut self) {
         let status = self.exit_status().await;
         if !status.success() {
             self.fail(format!("failed: {status}")).await;

@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 use crate::support::within;
 
 /// One HTTP/1.1 connection read through a buffer, usable as client or server.
-pub struct RawConn {
+pub(crate) struct RawConn {
     pub stream: TcpStream,
     buf: Vec<u8>,
     /// Each read is bounded by [`STEP`](crate::support::STEP) (a timeout
@@ -26,14 +26,14 @@ pub struct RawConn {
 
 /// A response (or request) head split into its start line and headers.
 #[derive(Debug, Clone)]
-pub struct Head {
+pub(crate) struct Head {
     pub start_line: String,
     /// Header names lowercased, values as sent, in order, repeats kept.
     pub headers: Vec<(String, String)>,
 }
 
 impl Head {
-    pub fn parse(text: &str) -> Self {
+    pub(crate) fn parse(text: &str) -> Self {
         let mut lines = text.split("\r\n");
         let start_line = lines.next().unwrap_or_default().to_owned();
         let headers = lines
@@ -50,7 +50,7 @@ impl Head {
     }
 
     /// The first value of header `name` (lowercase).
-    pub fn header(&self, name: &str) -> Option<&str> {
+    pub(crate) fn header(&self, name: &str) -> Option<&str> {
         self.headers
             .iter()
             .find(|(n, _)| n == name)
@@ -58,7 +58,7 @@ impl Head {
     }
 
     /// The status code of a response head, `None` if the start line has none.
-    pub fn status_code(&self) -> Option<u16> {
+    pub(crate) fn status_code(&self) -> Option<u16> {
         self.start_line
             .split(' ')
             .nth(1)
@@ -66,13 +66,13 @@ impl Head {
     }
 
     /// The status code of a response head.
-    pub fn status(&self) -> u16 {
+    pub(crate) fn status(&self) -> u16 {
         self.status_code()
             .unwrap_or_else(|| panic!("not a status line: {:?}", self.start_line))
     }
 
     /// The request target of a request head, as sent.
-    pub fn target(&self) -> &str {
+    pub(crate) fn target(&self) -> &str {
         self.start_line
             .split(' ')
             .nth(1)
@@ -82,7 +82,7 @@ impl Head {
 
 /// A whole response as a raw client saw it.
 #[derive(Debug)]
-pub struct RawResponse {
+pub(crate) struct RawResponse {
     pub head: Head,
     /// The body after de-chunking.
     pub body: Vec<u8>,
@@ -91,25 +91,25 @@ pub struct RawResponse {
 }
 
 impl RawResponse {
-    pub fn status(&self) -> u16 {
+    pub(crate) fn status(&self) -> u16 {
         self.head.status()
     }
 
-    pub fn header(&self, name: &str) -> Option<&str> {
+    pub(crate) fn header(&self, name: &str) -> Option<&str> {
         self.head.header(name)
     }
 
-    pub fn body_text(&self) -> String {
+    pub(crate) fn body_text(&self) -> String {
         String::from_utf8_lossy(&self.body).into_owned()
     }
 
-    pub fn json(&self) -> serde_json::Value {
+    pub(crate) fn json(&self) -> serde_json::Value {
         serde_json::from_slice(&self.body)
             .unwrap_or_else(|err| panic!("body is not JSON ({err}): {:?}", self.body_text()))
     }
 
     /// "400 empty body", "403 keyrelay JSON host_not_allowed", "200 body \"ok\"".
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         let kind = if self.body.is_empty() {
             "empty body".to_owned()
         } else if self.header("content-type") == Some("application/json") {
@@ -127,7 +127,7 @@ impl RawResponse {
 
 /// How a connection ended when read to its end.
 #[derive(Debug)]
-pub struct Ending {
+pub(crate) struct Ending {
     /// Everything received until the end.
     pub bytes: Vec<u8>,
     /// `None` for an orderly EOF, the error for a reset.
@@ -135,7 +135,7 @@ pub struct Ending {
 }
 
 impl RawConn {
-    pub fn new(stream: TcpStream) -> Self {
+    pub(crate) fn new(stream: TcpStream) -> Self {
         Self {
             stream,
             buf: Vec::new(),
@@ -145,14 +145,14 @@ impl RawConn {
 
     /// A connection whose reads wait without a bound: the server side of a
     /// peer that may keep it open and idle for as long as it likes.
-    pub fn untimed(stream: TcpStream) -> Self {
+    pub(crate) fn untimed(stream: TcpStream) -> Self {
         Self {
             timed: false,
             ..Self::new(stream)
         }
     }
 
-    pub async fn connect(addr: SocketAddr) -> Self {
+    pub(crate) async fn connect(addr: SocketAddr) -> Self {
         let stream = within("a raw TCP connection", TcpStream::connect(addr))
             .await
             .expect("connect");
@@ -160,13 +160,13 @@ impl RawConn {
         Self::new(stream)
     }
 
-    pub async fn send(&mut self, bytes: impl AsRef<[u8]>) {
+    pub(crate) async fn send(&mut self, bytes: impl AsRef<[u8]>) {
         self.try_send(bytes).await.expect("raw write");
     }
 
     /// Writes `bytes`, returning the error instead of panicking (the peer may
     /// answer and close while this side is still sending).
-    pub async fn try_send(&mut self, bytes: impl AsRef<[u8]>) -> std::io::Result<()> {
+    pub(crate) async fn try_send(&mut self, bytes: impl AsRef<[u8]>) -> std::io::Result<()> {
         within("a raw write", self.stream.write_all(bytes.as_ref())).await
     }
 
@@ -225,37 +225,37 @@ impl RawConn {
 
     /// A head (up to and including the blank line), or `None` if the
     /// connection ends first.
-    pub async fn head_or_end(&mut self) -> Option<Vec<u8>> {
+    pub(crate) async fn head_or_end(&mut self) -> Option<Vec<u8>> {
         self.take_when(head_length).await.ok()
     }
 
     /// One line without its CRLF, or `None` if the connection ends first.
-    pub async fn line_or_end(&mut self) -> Option<Vec<u8>> {
+    pub(crate) async fn line_or_end(&mut self) -> Option<Vec<u8>> {
         let mut line = self.take_when(line_length).await.ok()?;
         line.truncate(line.len() - 2);
         Some(line)
     }
 
     /// Exactly `n` bytes, or `None` if the connection ends first.
-    pub async fn exact_or_end(&mut self, n: usize) -> Option<Vec<u8>> {
+    pub(crate) async fn exact_or_end(&mut self, n: usize) -> Option<Vec<u8>> {
         self.take_when(|buf| (buf.len() >= n).then_some(n))
             .await
             .ok()
     }
 
     /// Reads a head (up to and including the blank line) and returns it raw.
-    pub async fn read_head_raw(&mut self) -> Vec<u8> {
+    pub(crate) async fn read_head_raw(&mut self) -> Vec<u8> {
         self.take_or_panic("a message head", head_length).await
     }
 
     /// Reads and parses a head.
-    pub async fn read_head(&mut self) -> Head {
+    pub(crate) async fn read_head(&mut self) -> Head {
         let raw = self.read_head_raw().await;
         Head::parse(&String::from_utf8_lossy(&raw))
     }
 
     /// Reads exactly `n` more bytes.
-    pub async fn read_exact(&mut self, n: usize) -> Vec<u8> {
+    pub(crate) async fn read_exact(&mut self, n: usize) -> Vec<u8> {
         self.take_or_panic("a fixed-length body", |buf| (buf.len() >= n).then_some(n))
             .await
     }
@@ -266,7 +266,7 @@ impl RawConn {
     }
 
     /// Reads a chunked body to its terminating chunk; returns (decoded, raw).
-    pub async fn read_chunked(&mut self) -> (Vec<u8>, Vec<u8>) {
+    pub(crate) async fn read_chunked(&mut self) -> (Vec<u8>, Vec<u8>) {
         let mut body = Vec::new();
         let mut raw = Vec::new();
         // Bounded: each iteration consumes at least one chunk line.
@@ -297,7 +297,7 @@ impl RawConn {
     /// Reads one response, framed by Content-Length, chunking, or EOF.
     ///
     /// `head_request` says the response carries no body whatever its headers say.
-    pub async fn read_response_to(&mut self, head_request: bool) -> RawResponse {
+    pub(crate) async fn read_response_to(&mut self, head_request: bool) -> RawResponse {
         let head_raw = self.read_head_raw().await;
         let head = Head::parse(&String::from_utf8_lossy(&head_raw));
         let mut raw = head_raw;
@@ -327,12 +327,12 @@ impl RawConn {
         RawResponse { head, body, raw }
     }
 
-    pub async fn read_response(&mut self) -> RawResponse {
+    pub(crate) async fn read_response(&mut self) -> RawResponse {
         self.read_response_to(false).await
     }
 
     /// Reads until the peer closes (orderly or by reset), bounded by `within`.
-    pub async fn read_to_end(&mut self) -> Ending {
+    pub(crate) async fn read_to_end(&mut self) -> Ending {
         // Bounded: every iteration either reads bytes or ends; `within` bounds each read.
         loop {
             match self.fill().await {
@@ -355,7 +355,7 @@ impl RawConn {
 }
 
 /// Where `needle` first occurs in `haystack`.
-pub fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+pub(crate) fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack
         .windows(needle.len())
         .position(|window| window == needle)
@@ -372,14 +372,14 @@ fn line_length(buf: &[u8]) -> Option<usize> {
 }
 
 /// Sends `request` on a fresh connection and reads one response.
-pub async fn exchange(addr: SocketAddr, request: &str) -> RawResponse {
+pub(crate) async fn exchange(addr: SocketAddr, request: &str) -> RawResponse {
     let mut conn = RawConn::connect(addr).await;
     conn.send(request).await;
     conn.read_response().await
 }
 
 /// A plain GET for `path` on a fresh connection.
-pub async fn get(addr: SocketAddr, path: &str) -> RawResponse {
+pub(crate) async fn get(addr: SocketAddr, path: &str) -> RawResponse {
     exchange(
         addr,
         &format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"),
@@ -388,13 +388,13 @@ pub async fn get(addr: SocketAddr, path: &str) -> RawResponse {
 }
 
 /// An upstream on 127.0.0.1:0 that hands each accepted connection to the test.
-pub struct RawUpstream {
+pub(crate) struct RawUpstream {
     pub addr: SocketAddr,
     connections: mpsc::UnboundedReceiver<RawConn>,
 }
 
 impl RawUpstream {
-    pub async fn start() -> Self {
+    pub(crate) async fn start() -> Self {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind raw upstream");
@@ -411,25 +411,25 @@ impl RawUpstream {
         Self { addr, connections }
     }
 
-    pub fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("http://{}", self.addr)
     }
 
     /// Waits for keyrelay to open the next connection.
-    pub async fn next_conn(&mut self) -> RawConn {
+    pub(crate) async fn next_conn(&mut self) -> RawConn {
         within("a connection at the raw upstream", self.connections.recv())
             .await
             .expect("raw upstream stopped")
     }
 
     /// True if no connection is waiting (without waiting).
-    pub fn no_connection_pending(&mut self) -> bool {
+    pub(crate) fn no_connection_pending(&mut self) -> bool {
         self.connections.try_recv().is_err()
     }
 }
 
 /// Reads one request head on `conn` and answers it with a small 200.
-pub async fn serve_ok(conn: &mut RawConn, body: &str) -> Head {
+pub(crate) async fn serve_ok(conn: &mut RawConn, body: &str) -> Head {
     let head = conn.read_head().await;
     conn.send(format!(
         "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{body}",
@@ -442,7 +442,7 @@ pub async fn serve_ok(conn: &mut RawConn, body: &str) -> Head {
 /// Everything a raw client got back for one (hostile) input, until keyrelay
 /// ended the connection.
 #[derive(Debug)]
-pub struct ClientSaw {
+pub(crate) struct ClientSaw {
     pub bytes: Vec<u8>,
     /// How the connection ended: "closed", "reset (KIND)", with the write
     /// error after it if the request could not be written whole.
@@ -452,7 +452,7 @@ pub struct ClientSaw {
 impl ClientSaw {
     /// Every response in the bytes, in order, framed by Content-Length or
     /// chunking; a truncated last one is kept as far as it goes.
-    pub fn answers(&self) -> Vec<RawResponse> {
+    pub(crate) fn answers(&self) -> Vec<RawResponse> {
         let mut answers = Vec::new();
         let mut rest: &[u8] = &self.bytes;
         // Bounded: each iteration consumes a response or stops.
@@ -504,7 +504,7 @@ impl ClientSaw {
     }
 
     /// "400 empty body; then closed".
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         let mut parts: Vec<String> = self.answers().iter().map(RawResponse::describe).collect();
         if parts.is_empty() {
             parts.push("no response".to_owned());
@@ -517,12 +517,12 @@ impl ClientSaw {
 ///
 /// A write error is tolerated (keyrelay may answer and close while the client
 /// is still sending, e.g. an oversized head); each read is bounded by `STEP`.
-pub async fn probe(addr: SocketAddr, request: &[u8]) -> ClientSaw {
+pub(crate) async fn probe(addr: SocketAddr, request: &[u8]) -> ClientSaw {
     probe_with(addr, request, false).await
 }
 
 /// [`probe`], optionally shutting down the sending side after the request.
-pub async fn probe_with(addr: SocketAddr, request: &[u8], half_close: bool) -> ClientSaw {
+pub(crate) async fn probe_with(addr: SocketAddr, request: &[u8], half_close: bool) -> ClientSaw {
     let mut conn = RawConn::connect(addr).await;
     let write_error = conn
         .try_send(request)
@@ -548,7 +548,7 @@ pub async fn probe_with(addr: SocketAddr, request: &[u8], half_close: bool) -> C
 }
 
 /// Asserts `response` is keyrelay's own JSON error with `status` and `kind`.
-pub fn assert_keyrelay_error(response: &RawResponse, status: u16, kind: &str) {
+pub(crate) fn assert_keyrelay_error(response: &RawResponse, status: u16, kind: &str) {
     assert_eq!(
         response.status(),
         status,

@@ -18,7 +18,7 @@ use crate::support::within;
 
 /// One request as the upstream received it.
 #[derive(Debug, Clone)]
-pub struct SeenRequest {
+pub(crate) struct SeenRequest {
     pub method: String,
     pub target: String,
     /// Names lowercased, values as sent, in order.
@@ -33,7 +33,7 @@ pub struct SeenRequest {
 }
 
 impl SeenRequest {
-    pub fn header(&self, name: &str) -> Vec<&[u8]> {
+    pub(crate) fn header(&self, name: &str) -> Vec<&[u8]> {
         self.headers
             .iter()
             .filter(|(n, _)| n == name)
@@ -43,7 +43,7 @@ impl SeenRequest {
 }
 
 #[derive(Debug, Default)]
-pub struct Seen {
+pub(crate) struct Seen {
     pub connections: usize,
     pub requests: Vec<SeenRequest>,
     /// Anything keyrelay sent that a strict HTTP/1.1 parser would not accept.
@@ -55,7 +55,7 @@ pub struct Seen {
 
 /// A snapshot of the counters, to compare before and after one case.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Counts {
+pub(crate) struct Counts {
     pub connections: usize,
     pub requests: usize,
     pub violations: usize,
@@ -64,7 +64,7 @@ pub struct Counts {
 /// A raw HTTP/1.1 upstream on 127.0.0.1:0 that records everything and
 /// answers every complete request `200 ok`. Targets starting with `/hold`
 /// are answered only once [`Recorder::release`] is called.
-pub struct Recorder {
+pub(crate) struct Recorder {
     pub addr: SocketAddr,
     seen: Arc<Mutex<Seen>>,
     /// Bumped on every change of `seen`, so tests wait for events, not time.
@@ -73,7 +73,7 @@ pub struct Recorder {
 }
 
 impl Recorder {
-    pub async fn start() -> Self {
+    pub(crate) async fn start() -> Self {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind recorder");
@@ -104,11 +104,11 @@ impl Recorder {
         }
     }
 
-    pub fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("http://{}", self.addr)
     }
 
-    pub fn counts(&self) -> Counts {
+    pub(crate) fn counts(&self) -> Counts {
         let seen = self.seen.lock().expect("lock");
         Counts {
             connections: seen.connections,
@@ -118,24 +118,24 @@ impl Recorder {
     }
 
     /// Requests recorded since `before`.
-    pub fn requests_since(&self, before: Counts) -> Vec<SeenRequest> {
+    pub(crate) fn requests_since(&self, before: Counts) -> Vec<SeenRequest> {
         self.seen.lock().expect("lock").requests[before.requests..].to_vec()
     }
 
-    pub fn violations_since(&self, before: Counts) -> Vec<String> {
+    pub(crate) fn violations_since(&self, before: Counts) -> Vec<String> {
         self.seen.lock().expect("lock").violations[before.violations..].to_vec()
     }
 
-    pub fn all_requests(&self) -> Vec<SeenRequest> {
+    pub(crate) fn all_requests(&self) -> Vec<SeenRequest> {
         self.seen.lock().expect("lock").requests.clone()
     }
 
-    pub fn peak_in_flight(&self) -> usize {
+    pub(crate) fn peak_in_flight(&self) -> usize {
         self.seen.lock().expect("lock").peak_in_flight
     }
 
     /// Waits (bounded by `STEP`) until `test` holds for the recorded state.
-    pub async fn wait_until(&self, what: &str, test: impl Fn(&Seen) -> bool) {
+    pub(crate) async fn wait_until(&self, what: &str, test: impl Fn(&Seen) -> bool) {
         let mut changed = self.changed.clone();
         within(what, async {
             loop {
@@ -149,7 +149,7 @@ impl Recorder {
     }
 
     /// Lets every held `/hold...` request be answered.
-    pub fn release(&self) {
+    pub(crate) fn release(&self) {
         self.release.send_replace(true);
     }
 }
@@ -360,7 +360,7 @@ async fn strict_chunked(conn: &mut RawConn) -> Result<(Vec<u8>, Vec<u8>), (Vec<u
 }
 
 /// Describes what reached the upstream for one case.
-pub fn describe_upstream(requests: &[SeenRequest], violations: &[String]) -> String {
+pub(crate) fn describe_upstream(requests: &[SeenRequest], violations: &[String]) -> String {
     let mut parts = Vec::new();
     if requests.is_empty() {
         parts.push("nothing".to_owned());
@@ -391,7 +391,7 @@ pub fn describe_upstream(requests: &[SeenRequest], violations: &[String]) -> Str
 }
 
 /// The request after each case, on a new connection: it must be served.
-pub async fn next_is_served(relay: SocketAddr, upstream: &Recorder, tag: &str) -> String {
+pub(crate) async fn next_is_served(relay: SocketAddr, upstream: &Recorder, tag: &str) -> String {
     let path = format!("/next?after={tag}");
     let saw = probe(
         relay,

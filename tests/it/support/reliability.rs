@@ -3,7 +3,7 @@
 //! collects (from a `--nocapture` run) into RELIABILITY.md.
 
 /// Prints one `RELIABILITY|table|...` line; `|` and line breaks in cells are escaped.
-pub fn report(table: &str, cells: &[&str]) {
+pub(crate) fn report(table: &str, cells: &[&str]) {
     let cells: Vec<String> = cells
         .iter()
         .map(|cell| {
@@ -16,7 +16,7 @@ pub fn report(table: &str, cells: &[&str]) {
 }
 
 /// Bytes as printable text: ASCII kept, CR/LF/NUL/others escaped, long runs shortened.
-pub fn escape(bytes: &[u8]) -> String {
+pub(crate) fn escape(bytes: &[u8]) -> String {
     let mut text = String::new();
     let mut index = 0;
     while index < bytes.len() {

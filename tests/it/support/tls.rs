@@ -22,13 +22,13 @@ use tokio_rustls::TlsAcceptor;
 use crate::support::{full, temp_file, within, TempFile};
 
 /// A throwaway certificate authority.
-pub struct TestCa {
+pub(crate) struct TestCa {
     cert: rcgen::Certificate,
     key: KeyPair,
 }
 
 impl TestCa {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params
@@ -45,12 +45,12 @@ impl TestCa {
     }
 
     /// The CA certificate in PEM, as a user would put it in `ca_file`.
-    pub fn pem(&self) -> String {
+    pub(crate) fn pem(&self) -> String {
         self.cert.pem()
     }
 
     /// Issues a server certificate for `names` (DNS names or IP addresses).
-    pub fn issue(&self, names: &[&str]) -> ServerCert {
+    pub(crate) fn issue(&self, names: &[&str]) -> ServerCert {
         let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
         let mut params = CertificateParams::new(names).expect("leaf params");
         params
@@ -70,7 +70,7 @@ impl TestCa {
     }
 
     /// Writes the CA's PEM to a uniquely named temporary file, removed on drop.
-    pub fn write_pem_file(&self) -> TempFile {
+    pub(crate) fn write_pem_file(&self) -> TempFile {
         temp_file("test-ca", "ca.pem", self.pem())
     }
 }
@@ -82,14 +82,14 @@ impl Default for TestCa {
 }
 
 /// A server certificate chain and its private key.
-pub struct ServerCert {
+pub(crate) struct ServerCert {
     pub chain: Vec<CertificateDer<'static>>,
     pub key: PrivateKeyDer<'static>,
 }
 
 /// What the HTTPS upstream saw of one request.
 #[derive(Debug)]
-pub struct SeenRequest {
+pub(crate) struct SeenRequest {
     pub uri: Uri,
     pub headers: HeaderMap,
     /// Which accepted connection it came on, counting from 0.
@@ -97,14 +97,14 @@ pub struct SeenRequest {
 }
 
 /// An HTTPS (HTTP/1.1) upstream on 127.0.0.1:0 answering 200 "secure hello".
-pub struct TlsUpstream {
+pub(crate) struct TlsUpstream {
     pub addr: SocketAddr,
     requests: mpsc::UnboundedReceiver<SeenRequest>,
     handshakes: mpsc::UnboundedReceiver<Result<(), String>>,
 }
 
 impl TlsUpstream {
-    pub async fn start(cert: ServerCert) -> Self {
+    pub(crate) async fn start(cert: ServerCert) -> Self {
         // Explicit provider: the test binary must not depend on a process-wide default.
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let config = rustls::ServerConfig::builder_with_provider(provider)
@@ -162,30 +162,30 @@ impl TlsUpstream {
     }
 
     /// The upstream URL under the name `host` (which must resolve to 127.0.0.1).
-    pub fn url(&self, host: &str) -> String {
+    pub(crate) fn url(&self, host: &str) -> String {
         format!("https://{host}:{}", self.addr.port())
     }
 
-    pub async fn next_request(&mut self) -> SeenRequest {
+    pub(crate) async fn next_request(&mut self) -> SeenRequest {
         within("a request at the TLS upstream", self.requests.recv())
             .await
             .expect("TLS upstream stopped")
     }
 
     /// The outcome of the next TLS handshake, as the server saw it.
-    pub async fn next_handshake(&mut self) -> Result<(), String> {
+    pub(crate) async fn next_handshake(&mut self) -> Result<(), String> {
         within("a TLS handshake at the upstream", self.handshakes.recv())
             .await
             .expect("TLS upstream stopped")
     }
 
     /// True if no handshake is waiting to be read (without waiting).
-    pub fn no_handshake(&mut self) -> bool {
+    pub(crate) fn no_handshake(&mut self) -> bool {
         self.handshakes.try_recv().is_err()
     }
 
     /// True if no request got through the handshake (without waiting).
-    pub fn no_request(&mut self) -> bool {
+    pub(crate) fn no_request(&mut self) -> bool {
         self.requests.try_recv().is_err()
     }
 }
