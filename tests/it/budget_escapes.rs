@@ -776,6 +776,17 @@ async fn all_refused(
         if got != Some((*status, (*kind).to_owned())) {
             escaped.push(format!("{path} {body}: {got:?}"));
         }
+        let seen = match &got {
+            Some((status, kind)) => format!("{status} {kind}"),
+            None => "no answer within 1 s".to_owned(),
+        };
+        crate::support::reliability::report(
+            "issue23",
+            &[
+                &format!("past a request cap: POST {path} {body}"),
+                &format!("{seen}{}", token.map_or("", |_| " (access token's caps)")),
+            ],
+        );
     }
     assert!(escaped.is_empty(), "not refused as expected: {escaped:#?}");
     assert!(upstream.nothing_received(), "refused before the upstream");
@@ -955,9 +966,21 @@ async fn completions_paths_a_server_decodes_are_asked_for_their_usage() {
             .expect("body")
             .to_bytes();
         let sent: serde_json::Value = serde_json::from_slice(&sent).expect("JSON upstream");
-        if sent["stream_options"]["include_usage"] != true {
+        let added = sent["stream_options"]["include_usage"] == true;
+        if !added {
             escaped.push(path);
         }
+        crate::support::reliability::report(
+            "issue23",
+            &[
+                &format!("add_stream_usage: a streaming chat request to {path}, which servers decode to the chat path"),
+                if added {
+                    "include_usage added to the body sent upstream"
+                } else {
+                    "include_usage NOT added"
+                },
+            ],
+        );
         exchange.respond(sse().body(full("data: [DONE]\n\n")).expect("response"));
         let response = within("the answer", pending)
             .await
@@ -1015,6 +1038,16 @@ async fn answers_in_other_text_types_are_charged_a_lower_bound() {
         body_bytes(response).await;
         expected += charge;
         wait_spent(&relay, expected).await;
+        crate::support::reliability::report(
+            "issue23",
+            &[
+                &format!(
+                    "a budgeted answer typed {} that reports no usage",
+                    content_type.unwrap_or("nothing")
+                ),
+                &format!("charged {charge} tokens (prompt estimate + lower bound), /usage agrees"),
+            ],
+        );
     }
 }
 

@@ -1815,6 +1815,20 @@ async fn method_override_headers_cannot_carry_a_method_past_the_rules() {
         if status != Some(want) {
             escaped.push(format!("{header}: {status:?}"));
         }
+        let rules = if std::ptr::eq(relay, &ruled) {
+            "allowed_paths = \"POST /v1/*\""
+        } else {
+            "no path rules"
+        };
+        crate::support::reliability::report(
+            "issue23",
+            &[
+                &format!("POST /v1/files/f1 with {header} ({rules})"),
+                &status.map_or("no answer within 1 s".to_owned(), |s| {
+                    format!("{s}, not forwarded")
+                }),
+            ],
+        );
     }
     assert!(escaped.is_empty(), "not refused: {escaped:#?}");
     assert!(upstream.nothing_received(), "nothing reached the upstream");
