@@ -12,8 +12,10 @@
 pub(crate) mod context;
 pub(crate) mod error;
 pub mod headers;
+mod methods;
 pub(crate) mod request_body;
 pub(crate) mod request_id;
+mod request_inspection;
 pub(crate) mod response_body;
 pub mod route_table;
 pub(crate) mod tunnel;
@@ -24,7 +26,6 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::SystemTime;
 
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, Version};
@@ -35,21 +36,20 @@ use tokio::sync::Semaphore;
 use tracing::Instrument;
 
 use crate::config::{Config, Timeouts};
-use crate::guard::paths::PathVerdict;
 use crate::guard::tokens::AccessTokens;
 use crate::guard::{Admission, Guard};
 use crate::proxy::context::{RequestContext, Settlement};
 use crate::proxy::request_body::RequestBody;
+use crate::proxy::request_inspection::identity_encoding;
 use crate::proxy::response_body::RelayBody;
 use crate::proxy::route_table::{Route, RouteTable};
 use crate::proxy::tunnel::Tunnels;
 use crate::proxy::upstream::{Keeper, Lease, Upstreams, Via};
 use crate::telemetry::metrics::{Metrics, RouteMetrics};
 use crate::telemetry::record::{AccessRecord, Metered, Outcome};
-use crate::usage::budget::Refused;
-use crate::usage::inspect::{self, Broken, ReadBody, RequestCaps, Unparsed};
-use crate::usage::stream_usage::{self, UsageEventStrip};
-use crate::usage::{Budgets, Estimate, UsageTap};
+use crate::usage::inspect::RequestCaps;
+use crate::usage::stream_usage::UsageEventStrip;
+use crate::usage::{Budgets, UsageTap};
 use error::{ClientError, ProxyError, Refusal, UpstreamError};
 use request_id::{server_timing, RequestIds, BASETEN_REQUEST_ID, SERVER_TIMING, X_REQUEST_ID};
 
@@ -263,26 +263,13 @@ impl Shared {
             // not be escaped by asking for one.
             identity_encoding(&mut parts.headers);
         }
+        // The body, where the route needs what it asks for
+        // (request_inspection.rs); otherwise it goes up frame by frame.
         let (body, estimate) = self
             .read_request(route, &mut parts, body, budgeted, context)
             .await?;
         if budgeted {
-            // Held until the request ends, then replaced by what it spent.
-            // One round trip to a shared usage_store, none locally.
-            let reservation = self
-                .budgets
-                .reserve(
-                    route.index,
-                    context.token.as_deref(),
-                    estimate,
-                    SystemTime::now(),
-                )
-                .await
-                .map_err(|refused| match refused {
-                    Refused::Exhausted(exhausted) => Refusal::BudgetExhausted(exhausted),
-                    Refused::StoreUnavailable => Refusal::UsageStoreUnavailable,
-                })?;
-            context.reservation = reservation;
+            self.reserve(route, estimate, context).await?;
         }
 
         // 3. Build the upstream request.
@@ -347,22 +334,7 @@ impl Shared {
         if headers::has_unsupported_transfer_coding(&parts.headers) {
             return Err(ClientError::UnsupportedTransferCoding.into());
         }
-        // The method the upstream may act on: the request's, and any a
-        // method-override header names (Google's front ends, Express's
-        // method-override and Symfony obey them on a POST). Each must pass.
-        let path = parts.uri.path();
-        for method in std::iter::once(parts.method.clone()).chain(overridden(&parts.headers)) {
-            if let Some(echoing) = echoing_method(&method) {
-                if !route.paths.names(&method, path) {
-                    return Err(Refusal::MethodNotAllowed(echoing).into());
-                }
-            }
-            match route.paths.check(&method, path) {
-                PathVerdict::Allowed => {}
-                PathVerdict::NotAllowed => return Err(Refusal::PathNotAllowed.into()),
-                PathVerdict::Ambiguous(why) => return Err(ClientError::AmbiguousPath(why).into()),
-            }
-        }
+        methods::check(route, parts)?;
         if let Some(semaphore) = &self.concurrency {
             let permit = Arc::clone(semaphore)
                 .try_acquire_owned()
@@ -377,136 +349,6 @@ impl Shared {
             }
         }
         Ok(())
-    }
-
-    /// Reads what the request asks for from its body where the route needs
-    /// it (a budget, a request cap, `add_stream_usage` on a completions
-    /// path): at most [`inspect::MAX_BODY`] bytes, whatever the content
-    /// type (multipart aside) or framing. Checks the caps, rewrites the
-    /// body (a clamp, `include_usage`), and estimates what a budget should
-    /// reserve. Returns the body to send.
-    async fn read_request(
-        &self,
-        route: &Route,
-        parts: &mut http::request::Parts,
-        body: Incoming,
-        budgeted: bool,
-        context: &mut RequestContext,
-    ) -> Result<(RequestBody, Estimate), ProxyError> {
-        let rules = &route.rules;
-        let metrics = route.metrics.clone();
-        let declared = hyper::body::Body::size_hint(&body).exact();
-        let add_usage = route.add_stream_usage && inspect::is_completions_path(parts.uri.path());
-        let has_body = !hyper::body::Body::is_end_stream(&body);
-        let token_caps = context
-            .token
-            .is_some()
-            .then_some(&self.token_caps)
-            .filter(|caps| caps.is_set());
-        let capped = rules.caps.is_set() || token_caps.is_some();
-        let wanted = budgeted || capped || add_usage;
-        let mut estimate = Estimate {
-            prompt: inspect::prompt_estimate(declared.unwrap_or(0)),
-            output: rules.budget_reserve,
-        };
-        if capped && !has_body {
-            // A model named by the target alone (a WebSocket to
-            // `/v1/realtime?model=`) is checked too.
-            rules
-                .caps
-                .check_target(token_caps, &parts.uri)
-                .map_err(|_| Refusal::ModelNotAllowed)?;
-        }
-        // Most requests: nothing wants the body, or there is none.
-        let readable = || capped || inspect::may_be_json(&parts.headers);
-        if !(wanted && has_body && readable()) {
-            if has_body && budgeted && rules.unparsed_budget_requests == Unparsed::Refuse {
-                return Err(ClientError::UnreadableBody.into());
-            }
-            let body = RequestBody::new(body, self.max_request_body, metrics)
-                .with_frame_timeout(self.request_body_timeout);
-            return Ok((body, estimate));
-        }
-        let too_large = |length: usize| {
-            self.max_request_body
-                .filter(|limit| length as u64 > *limit)
-                .map(|limit| ProxyError::from(Refusal::PayloadTooLarge(limit)))
-        };
-        let bytes = match inspect::read(body).await {
-            Err(_) => return Err(ClientError::BadRequestBody.into()),
-            Ok(ReadBody::Longer { head, rest }) => {
-                if let Some(refused) = too_large(head.len()) {
-                    return Err(refused);
-                }
-                if capped || (budgeted && rules.unparsed_budget_requests == Unparsed::Refuse) {
-                    return Err(ClientError::UnreadableBody.into());
-                }
-                estimate.prompt = inspect::prompt_estimate(declared.unwrap_or(head.len() as u64));
-                let body = RequestBody::read_ahead(head, rest, self.max_request_body, metrics)
-                    .with_frame_timeout(self.request_body_timeout);
-                return Ok((body, estimate));
-            }
-            Ok(ReadBody::Whole(bytes)) => bytes,
-        };
-        if let Some(refused) = too_large(bytes.len()) {
-            return Err(refused);
-        }
-        estimate.prompt = inspect::prompt_estimate(bytes.len() as u64);
-        let Some(mut request) = inspect::parse(&bytes) else {
-            // An access token's caps hold as the route's do.
-            if capped || (budgeted && rules.unparsed_budget_requests == Unparsed::Refuse) {
-                return Err(ClientError::UnreadableBody.into());
-            }
-            return Ok((self.read_body(parts, bytes, metrics), estimate));
-        };
-        let clamped = rules
-            .caps
-            .apply(token_caps, &mut request, &parts.uri)
-            .map_err(|broken| -> ProxyError {
-                match broken {
-                    Broken::Model => Refusal::ModelNotAllowed.into(),
-                    Broken::Output { asked, cap } => {
-                        Refusal::OutputTokensOverCap { asked, cap }.into()
-                    }
-                    Broken::Unreadable => ClientError::UnreadableBody.into(),
-                }
-            })?;
-        if let Ok(Some(output)) = inspect::max_output(&request) {
-            estimate.output = output.saturating_mul(inspect::choices(&request));
-        }
-        let adds_usage = add_usage && stream_usage::lacks_usage(&request);
-        let rewritten = if clamped {
-            if adds_usage {
-                stream_usage::set_include_usage(&mut request);
-            }
-            serde_json::to_vec(&request).ok()
-        } else if adds_usage {
-            stream_usage::with_include_usage(&bytes, &request)
-        } else {
-            None
-        };
-        let added = adds_usage && rewritten.is_some();
-        context.added_usage = added;
-        if added {
-            // The usage event must be readable to be cut out.
-            identity_encoding(&mut parts.headers);
-        }
-        let bytes = rewritten.map_or(bytes, Bytes::from);
-        Ok((self.read_body(parts, bytes, metrics), estimate))
-    }
-
-    /// A body read whole, sent with its length.
-    fn read_body(
-        &self,
-        parts: &mut http::request::Parts,
-        bytes: Bytes,
-        metrics: RouteMetrics,
-    ) -> RequestBody {
-        parts.headers.remove(http::header::TRANSFER_ENCODING);
-        parts
-            .headers
-            .insert(http::header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
-        RequestBody::buffered(bytes, self.max_request_body, metrics)
     }
 
     /// The error answer for a request that could not be sent upstream.
@@ -614,14 +456,6 @@ impl Shared {
     }
 }
 
-/// Asks the upstream for an uncompressed response, which the usage tap can read.
-fn identity_encoding(headers: &mut http::HeaderMap) {
-    headers.insert(
-        http::header::ACCEPT_ENCODING,
-        HeaderValue::from_static("identity"),
-    );
-}
-
 /// What kind of metered answer a response is: a successful SSE stream or
 /// JSON answer, which budgets charge even when it reports no usage.
 fn metered(status: StatusCode, headers: &http::HeaderMap) -> Option<Metered> {
@@ -696,34 +530,6 @@ fn switch_protocols(
     *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     *response.headers_mut() = headers;
     response
-}
-
-/// `TRACE` or `TRACK` (in any case: methods are case-sensitive, but some
-/// servers are not), which make a server echo the request it received, the
-/// injected credential included.
-/// Headers with which a client asks a server to act as if its request
-/// used another method.
-/// Named once as `HeaderName`s: a `&str` name is parsed again on every lookup.
-static METHOD_OVERRIDES: [http::HeaderName; 3] = [
-    http::HeaderName::from_static("x-http-method-override"),
-    http::HeaderName::from_static("x-http-method"),
-    http::HeaderName::from_static("x-method-override"),
-];
-
-/// The methods a request's method-override headers name, as the servers
-/// that obey them read them (in upper case; every value, every header).
-fn overridden(headers: &http::HeaderMap) -> impl Iterator<Item = Method> + '_ {
-    METHOD_OVERRIDES
-        .iter()
-        .flat_map(|name| headers.get_all(name))
-        .flat_map(|value| value.as_bytes().split(|b| *b == b','))
-        .filter_map(|method| Method::from_bytes(&method.trim_ascii().to_ascii_uppercase()).ok())
-}
-
-fn echoing_method(method: &Method) -> Option<&'static str> {
-    ["TRACE", "TRACK"]
-        .into_iter()
-        .find(|echoing| method.as_str().eq_ignore_ascii_case(echoing))
 }
 
 /// Turns the client's request into the upstream's: new target, scrubbed
