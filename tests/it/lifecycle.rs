@@ -70,8 +70,7 @@ async fn sigterm_fails_readiness_lets_the_stream_finish_and_exits_0() {
         "{status:?}\n{}",
         relay.process.log()
     );
-    let log = relay.process.log();
-    assert!(log.contains("draining"), "{log}");
+    let log = relay.process.wait_for_log("draining", 1).await;
     assert!(
         !log.contains("grace period over"),
         "nothing was cut:\n{log}"
@@ -170,8 +169,10 @@ async fn second_sigterm_while_draining_exits_at_once_with_143() {
         Some(Err(err)) => println!("client saw: {err:?}"),
         other => panic!("the stream must be cut, not end cleanly: {other:?}"),
     }
-    let log = relay.process.log();
-    assert!(log.contains("second shutdown signal"), "{log}");
+    relay
+        .process
+        .wait_for_log("second shutdown signal", 1)
+        .await;
 }
 
 #[tokio::test]
@@ -259,8 +260,7 @@ async fn shutdown_delay_keeps_accepting_new_connections_for_a_while() {
         exited_after >= ALMOST_ONE_SECOND,
         "exited after {exited_after:?}, before shutdown_delay (1s) was over"
     );
-    let log = relay.process.log();
-    assert!(log.contains("shutdown_delay"), "{log}");
+    relay.process.wait_for_log("shutdown_delay", 1).await;
 }
 
 #[tokio::test]
@@ -288,8 +288,7 @@ async fn quitquitquit_on_the_admin_port_drains_and_exits_0() {
         "{status:?}\n{}",
         relay.process.log()
     );
-    let log = relay.process.log();
-    assert!(log.contains("quit requested"), "{log}");
+    relay.process.wait_for_log("quit requested", 1).await;
 }
 
 /// A client that connected and has not sent a byte (a browser's preconnect,
