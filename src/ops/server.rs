@@ -14,7 +14,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::ops::listener::Listener;
+use crate::ops::listener::{Listener, Stream};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
@@ -49,26 +49,11 @@ pub(crate) async fn serve(
 ) -> std::io::Result<()> {
     let grace = config.shutdown_grace;
     let limits = &config.limits;
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
-        // Also caps the request head: hyper answers 431 beyond it.
-        .max_buf_size(limits.max_request_header_size);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(limits.http2_max_concurrent_streams)
-        .max_header_list_size(u32::try_from(limits.max_request_header_size).unwrap_or(u32::MAX))
-        // Rapid-reset defence: few streams reset before they are served.
-        .max_pending_accept_reset_streams(HTTP2_MAX_PENDING_RESETS)
-        .max_local_error_reset_streams(HTTP2_MAX_LOCAL_ERROR_RESETS)
-        .keep_alive_interval(HTTP2_KEEPALIVE_INTERVAL);
-
-    let builder = Arc::new(builder);
-    let first_bytes_timeout = limits.header_read_timeout;
-    let idle_timeout = limits.client_idle_timeout;
+    let builder = Arc::new(connection_builder(limits));
+    let timeouts = Timeouts {
+        first_bytes: limits.header_read_timeout,
+        idle: limits.client_idle_timeout,
+    };
     // Tells connections that have not sent a byte yet that keyrelay is
     // draining: hyper's graceful shutdown cannot reach them (they are not
     // served yet), and waiting out their first-bytes timeout would hold up
@@ -97,69 +82,15 @@ pub(crate) async fn serve(
                 let in_flight = InFlight::new();
                 let service =
                     TowerToHyperService::new(Counted::new(proxy.clone(), in_flight.clone()));
-                let builder = Arc::clone(&builder);
-                let mut draining = draining.clone();
-                connections.spawn(async move {
-                    // hyper waits for the first bytes (to tell HTTP/1.1 from
-                    // HTTP/2) without a limit; a silent client must not hold a
-                    // connection for free.
-                    if let Some(limit) = first_bytes_timeout {
-                        tokio::select! {
-                            waited = tokio::time::timeout(limit, stream.wait_for_data()) => {
-                                if waited.is_err() {
-                                    tracing::debug!(%peer, "client sent nothing; closing");
-                                    return;
-                                }
-                            }
-                            _ = draining.wait_for(|draining| *draining) => {
-                                tracing::debug!(%peer, "client sent nothing before shutdown; closing");
-                                return;
-                            }
-                        }
-                    }
-                    let connection = builder
-                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                        .into_owned();
-                    tokio::pin!(connection);
-                    let after_goaway = in_flight.clone();
-                    let idle = async {
-                        match idle_timeout {
-                            Some(limit) => client_idle::idle_for(in_flight, limit).await,
-                            None => std::future::pending().await,
-                        }
-                    };
-                    tokio::pin!(idle);
-                    // Polled only once the idle close began: a client that
-                    // never completes the GOAWAY exchange is cut after it.
-                    let cut = client_idle::idle_for(after_goaway, client_idle::GOAWAY_GRACE);
-                    tokio::pin!(cut);
-                    // Drain and idleness end a connection the same way:
-                    // hyper finishes what is in flight (HTTP/2: GOAWAY).
-                    let mut closing = false;
-                    let mut idle_closing = false;
-                    let ended = loop {
-                        tokio::select! {
-                            ended = connection.as_mut() => break ended,
-                            _ = draining.wait_for(|draining| *draining), if !closing => {
-                                connection.as_mut().graceful_shutdown();
-                                closing = true;
-                            }
-                            () = &mut idle, if !closing => {
-                                tracing::debug!(%peer, "no request for client_idle_timeout; closing");
-                                connection.as_mut().graceful_shutdown();
-                                closing = true;
-                                idle_closing = true;
-                            }
-                            () = &mut cut, if idle_closing => {
-                                tracing::debug!(%peer, "idle connection did not finish closing; dropping it");
-                                break Ok(());
-                            }
-                        }
-                    };
-                    if let Err(err) = ended {
-                        tracing::debug!(%peer, error = %err, "connection ended with an error");
-                    }
-                });
+                connections.spawn(serve_connection(
+                    stream,
+                    peer,
+                    service,
+                    Arc::clone(&builder),
+                    timeouts,
+                    in_flight,
+                    draining.clone(),
+                ));
             }
             // Reap finished connection tasks so the set does not grow without bound.
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
@@ -193,4 +124,107 @@ pub(crate) async fn serve(
     tunnels.abort_all();
     connections.shutdown().await;
     Ok(())
+}
+
+/// How long a connection may stay silent: before its first bytes, and with
+/// no request in flight.
+#[derive(Clone, Copy)]
+struct Timeouts {
+    first_bytes: Option<Duration>,
+    idle: Option<Duration>,
+}
+
+/// The HTTP/1.1 and HTTP/2 settings every client connection is served with.
+fn connection_builder(limits: &crate::config::Limits) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        // Also caps the request head: hyper answers 431 beyond it.
+        .max_buf_size(limits.max_request_header_size);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.http2_max_concurrent_streams)
+        .max_header_list_size(u32::try_from(limits.max_request_header_size).unwrap_or(u32::MAX))
+        // Rapid-reset defence: few streams reset before they are served.
+        .max_pending_accept_reset_streams(HTTP2_MAX_PENDING_RESETS)
+        .max_local_error_reset_streams(HTTP2_MAX_LOCAL_ERROR_RESETS)
+        .keep_alive_interval(HTTP2_KEEPALIVE_INTERVAL);
+
+    builder
+}
+
+/// One client connection, from its first bytes to its end: served by hyper,
+/// closed gracefully when keyrelay drains or when it has had no request in
+/// flight for `client_idle_timeout`, and cut if it then will not finish.
+async fn serve_connection(
+    stream: Stream,
+    peer: String,
+    service: TowerToHyperService<Counted>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    timeouts: Timeouts,
+    in_flight: InFlight,
+    mut draining: tokio::sync::watch::Receiver<bool>,
+) {
+    // hyper waits for the first bytes (to tell HTTP/1.1 from
+    // HTTP/2) without a limit; a silent client must not hold a
+    // connection for free.
+    if let Some(limit) = timeouts.first_bytes {
+        tokio::select! {
+            waited = tokio::time::timeout(limit, stream.wait_for_data()) => {
+                if waited.is_err() {
+                    tracing::debug!(%peer, "client sent nothing; closing");
+                    return;
+                }
+            }
+            _ = draining.wait_for(|draining| *draining) => {
+                tracing::debug!(%peer, "client sent nothing before shutdown; closing");
+                return;
+            }
+        }
+    }
+    let connection = builder
+        .serve_connection_with_upgrades(TokioIo::new(stream), service)
+        .into_owned();
+    tokio::pin!(connection);
+    let after_goaway = in_flight.clone();
+    let idle = async {
+        match timeouts.idle {
+            Some(limit) => client_idle::idle_for(in_flight, limit).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(idle);
+    // Polled only once the idle close began: a client that
+    // never completes the GOAWAY exchange is cut after it.
+    let cut = client_idle::idle_for(after_goaway, client_idle::GOAWAY_GRACE);
+    tokio::pin!(cut);
+    // Drain and idleness end a connection the same way:
+    // hyper finishes what is in flight (HTTP/2: GOAWAY).
+    let mut closing = false;
+    let mut idle_closing = false;
+    let ended = loop {
+        tokio::select! {
+            ended = connection.as_mut() => break ended,
+            _ = draining.wait_for(|draining| *draining), if !closing => {
+                connection.as_mut().graceful_shutdown();
+                closing = true;
+            }
+            () = &mut idle, if !closing => {
+                tracing::debug!(%peer, "no request for client_idle_timeout; closing");
+                connection.as_mut().graceful_shutdown();
+                closing = true;
+                idle_closing = true;
+            }
+            () = &mut cut, if idle_closing => {
+                tracing::debug!(%peer, "idle connection did not finish closing; dropping it");
+                break Ok(());
+            }
+        }
+    };
+    if let Err(err) = ended {
+        tracing::debug!(%peer, error = %err, "connection ended with an error");
+    }
 }
