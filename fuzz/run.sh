@@ -59,10 +59,13 @@ nice cargo fuzz build "${FUZZ_FLAGS[@]}" >&2
 # The config dictionary: every setting and route key, from the sources.
 mkdir -p target
 {
-  grep -o 'key: "[a-z_0-9]*"' "$ROOT/src/config/mod.rs" | sed 's/key: //'
-  sed -n '/^pub(super) struct RawRoute/,/^}/p' "$ROOT/src/config/routes.rs" |
+  # Wherever under src/config/ they live (settings.rs, routes/mod.rs today).
+  grep -rho 'key: "[a-z_0-9]*"' "$ROOT/src/config" | sed 's/key: //'
+  grep -rl '^pub(super) struct RawRoute' "$ROOT/src/config" |
+    xargs sed -n '/^pub(super) struct RawRoute/,/^}/p' |
     grep -o '^    [a-z_0-9]*:' | tr -d ' :' | sed 's/.*/"&"/'
   printf '%s\n' '"[[routes]]"' '" = "' '"true"' '"false"' '"\"https://"' '"\"http://"' \
+    '"\"yes\""' '"\"off\""' '"\"1\""' '"regional = true"' '"allowed_paths = [\""' \
     '"{key}"' '"off"' '"ms"' '"KiB"' '"MiB"' '"/m"' '"127.0.0.1:"' '"BASETEN_API_KEY"' \
     '"LLAMA_KEY"' '"FRONTEND_TOKEN"' '"prefix = \"/"' '"[\""' '"\"]"'
 } | sort -u >target/config_toml.dict

@@ -2,38 +2,54 @@
 //!
 //! An `http::Request` is built from fuzzed parts (method, URI bytes, header
 //! names and values, written as text lines: see [`Input`], with
-//! dictionaries of the names and values keyrelay treats specially) and run through every pure function of the data path:
+//! dictionaries of the names and values keyrelay treats specially) and run
+//! through every pure function of the data path:
 //! `headers::prepare_request` (with `remove_hop_by_hop` and `restore_upgrade`),
-//! `headers::requested_upgrade`, `guard::host::HostPolicy::allows`,
-//! `guard::paths::PathPolicy::allows`, `baseten::map_path`, and the route
-//! table's `find` + `upstream_uri`. Each result is checked against an
-//! independent statement of what it must be:
+//! `headers::requested_upgrade`, `headers::has_unsupported_transfer_coding`,
+//! `guard::host::HostPolicy::allows` and `allows_at`,
+//! `guard::paths::PathPolicy` (`parse`, `check`, `names`, `rules_outside`),
+//! `baseten::map_path`, and the route table's `find` + `upstream_uri`. Each
+//! result is checked against an independent statement of what it must be:
 //!
 //! - the credential header is present exactly once, with the configured value;
-//! - no hop-by-hop header survives (`TE` only as exactly `trailers`), nor any
-//!   header the client's `Connection` named, nor `Host`, nor a stripped one;
-//! - every other header survives unchanged, values in order;
+//! - no hop-by-hop header survives (`TE` only as exactly `trailers`), nor
+//!   `Trailer` (request trailers are dropped, so none are announced), nor any
+//!   header the client's `Connection` named, nor a stripped one;
+//! - every other header survives unchanged, values in order, `Host` included
+//!   (`proxy::set_version` alone replaces or removes it, once the upstream's
+//!   HTTP version is known);
 //! - an upgrade is reported only for `Upgrade: websocket` named by `Connection`;
-//! - an accepted `Host` is a loopback name or a configured one, with at most a
-//!   numeric port and a trailing dot;
-//! - a path the path policy allows matches a rule and has no dot segments,
-//!   encoded or not;
-//! - the upstream URI always has the route's scheme and authority, and the
-//!   client's path and query after the base path, unchanged but for the
-//!   route's documented mapping.
+//! - a transfer coding is supported only when every coding named is `chunked`;
+//! - an accepted `Host` is a loopback name or a configured one (or, on the
+//!   admin port, the listener's own IP literal), with at most a numeric port
+//!   and a trailing dot;
+//! - a rule list parses when every rule is `[METHOD] /path[*]` with a path no
+//!   server could read as another; with rules, a path servers could read
+//!   differently (dot segments, encoded or not, `\`, `;`, `%25`, malformed
+//!   or non-UTF-8 escapes, control characters) is `Ambiguous` before any
+//!   rule is tried, else `Allowed` exactly when a rule matches; `names`
+//!   (which TRACE and TRACK need) only when a rule naming the method matches;
+//! - Baseten paths are put under the stage as the table in baseten.rs says,
+//!   staged paths refused on a regional host;
+//! - the upstream URI has the route's scheme and authority, and the client's
+//!   path and query after the base path, unchanged but for the route's
+//!   documented mapping (prefix stripped, Baseten stage).
 #![no_main]
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::{Arc, OnceLock};
 
-use http::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, HOST, TE, UPGRADE};
+use http::header::{
+    HeaderMap, HeaderName, HeaderValue, CONNECTION, TE, TRANSFER_ENCODING, UPGRADE,
+};
+use http::uri::Scheme;
 use http::{Method, Request, Uri};
-use keyrelay::config::baseten::{self, Stage};
+use keyrelay::config::baseten::{self, Stage, StagedPathOnRegionalHost};
 use keyrelay::config::{self, OverrideValue, RouteConfig, Sources};
 use keyrelay::guard::host::HostPolicy;
-use keyrelay::guard::paths::PathPolicy;
+use keyrelay::guard::paths::{PathPolicy, PathVerdict};
 use keyrelay::proxy::headers;
-use keyrelay::telemetry::metrics::Metrics;
 use keyrelay::proxy::route_table::RouteTable;
 use libfuzzer_sys::fuzz_target;
 
@@ -75,8 +91,27 @@ const VALUES: &[&str] = &[
     "[::1]:1",
     "chunked",
     "",
+    "trailer, host",
+    "chunked, gzip",
+    "10.1.2.3:9901",
+    "[fd00::7]",
 ];
 
+/// Removed by `prepare_request` whatever `Connection` says (`TE` comes
+/// back as `trailers` when the client asked for them).
+const ALWAYS_REMOVED: [&str; 8] = [
+    "connection",
+    "proxy-connection",
+    "keep-alive",
+    "te",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-authenticate",
+    "trailer",
+];
+
+/// The hop-by-hop headers `remove_hop_by_hop` takes out (`Trailer` is left
+/// to `prepare_request`: responses keep it).
 const HOP_BY_HOP: [&str; 7] = [
     "connection",
     "proxy-connection",
@@ -87,6 +122,15 @@ const HOP_BY_HOP: [&str; 7] = [
     "proxy-authenticate",
 ];
 
+/// The listener addresses `local N` picks from (`allows_at`).
+const LOCAL_IPS: [Option<&str>; 5] = [
+    None,
+    Some("10.1.2.3"),
+    Some("::ffff:10.1.2.3"),
+    Some("fd00::7"),
+    Some("127.0.0.1"),
+];
+
 /// One fuzz input, as text a person can write (and seeds are written in):
 ///
 /// ```text
@@ -94,8 +138,9 @@ const HOP_BY_HOP: [&str; 7] = [
 /// Name: value            (header lines, any bytes, until an empty line)
 ///
 /// cred N                 (which credential setup, 0-2)
-/// stage env|deploy|dev NAME
+/// stage env|deploy|dev|regional NAME
 /// host NAME              (an extra accepted host)
+/// local N                (the listener's IP for allows_at, 0-4; 0: none)
 /// allow RULE             (a path policy rule)
 /// ```
 ///
@@ -108,6 +153,7 @@ struct Input {
     headers: Vec<(Vec<u8>, Vec<u8>)>,
     credential: u8,
     extra_hosts: Vec<Vec<u8>>,
+    local: u8,
     rules: Vec<String>,
     stage: u8,
     stage_name: Vec<u8>,
@@ -148,11 +194,13 @@ impl Input {
                     input.stage = match kind {
                         "deploy" => 1,
                         "dev" => 2,
+                        "regional" => 3,
                         _ => 0,
                     };
                     input.stage_name = name.as_bytes().to_vec();
                 }
                 "host" => input.extra_hosts.push(rest.as_bytes().to_vec()),
+                "local" => input.local = rest.bytes().next().unwrap_or(b'0'),
                 "allow" => input.rules.push(rest.to_owned()),
                 _ => {}
             }
@@ -214,16 +262,15 @@ fn lists(value: &HeaderValue, token: &str) -> bool {
 fn check_prepare_request(original: &HeaderMap, choice: u8) {
     let (name, value, strip) = credential(choice);
     let mut headers = original.clone();
-    headers::prepare_request(&mut headers, &strip, &name, &value);
+    headers::prepare_request(&mut headers, &strip, &name, value.clone());
 
     let injected: Vec<&HeaderValue> = headers.get_all(&name).iter().collect();
     assert_eq!(injected, [&value], "credential header present exactly once");
-    assert!(!headers.contains_key(HOST), "Host removed");
-    for hop in HOP_BY_HOP {
-        if hop == "te" {
+    for gone in ALWAYS_REMOVED {
+        if gone == "te" {
             continue;
         }
-        assert!(!headers.contains_key(hop), "{hop} survived: {headers:?}");
+        assert!(!headers.contains_key(gone), "{gone} survived: {headers:?}");
     }
     let te: Vec<&HeaderValue> = headers.get_all(TE).iter().collect();
     let wanted_trailers = original.get_all(TE).iter().any(|v| lists(v, "trailers"));
@@ -257,10 +304,9 @@ fn check_prepare_request(original: &HeaderMap, choice: u8) {
         }
     }
 
-    // Everything else is end to end: same values, same order.
+    // Everything else is end to end, Host included: same values, same order.
     for key in original.keys() {
-        let removed = key == HOST
-            || HOP_BY_HOP.contains(&key.as_str())
+        let removed = ALWAYS_REMOVED.contains(&key.as_str())
             || named.contains(key)
             || strip.contains(key)
             || *key == name;
@@ -289,7 +335,8 @@ fn check_prepare_request(original: &HeaderMap, choice: u8) {
         assert_eq!(headers.get_all(&name).iter().count(), 1);
     }
 
-    // remove_hop_by_hop alone, on the original: idempotent, hop-by-hop-free.
+    // remove_hop_by_hop alone, on the original: idempotent, hop-by-hop-free,
+    // and nothing else touched (Trailer is end to end on a response).
     let mut once = original.clone();
     headers::remove_hop_by_hop(&mut once);
     let mut twice = once.clone();
@@ -298,6 +345,13 @@ fn check_prepare_request(original: &HeaderMap, choice: u8) {
     for hop in HOP_BY_HOP {
         if hop != "te" {
             assert!(!once.contains_key(hop));
+        }
+    }
+    for key in original.keys() {
+        if !HOP_BY_HOP.contains(&key.as_str()) && !named.contains(key) {
+            let before: Vec<&HeaderValue> = original.get_all(key).iter().collect();
+            let after: Vec<&HeaderValue> = once.get_all(key).iter().collect();
+            assert_eq!(before, after, "remove_hop_by_hop changed {key}");
         }
     }
 }
@@ -315,9 +369,31 @@ fn check_upgrade(headers: &HeaderMap) {
     assert_eq!(headers::requested_upgrade(headers).as_ref(), expected);
 }
 
-/// The documented Host rule: a loopback name or a configured one, any case,
-/// one optional trailing dot, an optional numeric port; nothing else.
-fn host_ok(host: &str, extra: &[String]) -> bool {
+/// The documented rule: hyper decodes only `chunked`, so a request naming
+/// any other coding (or one that is not text) is refused.
+fn check_transfer_coding(headers: &HeaderMap) {
+    let only_chunked = headers.get_all(TRANSFER_ENCODING).iter().all(|value| {
+        value.to_str().is_ok_and(|text| {
+            text.split(',')
+                .all(|coding| coding.trim().eq_ignore_ascii_case("chunked"))
+        })
+    });
+    assert_eq!(
+        headers::has_unsupported_transfer_coding(headers),
+        !only_chunked,
+        "transfer codings {:?}",
+        headers
+            .get_all(TRANSFER_ENCODING)
+            .iter()
+            .collect::<Vec<_>>()
+    );
+}
+
+/// The documented Host rule: a loopback name or a configured one (or, on
+/// the admin port, the literal IP the connection arrived on, in either of
+/// its IPv4 and IPv4-mapped IPv6 forms), any case, one optional trailing
+/// dot, an optional numeric port; nothing else.
+fn host_ok(host: &str, extra: &[String], local: Option<IpAddr>) -> bool {
     let host = host.trim().to_ascii_lowercase();
     let name = if host.starts_with('[') {
         let Some(end) = host.find(']') else {
@@ -342,15 +418,31 @@ fn host_ok(host: &str, extra: &[String]) -> bool {
         }
     };
     let name = name.strip_suffix('.').unwrap_or(&name);
-    !name.is_empty()
-        && (["localhost", "127.0.0.1", "[::1]"].contains(&name)
-            || extra.iter().any(|e| {
-                let e = e.to_ascii_lowercase();
-                e.strip_suffix('.').unwrap_or(&e) == name
-            }))
+    if name.is_empty() {
+        return false;
+    }
+    let is_local = local.is_some_and(|local| {
+        let literal = name
+            .strip_prefix('[')
+            .and_then(|inner| inner.strip_suffix(']'))
+            .unwrap_or(name);
+        literal.parse::<IpAddr>().is_ok_and(|ip| {
+            let canonical = |ip: IpAddr| match ip {
+                IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+                v4 => v4,
+            };
+            canonical(ip) == canonical(local)
+        })
+    });
+    is_local
+        || ["localhost", "127.0.0.1", "[::1]"].contains(&name)
+        || extra.iter().any(|e| {
+            let e = e.to_ascii_lowercase();
+            e.strip_suffix('.').unwrap_or(&e) == name
+        })
 }
 
-fn check_host(uri: &Uri, headers: &HeaderMap, extra_raw: &[Vec<u8>]) {
+fn check_host(uri: &Uri, headers: &HeaderMap, extra_raw: &[Vec<u8>], local: u8) {
     let extra: Vec<String> = extra_raw
         .iter()
         .map(|raw| {
@@ -361,12 +453,13 @@ fn check_host(uri: &Uri, headers: &HeaderMap, extra_raw: &[Vec<u8>]) {
         })
         .filter(|name| HostPolicy::is_valid_name(name))
         .collect();
+    let local: Option<IpAddr> =
+        LOCAL_IPS[usize::from(local) % LOCAL_IPS.len()].map(|ip| ip.parse().expect("a listed IP"));
     let policy = HostPolicy::new(&extra);
-    let allowed = policy.allows(uri, headers);
 
     let mut named = Vec::new();
     let mut readable = true;
-    for value in headers.get_all(HOST) {
+    for value in headers.get_all(http::header::HOST) {
         match value.to_str() {
             Ok(text) => named.push(text.to_owned()),
             Err(_) => readable = false,
@@ -375,98 +468,235 @@ fn check_host(uri: &Uri, headers: &HeaderMap, extra_raw: &[Vec<u8>]) {
     if let Some(authority) = uri.authority() {
         named.push(authority.as_str().to_owned());
     }
-    let expected = readable && !named.is_empty() && named.iter().all(|h| host_ok(h, &extra));
+    let expected =
+        |local| readable && !named.is_empty() && named.iter().all(|h| host_ok(h, &extra, local));
     assert_eq!(
-        allowed, expected,
+        policy.allows(uri, headers),
+        expected(None),
         "HostPolicy::allows disagrees with the documented rule for {named:?} (extra {extra:?})"
+    );
+    assert_eq!(
+        policy.allows_at(uri, headers, local),
+        expected(local),
+        "HostPolicy::allows_at disagrees with the documented rule for {named:?} \
+         (extra {extra:?}, local {local:?})"
     );
 }
 
-/// Percent-decodes every `%XX` once.
-fn decode(path: &str) -> Vec<u8> {
-    let bytes = path.as_bytes();
-    let mut out = Vec::new();
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
-            if let Some(byte) = hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
-                out.push(byte);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
+/// The documented ambiguity rule: true when some server could read `path`
+/// as another path. Raw `\` or `;`; an escape that is not `%` and two hex
+/// digits; or, once every escape is decoded (`%2F` becoming a separator too),
+/// a `.` or `..` segment, a `%` (decoded again it is another escape), `\`,
+/// `;`, a control character, or bytes that are not UTF-8.
+fn ambiguous(path: &str) -> bool {
+    let raw = path.as_bytes();
+    if raw.contains(&b'\\') || raw.contains(&b';') {
+        return true;
     }
-    out
+    let mut decoded = Vec::with_capacity(raw.len());
+    let mut i = 0;
+    while i < raw.len() {
+        if raw[i] != b'%' {
+            decoded.push(raw[i]);
+            i += 1;
+            continue;
+        }
+        let hex = raw
+            .get(i + 1..i + 3)
+            .filter(|h| h.iter().all(u8::is_ascii_hexdigit));
+        let Some(hex) = hex else {
+            return true;
+        };
+        let text = std::str::from_utf8(hex).expect("hex digits are ASCII");
+        decoded.push(u8::from_str_radix(text, 16).expect("two hex digits"));
+        i += 3;
+    }
+    std::str::from_utf8(&decoded).is_err()
+        || decoded
+            .iter()
+            .any(|&b| matches!(b, b'%' | b'\\' | b';') || b.is_ascii_control())
+        || decoded
+            .split(|&b| b == b'/')
+            .any(|segment| segment == b"." || segment == b"..")
+}
+
+/// One rule as the README states it: `[METHOD] /path`, a trailing `*`
+/// making the path a prefix.
+struct ModelRule {
+    method: Option<Method>,
+    path: String,
+    prefix: bool,
+}
+
+impl ModelRule {
+    fn matches(&self, path: &str) -> bool {
+        if self.prefix {
+            path.starts_with(&self.path)
+        } else {
+            path == self.path
+        }
+    }
+}
+
+/// The rules, or `None` when some rule is a config mistake: a method that
+/// is not one, a path not starting with `/`, or a path no request could
+/// match because requests with such paths are refused as ambiguous.
+fn model_rules(rules: &[String]) -> Option<Vec<ModelRule>> {
+    rules
+        .iter()
+        .map(|rule| {
+            let rule = rule.trim();
+            let (method, path) = match rule.split_once(char::is_whitespace) {
+                Some((m, p)) => (
+                    Some(Method::from_bytes(m.to_ascii_uppercase().as_bytes()).ok()?),
+                    p.trim(),
+                ),
+                None => (None, rule),
+            };
+            if !path.starts_with('/') {
+                return None;
+            }
+            let (path, prefix) = match path.strip_suffix('*') {
+                Some(stem) => (stem, true),
+                None => (path, false),
+            };
+            if ambiguous(path) {
+                return None;
+            }
+            Some(ModelRule {
+                method,
+                path: path.to_owned(),
+                prefix,
+            })
+        })
+        .collect()
 }
 
 fn check_paths(method: &Method, path: &str, rules: &[String]) {
-    let Ok(policy) = PathPolicy::parse(rules) else {
+    let parsed = PathPolicy::parse(rules);
+    let model = model_rules(rules);
+    assert_eq!(
+        parsed.is_ok(),
+        model.is_some(),
+        "PathPolicy::parse({rules:?}) = {parsed:?}"
+    );
+    let (Ok(policy), Some(model)) = (parsed, model) else {
         return;
     };
-    if !policy.allows(method, path) || rules.is_empty() {
-        return;
+
+    let verdict = policy.check(method, path);
+    let expected_ambiguous = !model.is_empty() && ambiguous(path);
+    let matched = model.is_empty()
+        || model
+            .iter()
+            .any(|rule| rule.method.as_ref().is_none_or(|m| m == method) && rule.matches(path));
+    match verdict {
+        PathVerdict::Ambiguous(why) => {
+            assert!(expected_ambiguous, "{path:?} called ambiguous ({why})");
+            assert!(!why.is_empty());
+        }
+        PathVerdict::Allowed => {
+            assert!(
+                !expected_ambiguous,
+                "ambiguous {path:?} allowed by {rules:?}"
+            );
+            assert!(
+                matched,
+                "{method} {path:?} allowed, matching no rule of {rules:?}"
+            );
+        }
+        PathVerdict::NotAllowed => {
+            assert!(!expected_ambiguous, "ambiguous {path:?} not called so");
+            assert!(
+                !matched,
+                "{method} {path:?} refused, though a rule of {rules:?} matches"
+            );
+        }
     }
-    let decoded = decode(path);
-    assert!(
-        !decoded.contains(&b'\\'),
-        "allowed a path with a backslash: {path:?}"
+    assert_eq!(policy.allows(method, path), verdict == PathVerdict::Allowed);
+
+    // Methods refused unless named (TRACE, TRACK) pass only by a rule that
+    // names the very method and matches; never with no rules at all.
+    let named = !ambiguous(path)
+        && model
+            .iter()
+            .any(|rule| rule.method.as_ref() == Some(method) && rule.matches(path));
+    assert_eq!(
+        policy.names(method, path),
+        named,
+        "names({method}, {path:?}) with {rules:?}"
     );
-    assert!(
-        !decoded
-            .split(|&b| b == b'/')
-            .any(|segment| segment == b"." || segment == b".."),
-        "allowed a path with dot segments: {path:?}"
-    );
-    let matched = rules.iter().any(|rule| {
-        let rule = rule.trim();
-        let (rule_method, rule_path) = match rule.split_once(char::is_whitespace) {
-            Some((m, p)) => (Some(m.to_ascii_uppercase()), p.trim()),
-            None => (None, rule),
-        };
-        let method_ok = rule_method.is_none_or(|m| m == method.as_str());
-        method_ok
-            && match rule_path.strip_suffix('*') {
-                Some(stem) => path.starts_with(stem),
-                None => path == rule_path,
-            }
-    });
-    assert!(
-        matched,
-        "allowed {method} {path:?} matching no rule of {rules:?}"
-    );
+
+    // A rule is outside a route prefix when no path the route serves
+    // (the prefix itself, or below it) can match it.
+    for prefix in ["/", "/llama", "/keep", "/v1/chat"] {
+        let under = format!("{prefix}/");
+        let outside: Vec<String> = model
+            .iter()
+            .filter(|rule| {
+                let inside = prefix == "/"
+                    || if rule.prefix {
+                        prefix.starts_with(&rule.path) || rule.path.starts_with(&under)
+                    } else {
+                        rule.path == prefix || rule.path.starts_with(&under)
+                    };
+                !inside
+            })
+            .map(|rule| {
+                // Written back as `METHOD /path*`, the method in capitals.
+                let method = rule.method.as_ref().map(|m| format!("{m} "));
+                let star = if rule.prefix { "*" } else { "" };
+                format!("{}{}{star}", method.unwrap_or_default(), rule.path)
+            })
+            .collect();
+        assert_eq!(
+            policy.rules_outside(prefix),
+            outside,
+            "rules_outside({prefix:?}) with {rules:?}"
+        );
+    }
 }
 
-fn check_map_path(stage: &Stage, path_and_query: &str) {
-    let mapped = baseten::map_path(stage, path_and_query);
-    assert!(
-        mapped.ends_with(path_and_query),
-        "{mapped:?} lost the client's path"
-    );
+/// The table in baseten.rs: staged paths unchanged (refused on a regional
+/// host), `/async_request/...` unchanged, everything else under the stage,
+/// with `/sync` before OpenAI-style `/v1` paths.
+fn check_map_path(stage: &Stage, stage_prefix: &str, path_and_query: &str) {
     let staged = [
         "/environments/",
         "/deployment/",
         "/development/",
         "/production/",
-        "/async_request/",
     ]
     .iter()
     .any(|prefix| path_and_query.starts_with(prefix));
-    if staged {
-        assert_eq!(mapped, path_and_query);
+    let expected = if staged {
+        if *stage == Stage::Regional {
+            Err(StagedPathOnRegionalHost)
+        } else {
+            Ok(path_and_query.to_owned())
+        }
+    } else if path_and_query.starts_with("/async_request/") {
+        Ok(path_and_query.to_owned())
     } else {
-        assert!(
-            mapped.starts_with(&stage.to_string()),
-            "{mapped:?} not under {stage}"
-        );
-    }
+        let path = path_and_query.split('?').next().unwrap_or_default();
+        let sync = if path == "/v1" || path.starts_with("/v1/") {
+            "/sync"
+        } else {
+            ""
+        };
+        Ok(format!("{stage_prefix}{sync}{path_and_query}"))
+    };
+    assert_eq!(
+        baseten::map_path(stage, path_and_query),
+        expected,
+        "map_path({stage:?}, {path_and_query:?})"
+    );
 }
 
 /// Routes built once through the real config loader: a default route with
-/// a base path, a model shortcut under `/llama` (stripped, staged), and a
-/// plain upstream under `/keep` that keeps its prefix.
+/// a base path, a model shortcut under `/llama` (stripped, staged), a
+/// regional model under `/reg` (stripped, bare paths), and a plain upstream
+/// under `/keep` that keeps its prefix.
 fn routes() -> &'static (RouteTable, Vec<RouteConfig>) {
     static ROUTES: OnceLock<(RouteTable, Vec<RouteConfig>)> = OnceLock::new();
     ROUTES.get_or_init(|| {
@@ -482,9 +712,16 @@ prefix = "/llama"
 model = "abc123"
 key_env = "BASETEN_API_KEY"
 [[routes]]
+name = "reg"
+prefix = "/reg"
+model = "abc123"
+environment = "staging"
+regional = true
+key_env = "BASETEN_API_KEY"
+[[routes]]
 name = "keep"
 prefix = "/keep"
-upstream = "http://keep.example.test:8081"
+upstream = "http://127.0.0.1:8081"
 strip_prefix = false
 key_env = "BASETEN_API_KEY"
 auth_header = "baseten-authorization"
@@ -497,25 +734,108 @@ auth_header = "baseten-authorization"
             ..Sources::default()
         };
         sources.set("listen", OverrideValue::Text("127.0.0.1:0".to_owned()));
-        let config = config::load(&sources).expect("fuzz route config is valid");
+        let config = config::load(&sources);
         let _ = std::fs::remove_file(&file);
-        let no_http2_pools = config.routes.iter().map(|_| None).collect();
-        let table = RouteTable::new(&config.routes, &Arc::new(Metrics::new()), no_http2_pools);
+        let config = config.expect("fuzz route config is valid");
+        let names: Vec<&str> = config.routes.iter().map(|r| r.name.as_str()).collect();
+        for name in ["llama", "reg", "keep"] {
+            assert!(names.contains(&name), "route {name} missing: {names:?}");
+        }
+        assert_eq!(
+            config.routes.len(),
+            4,
+            "three routes and the default: {names:?}"
+        );
+        // The metrics registry by inference: the target names no ops module.
+        let table = RouteTable::new(&config.routes, &Arc::default());
+        // The HTTP/1.1 Host each route sends: the authority, default port left out.
+        for route in table.iter() {
+            let authority = &route.upstream.authority;
+            let default = if route.upstream.scheme == Scheme::HTTPS {
+                443
+            } else {
+                80
+            };
+            let expected = match authority.port_u16() {
+                Some(port) if port != default => format!("{}:{port}", authority.host()),
+                _ => authority.host().to_owned(),
+            };
+            assert_eq!(
+                route.host.as_ref().map(|h| h.to_str().expect("text")),
+                Some(expected.as_str()),
+                "Host of route {}",
+                route.name
+            );
+        }
         (table, config.routes.clone())
     })
 }
 
 fn check_routes(uri: &Uri) {
     let (table, configs) = routes();
-    let Some(route) = table.find(uri.path()) else {
+    let path = uri.path();
+    // Longest prefix first, on segment boundaries; "/" catches the rest.
+    let serves = |prefix: &str| {
+        prefix == "/"
+            || path
+                .strip_prefix(prefix)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+    };
+    let expected = configs
+        .iter()
+        .filter(|c| serves(&c.prefix))
+        .max_by_key(|c| c.prefix.len())
+        .map(|c| c.name.as_str());
+    let route = table.find(path);
+    assert_eq!(
+        route.map(|r| r.name.as_str()),
+        expected,
+        "route for {path:?}"
+    );
+    let Some(route) = route else {
         return;
     };
     let config = configs
         .iter()
         .find(|c| c.name == route.name)
         .expect("route has a config");
-    let Ok(upstream) = route.upstream_uri(uri) else {
+    let upstream = route.upstream_uri(uri);
+
+    let local = uri.path_and_query().map_or("/", |pq| pq.as_str());
+    if !local.starts_with('/') {
+        assert!(
+            upstream.is_err(),
+            "{uri} (target {local:?}) -> {upstream:?}"
+        );
         return;
+    }
+    // strip_prefix: the route's prefix comes off, leaving at least "/".
+    let rest = if config.strip_prefix && config.prefix != "/" {
+        let rest = local
+            .strip_prefix(config.prefix.as_str())
+            .expect("a route serves paths under its prefix");
+        if rest.starts_with('/') {
+            rest.to_owned()
+        } else {
+            format!("/{rest}")
+        }
+    } else {
+        local.to_owned()
+    };
+    let mapped = match &config.stage {
+        Some(stage) => baseten::map_path(stage, &rest),
+        None => Ok(rest),
+    };
+    let Ok(mapped) = mapped else {
+        assert!(
+            upstream.is_err(),
+            "a staged path to a regional host was forwarded: {uri} -> {upstream:?}"
+        );
+        return;
+    };
+    let upstream = match upstream {
+        Ok(upstream) => upstream,
+        Err(err) => panic!("{uri} refused: {err:?}"),
     };
     assert_eq!(
         upstream.scheme(),
@@ -528,25 +848,16 @@ fn check_routes(uri: &Uri) {
         "{uri} -> {upstream}"
     );
     let sent = upstream.path_and_query().map_or("/", |pq| pq.as_str());
-    let local = uri.path_and_query().map_or("/", |pq| pq.as_str());
-    assert!(
-        sent.starts_with(&config.upstream.base_path),
-        "{uri} -> {upstream}"
+    assert_eq!(
+        sent,
+        format!("{}{mapped}", config.upstream.base_path),
+        "{uri} -> {upstream}: path and query forwarded byte for byte"
     );
-    if config.stage.is_none() && !(config.strip_prefix && config.prefix != "/") {
-        assert_eq!(
-            sent,
-            format!("{}{local}", config.upstream.base_path),
-            "path and query forwarded byte for byte"
-        );
-    }
-    if let Some(query) = uri.query() {
-        assert_eq!(
-            upstream.query(),
-            Some(query),
-            "query forwarded byte for byte"
-        );
-    }
+    assert_eq!(
+        upstream.query(),
+        uri.query(),
+        "query forwarded byte for byte"
+    );
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -568,7 +879,8 @@ fuzz_target!(|data: &[u8]| {
 
     check_prepare_request(&parts.headers, input.credential);
     check_upgrade(&parts.headers);
-    check_host(&parts.uri, &parts.headers, &input.extra_hosts);
+    check_transfer_coding(&parts.headers);
+    check_host(&parts.uri, &parts.headers, &input.extra_hosts, input.local);
     check_paths(&parts.method, parts.uri.path(), &input.rules);
 
     let name: String = input
@@ -582,13 +894,20 @@ fuzz_target!(|data: &[u8]| {
     } else {
         "production".to_owned()
     };
-    let stage = match input.stage % 3 {
-        0 => Stage::Environment(name),
-        1 => Stage::Deployment(name),
-        _ => Stage::Development,
+    let (stage, stage_prefix) = match input.stage % 4 {
+        0 => (
+            Stage::Environment(name.clone()),
+            format!("/environments/{name}"),
+        ),
+        1 => (
+            Stage::Deployment(name.clone()),
+            format!("/deployment/{name}"),
+        ),
+        2 => (Stage::Development, "/development".to_owned()),
+        _ => (Stage::Regional, String::new()),
     };
     if let Some(pq) = parts.uri.path_and_query() {
-        check_map_path(&stage, pq.as_str());
+        check_map_path(&stage, &stage_prefix, pq.as_str());
     }
     check_routes(&parts.uri);
 });
