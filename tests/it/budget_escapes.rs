@@ -532,14 +532,7 @@ async fn request_caps_refuse_other_models_and_over_asking_however_the_body_is_se
         ),
     );
     let mut exchange = upstream.next().await;
-    let sent = exchange
-        .request
-        .body_mut()
-        .collect()
-        .await
-        .expect("body")
-        .to_bytes();
-    let sent: serde_json::Value = serde_json::from_slice(&sent).expect("JSON");
+    let sent = exchange.body_json().await;
     crate::support::reliability::report(
         "issue23",
         &[
@@ -685,14 +678,7 @@ async fn access_tokens_carry_their_own_caps_on_top_of_the_route() {
     );
     let pending = tokio::spawn(client.request(ask(r#"{"model":"small"}"#)));
     let mut exchange = upstream.next().await;
-    let sent = exchange
-        .request
-        .body_mut()
-        .collect()
-        .await
-        .expect("body")
-        .to_bytes();
-    let sent: serde_json::Value = serde_json::from_slice(&sent).expect("JSON");
+    let sent = exchange.body_json().await;
     assert_eq!(sent["max_tokens"], 64, "the token's cap filled in");
     exchange.respond_full(200, "{}");
     within("the answer", pending)
@@ -961,11 +947,7 @@ async fn completions_paths_a_server_decodes_are_asked_for_their_usage() {
             ),
         );
         let mut exchange = upstream.next().await;
-        let sent = within("the request body", exchange.request.body_mut().collect())
-            .await
-            .expect("body")
-            .to_bytes();
-        let sent: serde_json::Value = serde_json::from_slice(&sent).expect("JSON upstream");
+        let sent = exchange.body_json().await;
         let added = sent["stream_options"]["include_usage"] == true;
         if !added {
             escaped.push(path);
@@ -1098,11 +1080,7 @@ async fn n_answers_ask_for_n_times_the_output_cap() {
             ),
         );
         let mut exchange = upstream.next().await;
-        let sent = within("the request body", exchange.request.body_mut().collect())
-            .await
-            .expect("body")
-            .to_bytes();
-        let sent: serde_json::Value = serde_json::from_slice(&sent).expect("JSON upstream");
+        let sent = exchange.body_json().await;
         assert_eq!(sent["max_tokens"], 125, "{body}");
         exchange.respond_full(200, "{}");
         within("the answer", pending)
@@ -1261,11 +1239,7 @@ async fn output_limits_other_apis_nest_are_capped_too() {
             ),
         );
         let mut exchange = upstream.next().await;
-        let sent = within("the request body", exchange.request.body_mut().collect())
-            .await
-            .expect("body")
-            .to_bytes();
-        let sent: serde_json::Value = serde_json::from_slice(&sent).expect("JSON upstream");
+        let sent = exchange.body_json().await;
         assert_eq!(sent.pointer(pointer), Some(&500.into()), "{path}: {sent}");
         exchange.respond_full(200, "{}");
         within("the answer", pending)

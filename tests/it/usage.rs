@@ -314,14 +314,7 @@ async fn add_stream_usage_asks_for_usage_counts_it_and_keeps_it_from_the_client(
         };
         let pending = tokio::spawn(client.request(post(&relay, "/v1/chat/completions", body)));
         let mut exchange = upstream.next().await;
-        let sent = within(
-            "the request body",
-            http_body_util::BodyExt::collect(exchange.request.body_mut()),
-        )
-        .await
-        .expect("body")
-        .to_bytes();
-        let sent: serde_json::Value = serde_json::from_slice(&sent).expect("JSON");
+        let sent = exchange.body_json().await;
         assert_eq!(sent["stream_options"]["include_usage"], true, "{sent}");
         let (mut tx, _dropped) = exchange.respond_streaming_with(sse());
         let response = within("the response head", pending)

@@ -112,6 +112,15 @@ pub(crate) struct Exchange {
 }
 
 impl Exchange {
+    /// The request body keyrelay sent, read whole and parsed as JSON.
+    pub(crate) async fn body_json(&mut self) -> serde_json::Value {
+        let sent = within("the request body", self.request.body_mut().collect())
+            .await
+            .expect("body")
+            .to_bytes();
+        serde_json::from_slice(&sent).expect("JSON upstream")
+    }
+
     /// Answers with `response`.
     pub(crate) fn respond(self, response: Response<TestBody>) {
         let _ = self.respond.send(response);
