@@ -109,6 +109,8 @@ struct Shared {
 struct FailureContext<'a> {
     origin: Option<HeaderValue>,
     route: Option<&'a Route>,
+    /// The attempts upstream, when the failure is the last of several.
+    attempts: Option<Box<AttemptHeaders>>,
 }
 
 /// How a request that passed every phase is answered.
@@ -338,7 +340,13 @@ impl Shared {
                 },
             };
             match retrying.after(target, result, &self.routes) {
-                Next::Relay => break sent.map_err(|failure| failure.error)?,
+                Next::Relay => match sent {
+                    Ok(sent) => break sent,
+                    Err(last) => {
+                        failure.attempts = attempt_headers(Some(retrying), None);
+                        return Err(last.error);
+                    }
+                },
                 Next::Again {
                     target: next,
                     wait,
@@ -535,6 +543,13 @@ impl Shared {
         request.settle();
         let upstream = failure.route.map(|route| route.upstream.authority.as_str());
         let mut response = err.to_response(upstream).map(Either::Right);
+        if let Some(attempts) = &failure.attempts {
+            for attempt in &attempts.timings {
+                response
+                    .headers_mut()
+                    .append(SERVER_TIMING, attempt.clone());
+            }
+        }
         if let Some(origin) = &failure.origin {
             self.guard
                 .cors

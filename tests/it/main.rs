@@ -27,6 +27,7 @@ mod layering;
 mod lifecycle;
 mod metrics;
 mod operations;
+mod retries;
 mod routes;
 mod sdk_openai;
 mod secrets;
