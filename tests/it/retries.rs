@@ -574,3 +574,82 @@ auth_template = "{{key}}"
         ],
     );
 }
+
+/// What the route's budget has spent, from the admin port's `/usage`.
+async fn budget_spent(relay: &AdminRelay) -> u64 {
+    let response = relay.admin("GET", "/usage").await;
+    assert_eq!(response.status(), 200);
+    let report: serde_json::Value = serde_json::from_str(&response.body_text()).expect("JSON");
+    report["budgets"][0]["spent"].as_u64().expect("a count")
+}
+
+#[tokio::test]
+async fn only_the_attempt_that_answered_is_charged_to_the_budget() {
+    let mut upstream = MockUpstream::start().await;
+    let mut command = ops::command(&upstream.url());
+    command.args(["--retry-on", "503", "--retry-methods", "POST"]);
+    command.args(["--retry-max-wait", "50ms", "--token-budget", "100000/day"]);
+    let relay = AdminRelay::spawn(command).await;
+    let client = http1_client();
+    let body = r#"{"model": "m", "messages": [{"role": "user", "content": "hi"}]}"#;
+    let pending = tokio::spawn(client.request(post(&relay.url("/v1/chat/completions"), body)));
+    upstream.next().await.respond(answer(503, &[]));
+    let usage = r#"{"choices": [], "usage": {"prompt_tokens": 12, "completion_tokens": 30}}"#;
+    upstream.next().await.respond(
+        Response::builder()
+            .header("content-type", "application/json")
+            .body(full(usage))
+            .expect("response"),
+    );
+    let response = within("the answer", pending)
+        .await
+        .expect("join")
+        .expect("response");
+    assert_eq!(response.status(), 200);
+    body_bytes(response).await;
+    // What the answer reported, once: not a second reservation or estimate
+    // for the attempt that failed.
+    let mut last = 0;
+    let charged = tokio::time::timeout(STEP, async {
+        loop {
+            last = budget_spent(&relay).await;
+            if last == 42 {
+                return last;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("spent {last}, expected 42"));
+    report(
+        "issue25",
+        &[
+            "budgeted route, 503 then 200 reporting 12 + 30 tokens",
+            &format!("charged {charged} tokens, once"),
+        ],
+    );
+}
+
+#[tokio::test]
+async fn a_client_gone_during_the_wait_is_not_sent_again() {
+    let mut upstream = MockUpstream::start().await;
+    let relay = Relay::start(
+        &upstream.url(),
+        &[("retry_on", "429"), ("retry_methods", "POST")],
+    )
+    .await;
+    let client = http1_client();
+    let pending = tokio::spawn(client.request(post(&relay.url("/v1/chat/completions"), "{}")));
+    upstream
+        .next()
+        .await
+        .respond(answer(429, &[("retry-after", "1")]));
+    // Gone while keyrelay waits out the Retry-After.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    pending.abort();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        upstream.nothing_received(),
+        "nobody to answer: no second attempt"
+    );
+}
