@@ -376,6 +376,7 @@ impl Metrics {
             bytes_out: self.bytes_out.get_or_create_owned(&label),
             time_to_first_token: self.time_to_first_token.get_or_create_owned(&label),
             output_rate: self.output_rate.get_or_create_owned(&label),
+            relayed_here: std::sync::OnceLock::new(),
             all: Arc::clone(self),
             route: label.route,
         }))
@@ -433,6 +434,9 @@ struct RouteHandles {
     bytes_out: Counter,
     time_to_first_token: Histogram,
     output_rate: Histogram,
+    /// `upstream_attempts{target=route, outcome=relayed}`, the count every
+    /// retried route's successful requests add to, found once.
+    relayed_here: std::sync::OnceLock<Counter>,
 }
 
 impl std::fmt::Debug for RouteMetrics {
@@ -492,15 +496,21 @@ impl RouteMetrics {
     /// One attempt upstream on route `target` for this route, and what
     /// became of it (see [`AttemptLabels`]).
     pub fn upstream_attempt(&self, target: &str, outcome: &'static str) {
-        self.0
-            .all
-            .upstream_attempts
-            .get_or_create(&AttemptLabels {
-                route: self.0.route.clone(),
-                target: target.to_owned(),
-                outcome,
-            })
-            .inc();
+        let counter = |outcome| {
+            self.0
+                .all
+                .upstream_attempts
+                .get_or_create_owned(&AttemptLabels {
+                    route: self.0.route.clone(),
+                    target: target.to_owned(),
+                    outcome,
+                })
+        };
+        if outcome == "relayed" && target == self.0.route {
+            self.0.relayed_here.get_or_init(|| counter(outcome)).inc();
+        } else {
+            counter(outcome).inc();
+        }
     }
 
     /// What the usage tap read off a response, for the access token named

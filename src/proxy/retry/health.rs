@@ -3,6 +3,7 @@
 //! go elsewhere for `eject_for`; then one request probes it, and a good
 //! answer brings it back, as Envoy's consecutive-5xx detection does.
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -11,6 +12,9 @@ use tokio::time::Instant;
 /// One route's standing as a target, shared by every serving thread.
 #[derive(Default)]
 pub(crate) struct TargetHealth {
+    /// Failed attempts in a row, also outside the lock: a healthy target
+    /// (the usual case) is answered with one atomic load.
+    failing: AtomicU32,
     state: Mutex<State>,
 }
 
@@ -35,6 +39,9 @@ impl TargetHealth {
     }
 
     fn try_use_at(&self, now: Instant, eject_for: Duration) -> bool {
+        if self.failing.load(Ordering::Relaxed) == 0 {
+            return true;
+        }
         let mut state = self.state();
         match state.ejected_until {
             None => true,
@@ -48,6 +55,9 @@ impl TargetHealth {
 
     /// True while the target is skipped.
     pub(crate) fn is_ejected(&self) -> bool {
+        if self.failing.load(Ordering::Relaxed) == 0 {
+            return false;
+        }
         self.state()
             .ejected_until
             .is_some_and(|until| Instant::now() < until)
@@ -55,15 +65,20 @@ impl TargetHealth {
 
     /// An attempt got an answer that is not retried: the target is good.
     pub(crate) fn succeeded(&self) {
+        if self.failing.load(Ordering::Relaxed) == 0 {
+            return;
+        }
         let mut state = self.state();
         state.failures = 0;
         state.ejected_until = None;
+        self.failing.store(0, Ordering::Relaxed);
     }
 
     /// An attempt failed (a `retry_on` match); true if this ejected it.
     pub(crate) fn failed(&self, eject_after: u32, eject_for: Duration) -> bool {
         let mut state = self.state();
         state.failures = state.failures.saturating_add(1);
+        self.failing.store(state.failures, Ordering::Relaxed);
         if state.failures >= eject_after {
             let newly = state.ejected_until.is_none();
             state.ejected_until = Some(Instant::now() + eject_for);

@@ -89,13 +89,35 @@ impl Head {
     }
 }
 
+/// A request body as keyrelay keeps it for attempts after the first.
+enum KeptBody {
+    /// Kept whole as it streams ([`Replay`]).
+    Whole(Replay),
+    /// There is none (a GET): each attempt sends an empty copy of this,
+    /// with no [`Replay`] to keep.
+    Empty(RequestBody),
+    /// Not kept (chunked, or over `retry_buffer`): never sent again.
+    NotKept,
+}
+
+impl KeptBody {
+    /// The body for the next attempt, if it can be sent again.
+    fn again(&self) -> Option<RequestBody> {
+        match self {
+            Self::Whole(replay) => replay.again(),
+            Self::Empty(template) => Some(template.empty_copy()),
+            Self::NotKept => None,
+        }
+    }
+}
+
 /// One request's attempts under its route's [`RetryPolicy`].
 pub(crate) struct Attempts<'r> {
     route: &'r Route,
     policy: &'r RetryPolicy,
     head: Head,
-    /// The body kept for later attempts; `None` when it is not kept.
-    replay: Option<Replay>,
+    /// The body as later attempts get it.
+    body: KeptBody,
     /// Attempts made so far.
     made: u32,
     /// When the current attempt was sent.
@@ -123,7 +145,14 @@ impl<'r> Attempts<'r> {
             return (None, body);
         }
         route.retry_budget.request();
-        let (replay, body) = Replay::keep(body, policy.buffer);
+        let (kept, body) = if hyper::body::Body::is_end_stream(&body) {
+            (KeptBody::Empty(body.empty_copy()), body)
+        } else {
+            match Replay::keep(body, policy.buffer) {
+                (Some(replay), body) => (KeptBody::Whole(replay), body),
+                (None, body) => (KeptBody::NotKept, body),
+            }
+        };
         let attempts = Self {
             route,
             policy,
@@ -133,7 +162,7 @@ impl<'r> Attempts<'r> {
                 version: parts.version,
                 headers: parts.headers.clone(),
             },
-            replay,
+            body: kept,
             made: 0,
             started: tokio::time::Instant::now(),
             not_before: Vec::new(),
@@ -146,9 +175,8 @@ impl<'r> Attempts<'r> {
     /// and a fallback is not.
     pub(crate) fn first_target(&mut self, routes: &'r RouteTable) -> &'r Route {
         self.made = 1;
-        self.started = tokio::time::Instant::now();
         let candidates = self.candidates();
-        if self.route.health.is_ejected() {
+        if candidates > 1 && self.route.health.is_ejected() {
             if let Some(at) = (1..candidates).find(|&at| self.usable(routes, at)) {
                 return self.target(routes, at);
             }
@@ -195,7 +223,7 @@ impl<'r> Attempts<'r> {
                 return Next::Relay;
             }
         };
-        let Some(body) = self.replay.as_ref().and_then(Replay::again) else {
+        let Some(body) = self.body.again() else {
             return self.give_up(&result, target, elapsed);
         };
         metrics.upstream_attempt(&target.name, "retried");
@@ -221,7 +249,9 @@ impl<'r> Attempts<'r> {
         if self.made > self.policy.attempts {
             return Some(Err("attempts_used"));
         }
-        self.replay.as_ref()?;
+        if matches!(self.body, KeptBody::NotKept) {
+            return None;
+        }
         let candidates = self.candidates();
         if self.not_before.is_empty() {
             self.not_before = vec![None; candidates];
@@ -265,7 +295,7 @@ impl<'r> Attempts<'r> {
     /// No attempt follows: the kept body is let go, and the last attempt
     /// joins the `Server-Timing` list if there were others.
     fn finish(&mut self, result: &AttemptResult<'_>, target: &Route, elapsed: Duration) {
-        if let Some(replay) = &self.replay {
+        if let KeptBody::Whole(replay) = &self.body {
             replay.finish();
         }
         if !self.timings.is_empty() {
