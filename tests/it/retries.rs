@@ -653,3 +653,106 @@ async fn a_client_gone_during_the_wait_is_not_sent_again() {
         "nobody to answer: no second attempt"
     );
 }
+
+#[tokio::test]
+async fn an_http2_upstream_gets_the_same_body_again_on_a_new_stream() {
+    let mut upstream = MockUpstream::start().await;
+    let relay = Relay::start(
+        &upstream.url(),
+        &[
+            ("upstream_http", "2"),
+            ("retry_on", "503"),
+            ("retry_methods", "POST"),
+            ("retry_max_wait", "50ms"),
+        ],
+    )
+    .await;
+    let client = http1_client();
+    let prompt = r#"{"model": "m", "messages": [{"role": "user", "content": "over h2"}]}"#;
+    let pending = tokio::spawn(client.request(post(&relay.url("/v1/chat/completions"), prompt)));
+    let mut first = upstream.next().await;
+    assert_eq!(first.request.version(), http::Version::HTTP_2);
+    assert_eq!(read_body(&mut first).await, prompt);
+    first.respond(answer(503, &[]));
+    let mut second = upstream.next().await;
+    assert_eq!(second.request.version(), http::Version::HTTP_2);
+    assert_eq!(
+        read_body(&mut second).await,
+        prompt,
+        "the same bytes on a new stream"
+    );
+    second.respond(ok("{}"));
+    let response = within("the answer", pending)
+        .await
+        .expect("join")
+        .expect("response");
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        upstream_connections(&upstream),
+        1,
+        "one multiplexed connection"
+    );
+}
+
+#[tokio::test]
+async fn concurrent_requests_share_one_retry_budget() {
+    let mut upstream = MockUpstream::start().await;
+    let relay = Relay::start(
+        &upstream.url(),
+        &[
+            ("retry_on", "503"),
+            ("retry_attempts", "3"),
+            ("retry_max_wait", "10ms"),
+        ],
+    )
+    .await;
+    let attempts = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = std::sync::Arc::clone(&attempts);
+    let failing = tokio::spawn(async move {
+        loop {
+            upstream.next().await.respond(answer(503, &[]));
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+    let client = http1_client();
+    let requests = 20;
+    let all = (0..requests).map(|_| {
+        let uri = relay.url("/v1/models").parse().expect("uri");
+        client.get(uri)
+    });
+    for response in within("20 concurrent 503s", futures_join_all(all)).await {
+        assert_eq!(response.expect("response").status(), 503);
+    }
+    failing.abort();
+    let seen = attempts.load(std::sync::atomic::Ordering::SeqCst);
+    // 20 x 4 unbounded; the budget's floor of 10 retries holds across
+    // the serving threads however the requests interleave.
+    assert_eq!(
+        seen,
+        requests + 10,
+        "{seen} attempts for {requests} concurrent requests"
+    );
+    report(
+        "issue25",
+        &[
+            "20 concurrent requests against a 100% failing upstream, retry_attempts 3",
+            &format!("{seen} attempts (unbounded: 80)"),
+        ],
+    );
+}
+
+/// Awaits every future, in order (the tests take no `futures` crate).
+async fn futures_join_all<F: std::future::Future>(
+    futures: impl Iterator<Item = F>,
+) -> Vec<F::Output>
+where
+    F: Send + 'static,
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = futures.map(tokio::spawn).collect();
+    let mut outputs = Vec::with_capacity(handles.len());
+    for handle in handles {
+        outputs.push(handle.await.expect("join"));
+    }
+    outputs
+}
