@@ -25,6 +25,11 @@ and what it saw, and exits 1.
         really has; the version of the archives; every file install() takes
         is in every archive; no template field left.
 
+    check_services.py syscalls UNIT STRACE_OUT
+        Every system call keyrelay made in STRACE_OUT (`strace -f -o`) is
+        one UNIT's SystemCallFilter= lines allow, groups expanded by
+        `systemd-analyze syscall-filter`: the filter would not refuse it.
+
     check_services.py self-test
         Proves the plist and formula checks fail on a broken file.
 
@@ -175,6 +180,66 @@ def agent_command() -> None:
     print("agent: keyrelay-agent passes the Keychain's key in the environment, fails clearly without one")
 
 
+# ------------------------------------------------------------- system calls
+
+
+def syscall_groups() -> dict[str, list[str]]:
+    """systemd's system call groups (@name: members, groups among them)."""
+    text = subprocess.run(["systemd-analyze", "syscall-filter", "--no-pager"],
+                          capture_output=True, text=True, check=True).stdout
+    groups: dict[str, list[str]] = {}
+    current = None
+    for line in text.splitlines():
+        if line.startswith("@"):
+            current = groups.setdefault(line.split()[0], [])
+        elif current is not None and line.strip() and not line.strip().startswith("#"):
+            current.append(line.split()[0])
+    expect("@system-service" in groups, "systemd-analyze syscall-filter lists no @system-service group")
+    return groups
+
+
+def expand(names: list[str], groups: dict[str, list[str]]) -> set[str]:
+    calls: set[str] = set()
+    for name in names:
+        calls |= expand(groups[name], groups) if name.startswith("@") else {name}
+    return calls
+
+
+def allowed_syscalls(unit: str, groups: dict[str, list[str]]) -> set[str]:
+    """What a unit's SystemCallFilter= lines allow: the allow lists, less the ~ deny lists."""
+    allowed: set[str] | None = None
+    denied: set[str] = set()
+    for line in unit.splitlines():
+        if not line.startswith("SystemCallFilter="):
+            continue
+        value = line.removeprefix("SystemCallFilter=")
+        if value.startswith("~"):
+            denied |= expand(value[1:].split(), groups)
+        else:
+            allowed = (allowed or set()) | expand(value.split(), groups)
+    expect(allowed is not None, "the unit has no SystemCallFilter= allow list")
+    return allowed - denied
+
+
+def traced_syscalls(strace_out: str) -> set[str]:
+    calls = set()
+    for line in strace_out.splitlines():
+        line = re.sub(r"^\d+ +", "", line)
+        match = re.match(r"(?:<\.\.\. )?([a-z0-9_]+)(?:\(| resumed>)", line)
+        if match:
+            calls.add(match[1])
+    return calls
+
+
+def syscalls_command(unit: Path, strace_out: Path) -> None:
+    allowed = allowed_syscalls(unit.read_text(), syscall_groups())
+    made = traced_syscalls(strace_out.read_text())
+    expect(len(made) > 20, f"{strace_out} records only {sorted(made)}: did strace run keyrelay?")
+    refused = sorted(made - allowed)
+    expect(not refused, f"{unit.name}'s SystemCallFilter= would refuse {refused} (EPERM), which keyrelay calls")
+    print(f"syscalls: the {len(made)} system calls keyrelay made are all allowed by {unit.name}")
+
+
 # ------------------------------------------------------------------ Homebrew
 
 
@@ -289,7 +354,13 @@ def self_test() -> None:
         }.items():
             expect(fails(check_formula, broken_facts, dist, "file:///d"),
                    f"self-test: the formula check passed a formula with {what}")
-    print(f"self-test: the plist check fails on {len(broken)} broken plists, the formula check on 5 broken formulas")
+    groups = {"@a": ["read", "@b"], "@b": ["write"], "@c": ["reboot"]}
+    unit = "SystemCallFilter=@a @c\nSystemCallFilter=~@c\n"
+    expect(allowed_syscalls(unit, groups) == {"read", "write"}, "self-test: groups or ~ lists are misread")
+    traced = '12 read(3, "", 1) = 0\n13 <... reboot resumed>) = 0\n+++ exited with 0 +++\n'
+    expect(traced_syscalls(traced) == {"read", "reboot"}, "self-test: strace lines are misread")
+    print(f"self-test: the plist check fails on {len(broken)} broken plists, the formula check on 5 "
+          "broken formulas, the system call check reads groups, ~ lists and strace lines")
 
 
 def main(argv: list[str]) -> int:
@@ -297,6 +368,7 @@ def main(argv: list[str]) -> int:
         "plist": (plist_command, 0),
         "agent": (agent_command, 0),
         "formula": (lambda f, d, u: formula_command(Path(f), Path(d), u), 3),
+        "syscalls": (lambda u, t: syscalls_command(Path(u), Path(t)), 2),
         "self-test": (self_test, 0),
     }
     if not argv or argv[0] not in commands or len(argv) - 1 != commands[argv[0]][1]:
