@@ -28,7 +28,8 @@ and what it saw, and exits 1.
     check_services.py syscalls UNIT STRACE_OUT
         Every system call keyrelay made in STRACE_OUT (`strace -f -o`) is
         one UNIT's SystemCallFilter= lines allow, groups expanded by
-        `systemd-analyze syscall-filter`: the filter would not refuse it.
+        `systemd-analyze syscall-filter`, and every socket family it opened
+        is in RestrictAddressFamilies=: the unit would not refuse them.
 
     check_services.py self-test
         Proves the plist and formula checks fail on a broken file.
@@ -237,7 +238,15 @@ def syscalls_command(unit: Path, strace_out: Path) -> None:
     expect(len(made) > 20, f"{strace_out} records only {sorted(made)}: did strace run keyrelay?")
     refused = sorted(made - allowed)
     expect(not refused, f"{unit.name}'s SystemCallFilter= would refuse {refused} (EPERM), which keyrelay calls")
-    print(f"syscalls: the {len(made)} system calls keyrelay made are all allowed by {unit.name}")
+    families = set(re.findall(r"\bsocket(?:pair)?\((AF_[A-Z0-9]+)", strace_out.read_text()))
+    allowed_families = {family for line in unit.read_text().splitlines()
+                        if line.startswith("RestrictAddressFamilies=")
+                        for family in line.removeprefix("RestrictAddressFamilies=").split()}
+    expect(families <= allowed_families,
+           f"{unit.name}'s RestrictAddressFamilies= would refuse {sorted(families - allowed_families)}, "
+           "which keyrelay opens sockets of (tokio's signal handling uses a Unix socket pair)")
+    print(f"syscalls: the {len(made)} system calls and the socket families {sorted(families)} keyrelay "
+          f"used are all allowed by {unit.name}")
 
 
 # ------------------------------------------------------------------ Homebrew
