@@ -32,6 +32,9 @@ mod routes;
 mod sdk_openai;
 mod secrets;
 mod security;
+// systemd exists on Linux only.
+#[cfg(target_os = "linux")]
+mod socket_activation;
 mod streaming;
 mod unix_socket;
 mod upstream_faults;

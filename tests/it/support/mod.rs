@@ -543,9 +543,15 @@ pub(crate) struct RelayProcess {
 impl RelayProcess {
     /// Spawns `command` (from [`binary`]) and waits for the "keyrelay ready" line.
     pub(crate) async fn spawn(command: std::process::Command) -> Self {
+        Self::spawn_with_stdin(command, Stdio::null()).await
+    }
+
+    /// [`spawn`](Self::spawn) with `stdin` as the process's standard input
+    /// (a socket handed to it, say).
+    pub(crate) async fn spawn_with_stdin(command: std::process::Command, stdin: Stdio) -> Self {
         let mut command = tokio::process::Command::from(command);
         command
-            .stdin(Stdio::null())
+            .stdin(stdin)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
