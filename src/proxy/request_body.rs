@@ -99,6 +99,11 @@ impl RequestBody {
         body
     }
 
+    /// A body with nothing to send (a bodiless request sent again).
+    pub(crate) fn nothing(metrics: RouteMetrics) -> Self {
+        Self::empty(None, metrics)
+    }
+
     /// A body with nothing to send, counted in `metrics`.
     fn empty(limit: Option<u64>, metrics: RouteMetrics) -> Self {
         Self {

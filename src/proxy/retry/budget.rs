@@ -64,9 +64,9 @@ impl RetryBudget {
         now.duration_since(self.epoch).as_secs()
     }
 
-    /// A request arrived that may be retried.
-    pub(crate) fn request(&self) {
-        let second = self.second(Instant::now());
+    /// A request that may be retried arrived `now`.
+    pub(crate) fn request(&self, now: Instant) {
+        let second = self.second(now);
         let mut window = self.window.lock().unwrap_or_else(|p| p.into_inner());
         window.bucket(second).1 += 1;
     }
@@ -97,14 +97,14 @@ mod tests {
     fn retries_are_a_share_of_requests_with_a_floor() {
         let budget = RetryBudget::new(20);
         for _ in 0..100 {
-            budget.request();
+            budget.request(Instant::now());
         }
         let granted = (0..100).filter(|_| budget.try_retry()).count();
         assert_eq!(granted, 20, "20% of 100 requests");
 
         // Little traffic still gets the floor.
         let quiet = RetryBudget::new(20);
-        quiet.request();
+        quiet.request(Instant::now());
         let granted = (0..100).filter(|_| quiet.try_retry()).count();
         assert_eq!(granted as u64, MIN_RETRIES_PER_WINDOW);
     }

@@ -93,19 +93,19 @@ impl Head {
 enum KeptBody {
     /// Kept whole as it streams ([`Replay`]).
     Whole(Replay),
-    /// There is none (a GET): each attempt sends an empty copy of this,
-    /// with no [`Replay`] to keep.
-    Empty(RequestBody),
+    /// There is none (a GET): each attempt sends an empty body, with no
+    /// [`Replay`] to keep.
+    Empty,
     /// Not kept (chunked, or over `retry_buffer`): never sent again.
     NotKept,
 }
 
 impl KeptBody {
-    /// The body for the next attempt, if it can be sent again.
-    fn again(&self) -> Option<RequestBody> {
+    /// The body for the next attempt on `route`, if it can be sent again.
+    fn again(&self, route: &Route) -> Option<RequestBody> {
         match self {
             Self::Whole(replay) => replay.again(),
-            Self::Empty(template) => Some(template.empty_copy()),
+            Self::Empty => Some(RequestBody::nothing(route.metrics.clone())),
             Self::NotKept => None,
         }
     }
@@ -144,9 +144,10 @@ impl<'r> Attempts<'r> {
         if upgrading || !(statuses || policy.connect) {
             return (None, body);
         }
-        route.retry_budget.request();
+        let now = tokio::time::Instant::now();
+        route.retry_budget.request(now);
         let (kept, body) = if hyper::body::Body::is_end_stream(&body) {
-            (KeptBody::Empty(body.empty_copy()), body)
+            (KeptBody::Empty, body)
         } else {
             match Replay::keep(body, policy.buffer) {
                 (Some(replay), body) => (KeptBody::Whole(replay), body),
@@ -164,7 +165,7 @@ impl<'r> Attempts<'r> {
             },
             body: kept,
             made: 0,
-            started: tokio::time::Instant::now(),
+            started: now,
             not_before: Vec::new(),
             timings: Vec::new(),
         };
@@ -193,13 +194,11 @@ impl<'r> Attempts<'r> {
     ) -> Next<'r> {
         let metrics = &self.route.metrics;
         let elapsed = self.started.elapsed();
-        let (retryable, retry_after) = match result {
-            AttemptResult::Answered(status, headers) => (
-                self.policy
-                    .retries_status(&self.head.method, status.as_u16()),
-                retry_after(headers),
-            ),
-            AttemptResult::Failed { never_sent, .. } => (never_sent && self.policy.connect, None),
+        let retryable = match result {
+            AttemptResult::Answered(status, _) => self
+                .policy
+                .retries_status(&self.head.method, status.as_u16()),
+            AttemptResult::Failed { never_sent, .. } => never_sent && self.policy.connect,
         };
         if !retryable {
             if matches!(result, AttemptResult::Answered(..)) {
@@ -212,6 +211,10 @@ impl<'r> Attempts<'r> {
         target
             .health
             .failed(self.policy.eject_after, self.policy.eject_for);
+        let retry_after = match result {
+            AttemptResult::Answered(_, headers) => retry_after(headers),
+            AttemptResult::Failed { .. } => None,
+        };
         let Some(decision) = self.plan(target, retry_after, routes) else {
             return self.give_up(&result, target, elapsed);
         };
@@ -223,7 +226,7 @@ impl<'r> Attempts<'r> {
                 return Next::Relay;
             }
         };
-        let Some(body) = self.body.again() else {
+        let Some(body) = self.body.again(self.route) else {
             return self.give_up(&result, target, elapsed);
         };
         metrics.upstream_attempt(&target.name, "retried");
