@@ -166,6 +166,19 @@ async fn a_retry_after_beyond_the_cap_is_relayed_at_once() {
     );
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(upstream.nothing_received(), "not retried");
+
+    // A hostile upstream's Retry-After past any clock's range.
+    let pending = tokio::spawn(client.request(post(&relay.url("/v1/chat/completions"), "{}")));
+    let huge = u64::MAX.to_string();
+    upstream
+        .next()
+        .await
+        .respond(answer(429, &[("retry-after", &huge)]));
+    let response = within("the 429", pending)
+        .await
+        .expect("join")
+        .expect("response");
+    assert_eq!(response.status(), 429, "relayed, keyrelay still standing");
     report(
         "issue25",
         &[

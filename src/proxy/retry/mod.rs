@@ -339,6 +339,11 @@ impl<'r> Attempts<'r> {
     }
 }
 
+/// The longest `Retry-After` read as given: anything longer is as good as
+/// "not now" (over any `retry_max_wait`), and a bound keeps the arithmetic
+/// on instants from overflowing on an upstream's `Retry-After: 1e19`.
+const LONGEST_RETRY_AFTER: Duration = Duration::from_secs(24 * 60 * 60);
+
 /// The upstream's `Retry-After`: seconds, or an HTTP date.
 pub(crate) fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     let text = headers
@@ -346,14 +351,15 @@ pub(crate) fn retry_after(headers: &HeaderMap) -> Option<Duration> {
         .to_str()
         .ok()?
         .trim();
-    if let Ok(seconds) = text.parse::<u64>() {
-        return Some(Duration::from_secs(seconds));
-    }
-    let when = httpdate::parse_http_date(text).ok()?;
-    Some(
-        when.duration_since(SystemTime::now())
-            .unwrap_or(Duration::ZERO),
-    )
+    let wait = match text.parse::<u64>() {
+        Ok(seconds) => Duration::from_secs(seconds),
+        Err(_) => {
+            let when = httpdate::parse_http_date(text).ok()?;
+            when.duration_since(SystemTime::now())
+                .unwrap_or(Duration::ZERO)
+        }
+    };
+    Some(wait.min(LONGEST_RETRY_AFTER))
 }
 
 /// The wait before retry `made` (1 for the first): exponential, with
@@ -417,6 +423,13 @@ mod tests {
         assert_eq!(retry_after(&headers), Some(Duration::ZERO));
         headers.insert(http::header::RETRY_AFTER, HeaderValue::from_static("soon"));
         assert_eq!(retry_after(&headers), None);
+        // Bounded, so that adding it to an instant cannot overflow.
+        headers.insert(
+            http::header::RETRY_AFTER,
+            HeaderValue::from_static("18446744073709551615"),
+        );
+        assert_eq!(retry_after(&headers), Some(LONGEST_RETRY_AFTER));
+        let _ = tokio::time::Instant::now() + LONGEST_RETRY_AFTER;
     }
 
     #[test]
