@@ -314,7 +314,12 @@ impl Shared {
             .as_ref()
             .and_then(|_| parts.extensions.remove::<OnUpgrade>());
         // What later attempts need, where the route retries (retry/).
-        let (mut attempts, mut body) = Attempts::start(route, &parts, body, upgrading);
+        let (mut attempts, mut body) = if Attempts::apply(route, &parts.method, upgrading) {
+            let (attempts, body) = Attempts::start(route, &parts, body);
+            (Some(attempts), body)
+        } else {
+            (None, body)
+        };
         let overhead = record.elapsed();
         record.metrics().overhead(overhead.as_secs_f64());
 
@@ -343,7 +348,7 @@ impl Shared {
                 Next::Relay => match sent {
                     Ok(sent) => break sent,
                     Err(last) => {
-                        failure.attempts = attempt_headers(Some(retrying), None);
+                        failure.attempts = attempt_headers(Some(&mut **retrying), None);
                         return Err(last.error);
                     }
                 },
@@ -380,7 +385,7 @@ impl Shared {
             overhead,
             client_upgrade,
             lease,
-            attempts: attempt_headers(attempts.as_mut(), answered_by),
+            attempts: attempt_headers(attempts.as_deref_mut(), answered_by),
         }))
     }
 

@@ -130,20 +130,26 @@ pub(crate) struct Attempts<'r> {
 }
 
 impl<'r> Attempts<'r> {
-    /// The attempts of a request on `route`, and the body its first attempt
-    /// sends; `None` when nothing about it could be retried (the route has
-    /// no policy, or it is an upgrade, which is never sent twice).
+    /// True when something about a `method` request on `route` could be
+    /// retried: the route has a policy that covers it, and it is no upgrade
+    /// (which is never sent twice). Checked first, so that a request that
+    /// cannot be retried pays for nothing else here.
+    #[inline]
+    pub(crate) fn apply(route: &Route, method: &Method, upgrading: bool) -> bool {
+        let policy = &route.retry;
+        !upgrading
+            && (policy.connect || (!policy.statuses.is_empty() && policy.methods.contains(method)))
+    }
+
+    /// The attempts of a request on `route` that [`Attempts::apply`] to it,
+    /// and the body its first attempt sends. Boxed: it is large, and most
+    /// requests' futures do without it.
     pub(crate) fn start(
         route: &'r Route,
         parts: &http::request::Parts,
         body: RequestBody,
-        upgrading: bool,
-    ) -> (Option<Self>, RequestBody) {
+    ) -> (Box<Self>, RequestBody) {
         let policy = &route.retry;
-        let statuses = !policy.statuses.is_empty() && policy.methods.contains(&parts.method);
-        if upgrading || !(statuses || policy.connect) {
-            return (None, body);
-        }
         let now = tokio::time::Instant::now();
         route.retry_budget.request(now);
         let (kept, body) = if hyper::body::Body::is_end_stream(&body) {
@@ -169,7 +175,7 @@ impl<'r> Attempts<'r> {
             not_before: Vec::new(),
             timings: Vec::new(),
         };
-        (Some(attempts), body)
+        (Box::new(attempts), body)
     }
 
     /// The target of the first attempt: the route, unless it is ejected
