@@ -73,6 +73,9 @@ impl fmt::Debug for KeyCommand {
 pub struct Lifetime {
     /// When the run that fetched it started.
     pub started: Instant,
+    /// How long that run took (the refresh starts early enough for the
+    /// next one to take as long, and then some).
+    pub took: Duration,
     /// When it stops being used: its stated expiry (or the run's start plus
     /// `key_command_ttl`) less the margin.
     pub expires: Instant,
@@ -151,7 +154,11 @@ impl KeyCommand {
         let stderr = printed.key.mask_in(&stderr);
         Ok(Fetched {
             key: printed.key,
-            lifetime: Lifetime { started, expires },
+            lifetime: Lifetime {
+                started,
+                took: started.elapsed(),
+                expires,
+            },
             stderr,
         })
     }
