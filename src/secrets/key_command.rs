@@ -379,7 +379,8 @@ fn reader(pipe: Option<impl Read + Send + 'static>, max: usize) -> mpsc::Receive
     receiver
 }
 
-#[cfg(test)]
+// The helpers the tests run are sh scripts.
+#[cfg(all(test, unix))]
 mod tests {
     use super::*;
     use crate::secrets::key::MASK;

@@ -420,3 +420,37 @@ async fn key_command_beside_key_file_is_refused() {
         "{err}"
     );
 }
+
+/// The README's Credentials configs are valid settings (their helpers,
+/// `op`, `vault`, `gcloud`, are replaced by one that prints a key: the
+/// flags win over the file, as they would for a user).
+#[test]
+fn the_readme_credential_configs_load() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+        .expect("README.md");
+    let start = readme
+        .find("## Credentials")
+        .expect("a Credentials section");
+    let section = &readme[start..];
+    let section = &section[..section[3..]
+        .find("\n## ")
+        .map_or(section.len(), |end| end + 3)];
+    let blocks: Vec<&str> = section
+        .split("```toml\n")
+        .skip(1)
+        .filter_map(|rest| rest.split("```").next())
+        .collect();
+    assert!(blocks.len() >= 5, "{} toml blocks", blocks.len());
+    for block in blocks {
+        let file = temp_file("key-command", "readme.toml", block);
+        let mut sources = sources("http://127.0.0.1:9", &[]);
+        sources.file = Some(file.0.clone());
+        sources.set(
+            "key_command",
+            keyrelay::config::OverrideValue::List(vec!["echo".into(), "k".into()]),
+        );
+        if let Err(err) = keyrelay::config::load(&sources) {
+            panic!("README config does not load: {err}\n{block}");
+        }
+    }
+}
