@@ -330,6 +330,11 @@ async fn after_expiry_a_failing_helper_means_503_and_not_ready_until_it_recovers
     assert_eq!(upstream.rejected(), Vec::<String>::new());
 
     let log = relay.process.stop_and_output().await;
+    assert!(log.contains("TRACE"), "trace logging was on:\n{log}");
+    assert!(
+        log.contains("issued token number"),
+        "the helper's stderr is logged when it succeeds too:\n{log}"
+    );
     assert!(
         log.contains("vault sealed"),
         "the helper's stderr is logged:\n{log}"
