@@ -112,7 +112,28 @@ pub async fn run_with_metrics(
                 metrics.credential_reloads(),
             ));
         }
+        let credential = &route.credential;
+        if let (Some(command), Some(first)) = (&credential.key_command, credential.lifetime) {
+            let succeeded = metrics.credential_refreshes(&route.name, "ok");
+            // The run made while the configuration was checked.
+            succeeded.inc();
+            let refresher = secrets::refresh::Refresher {
+                route: route.name.clone(),
+                command: command.clone(),
+                template: credential.template.clone(),
+                live: Arc::clone(&route.live),
+                succeeded,
+                failed: metrics.credential_refreshes(&route.name, "error"),
+            };
+            background.spawn(secrets::refresh::keep_fresh(refresher, first));
+        }
     }
+    let credentials = secrets::credential::RouteCredentials::new(
+        proxy
+            .routes()
+            .map(|route| (route.name.clone(), Arc::clone(&route.live)))
+            .collect(),
+    );
     background.spawn(telemetry::logging::report_dropped_lines());
     if let Some(path) = config.usage_state_file.clone() {
         background.spawn(usage::state_file::keep_saved(path, Arc::clone(&budgets)));
@@ -141,6 +162,7 @@ pub async fn run_with_metrics(
                 Arc::clone(&metrics),
                 Arc::clone(&lifecycle),
                 Arc::clone(&budgets),
+                credentials,
             ));
             Some(bound)
         }
@@ -153,6 +175,7 @@ pub async fn run_with_metrics(
             upstream = %route.upstream,
             key_source = %key_source(&route.credential),
             header = %route.credential.header,
+            expires_in_secs = route.live.seconds_left().map(|left| left.max(0.0) as u64),
             "route"
         );
     }
@@ -196,10 +219,12 @@ pub async fn run_with_metrics(
     served
 }
 
-/// Where the key comes from, for the startup line (a name, never the key).
+/// Where the key comes from, for the startup line (a name, never the key;
+/// a command by its program, whose arguments may be private).
 fn key_source(credential: &config::Credential) -> String {
-    match &credential.key_file {
-        Some(path) => format!("file {}", path.display()),
-        None => format!("env {}", credential.key_env),
+    match (&credential.key_command, &credential.key_file) {
+        (Some(command), _) => format!("command {}", command.program()),
+        (None, Some(path)) => format!("file {}", path.display()),
+        (None, None) => format!("env {}", credential.key_env),
     }
 }

@@ -23,6 +23,7 @@ use self::parse::Switch;
 use crate::guard::cors::CorsPolicy;
 use crate::guard::host::HostPolicy;
 use crate::guard::tokens::{AccessToken, Rate};
+use crate::secrets::key_command::{KeyCommand, Lifetime};
 use crate::usage::budget::Unavailable;
 use crate::usage::redis_store::RedisAddress;
 use crate::usage::BudgetLimit;
@@ -194,6 +195,11 @@ pub struct Credential {
     pub key_env: String,
     /// The file the key came from, watched for changes; overrides `key_env`.
     pub key_file: Option<PathBuf>,
+    /// The helper that printed the key, run again before it expires;
+    /// overrides `key_file` and `key_env`.
+    pub key_command: Option<KeyCommand>,
+    /// When the helper's first value was fetched and when it expires.
+    pub lifetime: Option<Lifetime>,
     /// The template the key is rendered with (kept to re-render a reloaded key).
     pub template: String,
     /// Header the credential goes into.
@@ -288,6 +294,9 @@ struct RawConfig {
     auth_template: String,
     strip_request_headers: Vec<String>,
     key_file: Option<String>,
+    key_command: Vec<String>,
+    key_command_ttl: String,
+    key_command_timeout: String,
     allowed_hosts: Vec<String>,
     allowed_origins: Vec<String>,
     allow_credentials: Switch,

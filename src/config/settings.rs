@@ -150,6 +150,24 @@ pub const SETTINGS: &[Setting] = &[
         kind: Kind::Text,
     },
     Setting {
+        key: "key_command",
+        default: "",
+        help: "Helper command printing the upstream key (an argv list, run without a shell): the bare key, or JSON with token and expires_at (RFC 3339) or expires_in (seconds), kubectl ExecCredential too. Run at startup and again before expiry. Overrides key_file and key_env.",
+        kind: Kind::List,
+    },
+    Setting {
+        key: "key_command_ttl",
+        default: "5m",
+        help: "Lifetime of a key_command value printed without an expiry; refreshed at 80% of it, and never sent after it.",
+        kind: Kind::Text,
+    },
+    Setting {
+        key: "key_command_timeout",
+        default: "30s",
+        help: "Longest a key_command run may take before it is killed and counts as failed.",
+        kind: Kind::Text,
+    },
+    Setting {
         key: "allowed_hosts",
         default: "",
         help: "Host names accepted besides localhost, 127.0.0.1 and [::1]; others get 403 (DNS-rebinding defence).",
@@ -260,7 +278,7 @@ pub const SETTINGS: &[Setting] = &[
     Setting {
         key: "set_request_headers",
         default: "",
-        help: "Static headers set on every upstream request, replacing any the client sent (\"name: value\" list; never secrets, the key goes in key_env or key_file).",
+        help: "Static headers set on every upstream request, replacing any the client sent (\"name: value\" list; never secrets, the key goes in key_env, key_file or key_command).",
         kind: Kind::List,
     },
     Setting {

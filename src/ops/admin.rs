@@ -2,7 +2,8 @@
 //! separate (loopback by default) address. Never forwarded, never needs the key.
 //!
 //! - `GET /healthz`: 200 while the process serves (liveness);
-//! - `GET /readyz`: 200 while accepting, 503 once draining (readiness);
+//! - `GET /readyz`: 200 while accepting, 503 once draining or while a
+//!   route's credential has expired (readiness);
 //! - `GET /metrics`: Prometheus text format;
 //! - `GET /usage`: the token budgets and what is spent in their current
 //!   windows, as JSON;
@@ -36,6 +37,7 @@ use tokio::net::TcpListener;
 
 use crate::guard::host::HostPolicy;
 use crate::ops::lifecycle::Lifecycle;
+use crate::secrets::credential::RouteCredentials;
 use crate::telemetry::metrics::Metrics;
 use crate::usage::Budgets;
 
@@ -50,6 +52,7 @@ pub(crate) async fn serve(
     metrics: Arc<Metrics>,
     lifecycle: Arc<Lifecycle>,
     budgets: Arc<Budgets>,
+    credentials: RouteCredentials,
 ) {
     let hosts = Arc::new(hosts);
     loop {
@@ -72,18 +75,21 @@ pub(crate) async fn serve(
         let metrics = Arc::clone(&metrics);
         let lifecycle = Arc::clone(&lifecycle);
         let budgets = Arc::clone(&budgets);
+        let credentials = credentials.clone();
         tokio::spawn(async move {
             let service = service_fn(move |request| {
                 let hosts = Arc::clone(&hosts);
                 let metrics = Arc::clone(&metrics);
                 let lifecycle = Arc::clone(&lifecycle);
                 let budgets = Arc::clone(&budgets);
+                let credentials = credentials.clone();
                 async move {
                     let state = Admin {
                         hosts: &hosts,
                         metrics: &metrics,
                         lifecycle: &lifecycle,
                         budgets: &budgets,
+                        credentials: &credentials,
                     };
                     Ok::<_, Infallible>(state.answer(&request, caller).await)
                 }
@@ -114,6 +120,7 @@ struct Admin<'a> {
     metrics: &'a Metrics,
     lifecycle: &'a Lifecycle,
     budgets: &'a Budgets,
+    credentials: &'a RouteCredentials,
 }
 
 impl Admin<'_> {
@@ -123,6 +130,7 @@ impl Admin<'_> {
             metrics,
             lifecycle,
             budgets,
+            credentials,
         } = self;
         if !hosts.allows_at(request.uri(), request.headers(), caller.local) {
             return json(
@@ -144,9 +152,23 @@ impl Admin<'_> {
                 json(StatusCode::SERVICE_UNAVAILABLE, r#"{"status":"draining"}"#)
             }
             (&Method::GET | &Method::HEAD, "/readyz") => {
-                json(StatusCode::OK, r#"{"status":"ready"}"#)
+                let unavailable = credentials.unavailable();
+                if unavailable.is_empty() {
+                    json(StatusCode::OK, r#"{"status":"ready"}"#)
+                } else {
+                    let body = serde_json::json!({
+                        "status": "credential_unavailable",
+                        "routes": unavailable,
+                    });
+                    let mut response = json(StatusCode::SERVICE_UNAVAILABLE, "");
+                    *response.body_mut() = Full::new(Bytes::from(body.to_string()));
+                    response
+                }
             }
             (&Method::GET, "/metrics") => {
+                for (route, seconds) in credentials.expiries() {
+                    metrics.set_credential_expiry(route, seconds);
+                }
                 let mut response = Response::new(Full::new(Bytes::from(metrics.encode())));
                 response
                     .headers_mut()

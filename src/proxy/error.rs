@@ -15,6 +15,7 @@ use http_body_util::Full;
 
 use crate::guard::Denied;
 use crate::proxy::upstream::{Cause, SendError};
+use crate::secrets::credential::Unavailable;
 use crate::telemetry::record::Outcome;
 use crate::usage::budget::Exhausted;
 
@@ -67,6 +68,14 @@ pub(crate) enum Refusal {
         retry_after_secs(.0.retry_after)
     )]
     BudgetExhausted(Exhausted),
+    /// The route's credential has expired and its key_command has not
+    /// produced a new one; the source tries again in this long.
+    #[error(
+        "this route's upstream credential has expired and key_command has not produced \
+         a new one yet (keyrelay never sends an expired credential); retry in {}s",
+        retry_after_secs(*.0)
+    )]
+    CredentialUnavailable(Duration),
     /// The shared usage_store is unreachable and usage_store_unavailable is deny.
     #[error("the usage_store (Redis) that counts token budgets is unreachable; retry shortly")]
     UsageStoreUnavailable,
@@ -100,6 +109,12 @@ pub(crate) enum Refusal {
          (or access_token_max_output_tokens) is {cap} (over_max_output_tokens = \"refuse\")"
     )]
     OutputTokensOverCap { asked: u64, cap: u64 },
+}
+
+impl From<Unavailable> for ProxyError {
+    fn from(unavailable: Unavailable) -> Self {
+        Refusal::CredentialUnavailable(unavailable.retry_after).into()
+    }
 }
 
 impl From<Denied> for Refusal {
@@ -253,7 +268,7 @@ impl ProxyError {
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
         match self {
-            Self::Refused(Refusal::RateLimited(wait)) => {
+            Self::Refused(Refusal::RateLimited(wait) | Refusal::CredentialUnavailable(wait)) => {
                 headers.insert(RETRY_AFTER, HeaderValue::from(retry_after_secs(*wait)));
             }
             Self::Refused(Refusal::BudgetExhausted(exhausted)) => {
@@ -310,7 +325,9 @@ impl Refusal {
             Self::RateLimited(_) | Self::BudgetExhausted(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::NoRoute(_) => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
-            Self::Overloaded | Self::UsageStoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Overloaded | Self::UsageStoreUnavailable | Self::CredentialUnavailable(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
         }
     }
@@ -323,6 +340,7 @@ impl Refusal {
             Self::RateLimited(_) => "rate_limited",
             Self::BudgetExhausted(_) => "token_budget_exhausted",
             Self::UsageStoreUnavailable => "usage_store_unavailable",
+            Self::CredentialUnavailable(_) => "credential_unavailable",
             Self::PathNotAllowed => "path_not_allowed",
             Self::MethodNotAllowed(_) => "method_not_allowed",
             Self::NoRoute(_) => "no_route",
@@ -453,6 +471,13 @@ mod tests {
             "TLS handshake with the upstream failed: wrong name"
         );
         assert_eq!(tls.kind(), "upstream_tls");
+        let expired = ProxyError::from(Unavailable {
+            retry_after: Duration::from_millis(2_500),
+        });
+        assert_eq!(expired.kind(), "credential_unavailable");
+        assert_eq!(expired.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let response = expired.to_response(None);
+        assert_eq!(response.headers()[RETRY_AFTER], "3");
     }
 
     #[test]

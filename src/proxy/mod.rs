@@ -334,6 +334,11 @@ impl Shared {
             let sent = self
                 .send_to(worker, target, upstream_request, upgrading, record)
                 .await;
+            if let Ok((response, _)) = &sent {
+                // A 401 or 403 asks an expiring credential's source for a
+                // new value; the answer itself is relayed as usual.
+                target.live.answered(response.status());
+            }
             let Some(retrying) = attempts.as_mut() else {
                 break sent.map_err(|failure| failure.error)?;
             };
@@ -675,7 +680,8 @@ fn upstream_request(
         &mut parts.headers,
         &target.credential.strip,
         &target.credential.header,
-        target.live.current(),
+        // An expired credential is never sent: 503 credential_unavailable.
+        target.live.usable()?,
     );
     for (name, value) in &target.set_headers {
         parts.headers.insert(name, value.clone());

@@ -18,7 +18,7 @@ use crate::config::{Credential, RequestRules, RetryPolicy, RouteConfig, Upstream
 use crate::guard::paths::PathPolicy;
 use crate::proxy::error::ClientError;
 use crate::proxy::retry::{RetryBudget, TargetHealth};
-use crate::secrets::secret_file::LiveCredential;
+use crate::secrets::credential::LiveCredential;
 use crate::telemetry::metrics::{Metrics, RouteMetrics};
 
 /// One route, ready to serve.
@@ -39,7 +39,8 @@ pub struct Route {
     stage: Option<Stage>,
     /// Header, scrub list, template and key source.
     pub credential: Credential,
-    /// The credential value in use (swapped when the key file changes).
+    /// The credential value in use (swapped when the key file changes or
+    /// key_command fetches a new one), with its expiry.
     pub live: Arc<LiveCredential>,
     /// Allowed methods and paths.
     pub paths: PathPolicy,
@@ -81,7 +82,10 @@ impl RouteTable {
                 host: host_header(&config.upstream),
                 stage: config.stage.clone(),
                 credential: config.credential.clone(),
-                live: Arc::new(LiveCredential::new(config.credential.value.clone())),
+                live: Arc::new(LiveCredential::with_expiry(
+                    config.credential.value.clone(),
+                    config.credential.lifetime.map(|lifetime| lifetime.expires),
+                )),
                 paths: config.paths.clone(),
                 set_headers: config.set_headers.clone(),
                 metrics: metrics.route(&config.name),

@@ -45,6 +45,17 @@ impl ApiKey {
         !key.is_empty() && text.contains(key)
     }
 
+    /// `text` with every occurrence of the key replaced by the mask (a
+    /// key helper that echoes its token on stderr, `set -x` in a script).
+    pub(crate) fn mask_in(&self, text: &str) -> String {
+        let key = self.0.trim();
+        if key.is_empty() {
+            text.to_owned()
+        } else {
+            text.replace(key, MASK)
+        }
+    }
+
     /// True when the key is empty or only whitespace, which counts as missing.
     pub fn is_blank(&self) -> bool {
         self.0.trim().is_empty()

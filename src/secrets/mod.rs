@@ -1,6 +1,12 @@
 //! Secrets: the upstream key as a type that cannot be printed by accident
-//! ([`key`]), and the watcher that keeps key and access-token files current
-//! without a restart ([`secret_file`]).
+//! ([`key`]); the route's credential as the data path reads it, whatever its
+//! source, with its expiry ([`credential`]); the watcher that keeps key and
+//! access-token files current without a restart ([`secret_file`]); and the
+//! helper command that fetches expiring keys ([`key_command`]) with the task
+//! that refreshes them ([`refresh`]).
 
+pub mod credential;
 pub(crate) mod key;
+pub mod key_command;
+pub mod refresh;
 pub mod secret_file;

@@ -21,15 +21,15 @@
 use std::io::Read;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
-use http::HeaderValue;
 use prometheus_client::metrics::counter::Counter;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::task::JoinHandle;
 use zeroize::Zeroizing;
 
+use crate::secrets::credential::LiveCredential;
 use crate::secrets::key::ApiKey;
 
 /// How often the key file is re-read. Reading a small file once a second
@@ -128,32 +128,6 @@ async fn read_off_thread(
                 path.display()
             ))
         }
-    }
-}
-
-/// The credential header value in use; swapped when the key file changes.
-#[derive(Debug)]
-pub struct LiveCredential(RwLock<HeaderValue>);
-
-impl LiveCredential {
-    /// Starts with `value`.
-    pub fn new(value: HeaderValue) -> Self {
-        Self(RwLock::new(value))
-    }
-
-    /// The value to inject into the next request.
-    pub fn current(&self) -> HeaderValue {
-        self.0
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .clone()
-    }
-
-    fn replace(&self, value: HeaderValue) {
-        *self
-            .0
-            .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = value;
     }
 }
 

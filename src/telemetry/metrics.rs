@@ -4,6 +4,7 @@
 //! startup ([`RouteMetrics`]), so the per-request work is a few atomic
 //! increments and the per-frame work one histogram observation.
 
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -104,6 +105,15 @@ pub struct RetryLabels {
     pub reason: &'static str,
 }
 
+/// Labels of the credential refresh counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefreshLabels {
+    /// The route.
+    pub route: String,
+    /// `ok` or `error`.
+    pub result: &'static str,
+}
+
 /// Labels of the upstream attempt counter.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AttemptLabels {
@@ -170,6 +180,8 @@ pub struct Metrics {
     budget_overshoot: Family<BudgetLabels, Counter>,
     usage_store_errors: Counter,
     credential_reloads: Counter,
+    credential_refreshes: Family<RefreshLabels, Counter>,
+    credential_expiry: Family<RouteLabel, Gauge<f64, AtomicU64>>,
     /// Mirrors [`logging::dropped_lines`], brought up to date on each scrape;
     /// the lock keeps two concurrent scrapes from adding the same lines twice.
     log_lines_dropped: std::sync::Mutex<Counter>,
@@ -221,6 +233,8 @@ impl Metrics {
         let budget_overshoot = Family::<BudgetLabels, Counter>::default();
         let usage_store_errors = Counter::default();
         let credential_reloads = Counter::default();
+        let credential_refreshes = Family::<RefreshLabels, Counter>::default();
+        let credential_expiry = Family::<RouteLabel, Gauge<f64, AtomicU64>>::default();
 
         registry.register(
             "requests",
@@ -319,6 +333,17 @@ impl Metrics {
             "Times the upstream key was reloaded from key_file",
             credential_reloads.clone(),
         );
+        registry.register(
+            "credential_refreshes",
+            "Runs of a route's key_command, the one at startup included, by result (ok, error)",
+            credential_refreshes.clone(),
+        );
+        registry.register_with_unit(
+            "credential_expiry",
+            "Time left before a route's expiring credential (key_command) may no longer be sent; negative once it has expired",
+            Unit::Seconds,
+            credential_expiry.clone(),
+        );
         let log_lines_dropped = Counter::default();
         registry.register(
             "log_lines_dropped",
@@ -345,6 +370,8 @@ impl Metrics {
             budget_overshoot,
             usage_store_errors,
             credential_reloads,
+            credential_refreshes,
+            credential_expiry,
             log_lines_dropped: std::sync::Mutex::new(log_lines_dropped),
         }
     }
@@ -402,6 +429,26 @@ impl Metrics {
     /// The counter of key-file reloads, for the key-file watchers.
     pub fn credential_reloads(&self) -> Counter {
         self.credential_reloads.clone()
+    }
+
+    /// The counter of `route`'s key_command runs ending in `result` (`ok`
+    /// or `error`), for its refresher.
+    pub fn credential_refreshes(&self, route: &str, result: &'static str) -> Counter {
+        self.credential_refreshes
+            .get_or_create_owned(&RefreshLabels {
+                route: route.to_owned(),
+                result,
+            })
+    }
+
+    /// Sets the seconds left before `route`'s credential expires (brought
+    /// up to date on each scrape).
+    pub fn set_credential_expiry(&self, route: &str, seconds: f64) {
+        self.credential_expiry
+            .get_or_create(&RouteLabel {
+                route: route.to_owned(),
+            })
+            .set(seconds);
     }
 
     /// The Prometheus text exposition of every metric.

@@ -22,6 +22,7 @@ mod forwarding;
 mod grpc;
 mod hostile_input;
 mod http2_upstream;
+mod key_command;
 mod key_rotation;
 mod layering;
 mod lifecycle;

@@ -3,21 +3,28 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use http::{HeaderName, HeaderValue};
 
+use super::policy::{Inherit, Source};
 use super::Scope;
 use crate::config::baseten;
 use crate::config::check::Problems;
+use crate::config::parse::parse_duration;
 use crate::config::request_headers;
 use crate::config::Credential;
 use crate::secrets::key::{ApiKey, KEY_PLACEHOLDER};
+use crate::secrets::key_command::KeyCommand;
 use crate::secrets::secret_file;
 
 /// A route's credential settings, before validation.
 pub(super) struct CredentialSpec<'a> {
     pub(super) key_env: &'a str,
     pub(super) key_file: Option<&'a str>,
+    pub(super) key_command: Option<&'a [String]>,
+    pub(super) key_command_ttl: &'a Inherit<String>,
+    pub(super) key_command_timeout: &'a Inherit<String>,
     pub(super) header: &'a str,
     pub(super) template: &'a str,
     pub(super) strip: &'a [String],
@@ -133,15 +140,39 @@ pub(super) fn credential(
     }
 
     let key_file = spec.key_file.filter(|p| !p.is_empty()).map(PathBuf::from);
-    let (key, source_setting, source) = match &key_file {
-        Some(path) => (
+    let command = key_command(spec, scope, found);
+    if command.is_some() && key_file.is_some() {
+        found.report(
+            &scope.setting("key_command"),
+            "key_file is set too; set one credential source",
+        );
+    }
+    let mut lifetime = None;
+    let (key, source_setting, source) = match (&command, &key_file) {
+        (Some(command), _) => {
+            let key = command
+                .run()
+                .map_err(|problem| {
+                    found.report(
+                        &scope.setting("key_command"),
+                        format!("its first run failed: {problem}"),
+                    )
+                })
+                .ok()
+                .map(|fetched| {
+                    lifetime = Some(fetched.lifetime);
+                    fetched.key
+                });
+            (key, "key_command", command.program().to_owned())
+        }
+        (None, Some(path)) => (
             secret_file::read(path)
                 .map_err(|problem| found.report(&scope.setting("key_file"), problem))
                 .ok(),
             "key_file",
             path.display().to_string(),
         ),
-        None => {
+        (None, None) => {
             let key = env
                 .get(spec.key_env)
                 .map(|value| ApiKey::new(value.clone()))
@@ -151,7 +182,7 @@ pub(super) fn credential(
                     &scope.setting("key_env"),
                     format!(
                         "environment variable {} is not set or is empty; export the upstream API key \
-                         in it (or set key_file)",
+                         in it (or set key_file or key_command)",
                         spec.key_env
                     ),
                 );
@@ -180,10 +211,62 @@ pub(super) fn credential(
     let credential = Credential {
         key_env: spec.key_env.to_owned(),
         key_file,
+        key_command: command,
+        lifetime,
         template: spec.template.to_owned(),
         header,
         value,
         strip,
     };
     (Some(credential), key)
+}
+
+/// The route's `key_command` with its timing settings, when it sets one
+/// and they are valid (problems reported). The timing settings are checked
+/// on every route, used or not, so a wrong value never goes unnoticed.
+fn key_command(
+    spec: &CredentialSpec<'_>,
+    scope: &Scope,
+    found: &mut Problems,
+) -> Option<KeyCommand> {
+    let ttl = positive_duration(spec.key_command_ttl, "key_command_ttl", scope, found);
+    let timeout = positive_duration(
+        spec.key_command_timeout,
+        "key_command_timeout",
+        scope,
+        found,
+    );
+    let argv = spec.key_command?;
+    if argv[0].trim().is_empty() {
+        found.report(
+            &scope.setting("key_command"),
+            "its first item must be the program to run",
+        );
+        return None;
+    }
+    Some(KeyCommand::new(argv.to_vec(), ttl?, timeout?))
+}
+
+/// A duration setting that must be longer than zero; a problem with an
+/// inherited top-level value is reported once, under the top-level name.
+fn positive_duration(
+    setting: &Inherit<String>,
+    key: &str,
+    scope: &Scope,
+    found: &mut Problems,
+) -> Option<Duration> {
+    let name = match setting.from {
+        Source::Own => scope.setting(key),
+        Source::Top => key.to_owned(),
+    };
+    let problem = match parse_duration(&setting.value) {
+        Ok(Some(duration)) => return Some(duration),
+        Ok(None) => "must be longer than 0".to_owned(),
+        Err(message) => message,
+    };
+    let known = (found.0.iter()).any(|seen| seen.setting == name && seen.message == problem);
+    if !known {
+        found.report(&name, problem);
+    }
+    None
 }

@@ -16,7 +16,7 @@
 //! prefix = "/llama"            # requests under /llama go here (prefix stripped)
 //! model = "abc123"             # or upstream = "https://...", chain = "...", model_apis = true
 //! environment = "production"   # or deployment = "...", development = true
-//! key_env = "BASETEN_API_KEY"  # or key_file = "/run/secrets/key"
+//! key_env = "BASETEN_API_KEY"  # or key_file = "/run/secrets/key", key_command = [...]
 //! auth_template = "Api-Key {key}"
 //! upstream_http = "2"          # or "1.1", "auto"; grpc = true implies "2"
 //! set_request_headers = ["x-team: search"]
@@ -79,6 +79,9 @@ pub(super) struct RawRoute {
     regional: Switch,
     key_env: Option<String>,
     key_file: Option<String>,
+    key_command: Option<Vec<String>>,
+    key_command_ttl: Option<String>,
+    key_command_timeout: Option<String>,
     auth_header: Option<String>,
     auth_template: Option<String>,
     strip_request_headers: Option<Vec<String>>,
@@ -172,10 +175,12 @@ impl Scope {
     }
 }
 
-/// Where a route's key comes from: `key_file` if set, else `key_env`.
+/// Where a route's key comes from: `key_command` if set, else `key_file`,
+/// else `key_env`.
 struct KeySource<'a> {
     key_env: &'a str,
     key_file: Option<&'a str>,
+    key_command: Option<&'a [String]>,
 }
 
 /// What a route's policy makes, each checked in the route's context (its
@@ -203,6 +208,9 @@ fn policy_parts(
         &CredentialSpec {
             key_env: key.key_env,
             key_file: key.key_file,
+            key_command: key.key_command,
+            key_command_ttl: &policy.key_command_ttl,
+            key_command_timeout: &policy.key_command_timeout,
             header: key_header(&policy.auth_header.value, grpc_headers.is_some()),
             template: &policy.auth_template.value,
             strip: &policy.strip_request_headers.value,
@@ -309,6 +317,7 @@ fn default_route(
     let key = KeySource {
         key_env: &raw.key_env,
         key_file: raw.key_file.as_deref(),
+        key_command: command(Some(&raw.key_command)),
     };
     let parts = policy_parts(policy, &key, grpc_headers, "/", &top, env, found);
     let grpc = grpc_headers.is_some();
@@ -351,12 +360,18 @@ fn report_unused_top_level(raw: &RawConfig, found: &mut Problems) {
             );
         }
     }
-    if !raw.routes.is_empty() && no_upstream && set(raw.key_file.as_deref()).is_some() {
-        found.report(
-            "key_file",
-            "is set at the top level, but no upstream is, so no route would use it: \
-             each [[routes]] entry names its own key_env or key_file",
-        );
+    let top_sources = [
+        ("key_file", set(raw.key_file.as_deref()).is_some()),
+        ("key_command", command(Some(&raw.key_command)).is_some()),
+    ];
+    for (key, is_set) in top_sources {
+        if !raw.routes.is_empty() && no_upstream && is_set {
+            found.report(
+                key,
+                "is set at the top level, but no upstream is, so no route would use it: \
+                 each [[routes]] entry names its own key_env, key_file or key_command",
+            );
+        }
     }
     if raw.routes.is_empty() && no_upstream {
         found.report(
@@ -450,12 +465,19 @@ fn check_route(
     };
     let key_env = route.key_env.as_deref().filter(|v| !v.is_empty());
     let key_file = route.key_file.as_deref().filter(|v| !v.is_empty());
-    if key_env.is_none() && key_file.is_none() {
+    let key_command = command(route.key_command.as_ref());
+    if key_env.is_none() && key_file.is_none() && key_command.is_none() {
         found.report(
             &scope.setting("key_env"),
-            "the route has no credential source: set key_env or key_file",
+            "the route has no credential source: set key_env, key_file or key_command",
         );
         return None;
+    }
+    if key_command.is_some() && key_env.is_some() {
+        found.report(
+            &scope.setting("key_command"),
+            "the route also sets key_env; set one credential source",
+        );
     }
     report_switches(route, scope, found);
     let policy = Policy::of(route, inherited.policy, scope, found);
@@ -463,6 +485,7 @@ fn check_route(
     let key = KeySource {
         key_env: key_env.unwrap_or_default(),
         key_file,
+        key_command,
     };
     let parts = policy_parts(&policy, &key, grpc_headers, &prefix, scope, env, found);
     let rules = RequestRules::check(&policy, scope, found);
@@ -558,6 +581,11 @@ fn report_without_budget(policy: &Policy, raw: &RawConfig, scope: &Scope, found:
 /// A route's `token_budget` entries; `None` if one is wrong (reported).
 fn budgets(entries: &[String], scope: &Scope, found: &mut Problems) -> Option<Vec<BudgetLimit>> {
     parse_budgets(entries, &scope.setting("token_budget"), found)
+}
+
+/// A `key_command` list, unless it is missing or empty.
+fn command(argv: Option<&Vec<String>>) -> Option<&[String]> {
+    argv.map(Vec::as_slice).filter(|argv| !argv.is_empty())
 }
 
 /// `value` unless it is missing or blank.

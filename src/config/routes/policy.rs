@@ -244,6 +244,9 @@ route_policy! {
     retry_buffer: String,
     eject_after: Number,
     eject_for: String,
+    // The timing of a route's own key_command ([`super::credential`]).
+    key_command_ttl: String,
+    key_command_timeout: String,
 }
 
 /// The account a route's `token_budget` is counted in: its own name when

@@ -422,3 +422,87 @@ set_request_headers = ["x-ok: 1", "cookie: a=b"]
         ]
     );
 }
+
+// The helpers below are sh scripts.
+#[cfg(unix)]
+#[test]
+fn a_route_key_command_runs_at_load_and_takes_the_top_level_timing() {
+    let config = with_file(
+        r#"
+key_command_ttl = "90s"
+
+[[routes]]
+name = "helped"
+prefix = "/h"
+upstream = "https://h.test"
+key_command = ["sh", "-c", "echo route-helper-key"]
+auth_template = "Bearer {key}"
+
+[[routes]]
+name = "own_ttl"
+prefix = "/o"
+upstream = "https://o.test"
+key_command = ["sh", "-c", "echo other-key"]
+key_command_ttl = "1h"
+"#,
+        &[],
+    )
+    .expect("valid");
+    let route = |name: &str| {
+        let route = config.routes.iter().find(|r| r.name == name).expect(name);
+        &route.credential
+    };
+    let helped = route("helped");
+    assert_eq!(helped.value, "Bearer route-helper-key");
+    let lifetime = helped.lifetime.expect("an expiring key");
+    let lived = lifetime.expires.duration_since(lifetime.started).as_secs();
+    // 90 s less the 9 s margin.
+    assert_eq!(lived, 81);
+    let own = route("own_ttl").lifetime.expect("an expiring key");
+    assert_eq!(own.expires.duration_since(own.started).as_secs(), 3600 - 10);
+    assert!(!format!("{config:?}").contains("route-helper-key"));
+}
+
+#[test]
+fn key_command_problems_name_the_route_and_the_setting() {
+    let found = with_file(
+        r#"
+key_command_timeout = "soon"
+
+[[routes]]
+name = "both"
+prefix = "/b"
+upstream = "https://b.test"
+key_env = "BASETEN_API_KEY"
+key_command = ["/nonexistent/helper"]
+
+[[routes]]
+name = "blank"
+prefix = "/c"
+upstream = "https://c.test"
+key_command = [" "]
+key_command_ttl = "0"
+"#,
+        &[],
+    )
+    .expect_err("refused")
+    .problems;
+    let settings: Vec<&str> = found.iter().map(|p| p.setting.as_str()).collect();
+    for expected in [
+        "key_command_timeout",
+        "routes[0] \"both\".key_command",
+        "routes[1] \"blank\".key_command_ttl",
+        "routes[1] \"blank\".key_command",
+    ] {
+        assert!(settings.contains(&expected), "{expected}: {found:?}");
+    }
+    // The top-level problem is reported once, not per route.
+    assert_eq!(
+        settings
+            .iter()
+            .filter(|s| **s == "key_command_timeout")
+            .count(),
+        1,
+        "{found:?}"
+    );
+}

@@ -243,6 +243,12 @@ impl MockUpstream {
             .expect("mock upstream stopped")
     }
 
+    /// Waits, unbounded, for the next request: for a task that serves the
+    /// mock for as long as the test runs; `None` once the mock has stopped.
+    pub(crate) async fn recv(&mut self) -> Option<Exchange> {
+        self.exchanges.recv().await
+    }
+
     /// True if no request has reached the upstream (without waiting).
     pub(crate) fn nothing_received(&mut self) -> bool {
         self.exchanges.try_recv().is_err()
