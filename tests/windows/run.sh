@@ -2,9 +2,10 @@
 # Runs the Windows release binary under Wine: the demo streams its tokens, a
 # request streams in lockstep from a Linux-side mock upstream, Ctrl-C drains,
 # `listen = "unix:..."` is refused, a renamed-over key file is re-read
-# (tests/windows/check.py says how each is judged). Called by .ci/run after
-# deploy/dist.sh; prints a PASS or FAIL line per check and exits non-zero on
-# any failure.
+# (tests/windows/check.py says how each is judged). Then lints the Windows
+# build and runs the library's unit tests as a Windows program under Wine.
+# Called by .ci/run after deploy/dist.sh; prints a PASS or FAIL line per
+# check and exits non-zero on any failure.
 #
 #   tests/windows/run.sh                 # dist/'s zip, or builds one if absent
 #   DIST_DIR=/tmp/out tests/windows/run.sh
@@ -93,4 +94,14 @@ timeout 60 python3 tests/windows/check.py --self-test
 
 say "keyrelay.exe under Wine"
 timeout 300 python3 tests/windows/check.py "$exe"
+
+# The Windows-only code (console events, lock retries, the unix: refusal)
+# is compiled only for Windows: lint it there, and run the library's unit
+# tests as a Windows program, so a cfg(windows) path cannot rot unseen.
+say "clippy for $target (library, binary, unit tests)"
+export MACOSX_DEPLOYMENT_TARGET=11.0 # as deploy/build.sh sets it, so ring is not rebuilt
+timeout 900 cargo-zigbuild clippy --locked --target "$target" --lib --bins --profile test -- -D warnings
+say "the library's unit tests as a Windows program, under Wine"
+CARGO_TARGET_X86_64_PC_WINDOWS_GNU_RUNNER=wine \
+  timeout 900 cargo-zigbuild test --locked --target "$target" --lib
 say "done"
