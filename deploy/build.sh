@@ -23,7 +23,9 @@
 #   is needed, and rustls' crypto provider, ring, builds its C and assembly
 #   with zig cc (aws-lc-rs would want cmake and nasm). The -gnu target rather
 #   than -msvc: the MSVC linker and libraries would come from Microsoft's
-#   SDK, which no registry here serves.
+#   SDK, which no registry here serves. ARM64 Windows is Rust's
+#   aarch64-pc-windows-gnullvm (MinGW's ABI on LLVM's runtime, which zig
+#   provides); Rust has no aarch64 -gnu target.
 #   All of them go into one cargo invocation: the LTO link of each target is
 #   single-threaded, and building the three side by side keeps both cores
 #   busy (measured here: 7m27s for the three together, 10m23s one by one).
@@ -36,6 +38,7 @@ ALL_TARGETS=(
   aarch64-apple-darwin
   x86_64-apple-darwin
   x86_64-pc-windows-gnu
+  aarch64-pc-windows-gnullvm
 )
 # Pinned so a release is rebuilt with the same linker; bump both together
 # after checking `deploy/dist.sh` still passes.

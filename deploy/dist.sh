@@ -10,6 +10,7 @@
 #   dist/keyrelay-VERSION-aarch64-apple-darwin.tar.gz
 #   dist/keyrelay-VERSION-x86_64-apple-darwin.tar.gz
 #   dist/keyrelay-VERSION-x86_64-pc-windows-gnu.zip
+#   dist/keyrelay-VERSION-aarch64-pc-windows-gnullvm.zip
 #   dist/SHA256SUMS                                  (sha256sum -c SHA256SUMS)
 #
 #   deploy/dist.sh                               # every target
@@ -31,7 +32,7 @@ version=$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -n 1)
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
   targets=(x86_64-unknown-linux-musl aarch64-unknown-linux-musl aarch64-apple-darwin x86_64-apple-darwin
-    x86_64-pc-windows-gnu)
+    x86_64-pc-windows-gnu aarch64-pc-windows-gnullvm)
 fi
 # The man page and completions come from a binary that runs here; they are
 # the same for every target, since all are rendered from one clap command.

@@ -35,7 +35,12 @@ from image_check import CheckFailed, binary_platform, expect
 
 # Target triple parts to the names binary_platform() reports.
 ARCHES = {"x86_64": "amd64", "aarch64": "arm64"}
-SYSTEMS = {"unknown-linux-musl": "linux", "apple-darwin": "darwin", "pc-windows-gnu": "windows"}
+SYSTEMS = {
+    "unknown-linux-musl": "linux",
+    "apple-darwin": "darwin",
+    "pc-windows-gnu": "windows",
+    "pc-windows-gnullvm": "windows",
+}
 
 # The oldest macOS the binaries must run on: deploy/build.sh's MACOSX_DEPLOYMENT_TARGET.
 MACOS_MINIMUM = (11, 0)

@@ -3,21 +3,21 @@
 a filled manifest the way Scoop would install from it.
 
     fill.py DIST_DIR --url-base URL [--homepage URL] [--out FILE]
-    fill.py --install MANIFEST DIR
+    fill.py --install MANIFEST ARCH DIR      # ARCH: 64bit or arm64
 
 The first form reads DIST_DIR/SHA256SUMS (deploy/dist.sh writes it) and
-writes the manifest (DIST_DIR/keyrelay.json unless --out) with the version,
-the zip's URL (URL/keyrelay-VERSION-x86_64-pc-windows-gnu.zip: where the
-release is published, or file:///... for a local try), its SHA-256 and the
-directory inside it. It fails, naming it, when SHA256SUMS has no Windows
-zip or a field is left unfilled, so a manifest with a placeholder is never
-written.
+writes the manifest (DIST_DIR/keyrelay.json unless --out) with the version
+and, for each architecture, its zip's URL (URL/keyrelay-VERSION-TARGET.zip:
+where the release is published, or file:///... for a local try), SHA-256
+and the directory inside it. It fails, naming it, when SHA256SUMS lacks a
+zip the template names or a field is left unfilled, so a manifest with a
+placeholder is never written.
 
-The second does what `scoop install` does with MANIFEST, on any OS: fetches
-the 64-bit url (file:// or a local path only), checks its hash, unpacks
-it, takes extract_dir as the app's directory, checks that `bin` is there,
-and prints that executable's path (tests/windows/run.sh then runs it under
-Wine).
+The second does what `scoop install` does with MANIFEST on an ARCH
+machine, on any OS: fetches that architecture's url (file:// only), checks
+its hash, unpacks it, takes extract_dir as the app's directory, checks
+that `bin` is there, and prints that executable's path
+(tests/windows/run.sh then runs the 64bit one under Wine).
 """
 
 from __future__ import annotations
@@ -33,57 +33,69 @@ import zipfile
 from pathlib import Path
 
 TEMPLATE = Path(__file__).with_name("keyrelay.json")
-TARGET = "x86_64-pc-windows-gnu"
-ZIP = re.compile(rf"^keyrelay-(?P<version>[^-]+)-{TARGET}\.zip$")
+ZIP = re.compile(r"^keyrelay-(?P<version>[^-]+)-(?P<target>[a-z0-9_]+-pc-windows-[a-z]+)\.zip$")
+FIELD = re.compile(r"@([A-Z_0-9]+)(?::([a-z0-9_-]+))?@")
 
 
 class ManifestError(Exception):
     pass
 
 
-def windows_zip(sums: Path) -> tuple[str, str, str]:
-    """(zip name, version, sha256) of the Windows zip listed in SHA256SUMS."""
+def windows_zips(sums: Path) -> tuple[str, dict[str, tuple[str, str]]]:
+    """The version and {target: (zip name, sha256)} of the Windows zips in SHA256SUMS."""
     if not sums.is_file():
         raise ManifestError(f"{sums} does not exist: run deploy/dist.sh first")
+    versions, zips = set(), {}
     for line in sums.read_text().splitlines():
         digest, _, name = line.partition("  ")
         match = ZIP.match(name.strip().lstrip("*"))
-        if match:
-            if not re.fullmatch(r"[0-9a-f]{64}", digest):
-                raise ManifestError(f"{sums}: {digest!r} is not a SHA-256 for {name}")
-            return name.strip(), match["version"], digest
-    raise ManifestError(f"{sums} lists no {TARGET} zip: run deploy/dist.sh {TARGET}")
+        if not match:
+            continue  # the tarballs
+        if not re.fullmatch(r"[0-9a-f]{64}", digest):
+            raise ManifestError(f"{sums}: {digest!r} is not a SHA-256 for {name}")
+        versions.add(match["version"])
+        zips[match["target"]] = (name.strip(), digest)
+    if len(versions) != 1:
+        raise ManifestError(f"{sums}: expected Windows zips of one version, found {sorted(versions)}")
+    return versions.pop(), zips
 
 
 def fill(dist: Path, url_base: str, homepage: str) -> dict:
-    name, version, digest = windows_zip(dist / "SHA256SUMS")
-    values = {
-        "@VERSION@": version,
-        "@HOMEPAGE@": homepage,
-        "@URL@": f"{url_base.rstrip('/')}/{name}",
-        "@SHA256@": digest,
-        "@EXTRACT_DIR@": name.removesuffix(".zip"),
-    }
+    version, zips = windows_zips(dist / "SHA256SUMS")
 
-    def filled(value):
-        if isinstance(value, dict):
-            return {key: filled(item) for key, item in value.items()}
-        if isinstance(value, list):
-            return [filled(item) for item in value]
-        if isinstance(value, str) and re.fullmatch(r"@[A-Z_0-9]+@", value):
-            if value not in values:
-                raise ManifestError(f"the template's field {value} has no value")
-            return values[value]
-        return value
+    def value(field: str, target: str | None) -> str:
+        if field == "VERSION" and not target:
+            return version
+        if field == "HOMEPAGE" and not target:
+            return homepage
+        if target and field in ("URL", "SHA256", "EXTRACT_DIR"):
+            if target not in zips:
+                raise ManifestError(f"no {target} zip in SHA256SUMS: run deploy/dist.sh {target}")
+            name, digest = zips[target]
+            return {
+                "URL": f"{url_base.rstrip('/')}/{name}",
+                "SHA256": digest,
+                "EXTRACT_DIR": name.removesuffix(".zip"),
+            }[field]
+        raise ManifestError(f"the template's field @{field}{':' + target if target else ''}@ has no value")
+
+    def filled(item):
+        if isinstance(item, dict):
+            return {key: filled(inner) for key, inner in item.items()}
+        if isinstance(item, list):
+            return [filled(inner) for inner in item]
+        if isinstance(item, str):
+            return FIELD.sub(lambda match: value(match[1], match[2]), item)
+        return item
 
     return filled(json.loads(TEMPLATE.read_text()))
 
 
-def install(manifest_path: Path, into: Path) -> Path:
+def install(manifest_path: Path, architecture: str, into: Path) -> Path:
     manifest = json.loads(manifest_path.read_text())
-    arch = manifest.get("architecture", {}).get("64bit")
+    arch = manifest.get("architecture", {}).get(architecture)
     if not arch:
-        raise ManifestError(f"{manifest_path} has no architecture.64bit")
+        raise ManifestError(f"{manifest_path} has no architecture.{architecture}")
     for field in ("version", "url", "hash", "extract_dir"):
         value = manifest.get(field) or arch.get(field)
         if not value or "@" in str(value):
@@ -111,11 +123,11 @@ def install(manifest_path: Path, into: Path) -> Path:
 
 def main(argv: list[str]) -> int:
     if argv[:1] == ["--install"]:
-        if len(argv) != 3:
+        if len(argv) != 4:
             print(__doc__, file=sys.stderr)
             return 64
         try:
-            print(install(Path(argv[1]), Path(argv[2])))
+            print(install(Path(argv[1]), argv[2], Path(argv[3])))
         except (ManifestError, OSError, zipfile.BadZipFile, json.JSONDecodeError) as err:
             print(f"fill.py --install: FAILED: {err}", file=sys.stderr)
             return 1
@@ -133,7 +145,8 @@ def main(argv: list[str]) -> int:
         return 1
     out = args.out or args.dist / "keyrelay.json"
     out.write_text(json.dumps(manifest, indent=4) + "\n")
-    print(f"wrote {out}: version {manifest['version']}, {manifest['architecture']['64bit']['url']}")
+    urls = ", ".join(arch["url"] for arch in manifest["architecture"].values())
+    print(f"wrote {out}: version {manifest['version']}, {urls}")
     return 0
 
 

@@ -28,6 +28,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 target=x86_64-pc-windows-gnu
+arm_target=aarch64-pc-windows-gnullvm
 started=$SECONDS
 say() { printf '== windows: %s  (+%ss)\n' "$*" "$((SECONDS - started))"; }
 
@@ -54,18 +55,21 @@ fi
 bash deploy/build.sh --tools-only "$target"
 
 dist=${DIST_DIR:-dist}
-if [ ! -f "$dist/keyrelay-$version-$target.zip" ] || [ ! -f "$dist/SHA256SUMS" ]; then
-  say "no Windows zip in $dist/: deploy/dist.sh $target into a scratch directory"
+if [ ! -f "$dist/keyrelay-$version-$target.zip" ] || [ ! -f "$dist/keyrelay-$version-$arm_target.zip" ]; then
+  say "no Windows zips in $dist/: deploy/dist.sh $target $arm_target into a scratch directory"
   dist="$work/dist"
-  DIST_DIR="$dist" bash deploy/dist.sh "$target"
+  DIST_DIR="$dist" bash deploy/dist.sh "$target" "$arm_target"
 fi
-say "installing $dist/keyrelay-$version-$target.zip as Scoop would, from the filled manifest"
+say "installing the zips in $dist/ as Scoop would, from the filled manifest"
 python3 deploy/scoop/fill.py "$dist" --url-base "file://$(cd "$dist" && pwd)" --out "$work/keyrelay.json"
-if ! exe=$(python3 deploy/scoop/fill.py --install "$work/keyrelay.json" "$work/scoop"); then
-  echo "FAIL scoop: the manifest does not install the zip"
-  exit 1
-fi
-echo "PASS scoop: the manifest's url, hash, extract_dir and bin install $exe"
+# The arm64 one is only unpacked and checked: Wine here runs x86_64 programs.
+for arch in arm64 64bit; do
+  if ! exe=$(python3 deploy/scoop/fill.py --install "$work/keyrelay.json" "$arch" "$work/scoop-$arch"); then
+    echo "FAIL scoop: the manifest's $arch entry does not install its zip"
+    exit 1
+  fi
+  echo "PASS scoop: the manifest's $arch url, hash, extract_dir and bin install $exe"
+done
 
 say "Wine prefix (first start)"
 if ! timeout 180 wineboot --init >"$work/wineboot.log" 2>&1; then
