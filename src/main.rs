@@ -4,9 +4,9 @@ use std::io::{self, Write};
 use std::process::ExitCode;
 
 use keyrelay::config::cli::{self, Action};
-use keyrelay::config::{self, Sources};
+use keyrelay::config::{self, OverrideValue, Sources};
 use keyrelay::demo::{self, DemoError};
-use keyrelay::ops::signals;
+use keyrelay::ops::{signals, socket_activation};
 use keyrelay::telemetry::logging;
 
 /// EX_USAGE from sysexits.h: the configuration or command line is wrong.
@@ -93,23 +93,54 @@ fn print_generated(text: io::Result<Vec<u8>>) -> ExitCode {
     }
 }
 
-async fn run_proxy(sources: Sources) -> ExitCode {
+async fn run_proxy(mut sources: Sources) -> ExitCode {
+    let activated = match socket_activation::take(&sources.env, std::process::id()) {
+        Ok(socket) => socket,
+        Err(err) => {
+            eprintln!("keyrelay: listen: socket activation: {err}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    // The passed socket stands in for `listen`, so the rules that judge
+    // `listen` (access tokens beyond loopback) judge where it really is.
+    let activated_addr = activated
+        .as_ref()
+        .and_then(|socket| socket.local_addr().ok());
+    if let Some(addr) = activated_addr {
+        sources.set("listen", OverrideValue::Text(addr.to_string()));
+    }
     let config = match config::load(&sources) {
         Ok(config) => config,
         Err(err) => {
             eprintln!("keyrelay: {err}");
+            if let Some(addr) = activated_addr {
+                eprintln!(
+                    "keyrelay: (listen is {addr}, the socket systemd passed: socket activation)"
+                );
+            }
             return ExitCode::from(EXIT_USAGE);
         }
     };
     // Held to the end: dropping it writes out every queued log line.
     let _log = logging::init(config.log_format);
-    let listener = match keyrelay::ops::listener::bind(
-        &config.listen,
-        config.unix_socket_mode,
-        config.listen_backlog,
-    )
-    .await
-    {
+    let bound = match activated {
+        Some(socket) => {
+            tracing::info!(
+                listen = activated_addr.map(tracing::field::display),
+                "socket activation: serving on the socket systemd passed (fd 3), binding nothing"
+            );
+            socket_activation::into_listener(socket)
+        }
+        None => {
+            keyrelay::ops::listener::bind(
+                &config.listen,
+                config.unix_socket_mode,
+                config.listen_backlog,
+            )
+            .await
+        }
+    };
+    let listener = match bound {
         Ok(listener) => listener,
         Err(err) => {
             eprintln!(

@@ -38,7 +38,7 @@ pub mod settings;
 
 pub use check::{ConfigError, Problem};
 pub use load::{load, OverrideValue, Sources};
-pub use routes::{RequestRules, RouteConfig};
+pub use routes::{RequestRules, RetryPolicy, RouteConfig};
 pub use settings::{Kind, Setting, ENV_PREFIX, ROUTES_KEY, SETTINGS};
 
 /// Validated configuration, ready to run.
@@ -78,6 +78,8 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Read token usage off responses.
     pub usage_tap: bool,
+    /// Name the route that answered in `x-keyrelay-upstream`.
+    pub upstream_name_header: bool,
     /// Where the token budgets' spending is kept across restarts.
     pub usage_state_file: Option<PathBuf>,
     /// The Redis the budgets are counted in, shared by replicas; `None`
@@ -338,6 +340,15 @@ struct RawConfig {
     allowed_models: Vec<String>,
     access_token_max_output_tokens: String,
     access_token_allowed_models: Vec<String>,
+    retry_on: Vec<String>,
+    retry_attempts: String,
+    retry_methods: Vec<String>,
+    retry_budget: String,
+    retry_max_wait: String,
+    retry_buffer: String,
+    eject_after: String,
+    eject_for: String,
+    upstream_name_header: Switch,
     usage_state_file: Option<String>,
     usage_store: String,
     usage_store_unavailable: String,

@@ -50,7 +50,7 @@ pub const SETTINGS: &[Setting] = &[
     Setting {
         key: "listen",
         default: "127.0.0.1:8080",
-        help: "Address the proxy listens on (HTTP/1.1 and h2c on the same port), or unix:/path for a Unix socket (not on Windows).",
+        help: "Address the proxy listens on (HTTP/1.1 and h2c on the same port), or unix:/path for a Unix socket (not on Windows); a socket systemd passes (socket activation, LISTEN_FDS) replaces it.",
         kind: Kind::Text,
     },
     Setting {
@@ -406,6 +406,60 @@ pub const SETTINGS: &[Setting] = &[
         default: "",
         help: "The only models a request presenting a local access token may name (and the route's allowed_models too, if set); others get 403.",
         kind: Kind::List,
+    },
+    Setting {
+        key: "retry_on",
+        default: "",
+        help: "Upstream answers a request is tried again for, before any response byte reached the client: statuses (429, 500-599) and connect (no connection could be made). Empty: no retries.",
+        kind: Kind::List,
+    },
+    Setting {
+        key: "retry_attempts",
+        default: "2",
+        help: "Most extra attempts per request (1 to 10) when retry_on matches.",
+        kind: Kind::Text,
+    },
+    Setting {
+        key: "retry_methods",
+        default: "GET, HEAD, OPTIONS, PUT, DELETE",
+        help: "Methods retried for a retry_on status; add POST for model APIs, whose POSTs are safe to retry before any response byte. connect failures are retried for every method (nothing was sent).",
+        kind: Kind::List,
+    },
+    Setting {
+        key: "retry_budget",
+        default: "20%",
+        help: "Most retries per route as a share of its requests over the last 10 s (at least 10 per 10 s), so a failing upstream is not hammered.",
+        kind: Kind::Text,
+    },
+    Setting {
+        key: "retry_max_wait",
+        default: "10s",
+        help: "Longest wait before an attempt (backoff with jitter, or the upstream's Retry-After); an answer asking for longer reaches the client at once.",
+        kind: Kind::Text,
+    },
+    Setting {
+        key: "retry_buffer",
+        default: "1MiB",
+        help: "Largest request body kept to send again: a body is retried only if its declared length is within this (it still streams to the first attempt).",
+        kind: Kind::Text,
+    },
+    Setting {
+        key: "eject_after",
+        default: "5",
+        help: "Consecutive failed attempts (retry_on matches) after which a route is skipped as a fallback target and primary for eject_for.",
+        kind: Kind::Text,
+    },
+    Setting {
+        key: "eject_for",
+        default: "30s",
+        help: "How long a failing route is skipped before one request probes it again.",
+        kind: Kind::Text,
+    },
+    Setting {
+        key: "upstream_name_header",
+        default: "false",
+        help: "Name the route whose upstream answered in an x-keyrelay-upstream response header (off: route names can reveal internals).",
+        kind: Kind::Switch,
     },
     Setting {
         key: "usage_state_file",

@@ -31,10 +31,14 @@ use tokio::net::TcpListener;
 
 use crate::secrets::key::ApiKey;
 
-/// The mock's answer, streamed a token at a time.
+/// The mock's answer, streamed a token at a time. Its é, ô, €, Chinese and
+/// emoji are 2, 3 and 4 bytes long in UTF-8, as a real model's output often
+/// is: a client that decodes each byte or frame on its own fails on them,
+/// so the demo's printed snippets are shown to decode them whole.
 pub const ANSWER: &str = "The mistral is a strong, cold northwesterly wind that blows from \
-southern France into the Gulf of Lion. It funnels down the Rhone valley, clears the sky \
-and can gust above 90 km/h.";
+southern France into the Gulf of Lion. It funnels down the Rhône valley, clears the sky \
+and can gust above 90 km/h; in Chinese it is 密史脱拉风. It empties café terraces, \
+€4 espresso and all 💨";
 
 /// Pause between tokens, so a person watching sees them arrive one by one.
 pub const TOKEN_INTERVAL: Duration = Duration::from_millis(40);

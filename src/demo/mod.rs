@@ -173,16 +173,18 @@ async fn stream_once(proxy: SocketAddr, out: &mut impl Write) -> std::io::Result
     )?;
     let mut body = response.into_body();
     let mut text = String::new();
+    let mut decoder = Utf8Stream::default();
     let mut frames = 0;
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(std::io::Error::other)?;
         if let Some(data) = frame.data_ref() {
-            let token = String::from_utf8_lossy(data);
+            let token = decoder.push(data);
             writeln!(out, "  +{:>6.0} ms  {:?}", ms(started.elapsed()), token)?;
             text.push_str(&token);
             frames += 1;
         }
     }
+    text.push_str(&decoder.finish());
     writeln!(
         out,
         "\n  {frames} frames in {:.0} ms: {text}\n",
@@ -250,17 +252,51 @@ fn print_try_it(proxy: SocketAddr, out: &mut impl Write) -> std::io::Result<()> 
     -d '{{"model": "mock", "stream": true, "messages": [{{"role": "user", "content": "{PROMPT}"}}]}}'
 
   python3 - <<'EOF'
-import json, requests
+import codecs, json, requests
+decoder = codecs.getincrementaldecoder("utf-8")()  # a character may span two chunks
 with requests.post("http://{proxy}/production/predict",
                    data=json.dumps({{"prompt": "{PROMPT}", "stream": True}}),
                    stream=True) as resp:
-    for token in resp.iter_content(1):
-        print(token.decode("utf-8"), end="", flush=True)
-print()
+    for chunk in resp.iter_content(chunk_size=None):  # each chunk as it arrives
+        print(decoder.decode(chunk), end="", flush=True)
+print(decoder.decode(b"", final=True))
 EOF
 
 Press Ctrl-C to stop."#
     )
+}
+
+/// UTF-8 text that arrives in pieces: the bytes of a character split across
+/// two frames are held until the rest arrives, instead of each half turning
+/// into U+FFFD (or an error, as Python's per-chunk `decode` raises).
+#[derive(Debug, Default)]
+struct Utf8Stream {
+    pending: Vec<u8>,
+}
+
+impl Utf8Stream {
+    /// The text `bytes` completes, holding back an unfinished character.
+    fn push(&mut self, bytes: &[u8]) -> String {
+        self.pending.extend_from_slice(bytes);
+        let complete = match std::str::from_utf8(&self.pending) {
+            Ok(_) => self.pending.len(),
+            // Only the last character is unfinished: hold it back.
+            Err(err) if err.error_len().is_none() => err.valid_up_to(),
+            // Not UTF-8 at all: show it as best it can be.
+            Err(_) => self.pending.len(),
+        };
+        let rest = self.pending.split_off(complete);
+        let text = String::from_utf8_lossy(&self.pending).into_owned();
+        self.pending = rest;
+        text
+    }
+
+    /// What is left when the stream ends: an unfinished character, shown as U+FFFD.
+    fn finish(&mut self) -> String {
+        let text = String::from_utf8_lossy(&self.pending).into_owned();
+        self.pending.clear();
+        text
+    }
 }
 
 fn ms(duration: Duration) -> f64 {
@@ -272,4 +308,32 @@ fn generate_key() -> String {
     let high = RandomState::new().hash_one(std::process::id());
     let low = RandomState::new().hash_one(Instant::now());
     format!("demo-{high:016x}{low:016x}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn characters_split_across_frames_are_decoded_whole() {
+        let text = "é € 密 💨";
+        let bytes = text.as_bytes();
+        for cut in 0..=bytes.len() {
+            for second in cut..=bytes.len() {
+                let mut stream = Utf8Stream::default();
+                let mut decoded = stream.push(&bytes[..cut]);
+                decoded += &stream.push(&bytes[cut..second]);
+                decoded += &stream.push(&bytes[second..]);
+                decoded += &stream.finish();
+                assert_eq!(decoded, text, "cut at {cut} and {second}");
+            }
+        }
+    }
+
+    #[test]
+    fn an_unfinished_character_at_the_end_is_shown_as_a_replacement() {
+        let mut stream = Utf8Stream::default();
+        assert_eq!(stream.push(&"a€".as_bytes()[..2]), "a");
+        assert_eq!(stream.finish(), "\u{fffd}");
+    }
 }

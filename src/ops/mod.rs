@@ -11,4 +11,5 @@ pub(crate) mod lifecycle;
 pub mod listener;
 pub(crate) mod server;
 pub mod signals;
+pub mod socket_activation;
 pub(crate) mod workers;

@@ -17,6 +17,7 @@ pub(crate) mod request_body;
 pub(crate) mod request_id;
 mod request_inspection;
 pub(crate) mod response_body;
+pub(crate) mod retry;
 pub mod route_table;
 pub(crate) mod tunnel;
 pub(crate) mod upstream;
@@ -52,6 +53,11 @@ use crate::usage::stream_usage::UsageEventStrip;
 use crate::usage::{Budgets, UsageTap};
 use error::{ClientError, ProxyError, Refusal, UpstreamError};
 use request_id::{server_timing, RequestIds, BASETEN_REQUEST_ID, SERVER_TIMING, X_REQUEST_ID};
+use retry::{AttemptResult, Attempts, Next};
+
+/// The response header naming the route whose upstream answered
+/// (`upstream_name_header`).
+const X_KEYRELAY_UPSTREAM: &str = "x-keyrelay-upstream";
 
 /// The route label of requests that match no route.
 const UNMATCHED_ROUTE: &str = "unmatched";
@@ -92,6 +98,8 @@ struct Shared {
     budgets: Arc<Budgets>,
     /// Request caps of requests that present an access token.
     token_caps: RequestCaps,
+    /// Name the answering route in `x-keyrelay-upstream`.
+    upstream_name_header: bool,
 }
 
 /// What is known of a request when it fails, for the error answer: the
@@ -101,6 +109,8 @@ struct Shared {
 struct FailureContext<'a> {
     origin: Option<HeaderValue>,
     route: Option<&'a Route>,
+    /// The attempts upstream, when the failure is the last of several.
+    attempts: Option<Box<AttemptHeaders>>,
 }
 
 /// How a request that passed every phase is answered.
@@ -121,6 +131,24 @@ struct Sent {
     client_upgrade: Option<OnUpgrade>,
     /// Its hold on the upstream connection.
     lease: Lease,
+    /// What the client is told of the attempts, when there is anything
+    /// to tell (boxed: most requests have none).
+    attempts: Option<Box<AttemptHeaders>>,
+}
+
+/// Response headers about the attempts upstream.
+struct AttemptHeaders {
+    /// `Server-Timing` entries of each attempt, when there was more than one.
+    timings: Vec<HeaderValue>,
+    /// The answering route's name, for `x-keyrelay-upstream` (when on).
+    answered_by: Option<HeaderValue>,
+}
+
+/// An attempt that got no answer.
+struct SendFailure {
+    error: ProxyError,
+    /// No connection could be made: the request never left keyrelay.
+    never_sent: bool,
 }
 
 impl Proxy {
@@ -148,6 +176,7 @@ impl Proxy {
             usage_tap: config.usage_tap,
             budgets,
             token_caps: config.access.token_caps.clone(),
+            upstream_name_header: config.upstream_name_header,
         });
         Ok(Self {
             worker: Arc::new(Worker {
@@ -277,48 +306,81 @@ impl Shared {
         record.set_request_id(request_id.clone());
         // An upgrade (WebSocket) is forwarded deliberately, only over HTTP/1.1
         // on both sides, where the protocol switch exists.
-        let client = worker.upstreams.of(route);
-        let upgrade = headers::requested_upgrade(&parts.headers)
-            .filter(|_| parts.version == Version::HTTP_11 && client.can_upgrade());
+        let mut upgrade = headers::requested_upgrade(&parts.headers).filter(|_| {
+            parts.version == Version::HTTP_11 && worker.upstreams.of(route).can_upgrade()
+        });
         let upgrading = upgrade.is_some();
         let client_upgrade = upgrade
             .as_ref()
             .and_then(|_| parts.extensions.remove::<OnUpgrade>());
-        let mut upstream_request = upstream_request(route, parts, body, upgrade)?;
-
-        // 4. Send, over the route's HTTP version (an `auto` route's first
-        // request finds out which the server speaks).
-        // The path only: queries can carry secrets of their own; and without
-        // the upstream URL's base path, which is configuration never printed.
-        tracing::debug!(
-            path = upstream_request
-                .uri()
-                .path()
-                .strip_prefix(route.upstream.base_path.as_str())
-                .unwrap_or_default(),
-            "forwarding"
-        );
+        // What later attempts need, where the route retries (retry/).
+        let (mut attempts, mut body) = Attempts::start(route, &parts, body, upgrading);
         let overhead = record.elapsed();
         record.metrics().overhead(overhead.as_secs_f64());
-        let via = client
-            .via(upgrading)
-            .await
-            .map_err(|err| self.send_failure(&err))?;
-        set_version(&mut upstream_request, &via, route.host.as_ref());
-        record.set_forwarded();
-        let (response, lease) = self.send(&worker.upstreams, via, upstream_request).await?;
+
+        // 4. Send, and send again while the route's retry policy says so:
+        // each answer is decided on before any of it is relayed.
+        let mut target = match &mut attempts {
+            Some(attempts) => attempts.first_target(&self.routes),
+            None => route,
+        };
+        let (response, lease) = loop {
+            let upstream_request = upstream_request(route, target, parts, body, upgrade.take())?;
+            let sent = self
+                .send_to(worker, target, upstream_request, upgrading, record)
+                .await;
+            let Some(retrying) = attempts.as_mut() else {
+                break sent.map_err(|failure| failure.error)?;
+            };
+            let result = match &sent {
+                Ok((response, _)) => AttemptResult::Answered(response.status(), response.headers()),
+                Err(failure) => AttemptResult::Failed {
+                    never_sent: failure.never_sent,
+                    kind: failure.error.kind(),
+                },
+            };
+            match retrying.after(target, result, &self.routes) {
+                Next::Relay => match sent {
+                    Ok(sent) => break sent,
+                    Err(last) => {
+                        failure.attempts = attempt_headers(Some(retrying), None);
+                        return Err(last.error);
+                    }
+                },
+                Next::Again {
+                    target: next,
+                    wait,
+                    parts: again,
+                    body: replayed,
+                } => {
+                    // The answer is dropped unread: an HTTP/1.1 connection
+                    // closes with it, an HTTP/2 stream is reset.
+                    drop(sent);
+                    tokio::time::sleep(wait).await;
+                    (target, parts, body) = (next, again, replayed);
+                }
+            }
+        };
         if response.status() == StatusCode::SWITCHING_PROTOCOLS && client_upgrade.is_none() {
             // Relayed, a bare 101 would end the client's connection and the
             // requests pipelined on it. The upstream connection has switched
             // too: the lease drops it (it is never reusable after a 101).
             return Err(UpstreamError::UnrequestedUpgrade.into());
         }
+        if target.index != route.index {
+            record.set_upstream(&target.name);
+        }
+        let answered_by = self
+            .upstream_name_header
+            .then(|| HeaderValue::try_from(target.name.as_str()).ok())
+            .flatten();
         Ok(Answer::Relay(Sent {
             response,
             request_id,
             overhead,
             client_upgrade,
             lease,
+            attempts: attempt_headers(attempts.as_mut(), answered_by),
         }))
     }
 
@@ -357,27 +419,52 @@ impl Shared {
         ProxyError::from_send_error(err, self.timeouts.connect)
     }
 
-    /// Sends upstream over an HTTP/2 pool or the HTTP/1.1 client, applying
-    /// the response-header timeout when one is set.
-    async fn send(
+    /// One attempt: the request goes to `target`'s upstream over its HTTP
+    /// version (an `auto` route's first request finds out which the server
+    /// speaks), within the response-header timeout when one is set.
+    async fn send_to(
         &self,
-        upstreams: &Upstreams,
-        via: Via<'_>,
-        request: Request<RequestBody>,
-    ) -> Result<(Response<Incoming>, Lease), ProxyError> {
+        worker: &Worker,
+        target: &Route,
+        mut request: Request<RequestBody>,
+        upgrading: bool,
+        record: &mut AccessRecord,
+    ) -> Result<(Response<Incoming>, Lease), SendFailure> {
+        // The path only: queries can carry secrets of their own; and without
+        // the upstream URL's base path, which is configuration never printed.
+        tracing::debug!(
+            path = request
+                .uri()
+                .path()
+                .strip_prefix(target.upstream.base_path.as_str())
+                .unwrap_or_default(),
+            "forwarding"
+        );
+        let failed = |err: &upstream::SendError| SendFailure {
+            error: self.send_failure(err),
+            never_sent: err.never_sent(),
+        };
+        let upstreams = &worker.upstreams;
+        let via = (upstreams.of(target).via(upgrading).await).map_err(|err| failed(&err))?;
+        set_version(&mut request, &via, target.host.as_ref());
+        record.set_forwarded();
         let pending = async {
-            let sent = match via {
+            match via {
                 Via::Http2(pool) => (pool.send(request).await)
                     .map(|(response, slot)| (response, Lease::Http2(slot))),
                 Via::Http1 => (upstreams.http1.send(request).await)
                     .map(|(response, lease)| (response, Lease::Http1(lease))),
-            };
-            sent.map_err(|err| self.send_failure(&err))
+            }
+            .map_err(|err| failed(&err))
         };
         match self.timeouts.response_headers {
-            Some(limit) => tokio::time::timeout(limit, pending)
-                .await
-                .map_err(|_| UpstreamError::HeaderTimeout(limit))?,
+            Some(limit) => match tokio::time::timeout(limit, pending).await {
+                Ok(sent) => sent,
+                Err(_) => Err(SendFailure {
+                    error: UpstreamError::HeaderTimeout(limit).into(),
+                    never_sent: false,
+                }),
+            },
             None => pending.await,
         }
     }
@@ -391,6 +478,7 @@ impl Shared {
             overhead,
             client_upgrade,
             lease,
+            attempts,
         } = sent;
         if let Some(client) = client_upgrade {
             if response.status() == StatusCode::SWITCHING_PROTOCOLS {
@@ -406,6 +494,14 @@ impl Shared {
             }
         }
         parts.headers.append(SERVER_TIMING, server_timing(overhead));
+        if let Some(attempts) = attempts {
+            for attempt in attempts.timings {
+                parts.headers.append(SERVER_TIMING, attempt);
+            }
+            if let Some(name) = attempts.answered_by {
+                parts.headers.insert(X_KEYRELAY_UPSTREAM, name);
+            }
+        }
         request.record.set_status(parts.status.as_u16());
         if let Some(metered) = metered(parts.status, &parts.headers) {
             request.record.set_metered(metered);
@@ -447,6 +543,13 @@ impl Shared {
         request.settle();
         let upstream = failure.route.map(|route| route.upstream.authority.as_str());
         let mut response = err.to_response(upstream).map(Either::Right);
+        if let Some(attempts) = &failure.attempts {
+            for attempt in &attempts.timings {
+                response
+                    .headers_mut()
+                    .append(SERVER_TIMING, attempt.clone());
+            }
+        }
         if let Some(origin) = &failure.origin {
             self.guard
                 .cors
@@ -454,6 +557,20 @@ impl Shared {
         }
         response
     }
+}
+
+/// The headers that tell the client about the attempts, if any do.
+fn attempt_headers(
+    attempts: Option<&mut Attempts<'_>>,
+    answered_by: Option<HeaderValue>,
+) -> Option<Box<AttemptHeaders>> {
+    let timings = attempts.map(Attempts::take_timings).unwrap_or_default();
+    (!timings.is_empty() || answered_by.is_some()).then(|| {
+        Box::new(AttemptHeaders {
+            timings,
+            answered_by,
+        })
+    })
 }
 
 /// What kind of metered answer a response is: a successful SSE stream or
@@ -532,12 +649,15 @@ fn switch_protocols(
     response
 }
 
-/// Turns the client's request into the upstream's: new target, scrubbed
-/// headers, injected credential and static headers, same method and body.
+/// Turns the client's request on route `matched` into the upstream's on
+/// route `target` (the same route, or a fallback of it): new target,
+/// scrubbed headers, `target`'s credential and static headers, same
+/// method and body.
 /// The HTTP version and `Host` are set once the route has chosen the
 /// version ([`set_version`]).
 fn upstream_request(
-    route: &Route,
+    matched: &Route,
+    target: &Route,
     mut parts: http::request::Parts,
     body: RequestBody,
     upgrade: Option<HeaderValue>,
@@ -545,14 +665,14 @@ fn upstream_request(
     if parts.method == Method::CONNECT {
         return Err(ClientError::ConnectNotSupported.into());
     }
-    parts.uri = route.upstream_uri(&parts.uri)?;
+    parts.uri = target.upstream_uri_for(matched, &parts.uri)?;
     headers::prepare_request(
         &mut parts.headers,
-        &route.credential.strip,
-        &route.credential.header,
-        route.live.current(),
+        &target.credential.strip,
+        &target.credential.header,
+        target.live.current(),
     );
-    for (name, value) in &route.set_headers {
+    for (name, value) in &target.set_headers {
         parts.headers.insert(name, value.clone());
     }
     if let Some(protocol) = upgrade {

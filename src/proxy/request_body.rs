@@ -26,6 +26,7 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::sync::oneshot;
 use tokio::time::{Instant, Sleep};
 
+use crate::proxy::retry::ReplayCursor;
 use crate::telemetry::metrics::RouteMetrics;
 
 /// The most request-body bytes kept for a resend. Prompts fit; a larger
@@ -48,6 +49,9 @@ pub(crate) struct RequestBody {
     waiting: Option<Pin<Box<Sleep>>>,
     /// True while `waiting` runs for the current wait (a frame disarms it).
     armed: bool,
+    /// An attempt's place in a body kept for retries: the client's body is
+    /// read (and counted, and checked) through it, once for all attempts.
+    replay: Option<ReplayCursor>,
 }
 
 /// What a recording body keeps, and where it goes when hyper drops it.
@@ -66,6 +70,7 @@ pub(crate) struct UnsentBody {
     limit: Option<u64>,
     metrics: RouteMetrics,
     frame_timeout: Option<Duration>,
+    replay: Option<ReplayCursor>,
 }
 
 impl UnsentBody {
@@ -81,6 +86,7 @@ impl UnsentBody {
             frame_timeout: self.frame_timeout,
             waiting: None,
             armed: false,
+            replay: self.replay,
         }
     }
 }
@@ -88,8 +94,20 @@ impl UnsentBody {
 impl RequestBody {
     /// Wraps the client's body; `limit` caps its total size.
     pub(crate) fn new(client: Incoming, limit: Option<u64>, metrics: RouteMetrics) -> Self {
+        let mut body = Self::empty(limit, metrics);
+        body.client = Some(client);
+        body
+    }
+
+    /// A body with nothing to send (a bodiless request sent again).
+    pub(crate) fn nothing(metrics: RouteMetrics) -> Self {
+        Self::empty(None, metrics)
+    }
+
+    /// A body with nothing to send, counted in `metrics`.
+    fn empty(limit: Option<u64>, metrics: RouteMetrics) -> Self {
         Self {
-            client: Some(client),
+            client: None,
             resend: VecDeque::new(),
             limit,
             seen: 0,
@@ -98,6 +116,7 @@ impl RequestBody {
             frame_timeout: None,
             waiting: None,
             armed: false,
+            replay: None,
         }
     }
 
@@ -112,17 +131,10 @@ impl RequestBody {
     /// relayed.
     pub(crate) fn buffered(bytes: Bytes, limit: Option<u64>, metrics: RouteMetrics) -> Self {
         metrics.request_bytes(bytes.len());
-        Self {
-            client: None,
-            seen: bytes.len() as u64,
-            resend: VecDeque::from([bytes]),
-            limit,
-            metrics,
-            recording: None,
-            frame_timeout: None,
-            waiting: None,
-            armed: false,
-        }
+        let mut body = Self::empty(limit, metrics);
+        body.seen = bytes.len() as u64;
+        body.resend.push_back(bytes);
+        body
     }
 
     /// A body whose first `head` bytes keyrelay has read already (to see
@@ -135,6 +147,16 @@ impl RequestBody {
     ) -> Self {
         let mut body = Self::buffered(head, limit, metrics);
         body.client = Some(rest);
+        body
+    }
+
+    /// One attempt's body of a request kept for retries ([`Replay`]): it
+    /// reads through `cursor`, which counts and checks the client's bytes.
+    ///
+    /// [`Replay`]: crate::proxy::retry::Replay
+    pub(crate) fn replaying(cursor: ReplayCursor, metrics: RouteMetrics) -> Self {
+        let mut body = Self::empty(None, metrics);
+        body.replay = Some(cursor);
         body
     }
 
@@ -156,17 +178,7 @@ impl RequestBody {
     /// An empty body with the same limits and metrics: what a body that had
     /// ended before it was sent becomes when it is sent again.
     pub(crate) fn empty_copy(&self) -> Self {
-        Self {
-            client: None,
-            resend: VecDeque::new(),
-            limit: self.limit,
-            seen: 0,
-            metrics: self.metrics.clone(),
-            recording: None,
-            frame_timeout: None,
-            waiting: None,
-            armed: false,
-        }
+        Self::empty(self.limit, self.metrics.clone())
     }
 
     /// The route's metrics, which the pools count their resends in.
@@ -232,6 +244,16 @@ impl Body for RequestBody {
             this.record(&data);
             return Poll::Ready(Some(Ok(Frame::data(data))));
         }
+        if let Some(replay) = this.replay.as_mut() {
+            let polled = replay.poll_frame(cx);
+            if let Poll::Ready(Some(Ok(frame))) = &polled {
+                if let Some(data) = frame.data_ref() {
+                    let data = data.clone();
+                    this.record(&data);
+                }
+            }
+            return polled;
+        }
         let Some(client) = this.client.as_mut() else {
             return Poll::Ready(None);
         };
@@ -268,15 +290,18 @@ impl Body for RequestBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.resend.is_empty() && self.client.as_ref().is_none_or(Body::is_end_stream)
+        self.resend.is_empty()
+            && self.client.as_ref().is_none_or(Body::is_end_stream)
+            && self.replay.as_ref().is_none_or(ReplayCursor::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
         let resend: u64 = self.resend.iter().map(|frame| frame.len() as u64).sum();
-        let client = self
-            .client
-            .as_ref()
-            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint);
+        let client = match (&self.client, &self.replay) {
+            (Some(client), _) => client.size_hint(),
+            (None, Some(replay)) => SizeHint::with_exact(replay.remaining()),
+            (None, None) => SizeHint::with_exact(0),
+        };
         let mut hint = SizeHint::new();
         hint.set_lower(client.lower() + resend);
         if let Some(upper) = client.upper() {
@@ -299,6 +324,7 @@ impl Drop for RequestBody {
                 limit: self.limit,
                 metrics: self.metrics.clone(),
                 frame_timeout: self.frame_timeout,
+                replay: self.replay.take(),
             });
         }
     }
@@ -380,6 +406,7 @@ mod tests {
             frame_timeout: None,
             waiting: None,
             armed: false,
+            replay: None,
         }
     }
 

@@ -14,9 +14,10 @@ use http::uri::{PathAndQuery, Scheme};
 use http::{HeaderName, HeaderValue, Uri};
 
 use crate::config::baseten::{self, Stage};
-use crate::config::{Credential, RequestRules, RouteConfig, UpstreamUrl};
+use crate::config::{Credential, RequestRules, RetryPolicy, RouteConfig, UpstreamUrl};
 use crate::guard::paths::PathPolicy;
 use crate::proxy::error::ClientError;
+use crate::proxy::retry::{RetryBudget, TargetHealth};
 use crate::secrets::secret_file::LiveCredential;
 use crate::telemetry::metrics::{Metrics, RouteMetrics};
 
@@ -50,6 +51,14 @@ pub struct Route {
     pub add_stream_usage: bool,
     /// Budget reservations and request caps.
     pub rules: RequestRules,
+    /// Which upstream answers are tried again.
+    pub retry: RetryPolicy,
+    /// The `fallback` routes, by index in the table, in order.
+    pub(crate) fallback: Vec<usize>,
+    /// Bounds this route's retries (shared by every serving thread).
+    pub(crate) retry_budget: RetryBudget,
+    /// This route's standing as a retry target.
+    pub(crate) health: TargetHealth,
 }
 
 /// All routes, longest prefix first.
@@ -78,6 +87,13 @@ impl RouteTable {
                 metrics: metrics.route(&config.name),
                 add_stream_usage: config.add_stream_usage,
                 rules: config.rules.clone(),
+                retry: config.retry.clone(),
+                // Names were checked against the table when the config was.
+                fallback: (config.retry.fallback.iter())
+                    .filter_map(|name| configs.iter().position(|other| other.name == *name))
+                    .collect(),
+                retry_budget: RetryBudget::new(config.retry.budget_percent),
+                health: TargetHealth::default(),
             })
             .collect();
         Self { routes }
@@ -86,6 +102,11 @@ impl RouteTable {
     /// The route serving `path`, if any.
     pub fn find(&self, path: &str) -> Option<&Route> {
         self.routes.iter().find(|route| route.matches(path))
+    }
+
+    /// The route at `index` (its [`Route::index`]).
+    pub(crate) fn at(&self, index: usize) -> &Route {
+        &self.routes[index]
     }
 
     /// Every route.
@@ -109,21 +130,20 @@ impl Route {
 
     /// The upstream URI for a client's request target.
     pub fn upstream_uri(&self, target: &Uri) -> Result<Uri, ClientError> {
+        self.upstream_uri_for(self, target)
+    }
+
+    /// The upstream URI, on this route's upstream, of a request that
+    /// arrived on `matched` (this route itself, or one it is a `fallback`
+    /// of): `matched`'s prefix rule makes the path, this route's stage and
+    /// base path map it, as a request arriving here would be mapped.
+    pub fn upstream_uri_for(&self, matched: &Route, target: &Uri) -> Result<Uri, ClientError> {
         let local = match target.path_and_query() {
             Some(pq) if pq.as_str().starts_with('/') => pq.as_str(),
             Some(_) => return Err(ClientError::BadRequestTarget),
             None => "/",
         };
-        let rest: Cow<'_, str> = if self.strip_prefix && self.prefix != "/" {
-            let rest = &local[self.prefix.len().min(local.len())..];
-            if rest.starts_with('/') {
-                Cow::Borrowed(rest)
-            } else {
-                Cow::Owned(format!("/{rest}"))
-            }
-        } else {
-            Cow::Borrowed(local)
-        };
+        let rest = matched.local_rest(local);
         let mapped = match &self.stage {
             Some(stage) => Cow::Owned(
                 baseten::map_path(stage, &rest)
@@ -148,6 +168,20 @@ impl Route {
             .path_and_query(path_and_query)
             .build()
             .map_err(|_| ClientError::BadRequestTarget)
+    }
+
+    /// A local path and query as this route forwards it: its prefix
+    /// stripped if the route says so.
+    fn local_rest<'a>(&self, local: &'a str) -> Cow<'a, str> {
+        if !self.strip_prefix || self.prefix == "/" {
+            return Cow::Borrowed(local);
+        }
+        let rest = &local[self.prefix.len().min(local.len())..];
+        if rest.starts_with('/') {
+            Cow::Borrowed(rest)
+        } else {
+            Cow::Owned(format!("/{rest}"))
+        }
     }
 }
 

@@ -45,6 +45,10 @@ pub(crate) struct AccessLine<'a> {
     pub ttft: Option<Duration>,
     /// Output tokens per second after the first.
     pub tokens_per_second: Option<f64>,
+    /// Attempts upstream, when there was more than one.
+    pub attempts: Option<u32>,
+    /// The route whose upstream answered, when it was not the request's own.
+    pub upstream: Option<&'a str>,
 }
 
 impl AccessLine<'_> {
@@ -96,6 +100,8 @@ impl AccessLine<'_> {
             cached_tokens = self.usage.cached,
             ttft_ms = self.ttft.map(|ttft| ttft.as_micros() as f64 / 1e3),
             tokens_per_s = self.tokens_per_second,
+            attempts = self.attempts,
+            upstream = self.upstream,
             "{MESSAGE}"
         );
     }
@@ -181,6 +187,14 @@ impl AccessLine<'_> {
             shape.key(out, key!("tokens_per_s"));
             // Only requests that report usage pay for float formatting.
             let _ = write!(out, "{rate:.1}");
+        }
+        if let Some(attempts) = self.attempts {
+            shape.key(out, key!("attempts"));
+            push_u64(out, attempts.into());
+        }
+        if let Some(upstream) = self.upstream {
+            shape.key(out, key!("upstream"));
+            shape.string(out, upstream);
         }
     }
 }
@@ -362,6 +376,8 @@ mod tests {
             usage: Usage::default(),
             ttft: None,
             tokens_per_second: None,
+            attempts: None,
+            upstream: None,
         }
     }
 
@@ -497,6 +513,27 @@ mod tests {
         assert_eq!(value["completion_tokens"], 30);
         assert_eq!(value["ttft_ms"], 210.5);
         assert_eq!(value["tokens_per_s"], 48.3);
+    }
+
+    #[test]
+    fn retried_requests_name_their_attempts_and_the_route_that_answered() {
+        let retried = AccessLine {
+            attempts: Some(3),
+            upstream: Some("backup"),
+            ..line()
+        };
+        let mut out = Vec::new();
+        retried.write_text(&mut out, NOW, false);
+        let text = String::from_utf8(out).expect("UTF-8");
+        assert!(
+            text.ends_with(" outcome=\"ok\" attempts=3 upstream=\"backup\""),
+            "{text}"
+        );
+        let mut json = Vec::new();
+        retried.write_json(&mut json, NOW);
+        let value: serde_json::Value = serde_json::from_slice(&json).expect("JSON");
+        assert_eq!(value["attempts"], 3);
+        assert_eq!(value["upstream"], "backup");
     }
 
     #[test]

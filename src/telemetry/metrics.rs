@@ -104,6 +104,22 @@ pub struct RetryLabels {
     pub reason: &'static str,
 }
 
+/// Labels of the upstream attempt counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AttemptLabels {
+    /// The request's route.
+    pub route: String,
+    /// The route whose upstream the attempt went to (the route itself, or
+    /// one of its `fallback` routes).
+    pub target: String,
+    /// `relayed` (its answer went to the client), `retried` (another
+    /// attempt followed), or, for an attempt whose answer was relayed
+    /// although `retry_on` matched it, why no other followed:
+    /// `attempts_used`, `budget_exhausted`, `wait_over_cap` or
+    /// `body_not_kept`.
+    pub outcome: &'static str,
+}
+
 /// Labels of the LLM token counter.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TokenLabels {
@@ -146,6 +162,7 @@ pub struct Metrics {
     bytes_out: Family<RouteLabel, Counter>,
     upstream_errors: Family<ErrorLabels, Counter>,
     upstream_retries: Family<RetryLabels, Counter>,
+    upstream_attempts: Family<AttemptLabels, Counter>,
     llm_tokens: Family<TokenLabels, Counter>,
     usage_unread: Family<UnreadLabels, Counter>,
     time_to_first_token: Family<RouteLabel, Histogram>,
@@ -192,6 +209,7 @@ impl Metrics {
         let bytes_out = Family::<RouteLabel, Counter>::default();
         let upstream_errors = Family::<ErrorLabels, Counter>::default();
         let upstream_retries = Family::<RetryLabels, Counter>::default();
+        let upstream_attempts = Family::<AttemptLabels, Counter>::default();
         let llm_tokens = Family::<TokenLabels, Counter>::default();
         let usage_unread = Family::<UnreadLabels, Counter>::default();
         let time_to_first_token = Family::<RouteLabel, Histogram>::new_with_constructor(
@@ -261,6 +279,11 @@ impl Metrics {
             upstream_retries.clone(),
         );
         registry.register(
+            "upstream_attempts",
+            "Attempts upstream by routes with a retry policy, by route, target route and outcome (relayed, retried, or why a retry_on match was relayed: attempts_used, budget_exhausted, wait_over_cap, body_not_kept)",
+            upstream_attempts.clone(),
+        );
+        registry.register(
             "llm_tokens",
             "LLM tokens the upstream reported using, by route, access token and kind (prompt, completion, cached)",
             llm_tokens.clone(),
@@ -314,6 +337,7 @@ impl Metrics {
             bytes_out,
             upstream_errors,
             upstream_retries,
+            upstream_attempts,
             llm_tokens,
             usage_unread,
             time_to_first_token,
@@ -352,6 +376,7 @@ impl Metrics {
             bytes_out: self.bytes_out.get_or_create_owned(&label),
             time_to_first_token: self.time_to_first_token.get_or_create_owned(&label),
             output_rate: self.output_rate.get_or_create_owned(&label),
+            relayed_here: std::sync::OnceLock::new(),
             all: Arc::clone(self),
             route: label.route,
         }))
@@ -409,6 +434,9 @@ struct RouteHandles {
     bytes_out: Counter,
     time_to_first_token: Histogram,
     output_rate: Histogram,
+    /// `upstream_attempts{target=route, outcome=relayed}`, the count every
+    /// retried route's successful requests add to, found once.
+    relayed_here: std::sync::OnceLock<Counter>,
 }
 
 impl std::fmt::Debug for RouteMetrics {
@@ -463,6 +491,26 @@ impl RouteMetrics {
                 reason,
             })
             .inc();
+    }
+
+    /// One attempt upstream on route `target` for this route, and what
+    /// became of it (see [`AttemptLabels`]).
+    pub fn upstream_attempt(&self, target: &str, outcome: &'static str) {
+        let counter = |outcome| {
+            self.0
+                .all
+                .upstream_attempts
+                .get_or_create_owned(&AttemptLabels {
+                    route: self.0.route.clone(),
+                    target: target.to_owned(),
+                    outcome,
+                })
+        };
+        if outcome == "relayed" && target == self.0.route {
+            self.0.relayed_here.get_or_init(|| counter(outcome)).inc();
+        } else {
+            counter(outcome).inc();
+        }
     }
 
     /// What the usage tap read off a response, for the access token named

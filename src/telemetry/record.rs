@@ -82,6 +82,10 @@ pub struct AccessRecord {
     lines: u64,
     /// The request was handed to the upstream client.
     forwarded: bool,
+    /// Attempts upstream (0 until the first is sent).
+    attempts: u32,
+    /// The route that answered, when a fallback did.
+    upstream: Option<String>,
 }
 
 impl AccessRecord {
@@ -105,6 +109,8 @@ impl AccessRecord {
             metered: None,
             lines: 0,
             forwarded: false,
+            attempts: 0,
+            upstream: None,
         }
     }
 
@@ -133,6 +139,13 @@ impl AccessRecord {
     /// client that leaves before the answer still pays for its prompt.
     pub fn set_forwarded(&mut self) {
         self.forwarded = true;
+        self.attempts += 1;
+    }
+
+    /// Records that route `name`, a fallback of the request's route,
+    /// answered the request.
+    pub fn set_upstream(&mut self, name: &str) {
+        self.upstream = Some(name.to_owned());
     }
 
     /// Records that the response is a successful stream or JSON answer,
@@ -215,6 +228,8 @@ impl Drop for AccessRecord {
             usage: self.usage.map(|report| report.usage).unwrap_or_default(),
             ttft: tokens.and_then(|figures| figures.time_to_first_token),
             tokens_per_second: tokens.and_then(|figures| figures.tokens_per_second),
+            attempts: (self.attempts > 1).then_some(self.attempts),
+            upstream: self.upstream.as_deref(),
         }
         .emit();
     }

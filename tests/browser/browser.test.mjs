@@ -25,6 +25,8 @@ const OUT_DIR = path.join(path.dirname(fileURLToPath(import.meta.url)), 'out');
 const KEY = randomBytes(24).toString('base64url');
 const ANSWER = 'The mistral is a strong, cold northwesterly wind that blows from southern France into the Gulf of Lion.';
 const DEMO_ANSWER_START = 'The mistral is a strong, cold northwesterly wind';
+// Characters of 2 to 4 bytes in UTF-8: the page must decode across chunks.
+const DEMO_ANSWER_END = 'in Chinese it is 密史脱拉风. It empties café terraces, €4 espresso and all 💨';
 
 const witness = new Witness();
 let upstream, pages, browser, keyrelay;
@@ -300,7 +302,9 @@ test('keyrelay demo: its page streams a prediction and a chat into the DOM (scre
   const { page } = await browser.open(t, demo.pageUrl);
   for (const id of ['predict-output', 'chat-output']) {
     const output = await page.waitForSelector(`#${id}[data-done="true"]`, { timeout: 10_000 });
-    assert.ok((await output.textContent()).includes(DEMO_ANSWER_START), `#${id} holds the streamed answer`);
+    const text = await output.textContent();
+    assert.ok(text.includes(DEMO_ANSWER_START), `#${id} holds the streamed answer`);
+    assert.ok(text.includes(DEMO_ANSWER_END), `#${id} holds the answer's non-ASCII end whole: ${text}`);
   }
   await mkdir(OUT_DIR, { recursive: true });
   const screenshot = path.join(OUT_DIR, 'demo.png');

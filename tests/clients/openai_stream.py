@@ -1,10 +1,9 @@
 """Calls a chat completion with the official `openai` SDK, for tests/it/sdk_openai.rs.
 
-Usage: openai_stream.py BASE_URL stream|once
+Usage: openai_stream.py BASE_URL stream|once [--max-retries N] [--raw]
 
 The SDK gets a placeholder key ("unused"), as keyrelay's README shows: keyrelay
-must replace it with the real one. Retries are off, so a failure shows at once
-(as a traceback and exit status 1). Prints `ready` once the SDK is loaded,
+must replace it with the real one. Prints `ready` once the SDK is loaded,
 before calling.
 
 stream: every chunk is printed as one JSON line, flushed, the moment the SDK
@@ -12,8 +11,16 @@ stream: every chunk is printed as one JSON line, flushed, the moment the SDK
         test sends the next event only after reading this line.
 once:   a non-streaming call; prints the answer as one JSON line
         ({"content": ..., "finish_reason": ..., "total_tokens": ...}).
+
+--max-retries N  the SDK's own retries (default 0, so a failure shows at once,
+                 as a traceback and exit status 1).
+--raw            calls through `with_raw_response` and, before the answer,
+                 prints one JSON line {"retries_taken": ..., "server_timing": ...}:
+                 how often the SDK itself retried, and the response's
+                 Server-Timing header (null when absent).
 """
 
+import argparse
 import json
 import sys
 
@@ -28,18 +35,32 @@ def emit(value) -> None:
 
 
 def main() -> int:
-    base_url, mode = sys.argv[1], sys.argv[2]
-    client = OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=30)
+    parser = argparse.ArgumentParser()
+    parser.add_argument("base_url")
+    parser.add_argument("mode", choices=["stream", "once"])
+    parser.add_argument("--max-retries", type=int, default=0)
+    parser.add_argument("--raw", action="store_true")
+    args = parser.parse_args()
+
+    client = OpenAI(base_url=args.base_url, api_key="unused", max_retries=args.max_retries, timeout=30)
     completions = client.chat.completions  # loads the SDK's lazy modules now
+    create = completions.with_raw_response.create if args.raw else completions.create
     print("ready", flush=True)
-    if mode == "stream":
-        stream = completions.create(model=MODEL, messages=MESSAGES, stream=True)
+
+    def answer(result):
+        if not args.raw:
+            return result
+        emit({"retries_taken": result.retries_taken, "server_timing": result.headers.get("server-timing")})
+        return result.parse()
+
+    if args.mode == "stream":
+        stream = answer(create(model=MODEL, messages=MESSAGES, stream=True))
         for chunk in stream:
             choice = chunk.choices[0]
             emit({"content": choice.delta.content, "finish_reason": choice.finish_reason})
         print("end", flush=True)
-    elif mode == "once":
-        completion = completions.create(model=MODEL, messages=MESSAGES)
+    else:
+        completion = answer(create(model=MODEL, messages=MESSAGES))
         choice = completion.choices[0]
         emit(
             {
@@ -48,8 +69,6 @@ def main() -> int:
                 "total_tokens": completion.usage.total_tokens,
             }
         )
-    else:
-        sys.exit(f"unknown mode {mode!r}")
     return 0
 
 

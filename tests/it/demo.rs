@@ -45,6 +45,20 @@ fn address_after(output: &[String], label: &str) -> String {
         .to_owned()
 }
 
+/// The program of the `python3 - <<'EOF'` command the demo printed.
+fn printed_python(output: &[String]) -> String {
+    let start = output
+        .iter()
+        .position(|line| line.trim() == "python3 - <<'EOF'")
+        .unwrap_or_else(|| panic!("no Python command in {output:#?}"));
+    let program: Vec<&str> = output[start + 1..]
+        .iter()
+        .map(String::as_str)
+        .take_while(|line| *line != "EOF")
+        .collect();
+    program.join("\n") + "\n"
+}
+
 async fn curl(args: &[&str]) -> String {
     let output = within(
         "curl",
@@ -128,6 +142,14 @@ async fn demo_streams_tokens_as_they_arrive_and_keeps_serving() {
     .await;
     assert!(events.starts_with("data: {"), "{events}");
     assert!(events.ends_with("data: [DONE]\n\n"), "{events}");
+
+    // The Python it printed streams the answer whole, é, €, Chinese and
+    // emoji included (decoding each byte on its own raised
+    // UnicodeDecodeError on the first of them).
+    let python = printed_python(&output);
+    let mut script = python::Script::spawn_code("the demo's Python snippet", &python);
+    script.expect_line(ANSWER).await;
+    script.success().await;
 
     // The browser page is served from its own origin, names keyrelay, and
     // keyrelay answers that origin's preflight (and nobody else's).

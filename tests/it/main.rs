@@ -27,10 +27,14 @@ mod layering;
 mod lifecycle;
 mod metrics;
 mod operations;
+mod retries;
 mod routes;
 mod sdk_openai;
 mod secrets;
 mod security;
+// systemd exists on Linux only.
+#[cfg(target_os = "linux")]
+mod socket_activation;
 mod streaming;
 mod unix_socket;
 mod upstream_faults;

@@ -224,6 +224,7 @@ pub(super) fn validate(
         limits: limits?,
         log_format: log_format?,
         usage_tap: usage.tap,
+        upstream_name_header: raw.upstream_name_header.on(),
         usage_state_file: usage.state_file,
         usage_store: usage.store,
         usage_store_unavailable: usage.store_unavailable,
@@ -246,6 +247,7 @@ fn check_switches(raw: &RawConfig, found: &mut Problems) {
         ("allow_cleartext_upstream", &raw.allow_cleartext_upstream),
         ("upstream_http2", &raw.upstream_http2),
         ("add_stream_usage", &raw.add_stream_usage),
+        ("upstream_name_header", &raw.upstream_name_header),
     ];
     for (setting, switch) in switches {
         if let Some(message) = switch.invalid() {

@@ -32,6 +32,7 @@
 
 mod credential;
 mod policy;
+mod retry;
 mod rules;
 mod target;
 #[cfg(test)]
@@ -46,6 +47,7 @@ use self::credential::{
     credential, key_header, static_headers, strip_grpc_stage_headers, CredentialSpec,
 };
 use self::policy::{budget_account, path_policy, Policy, Source};
+pub use self::retry::RetryPolicy;
 pub use self::rules::RequestRules;
 use self::target::{named_protocol, resolve_protocol, target, Resolved, TargetSpec};
 use super::check::{parse_budgets, Problems, Reported};
@@ -89,6 +91,16 @@ pub(super) struct RawRoute {
     max_output_tokens: Option<String>,
     over_max_output_tokens: Option<String>,
     allowed_models: Option<Vec<String>>,
+    retry_on: Option<Vec<String>>,
+    retry_attempts: Option<String>,
+    retry_methods: Option<Vec<String>>,
+    retry_budget: Option<String>,
+    retry_max_wait: Option<String>,
+    retry_buffer: Option<String>,
+    eject_after: Option<String>,
+    eject_for: Option<String>,
+    /// Routes tried, in order, when this one's attempt fails (`retry_on`).
+    fallback: Option<Vec<String>>,
     upstream_http: Option<String>,
     /// The older spelling of `upstream_http = "2"`.
     #[serde(default)]
@@ -140,6 +152,8 @@ pub struct RouteConfig {
     /// What a budgeted request reserves, and what happens to one keyrelay
     /// cannot read; the route's request caps.
     pub rules: RequestRules,
+    /// Which upstream answers are tried again, and where.
+    pub retry: RetryPolicy,
 }
 
 /// The name of the route the top-level settings make.
@@ -236,6 +250,7 @@ pub(super) fn check(
     // inherit them.
     let policy = Policy::top(raw, found);
     let rules = RequestRules::check(&policy, &top, found);
+    let retry = RetryPolicy::check(&policy, None, &top, found);
     // The top-level credential is checked whenever it may be used, even if the
     // upstream is missing, so that every problem is reported in one pass.
     if top_target.is_some() || raw.routes.is_empty() {
@@ -243,6 +258,7 @@ pub(super) fn check(
             target: top_target,
             http: top_http,
             rules: rules.clone(),
+            retry,
         };
         routes.extend(default_route(raw, &policy, top_route, env, found));
     }
@@ -259,6 +275,7 @@ pub(super) fn check(
 
     report_unused_top_level(raw, found);
     report_clashes(&routes, found);
+    report_fallbacks(&routes, found);
     if found.0.len() > errors_before {
         return None;
     }
@@ -272,6 +289,7 @@ struct TopRoute {
     target: Option<Resolved>,
     http: Result<Option<UpstreamHttp>, Reported>,
     rules: Option<RequestRules>,
+    retry: Option<RetryPolicy>,
 }
 
 /// The route the top-level settings make, at prefix `/`; `None` if
@@ -313,6 +331,7 @@ fn default_route(
         budget_account: budget_account(DEFAULT_ROUTE, policy),
         add_stream_usage: policy.add_stream_usage.value,
         rules: top_route.rules?,
+        retry: top_route.retry?,
     })
 }
 
@@ -447,6 +466,7 @@ fn check_route(
     };
     let parts = policy_parts(&policy, &key, grpc_headers, &prefix, scope, env, found);
     let rules = RequestRules::check(&policy, scope, found);
+    let retry = RetryPolicy::check(&policy, route.fallback.as_ref(), scope, found);
     report_without_budget(&policy, raw, scope, found);
     let grpc = grpc_headers.is_some();
     let http = named_protocol(
@@ -473,7 +493,28 @@ fn check_route(
         budget_account: budget_account(&route.name, &policy),
         add_stream_usage: policy.add_stream_usage.value,
         rules: rules?,
+        retry: retry?,
     })
+}
+
+/// `fallback` lists that name no route, the route itself, or a route twice.
+fn report_fallbacks(routes: &[RouteConfig], found: &mut Problems) {
+    for route in routes {
+        let setting = format!("routes {:?}.fallback", route.name);
+        for (at, name) in route.retry.fallback.iter().enumerate() {
+            if *name == route.name {
+                found.report(&setting, format!("{name:?} is this route itself"));
+            } else if route.retry.fallback[..at].contains(name) {
+                found.report(&setting, format!("{name:?} is listed twice"));
+            } else if !routes.iter().any(|other| other.name == *name) {
+                let names: Vec<&str> = routes.iter().map(|r| r.name.as_str()).collect();
+                found.report(
+                    &setting,
+                    format!("{name:?} is not a route; the routes are {names:?}"),
+                );
+            }
+        }
+    }
 }
 
 /// A route's switches that are neither on nor off (`add_stream_usage`,

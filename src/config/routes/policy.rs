@@ -43,6 +43,8 @@ pub(super) trait PolicyValue: Clone {
     fn own(route: &Self::Route, key: &str, found: &mut Problems) -> Self;
     /// The top level's value of setting `key`, read once (problems reported).
     fn top(top: &Self::Top, key: &str, found: &mut Problems) -> Self;
+    /// True when this is setting `key`'s default value.
+    fn at_default(&self, key: &str) -> bool;
 }
 
 /// Policy values written the same way at the top level and in a route.
@@ -56,6 +58,9 @@ macro_rules! written_alike {
             }
             fn top(top: &$ty, _key: &str, _found: &mut Problems) -> Self {
                 top.clone()
+            }
+            fn at_default(&self, key: &str) -> bool {
+                AtDefault::is_default(self, key)
             }
         }
     )*};
@@ -77,6 +82,9 @@ impl PolicyValue for bool {
     fn top(top: &Switch, _key: &str, _found: &mut Problems) -> Self {
         top.on()
     }
+    fn at_default(&self, key: &str) -> bool {
+        *self == (default_of(key) == "true")
+    }
 }
 
 /// A number: a route writes one (a TOML integer, read as text), the top
@@ -92,6 +100,9 @@ impl PolicyValue for Number {
     }
     fn top(top: &String, key: &str, found: &mut Problems) -> Self {
         found.optional::<u64>(key, top, "a whole number")
+    }
+    fn at_default(&self, key: &str) -> bool {
+        *self == Ok(default_of(key).parse::<u64>().ok())
     }
 }
 
@@ -136,6 +147,16 @@ macro_rules! route_policy {
                         None => Inherit { value: top.$field.value.clone(), from: Source::Top },
                     },)*
                 }
+            }
+
+            /// True when setting `key` has its default value here.
+            pub(super) fn is_default(&self, key: &str) -> bool {
+                $(
+                    if key == stringify!($field) {
+                        return PolicyValue::at_default(&self.$field.value, key);
+                    }
+                )*
+                false
             }
 
             /// The top-level settings that are set (not at their default)
@@ -214,6 +235,15 @@ route_policy! {
     max_output_tokens: Number,
     over_max_output_tokens: String,
     allowed_models: Vec<String>,
+    // Retries ([`RetryPolicy`]).
+    retry_on: Vec<String>,
+    retry_attempts: Number,
+    retry_methods: Vec<String>,
+    retry_budget: String,
+    retry_max_wait: String,
+    retry_buffer: String,
+    eject_after: Number,
+    eject_for: String,
 }
 
 /// The account a route's `token_budget` is counted in: its own name when

@@ -27,6 +27,8 @@ pub(crate) struct SendError {
     context: &'static str,
     /// The underlying error, if there is one.
     source: Option<Arc<dyn StdError + Send + Sync>>,
+    /// It failed while connecting: the request never left keyrelay.
+    connecting: bool,
 }
 
 /// What made a request fail on its way upstream.
@@ -82,12 +84,25 @@ impl SendError {
             Cause::ConnectTimeout,
             "connecting to the upstream (DNS, TCP and TLS) timed out",
         )
+        .while_connecting()
     }
 
     /// A failure to connect that keyrelay found itself; `why` is what the
     /// client is told.
     pub(super) fn cannot_connect(why: &'static str) -> Self {
-        Self::new(Cause::Connect, why)
+        Self::new(Cause::Connect, why).while_connecting()
+    }
+
+    fn while_connecting(mut self) -> Self {
+        self.connecting = true;
+        self
+    }
+
+    /// True when no connection could be made, so the request never left
+    /// keyrelay and sending it again cannot make the upstream process it
+    /// twice.
+    pub(crate) fn never_sent(&self) -> bool {
+        self.connecting
     }
 
     /// The connection closed and the request was never answered.
@@ -103,6 +118,7 @@ impl SendError {
             cause,
             context,
             source: None,
+            connecting: false,
         }
     }
 
@@ -117,6 +133,7 @@ impl SendError {
             cause: found.cause(connecting),
             context,
             source: Some(source),
+            connecting,
         }
     }
 

@@ -126,6 +126,20 @@ impl Exchange {
         let _ = self.respond.send(response);
     }
 
+    /// Answers with `response` before reading the request body, then reads
+    /// the body in the background; the task returns how much of it arrived.
+    pub(crate) fn respond_before_reading(
+        self,
+        response: Response<TestBody>,
+    ) -> tokio::task::JoinHandle<usize> {
+        let Self { request, respond } = self;
+        let _ = respond.send(response);
+        tokio::spawn(async move {
+            let body = request.into_body().collect().await;
+            body.map_or(0, |body| body.to_bytes().len())
+        })
+    }
+
     /// Answers with a fixed body (sent with Content-Length).
     pub(crate) fn respond_full(self, status: u16, body: &'static str) {
         let mut response = Response::new(full(body));
@@ -172,7 +186,11 @@ pub(crate) struct MockUpstream {
 
 impl MockUpstream {
     pub(crate) async fn start() -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind mock");
+        Self::on(TcpListener::bind("127.0.0.1:0").await.expect("bind mock")).await
+    }
+
+    /// A mock upstream serving `listener` (a port the test chose).
+    pub(crate) async fn on(listener: TcpListener) -> Self {
         let addr = listener.local_addr().expect("addr");
         let (tx, exchanges) = mpsc::unbounded_channel();
         let connections = Arc::new(Mutex::new(0));
@@ -525,9 +543,15 @@ pub(crate) struct RelayProcess {
 impl RelayProcess {
     /// Spawns `command` (from [`binary`]) and waits for the "keyrelay ready" line.
     pub(crate) async fn spawn(command: std::process::Command) -> Self {
+        Self::spawn_with_stdin(command, Stdio::null()).await
+    }
+
+    /// [`spawn`](Self::spawn) with `stdin` as the process's standard input
+    /// (a socket handed to it, say).
+    pub(crate) async fn spawn_with_stdin(command: std::process::Command, stdin: Stdio) -> Self {
         let mut command = tokio::process::Command::from(command);
         command
-            .stdin(Stdio::null())
+            .stdin(stdin)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);

@@ -111,9 +111,20 @@ impl Script {
     /// Starts `tests/clients/<script>` with `args`, stdin and stdout piped.
     pub(crate) fn spawn(script: &str, args: &[&str]) -> Self {
         let path = format!("{}/tests/clients/{script}", env!("CARGO_MANIFEST_DIR"));
+        Self::start(script, &[path.as_str()], args)
+    }
+
+    /// Starts the program `code` (as `python3 -c` takes it), called `name`
+    /// in failure messages: a snippet a person is told to paste.
+    pub(crate) fn spawn_code(name: &str, code: &str) -> Self {
+        Self::start(name, &["-c", code], &[])
+    }
+
+    fn start(script: &str, program: &[&str], args: &[&str]) -> Self {
+        let path = program.join(" ");
         let mut command = Command::new(interpreter());
         command
-            .arg(&path)
+            .args(program)
             .args(args)
             .env("PYTHONUNBUFFERED", "1")
             .env("PYTHONIOENCODING", "utf-8")
