@@ -75,7 +75,8 @@ pub async fn bind(addr: &ListenAddr, mode: u32, backlog: u32) -> io::Result<List
         ListenAddr::Unix(path) => unix_socket::bind(path, mode, backlog).await,
         #[cfg(not(unix))]
         ListenAddr::Unix(path) => {
-            let _ = (path, mode);
+            // Config checks refuse this first; an embedding program may not.
+            let _ = (path, mode); // a file mode means something for Unix sockets only
             Err(io::Error::new(
                 io::ErrorKind::Unsupported,
                 crate::config::UNIX_LISTEN_UNSUPPORTED,
