@@ -349,6 +349,7 @@ def check_unix_listen(exe: str) -> str:
     run = subprocess.run(
         ["wine", exe, "--upstream", "http://127.0.0.1:9", "--listen", "unix:/tmp/keyrelay.sock"],
         env={**os.environ, "BASETEN_API_KEY": KEY},
+        stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
         timeout=START_TIMEOUT,
@@ -434,6 +435,7 @@ def check_windows_path(exe: str) -> str:
     missing = "C:\\keyrelay\\missing.txt"
     run = subprocess.run(
         ["wine", exe, "--upstream", "http://127.0.0.1:9", "--key-file", missing],
+        stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
         timeout=START_TIMEOUT,

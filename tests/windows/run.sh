@@ -72,7 +72,7 @@ for arch in arm64 64bit; do
 done
 
 say "Wine prefix (first start)"
-if ! timeout 180 wineboot --init >"$work/wineboot.log" 2>&1; then
+if ! timeout 180 wineboot --init </dev/null >"$work/wineboot.log" 2>&1; then
   tail -n 20 "$work/wineboot.log"
   echo "FAIL wine: wineboot --init did not finish within 180 s"
   exit 1
@@ -85,7 +85,7 @@ if [ ! -e "$system32/bcryptprimitives.dll" ]; then
     -o "$work/shim/bcryptprimitives.dll" tests/windows/bcryptprimitives.c -ladvapi32
   cp "$work/shim/bcryptprimitives.dll" "$system32/"
 fi
-printed=$(timeout 60 wine "$exe" --version 2>"$work/version.err" | tr -d '\r') || true
+printed=$(timeout 60 wine "$exe" --version </dev/null 2>"$work/version.err" | tr -d '\r') || true
 if [ "$printed" != "keyrelay $version" ]; then
   tail -n 20 "$work/version.err"
   echo "FAIL start: keyrelay.exe --version printed '${printed}', expected 'keyrelay $version'"
@@ -94,10 +94,10 @@ fi
 echo "PASS start: keyrelay.exe --version under $(wine --version 2>/dev/null)"
 
 say "the lockstep check catches a buffering relay (no Wine)"
-timeout 60 python3 tests/windows/check.py --self-test
+timeout 60 python3 tests/windows/check.py --self-test </dev/null
 
 say "keyrelay.exe under Wine"
-timeout 300 python3 tests/windows/check.py "$exe"
+timeout 300 python3 tests/windows/check.py "$exe" </dev/null
 
 # The Windows-only code (console events, lock retries, the unix: refusal)
 # is compiled only for Windows: lint it there, and run the library's unit
@@ -107,5 +107,5 @@ export MACOSX_DEPLOYMENT_TARGET=11.0 # as deploy/build.sh sets it, so ring is no
 timeout 900 cargo-zigbuild clippy --locked --target "$target" --lib --bins --profile test -- -D warnings
 say "the library's unit tests as a Windows program, under Wine"
 CARGO_TARGET_X86_64_PC_WINDOWS_GNU_RUNNER=wine \
-  timeout 900 cargo-zigbuild test --locked --target "$target" --lib
+  timeout 900 cargo-zigbuild test --locked --target "$target" --lib </dev/null
 say "done"
