@@ -5,8 +5,10 @@
 #
 #   deploy/build.sh                                   # every release target
 #   deploy/build.sh aarch64-unknown-linux-musl        # just these
+#   deploy/build.sh --tools-only x86_64-pc-windows-gnu  # install their tools, build nothing
 #
-# The binary for TARGET lands in ${CARGO_TARGET_DIR:-target}/TARGET/release/keyrelay.
+# The binary for TARGET lands in ${CARGO_TARGET_DIR:-target}/TARGET/release/keyrelay
+# (keyrelay.exe for Windows).
 #
 # How each target is built, on a Linux x86_64 or aarch64 machine with apt:
 # - this machine's own musl target with cargo and Debian's musl-gcc, exactly as
@@ -15,6 +17,15 @@
 #   the C compiler for ring and the linker. zig carries musl for static Linux
 #   binaries and the libSystem stubs for macOS, so there is no SDK, no cross
 #   gcc and no cmake or clang to install, and one tool covers Linux and macOS.
+#   Windows (x86_64-pc-windows-gnu) too: zig carries the MinGW-w64 headers and
+#   import libraries and links against the UCRT every Windows 10 has, so
+#   neither Debian's gcc-mingw-w64 (537 MB installed here) nor a Windows SDK
+#   is needed, and rustls' crypto provider, ring, builds its C and assembly
+#   with zig cc (aws-lc-rs would want cmake and nasm). The -gnu target rather
+#   than -msvc: the MSVC linker and libraries would come from Microsoft's
+#   SDK, which no registry here serves. ARM64 Windows is Rust's
+#   aarch64-pc-windows-gnullvm (MinGW's ABI on LLVM's runtime, which zig
+#   provides); Rust has no aarch64 -gnu target.
 #   All of them go into one cargo invocation: the LTO link of each target is
 #   single-threaded, and building the three side by side keeps both cores
 #   busy (measured here: 7m27s for the three together, 10m23s one by one).
@@ -26,6 +37,8 @@ ALL_TARGETS=(
   aarch64-unknown-linux-musl
   aarch64-apple-darwin
   x86_64-apple-darwin
+  x86_64-pc-windows-gnu
+  aarch64-pc-windows-gnullvm
 )
 # Pinned so a release is rebuilt with the same linker; bump both together
 # after checking `deploy/dist.sh` still passes.
@@ -38,6 +51,11 @@ CARGO_ZIGBUILD_VERSION=0.24.1
 # (cc, for ring) see one value and cargo does not rebuild between callers.
 export MACOSX_DEPLOYMENT_TARGET=11.0
 
+tools_only=0
+if [ "${1:-}" = --tools-only ]; then
+  tools_only=1
+  shift
+fi
 targets=("$@")
 [ ${#targets[@]} -gt 0 ] || targets=("${ALL_TARGETS[@]}")
 for target in "${targets[@]}"; do
@@ -89,6 +107,7 @@ if [ ${#crossed[@]} -gt 0 ]; then
   fi
   echo "zig $(python3 -m ziglang version); $(cargo-zigbuild --version)"
 fi
+[ "$tools_only" = 0 ] || exit 0
 
 if [ ${#crossed[@]} -lt ${#targets[@]} ]; then
   say "cargo build --release --locked --target $native"
@@ -105,6 +124,7 @@ fi
 
 for target in "${targets[@]}"; do
   binary="${CARGO_TARGET_DIR:-target}/$target/release/keyrelay"
+  [[ $target != *-windows-* ]] || binary+=.exe
   [ -x "$binary" ] || { echo "build.sh: no binary at $binary" >&2; exit 1; }
   printf '%-28s %9s bytes  %s\n' "$target" "$(stat -c %s "$binary")" "$binary"
 done

@@ -282,10 +282,11 @@ def check_config(dockerfile: Path, inspect_path: Path, rootfs: Path, arch: str, 
 # OCI architecture names of the executables keyrelay ships.
 ELF_MACHINES = {62: "amd64", 183: "arm64"}  # EM_X86_64, EM_AARCH64
 MACHO_CPUS = {0x01000007: "amd64", 0x0100000C: "arm64"}  # CPU_TYPE_X86_64, CPU_TYPE_ARM64
+PE_MACHINES = {0x8664: "amd64", 0xAA64: "arm64"}  # IMAGE_FILE_MACHINE_AMD64, _ARM64
 
 
 def binary_platform(data: bytes, name: str) -> tuple[str, str, bool]:
-    """(os, architecture, statically linked) of a 64-bit little-endian ELF or Mach-O executable."""
+    """(os, architecture, statically linked) of a 64-bit little-endian ELF, Mach-O or PE executable."""
     if data[:4] == b"\x7fELF":
         expect(data[4] == 2 and data[5] == 1, f"{name} is not a 64-bit little-endian ELF file")
         machine = int.from_bytes(data[0x12:0x14], "little")
@@ -302,7 +303,15 @@ def binary_platform(data: bytes, name: str) -> tuple[str, str, bool]:
         expect(int.from_bytes(data[12:16], "little") == 2, f"{name} is a Mach-O file but not an executable")
         # Every macOS executable loads libSystem dynamically: there is no static macOS binary.
         return "darwin", MACHO_CPUS.get(cpu, f"macho-cpu-{cpu:#x}"), False
-    raise CheckFailed(f"{name} is neither a 64-bit ELF nor a Mach-O executable")
+    if data[:2] == b"MZ":
+        pe = int.from_bytes(data[0x3C:0x40], "little")
+        expect(data[pe:pe + 4] == b"PE\0\0", f"{name} has an MZ header but no PE signature")
+        machine = int.from_bytes(data[pe + 4:pe + 6], "little")
+        characteristics = int.from_bytes(data[pe + 22:pe + 24], "little")
+        expect(characteristics & 0x2000 == 0, f"{name} is a PE DLL, not an executable")  # IMAGE_FILE_DLL
+        # Every Windows executable loads kernel32 and friends dynamically.
+        return "windows", PE_MACHINES.get(machine, f"pe-machine-{machine:#x}"), False
+    raise CheckFailed(f"{name} is not a 64-bit ELF, Mach-O or PE executable")
 
 
 def check_pushed_list(pushed: Path, image_paths: list[Path]) -> None:

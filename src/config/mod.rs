@@ -233,6 +233,11 @@ pub struct PoolSettings {
     pub warm_connections: usize,
 }
 
+/// Why a `unix:` listen address is refused on Windows, which keyrelay serves
+/// over TCP only.
+pub const UNIX_LISTEN_UNSUPPORTED: &str = "Unix domain sockets are not supported on Windows; \
+     listen on a loopback address such as 127.0.0.1:8080";
+
 /// Where keyrelay listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ListenAddr {

@@ -50,7 +50,7 @@ pub const SETTINGS: &[Setting] = &[
     Setting {
         key: "listen",
         default: "127.0.0.1:8080",
-        help: "Address the proxy listens on (HTTP/1.1 and h2c on the same port), or unix:/path for a Unix socket; a socket systemd passes (socket activation, LISTEN_FDS) replaces it.",
+        help: "Address the proxy listens on (HTTP/1.1 and h2c on the same port), or unix:/path for a Unix socket (not on Windows); a socket systemd passes (socket activation, LISTEN_FDS) replaces it.",
         kind: Kind::Text,
     },
     Setting {

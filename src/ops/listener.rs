@@ -3,19 +3,26 @@
 //!
 //! A Unix socket keeps keyrelay off the network entirely: only processes that
 //! can open the file (by `unix_socket_mode` and directory permissions) reach it.
+//! Windows builds listen on TCP only ([`unix_socket`] is Unix-only).
 
 use std::fmt;
 use std::io;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-use std::path::{Path, PathBuf};
 use std::pin::Pin;
+#[cfg(unix)]
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpSocket, TcpStream, UnixListener, UnixSocket, UnixStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+#[cfg(unix)]
+use tokio::net::{UnixListener, UnixStream};
 
 use crate::config::ListenAddr;
+
+#[cfg(unix)]
+mod unix_socket;
+#[cfg(unix)]
+pub use unix_socket::SocketFile;
 
 /// A bound listener.
 #[derive(Debug)]
@@ -24,6 +31,7 @@ pub enum Listener {
     Tcp(TcpListener),
     /// A Unix domain socket; the file is removed when the last listener
     /// sharing it is dropped.
+    #[cfg(unix)]
     Unix(UnixListener, Arc<SocketFile>),
 }
 
@@ -35,40 +43,8 @@ pub enum WorkerSocket {
     /// TCP.
     Tcp(std::net::TcpListener),
     /// A Unix domain socket.
+    #[cfg(unix)]
     Unix(std::os::unix::net::UnixListener, Arc<SocketFile>),
-}
-
-/// The socket file, removed on drop so a restart can bind again, unless
-/// the path no longer names this socket (another process has since put its
-/// own there: removing it would cut that one off).
-#[derive(Debug)]
-pub struct SocketFile {
-    path: PathBuf,
-    /// Device and inode of the socket keyrelay bound.
-    id: Option<(u64, u64)>,
-}
-
-impl SocketFile {
-    fn new(path: PathBuf) -> Self {
-        let id = file_id(&path);
-        Self { path, id }
-    }
-}
-
-/// The device and inode `path` names (not following a symlink).
-fn file_id(path: &Path) -> Option<(u64, u64)> {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::symlink_metadata(path)
-        .ok()
-        .map(|meta| (meta.dev(), meta.ino()))
-}
-
-impl Drop for SocketFile {
-    fn drop(&mut self) {
-        if self.id.is_some() && file_id(&self.path) == self.id {
-            let _ = std::fs::remove_file(&self.path);
-        }
-    }
 }
 
 impl From<TcpListener> for Listener {
@@ -93,83 +69,61 @@ pub async fn bind(addr: &ListenAddr, mode: u32, backlog: u32) -> io::Result<List
             if addr.port() != 0 {
                 ensure_port_free(*addr)?;
             }
-            Ok(Listener::Tcp(reuseport_socket(*addr)?.listen(backlog)?))
+            Ok(Listener::Tcp(listening_socket(*addr)?.listen(backlog)?))
         }
+        #[cfg(unix)]
+        ListenAddr::Unix(path) => unix_socket::bind(path, mode, backlog).await,
+        #[cfg(not(unix))]
         ListenAddr::Unix(path) => {
-            if let Ok(meta) = std::fs::symlink_metadata(path) {
-                if !meta.file_type().is_socket() {
-                    return Err(io::Error::new(
-                        io::ErrorKind::AlreadyExists,
-                        format!("{} exists and is not a socket", path.display()),
-                    ));
-                }
-                ensure_socket_stale(path).await?;
-                std::fs::remove_file(path)?;
-            }
-            let listener = bind_unix_with_mode(path, mode, backlog)?;
-            Ok(Listener::Unix(
-                listener,
-                Arc::new(SocketFile::new(path.clone())),
+            // Config checks refuse this first; an embedding program may not.
+            let _ = (path, mode); // a file mode means something for Unix sockets only
+            Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                crate::config::UNIX_LISTEN_UNSUPPORTED,
             ))
         }
     }
 }
 
-/// Fails with "address in use" unless the socket file at `path` is stale:
-/// nothing accepts connections on it any more (a run that was killed left
-/// it). A live socket belongs to another process, often a second keyrelay
-/// started with the same `listen`: replacing it would take its clients.
-/// The connect does not block (a live server with a full backlog answers
-/// "try again", which counts as live), and connecting is the one test that
-/// works across processes and containers sharing the directory.
-async fn ensure_socket_stale(path: &Path) -> io::Result<()> {
-    match UnixStream::connect(path).await {
-        Ok(_live) => Err(io::Error::new(
-            io::ErrorKind::AddrInUse,
-            format!(
-                "{} is a socket another process is listening on (another keyrelay?); \
-                 stop it or choose another path",
-                path.display()
-            ),
-        )),
-        Err(err)
-            if matches!(
-                err.kind(),
-                io::ErrorKind::ConnectionRefused | io::ErrorKind::NotFound
-            ) =>
-        {
-            Ok(())
-        }
-        Err(err) => Err(io::Error::new(
-            err.kind(),
-            format!(
-                "cannot tell whether the socket {} is still in use ({err}); \
-                 not replacing it",
-                path.display()
-            ),
-        )),
-    }
-}
-
-/// A TCP socket for `addr` with `SO_REUSEPORT`, so each serving thread can
-/// have its own listening socket on the port (see
+/// A TCP socket bound to `addr` with `SO_REUSEPORT`, so each serving thread
+/// can have its own listening socket on the port (see
 /// [`Listener::into_worker_sockets`]), and `SO_REUSEADDR`, as std's
 /// `TcpListener::bind` sets on Unix: a restart can bind while old
 /// connections sit in TIME_WAIT.
-fn reuseport_socket(addr: std::net::SocketAddr) -> io::Result<TcpSocket> {
+#[cfg(unix)]
+fn listening_socket(addr: std::net::SocketAddr) -> io::Result<TcpSocket> {
     let socket = reuseaddr_socket(addr)?;
     socket.set_reuseport(true)?;
     socket.bind(addr)?;
     Ok(socket)
 }
 
-/// A TCP socket of `addr`'s family with `SO_REUSEADDR`, not yet bound.
-fn reuseaddr_socket(addr: std::net::SocketAddr) -> io::Result<TcpSocket> {
-    let socket = if addr.is_ipv4() {
-        TcpSocket::new_v4()?
+/// A plain TCP socket bound to `addr`, as std's `TcpListener::bind` binds on
+/// Windows. There `SO_REUSEADDR` would let another program bind the same
+/// port and take keyrelay's connections, a listener rebinds over TIME_WAIT
+/// without it, and no option spreads connections across sockets, so the
+/// serving threads share this one ([`Listener::into_worker_sockets`]). The
+/// plain bind also refuses a port something already listens on.
+#[cfg(not(unix))]
+fn listening_socket(addr: std::net::SocketAddr) -> io::Result<TcpSocket> {
+    let socket = new_tcp_socket(addr)?;
+    socket.bind(addr)?;
+    Ok(socket)
+}
+
+/// A TCP socket of `addr`'s family, not yet bound.
+fn new_tcp_socket(addr: std::net::SocketAddr) -> io::Result<TcpSocket> {
+    if addr.is_ipv4() {
+        TcpSocket::new_v4()
     } else {
-        TcpSocket::new_v6()?
-    };
+        TcpSocket::new_v6()
+    }
+}
+
+/// A TCP socket of `addr`'s family with `SO_REUSEADDR`, not yet bound.
+#[cfg(unix)]
+fn reuseaddr_socket(addr: std::net::SocketAddr) -> io::Result<TcpSocket> {
+    let socket = new_tcp_socket(addr)?;
     socket.set_reuseaddr(true)?;
     Ok(socket)
 }
@@ -181,51 +135,15 @@ fn reuseaddr_socket(addr: std::net::SocketAddr) -> io::Result<TcpSocket> {
 /// first one's connections, with its own key and settings. A socket bound
 /// without it conflicts with every listener on the port, as a plain bind
 /// always did; it is closed before it ever listens.
+#[cfg(unix)]
 fn ensure_port_free(addr: std::net::SocketAddr) -> io::Result<()> {
     reuseaddr_socket(addr)?.bind(addr)
 }
 
-/// Binds a Unix socket that appears at `path` only once it is listening and
-/// has permissions `mode`: it is bound under a temporary name beside `path`,
-/// chmod-ed before it listens (until then a connect is refused, so no one
-/// gets in under the umask's mode), then renamed into place (a rename keeps
-/// the bound inode).
-///
-/// Binding at `path` directly would leave a window in which the file exists
-/// with the umask's mode (wider than `mode` under a lax umask) and in which a
-/// client that waits for the file to appear, as sidecars and scripts do, is
-/// refused because listen() has not run yet.
-fn bind_unix_with_mode(path: &Path, mode: u32, backlog: u32) -> io::Result<UnixListener> {
-    let mut staging = path.as_os_str().to_owned();
-    staging.push(format!(".{}", std::process::id()));
-    let staging = PathBuf::from(staging);
-    // A socket left by a run that died here (in a container the pid is
-    // often the same); any other file of that name is not ours to remove.
-    if std::fs::symlink_metadata(&staging).is_ok_and(|meta| meta.file_type().is_socket()) {
-        std::fs::remove_file(&staging)?;
-    }
-    let socket = UnixSocket::new_stream()?;
-    if let Err(err) = socket.bind(&staging) {
-        if err.kind() != io::ErrorKind::InvalidInput {
-            return Err(err);
-        }
-        // The staging name is longer than a socket address may be (108
-        // bytes on Linux) while `path` itself fits: bind in place instead.
-        let socket = UnixSocket::new_stream()?;
-        socket.bind(path)?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
-        return socket.listen(backlog);
-    }
-    let placed = std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(mode))
-        .and_then(|()| socket.listen(backlog))
-        .and_then(|listener| {
-            std::fs::rename(&staging, path)?;
-            Ok(listener)
-        });
-    if placed.is_err() {
-        let _ = std::fs::remove_file(&staging);
-    }
-    placed
+/// On Windows [`listening_socket`]'s own bind is the check.
+#[cfg(not(unix))]
+fn ensure_port_free(_addr: std::net::SocketAddr) -> io::Result<()> {
+    Ok(())
 }
 
 /// `requested`, or the kernel's ceiling when that is lower (the kernel would
@@ -274,6 +192,7 @@ impl Listener {
                 }
                 Ok((Stream::Tcp(stream), peer.to_string()))
             }
+            #[cfg(unix)]
             Self::Unix(listener, _) => {
                 let (stream, _) = listener.accept().await?;
                 Ok((Stream::Unix(stream), "unix".to_owned()))
@@ -285,6 +204,7 @@ impl Listener {
     pub fn local_addr(&self) -> io::Result<ListenAddr> {
         match self {
             Self::Tcp(listener) => Ok(ListenAddr::Tcp(listener.local_addr()?)),
+            #[cfg(unix)]
             Self::Unix(_, file) => Ok(ListenAddr::Unix(file.path.clone())),
         }
     }
@@ -309,12 +229,12 @@ impl Listener {
         match self {
             Self::Tcp(listener) => {
                 let first = listener.into_std()?;
-                let spread = socket2::SockRef::from(&first).reuse_port()?;
+                let spread = spreads_connections(&first)?;
                 let addr = first.local_addr()?;
                 let mut sockets = Vec::with_capacity(workers);
                 for _ in 1..workers {
                     let sibling = if spread {
-                        reuseport_socket(addr)?
+                        listening_socket(addr)?
                             .listen(capped_backlog(backlog))?
                             .into_std()?
                     } else {
@@ -325,6 +245,7 @@ impl Listener {
                 sockets.insert(0, WorkerSocket::Tcp(first));
                 Ok(sockets)
             }
+            #[cfg(unix)]
             Self::Unix(listener, file) => {
                 let first = listener.into_std()?;
                 let mut sockets = Vec::with_capacity(workers);
@@ -338,6 +259,19 @@ impl Listener {
     }
 }
 
+/// Whether the kernel spreads new connections across sockets bound like
+/// `socket` (`SO_REUSEPORT`, which [`bind`] sets on Unix).
+#[cfg(unix)]
+fn spreads_connections(socket: &std::net::TcpListener) -> io::Result<bool> {
+    socket2::SockRef::from(socket).reuse_port()
+}
+
+/// Windows has no such option.
+#[cfg(not(unix))]
+fn spreads_connections(_socket: &std::net::TcpListener) -> io::Result<bool> {
+    Ok(false)
+}
+
 impl WorkerSocket {
     /// The listener, registered with the calling thread's runtime.
     pub fn into_listener(self) -> io::Result<Listener> {
@@ -346,6 +280,7 @@ impl WorkerSocket {
                 socket.set_nonblocking(true)?;
                 Ok(Listener::Tcp(TcpListener::from_std(socket)?))
             }
+            #[cfg(unix)]
             Self::Unix(socket, file) => {
                 socket.set_nonblocking(true)?;
                 Ok(Listener::Unix(UnixListener::from_std(socket)?, file))
@@ -369,6 +304,7 @@ pub enum Stream {
     /// TCP.
     Tcp(TcpStream),
     /// Unix domain socket.
+    #[cfg(unix)]
     Unix(UnixStream),
 }
 
@@ -378,6 +314,7 @@ impl Stream {
         let mut first = [0u8; 1];
         match self {
             Self::Tcp(stream) => stream.peek(&mut first).await.map(drop),
+            #[cfg(unix)]
             Self::Unix(stream) => stream.readable().await,
         }
     }
@@ -391,6 +328,7 @@ impl AsyncRead for Stream {
     ) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Self::Tcp(stream) => Pin::new(stream).poll_read(cx, buf),
+            #[cfg(unix)]
             Self::Unix(stream) => Pin::new(stream).poll_read(cx, buf),
         }
     }
@@ -404,6 +342,7 @@ impl AsyncWrite for Stream {
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Self::Tcp(stream) => Pin::new(stream).poll_write(cx, buf),
+            #[cfg(unix)]
             Self::Unix(stream) => Pin::new(stream).poll_write(cx, buf),
         }
     }
@@ -415,6 +354,7 @@ impl AsyncWrite for Stream {
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Self::Tcp(stream) => Pin::new(stream).poll_write_vectored(cx, bufs),
+            #[cfg(unix)]
             Self::Unix(stream) => Pin::new(stream).poll_write_vectored(cx, bufs),
         }
     }
@@ -422,6 +362,7 @@ impl AsyncWrite for Stream {
     fn is_write_vectored(&self) -> bool {
         match self {
             Self::Tcp(stream) => stream.is_write_vectored(),
+            #[cfg(unix)]
             Self::Unix(stream) => stream.is_write_vectored(),
         }
     }
@@ -429,6 +370,7 @@ impl AsyncWrite for Stream {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Self::Tcp(stream) => Pin::new(stream).poll_flush(cx),
+            #[cfg(unix)]
             Self::Unix(stream) => Pin::new(stream).poll_flush(cx),
         }
     }
@@ -436,56 +378,8 @@ impl AsyncWrite for Stream {
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Self::Tcp(stream) => Pin::new(stream).poll_shutdown(cx),
+            #[cfg(unix)]
             Self::Unix(stream) => Pin::new(stream).poll_shutdown(cx),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn socket_mode(path: &Path) -> u32 {
-        std::fs::metadata(path)
-            .expect("socket file")
-            .permissions()
-            .mode()
-            & 0o777
-    }
-
-    #[tokio::test]
-    async fn a_unix_socket_appears_with_its_mode_and_leaves_no_staging_file() {
-        let dir = std::env::temp_dir().join(format!("keyrelay-listener-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("dir");
-        let path = dir.join("k.sock");
-        let listener = bind(&ListenAddr::Unix(path.clone()), 0o600, 16)
-            .await
-            .expect("bind");
-        assert_eq!(socket_mode(&path), 0o600);
-        let client = UnixStream::connect(&path).await.expect("connect");
-        listener.accept().await.expect("accept");
-        drop(client);
-        drop(listener);
-        let left: Vec<_> = std::fs::read_dir(&dir).expect("read dir").collect();
-        assert!(left.is_empty(), "left behind: {left:?}");
-        std::fs::remove_dir(&dir).expect("remove dir");
-    }
-
-    #[tokio::test]
-    async fn a_path_too_long_for_a_staging_name_still_binds_with_its_mode() {
-        let dir = std::env::temp_dir().join(format!("keyrelay-long-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("dir");
-        // 107 bytes is the longest socket path Linux takes (108 with the NUL);
-        // macOS takes 103.
-        let limit = if cfg!(target_os = "linux") { 107 } else { 103 };
-        let room = limit - dir.as_os_str().len() - 1;
-        let path = dir.join("s".repeat(room));
-        let listener = bind(&ListenAddr::Unix(path.clone()), 0o640, 16)
-            .await
-            .expect("bind a path of the longest length");
-        assert_eq!(socket_mode(&path), 0o640);
-        drop(listener);
-        assert!(!path.exists(), "socket file removed on drop");
-        std::fs::remove_dir(&dir).expect("remove dir");
     }
 }

@@ -1,13 +1,24 @@
 //! Shutdown signals: the first SIGTERM or SIGINT drains, a second one exits at once.
+//!
+//! On Windows the same goes for the console's events: Ctrl-C, Ctrl-Break,
+//! closing the console window and system shutdown. Windows ends the process
+//! a few seconds after a close or shutdown event (about 5 s for a console
+//! window) whatever it is doing, so a drain then is cut to that.
 
 use std::future::Future;
 
+#[cfg(unix)]
 use tokio::signal::unix::{signal, Signal, SignalKind};
+#[cfg(windows)]
+use tokio::signal::windows::{ctrl_break, ctrl_c, ctrl_close, ctrl_shutdown};
+#[cfg(windows)]
+use tokio::signal::windows::{CtrlBreak, CtrlC, CtrlClose, CtrlShutdown};
 
-/// Exit status when a second signal cuts the drain short (128 + SIGTERM).
+/// Exit status when a second signal cuts the drain short (128 + SIGTERM; the
+/// same on Windows, so scripts see one value).
 const EXIT_ON_SECOND_SIGNAL: i32 = 143;
 
-/// Installs the SIGTERM/SIGINT handlers now, and returns a future that
+/// Installs the SIGTERM/SIGINT (Windows: console event) handlers now, and returns a future that
 /// resolves on the first signal; after that, another one exits the process.
 ///
 /// Installing before the future is polled matters: keyrelay reports ready
@@ -33,11 +44,13 @@ pub fn shutdown_requested() -> impl Future<Output = ()> {
     }
 }
 
+#[cfg(unix)]
 struct Handlers {
     term: Signal,
     int: Signal,
 }
 
+#[cfg(unix)]
 impl Handlers {
     fn install() -> Option<Self> {
         Some(Self {
@@ -50,6 +63,37 @@ impl Handlers {
         tokio::select! {
             _ = self.term.recv() => {}
             _ = self.int.recv() => {}
+        }
+    }
+}
+
+/// Windows' console events. Logoff is left out: Windows sends it to
+/// services only, and a service would see it for every user who logs off.
+#[cfg(windows)]
+struct Handlers {
+    c: CtrlC,
+    brk: CtrlBreak,
+    close: CtrlClose,
+    shutdown: CtrlShutdown,
+}
+
+#[cfg(windows)]
+impl Handlers {
+    fn install() -> Option<Self> {
+        Some(Self {
+            c: ctrl_c().ok()?,
+            brk: ctrl_break().ok()?,
+            close: ctrl_close().ok()?,
+            shutdown: ctrl_shutdown().ok()?,
+        })
+    }
+
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.c.recv() => {}
+            _ = self.brk.recv() => {}
+            _ = self.close.recv() => {}
+            _ = self.shutdown.recv() => {}
         }
     }
 }

@@ -19,6 +19,7 @@ use std::net::TcpListener;
 use crate::ops::listener::Listener;
 
 /// The first descriptor systemd passes (SD_LISTEN_FDS_START).
+#[cfg(target_os = "linux")]
 const FIRST_FD: i32 = 3;
 
 /// The listening socket systemd passed this process, if it passed one;

@@ -17,14 +17,26 @@
 //! serves signals, the drain and the admin port: a slow or hung network
 //! mount delays only the re-read, and a hung read is waited for, not
 //! started again beside it.
+//!
+//! On Windows there is no SIGHUP: the poll alone re-reads the file. The file
+//! is opened sharing read, write and delete (std's default there), so
+//! keyrelay's brief open never makes an editor's or a deploy tool's
+//! replace-by-rename fail, and the next poll reads the file now at the path.
+//! A program that holds the file open without sharing it (or with a byte
+//! range locked) makes the open or read fail with a sharing or lock
+//! violation: that read is retried a few times ([`LOCK_ATTEMPTS`]) before it
+//! counts as a problem, and after that the previous secret is kept and the
+//! next poll tries again.
 
 use std::io::Read;
+#[cfg(unix)]
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
+#[cfg(unix)]
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::task::JoinHandle;
 use zeroize::Zeroizing;
@@ -43,6 +55,20 @@ pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// The most a secret file may hold: keys and tokens are short.
 const MAX_SECRET_FILE: u64 = 64 * 1024;
 
+/// Reads of a file another program holds locked (Windows), before the lock
+/// counts as a problem: a program saving the file holds it for milliseconds.
+pub const LOCK_ATTEMPTS: u32 = 4;
+
+/// The wait between those reads.
+const LOCK_RETRY_DELAY: Duration = Duration::from_millis(50);
+
+/// Windows' ERROR_SHARING_VIOLATION: the file is open elsewhere without
+/// sharing read access.
+const WINDOWS_SHARING_VIOLATION: i32 = 32;
+
+/// Windows' ERROR_LOCK_VIOLATION: part of the file is locked (`LockFileEx`).
+const WINDOWS_LOCK_VIOLATION: i32 = 33;
+
 /// Reads a key file: surrounding whitespace (the trailing newline editors add)
 /// is dropped, and an empty file counts as no key.
 pub fn read(path: &Path) -> Result<ApiKey, String> {
@@ -51,44 +77,110 @@ pub fn read(path: &Path) -> Result<ApiKey, String> {
 
 /// Reads a file holding one secret (a key or a token), trimmed; empty is an error.
 /// Refuses anything but a regular file (FIFO, socket, device, directory),
-/// without blocking on it.
+/// without blocking on it. A file another program holds locked is read
+/// again up to [`LOCK_ATTEMPTS`] times.
 pub fn read_secret(path: &Path) -> Result<String, String> {
-    let cannot = |err: std::io::Error| format!("cannot read {}: {err}", path.display());
-    // O_NONBLOCK: opening a FIFO for reading would otherwise wait for a
-    // writer. It changes nothing for a regular file.
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(path)
-        .map_err(cannot)?;
+    let cannot = |err: std::io::Error| {
+        let hint = if is_lock_conflict(&err) {
+            " (another program holds it open without sharing it)"
+        } else {
+            ""
+        };
+        format!("cannot read {}: {err}{hint}", path.display())
+    };
+    let read = retry_while_locked(LOCK_ATTEMPTS, LOCK_RETRY_DELAY, is_lock_conflict, || {
+        read_secret_once(path)
+    });
+    match read {
+        Ok(Ok(secret)) => Ok(secret),
+        Ok(Err(refused)) => Err(refused),
+        Err(err) => Err(cannot(err)),
+    }
+}
+
+/// One read of [`read_secret`]: an I/O error, or the file read and either
+/// its secret or why it is refused.
+fn read_secret_once(path: &Path) -> std::io::Result<Result<String, String>> {
+    let file = open_without_blocking(path)?;
     // The file opened, not the path: a swap in between cannot slip by.
-    let meta = file.metadata().map_err(cannot)?;
+    let meta = file.metadata()?;
     if !meta.is_file() {
-        return Err(format!(
+        return Ok(Err(format!(
             "{} is {}, not a regular file; a key or token file must be a plain file",
             path.display(),
             kind_of(meta.file_type())
-        ));
+        )));
     }
     if meta.len() > MAX_SECRET_FILE {
-        return Err(format!(
+        return Ok(Err(format!(
             "{} holds {} bytes, more than a key or token file may ({MAX_SECRET_FILE})",
             path.display(),
             meta.len()
-        ));
+        )));
     }
     let mut text = Zeroizing::new(String::new());
-    file.take(MAX_SECRET_FILE)
-        .read_to_string(&mut text)
-        .map_err(cannot)?;
+    file.take(MAX_SECRET_FILE).read_to_string(&mut text)?;
     let secret = text.trim();
     if secret.is_empty() {
-        return Err(format!("{} is empty", path.display()));
+        return Ok(Err(format!("{} is empty", path.display())));
     }
-    Ok(secret.to_owned())
+    Ok(Ok(secret.to_owned()))
+}
+
+/// Opens `path` for reading. O_NONBLOCK: opening a FIFO for reading would
+/// otherwise wait for a writer. It changes nothing for a regular file.
+#[cfg(unix)]
+fn open_without_blocking(path: &Path) -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+}
+
+/// Opens `path` for reading, sharing read, write and delete access (std's
+/// default on Windows), so a replace-by-rename is never refused because of
+/// it. Opening a named pipe there does not wait for its server.
+#[cfg(not(unix))]
+fn open_without_blocking(path: &Path) -> std::io::Result<std::fs::File> {
+    std::fs::File::open(path)
+}
+
+/// Runs `read` until it succeeds, fails otherwise than `locked` says, or has
+/// run `attempts` times, waiting `delay` between runs.
+fn retry_while_locked<T>(
+    attempts: u32,
+    delay: Duration,
+    locked: impl Fn(&std::io::Error) -> bool,
+    mut read: impl FnMut() -> std::io::Result<T>,
+) -> std::io::Result<T> {
+    let mut attempt = 1;
+    loop {
+        match read() {
+            Err(err) if attempt < attempts && locked(&err) => {
+                attempt += 1;
+                std::thread::sleep(delay);
+            }
+            done => return done,
+        }
+    }
+}
+
+/// Whether `err` says another program holds the file locked; only Windows
+/// locks files against readers.
+fn is_lock_conflict(err: &std::io::Error) -> bool {
+    cfg!(windows) && is_windows_lock_error(err.raw_os_error())
+}
+
+/// Whether a Windows error code is a sharing or lock violation.
+fn is_windows_lock_error(code: Option<i32>) -> bool {
+    matches!(
+        code,
+        Some(WINDOWS_SHARING_VIOLATION | WINDOWS_LOCK_VIOLATION)
+    )
 }
 
 /// What a file that is not regular is, for the message.
+#[cfg(unix)]
 fn kind_of(kind: std::fs::FileType) -> &'static str {
     if kind.is_dir() {
         "a directory"
@@ -98,6 +190,16 @@ fn kind_of(kind: std::fs::FileType) -> &'static str {
         "a socket"
     } else if kind.is_char_device() || kind.is_block_device() {
         "a device"
+    } else {
+        "a special file"
+    }
+}
+
+/// What a file that is not regular is, for the message.
+#[cfg(not(unix))]
+fn kind_of(kind: std::fs::FileType) -> &'static str {
+    if kind.is_dir() {
+        "a directory"
     } else {
         "a special file"
     }
@@ -168,19 +270,43 @@ pub fn watch_secret(
     what: &'static str,
     apply: impl FnMut(Result<String, String>) -> Result<bool, String> + Send + 'static,
 ) -> impl std::future::Future<Output = ()> + Send {
-    let hangups = signal(SignalKind::hangup())
+    poll(path, what, apply, hangups())
+}
+
+/// SIGHUP, which asks for a re-read between polls.
+#[cfg(unix)]
+type Hangups = tokio::signal::unix::Signal;
+
+#[cfg(unix)]
+fn hangups() -> Option<Hangups> {
+    signal(SignalKind::hangup())
         .map_err(
             |err| tracing::warn!(error = %err, "no SIGHUP handler; secret files are still polled"),
         )
-        .ok();
-    poll(path, what, apply, hangups)
+        .ok()
+}
+
+/// Windows has no SIGHUP: the poll alone re-reads the file.
+#[cfg(not(unix))]
+enum Hangups {}
+
+#[cfg(not(unix))]
+impl Hangups {
+    async fn recv(&mut self) -> Option<()> {
+        match *self {}
+    }
+}
+
+#[cfg(not(unix))]
+fn hangups() -> Option<Hangups> {
+    None
 }
 
 async fn poll(
     path: PathBuf,
     what: &'static str,
     mut apply: impl FnMut(Result<String, String>) -> Result<bool, String>,
-    mut hangups: Option<tokio::signal::unix::Signal>,
+    mut hangups: Option<Hangups>,
 ) {
     let mut ticks = tokio::time::interval(POLL_INTERVAL);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -207,5 +333,70 @@ async fn poll(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use std::io::{Error, ErrorKind};
+
+    fn locked(err: &Error) -> bool {
+        err.kind() == ErrorKind::ResourceBusy
+    }
+
+    #[test]
+    fn a_locked_file_is_read_again_until_the_lock_is_gone() {
+        let mut reads = 0;
+        let read = retry_while_locked(4, Duration::ZERO, locked, || {
+            reads += 1;
+            match reads {
+                1 | 2 => Err(Error::from(ErrorKind::ResourceBusy)),
+                _ => Ok("key"),
+            }
+        });
+        assert_eq!(read.expect("read once unlocked"), "key");
+        assert_eq!(reads, 3);
+    }
+
+    #[test]
+    fn a_lock_that_stays_is_reported_after_the_last_attempt() {
+        let mut reads = 0;
+        let read: std::io::Result<()> = retry_while_locked(4, Duration::ZERO, locked, || {
+            reads += 1;
+            Err(Error::from(ErrorKind::ResourceBusy))
+        });
+        assert_eq!(
+            read.expect_err("still locked").kind(),
+            ErrorKind::ResourceBusy
+        );
+        assert_eq!(reads, 4);
+    }
+
+    #[test]
+    fn other_failures_are_not_read_again() {
+        let mut reads = 0;
+        let read: std::io::Result<()> = retry_while_locked(4, Duration::ZERO, locked, || {
+            reads += 1;
+            Err(Error::from(ErrorKind::NotFound))
+        });
+        assert_eq!(read.expect_err("missing").kind(), ErrorKind::NotFound);
+        assert_eq!(reads, 1);
+    }
+
+    #[test]
+    fn sharing_and_lock_violations_are_the_windows_lock_errors() {
+        assert!(is_windows_lock_error(Some(32)));
+        assert!(is_windows_lock_error(Some(33)));
+        // ERROR_FILE_NOT_FOUND, ERROR_ACCESS_DENIED: not a passing lock.
+        assert!(!is_windows_lock_error(Some(2)));
+        assert!(!is_windows_lock_error(Some(5)));
+        assert!(!is_windows_lock_error(None));
+        // On Unix the same numbers mean other things (32 is EPIPE).
+        assert_eq!(
+            is_lock_conflict(&Error::from_raw_os_error(32)),
+            cfg!(windows)
+        );
     }
 }

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::{Problems, Reported};
-use crate::config::{ListenAddr, RawConfig};
+use crate::config::{ListenAddr, RawConfig, UNIX_LISTEN_UNSUPPORTED};
 
 /// The listener settings besides its address.
 pub(super) struct Serving {
@@ -18,23 +18,30 @@ pub(super) struct Serving {
     pub(super) shutdown_delay: Option<Duration>,
 }
 
-/// `listen`: `IP:port` or `unix:/absolute/path`.
+/// `listen`: `IP:port` or `unix:/absolute/path` (Unix only).
 pub(super) fn listen_addr(raw: &RawConfig, found: &mut Problems) -> Result<ListenAddr, Reported> {
-    let listen = match raw.listen.strip_prefix("unix:") {
-        Some(path) if path.starts_with('/') => Some(ListenAddr::Unix(PathBuf::from(path))),
-        Some(_) => None,
-        None => raw.listen.parse::<SocketAddr>().ok().map(ListenAddr::Tcp),
-    };
-    listen.ok_or_else(|| {
-        found.report(
-            "listen",
-            format!(
-                "{:?} is not an IP:port address or unix:/absolute/path",
-                raw.listen
-            ),
-        );
-        Reported
-    })
+    parse_listen(&raw.listen, cfg!(unix)).map_err(|problem| found.refuse("listen", problem))
+}
+
+/// `text` as a listen address, or why not; `unix_sockets` says whether this
+/// platform has Unix domain sockets (a parameter, so the Windows answer is
+/// tested on Linux too).
+fn parse_listen(text: &str, unix_sockets: bool) -> Result<ListenAddr, String> {
+    match text.strip_prefix("unix:") {
+        Some(_) if !unix_sockets => Err(format!("{text:?}: {UNIX_LISTEN_UNSUPPORTED}")),
+        Some(path) if path.starts_with('/') => Ok(ListenAddr::Unix(PathBuf::from(path))),
+        _ => text
+            .parse::<SocketAddr>()
+            .map(ListenAddr::Tcp)
+            .map_err(|_| {
+                let unix = if unix_sockets {
+                    " or unix:/absolute/path"
+                } else {
+                    ""
+                };
+                format!("{text:?} is not an IP:port address{unix}")
+            }),
+    }
 }
 
 /// The TCP address of a listener, if it is one (what network exposure is
@@ -157,5 +164,45 @@ fn parse_workers(raw: &str) -> Option<usize> {
             .parse::<usize>()
             .ok()
             .filter(|workers| (1..=MAX_WORKERS).contains(workers)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unix_listen_addresses_are_refused_where_there_are_no_unix_sockets() {
+        let refused = parse_listen("unix:/run/keyrelay.sock", false).expect_err("refused");
+        assert!(refused.contains("not supported on Windows"), "{refused}");
+        assert!(
+            refused.contains("127.0.0.1:8080"),
+            "names what to use instead: {refused}"
+        );
+        let windows_path = parse_listen(r"unix:C:\keyrelay.sock", false).expect_err("refused");
+        assert!(
+            windows_path.contains("not supported on Windows"),
+            "{windows_path}"
+        );
+        assert_eq!(
+            parse_listen("unix:/run/keyrelay.sock", true),
+            Ok(ListenAddr::Unix(PathBuf::from("/run/keyrelay.sock")))
+        );
+    }
+
+    #[test]
+    fn a_bad_address_offers_unix_sockets_only_where_they_exist() {
+        let unix = parse_listen("nowhere", true).expect_err("bad");
+        assert_eq!(
+            unix,
+            r#""nowhere" is not an IP:port address or unix:/absolute/path"#
+        );
+        let windows = parse_listen("nowhere", false).expect_err("bad");
+        assert_eq!(windows, r#""nowhere" is not an IP:port address"#);
+        assert!(parse_listen("unix:relative.sock", true).is_err());
+        assert_eq!(
+            parse_listen("127.0.0.1:8080", false),
+            Ok(ListenAddr::Tcp(([127, 0, 0, 1], 8080).into()))
+        );
     }
 }
