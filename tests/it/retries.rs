@@ -482,42 +482,13 @@ async fn the_retry_budget_caps_attempts_against_a_failing_upstream() {
 async fn failover_uses_the_fallbacks_own_credential_and_path_then_returns() {
     let primary_port = closed_port();
     let mut backup = MockUpstream::start().await;
-    let toml = format!(
-        r#"
-upstream_name_header = true
-
-[[routes]]
-name = "primary"
-prefix = "/v1"
-upstream = "http://127.0.0.1:{primary_port}/v1"
-key_env = "BASETEN_API_KEY"
-retry_on = ["connect", "503"]
-retry_methods = ["POST"]
-retry_max_wait = "50ms"
-eject_after = "2"
-eject_for = "1s"
-fallback = ["backup"]
-
-[[routes]]
-name = "backup"
-prefix = "/backup"
-upstream = "{backup}/openai/v1"
-key_env = "OTHER_KEY"
-auth_header = "x-api-key"
-auth_template = "{{key}}"
-"#,
-        backup = backup.url(),
-    );
-    let file = temp_file("retries", "keyrelay.toml", toml);
-    let sources = Sources {
-        file: Some(file.0.clone()),
-        env: HashMap::from([
-            ("BASETEN_API_KEY".to_owned(), KEY.to_owned()),
-            ("OTHER_KEY".to_owned(), "other-key-2b7e".to_owned()),
-        ]),
-        ..Sources::default()
-    };
-    let relay = Relay::from_sources(&sources).await;
+    let relay = primary_and_backup(
+        &format!("http://127.0.0.1:{primary_port}"),
+        &backup.url(),
+        "eject_after = \"2\"\neject_for = \"1s\"",
+        "",
+    )
+    .await;
     let client = http1_client();
     let url = relay.url("/v1/chat/completions?stream=1");
 
@@ -766,4 +737,97 @@ where
         outputs.push(handle.await.expect("join"));
     }
     outputs
+}
+
+/// keyrelay with route "primary" (`/v1`, upstream `primary` under `/v1`,
+/// retrying refused connections and 503 for POST onto "backup") and route
+/// "backup" (`/backup`, upstream `backup` under `/openai/v1`, its own key
+/// in `x-api-key`), each with its `extra` settings; responses name the
+/// route that answered.
+async fn primary_and_backup(
+    primary: &str,
+    backup: &str,
+    primary_extra: &str,
+    backup_extra: &str,
+) -> Relay {
+    let toml = format!(
+        r#"
+upstream_name_header = true
+
+[[routes]]
+name = "primary"
+prefix = "/v1"
+upstream = "{primary}/v1"
+key_env = "BASETEN_API_KEY"
+retry_on = ["connect", "503"]
+retry_methods = ["POST"]
+retry_max_wait = "50ms"
+fallback = ["backup"]
+{primary_extra}
+
+[[routes]]
+name = "backup"
+prefix = "/backup"
+upstream = "{backup}/openai/v1"
+key_env = "OTHER_KEY"
+auth_header = "x-api-key"
+auth_template = "{{key}}"
+{backup_extra}
+"#
+    );
+    let file = temp_file("retries", "keyrelay.toml", toml);
+    let sources = Sources {
+        file: Some(file.0.clone()),
+        env: HashMap::from([
+            ("BASETEN_API_KEY".to_owned(), KEY.to_owned()),
+            ("OTHER_KEY".to_owned(), "other-key-2b7e".to_owned()),
+        ]),
+        ..Sources::default()
+    };
+    Relay::from_sources(&sources).await
+}
+
+#[tokio::test]
+async fn failover_holds_the_request_to_the_fallbacks_allowed_paths() {
+    let mut primary = MockUpstream::start().await;
+    let mut backup = MockUpstream::start().await;
+    // The backup's key may be used for chat completions only.
+    let relay = primary_and_backup(
+        &primary.url(),
+        &backup.url(),
+        "",
+        r#"allowed_paths = ["POST /backup/chat/completions"]"#,
+    )
+    .await;
+    let client = http1_client();
+
+    // A path the backup's policy refuses: the attempts stay on the
+    // primary (1 + retry_attempts), and the backup's key is not used.
+    let pending = tokio::spawn(client.request(post(&relay.url("/v1/fine_tuning/jobs"), "{}")));
+    let failing = async {
+        for _ in 0..3 {
+            primary.next().await.respond(answer(503, &[]));
+        }
+        within("the 503", pending).await
+    };
+    let response = tokio::select! {
+        response = failing => response.expect("join").expect("response"),
+        exchange = backup.next() => panic!(
+            "the backup's key went to {}, a path its allowed_paths refuse",
+            exchange.request.uri()
+        ),
+    };
+    assert_eq!(response.status(), 503, "relayed, not failed over");
+
+    // A path it allows: failed over (the control).
+    let pending = tokio::spawn(client.request(post(&relay.url("/v1/chat/completions"), "{}")));
+    primary.next().await.respond(answer(503, &[]));
+    let exchange = backup.next().await;
+    assert_eq!(exchange.request.uri(), "/openai/v1/chat/completions");
+    exchange.respond_full(200, "from backup");
+    let response = within("the answer", pending)
+        .await
+        .expect("join")
+        .expect("response");
+    assert_eq!(response.status(), 200);
 }
