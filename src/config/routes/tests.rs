@@ -468,3 +468,41 @@ key_env = "BASETEN_API_KEY"
     );
     with_file(&shared, &[]).expect("valid");
 }
+
+#[test]
+fn retry_methods_that_would_change_nothing_are_refused() {
+    let route = |retry: &str| {
+        format!(
+            r#"
+[[routes]]
+name = "r"
+prefix = "/v1"
+upstream = "https://a.test"
+key_env = "BASETEN_API_KEY"
+{retry}
+"#
+        )
+    };
+    for retry in [
+        // Connection failures are retried for every method.
+        "retry_on = [\"connect\"]\nretry_methods = [\"POST\"]",
+        // No method: the statuses are retried for nothing.
+        "retry_on = [\"503\"]\nretry_methods = []",
+    ] {
+        let refused = match with_file(&route(retry), &[]) {
+            Ok(_) => panic!("accepted, to no effect: {retry}"),
+            Err(err) => err.problems,
+        };
+        assert!(
+            refused
+                .iter()
+                .any(|p| p.setting == r#"routes[0] "r".retry_methods"#),
+            "{retry}: {refused:?}"
+        );
+    }
+    with_file(
+        &route("retry_on = [\"connect\", \"503\"]\nretry_methods = [\"POST\"]"),
+        &[],
+    )
+    .expect("valid");
+}
