@@ -160,6 +160,17 @@ impl RequestBody {
         body
     }
 
+    /// A body of these frames, as if the client had sent them so.
+    #[cfg(test)]
+    pub(crate) fn of_frames(
+        frames: impl IntoIterator<Item = Bytes>,
+        metrics: RouteMetrics,
+    ) -> Self {
+        let mut body = Self::empty(None, metrics);
+        body.resend = frames.into_iter().collect();
+        body
+    }
+
     /// This body, recording what it sends; the receiver gets it back when
     /// hyper drops it, unless it grew past [`REPLAY_LIMIT`] (then the
     /// receiver sees the sender dropped).
