@@ -775,6 +775,12 @@ auth_template = "{{key}}"
 {backup_extra}
 "#
     );
+    with_two_keys(toml).await
+}
+
+/// keyrelay with the config file `toml`, and the keys `BASETEN_API_KEY`
+/// ([`KEY`]) and `OTHER_KEY` in its environment.
+async fn with_two_keys(toml: String) -> Relay {
     let file = temp_file("retries", "keyrelay.toml", toml);
     let sources = Sources {
         file: Some(file.0.clone()),
@@ -830,4 +836,52 @@ async fn failover_holds_the_request_to_the_fallbacks_allowed_paths() {
         .expect("join")
         .expect("response");
     assert_eq!(response.status(), 200);
+}
+
+#[tokio::test]
+async fn a_fallback_that_cannot_take_the_path_is_skipped_not_blamed_on_the_client() {
+    let mut primary = MockUpstream::start().await;
+    // The fallback is a Baseten regional host, which takes bare paths
+    // only: a staged path is not one it can be sent.
+    let toml = format!(
+        r#"
+[[routes]]
+name = "primary"
+prefix = "/v1"
+upstream = "{primary}/v1"
+key_env = "BASETEN_API_KEY"
+retry_on = ["503"]
+retry_methods = ["POST"]
+retry_attempts = 1
+retry_max_wait = "50ms"
+fallback = ["regional"]
+
+[[routes]]
+name = "regional"
+prefix = "/regional"
+model = "abc123"
+environment = "staging"
+regional = true
+key_env = "OTHER_KEY"
+"#,
+        primary = primary.url(),
+    );
+    let relay = with_two_keys(toml).await;
+    let client = http1_client();
+    let url = relay.url("/v1/environments/staging/predict");
+    // The primary fails every attempt.
+    let failing = tokio::spawn(async move {
+        loop {
+            primary.next().await.respond(answer(503, &[]));
+        }
+    });
+    let response = within("the answer", client.request(post(&url, "{}")))
+        .await
+        .expect("response");
+    failing.abort();
+    assert_eq!(
+        response.status(),
+        503,
+        "the upstream's answer, not a 400 for a path the client never sent to the fallback"
+    );
 }

@@ -345,12 +345,21 @@ impl<'r> Attempts<'r> {
             .map_or(0, |at| at + 1)
     }
 
-    /// True when the target at `at` lets the request through its path
-    /// policy (`allowed_paths`, method overrides, TRACE), as it would if
-    /// the request had arrived on it: its key is for those paths only.
+    /// True when the target at `at` can take the request: it maps it to
+    /// an upstream URI (a Baseten regional host takes no staged path, and
+    /// the client must not get a 400 for a fallback's limits), and its path
+    /// policy (`allowed_paths`, method overrides, TRACE) lets it through as
+    /// it would if the request had arrived on it: its key is for those
+    /// paths only.
     fn admits(&self, routes: &'r RouteTable, at: usize) -> bool {
         let target = self.target(routes, at);
-        if at == 0 || target.paths.is_empty() {
+        if at == 0 {
+            return true;
+        }
+        if target.upstream_uri_for(self.route, &self.head.uri).is_err() {
+            return false;
+        }
+        if target.paths.is_empty() {
             return true;
         }
         let path = target.local_path_for(self.route, self.head.uri.path());
