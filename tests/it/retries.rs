@@ -885,3 +885,50 @@ key_env = "OTHER_KEY"
         "the upstream's answer, not a 400 for a path the client never sent to the fallback"
     );
 }
+
+#[tokio::test]
+async fn after_the_cool_down_one_request_probes_an_ejected_route() {
+    let mut primary = MockUpstream::start().await;
+    let mut backup = MockUpstream::start().await;
+    let relay = primary_and_backup(
+        &primary.url(),
+        &backup.url(),
+        "eject_after = \"2\"\neject_for = \"1s\"",
+        "",
+    )
+    .await;
+    let client = http1_client();
+    let url = relay.url("/v1/chat/completions");
+    // Two 503s in a row eject the primary.
+    for _ in 0..2 {
+        let pending = tokio::spawn(client.request(post(&url, "{}")));
+        primary.next().await.respond(answer(503, &[]));
+        backup.next().await.respond_full(200, "from backup");
+        within("the answer", pending)
+            .await
+            .expect("join")
+            .expect("response");
+    }
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+
+    // Past the cool-down, requests arriving together: one probes the
+    // primary, the others keep going to the backup until it answers.
+    let pending: Vec<_> = (0..4)
+        .map(|_| tokio::spawn(client.request(post(&url, "{}"))))
+        .collect();
+    let probe = primary.next().await;
+    for _ in 0..3 {
+        tokio::select! {
+            exchange = backup.next() => exchange.respond_full(200, "from backup"),
+            _ = primary.next() => panic!("a second request went to the primary during its probe"),
+        }
+    }
+    probe.respond_full(200, "from primary");
+    for request in pending {
+        let response = within("the answer", request)
+            .await
+            .expect("join")
+            .expect("response");
+        assert_eq!(response.status(), 200);
+    }
+}

@@ -180,11 +180,12 @@ impl<'r> Attempts<'r> {
     }
 
     /// The target of the first attempt: the route, unless it is ejected
-    /// and a fallback is not.
+    /// (and this request is not the one that probes it after the
+    /// cool-down) and a fallback is not.
     pub(crate) fn first_target(&mut self, routes: &'r RouteTable) -> &'r Route {
         self.made = 1;
         let candidates = self.candidates();
-        if candidates > 1 && self.route.health.is_ejected() {
+        if candidates > 1 && !self.usable(routes, 0) {
             let open = |&at: &usize| self.admits(routes, at) && self.usable(routes, at);
             if let Some(at) = (1..candidates).find(open) {
                 return self.target(routes, at);
