@@ -485,7 +485,7 @@ async fn failover_uses_the_fallbacks_own_credential_and_path_then_returns() {
     let relay = primary_and_backup(
         &format!("http://127.0.0.1:{primary_port}"),
         &backup.url(),
-        "eject_after = \"2\"\neject_for = \"1s\"",
+        &format!("{RETRY_POST}\neject_after = \"2\"\neject_for = \"1s\""),
         "",
     )
     .await;
@@ -739,8 +739,11 @@ where
     outputs
 }
 
+/// The primary's retry methods in most tests here.
+const RETRY_POST: &str = "retry_methods = [\"POST\"]";
+
 /// keyrelay with route "primary" (`/v1`, upstream `primary` under `/v1`,
-/// retrying refused connections and 503 for POST onto "backup") and route
+/// retrying refused connections and 503 onto "backup") and route
 /// "backup" (`/backup`, upstream `backup` under `/openai/v1`, its own key
 /// in `x-api-key`), each with its `extra` settings; responses name the
 /// route that answered.
@@ -760,7 +763,6 @@ prefix = "/v1"
 upstream = "{primary}/v1"
 key_env = "BASETEN_API_KEY"
 retry_on = ["connect", "503"]
-retry_methods = ["POST"]
 retry_max_wait = "50ms"
 fallback = ["backup"]
 {primary_extra}
@@ -801,7 +803,7 @@ async fn failover_holds_the_request_to_the_fallbacks_allowed_paths() {
     let relay = primary_and_backup(
         &primary.url(),
         &backup.url(),
-        "",
+        RETRY_POST,
         r#"allowed_paths = ["POST /backup/chat/completions"]"#,
     )
     .await;
@@ -809,20 +811,8 @@ async fn failover_holds_the_request_to_the_fallbacks_allowed_paths() {
 
     // A path the backup's policy refuses: the attempts stay on the
     // primary (1 + retry_attempts), and the backup's key is not used.
-    let pending = tokio::spawn(client.request(post(&relay.url("/v1/fine_tuning/jobs"), "{}")));
-    let failing = async {
-        for _ in 0..3 {
-            primary.next().await.respond(answer(503, &[]));
-        }
-        within("the 503", pending).await
-    };
-    let response = tokio::select! {
-        response = failing => response.expect("join").expect("response"),
-        exchange = backup.next() => panic!(
-            "the backup's key went to {}, a path its allowed_paths refuse",
-            exchange.request.uri()
-        ),
-    };
+    let request = client.request(post(&relay.url("/v1/fine_tuning/jobs"), "{}"));
+    let response = kept_off_the_backup(&mut primary, &mut backup, request).await;
     assert_eq!(response.status(), 503, "relayed, not failed over");
 
     // A path it allows: failed over (the control).
@@ -893,7 +883,7 @@ async fn after_the_cool_down_one_request_probes_an_ejected_route() {
     let relay = primary_and_backup(
         &primary.url(),
         &backup.url(),
-        "eject_after = \"2\"\neject_for = \"1s\"",
+        &format!("{RETRY_POST}\neject_after = \"2\"\neject_for = \"1s\""),
         "",
     )
     .await;
@@ -930,5 +920,59 @@ async fn after_the_cool_down_one_request_probes_an_ejected_route() {
             .expect("join")
             .expect("response");
         assert_eq!(response.status(), 200);
+    }
+}
+
+#[tokio::test]
+async fn a_trace_the_route_allows_never_fails_over_to_a_route_that_refuses_it() {
+    let mut primary = MockUpstream::start().await;
+    let mut backup = MockUpstream::start().await;
+    // TRACE makes a server echo the request, the injected key with it:
+    // the primary names it, the backup (no allowed_paths) does not.
+    let relay = primary_and_backup(
+        &primary.url(),
+        &backup.url(),
+        "allowed_paths = [\"TRACE /v1/debug\"]\nretry_methods = [\"TRACE\"]",
+        "",
+    )
+    .await;
+    let client = http1_client();
+    let trace = Request::builder()
+        .method("TRACE")
+        .uri(relay.url("/v1/debug"))
+        .body(empty())
+        .expect("request");
+    let response = kept_off_the_backup(&mut primary, &mut backup, client.request(trace)).await;
+    assert_eq!(response.status(), 503);
+}
+
+/// The answer to `request` (on the primary of [`primary_and_backup`])
+/// when the primary answers each of its 3 attempts with 503; a panic if
+/// one goes to the backup instead, whose key is not for it.
+async fn kept_off_the_backup<F>(
+    primary: &mut MockUpstream,
+    backup: &mut MockUpstream,
+    request: F,
+) -> Response<hyper::body::Incoming>
+where
+    F: std::future::Future<
+            Output = Result<Response<hyper::body::Incoming>, hyper_util::client::legacy::Error>,
+        > + Send
+        + 'static,
+{
+    let pending = tokio::spawn(request);
+    let failing = async {
+        for _ in 0..3 {
+            primary.next().await.respond(answer(503, &[]));
+        }
+        within("the 503", pending).await
+    };
+    tokio::select! {
+        response = failing => response.expect("join").expect("response"),
+        exchange = backup.next() => panic!(
+            "{} {} went to the backup, whose policy refuses it",
+            exchange.request.method(),
+            exchange.request.uri()
+        ),
     }
 }

@@ -360,9 +360,7 @@ impl<'r> Attempts<'r> {
         if target.upstream_uri_for(self.route, &self.head.uri).is_err() {
             return false;
         }
-        if target.paths.is_empty() {
-            return true;
-        }
+        // Also without rules: a route refuses TRACE unless its rules name it.
         let path = target.local_path_for(self.route, self.head.uri.path());
         methods::check_path(target, &self.head.parts(), &path).is_ok()
     }
