@@ -23,7 +23,7 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use hyper::body::{Body, Frame};
 
-use crate::proxy::request_body::RequestBody;
+use crate::proxy::request_body::{join_small, RequestBody};
 use crate::telemetry::metrics::RouteMetrics;
 
 /// The handle the retry loop keeps: new attempts' bodies come from it.
@@ -38,7 +38,7 @@ struct Kept {
     source: Option<RequestBody>,
     /// Every frame read from the client so far, while attempts may follow.
     frames: Vec<Bytes>,
-    /// `frames` before this are not joined again ([`Kept::join_small`]).
+    /// `frames` before this are not joined again ([`join_small`]).
     settled: usize,
     /// The number of the attempt allowed to read (the newest).
     current: u32,
@@ -132,36 +132,6 @@ impl Replay {
     }
 }
 
-/// Frames kept as they came until this many are new; then, if they are
-/// small, they are joined into one.
-const JOIN_RUN: usize = 256;
-
-/// New frames averaging up to this are small: kept one by one, each would
-/// cost its `Bytes` (32 bytes) on top of its data, and a client sending a
-/// body in 1-byte frames would make keyrelay hold 32 times `retry_buffer`.
-const SMALL_FRAME: usize = 1024;
-
-impl Kept {
-    /// Joins the last [`JOIN_RUN`] frames into one if they are small (a
-    /// copy of each small byte once); larger ones stay as they are (no
-    /// copy).
-    fn join_small(&mut self) {
-        let run = &self.frames[self.settled..];
-        if run.len() < JOIN_RUN {
-            return;
-        }
-        let size: usize = run.iter().map(Bytes::len).sum();
-        if size <= JOIN_RUN * SMALL_FRAME {
-            let mut joined = bytes::BytesMut::with_capacity(size);
-            for frame in self.frames.drain(self.settled..) {
-                joined.extend_from_slice(&frame);
-            }
-            self.frames.push(joined.freeze());
-        }
-        self.settled = self.frames.len();
-    }
-}
-
 fn lock(kept: &Mutex<Kept>) -> MutexGuard<'_, Kept> {
     // Each change leaves the state whole: poisoning is ignored.
     kept.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -202,7 +172,7 @@ impl ReplayCursor {
                     kept.sent += data.len() as u64;
                     if kept.keep {
                         kept.frames.push(data.clone());
-                        kept.join_small();
+                        join_small(&mut kept.frames, &mut kept.settled);
                         // The newest attempt reads the client only once it
                         // has sent every kept frame: it is at the end.
                         kept.next = kept.frames.len();
