@@ -14,7 +14,16 @@ use crate::proxy::route_table::Route;
 /// front ends, Express's method-override and Symfony obey them on a POST).
 /// Each must pass.
 pub(super) fn check(route: &Route, parts: &http::request::Parts) -> Result<(), ProxyError> {
-    let path = parts.uri.path();
+    check_path(route, parts, parts.uri.path())
+}
+
+/// [`check`] for the request as if it had asked for `path` (a fallback
+/// route's view of a request that arrived on another route).
+pub(super) fn check_path(
+    route: &Route,
+    parts: &http::request::Parts,
+    path: &str,
+) -> Result<(), ProxyError> {
     for method in std::iter::once(parts.method.clone()).chain(overridden(&parts.headers)) {
         if let Some(echoing) = echoing_method(&method) {
             if !route.paths.names(&method, path) {

@@ -5,7 +5,8 @@
 //! upstream request (the client gets 408 if no response had started).
 //!
 //! On HTTP/2 routes the body also keeps what it has sent, up to
-//! [`REPLAY_LIMIT`], as references to the client's own buffers (no copy),
+//! [`REPLAY_LIMIT`], as references to the client's own buffers (no copy;
+//! runs of tiny frames are joined, see [`join_small`]),
 //! so that a stream the upstream refused before processing it (REFUSED_STREAM,
 //! or above a GOAWAY's last stream id) can be sent again on another
 //! connection. When hyper drops a recording body, it hands the frames sent
@@ -54,9 +55,42 @@ pub(crate) struct RequestBody {
     replay: Option<ReplayCursor>,
 }
 
+/// Frames kept as they came until this many are new; then, if they are
+/// small, they are joined into one ([`join_small`]).
+const JOIN_RUN: usize = 256;
+
+/// New frames averaging up to this are small: kept one by one, each would
+/// cost its `Bytes` (32 bytes) on top of its data, and a client sending a
+/// body in 1-byte frames would make keyrelay hold 32 times what it means
+/// to keep.
+const SMALL_FRAME: usize = 1024;
+
+/// Joins the frames of `frames` after `settled` into one once there are
+/// [`JOIN_RUN`] of them and they are small (each small byte copied once;
+/// larger frames stay as they came, uncopied), and moves `settled` past
+/// them. For bodies kept to be sent again ([`REPLAY_LIMIT`],
+/// `retry_buffer`): their bound is in bytes, not frames.
+pub(crate) fn join_small(frames: &mut Vec<Bytes>, settled: &mut usize) {
+    let run = &frames[*settled..];
+    if run.len() < JOIN_RUN {
+        return;
+    }
+    let size: usize = run.iter().map(Bytes::len).sum();
+    if size <= JOIN_RUN * SMALL_FRAME {
+        let mut joined = bytes::BytesMut::with_capacity(size);
+        for frame in frames.drain(*settled..) {
+            joined.extend_from_slice(&frame);
+        }
+        frames.push(joined.freeze());
+    }
+    *settled = frames.len();
+}
+
 /// What a recording body keeps, and where it goes when hyper drops it.
 struct Recording {
     sent: Vec<Bytes>,
+    /// `sent` before this is not joined again ([`join_small`]).
+    settled: usize,
     bytes: usize,
     give_back: oneshot::Sender<UnsentBody>,
 }
@@ -160,6 +194,17 @@ impl RequestBody {
         body
     }
 
+    /// A body of these frames, as if the client had sent them so.
+    #[cfg(test)]
+    pub(crate) fn of_frames(
+        frames: impl IntoIterator<Item = Bytes>,
+        metrics: RouteMetrics,
+    ) -> Self {
+        let mut body = Self::empty(None, metrics);
+        body.resend = frames.into_iter().collect();
+        body
+    }
+
     /// This body, recording what it sends; the receiver gets it back when
     /// hyper drops it, unless it grew past [`REPLAY_LIMIT`] (then the
     /// receiver sees the sender dropped).
@@ -169,6 +214,7 @@ impl RequestBody {
         // back with the rest if they never do).
         self.recording = Some(Recording {
             sent: Vec::new(),
+            settled: 0,
             bytes: 0,
             give_back,
         });
@@ -225,6 +271,7 @@ impl RequestBody {
                 self.recording = None;
             } else {
                 recording.sent.push(data.clone());
+                join_small(&mut recording.sent, &mut recording.settled);
             }
         }
     }
@@ -416,6 +463,34 @@ mod tests {
             Poll::Ready(Some(Ok(frame))) => frame.into_data().ok(),
             _ => None,
         }
+    }
+
+    #[test]
+    fn a_recording_of_tiny_frames_is_kept_in_few_pieces_and_resent_whole() {
+        let sent: Vec<u8> = (0..60_000).map(|i| (i % 251) as u8).collect();
+        let frames = sent.iter().map(|byte| Bytes::copy_from_slice(&[*byte]));
+        let metrics = std::sync::Arc::new(Metrics::new()).route("test");
+        let (mut body, back) = RequestBody::of_frames(frames, metrics).recorded();
+        let mut first = Vec::new();
+        while let Some(frame) = next(&mut body) {
+            first.extend_from_slice(&frame);
+        }
+        assert_eq!(first, sent);
+        // Each recorded piece costs a `Bytes` (32 bytes) besides its data.
+        let pieces = body
+            .recording
+            .as_ref()
+            .expect("within the limit")
+            .sent
+            .len();
+        assert!(pieces <= 1_000, "{pieces} pieces recorded for 60000 bytes");
+        drop(body);
+        let mut again = back.blocking_recv().expect("given back").resend();
+        let mut resent = Vec::new();
+        while let Some(frame) = next(&mut again) {
+            resent.extend_from_slice(&frame);
+        }
+        assert_eq!(resent, sent, "the same bytes, in order");
     }
 
     #[test]

@@ -174,6 +174,19 @@ impl Route {
             .map_err(|_| ClientError::BadRequestTarget)
     }
 
+    /// The local path of a request to this route that this route forwards
+    /// as it forwards `path` arriving on `matched` ([`upstream_uri_for`]):
+    /// what this route's path policy judges when it is a fallback.
+    ///
+    /// [`upstream_uri_for`]: Self::upstream_uri_for
+    pub(crate) fn local_path_for<'a>(&self, matched: &Route, path: &'a str) -> Cow<'a, str> {
+        let rest = matched.local_rest(path);
+        if !self.strip_prefix || self.prefix == "/" {
+            return rest;
+        }
+        Cow::Owned(format!("{}{rest}", self.prefix))
+    }
+
     /// A local path and query as this route forwards it: its prefix
     /// stripped if the route says so.
     fn local_rest<'a>(&self, local: &'a str) -> Cow<'a, str> {

@@ -482,42 +482,13 @@ async fn the_retry_budget_caps_attempts_against_a_failing_upstream() {
 async fn failover_uses_the_fallbacks_own_credential_and_path_then_returns() {
     let primary_port = closed_port();
     let mut backup = MockUpstream::start().await;
-    let toml = format!(
-        r#"
-upstream_name_header = true
-
-[[routes]]
-name = "primary"
-prefix = "/v1"
-upstream = "http://127.0.0.1:{primary_port}/v1"
-key_env = "BASETEN_API_KEY"
-retry_on = ["connect", "503"]
-retry_methods = ["POST"]
-retry_max_wait = "50ms"
-eject_after = "2"
-eject_for = "1s"
-fallback = ["backup"]
-
-[[routes]]
-name = "backup"
-prefix = "/backup"
-upstream = "{backup}/openai/v1"
-key_env = "OTHER_KEY"
-auth_header = "x-api-key"
-auth_template = "{{key}}"
-"#,
-        backup = backup.url(),
-    );
-    let file = temp_file("retries", "keyrelay.toml", toml);
-    let sources = Sources {
-        file: Some(file.0.clone()),
-        env: HashMap::from([
-            ("BASETEN_API_KEY".to_owned(), KEY.to_owned()),
-            ("OTHER_KEY".to_owned(), "other-key-2b7e".to_owned()),
-        ]),
-        ..Sources::default()
-    };
-    let relay = Relay::from_sources(&sources).await;
+    let relay = primary_and_backup(
+        &format!("http://127.0.0.1:{primary_port}"),
+        &backup.url(),
+        &format!("{RETRY_POST}\neject_after = \"2\"\neject_for = \"1s\""),
+        "",
+    )
+    .await;
     let client = http1_client();
     let url = relay.url("/v1/chat/completions?stream=1");
 
@@ -766,4 +737,242 @@ where
         outputs.push(handle.await.expect("join"));
     }
     outputs
+}
+
+/// The primary's retry methods in most tests here.
+const RETRY_POST: &str = "retry_methods = [\"POST\"]";
+
+/// keyrelay with route "primary" (`/v1`, upstream `primary` under `/v1`,
+/// retrying refused connections and 503 onto "backup") and route
+/// "backup" (`/backup`, upstream `backup` under `/openai/v1`, its own key
+/// in `x-api-key`), each with its `extra` settings; responses name the
+/// route that answered.
+async fn primary_and_backup(
+    primary: &str,
+    backup: &str,
+    primary_extra: &str,
+    backup_extra: &str,
+) -> Relay {
+    let toml = format!(
+        r#"
+upstream_name_header = true
+
+[[routes]]
+name = "primary"
+prefix = "/v1"
+upstream = "{primary}/v1"
+key_env = "BASETEN_API_KEY"
+retry_on = ["connect", "503"]
+retry_max_wait = "50ms"
+fallback = ["backup"]
+{primary_extra}
+
+[[routes]]
+name = "backup"
+prefix = "/backup"
+upstream = "{backup}/openai/v1"
+key_env = "OTHER_KEY"
+auth_header = "x-api-key"
+auth_template = "{{key}}"
+{backup_extra}
+"#
+    );
+    with_two_keys(toml).await
+}
+
+/// keyrelay with the config file `toml`, and the keys `BASETEN_API_KEY`
+/// ([`KEY`]) and `OTHER_KEY` in its environment.
+async fn with_two_keys(toml: String) -> Relay {
+    let file = temp_file("retries", "keyrelay.toml", toml);
+    let sources = Sources {
+        file: Some(file.0.clone()),
+        env: HashMap::from([
+            ("BASETEN_API_KEY".to_owned(), KEY.to_owned()),
+            ("OTHER_KEY".to_owned(), "other-key-2b7e".to_owned()),
+        ]),
+        ..Sources::default()
+    };
+    Relay::from_sources(&sources).await
+}
+
+#[tokio::test]
+async fn failover_holds_the_request_to_the_fallbacks_allowed_paths() {
+    let mut primary = MockUpstream::start().await;
+    let mut backup = MockUpstream::start().await;
+    // The backup's key may be used for chat completions only.
+    let relay = primary_and_backup(
+        &primary.url(),
+        &backup.url(),
+        RETRY_POST,
+        r#"allowed_paths = ["POST /backup/chat/completions"]"#,
+    )
+    .await;
+    let client = http1_client();
+
+    // A path the backup's policy refuses: the attempts stay on the
+    // primary (1 + retry_attempts), and the backup's key is not used.
+    let request = client.request(post(&relay.url("/v1/fine_tuning/jobs"), "{}"));
+    let response = kept_off_the_backup(&mut primary, &mut backup, request).await;
+    assert_eq!(response.status(), 503, "relayed, not failed over");
+
+    // A path it allows: failed over (the control).
+    let pending = tokio::spawn(client.request(post(&relay.url("/v1/chat/completions"), "{}")));
+    primary.next().await.respond(answer(503, &[]));
+    let exchange = backup.next().await;
+    assert_eq!(exchange.request.uri(), "/openai/v1/chat/completions");
+    exchange.respond_full(200, "from backup");
+    let response = within("the answer", pending)
+        .await
+        .expect("join")
+        .expect("response");
+    assert_eq!(response.status(), 200);
+}
+
+#[tokio::test]
+async fn a_fallback_that_cannot_take_the_path_is_skipped_not_blamed_on_the_client() {
+    let mut primary = MockUpstream::start().await;
+    // The fallback is a Baseten regional host, which takes bare paths
+    // only: a staged path is not one it can be sent.
+    let toml = format!(
+        r#"
+[[routes]]
+name = "primary"
+prefix = "/v1"
+upstream = "{primary}/v1"
+key_env = "BASETEN_API_KEY"
+retry_on = ["503"]
+retry_methods = ["POST"]
+retry_attempts = 1
+retry_max_wait = "50ms"
+fallback = ["regional"]
+
+[[routes]]
+name = "regional"
+prefix = "/regional"
+model = "abc123"
+environment = "staging"
+regional = true
+key_env = "OTHER_KEY"
+"#,
+        primary = primary.url(),
+    );
+    let relay = with_two_keys(toml).await;
+    let client = http1_client();
+    let url = relay.url("/v1/environments/staging/predict");
+    // The primary fails every attempt.
+    let failing = tokio::spawn(async move {
+        loop {
+            primary.next().await.respond(answer(503, &[]));
+        }
+    });
+    let response = within("the answer", client.request(post(&url, "{}")))
+        .await
+        .expect("response");
+    failing.abort();
+    assert_eq!(
+        response.status(),
+        503,
+        "the upstream's answer, not a 400 for a path the client never sent to the fallback"
+    );
+}
+
+#[tokio::test]
+async fn after_the_cool_down_one_request_probes_an_ejected_route() {
+    let mut primary = MockUpstream::start().await;
+    let mut backup = MockUpstream::start().await;
+    let relay = primary_and_backup(
+        &primary.url(),
+        &backup.url(),
+        &format!("{RETRY_POST}\neject_after = \"2\"\neject_for = \"1s\""),
+        "",
+    )
+    .await;
+    let client = http1_client();
+    let url = relay.url("/v1/chat/completions");
+    // Two 503s in a row eject the primary.
+    for _ in 0..2 {
+        let pending = tokio::spawn(client.request(post(&url, "{}")));
+        primary.next().await.respond(answer(503, &[]));
+        backup.next().await.respond_full(200, "from backup");
+        within("the answer", pending)
+            .await
+            .expect("join")
+            .expect("response");
+    }
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+
+    // Past the cool-down, requests arriving together: one probes the
+    // primary, the others keep going to the backup until it answers.
+    let pending: Vec<_> = (0..4)
+        .map(|_| tokio::spawn(client.request(post(&url, "{}"))))
+        .collect();
+    let probe = primary.next().await;
+    for _ in 0..3 {
+        tokio::select! {
+            exchange = backup.next() => exchange.respond_full(200, "from backup"),
+            _ = primary.next() => panic!("a second request went to the primary during its probe"),
+        }
+    }
+    probe.respond_full(200, "from primary");
+    for request in pending {
+        let response = within("the answer", request)
+            .await
+            .expect("join")
+            .expect("response");
+        assert_eq!(response.status(), 200);
+    }
+}
+
+#[tokio::test]
+async fn a_trace_the_route_allows_never_fails_over_to_a_route_that_refuses_it() {
+    let mut primary = MockUpstream::start().await;
+    let mut backup = MockUpstream::start().await;
+    // TRACE makes a server echo the request, the injected key with it:
+    // the primary names it, the backup (no allowed_paths) does not.
+    let relay = primary_and_backup(
+        &primary.url(),
+        &backup.url(),
+        "allowed_paths = [\"TRACE /v1/debug\"]\nretry_methods = [\"TRACE\"]",
+        "",
+    )
+    .await;
+    let client = http1_client();
+    let trace = Request::builder()
+        .method("TRACE")
+        .uri(relay.url("/v1/debug"))
+        .body(empty())
+        .expect("request");
+    let response = kept_off_the_backup(&mut primary, &mut backup, client.request(trace)).await;
+    assert_eq!(response.status(), 503);
+}
+
+/// The answer to `request` (on the primary of [`primary_and_backup`])
+/// when the primary answers each of its 3 attempts with 503; a panic if
+/// one goes to the backup instead, whose key is not for it.
+async fn kept_off_the_backup<F>(
+    primary: &mut MockUpstream,
+    backup: &mut MockUpstream,
+    request: F,
+) -> Response<hyper::body::Incoming>
+where
+    F: std::future::Future<
+            Output = Result<Response<hyper::body::Incoming>, hyper_util::client::legacy::Error>,
+        > + Send
+        + 'static,
+{
+    let pending = tokio::spawn(request);
+    let failing = async {
+        for _ in 0..3 {
+            primary.next().await.respond(answer(503, &[]));
+        }
+        within("the 503", pending).await
+    };
+    tokio::select! {
+        response = failing => response.expect("join").expect("response"),
+        exchange = backup.next() => panic!(
+            "{} {} went to the backup, whose policy refuses it",
+            exchange.request.method(),
+            exchange.request.uri()
+        ),
+    }
 }

@@ -520,7 +520,9 @@ fn check_route(
     })
 }
 
-/// `fallback` lists that name no route, the route itself, or a route twice.
+/// `fallback` lists that name no route, the route itself, a route twice,
+/// or a route whose budget or request caps a request failing over to it
+/// would escape.
 fn report_fallbacks(routes: &[RouteConfig], found: &mut Problems) {
     for route in routes {
         let setting = format!("routes {:?}.fallback", route.name);
@@ -529,7 +531,20 @@ fn report_fallbacks(routes: &[RouteConfig], found: &mut Problems) {
                 found.report(&setting, format!("{name:?} is this route itself"));
             } else if route.retry.fallback[..at].contains(name) {
                 found.report(&setting, format!("{name:?} is listed twice"));
-            } else if !routes.iter().any(|other| other.name == *name) {
+            } else if let Some(other) = routes.iter().find(|other| other.name == *name) {
+                if let Some(escaped) = escaped_on_failover(route, other) {
+                    found.report(
+                        &setting,
+                        format!(
+                            "{name:?} has its own {escaped}, which a request failing over \
+                             from {:?} would escape (it is checked and charged on the route \
+                             it arrived on); give both routes the same (inherit it), or \
+                             leave {name:?} out",
+                            route.name
+                        ),
+                    );
+                }
+            } else {
                 let names: Vec<&str> = routes.iter().map(|r| r.name.as_str()).collect();
                 found.report(
                     &setting,
@@ -538,6 +553,28 @@ fn report_fallbacks(routes: &[RouteConfig], found: &mut Problems) {
             }
         }
     }
+}
+
+/// What of `fallback`'s own limits a request arriving on `route` would not
+/// be held to if it failed over: its budget (reserved and charged on
+/// `route`), its request caps (checked on `route`'s).
+fn escaped_on_failover(route: &RouteConfig, fallback: &RouteConfig) -> Option<&'static str> {
+    if !fallback.budgets.is_empty()
+        && (fallback.budget_account != route.budget_account || fallback.budgets != route.budgets)
+    {
+        return Some("token_budget");
+    }
+    let (theirs, ours) = (&fallback.rules.caps, &route.rules.caps);
+    if !theirs.allowed_models.is_empty() && theirs.allowed_models != ours.allowed_models {
+        return Some("allowed_models");
+    }
+    if theirs.max_output_tokens.is_some()
+        && (theirs.max_output_tokens, theirs.over_max_output_tokens)
+            != (ours.max_output_tokens, ours.over_max_output_tokens)
+    {
+        return Some("max_output_tokens");
+    }
+    None
 }
 
 /// A route's switches that are neither on nor off (`add_stream_usage`,

@@ -100,6 +100,17 @@ impl RetryPolicy {
         let off = statuses.is_empty() && !connect;
         if off {
             no_effect(policy, !fallback.is_empty(), &mut wrong);
+        } else if statuses.is_empty() {
+            // `connect` alone: retried for every method, whatever they say.
+            if policy.retry_methods.from == Source::Own && !policy.is_default("retry_methods") {
+                let message = "has no effect: retry_on names only connect, which is \
+                               retried for every method";
+                wrong(Source::Own, "retry_methods", message.to_owned());
+            }
+        } else if methods.is_empty() && policy.retry_methods.from == Source::Own {
+            let message = "is empty, so the retry_on statuses are retried for no request; \
+                           name the methods (POST for model APIs)";
+            wrong(Source::Own, "retry_methods", message.to_owned());
         }
         let policy = Self {
             statuses,

@@ -506,3 +506,87 @@ key_command_ttl = "0"
         "{found:?}"
     );
 }
+
+#[test]
+fn a_fallback_whose_budget_or_caps_a_failed_over_request_would_escape_is_refused() {
+    let routes = |backup: &str| {
+        format!(
+            r#"
+[[routes]]
+name = "primary"
+prefix = "/v1"
+upstream = "https://a.test"
+key_env = "BASETEN_API_KEY"
+retry_on = ["503"]
+fallback = ["backup"]
+
+[[routes]]
+name = "backup"
+prefix = "/backup"
+upstream = "https://b.test"
+key_env = "BASETEN_API_KEY"
+{backup}
+"#
+        )
+    };
+    for (own, needle) in [
+        (r#"token_budget = ["1000/day"]"#, "token_budget"),
+        (r#"allowed_models = ["small"]"#, "allowed_models"),
+        ("max_output_tokens = 100", "max_output_tokens"),
+    ] {
+        let refused = match with_file(&routes(own), &[]) {
+            Ok(_) => panic!("accepted a fallback with its own {own}"),
+            Err(err) => err.problems,
+        };
+        assert!(
+            refused
+                .iter()
+                .any(|p| p.setting == r#"routes "primary".fallback"# && p.message.contains(needle)),
+            "{own}: {refused:?}"
+        );
+    }
+    // The same budget and caps on both (inherited): one account, one rule.
+    let shared = format!(
+        "token_budget = [\"1000/day\"]\nallowed_models = [\"small\"]\n{}",
+        routes("")
+    );
+    with_file(&shared, &[]).expect("valid");
+}
+
+#[test]
+fn retry_methods_that_would_change_nothing_are_refused() {
+    let route = |retry: &str| {
+        format!(
+            r#"
+[[routes]]
+name = "r"
+prefix = "/v1"
+upstream = "https://a.test"
+key_env = "BASETEN_API_KEY"
+{retry}
+"#
+        )
+    };
+    for retry in [
+        // Connection failures are retried for every method.
+        "retry_on = [\"connect\"]\nretry_methods = [\"POST\"]",
+        // No method: the statuses are retried for nothing.
+        "retry_on = [\"503\"]\nretry_methods = []",
+    ] {
+        let refused = match with_file(&route(retry), &[]) {
+            Ok(_) => panic!("accepted, to no effect: {retry}"),
+            Err(err) => err.problems,
+        };
+        assert!(
+            refused
+                .iter()
+                .any(|p| p.setting == r#"routes[0] "r".retry_methods"#),
+            "{retry}: {refused:?}"
+        );
+    }
+    with_file(
+        &route("retry_on = [\"connect\", \"503\"]\nretry_methods = [\"POST\"]"),
+        &[],
+    )
+    .expect("valid");
+}

@@ -53,16 +53,6 @@ impl TargetHealth {
         }
     }
 
-    /// True while the target is skipped.
-    pub(crate) fn is_ejected(&self) -> bool {
-        if self.failing.load(Ordering::Relaxed) == 0 {
-            return false;
-        }
-        self.state()
-            .ejected_until
-            .is_some_and(|until| Instant::now() < until)
-    }
-
     /// An attempt got an answer that is not retried: the target is good.
     pub(crate) fn succeeded(&self) {
         if self.failing.load(Ordering::Relaxed) == 0 {

@@ -34,6 +34,7 @@ pub(crate) use health::TargetHealth;
 pub(crate) use replay::{Replay, ReplayCursor};
 
 use crate::config::RetryPolicy;
+use crate::proxy::methods;
 use crate::proxy::request_body::RequestBody;
 use crate::proxy::route_table::{Route, RouteTable};
 
@@ -179,12 +180,14 @@ impl<'r> Attempts<'r> {
     }
 
     /// The target of the first attempt: the route, unless it is ejected
-    /// and a fallback is not.
+    /// (and this request is not the one that probes it after the
+    /// cool-down) and a fallback is not.
     pub(crate) fn first_target(&mut self, routes: &'r RouteTable) -> &'r Route {
         self.made = 1;
         let candidates = self.candidates();
-        if candidates > 1 && self.route.health.is_ejected() {
-            if let Some(at) = (1..candidates).find(|&at| self.usable(routes, at)) {
+        if candidates > 1 && !self.usable(routes, 0) {
+            let open = |&at: &usize| self.admits(routes, at) && self.usable(routes, at);
+            if let Some(at) = (1..candidates).find(open) {
                 return self.target(routes, at);
             }
         }
@@ -272,11 +275,16 @@ impl<'r> Attempts<'r> {
         // upstream's word, and is not waited out.)
         let own_wait = retry_after.unwrap_or_else(|| backoff(self.made).min(self.policy.max_wait));
         self.not_before[at] = Some(now + own_wait);
-        // Along the list, skipping ejected targets unless all are.
-        let next = (1..=candidates)
+        // Along the list, skipping targets whose path policy refuses the
+        // request, and ejected targets unless all are. (The route itself
+        // admitted it: the list is never empty.)
+        let admitted: Vec<usize> = (1..=candidates)
             .map(|step| (at + step) % candidates)
+            .filter(|&next| self.admits(routes, next))
+            .collect();
+        let next = (admitted.iter().copied())
             .find(|&next| self.usable(routes, next))
-            .unwrap_or((at + 1) % candidates);
+            .unwrap_or(admitted[0]);
         let wait = self.not_before[next].map_or(Duration::ZERO, |until| until - now);
         if wait > self.policy.max_wait {
             return Some(Err("wait_over_cap"));
@@ -336,6 +344,25 @@ impl<'r> Attempts<'r> {
             .iter()
             .position(|&index| index == target.index)
             .map_or(0, |at| at + 1)
+    }
+
+    /// True when the target at `at` can take the request: it maps it to
+    /// an upstream URI (a Baseten regional host takes no staged path, and
+    /// the client must not get a 400 for a fallback's limits), and its path
+    /// policy (`allowed_paths`, method overrides, TRACE) lets it through as
+    /// it would if the request had arrived on it: its key is for those
+    /// paths only.
+    fn admits(&self, routes: &'r RouteTable, at: usize) -> bool {
+        let target = self.target(routes, at);
+        if at == 0 {
+            return true;
+        }
+        if target.upstream_uri_for(self.route, &self.head.uri).is_err() {
+            return false;
+        }
+        // Also without rules: a route refuses TRACE unless its rules name it.
+        let path = target.local_path_for(self.route, self.head.uri.path());
+        methods::check_path(target, &self.head.parts(), &path).is_ok()
     }
 
     fn usable(&self, routes: &'r RouteTable, at: usize) -> bool {

@@ -6,7 +6,8 @@
 //! it arrives. A later attempt starts again from the first kept frame and
 //! then reads on where the client's body left off. Only a body whose
 //! declared length is within `retry_buffer` is kept, so what is held is
-//! bounded by the setting.
+//! bounded by the setting (runs of tiny frames are joined, so that their
+//! count does not multiply it).
 //!
 //! Only the newest attempt may read: an earlier one that hyper is still
 //! polling (its connection not yet torn down) gets an error, which aborts
@@ -22,7 +23,7 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use hyper::body::{Body, Frame};
 
-use crate::proxy::request_body::RequestBody;
+use crate::proxy::request_body::{join_small, RequestBody};
 use crate::telemetry::metrics::RouteMetrics;
 
 /// The handle the retry loop keeps: new attempts' bodies come from it.
@@ -37,6 +38,8 @@ struct Kept {
     source: Option<RequestBody>,
     /// Every frame read from the client so far, while attempts may follow.
     frames: Vec<Bytes>,
+    /// `frames` before this are not joined again ([`join_small`]).
+    settled: usize,
     /// The number of the attempt allowed to read (the newest).
     current: u32,
     /// The next frame that attempt sends.
@@ -84,6 +87,7 @@ impl Replay {
         let kept = Arc::new(Mutex::new(Kept {
             source: Some(body),
             frames: Vec::new(),
+            settled: 0,
             current: 0,
             next: 0,
             length,
@@ -168,7 +172,10 @@ impl ReplayCursor {
                     kept.sent += data.len() as u64;
                     if kept.keep {
                         kept.frames.push(data.clone());
-                        kept.next += 1;
+                        join_small(&mut kept.frames, &mut kept.settled);
+                        // The newest attempt reads the client only once it
+                        // has sent every kept frame: it is at the end.
+                        kept.next = kept.frames.len();
                     }
                 }
                 Poll::Ready(Some(Ok(frame)))
@@ -198,5 +205,43 @@ impl ReplayCursor {
     pub(crate) fn remaining(&self) -> u64 {
         let kept = lock(&self.kept);
         kept.length.saturating_sub(kept.sent)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::task::Waker;
+
+    use super::*;
+    use crate::telemetry::metrics::Metrics;
+
+    fn collect(body: &mut RequestBody) -> Vec<u8> {
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut all = Vec::new();
+        loop {
+            match std::pin::Pin::new(&mut *body).poll_frame(&mut cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    all.extend_from_slice(frame.data_ref().expect("data"));
+                }
+                Poll::Ready(None) => return all,
+                other => panic!("not a frame: {:?}", other.map(|f| f.map(|r| r.is_ok()))),
+            }
+        }
+    }
+
+    #[test]
+    fn a_body_of_tiny_frames_is_kept_in_few_pieces_and_replayed_whole() {
+        let metrics = std::sync::Arc::new(Metrics::new()).route("test");
+        let sent: Vec<u8> = (0..100_000).map(|i| (i % 251) as u8).collect();
+        let frames = sent.iter().map(|byte| Bytes::copy_from_slice(&[*byte]));
+        let (replay, mut first) = Replay::keep(RequestBody::of_frames(frames, metrics), 1 << 20);
+        let replay = replay.expect("kept");
+        assert_eq!(collect(&mut first), sent);
+        // Each kept piece costs a `Bytes` (32 bytes) besides its data: one
+        // per byte would hold 32 times the body.
+        let pieces = lock(&replay.kept).frames.len();
+        assert!(pieces <= 1_000, "{pieces} pieces kept for 100000 bytes");
+        let mut again = replay.again().expect("sent again");
+        assert_eq!(collect(&mut again), sent, "the same bytes, in order");
     }
 }
