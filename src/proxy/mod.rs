@@ -256,7 +256,7 @@ impl Shared {
     /// The phases up to the upstream's response headers: admit, route, build
     /// the upstream request, send.
     async fn admit_and_send<'a>(
-        &self,
+        &'a self,
         worker: &Worker,
         mut parts: http::request::Parts,
         body: Incoming,
@@ -354,6 +354,8 @@ impl Shared {
                     Ok(sent) => break sent,
                     Err(last) => {
                         failure.attempts = attempt_headers(Some(&mut **retrying), None);
+                        // The error names the upstream that failed last.
+                        failure.route = Some(target);
                         return Err(last.error);
                     }
                 },
