@@ -158,13 +158,55 @@ pub const SETTINGS: &[Setting] = &[
     Setting {
         key: "key_command_ttl",
         default: "5m",
-        help: "Lifetime of a key_command value printed without an expiry; refreshed at 80% of it, and never sent after it.",
+        help: "Lifetime of a key_command value printed without an expiry (or an OAuth2 token answered without expires_in); refreshed at 80% of it, and never sent after it.",
         kind: Kind::Text,
     },
     Setting {
         key: "key_command_timeout",
         default: "30s",
-        help: "Longest a key_command run may take before it is killed and counts as failed.",
+        help: "Longest a key_command run (or an OAuth2 token request) may take before it is stopped and counts as failed.",
+        kind: Kind::Text,
+    },
+    Setting {
+        key: "oauth_token_url",
+        default: "",
+        help: "OAuth2 token endpoint (client credentials, RFC 6749 4.4): the key is an access token fetched at startup and again before it expires. Overrides key_env; the default auth_template becomes \"Bearer {key}\".",
+        kind: Kind::Text,
+    },
+    Setting {
+        key: "oauth_client_id",
+        default: "",
+        help: "OAuth2 client id sent to oauth_token_url.",
+        kind: Kind::Text,
+    },
+    Setting {
+        key: "oauth_client_secret_env",
+        default: "",
+        help: "Environment variable holding the OAuth2 client secret (or set oauth_client_secret_file).",
+        kind: Kind::Text,
+    },
+    Setting {
+        key: "oauth_client_secret_file",
+        default: "",
+        help: "File holding the OAuth2 client secret (or set oauth_client_secret_env).",
+        kind: Kind::Text,
+    },
+    Setting {
+        key: "oauth_scope",
+        default: "",
+        help: "OAuth2 scope asked for, e.g. https://cognitiveservices.azure.com/.default.",
+        kind: Kind::Text,
+    },
+    Setting {
+        key: "oauth_audience",
+        default: "",
+        help: "OAuth2 audience asked for (Auth0-style token endpoints).",
+        kind: Kind::Text,
+    },
+    Setting {
+        key: "oauth_auth_method",
+        default: "basic",
+        help: "How the client authenticates to oauth_token_url: basic (client_secret_basic) or post (client_secret_post).",
         kind: Kind::Text,
     },
     Setting {

@@ -27,6 +27,7 @@ mod key_rotation;
 mod layering;
 mod lifecycle;
 mod metrics;
+mod oauth;
 mod operations;
 mod retries;
 mod routes;

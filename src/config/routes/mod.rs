@@ -31,6 +31,7 @@
 //! headers.
 
 mod credential;
+pub(super) mod oauth;
 mod policy;
 mod retry;
 mod rules;
@@ -46,6 +47,7 @@ use serde::Deserialize;
 use self::credential::{
     credential, key_header, static_headers, strip_grpc_stage_headers, CredentialSpec,
 };
+use self::oauth::{OAuthSettings, Outbound};
 use self::policy::{budget_account, path_policy, Policy, Source};
 pub use self::retry::RetryPolicy;
 pub use self::rules::RequestRules;
@@ -82,6 +84,13 @@ pub(super) struct RawRoute {
     key_command: Option<Vec<String>>,
     key_command_ttl: Option<String>,
     key_command_timeout: Option<String>,
+    oauth_token_url: Option<String>,
+    oauth_client_id: Option<String>,
+    oauth_client_secret_env: Option<String>,
+    oauth_client_secret_file: Option<String>,
+    oauth_scope: Option<String>,
+    oauth_audience: Option<String>,
+    oauth_auth_method: Option<String>,
     auth_header: Option<String>,
     auth_template: Option<String>,
     strip_request_headers: Option<Vec<String>>,
@@ -181,6 +190,8 @@ struct KeySource<'a> {
     key_env: &'a str,
     key_file: Option<&'a str>,
     key_command: Option<&'a [String]>,
+    oauth: OAuthSettings<'a>,
+    outbound: &'a Outbound,
 }
 
 /// What a route's policy makes, each checked in the route's context (its
@@ -211,6 +222,8 @@ fn policy_parts(
             key_command: key.key_command,
             key_command_ttl: &policy.key_command_ttl,
             key_command_timeout: &policy.key_command_timeout,
+            oauth: key.oauth,
+            outbound: key.outbound,
             header: key_header(&policy.auth_header.value, grpc_headers.is_some()),
             template: &policy.auth_template.value,
             strip: &policy.strip_request_headers.value,
@@ -240,6 +253,7 @@ fn policy_parts(
 pub(super) fn check(
     raw: &RawConfig,
     env: &HashMap<String, String>,
+    outbound: &Outbound,
     found: &mut Problems,
 ) -> Option<Vec<RouteConfig>> {
     let errors_before = found.0.len();
@@ -268,7 +282,7 @@ pub(super) fn check(
             rules: rules.clone(),
             retry,
         };
-        routes.extend(default_route(raw, &policy, top_route, env, found));
+        routes.extend(default_route(raw, &policy, top_route, outbound, env, found));
     }
 
     let inherited_http = top_http.ok().flatten().unwrap_or(UpstreamHttp::Http1);
@@ -277,6 +291,7 @@ pub(super) fn check(
         let inherited = Inherited {
             policy: &policy,
             http: inherited_http,
+            outbound,
         };
         routes.extend(check_route(route, raw, &inherited, &scope, env, found));
     }
@@ -306,6 +321,7 @@ fn default_route(
     raw: &RawConfig,
     policy: &Policy,
     top_route: TopRoute,
+    outbound: &Outbound,
     env: &HashMap<String, String>,
     found: &mut Problems,
 ) -> Option<RouteConfig> {
@@ -318,6 +334,8 @@ fn default_route(
         key_env: &raw.key_env,
         key_file: raw.key_file.as_deref(),
         key_command: command(Some(&raw.key_command)),
+        oauth: OAuthSettings::top(raw),
+        outbound,
     };
     let parts = policy_parts(policy, &key, grpc_headers, "/", &top, env, found);
     let grpc = grpc_headers.is_some();
@@ -363,13 +381,14 @@ fn report_unused_top_level(raw: &RawConfig, found: &mut Problems) {
     let top_sources = [
         ("key_file", set(raw.key_file.as_deref()).is_some()),
         ("key_command", command(Some(&raw.key_command)).is_some()),
+        ("oauth_token_url", OAuthSettings::top(raw).is_set()),
     ];
     for (key, is_set) in top_sources {
         if !raw.routes.is_empty() && no_upstream && is_set {
             found.report(
                 key,
                 "is set at the top level, but no upstream is, so no route would use it: \
-                 each [[routes]] entry names its own key_env, key_file or key_command",
+                 each [[routes]] entry names its own key_env, key_file, key_command or oauth_token_url",
             );
         }
     }
@@ -421,6 +440,7 @@ fn report_clashes(routes: &[RouteConfig], found: &mut Problems) {
 struct Inherited<'a> {
     policy: &'a Policy,
     http: UpstreamHttp,
+    outbound: &'a Outbound,
 }
 
 /// A route's prefix as matched: `/`, or without a trailing slash.
@@ -466,16 +486,21 @@ fn check_route(
     let key_env = route.key_env.as_deref().filter(|v| !v.is_empty());
     let key_file = route.key_file.as_deref().filter(|v| !v.is_empty());
     let key_command = command(route.key_command.as_ref());
-    if key_env.is_none() && key_file.is_none() && key_command.is_none() {
+    let oauth = OAuthSettings::route(route);
+    if key_env.is_none() && key_file.is_none() && key_command.is_none() && !oauth.is_set() {
         found.report(
             &scope.setting("key_env"),
-            "the route has no credential source: set key_env, key_file or key_command",
+            "the route has no credential source: set key_env, key_file, key_command or oauth_token_url",
         );
         return None;
     }
-    if key_command.is_some() && key_env.is_some() {
+    let sources = [
+        ("key_command", key_command.is_some()),
+        ("oauth_token_url", oauth.is_set()),
+    ];
+    for (source, _) in sources.iter().filter(|(_, set)| *set && key_env.is_some()) {
         found.report(
-            &scope.setting("key_command"),
+            &scope.setting(source),
             "the route also sets key_env; set one credential source",
         );
     }
@@ -486,6 +511,8 @@ fn check_route(
         key_env: key_env.unwrap_or_default(),
         key_file,
         key_command,
+        oauth,
+        outbound: inherited.outbound,
     };
     let parts = policy_parts(&policy, &key, grpc_headers, &prefix, scope, env, found);
     let rules = RequestRules::check(&policy, scope, found);

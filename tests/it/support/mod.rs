@@ -9,6 +9,7 @@
 //! there is no `dead_code` allow, so a helper nothing calls any more fails the
 //! build instead of lingering.
 
+pub(crate) mod expiring;
 pub(crate) mod guard_util;
 pub(crate) mod h2_frames;
 pub(crate) mod h2_server;
@@ -18,6 +19,7 @@ pub(crate) mod raw;
 pub(crate) mod recording_upstream;
 pub(crate) mod reliability;
 pub(crate) mod tls;
+pub(crate) mod token_endpoint;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
