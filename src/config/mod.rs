@@ -34,6 +34,7 @@ pub mod check;
 pub mod cli;
 pub mod load;
 pub mod parse;
+pub mod providers;
 mod request_headers;
 mod routes;
 pub mod settings;
@@ -291,6 +292,7 @@ struct RawConfig {
     /// Named routes; only from the config file (`[[routes]]`).
     #[serde(default)]
     routes: Vec<routes::RawRoute>,
+    provider: Option<String>,
     key_env: String,
     auth_header: String,
     auth_template: String,

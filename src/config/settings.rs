@@ -33,6 +33,14 @@ pub enum Kind {
     Switch,
 }
 
+/// The default of the setting `key` ("" when it has none or is unknown).
+pub fn default_of(key: &str) -> &'static str {
+    SETTINGS
+        .iter()
+        .find(|setting| setting.key == key)
+        .map_or("", |setting| setting.default)
+}
+
 impl Setting {
     /// The environment variable that sets this setting, e.g. `KEYRELAY_LISTEN`.
     pub fn env_var(&self) -> String {
@@ -118,6 +126,12 @@ pub const SETTINGS: &[Setting] = &[
         default: "false",
         help: "With model or chain: call the development deployment.",
         kind: Kind::Switch,
+    },
+    Setting {
+        key: "provider",
+        default: "",
+        help: "Preset for a hosted API (openai, anthropic, gemini, azure-openai, openrouter, groq, together, fireworks, mistral, deepseek, baseten): its upstream, auth_header, auth_template, required headers and key_env, each overridden by the setting when written.",
+        kind: Kind::Text,
     },
     Setting {
         key: "key_env",

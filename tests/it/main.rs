@@ -29,6 +29,7 @@ mod lifecycle;
 mod metrics;
 mod oauth;
 mod operations;
+mod providers;
 mod retries;
 mod routes;
 mod sdk_openai;

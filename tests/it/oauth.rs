@@ -279,18 +279,9 @@ fn configuration_mistakes_name_their_setting() {
 /// endpoint (the flag wins over the file, as it would for a user).
 #[test]
 fn the_readme_oauth_configs_load() {
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
-        .expect("README.md");
-    let blocks: Vec<&str> = readme
-        .split("```toml\n")
-        .skip(1)
-        .filter_map(|rest| rest.split("```").next())
-        .filter(|block| block.contains("oauth_token_url"))
-        .collect();
-    assert!(!blocks.is_empty(), "an OAuth2 config in the README");
     let endpoint = TokenEndpoint::start(Method::Basic, 60.0);
-    for block in blocks {
-        let file = temp_file("oauth", "readme.toml", block);
+    for block in readme_toml_blocks("oauth_token_url") {
+        let file = temp_file("oauth", "readme.toml", &block);
         let mut sources = sources("http://127.0.0.1:9", &[]);
         sources.file = Some(file.0.clone());
         sources.set("oauth_token_url", OverrideValue::Text(endpoint.url()));

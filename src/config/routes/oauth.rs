@@ -13,7 +13,7 @@ use rustls::pki_types::CertificateDer;
 use super::target::is_cleartext_beyond_loopback;
 use super::{set, RawRoute, Scope};
 use crate::config::check::Problems;
-use crate::config::settings::SETTINGS;
+use crate::config::settings::default_of;
 use crate::config::RawConfig;
 use crate::secrets::key::ApiKey;
 use crate::secrets::oauth::{AuthMethod, OAuthClient};
@@ -91,11 +91,7 @@ impl<'a> OAuthSettings<'a> {
 /// The route's `auth_template`: an OAuth2 route left at the default one
 /// sends a bearer token.
 pub(super) fn template(written: &str, oauth: bool) -> &str {
-    let default = SETTINGS
-        .iter()
-        .find(|setting| setting.key == "auth_template")
-        .map(|setting| setting.default);
-    if oauth && default == Some(written) {
+    if oauth && written == default_of("auth_template") {
         BEARER_TEMPLATE
     } else {
         written

@@ -57,6 +57,16 @@ impl<'a> TargetSpec<'a> {
     }
 }
 
+impl<'a> TargetSpec<'a> {
+    /// With `upstream` (a provider preset's) when the route names none.
+    pub(super) fn or_upstream(mut self, upstream: Option<&'a str>) -> Self {
+        if set(self.upstream).is_none() {
+            self.upstream = upstream;
+        }
+        self
+    }
+}
+
 /// What a route points at, resolved.
 pub(super) struct Resolved {
     pub(super) upstream: UpstreamUrl,
