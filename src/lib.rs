@@ -113,13 +113,13 @@ pub async fn run_with_metrics(
             ));
         }
         let credential = &route.credential;
-        if let (Some(command), Some(first)) = (&credential.key_command, credential.lifetime) {
+        if let (Some(source), Some(first)) = (&credential.source, credential.lifetime) {
             let succeeded = metrics.credential_refreshes(&route.name, "ok");
             // The run made while the configuration was checked.
             succeeded.inc();
             let refresher = secrets::refresh::Refresher {
                 route: route.name.clone(),
-                command: command.clone(),
+                source: source.clone(),
                 template: credential.template.clone(),
                 live: Arc::clone(&route.live),
                 succeeded,
@@ -222,8 +222,8 @@ pub async fn run_with_metrics(
 /// Where the key comes from, for the startup line (a name, never the key;
 /// a command by its program, whose arguments may be private).
 fn key_source(credential: &config::Credential) -> String {
-    match (&credential.key_command, &credential.key_file) {
-        (Some(command), _) => format!("command {}", command.program()),
+    match (&credential.source, &credential.key_file) {
+        (Some(source), _) => source.describe(),
         (None, Some(path)) => format!("file {}", path.display()),
         (None, None) => format!("env {}", credential.key_env),
     }

@@ -23,7 +23,8 @@ use self::parse::Switch;
 use crate::guard::cors::CorsPolicy;
 use crate::guard::host::HostPolicy;
 use crate::guard::tokens::{AccessToken, Rate};
-use crate::secrets::key_command::{KeyCommand, Lifetime};
+use crate::secrets::key_command::Lifetime;
+use crate::secrets::refresh::Source;
 use crate::usage::budget::Unavailable;
 use crate::usage::redis_store::RedisAddress;
 use crate::usage::BudgetLimit;
@@ -33,9 +34,11 @@ pub mod check;
 pub mod cli;
 pub mod load;
 pub mod parse;
+pub mod providers;
 mod request_headers;
 mod routes;
 pub mod settings;
+pub(crate) mod tls;
 
 pub use check::{ConfigError, Problem};
 pub use load::{load, OverrideValue, Sources};
@@ -195,10 +198,10 @@ pub struct Credential {
     pub key_env: String,
     /// The file the key came from, watched for changes; overrides `key_env`.
     pub key_file: Option<PathBuf>,
-    /// The helper that printed the key, run again before it expires;
-    /// overrides `key_file` and `key_env`.
-    pub key_command: Option<KeyCommand>,
-    /// When the helper's first value was fetched and when it expires.
+    /// The helper or token endpoint the key came from, asked again before
+    /// it expires; overrides `key_file` and `key_env`.
+    pub source: Option<Source>,
+    /// When the source's first value was fetched and when it expires.
     pub lifetime: Option<Lifetime>,
     /// The template the key is rendered with (kept to re-render a reloaded key).
     pub template: String,
@@ -294,6 +297,7 @@ struct RawConfig {
     /// Named routes; only from the config file (`[[routes]]`).
     #[serde(default)]
     routes: Vec<routes::RawRoute>,
+    provider: Option<String>,
     key_env: String,
     auth_header: String,
     auth_template: String,
@@ -302,6 +306,13 @@ struct RawConfig {
     key_command: Vec<String>,
     key_command_ttl: String,
     key_command_timeout: String,
+    oauth_token_url: Option<String>,
+    oauth_client_id: Option<String>,
+    oauth_client_secret_env: Option<String>,
+    oauth_client_secret_file: Option<String>,
+    oauth_scope: Option<String>,
+    oauth_audience: Option<String>,
+    oauth_auth_method: Option<String>,
     allowed_hosts: Vec<String>,
     allowed_origins: Vec<String>,
     allow_credentials: Switch,

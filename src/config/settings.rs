@@ -33,6 +33,14 @@ pub enum Kind {
     Switch,
 }
 
+/// The default of the setting `key` ("" when it has none or is unknown).
+pub fn default_of(key: &str) -> &'static str {
+    SETTINGS
+        .iter()
+        .find(|setting| setting.key == key)
+        .map_or("", |setting| setting.default)
+}
+
 impl Setting {
     /// The environment variable that sets this setting, e.g. `KEYRELAY_LISTEN`.
     pub fn env_var(&self) -> String {
@@ -120,6 +128,12 @@ pub const SETTINGS: &[Setting] = &[
         kind: Kind::Switch,
     },
     Setting {
+        key: "provider",
+        default: "",
+        help: "Preset for a hosted API (openai, anthropic, gemini, azure-openai, openrouter, groq, together, fireworks, mistral, deepseek, baseten): its upstream, auth_header, auth_template, required headers and key_env, each overridden by the setting when written.",
+        kind: Kind::Text,
+    },
+    Setting {
         key: "key_env",
         default: "BASETEN_API_KEY",
         help: "Environment variable holding the upstream API key.",
@@ -158,13 +172,55 @@ pub const SETTINGS: &[Setting] = &[
     Setting {
         key: "key_command_ttl",
         default: "5m",
-        help: "Lifetime of a key_command value printed without an expiry; refreshed at 80% of it, and never sent after it.",
+        help: "Lifetime of a key_command value printed without an expiry (or an OAuth2 token answered without expires_in); refreshed at 80% of it, and never sent after it.",
         kind: Kind::Text,
     },
     Setting {
         key: "key_command_timeout",
         default: "30s",
-        help: "Longest a key_command run may take before it is killed and counts as failed.",
+        help: "Longest a key_command run (or an OAuth2 token request) may take before it is stopped and counts as failed.",
+        kind: Kind::Text,
+    },
+    Setting {
+        key: "oauth_token_url",
+        default: "",
+        help: "OAuth2 token endpoint (client credentials, RFC 6749 4.4): the key is an access token fetched at startup and again before it expires. Overrides key_env; the default auth_template becomes \"Bearer {key}\".",
+        kind: Kind::Text,
+    },
+    Setting {
+        key: "oauth_client_id",
+        default: "",
+        help: "OAuth2 client id sent to oauth_token_url.",
+        kind: Kind::Text,
+    },
+    Setting {
+        key: "oauth_client_secret_env",
+        default: "",
+        help: "Environment variable holding the OAuth2 client secret (or set oauth_client_secret_file).",
+        kind: Kind::Text,
+    },
+    Setting {
+        key: "oauth_client_secret_file",
+        default: "",
+        help: "File holding the OAuth2 client secret (or set oauth_client_secret_env).",
+        kind: Kind::Text,
+    },
+    Setting {
+        key: "oauth_scope",
+        default: "",
+        help: "OAuth2 scope asked for, e.g. https://cognitiveservices.azure.com/.default.",
+        kind: Kind::Text,
+    },
+    Setting {
+        key: "oauth_audience",
+        default: "",
+        help: "OAuth2 audience asked for (Auth0-style token endpoints).",
+        kind: Kind::Text,
+    },
+    Setting {
+        key: "oauth_auth_method",
+        default: "basic",
+        help: "How the client authenticates to oauth_token_url: basic (client_secret_basic) or post (client_secret_post).",
         kind: Kind::Text,
     },
     Setting {

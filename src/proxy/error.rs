@@ -68,11 +68,11 @@ pub(crate) enum Refusal {
         retry_after_secs(.0.retry_after)
     )]
     BudgetExhausted(Exhausted),
-    /// The route's credential has expired and its key_command has not
-    /// produced a new one; the source tries again in this long.
+    /// The route's credential has expired and its source (key_command,
+    /// OAuth2) has not produced a new one; it tries again in this long.
     #[error(
-        "this route's upstream credential has expired and key_command has not produced \
-         a new one yet (keyrelay never sends an expired credential); retry in {}s",
+        "this route's upstream credential has expired and its source (key_command or the \
+         OAuth2 token endpoint) has not produced a new one yet (keyrelay never sends an expired credential); retry in {}s",
         retry_after_secs(*.0)
     )]
     CredentialUnavailable(Duration),

@@ -56,6 +56,12 @@ impl ApiKey {
         }
     }
 
+    /// The secret itself, for the one place that must send it other than in
+    /// a header (an OAuth2 token request's body or Basic credentials).
+    pub(crate) fn expose(&self) -> &str {
+        &self.0
+    }
+
     /// True when the key is empty or only whitespace, which counts as missing.
     pub fn is_blank(&self) -> bool {
         self.0.trim().is_empty()

@@ -149,18 +149,26 @@ impl KeyCommand {
                 stderr_part(&stderr)
             )
         })?;
-        let lifetime = expires.duration_since(started);
-        let expires = expires - EXPIRY_MARGIN.min(lifetime / 10);
         let stderr = printed.key.mask_in(&stderr);
         Ok(Fetched {
             key: printed.key,
-            lifetime: Lifetime {
-                started,
-                took: started.elapsed(),
-                expires,
-            },
+            lifetime: Lifetime::until(started, expires),
             stderr,
         })
+    }
+}
+
+impl Lifetime {
+    /// The lifetime of a value asked for at `started` (the fetch ends now)
+    /// whose source says it expires at `expires`: used until the margin
+    /// before it.
+    pub(crate) fn until(started: Instant, expires: Instant) -> Self {
+        let lifetime = expires.saturating_duration_since(started);
+        Self {
+            started,
+            took: started.elapsed(),
+            expires: expires - EXPIRY_MARGIN.min(lifetime / 10),
+        }
     }
 }
 

@@ -2,11 +2,13 @@
 //! ([`key`]); the route's credential as the data path reads it, whatever its
 //! source, with its expiry ([`credential`]); the watcher that keeps key and
 //! access-token files current without a restart ([`secret_file`]); and the
-//! helper command that fetches expiring keys ([`key_command`]) with the task
-//! that refreshes them ([`refresh`]).
+//! helper command and the OAuth2 client that fetch expiring keys
+//! ([`key_command`], [`oauth`]) with the task that refreshes them
+//! ([`refresh`]).
 
 pub mod credential;
 pub(crate) mod key;
 pub mod key_command;
+pub mod oauth;
 pub mod refresh;
 pub mod secret_file;

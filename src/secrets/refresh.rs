@@ -1,5 +1,5 @@
-//! Keeps a `key_command` route's credential fresh: one task per route runs
-//! the helper, so however many serving threads and requests there are, one
+//! Keeps an expiring credential fresh (a `key_command` helper or an OAuth2
+//! token endpoint, a [`Source`]): one task per route asks the source, so however many serving threads and requests there are, one
 //! run is in flight at a time (single flight) and no request ever waits on
 //! one.
 //!
@@ -24,6 +24,43 @@ use prometheus_client::metrics::counter::Counter;
 
 use crate::secrets::credential::LiveCredential;
 use crate::secrets::key_command::{Fetched, KeyCommand, Lifetime};
+use crate::secrets::oauth::OAuthClient;
+
+/// Where an expiring credential comes from.
+#[derive(Debug, Clone)]
+pub enum Source {
+    /// `key_command`: a helper program.
+    Command(KeyCommand),
+    /// `oauth_token_url`: OAuth2 client credentials.
+    OAuth(OAuthClient),
+}
+
+impl Source {
+    /// Fetches a value, blocking (a helper run, a token request).
+    pub fn run(&self) -> Result<Fetched, String> {
+        match self {
+            Self::Command(command) => command.run(),
+            Self::OAuth(client) => client.run(),
+        }
+    }
+
+    /// The setting that names the source, for messages.
+    pub fn setting(&self) -> &'static str {
+        match self {
+            Self::Command(_) => "key_command",
+            Self::OAuth(_) => "oauth_token_url",
+        }
+    }
+
+    /// What the source is, for the log: a command by its program (its
+    /// arguments may be private), an endpoint by its URL.
+    pub fn describe(&self) -> String {
+        match self {
+            Self::Command(command) => format!("command {}", command.program()),
+            Self::OAuth(client) => format!("oauth2 {}", client.token_url),
+        }
+    }
+}
 
 /// The share of a value's lifetime after which it is refreshed.
 pub const REFRESH_AT: f64 = 0.8;
@@ -42,8 +79,8 @@ pub const REJECTION_INTERVAL: Duration = Duration::from_secs(10);
 pub struct Refresher {
     /// The route, for the log.
     pub route: String,
-    /// The helper.
-    pub command: KeyCommand,
+    /// The helper or token endpoint.
+    pub source: Source,
     /// The route's `auth_template`.
     pub template: String,
     /// The value every serving thread reads.
@@ -90,7 +127,7 @@ fn backoff(failures: u32) -> Duration {
 pub async fn keep_fresh(refresher: Refresher, first: Lifetime) {
     let Refresher {
         route,
-        command,
+        source,
         template,
         live,
         succeeded,
@@ -107,18 +144,18 @@ pub async fn keep_fresh(refresher: Refresher, first: Lifetime) {
                     continue;
                 }
                 last_forced = Some(Instant::now());
-                tracing::info!(%route, "the upstream rejected the credential (401/403): running key_command now");
+                tracing::info!(%route, source = source.setting(), "the upstream rejected the credential (401/403): refreshing it now");
             }
         }
-        let run = command.clone();
+        let run = source.clone();
         let fetched = tokio::task::spawn_blocking(move || run.run())
             .await
-            .unwrap_or_else(|_| Err("the key_command run panicked".to_owned()))
+            .unwrap_or_else(|_| Err("the credential refresh panicked".to_owned()))
             .and_then(|fetched| {
                 let value = fetched.key.header_value(&template).map_err(|err| {
                     format!(
-                        "the key {} printed (as rendered by auth_template) {err}",
-                        command.program()
+                        "the key from {} (as rendered by auth_template) {err}",
+                        source.describe()
                     )
                 })?;
                 Ok((value, fetched))
@@ -136,7 +173,8 @@ pub async fn keep_fresh(refresher: Refresher, first: Lifetime) {
                 tracing::info!(
                     %route,
                     expires_in_secs = expires.saturating_duration_since(Instant::now()).as_secs(),
-                    "credential refreshed by key_command; new requests use it"
+                    source = source.setting(),
+                    "credential refreshed; new requests use it"
                 );
                 if !stderr.trim().is_empty() {
                     tracing::debug!(%route, stderr = %stderr.trim(), "key_command stderr");
@@ -150,12 +188,12 @@ pub async fn keep_fresh(refresher: Refresher, first: Lifetime) {
                 let retry_in_secs = backoff(failures).as_secs();
                 match live.seconds_left() {
                     Some(left) if left > 0.0 => tracing::warn!(
-                        %route, %problem, retry_in_secs, valid_for_secs = left as u64,
-                        "key_command failed; the current credential stays in use until it expires"
+                        %route, source = source.setting(), %problem, retry_in_secs, valid_for_secs = left as u64,
+                        "refreshing the credential failed; the current credential stays in use until it expires"
                     ),
                     _ => tracing::error!(
-                        %route, %problem, retry_in_secs,
-                        "key_command failed and the credential has expired: requests on this route get 503 credential_unavailable"
+                        %route, source = source.setting(), %problem, retry_in_secs,
+                        "refreshing the credential failed and it has expired: requests on this route get 503 credential_unavailable"
                     ),
                 }
             }

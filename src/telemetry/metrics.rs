@@ -335,12 +335,12 @@ impl Metrics {
         );
         registry.register(
             "credential_refreshes",
-            "Runs of a route's key_command, the one at startup included, by result (ok, error)",
+            "Fetches of a route's expiring credential (key_command runs, OAuth2 token requests), the one at startup included, by result (ok, error)",
             credential_refreshes.clone(),
         );
         registry.register_with_unit(
             "credential_expiry",
-            "Time left before a route's expiring credential (key_command) may no longer be sent; negative once it has expired",
+            "Time left before a route's expiring credential (key_command, OAuth2) may no longer be sent; negative once it has expired",
             Unit::Seconds,
             credential_expiry.clone(),
         );

@@ -14,15 +14,15 @@
 //! (rate-limited); a helper failing at startup stops keyrelay with exit 64;
 //! and no token, nor the helper's stdout, ever appears in a trace-level log.
 
-use std::collections::BTreeSet;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use http::Request;
-use tokio::sync::mpsc;
 
-use crate::support::ops::{self, eventually, AdminRelay, HeldStream};
+use crate::support::expiring::{
+    expired_means_503_and_nothing_forwarded, one_fetch_for_401s, rotations_beside_a_stream,
+    CheckingUpstream,
+};
+use crate::support::ops::{self, AdminRelay};
 use crate::support::*;
 
 /// What every token starts with; a log scan looks for it.
@@ -95,94 +95,6 @@ impl Drop for Helper {
     }
 }
 
-/// What the token-checking upstream saw.
-#[derive(Default)]
-struct Seen {
-    accepted: usize,
-    /// Requests that arrived with an expired (or unreadable) token.
-    rejected: Vec<String>,
-    /// The run number of every token that arrived.
-    runs: BTreeSet<u64>,
-}
-
-/// The run number and expiry (ms since the epoch) in a token's header value.
-fn token_parts(authorization: &[u8]) -> Option<(u64, u128)> {
-    let text = std::str::from_utf8(authorization).ok()?;
-    let rest = text.strip_prefix("Bearer ")?.strip_prefix(TOKEN_PREFIX)?;
-    let (run, expiry) = rest.split_once('-')?;
-    Some((run.parse().ok()?, expiry.parse().ok()?))
-}
-
-fn now_ms() -> u128 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock")
-        .as_millis()
-}
-
-/// An upstream that answers 401 to a request whose token has expired,
-/// 401 to every request under `/unauthorized`, hands requests under
-/// `/stream` to the test, and answers the rest 200.
-struct CheckingUpstream {
-    url: String,
-    seen: Arc<Mutex<Seen>>,
-    streams: mpsc::UnboundedReceiver<Exchange>,
-}
-
-impl CheckingUpstream {
-    async fn start() -> Self {
-        let mut mock = MockUpstream::start().await;
-        let url = mock.url();
-        let seen = Arc::new(Mutex::new(Seen::default()));
-        let (to_test, streams) = mpsc::unbounded_channel();
-        let record = Arc::clone(&seen);
-        tokio::spawn(async move {
-            loop {
-                let Some(exchange) = mock.recv().await else {
-                    return;
-                };
-                let token = (exchange.request.headers().get("authorization"))
-                    .and_then(|value| token_parts(value.as_bytes()));
-                let fresh = token.is_some_and(|(_, expiry)| now_ms() <= expiry);
-                {
-                    let mut seen = record.lock().expect("lock");
-                    if let Some((run, _)) = token {
-                        seen.runs.insert(run);
-                    }
-                    if fresh {
-                        seen.accepted += 1;
-                    } else {
-                        let path = exchange.request.uri().path().to_owned();
-                        seen.rejected
-                            .push(format!("{path} at {} ms: {token:?}", now_ms()));
-                    }
-                }
-                let path = exchange.request.uri().path();
-                if !fresh || path.starts_with("/unauthorized") {
-                    exchange.respond_full(401, r#"{"error": "invalid token"}"#);
-                } else if path.starts_with("/stream") {
-                    let _ = to_test.send(exchange);
-                } else {
-                    exchange.respond_full(200, "ok");
-                }
-            }
-        });
-        Self { url, seen, streams }
-    }
-
-    fn accepted(&self) -> usize {
-        self.seen.lock().expect("lock").accepted
-    }
-
-    fn rejected(&self) -> Vec<String> {
-        self.seen.lock().expect("lock").rejected.clone()
-    }
-
-    fn runs_seen(&self) -> BTreeSet<u64> {
-        self.seen.lock().expect("lock").runs.clone()
-    }
-}
-
 /// The sources of an in-process keyrelay whose key comes from `helper`.
 fn helper_sources(upstream: &str, helper: &Helper) -> keyrelay::config::Sources {
     let mut sources = sources(upstream, &[("auth_template", "Bearer {key}")]);
@@ -202,80 +114,17 @@ async fn get(client: &TestClient, url: String) -> http::Response<hyper::body::In
 
 #[tokio::test]
 async fn a_stream_outlives_two_rotations_and_no_request_carries_an_expired_token() {
-    let mut upstream = CheckingUpstream::start().await;
+    let mut upstream = CheckingUpstream::start(TOKEN_PREFIX).await;
     // 2 s tokens: refreshed every 1.6 s, or sooner when python starts slowly.
     let helper = Helper::new(2.0);
     let relay = Relay::from_sources(&helper_sources(&upstream.url, &helper)).await;
-    let client = http1_client();
-
-    let pending = tokio::spawn(
-        client.request(
-            Request::get(relay.url("/stream"))
-                .body(empty())
-                .expect("request"),
-        ),
-    );
-    let exchange = within("the stream at the upstream", upstream.streams.recv())
-        .await
-        .expect("upstream running");
-    let upstream_headers = exchange.request.headers().clone();
-    let (tx, dropped) = exchange.respond_streaming_with(ops::sse());
-    let response = within("the stream's head", pending)
-        .await
-        .expect("join")
-        .expect("response");
-    assert_eq!(response.status(), 200);
-    let mut stream = HeldStream {
-        tx,
-        dropped,
-        body: response.into_body(),
-        upstream_headers,
-        relayed: 0,
-    };
-    let runs_at_start = helper.runs();
-
-    // Requests one after another for 4 s (two rotations and more), with a
-    // stream frame in lockstep every 250 ms.
-    let started = Instant::now();
-    let (mut requests, mut frames) = (0, 0);
-    while started.elapsed() < Duration::from_secs(4) || requests < 200 {
-        let response = get(&client, relay.url("/v1/models")).await;
-        assert_eq!(response.status(), 200, "request {requests}");
-        requests += 1;
-        if started.elapsed() >= Duration::from_millis(250) * frames {
-            stream.lockstep(&format!("data: {frames}\n\n")).await;
-            frames += 1;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    stream.finish().await;
-
-    assert!(
-        helper.runs() >= runs_at_start + 2,
-        "two rotations at least while the stream was open: {} runs",
-        helper.runs()
-    );
-    assert!(
-        upstream.runs_seen().len() >= 3,
-        "{:?}",
-        upstream.runs_seen()
-    );
-    assert_eq!(
-        upstream.rejected(),
-        Vec::<String>::new(),
-        "expired tokens sent"
-    );
-    assert_eq!(upstream.accepted(), requests + 1);
-    eprintln!(
-        "{requests} requests and {frames} stream frames over {} helper runs, 0 expired tokens",
-        helper.runs()
-    );
+    rotations_beside_a_stream(&mut upstream, &relay, || helper.runs()).await;
     relay.stop().await;
 }
 
 #[tokio::test]
 async fn after_expiry_a_failing_helper_means_503_and_not_ready_until_it_recovers() {
-    let upstream = CheckingUpstream::start().await;
+    let upstream = CheckingUpstream::start(TOKEN_PREFIX).await;
     let helper = Helper::new(1.5);
     let mut command = ops::command(&upstream.url);
     command
@@ -288,41 +137,7 @@ async fn after_expiry_a_failing_helper_means_503_and_not_ready_until_it_recovers
     relay.wait_for_readyz(200).await;
 
     helper.fail(true);
-    let labels = [("route", "default"), ("result", "error")];
-    eventually("a failed helper run", || async {
-        let failed = relay.scrape().await;
-        (failed.counter("keyrelay_credential_refreshes_total", &labels) >= 1.0).then_some(())
-    })
-    .await;
-    let not_ready = relay.wait_for_readyz(503).await;
-    assert!(
-        not_ready.body_text().contains("credential_unavailable")
-            && not_ready.body_text().contains("default"),
-        "{}",
-        not_ready.body_text()
-    );
-    let forwarded = upstream.accepted() + upstream.rejected().len();
-    let response = get(&client, relay.url("/v1/models")).await;
-    assert_eq!(response.status(), 503);
-    let retry_after = response.headers()["retry-after"].to_str().expect("ascii");
-    assert!(
-        retry_after.parse::<u64>().is_ok_and(|s| s >= 1),
-        "{retry_after}"
-    );
-    let body: serde_json::Value =
-        serde_json::from_slice(&body_bytes(response).await).expect("JSON error");
-    assert_eq!(body["type"], "credential_unavailable");
-    assert_eq!(
-        upstream.accepted() + upstream.rejected().len(),
-        forwarded,
-        "nothing forwarded with an expired credential"
-    );
-    let scrape = relay.scrape().await;
-    let left = scrape.value(
-        "keyrelay_credential_expiry_seconds",
-        &[("route", "default")],
-    );
-    assert!(left.is_some_and(|left| left <= 0.0), "{left:?}");
+    expired_means_503_and_nothing_forwarded(&upstream, &relay).await;
 
     helper.fail(false);
     relay.wait_for_readyz(200).await;
@@ -351,38 +166,10 @@ async fn after_expiry_a_failing_helper_means_503_and_not_ready_until_it_recovers
 
 #[tokio::test]
 async fn an_upstream_401_runs_the_helper_once_more_and_passes_through() {
-    let upstream = CheckingUpstream::start().await;
+    let upstream = CheckingUpstream::start(TOKEN_PREFIX).await;
     let helper = Helper::new(3600.0);
     let relay = Relay::from_sources(&helper_sources(&upstream.url, &helper)).await;
-    let client = http1_client();
-    assert_eq!(helper.runs(), 1);
-
-    let response = get(&client, relay.url("/unauthorized")).await;
-    assert_eq!(
-        response.status(),
-        401,
-        "the upstream's 401 reaches the client"
-    );
-    let body = body_bytes(response).await;
-    assert_eq!(&body[..], br#"{"error": "invalid token"}"#);
-    eventually("the helper to run again", || {
-        let runs = helper.runs();
-        async move { (runs == 2).then_some(()) }
-    })
-    .await;
-
-    // More 401s within the rate limit's window start no more runs.
-    for _ in 0..3 {
-        assert_eq!(get(&client, relay.url("/unauthorized")).await.status(), 401);
-    }
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(helper.runs(), 2, "401s within 10 s run the helper once");
-    assert_eq!(get(&client, relay.url("/v1/models")).await.status(), 200);
-    assert!(
-        upstream.runs_seen().contains(&2),
-        "{:?}",
-        upstream.runs_seen()
-    );
+    one_fetch_for_401s(&upstream, &relay, || helper.runs()).await;
     relay.stop().await;
 }
 
@@ -444,6 +231,9 @@ fn the_readme_credential_configs_load() {
         .split("```toml\n")
         .skip(1)
         .filter_map(|rest| rest.split("```").next())
+        // The OAuth2 ones load against a token endpoint (tests/it/oauth.rs),
+        // the provider ones with their keys (tests/it/providers.rs).
+        .filter(|block| !block.contains("oauth_token_url") && !block.contains("provider = "))
         .collect();
     assert!(blocks.len() >= 5, "{} toml blocks", blocks.len());
     for block in blocks {

@@ -19,9 +19,11 @@ use std::collections::HashMap;
 use std::fmt;
 use std::ops::RangeInclusive;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use super::parse::parse_duration;
+use super::routes::oauth::Outbound;
 use super::{routes, Config, LogFormat, RawConfig};
 use crate::usage::BudgetLimit;
 
@@ -195,9 +197,20 @@ pub(super) fn validate(
     let listen = listener::listen_addr(&raw, found);
     let tcp_listen = listen.as_ref().ok().and_then(listener::tcp);
     let serving = listener::serving(&raw, found);
-    let routes = routes::check(&raw, env, found).ok_or(Reported);
-    let access = access::check(&raw, env, tcp_listen, found);
     let upstream = upstream::check(&raw, found);
+    // Token requests made while the routes are checked trust what upstream
+    // connections do.
+    let outbound = Outbound {
+        allow_cleartext: raw.allow_cleartext_upstream.on(),
+        extra_ca_certs: Arc::new(
+            upstream
+                .as_ref()
+                .map(|upstream| upstream.extra_ca_certs.clone())
+                .unwrap_or_default(),
+        ),
+    };
+    let routes = routes::check(&raw, env, &outbound, found).ok_or(Reported);
+    let access = access::check(&raw, env, tcp_listen, found);
     let admin_listen = listener::admin_listen(&raw, tcp_listen, found);
     let limits = limits::check(&raw, found);
     let log_format = log_format(&raw.log_format, found);

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use http::{HeaderName, HeaderValue};
 
+use super::oauth::{self, OAuthSettings, Outbound};
 use super::policy::{Inherit, Source};
 use super::Scope;
 use crate::config::baseten;
@@ -16,6 +17,7 @@ use crate::config::request_headers;
 use crate::config::Credential;
 use crate::secrets::key::{ApiKey, KEY_PLACEHOLDER};
 use crate::secrets::key_command::KeyCommand;
+use crate::secrets::refresh;
 use crate::secrets::secret_file;
 
 /// A route's credential settings, before validation.
@@ -25,6 +27,8 @@ pub(super) struct CredentialSpec<'a> {
     pub(super) key_command: Option<&'a [String]>,
     pub(super) key_command_ttl: &'a Inherit<String>,
     pub(super) key_command_timeout: &'a Inherit<String>,
+    pub(super) oauth: OAuthSettings<'a>,
+    pub(super) outbound: &'a Outbound,
     pub(super) header: &'a str,
     pub(super) template: &'a str,
     pub(super) strip: &'a [String],
@@ -120,7 +124,8 @@ pub(super) fn credential(
     found: &mut Problems,
 ) -> (Option<Credential>, Option<ApiKey>) {
     let header = credential_header(spec.header, scope, found);
-    let template_ok = spec.template.contains(KEY_PLACEHOLDER);
+    let template = oauth::template(spec.template, spec.oauth.is_set());
+    let template_ok = template.contains(KEY_PLACEHOLDER);
     if !template_ok {
         found.report(
             &scope.setting("auth_template"),
@@ -140,22 +145,51 @@ pub(super) fn credential(
     }
 
     let key_file = spec.key_file.filter(|p| !p.is_empty()).map(PathBuf::from);
-    let command = key_command(spec, scope, found);
+    // The timing settings are checked on every route, used or not, so a
+    // wrong value never goes unnoticed.
+    let ttl = positive_duration(spec.key_command_ttl, "key_command_ttl", scope, found);
+    let timeout = positive_duration(
+        spec.key_command_timeout,
+        "key_command_timeout",
+        scope,
+        found,
+    );
+    let command = key_command(spec, ttl, timeout, scope, found);
+    let client = oauth::client(&spec.oauth, ttl, timeout, spec.outbound, scope, env, found);
     if command.is_some() && key_file.is_some() {
         found.report(
             &scope.setting("key_command"),
             "key_file is set too; set one credential source",
         );
     }
+    let others = [
+        ("key_file", key_file.is_some()),
+        ("key_command", spec.key_command.is_some()),
+    ];
+    for (other, _) in others.iter().filter(|(_, set)| spec.oauth.is_set() && *set) {
+        found.report(
+            &scope.setting("oauth_token_url"),
+            format!("{other} is set too; set one credential source"),
+        );
+    }
+    let source = match (command, client) {
+        (Some(command), _) => Some(refresh::Source::Command(command)),
+        (None, Some(client)) => Some(refresh::Source::OAuth(client)),
+        (None, None) => None,
+    };
     let mut lifetime = None;
-    let (key, source_setting, source) = match (&command, &key_file) {
-        (Some(command), _) => {
-            let key = command
+    let (key, source_setting, source_name) = match (&source, &key_file) {
+        (Some(source), _) => {
+            let key = source
                 .run()
                 .map_err(|problem| {
+                    let what = match source {
+                        refresh::Source::Command(_) => "its first run failed",
+                        refresh::Source::OAuth(_) => "the first token request failed",
+                    };
                     found.report(
-                        &scope.setting("key_command"),
-                        format!("its first run failed: {problem}"),
+                        &scope.setting(source.setting()),
+                        format!("{what}: {problem}"),
                     )
                 })
                 .ok()
@@ -163,7 +197,7 @@ pub(super) fn credential(
                     lifetime = Some(fetched.lifetime);
                     fetched.key
                 });
-            (key, "key_command", command.program().to_owned())
+            (key, source.setting(), source.describe())
         }
         (None, Some(path)) => (
             secret_file::read(path)
@@ -172,6 +206,7 @@ pub(super) fn credential(
             "key_file",
             path.display().to_string(),
         ),
+        (None, None) if spec.oauth.is_set() => (None, "oauth_token_url", String::new()),
         (None, None) => {
             let key = env
                 .get(spec.key_env)
@@ -182,7 +217,7 @@ pub(super) fn credential(
                     &scope.setting("key_env"),
                     format!(
                         "environment variable {} is not set or is empty; export the upstream API key \
-                         in it (or set key_file or key_command)",
+                         in it (or set key_file, key_command or oauth_token_url)",
                         spec.key_env
                     ),
                 );
@@ -192,11 +227,11 @@ pub(super) fn credential(
     };
     let value = match &key {
         Some(key) if template_ok => key
-            .header_value(spec.template)
+            .header_value(template)
             .map_err(|err| {
                 found.report(
                     &scope.setting(source_setting),
-                    format!("the key from {source} (as rendered by auth_template) {err}"),
+                    format!("the key from {source_name} (as rendered by auth_template) {err}"),
                 )
             })
             .ok(),
@@ -211,9 +246,9 @@ pub(super) fn credential(
     let credential = Credential {
         key_env: spec.key_env.to_owned(),
         key_file,
-        key_command: command,
+        source,
         lifetime,
-        template: spec.template.to_owned(),
+        template: template.to_owned(),
         header,
         value,
         strip,
@@ -222,20 +257,14 @@ pub(super) fn credential(
 }
 
 /// The route's `key_command` with its timing settings, when it sets one
-/// and they are valid (problems reported). The timing settings are checked
-/// on every route, used or not, so a wrong value never goes unnoticed.
+/// and they are valid (problems reported).
 fn key_command(
     spec: &CredentialSpec<'_>,
+    ttl: Option<Duration>,
+    timeout: Option<Duration>,
     scope: &Scope,
     found: &mut Problems,
 ) -> Option<KeyCommand> {
-    let ttl = positive_duration(spec.key_command_ttl, "key_command_ttl", scope, found);
-    let timeout = positive_duration(
-        spec.key_command_timeout,
-        "key_command_timeout",
-        scope,
-        found,
-    );
     let argv = spec.key_command?;
     if argv[0].trim().is_empty() {
         found.report(

@@ -16,13 +16,17 @@
 //! prefix = "/llama"            # requests under /llama go here (prefix stripped)
 //! model = "abc123"             # or upstream = "https://...", chain = "...", model_apis = true
 //! environment = "production"   # or deployment = "...", development = true
-//! key_env = "BASETEN_API_KEY"  # or key_file = "/run/secrets/key", key_command = [...]
+//! key_env = "BASETEN_API_KEY"  # or key_file = "/run/secrets/key", key_command = [...],
+//!                              # oauth_token_url = "https://..." (see `oauth`)
 //! auth_template = "Api-Key {key}"
 //! upstream_http = "2"          # or "1.1", "auto"; grpc = true implies "2"
 //! set_request_headers = ["x-team: search"]
 //! ```
 //!
-//! Longest prefix wins. Every problem names its route.
+//! A `provider` preset ([`crate::config::providers`]) fills in the route's
+//! upstream, key header and template, required headers and key variable,
+//! wherever the route leaves them unwritten. Longest prefix wins. Every
+//! problem names its route.
 //!
 //! Here: the route as written and as validated, and the checks of the whole
 //! table. `policy` declares what routes inherit (one line per setting),
@@ -31,6 +35,7 @@
 //! headers.
 
 mod credential;
+pub(super) mod oauth;
 mod policy;
 mod retry;
 mod rules;
@@ -46,12 +51,15 @@ use serde::Deserialize;
 use self::credential::{
     credential, key_header, static_headers, strip_grpc_stage_headers, CredentialSpec,
 };
-use self::policy::{budget_account, path_policy, Policy, Source};
+use self::oauth::{OAuthSettings, Outbound};
+use self::policy::{budget_account, path_policy, Inherit, Policy, Source};
 pub use self::retry::RetryPolicy;
 pub use self::rules::RequestRules;
 use self::target::{named_protocol, resolve_protocol, target, Resolved, TargetSpec};
 use super::check::{parse_budgets, Problems, Reported};
 use super::parse::Switch;
+use super::providers::{self, Provider};
+use super::settings::default_of;
 use super::{Credential, RawConfig, UpstreamHttp, UpstreamUrl};
 use crate::config::baseten::Stage;
 use crate::guard::paths::PathPolicy;
@@ -77,11 +85,19 @@ pub(super) struct RawRoute {
     grpc: Switch,
     #[serde(default)]
     regional: Switch,
+    provider: Option<String>,
     key_env: Option<String>,
     key_file: Option<String>,
     key_command: Option<Vec<String>>,
     key_command_ttl: Option<String>,
     key_command_timeout: Option<String>,
+    oauth_token_url: Option<String>,
+    oauth_client_id: Option<String>,
+    oauth_client_secret_env: Option<String>,
+    oauth_client_secret_file: Option<String>,
+    oauth_scope: Option<String>,
+    oauth_audience: Option<String>,
+    oauth_auth_method: Option<String>,
     auth_header: Option<String>,
     auth_template: Option<String>,
     strip_request_headers: Option<Vec<String>>,
@@ -181,6 +197,10 @@ struct KeySource<'a> {
     key_env: &'a str,
     key_file: Option<&'a str>,
     key_command: Option<&'a [String]>,
+    oauth: OAuthSettings<'a>,
+    outbound: &'a Outbound,
+    /// The route's `provider` preset, filling in what the route leaves out.
+    provider: Option<&'static Provider>,
 }
 
 /// What a route's policy makes, each checked in the route's context (its
@@ -204,6 +224,18 @@ fn policy_parts(
     env: &HashMap<String, String>,
     found: &mut Problems,
 ) -> PolicyParts {
+    let preset = key.provider;
+    let header = preset_value(
+        &policy.auth_header,
+        "auth_header",
+        preset.map(|p| p.auth_header),
+    );
+    let template = preset_value(
+        &policy.auth_template,
+        "auth_template",
+        preset.map(|p| p.auth_template),
+    );
+    let set_request_headers = with_preset_headers(&policy.set_request_headers.value, preset);
     let (mut credential, key) = credential(
         &CredentialSpec {
             key_env: key.key_env,
@@ -211,8 +243,10 @@ fn policy_parts(
             key_command: key.key_command,
             key_command_ttl: &policy.key_command_ttl,
             key_command_timeout: &policy.key_command_timeout,
-            header: key_header(&policy.auth_header.value, grpc_headers.is_some()),
-            template: &policy.auth_template.value,
+            oauth: key.oauth,
+            outbound: key.outbound,
+            header: key_header(header, grpc_headers.is_some()),
+            template,
             strip: &policy.strip_request_headers.value,
         },
         scope,
@@ -220,7 +254,7 @@ fn policy_parts(
         found,
     );
     let set_headers = static_headers(
-        &policy.set_request_headers.value,
+        &set_request_headers,
         grpc_headers,
         credential.as_ref(),
         key.as_ref(),
@@ -240,13 +274,16 @@ fn policy_parts(
 pub(super) fn check(
     raw: &RawConfig,
     env: &HashMap<String, String>,
+    outbound: &Outbound,
     found: &mut Problems,
 ) -> Option<Vec<RouteConfig>> {
     let errors_before = found.0.len();
     let mut routes = Vec::new();
 
     let top = Scope(None);
-    let top_target = target(&TargetSpec::top(raw), &top, found).ok().flatten();
+    let top_provider = preset(raw.provider.as_deref(), &top, found);
+    let top_spec = TargetSpec::top(raw).or_upstream(top_provider.and_then(|p| p.upstream));
+    let top_target = target(&top_spec, &top, found).ok().flatten();
     let top_http = named_protocol(
         raw.upstream_http.as_deref(),
         raw.upstream_http2.on(),
@@ -264,11 +301,12 @@ pub(super) fn check(
     if top_target.is_some() || raw.routes.is_empty() {
         let top_route = TopRoute {
             target: top_target,
+            provider: top_provider,
             http: top_http,
             rules: rules.clone(),
             retry,
         };
-        routes.extend(default_route(raw, &policy, top_route, env, found));
+        routes.extend(default_route(raw, &policy, top_route, outbound, env, found));
     }
 
     let inherited_http = top_http.ok().flatten().unwrap_or(UpstreamHttp::Http1);
@@ -277,6 +315,7 @@ pub(super) fn check(
         let inherited = Inherited {
             policy: &policy,
             http: inherited_http,
+            outbound,
         };
         routes.extend(check_route(route, raw, &inherited, &scope, env, found));
     }
@@ -295,6 +334,7 @@ pub(super) fn check(
 /// The top-level settings checked before the default route is built.
 struct TopRoute {
     target: Option<Resolved>,
+    provider: Option<&'static Provider>,
     http: Result<Option<UpstreamHttp>, Reported>,
     rules: Option<RequestRules>,
     retry: Option<RetryPolicy>,
@@ -306,6 +346,7 @@ fn default_route(
     raw: &RawConfig,
     policy: &Policy,
     top_route: TopRoute,
+    outbound: &Outbound,
     env: &HashMap<String, String>,
     found: &mut Problems,
 ) -> Option<RouteConfig> {
@@ -314,10 +355,19 @@ fn default_route(
         .target
         .as_ref()
         .and_then(|t| t.grpc_headers.as_ref());
+    let provider = top_route.provider;
+    // A key_env left at its default gives way to the provider's variable.
+    let key_env = match provider {
+        Some(provider) if raw.key_env == default_of("key_env") => provider.key_env,
+        _ => &raw.key_env,
+    };
     let key = KeySource {
-        key_env: &raw.key_env,
+        key_env,
         key_file: raw.key_file.as_deref(),
         key_command: command(Some(&raw.key_command)),
+        oauth: OAuthSettings::top(raw),
+        outbound,
+        provider,
     };
     let parts = policy_parts(policy, &key, grpc_headers, "/", &top, env, found);
     let grpc = grpc_headers.is_some();
@@ -350,7 +400,11 @@ fn report_unused_top_level(raw: &RawConfig, found: &mut Problems) {
     let no_upstream = [&raw.upstream, &raw.model, &raw.chain]
         .iter()
         .all(|value| set(value.as_deref()).is_none())
-        && !raw.model_apis.on();
+        && !raw.model_apis.on()
+        && (raw.provider.as_deref())
+            .and_then(providers::find)
+            .and_then(|p| p.upstream)
+            .is_none();
     if !raw.routes.is_empty() && no_upstream {
         for key in Policy::overridden_everywhere(raw) {
             found.report(
@@ -363,13 +417,14 @@ fn report_unused_top_level(raw: &RawConfig, found: &mut Problems) {
     let top_sources = [
         ("key_file", set(raw.key_file.as_deref()).is_some()),
         ("key_command", command(Some(&raw.key_command)).is_some()),
+        ("oauth_token_url", OAuthSettings::top(raw).is_set()),
     ];
     for (key, is_set) in top_sources {
         if !raw.routes.is_empty() && no_upstream && is_set {
             found.report(
                 key,
                 "is set at the top level, but no upstream is, so no route would use it: \
-                 each [[routes]] entry names its own key_env, key_file or key_command",
+                 each [[routes]] entry names its own key_env, key_file, key_command or oauth_token_url",
             );
         }
     }
@@ -421,6 +476,7 @@ fn report_clashes(routes: &[RouteConfig], found: &mut Problems) {
 struct Inherited<'a> {
     policy: &'a Policy,
     http: UpstreamHttp,
+    outbound: &'a Outbound,
 }
 
 /// A route's prefix as matched: `/`, or without a trailing slash.
@@ -452,7 +508,9 @@ fn check_route(
     if route.name.trim().is_empty() {
         found.report(&scope.setting("name"), "must not be empty");
     }
-    let target = match target(&TargetSpec::of(route, raw), scope, found) {
+    let provider = preset(route.provider.as_deref(), scope, found);
+    let spec = TargetSpec::of(route, raw).or_upstream(provider.and_then(|p| p.upstream));
+    let target = match target(&spec, scope, found) {
         Ok(Some(target)) => Some(target),
         Ok(None) => {
             found.report(
@@ -466,16 +524,26 @@ fn check_route(
     let key_env = route.key_env.as_deref().filter(|v| !v.is_empty());
     let key_file = route.key_file.as_deref().filter(|v| !v.is_empty());
     let key_command = command(route.key_command.as_ref());
-    if key_env.is_none() && key_file.is_none() && key_command.is_none() {
+    let oauth = OAuthSettings::route(route);
+    let preset_key_env = provider.map(|p| p.key_env);
+    if key_env.or(preset_key_env).is_none()
+        && key_file.is_none()
+        && key_command.is_none()
+        && !oauth.is_set()
+    {
         found.report(
             &scope.setting("key_env"),
-            "the route has no credential source: set key_env, key_file or key_command",
+            "the route has no credential source: set key_env, key_file, key_command or oauth_token_url",
         );
         return None;
     }
-    if key_command.is_some() && key_env.is_some() {
+    let sources = [
+        ("key_command", key_command.is_some()),
+        ("oauth_token_url", oauth.is_set()),
+    ];
+    for (source, _) in sources.iter().filter(|(_, set)| *set && key_env.is_some()) {
         found.report(
-            &scope.setting("key_command"),
+            &scope.setting(source),
             "the route also sets key_env; set one credential source",
         );
     }
@@ -483,9 +551,12 @@ fn check_route(
     let policy = Policy::of(route, inherited.policy, scope, found);
     let grpc_headers = target.as_ref().and_then(|t| t.grpc_headers.as_ref());
     let key = KeySource {
-        key_env: key_env.unwrap_or_default(),
+        key_env: key_env.or(preset_key_env).unwrap_or_default(),
         key_file,
         key_command,
+        oauth,
+        outbound: inherited.outbound,
+        provider,
     };
     let parts = policy_parts(&policy, &key, grpc_headers, &prefix, scope, env, found);
     let rules = RequestRules::check(&policy, scope, found);
@@ -628,4 +699,48 @@ fn command(argv: Option<&Vec<String>>) -> Option<&[String]> {
 /// `value` unless it is missing or blank.
 fn set(value: Option<&str>) -> Option<&str> {
     value.filter(|v| !v.trim().is_empty())
+}
+
+/// The `provider` preset named, if any; an unknown name is reported.
+fn preset(written: Option<&str>, scope: &Scope, found: &mut Problems) -> Option<&'static Provider> {
+    let name = set(written)?;
+    let provider = providers::find(name);
+    if provider.is_none() {
+        found.report(
+            &scope.setting("provider"),
+            format!(
+                "{name:?} is not a provider preset; the presets are {}",
+                providers::names()
+            ),
+        );
+    }
+    provider
+}
+
+/// A route policy value, or the preset's when the route did not write
+/// its own (it inherited the top level's, or left the default).
+fn preset_value<'a>(
+    setting: &'a Inherit<String>,
+    key: &str,
+    preset: Option<&'static str>,
+) -> &'a str {
+    match preset {
+        Some(value) if setting.from == Source::Top || setting.value == default_of(key) => value,
+        _ => &setting.value,
+    }
+}
+
+/// `set_request_headers` with the preset's required headers first, each
+/// unless an entry sets the same header.
+fn with_preset_headers(entries: &[String], preset: Option<&Provider>) -> Vec<String> {
+    let name = |entry: &str| {
+        let name = entry.split_once(':').map_or(entry, |(name, _)| name);
+        name.trim().to_ascii_lowercase()
+    };
+    let preset_headers = preset.map_or(&[][..], |p| p.headers);
+    (preset_headers.iter())
+        .filter(|header| !entries.iter().any(|entry| name(entry) == name(header)))
+        .map(|header| (*header).to_owned())
+        .chain(entries.iter().cloned())
+        .collect()
 }

@@ -57,6 +57,16 @@ impl<'a> TargetSpec<'a> {
     }
 }
 
+impl<'a> TargetSpec<'a> {
+    /// With `upstream` (a provider preset's) when the route names none.
+    pub(super) fn or_upstream(mut self, upstream: Option<&'a str>) -> Self {
+        if set(self.upstream).is_none() {
+            self.upstream = upstream;
+        }
+        self
+    }
+}
+
 /// What a route points at, resolved.
 pub(super) struct Resolved {
     pub(super) upstream: UpstreamUrl,
@@ -260,7 +270,10 @@ pub(super) fn target(
         },
     };
     match parse_upstream(&url) {
-        Ok(upstream) if is_cleartext_beyond_loopback(&upstream) && !spec.allow_cleartext => {
+        Ok(upstream)
+            if is_cleartext_beyond_loopback(&upstream.scheme, upstream.authority.host())
+                && !spec.allow_cleartext =>
+        {
             found.report(
                 &scope.setting("upstream"),
                 format!(
@@ -283,13 +296,12 @@ pub(super) fn target(
     }
 }
 
-/// True for a plain `http://` upstream whose host is not `localhost` or a
+/// True for a plain `http://` URL whose host is not `localhost` or a
 /// loopback address.
-fn is_cleartext_beyond_loopback(upstream: &UpstreamUrl) -> bool {
-    if upstream.scheme != http::uri::Scheme::HTTP {
+pub(super) fn is_cleartext_beyond_loopback(scheme: &http::uri::Scheme, host: &str) -> bool {
+    if *scheme != http::uri::Scheme::HTTP {
         return false;
     }
-    let host = upstream.authority.host();
     let host = host.trim_start_matches('[').trim_end_matches(']');
     let loopback = host.eq_ignore_ascii_case("localhost")
         || host

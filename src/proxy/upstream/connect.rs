@@ -10,7 +10,6 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -18,7 +17,7 @@ use http::Uri;
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::connect::dns::{GaiAddrs, GaiFuture, GaiResolver, Name};
 use hyper_util::client::legacy::connect::HttpConnector;
-use rustls::{ClientConfig, RootCertStore};
+use rustls::ClientConfig;
 use tower::Service;
 
 use super::error::{DnsError, SendError};
@@ -66,18 +65,7 @@ pub(crate) fn connector(config: &Config, alpn: Alpn) -> std::io::Result<Connecto
 }
 
 fn tls_config(config: &Config) -> std::io::Result<ClientConfig> {
-    let mut roots = RootCertStore {
-        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-    };
-    // Each certificate was already parsed once during config validation.
-    let (_added, _ignored) = roots.add_parsable_certificates(config.extra_ca_certs.iter().cloned());
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let tls = ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(std::io::Error::other)?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(tls)
+    crate::config::tls::client_config(&config.extra_ca_certs)
 }
 
 /// The system resolver (hyper-util's, `getaddrinfo` on a blocking thread),

@@ -9,6 +9,7 @@
 //! there is no `dead_code` allow, so a helper nothing calls any more fails the
 //! build instead of lingering.
 
+pub(crate) mod expiring;
 pub(crate) mod guard_util;
 pub(crate) mod h2_frames;
 pub(crate) mod h2_server;
@@ -18,6 +19,7 @@ pub(crate) mod raw;
 pub(crate) mod recording_upstream;
 pub(crate) mod reliability;
 pub(crate) mod tls;
+pub(crate) mod token_endpoint;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -93,6 +95,22 @@ pub(crate) type TestBody = BoxBody<Bytes, Box<dyn std::error::Error + Send + Syn
 
 /// The hyper client the tests use, HTTP/1.1 or h2c.
 pub(crate) type TestClient = Client<HttpConnector, TestBody>;
+
+/// The ```toml blocks of README.md that contain `needle` (for tests that
+/// load the README's configs).
+pub(crate) fn readme_toml_blocks(needle: &str) -> Vec<String> {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+        .expect("README.md");
+    let blocks: Vec<String> = readme
+        .split("```toml\n")
+        .skip(1)
+        .filter_map(|rest| rest.split("```").next())
+        .filter(|block| block.contains(needle))
+        .map(str::to_owned)
+        .collect();
+    assert!(!blocks.is_empty(), "a README config with {needle}");
+    blocks
+}
 
 /// Awaits `future` for at most [`STEP`], panicking with `what` on timeout.
 pub(crate) async fn within<F: std::future::Future>(what: &str, future: F) -> F::Output {
