@@ -309,13 +309,20 @@ pub enum Stream {
 }
 
 impl Stream {
-    /// Waits until the client has sent at least one byte (or closed).
-    pub async fn wait_for_data(&self) -> io::Result<()> {
-        let mut first = [0u8; 1];
+    /// Waits for the client's first bytes and tells whether they surely
+    /// begin an HTTP/1 request: they are there and are not the start of the
+    /// HTTP/2 connection preface. Peeks, so nothing is consumed; a Unix
+    /// socket (no peek) is never sure.
+    pub async fn surely_http1(&self) -> io::Result<bool> {
+        const HTTP2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+        let mut first = [0u8; HTTP2_PREFACE.len()];
         match self {
-            Self::Tcp(stream) => stream.peek(&mut first).await.map(drop),
+            Self::Tcp(stream) => {
+                let n = stream.peek(&mut first).await?;
+                Ok(n > 0 && !HTTP2_PREFACE.starts_with(&first[..n]))
+            }
             #[cfg(unix)]
-            Self::Unix(stream) => stream.readable().await,
+            Self::Unix(stream) => stream.readable().await.map(|()| false),
         }
     }
 }

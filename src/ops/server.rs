@@ -3,7 +3,11 @@
 //!
 //! Each accepted socket gets `TCP_NODELAY` (small token frames must not wait
 //! for Nagle) and is served by hyper-util's auto builder, which speaks
-//! HTTP/1.1 or HTTP/2 with prior knowledge on the same port. On shutdown the
+//! HTTP/1.1 or HTTP/2 with prior knowledge on the same port, or, when its
+//! first bytes are surely HTTP/1 (nearly always), by hyper's HTTP/1 builder
+//! directly: the auto builder reads the first bytes itself and hands hyper a
+//! first read of 24 bytes, which makes hyper grow the connection's read
+//! buffer from 8 to 16 KiB, kept for the connection's life (issue 29). On shutdown the
 //! listener closes at once, connections are asked to finish what they are
 //! doing (HTTP/1.1 closes after the current response, HTTP/2 sends GOAWAY), and
 //! whatever is still running after the grace period is aborted. A connection
@@ -11,10 +15,13 @@
 //! graceful way ([`crate::ops::client_idle`]).
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use crate::ops::listener::{Listener, Stream};
+use hyper::server::conn::http1;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
@@ -49,7 +56,7 @@ pub(crate) async fn serve(
 ) -> std::io::Result<()> {
     let grace = config.shutdown_grace;
     let limits = &config.limits;
-    let builder = Arc::new(connection_builder(limits));
+    let builder = Arc::new(Builders::new(limits));
     let timeouts = Timeouts {
         first_bytes: limits.header_read_timeout,
         idle: limits.client_idle_timeout,
@@ -134,26 +141,91 @@ struct Timeouts {
     idle: Option<Duration>,
 }
 
-/// The HTTP/1.1 and HTTP/2 settings every client connection is served with.
-fn connection_builder(limits: &crate::config::Limits) -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
-        // Also caps the request head: hyper answers 431 beyond it.
-        .max_buf_size(limits.max_request_header_size);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(limits.http2_max_concurrent_streams)
-        .max_header_list_size(u32::try_from(limits.max_request_header_size).unwrap_or(u32::MAX))
-        // Rapid-reset defence: few streams reset before they are served.
-        .max_pending_accept_reset_streams(HTTP2_MAX_PENDING_RESETS)
-        .max_local_error_reset_streams(HTTP2_MAX_LOCAL_ERROR_RESETS)
-        .keep_alive_interval(HTTP2_KEEPALIVE_INTERVAL);
+/// The HTTP/1.1 and HTTP/2 settings every client connection is served with:
+/// hyper-util's auto builder, and hyper's HTTP/1 builder with the same
+/// HTTP/1 settings for connections whose first bytes are surely HTTP/1.
+struct Builders {
+    auto: auto::Builder<TokioExecutor>,
+    http1: http1::Builder,
+}
 
-    builder
+impl Builders {
+    fn new(limits: &crate::config::Limits) -> Self {
+        let mut auto = auto::Builder::new(TokioExecutor::new());
+        auto.http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_read_timeout)
+            // Also caps the request head: hyper answers 431 beyond it.
+            .max_buf_size(limits.max_request_header_size);
+        auto.http2()
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(limits.http2_max_concurrent_streams)
+            .max_header_list_size(u32::try_from(limits.max_request_header_size).unwrap_or(u32::MAX))
+            // Rapid-reset defence: few streams reset before they are served.
+            .max_pending_accept_reset_streams(HTTP2_MAX_PENDING_RESETS)
+            .max_local_error_reset_streams(HTTP2_MAX_LOCAL_ERROR_RESETS)
+            .keep_alive_interval(HTTP2_KEEPALIVE_INTERVAL);
+        let mut http1 = http1::Builder::new();
+        http1
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_read_timeout)
+            .max_buf_size(limits.max_request_header_size)
+            // hyper's read can overshoot max_buf_size within the buffer it
+            // already holds, so a head a little over the limit would pass
+            // on this path; this checks the parsed head itself (431).
+            .max_header_size(limits.max_request_header_size);
+        Self { auto, http1 }
+    }
+
+    fn serve(&self, stream: Stream, surely_http1: bool, service: Service) -> Connection {
+        let io = TokioIo::new(stream);
+        if surely_http1 {
+            Connection::Http1 {
+                conn: self.http1.serve_connection(io, service).with_upgrades(),
+            }
+        } else {
+            Connection::Auto {
+                conn: self
+                    .auto
+                    .serve_connection_with_upgrades(io, service)
+                    .into_owned(),
+            }
+        }
+    }
+}
+
+type Service = TowerToHyperService<Counted>;
+
+pin_project_lite::pin_project! {
+    /// A client connection served by either builder.
+    #[project = ConnectionProj]
+    enum Connection {
+        Http1 { #[pin] conn: http1::UpgradeableConnection<TokioIo<Stream>, Service> },
+        Auto {
+            #[pin]
+            conn: auto::UpgradeableConnection<'static, TokioIo<Stream>, Service, TokioExecutor>,
+        },
+    }
+}
+
+impl Connection {
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        match self.project() {
+            ConnectionProj::Http1 { conn } => conn.graceful_shutdown(),
+            ConnectionProj::Auto { conn } => conn.graceful_shutdown(),
+        }
+    }
+}
+
+impl Future for Connection {
+    type Output = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            ConnectionProj::Http1 { conn } => conn.poll(cx).map_err(Into::into),
+            ConnectionProj::Auto { conn } => conn.poll(cx),
+        }
+    }
 }
 
 /// One client connection, from its first bytes to its end: served by hyper,
@@ -162,32 +234,35 @@ fn connection_builder(limits: &crate::config::Limits) -> auto::Builder<TokioExec
 async fn serve_connection(
     stream: Stream,
     peer: String,
-    service: TowerToHyperService<Counted>,
-    builder: Arc<auto::Builder<TokioExecutor>>,
+    service: Service,
+    builder: Arc<Builders>,
     timeouts: Timeouts,
     in_flight: InFlight,
     mut draining: tokio::sync::watch::Receiver<bool>,
 ) {
-    // hyper waits for the first bytes (to tell HTTP/1.1 from
-    // HTTP/2) without a limit; a silent client must not hold a
-    // connection for free.
-    if let Some(limit) = timeouts.first_bytes {
-        tokio::select! {
-            waited = tokio::time::timeout(limit, stream.wait_for_data()) => {
-                if waited.is_err() {
-                    tracing::debug!(%peer, "client sent nothing; closing");
-                    return;
-                }
-            }
-            _ = draining.wait_for(|draining| *draining) => {
-                tracing::debug!(%peer, "client sent nothing before shutdown; closing");
+    // The first bytes tell HTTP/1.1 from HTTP/2. hyper would wait for them
+    // without a limit; a silent client must not hold a connection for free.
+    let first_bytes = async {
+        match timeouts.first_bytes {
+            Some(limit) => tokio::time::timeout(limit, stream.surely_http1()).await,
+            None => Ok(stream.surely_http1().await),
+        }
+    };
+    let surely_http1 = tokio::select! {
+        waited = first_bytes => match waited {
+            // A failed peek is hyper's to meet and report.
+            Ok(sniffed) => sniffed.unwrap_or(false),
+            Err(_) => {
+                tracing::debug!(%peer, "client sent nothing; closing");
                 return;
             }
+        },
+        _ = draining.wait_for(|draining| *draining) => {
+            tracing::debug!(%peer, "client sent nothing before shutdown; closing");
+            return;
         }
-    }
-    let connection = builder
-        .serve_connection_with_upgrades(TokioIo::new(stream), service)
-        .into_owned();
+    };
+    let connection = builder.serve(stream, surely_http1, service);
     tokio::pin!(connection);
     let after_goaway = in_flight.clone();
     let idle = async {

@@ -227,7 +227,7 @@ impl Proxy {
         let mut request = Settlement::new(AccessRecord::start(
             number,
             parts.method.clone(),
-            parts.uri.clone(),
+            &parts.uri,
             metrics.clone(),
         ));
         let mut failure = FailureContext::default();
@@ -500,7 +500,9 @@ impl Shared {
         let (mut parts, body) = response.into_parts();
         headers::prepare_response(&mut parts.headers);
         match parts.headers.get(BASETEN_REQUEST_ID) {
-            Some(upstream_id) => request.record.set_request_id(upstream_id.clone()),
+            Some(upstream_id) => request
+                .record
+                .set_request_id(request_id::detached(upstream_id)),
             None => {
                 parts.headers.entry(X_REQUEST_ID).or_insert(request_id);
             }

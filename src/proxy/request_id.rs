@@ -61,7 +61,7 @@ impl RequestIds {
     /// on the request so the upstream sees the same id.
     pub(crate) fn assign(&self, headers: &mut HeaderMap, number: u64) -> HeaderValue {
         if let Some(existing) = headers.get(X_REQUEST_ID) {
-            return existing.clone();
+            return detached(existing);
         }
         let generated = ShortValue::default()
             .text("kr-")
@@ -72,6 +72,15 @@ impl RequestIds {
         headers.insert(X_REQUEST_ID, generated.clone());
         generated
     }
+}
+
+/// A copy of a peer's header value that the access record keeps for a
+/// whole stream: hyper parses values as slices of the connection's read
+/// buffer, and holding one keeps that buffer (8 KiB) allocated beside the
+/// one hyper takes for its next read (issue 29).
+pub(crate) fn detached(value: &HeaderValue) -> HeaderValue {
+    HeaderValue::from_maybe_shared(bytes::Bytes::copy_from_slice(value.as_bytes()))
+        .unwrap_or_else(|_| value.clone())
 }
 
 /// The `Server-Timing` value for keyrelay's own share of a request.

@@ -67,7 +67,11 @@ pub struct AccessRecord {
     metrics: RouteMetrics,
     last_frame: Option<Instant>,
     method: Method,
-    uri: Uri,
+    /// The request's path, copied: hyper's `Uri` is a slice of the
+    /// connection's read buffer and would pin that buffer (8 KiB) for the
+    /// whole of a held stream, making hyper allocate another one for its
+    /// next read (issue 29).
+    path: Box<str>,
     started: Instant,
     status: Option<u16>,
     token: Option<String>,
@@ -90,7 +94,7 @@ pub struct AccessRecord {
 
 impl AccessRecord {
     /// Starts the record when the request arrives.
-    pub fn start(id: u64, method: Method, uri: Uri, metrics: RouteMetrics) -> Self {
+    pub fn start(id: u64, method: Method, uri: &Uri, metrics: RouteMetrics) -> Self {
         metrics.started();
         Self {
             id,
@@ -98,7 +102,7 @@ impl AccessRecord {
             metrics,
             last_frame: None,
             method,
-            uri,
+            path: uri.path().into(),
             started: Instant::now(),
             status: None,
             token: None,
@@ -218,7 +222,7 @@ impl Drop for AccessRecord {
         AccessLine {
             request_id: self.request_id.as_ref().and_then(|v| v.to_str().ok()),
             method: self.method.as_str(),
-            path: self.uri.path(),
+            path: &self.path,
             status: self.status,
             token: self.token.as_deref(),
             ttfb: self.first_byte,

@@ -30,7 +30,7 @@ use bytes::Bytes;
 use http::Request;
 use http_body_util::BodyExt;
 use support::h2_frames::*;
-use support::raw::{probe, probe_with};
+use support::raw::{probe, probe_with, RawConn};
 use support::recording_upstream::{describe_upstream, next_is_served, Recorder, SeenRequest};
 use support::reliability::{escape, report};
 use support::*;
@@ -1226,6 +1226,44 @@ async fn http2_rapid_reset_flood_gets_goaway_while_other_clients_are_served() {
     .expect("served");
     assert_eq!(response.status(), 200);
     next_is_served(relay.addr, &upstream, "flood").await;
+    relay.stop().await;
+}
+
+/// keyrelay serves a connection whose first bytes are surely HTTP/1 with
+/// hyper's HTTP/1 builder and anything else with the auto builder (issue 29):
+/// a client whose first segment is only part of the HTTP/2 preface, or an
+/// HTTP/1 method that starts like it, must still be served in its protocol.
+#[tokio::test]
+async fn first_bytes_split_inside_the_http2_preface_are_served_in_the_right_protocol() {
+    let upstream = Recorder::start().await;
+    let relay = Relay::start(&upstream.url(), &[]).await;
+    for split in [1, 3, 8, 23] {
+        let mut conn = H2Conn::open_split(relay.addr, Some(split)).await;
+        conn.send(&get_frame(1, &format!("/h2/{split}"))).await;
+        assert_eq!(
+            conn.response_status(1).await,
+            Some(200),
+            "HTTP/2 with the preface split after {split} bytes"
+        );
+    }
+    for (method, split) in [("POST", 1), ("PUT", 1), ("PATCH", 1), ("PUT", 2)] {
+        let mut conn = RawConn::connect(relay.addr).await;
+        let request = format!(
+            "{method} /h1/{method} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-length: 0\r\n\r\n"
+        );
+        conn.send(&request.as_bytes()[..split]).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        conn.send(&request.as_bytes()[split..]).await;
+        let head = conn
+            .head_or_end()
+            .await
+            .map(|h| String::from_utf8_lossy(&h).into_owned());
+        let status_line = head.as_deref().and_then(|h| h.lines().next()).unwrap_or("");
+        assert!(
+            status_line.starts_with("HTTP/1.1 200"),
+            "{method} split after {split} bytes: {head:?}"
+        );
+    }
     relay.stop().await;
 }
 

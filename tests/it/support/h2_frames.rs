@@ -174,12 +174,25 @@ pub(crate) struct H2Conn {
 impl H2Conn {
     /// Connects, sends the preface and empty SETTINGS, and acknowledges the server's.
     pub(crate) async fn open(addr: SocketAddr) -> Self {
+        Self::open_split(addr, None).await
+    }
+
+    /// [`H2Conn::open`], the preface sent in two writes when `split` is
+    /// given: its first `split` bytes, a pause, then the rest, so the server
+    /// first sees only part of it.
+    pub(crate) async fn open_split(addr: SocketAddr, split: Option<usize>) -> Self {
         let mut conn = Self {
             conn: RawConn::connect(addr).await,
         };
         let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
         hello.extend_from_slice(&frame(FRAME_SETTINGS, 0, 0, &[]));
-        conn.send(&hello).await;
+        if let Some(split) = split {
+            conn.send(&hello[..split]).await;
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            conn.send(&hello[split..]).await;
+        } else {
+            conn.send(&hello).await;
+        }
         let settings = conn.next_frame().await.expect("server SETTINGS");
         assert_eq!(settings.kind, FRAME_SETTINGS, "{settings:?}");
         conn.send(&frame(FRAME_SETTINGS, FLAG_ACK, 0, &[])).await;
