@@ -144,6 +144,10 @@ async fn run_proxy(mut sources: Sources) -> ExitCode {
     };
     // Held to the end: dropping it writes out every queued log line.
     let _log = logging::init(config.log_format);
+    // Before the socket exists: a supervisor (or test) that sees the socket
+    // and at once asks keyrelay to stop gets a drain, not the default
+    // action of a signal nothing handles yet.
+    let shutdown = signals::shutdown_requested();
     let bound = match activated {
         Some(socket) => {
             tracing::info!(
@@ -171,7 +175,7 @@ async fn run_proxy(mut sources: Sources) -> ExitCode {
             return ExitCode::from(EXIT_UNAVAILABLE);
         }
     };
-    match keyrelay::run(config, listener, signals::shutdown_requested()).await {
+    match keyrelay::run(config, listener, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("keyrelay: {err}");
