@@ -63,6 +63,8 @@ export class Witness {
 
 /** How long a case waits for Chromium to report a request it has made. */
 const NETWORK_EVENT_TIMEOUT_MS = 5_000;
+// How long a failed request waits for a wire status CDP may still report.
+const LATE_EXTRA_INFO_MS = 500;
 
 /**
  * Records a page's network activity through CDP. Each entry, keyed by request:
@@ -95,7 +97,7 @@ async function recordNetwork(page) {
   // The wire's status and headers, also for responses CORS keeps from the page.
   on('responseReceivedExtraInfo', (e, { statusCode, headers }) => Object.assign(e, { status: statusCode, headers: lower(headers) }));
   on('loadingFailed', (e, { errorText, corsErrorStatus }) =>
-    Object.assign(e, { finished: true, error: errorText, corsError: corsErrorStatus?.corsError }),
+    Object.assign(e, { finished: true, finishedAt: Date.now(), error: errorText, corsError: corsErrorStatus?.corsError }),
   );
   on('loadingFinished', (e, { requestId }) => {
     e.finished = true;
@@ -113,8 +115,17 @@ async function recordNetwork(page) {
 
   // Whether Chromium has said all it will about a request: a preflight's or
   // a WebSocket handshake's answer, or the end of any other request.
+  // A request that failed (CORS hid its response) may still get its wire
+  // status in a responseReceivedExtraInfo that CDP delivers after
+  // loadingFailed: such an entry is complete once that status is in, or a
+  // moment after the failure if no response ever came (a POST whose
+  // preflight was refused was never sent).
   const complete = (e) =>
-    e.type === 'Preflight' ? e.status !== undefined : e.type === 'WebSocket' ? Boolean(e.status || e.error) : e.finished;
+    e.type === 'Preflight'
+      ? e.status !== undefined
+      : e.type === 'WebSocket'
+        ? Boolean(e.status || e.error)
+        : e.finished && (e.status !== undefined || e.finishedAt === undefined || Date.now() - e.finishedAt >= LATE_EXTRA_INFO_MS);
 
   return {
     /** Entries matching every field of `fields` (e.g. { type: 'Preflight', url }), as recorded so far. */
@@ -132,12 +143,19 @@ async function recordNetwork(page) {
           const seen = JSON.stringify(find(fields));
           done(() => reject(new Error(`Chromium reported no complete request matching ${JSON.stringify(fields)}: ${seen}`)));
         }, NETWORK_EVENT_TIMEOUT_MS);
-        const done = (settle) => {
+        let done = (settle) => {
           clearTimeout(timer);
           waiters.delete(check);
           settle();
         };
         waiters.add(check);
+        // Events wake the check; this catches the end of the grace above.
+        const recheck = setInterval(check, 50);
+        const settleOnce = done;
+        done = (settle) => {
+          clearInterval(recheck);
+          settleOnce(settle);
+        };
         check();
       }),
     /** Waits for the response bodies still being fetched from Chromium. */
