@@ -46,6 +46,11 @@ echo "== cargo install --locked --path . ${profile_args[*]}"
 cargo install --locked --path . --root "$work/root" "${profile_args[@]}"
 installed="$work/root/bin/keyrelay"
 [ "$("$installed" --version)" = "keyrelay $version" ] || fail "installed keyrelay --version says $("$installed" --version)"
-"$installed" man | grep -q '^\.TH keyrelay 1' || fail "installed keyrelay man is not the man page"
-"$installed" completions bash | grep -q -- '--upstream' || fail "installed keyrelay's bash completions lack --upstream"
+# Written whole to a file first: `grep -q` stops reading at its first
+# match, and a page or script longer than the pipe's buffer would then end
+# in a broken pipe that pipefail counts as keyrelay's failure.
+"$installed" man >"$work/man.1" || fail "installed keyrelay man failed"
+grep -q '^\.TH keyrelay 1' "$work/man.1" || fail "installed keyrelay man is not the man page"
+"$installed" completions bash >"$work/completions.bash" || fail "installed keyrelay completions bash failed"
+grep -q -- '--upstream' "$work/completions.bash" || fail "installed keyrelay's bash completions lack --upstream"
 echo "== install_check.sh: keyrelay $version packs and installs; in $((SECONDS - started))s"
