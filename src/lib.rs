@@ -94,11 +94,28 @@ pub async fn run_with_metrics(
     if let Some(path) = &config.usage_state_file {
         usage::state_file::load(path, &budgets);
     }
+    // Request spans, when traces are exported: the exporter task runs on
+    // this runtime and is flushed after the last stream has ended.
+    let (tracer, exporter) = match &config.traces {
+        Some(settings) => {
+            let (tracer, exporter) =
+                telemetry::trace::Tracer::new(settings, &metrics, &config.extra_ca_certs)?;
+            tracing::info!(
+                collector = %settings.endpoint,
+                protocol = settings.protocol.as_str(),
+                sampler = %settings.sampler.describe(),
+                "traces: exporting request spans"
+            );
+            (Some(tracer), Some(exporter.spawn()))
+        }
+        None => (None, None),
+    };
     let proxy = proxy::Proxy::new(
         &config,
         &metrics,
         Arc::clone(&tunnels),
         Arc::clone(&budgets),
+        tracer,
     )?;
 
     // Background tasks: a JoinSet aborts them all when `run` returns.
@@ -215,6 +232,10 @@ pub async fn run_with_metrics(
     // their budgets: keep what they spent.
     if let Some(path) = &config.usage_state_file {
         usage::state_file::save(path, &budgets);
+    }
+    // Their spans too: sent before exit, within the export timeout.
+    if let (Some(exporter), Some(settings)) = (exporter, &config.traces) {
+        exporter.flush(settings.timeout).await;
     }
     served
 }

@@ -39,6 +39,7 @@ mod request_headers;
 mod routes;
 pub mod settings;
 pub(crate) mod tls;
+pub mod traces;
 
 pub use check::{ConfigError, Problem};
 pub use load::{load, OverrideValue, Sources};
@@ -91,6 +92,8 @@ pub struct Config {
     pub usage_store: Option<RedisAddress>,
     /// What to do when that Redis cannot be reached.
     pub usage_store_unavailable: Unavailable,
+    /// Where request spans are exported, if anywhere.
+    pub traces: Option<traces::TraceSettings>,
 }
 
 /// The HTTP version keyrelay speaks to an upstream (`upstream_http`).
@@ -372,5 +375,7 @@ struct RawConfig {
     usage_state_file: Option<String>,
     usage_store: String,
     usage_store_unavailable: String,
+    otlp_endpoint: Option<String>,
+    otlp_protocol: Option<String>,
     log_format: String,
 }

@@ -554,6 +554,18 @@ pub const SETTINGS: &[Setting] = &[
         kind: Kind::Text,
     },
     Setting {
+        key: "otlp_endpoint",
+        default: "",
+        help: "OTLP collector that request spans are exported to, e.g. http://127.0.0.1:4318 (off when unset; OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or OTEL_EXPORTER_OTLP_ENDPOINT otherwise).",
+        kind: Kind::Text,
+    },
+    Setting {
+        key: "otlp_protocol",
+        default: "",
+        help: "How spans are exported: http/protobuf or grpc (OTEL_EXPORTER_OTLP_PROTOCOL otherwise; http/protobuf when neither is set).",
+        kind: Kind::Text,
+    },
+    Setting {
         key: "log_format",
         default: "text",
         help: "Log output: text or json.",

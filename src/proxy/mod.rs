@@ -48,6 +48,8 @@ use crate::proxy::tunnel::Tunnels;
 use crate::proxy::upstream::{Keeper, Lease, Upstreams, Via};
 use crate::telemetry::metrics::{Metrics, RouteMetrics};
 use crate::telemetry::record::{AccessRecord, Metered, Outcome};
+use crate::telemetry::trace::span::{Attribute, Value};
+use crate::telemetry::trace::Tracer;
 use crate::usage::inspect::RequestCaps;
 use crate::usage::stream_usage::UsageEventStrip;
 use crate::usage::{Budgets, UsageTap};
@@ -100,6 +102,8 @@ struct Shared {
     token_caps: RequestCaps,
     /// Name the answering route in `x-keyrelay-upstream`.
     upstream_name_header: bool,
+    /// Starts request spans, when traces are exported.
+    tracer: Option<Arc<Tracer>>,
 }
 
 /// What is known of a request when it fails, for the error answer: the
@@ -160,6 +164,7 @@ impl Proxy {
         metrics: &Arc<Metrics>,
         tunnels: Arc<Tunnels>,
         budgets: Arc<Budgets>,
+        tracer: Option<Arc<Tracer>>,
     ) -> std::io::Result<Self> {
         let shared = Arc::new(Shared {
             routes: RouteTable::new(&config.routes, metrics),
@@ -177,6 +182,7 @@ impl Proxy {
             budgets,
             token_caps: config.access.token_caps.clone(),
             upstream_name_header: config.upstream_name_header,
+            tracer,
         });
         Ok(Self {
             worker: Arc::new(Worker {
@@ -230,6 +236,10 @@ impl Proxy {
             &parts.uri,
             metrics.clone(),
         ));
+        if let Some(tracer) = &shared.tracer {
+            let route = matched.map(|route| route.name.as_str());
+            request.record.trace(tracer, &parts.headers, route);
+        }
         let mut failure = FailureContext::default();
 
         let answer = shared
@@ -304,6 +314,10 @@ impl Shared {
         // 3. Build the upstream request.
         let request_id = worker.ids.assign(&mut parts.headers, record.id());
         record.set_request_id(request_id.clone());
+        if let Some(span) = record.span() {
+            // The upstream's spans become children of this request's.
+            span.propagate(&mut parts.headers);
+        }
         // An upgrade (WebSocket) is forwarded deliberately, only over HTTP/1.1
         // on both sides, where the protocol switch exists.
         let mut upgrade = headers::requested_upgrade(&parts.headers).filter(|_| {
@@ -365,6 +379,7 @@ impl Shared {
                     parts: again,
                     body: replayed,
                 } => {
+                    record.trace_event("retry", || retry_event(target, &sent, next, wait));
                     // The answer is dropped unread: an HTTP/1.1 connection
                     // closes with it, an HTTP/2 stream is reset.
                     drop(sent);
@@ -381,6 +396,12 @@ impl Shared {
         }
         if target.index != route.index {
             record.set_upstream(&target.name);
+        }
+        if let Some(span) = record.span() {
+            span.set("server.address", target.upstream.authority.host());
+            if let Some(port) = target.upstream.authority.port_u16() {
+                span.set("server.port", i64::from(port));
+            }
         }
         let answered_by = self
             .upstream_name_header
@@ -737,4 +758,27 @@ impl tower::Service<Request<Incoming>> for Proxy {
         let proxy = self.clone();
         Box::pin(async move { Ok(proxy.forward(request).await) })
     }
+}
+
+/// The span event of an attempt that is followed by another: what it got,
+/// where the next goes, and after how long.
+fn retry_event(
+    target: &Route,
+    sent: &Result<(Response<Incoming>, Lease), SendFailure>,
+    next: &Route,
+    wait: std::time::Duration,
+) -> Vec<Attribute> {
+    let got = match sent {
+        Ok((response, _)) => Attribute::new(
+            "http.response.status_code",
+            i64::from(response.status().as_u16()),
+        ),
+        Err(failure) => Attribute::new("error.type", Value::Static(failure.error.kind())),
+    };
+    vec![
+        Attribute::new("keyrelay.route", target.name.as_str()),
+        got,
+        Attribute::new("keyrelay.next_route", next.name.as_str()),
+        Attribute::new("keyrelay.wait", Value::Float(wait.as_secs_f64())),
+    ]
 }

@@ -35,6 +35,7 @@ use zeroize::Zeroizing;
 
 use crate::secrets::key::ApiKey;
 use crate::secrets::key_command::{Fetched, Lifetime};
+use crate::telemetry::logging;
 
 /// The most a token endpoint's answer may hold: a JWT access token with
 /// its JSON around it stays far below this.
@@ -192,7 +193,7 @@ impl OAuthClient {
         let response = client
             .request(request)
             .await
-            .map_err(|err| format!("cannot reach {url}: {}", causes(&err)))?;
+            .map_err(|err| format!("cannot reach {url}: {}", logging::causes(&err)))?;
         let status = response.status();
         let body = Limited::new(response.into_body(), MAX_ANSWER)
             .collect()
@@ -284,19 +285,6 @@ impl OAuthClient {
 struct Answer {
     token: ApiKey,
     expires_in: Option<Duration>,
-}
-
-/// An error and its causes, joined (hyper-util's client error says only
-/// "client error (Connect)" at the top).
-fn causes(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// Appends `name=value` to an `application/x-www-form-urlencoded` body.

@@ -141,3 +141,16 @@ pub(crate) async fn report_dropped_lines() {
         }
     }
 }
+
+/// An error and its causes, joined (hyper-util's client error says only
+/// "client error (Connect)" at the top).
+pub(crate) fn causes(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

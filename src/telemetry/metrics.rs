@@ -105,6 +105,14 @@ pub struct RetryLabels {
     pub reason: &'static str,
 }
 
+/// Labels of the span counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SpanLabels {
+    /// `exported`, `dropped` (the export queue was full) or `failed` (the
+    /// collector could not be reached or refused them).
+    pub result: &'static str,
+}
+
 /// Labels of the credential refresh counter.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RefreshLabels {
@@ -182,6 +190,7 @@ pub struct Metrics {
     credential_reloads: Counter,
     credential_refreshes: Family<RefreshLabels, Counter>,
     credential_expiry: Family<RouteLabel, Gauge<f64, AtomicU64>>,
+    trace_spans: Family<SpanLabels, Counter>,
     /// Mirrors [`logging::dropped_lines`], brought up to date on each scrape;
     /// the lock keeps two concurrent scrapes from adding the same lines twice.
     log_lines_dropped: std::sync::Mutex<Counter>,
@@ -344,6 +353,12 @@ impl Metrics {
             Unit::Seconds,
             credential_expiry.clone(),
         );
+        let trace_spans = Family::<SpanLabels, Counter>::default();
+        registry.register(
+            "trace_spans",
+            "Request spans sampled for OTLP export, by result (exported, dropped: the export queue was full, failed: the collector could not be reached or refused them)",
+            trace_spans.clone(),
+        );
         let log_lines_dropped = Counter::default();
         registry.register(
             "log_lines_dropped",
@@ -372,6 +387,7 @@ impl Metrics {
             credential_reloads,
             credential_refreshes,
             credential_expiry,
+            trace_spans,
             log_lines_dropped: std::sync::Mutex::new(log_lines_dropped),
         }
     }
@@ -439,6 +455,11 @@ impl Metrics {
                 route: route.to_owned(),
                 result,
             })
+    }
+
+    /// The counter of sampled spans that ended in `result`.
+    pub fn trace_spans(&self, result: &'static str) -> Counter {
+        self.trace_spans.get_or_create_owned(&SpanLabels { result })
     }
 
     /// Sets the seconds left before `route`'s credential expires (brought

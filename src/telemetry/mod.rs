@@ -13,3 +13,4 @@ pub mod logging;
 pub mod metrics;
 pub(crate) mod record;
 pub mod tokens;
+pub mod trace;

@@ -13,14 +13,17 @@
 //! fills this record and reads it back to settle the budgets
 //! ([`AccessRecord::spent`]).
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use http::{HeaderValue, Method, Uri};
+use http::{HeaderMap, HeaderValue, Method, Uri};
 use tokio::time::Instant;
 
 use crate::telemetry::access_log::AccessLine;
 use crate::telemetry::metrics::RouteMetrics;
 use crate::telemetry::tokens::{TokenFigures, UsageReport};
+use crate::telemetry::trace::span::{ActiveSpan, Attribute};
+use crate::telemetry::trace::Tracer;
 
 /// How a request ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,6 +93,9 @@ pub struct AccessRecord {
     attempts: u32,
     /// The route that answered, when a fallback did.
     upstream: Option<String>,
+    /// The request's span, when traces are exported (boxed: none is the
+    /// common case, and the record lives as long as the stream).
+    span: Option<Box<ActiveSpan>>,
 }
 
 impl AccessRecord {
@@ -115,6 +121,30 @@ impl AccessRecord {
             forwarded: false,
             attempts: 0,
             upstream: None,
+            span: None,
+        }
+    }
+
+    /// Starts the request's span, from the caller's trace context in
+    /// `headers`, and names the route in it.
+    pub fn trace(&mut self, tracer: &Arc<Tracer>, headers: &HeaderMap, route: Option<&str>) {
+        let mut span = tracer.start(headers, self.started);
+        if let Some(route) = route {
+            span.set("keyrelay.route", route);
+        }
+        self.span = Some(span);
+    }
+
+    /// The request's span, if it has one.
+    pub fn span(&mut self) -> Option<&mut ActiveSpan> {
+        self.span.as_deref_mut()
+    }
+
+    /// Records an event in the request's span, if it has a sampled one;
+    /// `attributes` is only called then.
+    pub fn trace_event(&mut self, name: &'static str, attributes: impl FnOnce() -> Vec<Attribute>) {
+        if let Some(span) = self.span.as_deref_mut().filter(|span| span.sampled()) {
+            span.event(Instant::now(), name, attributes());
         }
     }
 
@@ -219,7 +249,7 @@ impl Drop for AccessRecord {
             duration.as_secs_f64(),
             self.first_byte.map(|d| d.as_secs_f64()),
         );
-        AccessLine {
+        let line = AccessLine {
             request_id: self.request_id.as_ref().and_then(|v| v.to_str().ok()),
             method: self.method.as_str(),
             path: &self.path,
@@ -234,8 +264,12 @@ impl Drop for AccessRecord {
             tokens_per_second: tokens.and_then(|figures| figures.tokens_per_second),
             attempts: (self.attempts > 1).then_some(self.attempts),
             upstream: self.upstream.as_deref(),
+        };
+        line.emit();
+        if let Some(span) = self.span.take() {
+            let failed = matches!(outcome, Outcome::UpstreamError | Outcome::Timeout);
+            span.finish(&line, failed);
         }
-        .emit();
     }
 }
 

@@ -39,6 +39,7 @@ mod security;
 #[cfg(target_os = "linux")]
 mod socket_activation;
 mod streaming;
+mod traces;
 mod unix_socket;
 mod upstream_faults;
 mod upstream_pool;

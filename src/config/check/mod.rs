@@ -12,6 +12,7 @@
 mod access;
 mod limits;
 mod listener;
+mod traces;
 mod upstream;
 mod usage;
 
@@ -215,6 +216,7 @@ pub(super) fn validate(
     let limits = limits::check(&raw, found);
     let log_format = log_format(&raw.log_format, found);
     let usage = usage::check(&raw, found);
+    let traces = traces::check(&raw, env, found);
 
     let serving = serving?;
     let upstream = upstream?;
@@ -241,6 +243,7 @@ pub(super) fn validate(
         usage_state_file: usage.state_file,
         usage_store: usage.store,
         usage_store_unavailable: usage.store_unavailable,
+        traces: traces?,
     })
 }
 

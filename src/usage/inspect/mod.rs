@@ -29,4 +29,5 @@ pub use fields::{
     choices, count, max_output, parse, prompt_estimate, truthy, NotACount, DEFAULT_BUDGET_RESERVE,
     MAX_PROMPT_ESTIMATE, NESTED_OUTPUT_FIELDS, OUTPUT_FIELDS, READ_FIELDS,
 };
+pub(crate) use path::percent_decode;
 pub use path::{is_completions_path, path_model, target_models};

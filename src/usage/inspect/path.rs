@@ -55,7 +55,8 @@ pub fn is_completions_path(path: &str) -> bool {
     last.eq_ignore_ascii_case("completions")
 }
 
-pub(super) fn percent_decode(text: &str) -> String {
+/// `text` with each `%XX` replaced by its byte (invalid UTF-8 replaced).
+pub(crate) fn percent_decode(text: &str) -> String {
     let bytes = text.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;

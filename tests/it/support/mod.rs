@@ -14,6 +14,7 @@ pub(crate) mod guard_util;
 pub(crate) mod h2_frames;
 pub(crate) mod h2_server;
 pub(crate) mod ops;
+pub(crate) mod otlp;
 pub(crate) mod python;
 pub(crate) mod raw;
 pub(crate) mod recording_upstream;

@@ -1,0 +1,310 @@
+//! A request's span: started when the request arrives (ids from its
+//! `traceparent`), given events as the request goes (retries, the first
+//! token), and finished from the same figures as the access-log line, then
+//! queued for export.
+//!
+//! What goes in: the method, the path (never the query, which can hold a
+//! key), the route, the status, the upstream's host, the access token's
+//! name, the GenAI usage the tap read. Never a header value.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use http::header::{HeaderMap, HeaderValue};
+use tokio::time::Instant;
+
+use crate::telemetry::access_log::AccessLine;
+use crate::telemetry::trace::context::{self, Parent, SpanId, TraceId};
+use crate::telemetry::trace::Tracer;
+
+const TRACEPARENT: &str = "traceparent";
+const TRACESTATE: &str = "tracestate";
+
+/// An attribute's value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    Text(Box<str>),
+    Static(&'static str),
+    Int(i64),
+    Float(f64),
+}
+
+impl From<&str> for Value {
+    fn from(text: &str) -> Self {
+        Self::Text(text.into())
+    }
+}
+
+/// One attribute: a key from the semantic conventions (or `keyrelay.*`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Attribute {
+    pub key: &'static str,
+    pub value: Value,
+}
+
+impl Attribute {
+    pub fn new(key: &'static str, value: impl Into<Value>) -> Self {
+        Self {
+            key,
+            value: value.into(),
+        }
+    }
+}
+
+fn attribute(key: &'static str, value: impl Into<Value>) -> Attribute {
+    Attribute::new(key, value)
+}
+
+impl From<i64> for Value {
+    fn from(number: i64) -> Self {
+        Self::Int(number)
+    }
+}
+
+/// Something that happened during the span, at a time.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    pub time_unix_nano: u64,
+    pub name: &'static str,
+    pub attributes: Vec<Attribute>,
+}
+
+/// The span's status: unset for answers the client got, an error with a
+/// type for what failed upstream.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Status {
+    Unset,
+    Error(&'static str),
+}
+
+/// A finished span, ready to encode.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SpanData {
+    pub trace_id: TraceId,
+    pub span_id: SpanId,
+    pub parent_span_id: Option<SpanId>,
+    pub trace_state: Option<Box<str>>,
+    pub name: String,
+    pub start_unix_nano: u64,
+    pub end_unix_nano: u64,
+    pub attributes: Vec<Attribute>,
+    pub events: Vec<Event>,
+    pub status: Status,
+    /// The W3C trace flags, and whether the parent was remote (OTLP's
+    /// `SpanFlags`).
+    pub flags: u32,
+}
+
+/// A request's span while the request runs.
+#[derive(Debug)]
+pub struct ActiveSpan {
+    tracer: Arc<Tracer>,
+    trace_id: TraceId,
+    span_id: SpanId,
+    parent: Option<SpanId>,
+    sampled: bool,
+    trace_state: Option<HeaderValue>,
+    started: Instant,
+    start_unix_nano: u64,
+    attributes: Vec<Attribute>,
+    events: Vec<Event>,
+}
+
+impl ActiveSpan {
+    /// Starts the span of a request with `headers`: a child of the
+    /// caller's span when it sent a valid `traceparent`, else the root of
+    /// a new trace.
+    pub(crate) fn start(tracer: &Arc<Tracer>, headers: &HeaderMap, started: Instant) -> Self {
+        let mut parents = headers.get_all(TRACEPARENT).iter();
+        // Two traceparent headers are as invalid as a malformed one.
+        let parent = match (parents.next(), parents.next()) {
+            (Some(value), None) => Parent::parse(value.as_bytes()),
+            _ => None,
+        };
+        let trace_id = parent.map_or_else(TraceId::random, |parent| parent.trace_id);
+        // The caller's vendors' state travels on only within its trace.
+        let trace_state = parent.and_then(|_| headers.get(TRACESTATE)).cloned();
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        Self {
+            tracer: Arc::clone(tracer),
+            trace_id,
+            span_id: SpanId::random(),
+            parent: parent.map(|parent| parent.span_id),
+            sampled: tracer
+                .sampler
+                .sampled(&trace_id.0, parent.map(|parent| parent.sampled())),
+            trace_state,
+            started,
+            start_unix_nano: now.as_nanos() as u64,
+            attributes: Vec::new(),
+            events: Vec::new(),
+        }
+    }
+
+    /// Puts this span's context on the upstream request, replacing the
+    /// caller's: the model side's spans become children of keyrelay's.
+    pub(crate) fn propagate(&self, headers: &mut HeaderMap) {
+        let value = context::traceparent(self.trace_id, self.span_id, self.sampled);
+        if let Ok(value) = HeaderValue::try_from(value) {
+            headers.insert(TRACEPARENT, value);
+        }
+        match &self.trace_state {
+            Some(state) => {
+                headers.insert(TRACESTATE, state.clone());
+            }
+            // A new trace: state from a trace it is not part of is dropped.
+            None => {
+                headers.remove(TRACESTATE);
+            }
+        }
+    }
+
+    /// True if the span will be exported.
+    pub(crate) fn sampled(&self) -> bool {
+        self.sampled
+    }
+
+    /// Adds an attribute known during the request (route, upstream host).
+    pub(crate) fn set(&mut self, key: &'static str, value: impl Into<Value>) {
+        if self.sampled {
+            self.attributes.push(attribute(key, value));
+        }
+    }
+
+    /// Records an event at `at`.
+    pub(crate) fn event(&mut self, at: Instant, name: &'static str, attributes: Vec<Attribute>) {
+        if self.sampled {
+            let time_unix_nano = self.unix_nano(at);
+            self.events.push(Event {
+                time_unix_nano,
+                name,
+                attributes,
+            });
+        }
+    }
+
+    fn unix_nano(&self, at: Instant) -> u64 {
+        let since_start = at.saturating_duration_since(self.started);
+        self.start_unix_nano
+            .saturating_add(since_start.as_nanos() as u64)
+    }
+
+    /// Ends the span with what the access-log line says, and queues it.
+    pub(crate) fn finish(mut self, line: &AccessLine<'_>, failed: bool) {
+        if !self.sampled {
+            return;
+        }
+        let mut attributes = std::mem::take(&mut self.attributes);
+        attributes.push(attribute("http.request.method", line.method));
+        attributes.push(attribute("url.path", line.path));
+        if let Some(status) = line.status {
+            attributes.push(attribute("http.response.status_code", i64::from(status)));
+        }
+        attributes.push(attribute("http.response.body.size", line.bytes as i64));
+        attributes.push(attribute("keyrelay.outcome", Value::Static(line.outcome)));
+        if let Some(id) = line.request_id {
+            attributes.push(attribute("keyrelay.request_id", id));
+        }
+        if let Some(token) = line.token {
+            attributes.push(attribute("keyrelay.access_token", token));
+        }
+        if let Some(attempts) = line.attempts {
+            attributes.push(attribute("keyrelay.attempts", i64::from(attempts)));
+        }
+        if let Some(upstream) = line.upstream {
+            attributes.push(attribute("keyrelay.upstream.route", upstream));
+        }
+        if let Some(prompt) = line.usage.prompt {
+            attributes.push(attribute("gen_ai.usage.input_tokens", prompt as i64));
+        }
+        if let Some(completion) = line.usage.completion {
+            attributes.push(attribute("gen_ai.usage.output_tokens", completion as i64));
+        }
+        if let Some(cached) = line.usage.cached {
+            attributes.push(attribute(
+                "gen_ai.usage.cache_read.input_tokens",
+                cached as i64,
+            ));
+        }
+        if let Some(ttft) = line.ttft {
+            attributes.push(attribute(
+                "keyrelay.time_to_first_token",
+                Value::Float(ttft.as_secs_f64()),
+            ));
+            self.event_after(ttft, "first_token");
+        }
+        if let Some(rate) = line.tokens_per_second {
+            attributes.push(attribute(
+                "keyrelay.output_tokens_per_second",
+                Value::Float(rate),
+            ));
+        }
+        if let Some(ttfb) = line.ttfb {
+            self.event_after(ttfb, "first_byte");
+        }
+        let status = if failed {
+            attributes.push(attribute("error.type", Value::Static(line.outcome)));
+            Status::Error(line.outcome)
+        } else {
+            match line.status {
+                Some(code) if code >= 500 => {
+                    attributes.push(attribute(
+                        "error.type",
+                        Value::Text(code.to_string().into()),
+                    ));
+                    Status::Error("upstream answered with a server error")
+                }
+                _ => Status::Unset,
+            }
+        };
+        // Events recorded during the request come first in time.
+        self.events.sort_by_key(|event| event.time_unix_nano);
+        let name = match self.attributes_route(&attributes) {
+            Some(route) => format!("{} {route}", line.method),
+            None => line.method.to_owned(),
+        };
+        let span = SpanData {
+            trace_id: self.trace_id,
+            span_id: self.span_id,
+            parent_span_id: self.parent,
+            trace_state: self
+                .trace_state
+                .as_ref()
+                .and_then(|state| state.to_str().ok())
+                .map(Into::into),
+            name,
+            start_unix_nano: self.start_unix_nano,
+            end_unix_nano: self.start_unix_nano + line.duration.as_nanos() as u64,
+            attributes,
+            events: std::mem::take(&mut self.events),
+            status,
+            flags: span_flags(self.sampled, self.parent.is_some()),
+        };
+        self.tracer.queue(span);
+    }
+
+    fn event_after(&mut self, after: Duration, name: &'static str) {
+        self.event(self.started + after, name, Vec::new());
+    }
+
+    fn attributes_route<'a>(&self, attributes: &'a [Attribute]) -> Option<&'a str> {
+        attributes
+            .iter()
+            .find_map(|attribute| match (&attribute.key, &attribute.value) {
+                (&"keyrelay.route", Value::Text(route)) => Some(&**route),
+                _ => None,
+            })
+    }
+}
+
+/// OTLP's `Span.flags`: the W3C flags in the low byte, then "whether the
+/// parent is remote is known" and "it is".
+fn span_flags(sampled: bool, remote_parent: bool) -> u32 {
+    let mut flags = u32::from(sampled) | 0x100;
+    if remote_parent {
+        flags |= 0x200;
+    }
+    flags
+}
