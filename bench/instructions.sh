@@ -3,6 +3,7 @@
 #
 #   bench/instructions.sh [REQUESTS]            default 4000
 #   bench/instructions.sh --chunks [CHUNKS]     default 4000
+#   bench/instructions.sh --traces [REQUESTS]   default 4000
 #
 # Wall-clock figures on a shared 2-core machine move by 5-10% from run to run;
 # instruction counts do not (they repeat to within about 0.1%), so this is the
@@ -24,6 +25,11 @@
 # and with usage_tap = "off", and prints both and their ratio: what reading
 # token usage off the stream costs per chunk.
 #
+# With --traces it counts the same requests with trace export on and every
+# request sampled (OTEL_TRACES_SAMPLER=always_on, spans sent over OTLP/HTTP to
+# the mock upstream's /v1/traces): what a span costs, encoding and export
+# included. The plain run is the "tracing off" figure.
+#
 # Needs valgrind and python3 (installed with apt-get when missing and root).
 set -euo pipefail
 export LC_ALL=C
@@ -31,10 +37,10 @@ export LC_ALL=C
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 MODE=requests
-if [ "${1:-}" = --chunks ]; then
-  MODE=chunks
-  shift
-fi
+case "${1:-}" in
+  --chunks) MODE=chunks; shift ;;
+  --traces) MODE=traces; shift ;;
+esac
 EXTRA=${1:-4000}
 BASE=1000
 CHUNK_SIZE=160
@@ -114,7 +120,11 @@ count() {
   shift
   port=$(free_port)
   out=$WORK/callgrind.$amount.$#.out
-  BASETEN_API_KEY=bench-key valgrind --tool=callgrind --callgrind-out-file="$out" \
+  local -a trace_env=()
+  if [ "$MODE" = traces ]; then
+    trace_env=(OTEL_EXPORTER_OTLP_ENDPOINT="http://$UPSTREAM" OTEL_TRACES_SAMPLER=always_on)
+  fi
+  env "${trace_env[@]}" BASETEN_API_KEY=bench-key valgrind --tool=callgrind --callgrind-out-file="$out" \
     "$ROOT/target/release/keyrelay" --listen "127.0.0.1:$port" --upstream "http://$UPSTREAM" "$@" \
     >"$WORK/keyrelay.$amount.log" 2>&1 &
   pid=$!
@@ -157,5 +167,11 @@ log "counting $((BASE + EXTRA)) requests"
 large=$(count $((BASE + EXTRA)))
 [ -n "$small" ] && [ -n "$large" ] || fail "callgrind wrote no summary"
 per_request=$(((large - small) / EXTRA))
+if [ "$MODE" = traces ]; then
+  grep -q "trace export failed" "$WORK"/keyrelay.*.log && fail "span export failed: $(grep -h "trace export failed" "$WORK"/keyrelay.*.log | head -1)"
+  echo "instructions_per_request_traced $per_request"
+  log "keyrelay with every request traced and exported: $per_request instructions per request"
+  exit 0
+fi
 echo "instructions_per_request $per_request"
 log "keyrelay (log level ${RUST_LOG:-default}): $per_request instructions per request ($small for $BASE, $large for $((BASE + EXTRA)))"

@@ -25,6 +25,8 @@
 //! - `/cancelled?id=ID&wait_ms=W`: the drop time (ns) of stream `ID`, waiting
 //!   up to `W` ms for it; 404 if it was not dropped in that time;
 //! - `/bulk?bytes=N&chunk=C`: `N` bytes streamed chunked in `C`-byte frames;
+//! - `POST /v1/traces`: an OTLP/HTTP sink (no key asked): the body is read
+//!   and dropped, 200 (`bench/instructions.sh --traces`);
 //! - `/stats`: counters (`connections` accepted, `requests`, `unauthorized`,
 //!   `cancelled`, `open_streams`).
 //!
@@ -189,6 +191,11 @@ fn respond(status: StatusCode, body: BenchBody) -> Response<BenchBody> {
 
 async fn handle(request: Request<Incoming>, state: &Arc<State>) -> Response<BenchBody> {
     state.requests.fetch_add(1, Ordering::Relaxed);
+    if request.uri().path() == "/v1/traces" {
+        // keyrelay's span exports: no key is sent to a collector.
+        let _ = http_body_util::BodyExt::collect(request.into_body()).await;
+        return respond(StatusCode::OK, BenchBody::once(Bytes::new()));
+    }
     if request.headers().get(AUTHORIZATION) != Some(&state.expected) {
         state.unauthorized.fetch_add(1, Ordering::Relaxed);
         return respond(

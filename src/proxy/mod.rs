@@ -398,9 +398,14 @@ impl Shared {
             record.set_upstream(&target.name);
         }
         if let Some(span) = record.span() {
-            span.set("server.address", target.upstream.authority.host());
+            // Not server.address: on a SERVER span the conventions give
+            // that to keyrelay itself; the upstream is its peer.
+            span.set(
+                "keyrelay.upstream.address",
+                target.upstream.authority.host(),
+            );
             if let Some(port) = target.upstream.authority.port_u16() {
-                span.set("server.port", i64::from(port));
+                span.set("keyrelay.upstream.port", i64::from(port));
             }
         }
         let answered_by = self
@@ -542,7 +547,11 @@ impl Shared {
             request.record.set_metered(metered);
         }
         let tap = if self.usage_tap {
-            let tap = UsageTap::for_response(parts.status, &parts.headers);
+            let mut tap = UsageTap::for_response(parts.status, &parts.headers);
+            if let (Some(tap), Some(true)) = (&mut tap, request.record.span().map(|s| s.sampled()))
+            {
+                tap.read_model();
+            }
             if let Some(why) = UsageTap::unreadable(parts.status, &parts.headers) {
                 request.record.metrics().usage_unread(why);
             }

@@ -102,7 +102,10 @@ impl Drop for RelayBody {
         // or the client went away): what the tap read, even of a stream cut
         // short, goes in the record, the request settles its budgets by it,
         // and then the record is dropped (and emitted) with this body.
-        if let Some(tap) = self.tap.take() {
+        if let Some(mut tap) = self.tap.take() {
+            if let (Some(model), Some(span)) = (tap.take_model(), self.request.record.span()) {
+                span.set("gen_ai.response.model", &*model);
+            }
             self.request.record.set_usage(tap.finish(Instant::now()));
         }
         self.request.settle();

@@ -129,8 +129,11 @@ impl AccessRecord {
     /// `headers`, and names the route in it.
     pub fn trace(&mut self, tracer: &Arc<Tracer>, headers: &HeaderMap, route: Option<&str>) {
         let mut span = tracer.start(headers, self.started);
-        if let Some(route) = route {
-            span.set("keyrelay.route", route);
+        if span.sampled() {
+            if let Some(route) = route {
+                span.set("keyrelay.route", route);
+            }
+            span.describe_request(&self.path);
         }
         self.span = Some(span);
     }

@@ -14,6 +14,8 @@
 //! Every figure is a running total, so a later report replaces an earlier
 //! one field by field ([`Usage::merge`]).
 
+use std::borrow::Cow;
+
 use serde::Deserialize;
 
 pub use crate::telemetry::tokens::Usage;
@@ -21,20 +23,27 @@ pub use crate::telemetry::tokens::Usage;
 /// What a document says: its usage report, and whether it carries
 /// generated content (the first such event is the time to first token).
 #[derive(Debug, Default, PartialEq, Eq)]
-pub struct Reading {
+pub struct Reading<'a> {
     /// The usage it reports, if any.
     pub usage: Usage,
     /// It carries generated text (or reasoning, or a tool call's arguments).
     pub has_content: bool,
+    /// The model it names, borrowed from the document where it can be.
+    pub model: Option<Cow<'a, str>>,
 }
 
 /// Reads one JSON document; anything that is not one of the shapes above
 /// reads as nothing.
-pub fn read(json: &[u8]) -> Reading {
-    let Ok(document) = serde_json::from_slice::<Document>(json) else {
+pub fn read(json: &[u8]) -> Reading<'_> {
+    let Ok(mut document) = serde_json::from_slice::<Document>(json) else {
         return Reading::default();
     };
     let mut usage = Usage::default();
+    let model = document
+        .model
+        .or_else(|| document.message.as_mut().and_then(|m| m.model.take()))
+        .or_else(|| document.response.as_mut().and_then(|r| r.model.take()))
+        .map(|name| name.0);
     for reported in [
         document.message.and_then(|m| m.usage),
         document.response.and_then(|r| r.usage),
@@ -56,19 +65,25 @@ pub fn read(json: &[u8]) -> Reading {
         Some(DeltaField::Text(text)) => !text.is_empty(),
         None => false,
     };
-    Reading { usage, has_content }
+    Reading {
+        usage,
+        has_content,
+        model,
+    }
 }
 
 /// The fields of any of the shapes that matter here; serde skips the rest
 /// without building them.
 #[derive(Deserialize)]
-struct Document {
+struct Document<'a> {
     #[serde(default)]
     usage: Option<RawUsage>,
-    #[serde(default)]
-    message: Option<Nested>,
-    #[serde(default)]
-    response: Option<Nested>,
+    #[serde(default, borrow)]
+    model: Option<Name<'a>>,
+    #[serde(default, borrow)]
+    message: Option<Nested<'a>>,
+    #[serde(default, borrow)]
+    response: Option<Nested<'a>>,
     #[serde(default)]
     choices: Vec<Choice>,
     #[serde(default)]
@@ -84,10 +99,17 @@ enum DeltaField {
 }
 
 #[derive(Deserialize)]
-struct Nested {
+struct Nested<'a> {
     #[serde(default)]
     usage: Option<RawUsage>,
+    #[serde(default, borrow)]
+    model: Option<Name<'a>>,
 }
+
+/// A model's name: borrowed from the document unless it has escapes (a
+/// `Cow` field only borrows as a struct's direct field, not inside `Option`).
+#[derive(Deserialize)]
+struct Name<'a>(#[serde(borrow)] Cow<'a, str>);
 
 #[derive(Deserialize)]
 struct Choice {
@@ -197,13 +219,31 @@ mod tests {
     }
 
     #[test]
+    fn the_model_is_read_from_each_shape_and_borrowed_unless_escaped() {
+        let openai = read(br#"{"model":"llama-3","choices":[]}"#);
+        assert!(matches!(openai.model, Some(Cow::Borrowed("llama-3"))));
+        let escaped = read(br#"{"model":"org\/llama","choices":[]}"#);
+        assert_eq!(escaped.model.as_deref(), Some("org/llama"));
+        let anthropic = read(
+            br#"{"type":"message_start","message":{"model":"claude","usage":{"input_tokens":1}}}"#,
+        );
+        assert_eq!(anthropic.model.as_deref(), Some("claude"));
+        assert_eq!(anthropic.usage.prompt, Some(1), "usage still read");
+        let responses = read(br#"{"type":"response.created","response":{"model":"gpt"}}"#);
+        assert_eq!(responses.model.as_deref(), Some("gpt"));
+        let odd = read(br#"{"model":42,"usage":{"prompt_tokens":2}}"#);
+        assert_eq!(odd.model, None);
+    }
+
+    #[test]
     fn openai_chunks_report_content_and_final_usage() {
         let chunk = br#"{"id":"c","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"Hi"}}]}"#;
         assert_eq!(
             read(chunk),
             Reading {
                 usage: Usage::default(),
-                has_content: true
+                has_content: true,
+                model: None,
             }
         );
         let role_only = br#"{"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}"#;

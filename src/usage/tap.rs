@@ -43,6 +43,25 @@ pub const JSON_TAIL: usize = 64 * 1024;
 pub struct UsageTap {
     framing: Framing,
     report: UsageReport,
+    model: ModelName,
+}
+
+/// The model the response names (`model`, Anthropic's `message.model`, the
+/// Responses API's `response.model`), kept only when a request's span will
+/// report it: the documents read anyway are parsed for it at no extra
+/// cost, and the one copy is made only then.
+#[derive(Debug, Default)]
+struct ModelName {
+    wanted: bool,
+    name: Option<Box<str>>,
+}
+
+impl ModelName {
+    fn offer(&mut self, name: Option<&str>) {
+        if let (true, None, Some(name)) = (self.wanted, &self.name, name) {
+            self.name = Some(name.into());
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -95,7 +114,18 @@ impl UsageTap {
         Some(Self {
             framing,
             report: UsageReport::default(),
+            model: ModelName::default(),
         })
+    }
+
+    /// Keeps the model the response names, for [`UsageTap::take_model`].
+    pub fn read_model(&mut self) {
+        self.model.wanted = true;
+    }
+
+    /// The model the response named, when [`UsageTap::read_model`] asked.
+    pub fn take_model(&mut self) -> Option<Box<str>> {
+        self.model.name.take()
     }
 
     /// Why a successful SSE or JSON response, which could carry usage,
@@ -125,7 +155,7 @@ impl UsageTap {
         let gave_up = match &mut self.framing {
             Framing::Sse { partial } => {
                 self.report.deltas += MENTIONS_DELTA.find_iter(data).count() as u64;
-                feed_sse(partial, data, now, &mut self.report)
+                feed_sse(partial, data, now, &mut self.report, &mut self.model)
             }
             Framing::Json { document } if document.len() + data.len() > MAX_JSON => {
                 let mut tail = std::mem::take(document);
@@ -156,6 +186,7 @@ impl UsageTap {
             // usage: a search is cheaper than parsing them.
             Framing::Json { document } if has_usage_object(&document) => {
                 let reading = event::read(&document);
+                self.model.offer(reading.model.as_deref());
                 self.report.usage.merge(reading.usage);
                 if reading.has_content {
                     self.report.first_content.get_or_insert(now);
@@ -172,7 +203,7 @@ impl UsageTap {
             },
             // A last line without its newline still counts.
             Framing::Sse { partial } if !partial.is_empty() => {
-                read_line(&partial, now, &mut self.report);
+                read_line(&partial, now, &mut self.report, &mut self.model);
             }
             Framing::Json { .. } | Framing::Sse { .. } | Framing::Off => {}
         }
@@ -187,6 +218,7 @@ fn feed_sse(
     data: &[u8],
     now: Instant,
     report: &mut UsageReport,
+    model: &mut ModelName,
 ) -> Option<GaveUp> {
     let mut rest = data;
     // Past the first token, only lines that mention "usage" matter, and
@@ -212,12 +244,12 @@ fn feed_sse(
         if end == rest.len() {
             return None;
         }
-        read_line(partial, now, report);
+        read_line(partial, now, report, model);
         partial.clear();
         rest = &rest[end + 1..];
     }
     while let Some(end) = memchr::memchr(b'\n', rest) {
-        read_line(&rest[..end], now, report);
+        read_line(&rest[..end], now, report, model);
         rest = &rest[end + 1..];
     }
     if rest.len() > MAX_LINE {
@@ -305,7 +337,7 @@ pub fn followed_by(mut rest: &[u8], tokens: &[u8]) -> bool {
 }
 
 /// Reads one SSE line (without its `\n`).
-fn read_line(line: &[u8], now: Instant, report: &mut UsageReport) {
+fn read_line(line: &[u8], now: Instant, report: &mut UsageReport, model: &mut ModelName) {
     let line = line.strip_suffix(b"\r").unwrap_or(line);
     let Some(data) = line.strip_prefix(b"data:") else {
         return;
@@ -316,6 +348,7 @@ fn read_line(line: &[u8], now: Instant, report: &mut UsageReport) {
         return;
     }
     let reading = event::read(data);
+    model.offer(reading.model.as_deref());
     report.usage.merge(reading.usage);
     if reading.has_content && before_first_token {
         report.first_content = Some(now);

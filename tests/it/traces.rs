@@ -109,8 +109,8 @@ async fn a_streamed_chat_is_one_span_in_the_callers_trace_with_its_tokens() {
 
     // Streamed in lockstep: tracing holds nothing back.
     for frame in [
-        "data: {\"choices\":[{\"delta\":{\"content\":\"Hel\"}}]}\n\n",
-        "data: {\"choices\":[{\"delta\":{\"content\":\"lo\"}}]}\n\n",
+        "data: {\"model\":\"llama\\/3.3\",\"choices\":[{\"delta\":{\"content\":\"Hel\"}}]}\n\n",
+        "data: {\"model\":\"other\",\"choices\":[{\"delta\":{\"content\":\"lo\"}}]}\n\n",
         "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":11,\"completion_tokens\":2}}\n\n",
         "data: [DONE]\n\n",
     ] {
@@ -135,7 +135,11 @@ async fn a_streamed_chat_is_one_span_in_the_callers_trace_with_its_tokens() {
     assert_eq!(span.text("url.path"), Some("/v1/chat/completions"));
     assert_eq!(span.text("keyrelay.route"), Some("default"));
     assert_eq!(span.text("keyrelay.outcome"), Some("ok"));
-    assert_eq!(span.text("server.address"), Some("127.0.0.1"));
+    assert_eq!(span.text("keyrelay.upstream.address"), Some("127.0.0.1"));
+    assert_eq!(span.text("url.scheme"), Some("http"));
+    assert_eq!(span.text("gen_ai.operation.name"), Some("chat"));
+    // The first model the response names (an escaped one, unescaped).
+    assert_eq!(span.text("gen_ai.response.model"), Some("llama/3.3"));
     assert_eq!(span.int("gen_ai.usage.input_tokens"), Some(11));
     assert_eq!(span.int("gen_ai.usage.output_tokens"), Some(2));
     assert!(matches!(
@@ -359,7 +363,7 @@ async fn spans_go_over_grpc_to_a_grpc_collector() {
     let mut collector = MockUpstream::start().await;
     let relay = traced_relay(&upstream, &collector, &[("otlp_protocol", "grpc")], &[]).await;
     let client = http1_client();
-    let request = Request::get(relay.url("/v1/models"))
+    let request = Request::get(relay.url("/v1beta/models/gemini-2.0-flash:generateContent"))
         .header("traceparent", traceparent("01"))
         .body(empty())
         .expect("request");
@@ -388,6 +392,10 @@ async fn spans_go_over_grpc_to_a_grpc_collector() {
     assert_eq!(length, body.len() - 5);
     let spans = otlp::spans(&otlp::decode(&body[5..]));
     assert_eq!(otlp::hex(&spans[0].trace_id), CALLER_TRACE);
+    assert_eq!(
+        spans[0].text("gen_ai.request.model"),
+        Some("gemini-2.0-flash")
+    );
     // A trailers-only answer: grpc-status in the headers.
     exchange.respond(
         Response::builder()

@@ -173,6 +173,21 @@ impl ActiveSpan {
         }
     }
 
+    /// What the request's path says it asks a model for: the operation
+    /// (`gen_ai.operation.name`) and the model where the path names one
+    /// (Gemini, Vertex, Azure deployments, Bedrock). A model named only
+    /// in the body is reported by the response (`gen_ai.response.model`),
+    /// not read from the request for this.
+    pub(crate) fn describe_request(&mut self, path: &str) {
+        let operation = operation(path);
+        if let Some(operation) = operation {
+            self.set("gen_ai.operation.name", Value::Static(operation));
+        }
+        if let Some(model) = crate::usage::inspect::path_model(path) {
+            self.set("gen_ai.request.model", model.as_str());
+        }
+    }
+
     /// Records an event at `at`.
     pub(crate) fn event(&mut self, at: Instant, name: &'static str, attributes: Vec<Attribute>) {
         if self.sampled {
@@ -199,6 +214,8 @@ impl ActiveSpan {
         let mut attributes = std::mem::take(&mut self.attributes);
         attributes.push(attribute("http.request.method", line.method));
         attributes.push(attribute("url.path", line.path));
+        // keyrelay's listeners speak plain HTTP (TCP or a Unix socket).
+        attributes.push(attribute("url.scheme", Value::Static("http")));
         if let Some(status) = line.status {
             attributes.push(attribute("http.response.status_code", i64::from(status)));
         }
@@ -307,4 +324,45 @@ fn span_flags(sampled: bool, remote_parent: bool) -> u32 {
         flags |= 0x200;
     }
     flags
+}
+
+/// The GenAI operation a path asks for, by its last segment (Gemini's
+/// `models/x:generateContent` by its method).
+fn operation(path: &str) -> Option<&'static str> {
+    let last = path.trim_end_matches('/').rsplit('/').next()?;
+    let method = last.rsplit_once(':').map_or(last, |(_, method)| method);
+    Some(match method {
+        "completions" if path.contains("/chat/") => "chat",
+        "completions" => "text_completion",
+        "messages"
+        | "generateContent"
+        | "streamGenerateContent"
+        | "converse"
+        | "converse-stream" => "chat",
+        "responses" => "chat",
+        "embeddings" | "embedContent" | "batchEmbedContents" => "embeddings",
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::operation;
+
+    #[test]
+    fn operations_by_path() {
+        for (path, expected) in [
+            ("/v1/chat/completions", Some("chat")),
+            ("/v1/completions", Some("text_completion")),
+            ("/v1/messages", Some("chat")),
+            (
+                "/v1beta/models/gemini-2.0-flash:streamGenerateContent",
+                Some("chat"),
+            ),
+            ("/v1/embeddings/", Some("embeddings")),
+            ("/v1/models", None),
+        ] {
+            assert_eq!(operation(path), expected, "{path}");
+        }
+    }
 }
