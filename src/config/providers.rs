@@ -67,6 +67,16 @@ pub const PROVIDERS: &[Provider] = &[
         headers: &[],
         key_env: "AZURE_OPENAI_API_KEY",
     },
+    // Google access tokens (google_credentials), no static key; the host
+    // is per location, so `upstream` must be set.
+    Provider {
+        name: "vertex",
+        upstream: None,
+        auth_header: "authorization",
+        auth_template: "Bearer {key}",
+        headers: &[],
+        key_env: "",
+    },
     bearer(
         "openrouter",
         "https://openrouter.ai/api",
@@ -90,6 +100,17 @@ pub const PROVIDERS: &[Provider] = &[
         key_env: "BASETEN_API_KEY",
     },
 ];
+
+/// The presets whose key is a Google access token (Application Default
+/// Credentials) unless the route names another source.
+const GOOGLE_CREDENTIALS: &[&str] = &["vertex"];
+
+impl Provider {
+    /// True when the preset's key is a Google access token.
+    pub fn google_credentials(&self) -> bool {
+        GOOGLE_CREDENTIALS.contains(&self.name)
+    }
+}
 
 /// The preset called `name` (any case).
 pub fn find(name: &str) -> Option<&'static Provider> {
@@ -126,6 +147,6 @@ mod tests {
             }
             assert_eq!(find(&provider.name.to_uppercase()), Some(provider));
         }
-        assert_eq!(find("vertex"), None);
+        assert!(find("vertex").is_some_and(Provider::google_credentials));
     }
 }

@@ -130,7 +130,7 @@ pub const SETTINGS: &[Setting] = &[
     Setting {
         key: "provider",
         default: "",
-        help: "Preset for a hosted API (openai, anthropic, gemini, azure-openai, openrouter, groq, together, fireworks, mistral, deepseek, baseten): its upstream, auth_header, auth_template, required headers and key_env, each overridden by the setting when written.",
+        help: "Preset for a hosted API (openai, anthropic, gemini, azure-openai, vertex, openrouter, groq, together, fireworks, mistral, deepseek, baseten): its upstream, auth_header, auth_template, required headers and key_env, each overridden by the setting when written.",
         kind: Kind::Text,
     },
     Setting {
@@ -222,6 +222,24 @@ pub const SETTINGS: &[Setting] = &[
         default: "basic",
         help: "How the client authenticates to oauth_token_url: basic (client_secret_basic) or post (client_secret_post).",
         kind: Kind::Text,
+    },
+    Setting {
+        key: "google_credentials",
+        default: "false",
+        help: "Fetch the key as a Google access token, as Application Default Credentials do: google_credentials_file, else the file GOOGLE_APPLICATION_CREDENTIALS names, else the GCP metadata server (GCE_METADATA_HOST to point elsewhere). On with provider = vertex unless another key source is set; the default auth_template becomes \"Bearer {key}\".",
+        kind: Kind::Switch,
+    },
+    Setting {
+        key: "google_credentials_file",
+        default: "",
+        help: "Google service-account key file (JSON): the key is an access token from the JWT-bearer grant signed with its private key at its token_uri, fetched at startup and again before it expires. Implies google_credentials.",
+        kind: Kind::Text,
+    },
+    Setting {
+        key: "google_scopes",
+        default: "https://www.googleapis.com/auth/cloud-platform",
+        help: "OAuth2 scopes asked for with Google credentials (comma list).",
+        kind: Kind::List,
     },
     Setting {
         key: "allowed_hosts",

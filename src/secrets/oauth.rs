@@ -1,10 +1,9 @@
 //! OAuth2 client credentials (RFC 6749 §4.4): a token endpoint that trades
 //! a client id and secret for an access token with an expiry.
 //!
-//! The request goes over keyrelay's own HTTPS stack (hyper-util's client,
-//! the rustls settings upstreams get: web roots plus `ca_file`), HTTP/1.1,
-//! a fresh connection each time (a token lives minutes to hours), the whole
-//! exchange bounded by the route's `key_command_timeout`.
+//! The request goes over keyrelay's own HTTPS stack ([`Endpoint`], which
+//! Google's token sources use too), the whole exchange bounded by the
+//! route's `key_command_timeout`.
 //!
 //! The client secret goes in `Authorization: Basic` (`client_secret_basic`,
 //! §2.3.1, the default) or in the form body (`client_secret_post`). Neither
@@ -104,60 +103,21 @@ impl OAuthClient {
     /// error says what went wrong, never the secret or a token.
     pub fn run(&self) -> Result<Fetched, String> {
         let client = self.clone();
-        let fetching = std::thread::Builder::new()
-            .name("keyrelay-oauth".to_owned())
-            .spawn(move || {
-                let runtime = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .map_err(|err| format!("cannot start the token request's runtime: {err}"))?;
-                runtime.block_on(client.fetch())
-            })
-            .map_err(|err| format!("cannot start the token request's thread: {err}"))?;
-        fetching
-            .join()
-            .unwrap_or_else(|_| Err("the token request panicked".to_owned()))
-    }
-
-    async fn fetch(&self) -> Result<Fetched, String> {
-        let started = Instant::now();
-        let (status, body) = tokio::time::timeout(self.timeout, self.exchange())
-            .await
-            .map_err(|_| {
-                format!(
-                    "{} did not answer within key_command_timeout ({:?})",
-                    self.token_url, self.timeout
-                )
-            })??;
-        let answer = self.read_answer(status, &body)?;
-        let expires = started
-            .checked_add(answer.expires_in.unwrap_or(self.ttl))
-            .filter(|at| *at > Instant::now())
-            .ok_or_else(|| format!("{} issued a token that has already expired", self.token_url))?;
-        Ok(Fetched {
-            key: answer.token,
-            lifetime: Lifetime::until(started, expires),
-            stderr: String::new(),
+        on_own_thread(async move {
+            let request = client.request()?;
+            let endpoint = Endpoint {
+                url: &client.token_url,
+                extra_ca_certs: &client.extra_ca_certs,
+                timeout: client.timeout,
+                ttl: client.ttl,
+            };
+            endpoint.token(request, &[&client.secret]).await
         })
     }
 
-    /// Sends the token request; the endpoint's status and body.
-    async fn exchange(&self) -> Result<(StatusCode, Bytes), String> {
+    /// The token request, the client's credentials in it.
+    fn request(&self) -> Result<Request<Full<Bytes>>, String> {
         let url = &self.token_url;
-        let tls = crate::config::tls::client_config(&self.extra_ca_certs)
-            .map_err(|err| format!("cannot set up TLS for {url}: {err}"))?;
-        let mut tcp = HttpConnector::new();
-        // The connector must accept https:// URIs; hyper-rustls does the TLS part.
-        tcp.enforce_http(false);
-        let https = HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(tcp);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_max_idle_per_host(0)
-            .build::<_, Full<Bytes>>(https);
-
         let mut form = Zeroizing::new(String::new());
         form_pair(&mut form, "grant_type", "client_credentials");
         for (name, value) in [("scope", &self.scope), ("audience", &self.audience)] {
@@ -187,9 +147,99 @@ impl OAuthClient {
                 form_pair(&mut form, "client_secret", self.secret.expose());
             }
         }
-        let request = request
+        request
             .body(Full::new(Bytes::copy_from_slice(form.as_bytes())))
-            .map_err(|err| format!("cannot build the request to {url}: {err}"))?;
+            .map_err(|err| format!("cannot build the request to {url}: {err}"))
+    }
+}
+
+/// Runs a token request on a thread and runtime of its own and waits for
+/// it: the same code serves the first fetch, while the configuration is
+/// checked, and the refreshes on the blocking pool.
+pub(crate) fn on_own_thread<F>(fetch: F) -> Result<Fetched, String>
+where
+    F: std::future::Future<Output = Result<Fetched, String>> + Send + 'static,
+{
+    let fetching = std::thread::Builder::new()
+        .name("keyrelay-token".to_owned())
+        .spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|err| format!("cannot start the token request's runtime: {err}"))?;
+            runtime.block_on(fetch)
+        })
+        .map_err(|err| format!("cannot start the token request's thread: {err}"))?;
+    fetching
+        .join()
+        .unwrap_or_else(|_| Err("the token request panicked".to_owned()))
+}
+
+/// A token endpoint as every token source reaches it (OAuth2 client
+/// credentials, Google's JWT-bearer grant and metadata server): one
+/// request over keyrelay's own HTTPS stack (hyper-util's client, the
+/// rustls settings upstreams get: web roots plus `ca_file`), HTTP/1.1, a
+/// fresh connection each time (a token lives minutes to hours), the whole
+/// exchange bounded by `timeout`; an answer `{access_token, expires_in}`.
+pub(crate) struct Endpoint<'a> {
+    /// Where the request goes, for messages.
+    pub(crate) url: &'a Uri,
+    /// `ca_file`'s certificates, trusted besides the web roots.
+    pub(crate) extra_ca_certs: &'a [CertificateDer<'static>],
+    /// The longest the exchange may take, connecting included.
+    pub(crate) timeout: Duration,
+    /// The lifetime of a token answered without `expires_in`.
+    pub(crate) ttl: Duration,
+}
+
+impl Endpoint<'_> {
+    /// Sends `request` and reads the token it answers, with its lifetime.
+    /// The errors name the endpoint's status and OAuth2 error code, never
+    /// a token; `masked` (what the request carried) is masked out of an
+    /// `error_description`.
+    pub(crate) async fn token(
+        &self,
+        request: Request<Full<Bytes>>,
+        masked: &[&ApiKey],
+    ) -> Result<Fetched, String> {
+        let url = self.url;
+        let started = Instant::now();
+        let (status, body) = tokio::time::timeout(self.timeout, self.exchange(request))
+            .await
+            .map_err(|_| {
+                format!(
+                    "{url} did not answer within key_command_timeout ({:?})",
+                    self.timeout
+                )
+            })??;
+        let answer = read_answer(url, status, &body, masked)?;
+        let expires = started
+            .checked_add(answer.expires_in.unwrap_or(self.ttl))
+            .filter(|at| *at > Instant::now())
+            .ok_or_else(|| format!("{url} issued a token that has already expired"))?;
+        Ok(Fetched {
+            key: answer.token,
+            lifetime: Lifetime::until(started, expires),
+            stderr: String::new(),
+        })
+    }
+
+    /// Sends the token request; the endpoint's status and body.
+    async fn exchange(&self, request: Request<Full<Bytes>>) -> Result<(StatusCode, Bytes), String> {
+        let url = self.url;
+        let tls = crate::config::tls::client_config(self.extra_ca_certs)
+            .map_err(|err| format!("cannot set up TLS for {url}: {err}"))?;
+        let mut tcp = HttpConnector::new();
+        // The connector must accept https:// URIs; hyper-rustls does the TLS part.
+        tcp.enforce_http(false);
+        let https = HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(tcp);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(0)
+            .build::<_, Full<Bytes>>(https);
         let response = client
             .request(request)
             .await
@@ -202,82 +252,88 @@ impl OAuthClient {
             .to_bytes();
         Ok((status, body))
     }
+}
 
-    /// The token and its lifetime from a 2xx answer; otherwise the
-    /// endpoint's OAuth2 error, described.
-    fn read_answer(&self, status: StatusCode, body: &[u8]) -> Result<Answer, String> {
-        let url = &self.token_url;
-        // serde_json's errors name a position only, never the text.
-        let json: Option<serde_json::Value> = serde_json::from_slice(body).ok();
-        if !status.is_success() {
-            return Err(format!(
-                "{url} answered {status}{}",
-                self.error_part(json.as_ref())
-            ));
-        }
-        let Some(mut json) = json.filter(serde_json::Value::is_object) else {
-            return Err(format!(
-                "{url} answered {status} with a body that is not a JSON object"
-            ));
-        };
-        if let Some(kind) = json.get("token_type").and_then(|t| t.as_str()) {
-            if !kind.eq_ignore_ascii_case("bearer") {
-                return Err(format!(
-                    "{url} issued a token of type {:?}; keyrelay sends Bearer tokens only",
-                    kind.chars().take(40).collect::<String>()
-                ));
-            }
-        }
-        let expires_in = match json.get("expires_in").filter(|v| !v.is_null()) {
-            None => None,
-            // Azure AD v1 wrote it as a string ("3599").
-            Some(seconds) => Some(
-                seconds
-                    .as_f64()
-                    .or_else(|| seconds.as_str().and_then(|s| s.trim().parse().ok()))
-                    .filter(|s| s.is_finite() && *s >= 0.0)
-                    .and_then(|s| Duration::try_from_secs_f64(s).ok())
-                    .ok_or_else(|| {
-                        format!("{url} answered an expires_in that is not a number of seconds")
-                    })?,
-            ),
-        };
-        let serde_json::Value::String(token) = json
-            .get_mut("access_token")
-            .map(serde_json::Value::take)
-            .unwrap_or_default()
-        else {
-            return Err(format!(
-                "{url} answered {status} without an access_token string"
-            ));
-        };
-        let token = ApiKey::new(token);
-        if token.is_blank() {
-            return Err(format!("{url} answered an empty access_token"));
-        }
-        Ok(Answer { token, expires_in })
+/// The token and its lifetime from a 2xx answer; otherwise the
+/// endpoint's OAuth2 error, described.
+fn read_answer(
+    url: &Uri,
+    status: StatusCode,
+    body: &[u8],
+    masked: &[&ApiKey],
+) -> Result<Answer, String> {
+    // serde_json's errors name a position only, never the text.
+    let json: Option<serde_json::Value> = serde_json::from_slice(body).ok();
+    if !status.is_success() {
+        return Err(format!(
+            "{url} answered {status}{}",
+            error_part(json.as_ref(), masked)
+        ));
     }
-
-    /// `: invalid_client (description)` from an OAuth2 error answer
-    /// (RFC 6749 §5.2), the secret masked out; nothing else of the body.
-    fn error_part(&self, json: Option<&serde_json::Value>) -> String {
-        let field = |name: &str| {
-            json.and_then(|json| json.get(name))
-                .and_then(serde_json::Value::as_str)
-                .map(|text| {
-                    let text: String = text
-                        .chars()
-                        .filter(|c| !c.is_control())
-                        .take(MAX_DESCRIPTION)
-                        .collect();
-                    self.secret.mask_in(&text)
-                })
-        };
-        match (field("error"), field("error_description")) {
-            (Some(code), Some(description)) => format!(": {code} ({description})"),
-            (Some(code), None) => format!(": {code}"),
-            _ => " without an OAuth2 error code".to_owned(),
+    let Some(mut json) = json.filter(serde_json::Value::is_object) else {
+        return Err(format!(
+            "{url} answered {status} with a body that is not a JSON object"
+        ));
+    };
+    if let Some(kind) = json.get("token_type").and_then(|t| t.as_str()) {
+        if !kind.eq_ignore_ascii_case("bearer") {
+            return Err(format!(
+                "{url} issued a token of type {:?}; keyrelay sends Bearer tokens only",
+                kind.chars().take(40).collect::<String>()
+            ));
         }
+    }
+    let expires_in = match json.get("expires_in").filter(|v| !v.is_null()) {
+        None => None,
+        // Azure AD v1 wrote it as a string ("3599").
+        Some(seconds) => Some(
+            seconds
+                .as_f64()
+                .or_else(|| seconds.as_str().and_then(|s| s.trim().parse().ok()))
+                .filter(|s| s.is_finite() && *s >= 0.0)
+                .and_then(|s| Duration::try_from_secs_f64(s).ok())
+                .ok_or_else(|| {
+                    format!("{url} answered an expires_in that is not a number of seconds")
+                })?,
+        ),
+    };
+    let serde_json::Value::String(token) = json
+        .get_mut("access_token")
+        .map(serde_json::Value::take)
+        .unwrap_or_default()
+    else {
+        return Err(format!(
+            "{url} answered {status} without an access_token string"
+        ));
+    };
+    let token = ApiKey::new(token);
+    if token.is_blank() {
+        return Err(format!("{url} answered an empty access_token"));
+    }
+    Ok(Answer { token, expires_in })
+}
+
+/// `: invalid_client (description)` from an OAuth2 error answer
+/// (RFC 6749 §5.2), the secret masked out; nothing else of the body.
+fn error_part(json: Option<&serde_json::Value>, masked: &[&ApiKey]) -> String {
+    let field = |name: &str| {
+        json.and_then(|json| json.get(name))
+            .and_then(serde_json::Value::as_str)
+            .map(|text| {
+                let text: String = text
+                    .chars()
+                    .filter(|c| !c.is_control())
+                    .take(MAX_DESCRIPTION)
+                    .collect();
+                masked
+                    .iter()
+                    .fold(text, |text, secret| secret.mask_in(&text))
+            })
+    };
+    match (field("error"), field("error_description")) {
+        (Some(code), Some(description)) => format!(": {code} ({description})"),
+        (Some(code), None) => format!(": {code}"),
+        _ => " without an OAuth2 error code".to_owned(),
     }
 }
 
@@ -288,7 +344,7 @@ struct Answer {
 }
 
 /// Appends `name=value` to an `application/x-www-form-urlencoded` body.
-fn form_pair(form: &mut String, name: &str, value: &str) {
+pub(crate) fn form_pair(form: &mut String, name: &str, value: &str) {
     if !form.is_empty() {
         form.push('&');
     }
@@ -299,7 +355,7 @@ fn form_pair(form: &mut String, name: &str, value: &str) {
 
 /// `text` form-encoded (WHATWG's `application/x-www-form-urlencoded`
 /// serializer, which RFC 6749 §2.3.1 asks for in Basic credentials too).
-fn form_encode(text: &str) -> Zeroizing<String> {
+pub(crate) fn form_encode(text: &str) -> Zeroizing<String> {
     let mut out = Zeroizing::new(String::with_capacity(text.len() * 3));
     for byte in text.bytes() {
         match byte {
@@ -348,12 +404,13 @@ mod tests {
     #[test]
     fn answers_are_read_and_errors_never_quote_secrets() {
         let client = client();
-        let ok = client
-            .read_answer(
-                StatusCode::OK,
-                br#"{"access_token": "tok", "token_type": "Bearer", "expires_in": "3599"}"#,
-            )
-            .expect("reads");
+        let read =
+            |status, body: &[u8]| read_answer(&client.token_url, status, body, &[&client.secret]);
+        let ok = read(
+            StatusCode::OK,
+            br#"{"access_token": "tok", "token_type": "Bearer", "expires_in": "3599"}"#,
+        )
+        .expect("reads");
         assert_eq!(ok.expires_in, Some(Duration::from_secs(3599)));
         let bad = [
             (
@@ -379,10 +436,7 @@ mod tests {
             ),
         ];
         for (status, body, expected) in bad {
-            let err = client
-                .read_answer(status, body.as_bytes())
-                .err()
-                .expect(&body);
+            let err = read(status, body.as_bytes()).err().expect(&body);
             assert!(err.contains(expected), "{body}: {err}");
             assert!(!err.contains(SECRET) && !err.contains("tok\""), "{err}");
         }

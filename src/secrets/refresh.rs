@@ -1,5 +1,7 @@
-//! Keeps an expiring credential fresh (a `key_command` helper or an OAuth2
-//! token endpoint, a [`Source`]): one task per route asks the source, so however many serving threads and requests there are, one
+//! Keeps an expiring credential fresh (a `key_command` helper, an OAuth2
+//! token endpoint or Google's credentials, a [`Source`]): one task per
+//! route asks the source, so however many serving threads and requests
+//! there are, one
 //! run is in flight at a time (single flight) and no request ever waits on
 //! one.
 //!
@@ -23,6 +25,7 @@ use std::time::{Duration, Instant};
 use prometheus_client::metrics::counter::Counter;
 
 use crate::secrets::credential::LiveCredential;
+use crate::secrets::google::GoogleCredentials;
 use crate::secrets::key_command::{Fetched, KeyCommand, Lifetime};
 use crate::secrets::oauth::OAuthClient;
 
@@ -33,6 +36,8 @@ pub enum Source {
     Command(KeyCommand),
     /// `oauth_token_url`: OAuth2 client credentials.
     OAuth(OAuthClient),
+    /// `google_credentials_file` or the metadata server: Google access tokens.
+    Google(GoogleCredentials),
 }
 
 impl Source {
@@ -41,6 +46,7 @@ impl Source {
         match self {
             Self::Command(command) => command.run(),
             Self::OAuth(client) => client.run(),
+            Self::Google(google) => google.run(),
         }
     }
 
@@ -49,6 +55,7 @@ impl Source {
         match self {
             Self::Command(_) => "key_command",
             Self::OAuth(_) => "oauth_token_url",
+            Self::Google(google) => google.setting(),
         }
     }
 
@@ -58,6 +65,7 @@ impl Source {
         match self {
             Self::Command(command) => format!("command {}", command.program()),
             Self::OAuth(client) => format!("oauth2 {}", client.token_url),
+            Self::Google(google) => google.describe(),
         }
     }
 }

@@ -16,11 +16,9 @@
 
 use std::path::PathBuf;
 
-use http::Request;
-
 use crate::support::expiring::{
-    expired_means_503_and_nothing_forwarded, one_fetch_for_401s, rotations_beside_a_stream,
-    CheckingUpstream,
+    expired_means_503_and_nothing_forwarded, get, one_fetch_for_401s, recovered_then_log,
+    rotations_beside_a_stream, CheckingUpstream,
 };
 use crate::support::ops::{self, AdminRelay};
 use crate::support::*;
@@ -105,13 +103,6 @@ fn helper_sources(upstream: &str, helper: &Helper) -> keyrelay::config::Sources 
     sources
 }
 
-async fn get(client: &TestClient, url: String) -> http::Response<hyper::body::Incoming> {
-    let request = Request::get(url).body(empty()).expect("request");
-    within("keyrelay's answer", client.request(request))
-        .await
-        .expect("response")
-}
-
 #[tokio::test]
 async fn a_stream_outlives_two_rotations_and_no_request_carries_an_expired_token() {
     let mut upstream = CheckingUpstream::start(TOKEN_PREFIX).await;
@@ -140,12 +131,7 @@ async fn after_expiry_a_failing_helper_means_503_and_not_ready_until_it_recovers
     expired_means_503_and_nothing_forwarded(&upstream, &relay).await;
 
     helper.fail(false);
-    relay.wait_for_readyz(200).await;
-    assert_eq!(get(&client, relay.url("/v1/models")).await.status(), 200);
-    assert_eq!(upstream.rejected(), Vec::<String>::new());
-
-    let log = relay.process.stop_and_output().await;
-    assert!(log.contains("TRACE"), "trace logging was on:\n{log}");
+    let log = recovered_then_log(&upstream, &mut relay).await;
     assert!(
         log.contains("issued token number"),
         "the helper's stderr is logged when it succeeds too:\n{log}"

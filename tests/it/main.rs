@@ -19,6 +19,7 @@ mod config_errors;
 mod credentials;
 mod demo;
 mod forwarding;
+mod google_credentials;
 mod grpc;
 mod hostile_input;
 mod http2_upstream;

@@ -18,12 +18,11 @@
 //! appears in a trace-level log or an error.
 
 use base64::Engine as _;
-use http::Request;
 use keyrelay::config::OverrideValue;
 
 use crate::support::expiring::{
-    expired_means_503_and_nothing_forwarded, one_fetch_for_401s, rotations_beside_a_stream,
-    CheckingUpstream,
+    expired_means_503_and_nothing_forwarded, get, one_fetch_for_401s, recovered_then_log,
+    rotations_beside_a_stream, CheckingUpstream,
 };
 use crate::support::ops::{self, AdminRelay};
 use crate::support::token_endpoint::{
@@ -59,13 +58,6 @@ fn oauth_sources(
         sources.set(key, OverrideValue::Text(value));
     }
     sources
-}
-
-async fn get(client: &TestClient, url: String) -> http::Response<hyper::body::Incoming> {
-    let request = Request::get(url).body(empty()).expect("request");
-    within("keyrelay's answer", client.request(request))
-        .await
-        .expect("response")
 }
 
 #[tokio::test]
@@ -143,12 +135,7 @@ async fn with_the_endpoint_down_after_expiry_requests_get_503_never_a_stale_toke
     expired_means_503_and_nothing_forwarded(&upstream, &relay).await;
 
     endpoint.set_down(false);
-    relay.wait_for_readyz(200).await;
-    assert_eq!(get(&client, relay.url("/v1/models")).await.status(), 200);
-    assert_eq!(upstream.rejected(), Vec::<String>::new());
-
-    let log = relay.process.stop_and_output().await;
-    assert!(log.contains("TRACE"), "trace logging was on:\n{log}");
+    let log = recovered_then_log(&upstream, &mut relay).await;
     assert!(
         log.contains("temporarily_unavailable"),
         "the endpoint's error is logged:\n{log}"

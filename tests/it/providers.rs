@@ -223,11 +223,11 @@ fn a_preset_names_the_upstream_and_its_mistakes_are_reported() {
         "https://api.openai.com"
     );
 
-    let err = with_key(&[("provider", "vertex")])
+    let err = with_key(&[("provider", "bedrock")])
         .expect_err("unknown")
         .to_string();
     assert!(
-        err.contains("provider: \"vertex\" is not a provider preset"),
+        err.contains("provider: \"bedrock\" is not a provider preset"),
         "{err}"
     );
     assert!(
@@ -243,7 +243,11 @@ fn a_preset_names_the_upstream_and_its_mistakes_are_reported() {
 /// The README's provider configs load, with the keys in their variables.
 #[test]
 fn the_readme_provider_configs_load() {
+    // The Vertex AI ones need Google credentials: google_credentials.rs.
     for block in readme_toml_blocks("provider = ") {
+        if block.contains("provider = \"vertex\"") {
+            continue;
+        }
         let file = temp_file("providers", "readme.toml", &block);
         let mut sources = sources("http://127.0.0.1:9", &[]);
         sources.file = Some(file.0.clone());

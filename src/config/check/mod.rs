@@ -264,6 +264,7 @@ fn check_switches(raw: &RawConfig, found: &mut Problems) {
         ("upstream_http2", &raw.upstream_http2),
         ("add_stream_usage", &raw.add_stream_usage),
         ("upstream_name_header", &raw.upstream_name_header),
+        ("google_credentials", &raw.google_credentials),
     ];
     for (setting, switch) in switches {
         if let Some(message) = switch.invalid() {

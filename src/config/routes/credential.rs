@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use http::{HeaderName, HeaderValue};
 
+use super::google::{self, GoogleSettings};
 use super::oauth::{self, OAuthSettings, Outbound};
 use super::policy::{Inherit, Source};
 use super::Scope;
@@ -28,6 +29,7 @@ pub(super) struct CredentialSpec<'a> {
     pub(super) key_command_ttl: &'a Inherit<String>,
     pub(super) key_command_timeout: &'a Inherit<String>,
     pub(super) oauth: OAuthSettings<'a>,
+    pub(super) google: GoogleSettings<'a>,
     pub(super) outbound: &'a Outbound,
     pub(super) header: &'a str,
     pub(super) template: &'a str,
@@ -124,7 +126,8 @@ pub(super) fn credential(
     found: &mut Problems,
 ) -> (Option<Credential>, Option<ApiKey>) {
     let header = credential_header(spec.header, scope, found);
-    let template = oauth::template(spec.template, spec.oauth.is_set());
+    let token = spec.oauth.is_set() || spec.google.is_set();
+    let template = oauth::template(spec.template, token);
     let template_ok = template.contains(KEY_PLACEHOLDER);
     if !template_ok {
         found.report(
@@ -156,6 +159,7 @@ pub(super) fn credential(
     );
     let command = key_command(spec, ttl, timeout, scope, found);
     let client = oauth::client(&spec.oauth, ttl, timeout, spec.outbound, scope, env, found);
+    let google = google::credentials(&spec.google, ttl, timeout, spec.outbound, scope, env, found);
     if command.is_some() && key_file.is_some() {
         found.report(
             &scope.setting("key_command"),
@@ -172,10 +176,25 @@ pub(super) fn credential(
             format!("{other} is set too; set one credential source"),
         );
     }
-    let source = match (command, client) {
-        (Some(command), _) => Some(refresh::Source::Command(command)),
-        (None, Some(client)) => Some(refresh::Source::OAuth(client)),
-        (None, None) => None,
+    let others = [
+        ("key_file", key_file.is_some()),
+        ("key_command", spec.key_command.is_some()),
+        ("oauth_token_url", spec.oauth.is_set()),
+    ];
+    for (other, _) in others
+        .iter()
+        .filter(|(_, set)| spec.google.is_set() && *set)
+    {
+        found.report(
+            &scope.setting("google_credentials"),
+            format!("{other} is set too; set one credential source"),
+        );
+    }
+    let source = match (command, client, google) {
+        (Some(command), _, _) => Some(refresh::Source::Command(command)),
+        (None, Some(client), _) => Some(refresh::Source::OAuth(client)),
+        (None, None, Some(google)) => Some(refresh::Source::Google(google)),
+        (None, None, None) => None,
     };
     let mut lifetime = None;
     let (key, source_setting, source_name) = match (&source, &key_file) {
@@ -185,7 +204,14 @@ pub(super) fn credential(
                 .map_err(|problem| {
                     let what = match source {
                         refresh::Source::Command(_) => "its first run failed",
-                        refresh::Source::OAuth(_) => "the first token request failed",
+                        refresh::Source::Google(google) if google.token_uri().is_none() => {
+                            "the first token request to the GCP metadata server failed \
+                             (no google_credentials_file is set, nor GOOGLE_APPLICATION_CREDENTIALS, \
+                             and the metadata server answers only on Google Cloud)"
+                        }
+                        refresh::Source::OAuth(_) | refresh::Source::Google(_) => {
+                            "the first token request failed"
+                        }
                     };
                     found.report(
                         &scope.setting(source.setting()),
@@ -206,7 +232,7 @@ pub(super) fn credential(
             "key_file",
             path.display().to_string(),
         ),
-        (None, None) if spec.oauth.is_set() => (None, "oauth_token_url", String::new()),
+        (None, None) if token => (None, "oauth_token_url", String::new()),
         (None, None) => {
             let key = env
                 .get(spec.key_env)

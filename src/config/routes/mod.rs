@@ -35,6 +35,7 @@
 //! headers.
 
 mod credential;
+mod google;
 pub(super) mod oauth;
 mod policy;
 mod retry;
@@ -51,6 +52,7 @@ use serde::Deserialize;
 use self::credential::{
     credential, key_header, static_headers, strip_grpc_stage_headers, CredentialSpec,
 };
+use self::google::GoogleSettings;
 use self::oauth::{OAuthSettings, Outbound};
 use self::policy::{budget_account, path_policy, Inherit, Policy, Source};
 pub use self::retry::RetryPolicy;
@@ -98,6 +100,9 @@ pub(super) struct RawRoute {
     oauth_scope: Option<String>,
     oauth_audience: Option<String>,
     oauth_auth_method: Option<String>,
+    google_credentials: Option<Switch>,
+    google_credentials_file: Option<String>,
+    google_scopes: Option<Vec<String>>,
     auth_header: Option<String>,
     auth_template: Option<String>,
     strip_request_headers: Option<Vec<String>>,
@@ -198,6 +203,7 @@ struct KeySource<'a> {
     key_file: Option<&'a str>,
     key_command: Option<&'a [String]>,
     oauth: OAuthSettings<'a>,
+    google: GoogleSettings<'a>,
     outbound: &'a Outbound,
     /// The route's `provider` preset, filling in what the route leaves out.
     provider: Option<&'static Provider>,
@@ -244,6 +250,7 @@ fn policy_parts(
             key_command_ttl: &policy.key_command_ttl,
             key_command_timeout: &policy.key_command_timeout,
             oauth: key.oauth,
+            google: key.google,
             outbound: key.outbound,
             header: key_header(header, grpc_headers.is_some()),
             template,
@@ -361,11 +368,22 @@ fn default_route(
         Some(provider) if raw.key_env == default_of("key_env") => provider.key_env,
         _ => &raw.key_env,
     };
+    let key_file = set(raw.key_file.as_deref());
+    let key_command = command(Some(&raw.key_command));
+    let oauth = OAuthSettings::top(raw);
+    let other_source = raw.key_env != default_of("key_env")
+        || key_file.is_some()
+        || key_command.is_some()
+        || oauth.is_set();
     let key = KeySource {
         key_env,
-        key_file: raw.key_file.as_deref(),
-        key_command: command(Some(&raw.key_command)),
-        oauth: OAuthSettings::top(raw),
+        key_file,
+        key_command,
+        oauth,
+        google: GoogleSettings::top(raw).with_preset(
+            provider.is_some_and(Provider::google_credentials),
+            other_source,
+        ),
         outbound,
         provider,
     };
@@ -418,13 +436,16 @@ fn report_unused_top_level(raw: &RawConfig, found: &mut Problems) {
         ("key_file", set(raw.key_file.as_deref()).is_some()),
         ("key_command", command(Some(&raw.key_command)).is_some()),
         ("oauth_token_url", OAuthSettings::top(raw).is_set()),
+        ("google_credentials", GoogleSettings::top(raw).is_written()),
+        ("google_scopes", GoogleSettings::top(raw).scopes_written()),
     ];
     for (key, is_set) in top_sources {
         if !raw.routes.is_empty() && no_upstream && is_set {
             found.report(
                 key,
                 "is set at the top level, but no upstream is, so no route would use it: \
-                 each [[routes]] entry names its own key_env, key_file, key_command or oauth_token_url",
+                 each [[routes]] entry names its own key_env, key_file, key_command, \
+                 oauth_token_url or google_credentials",
             );
         }
     }
@@ -525,21 +546,25 @@ fn check_route(
     let key_file = route.key_file.as_deref().filter(|v| !v.is_empty());
     let key_command = command(route.key_command.as_ref());
     let oauth = OAuthSettings::route(route);
-    let preset_key_env = provider.map(|p| p.key_env);
-    if key_env.or(preset_key_env).is_none()
-        && key_file.is_none()
-        && key_command.is_none()
-        && !oauth.is_set()
-    {
+    let other_source =
+        key_env.is_some() || key_file.is_some() || key_command.is_some() || oauth.is_set();
+    let google = GoogleSettings::route(route).with_preset(
+        provider.is_some_and(Provider::google_credentials),
+        other_source,
+    );
+    let preset_key_env = provider.map(|p| p.key_env).filter(|k| !k.is_empty());
+    if !other_source && preset_key_env.is_none() && !google.is_set() {
         found.report(
             &scope.setting("key_env"),
-            "the route has no credential source: set key_env, key_file, key_command or oauth_token_url",
+            "the route has no credential source: set key_env, key_file, key_command, \
+             oauth_token_url or google_credentials",
         );
         return None;
     }
     let sources = [
         ("key_command", key_command.is_some()),
         ("oauth_token_url", oauth.is_set()),
+        ("google_credentials", google.is_written()),
     ];
     for (source, _) in sources.iter().filter(|(_, set)| *set && key_env.is_some()) {
         found.report(
@@ -555,6 +580,7 @@ fn check_route(
         key_file,
         key_command,
         oauth,
+        google,
         outbound: inherited.outbound,
         provider,
     };
@@ -658,6 +684,7 @@ fn report_switches(route: &RawRoute, scope: &Scope, found: &mut Problems) {
         ("regional", Some(&route.regional)),
         ("http2", Some(&route.http2)),
         ("strip_prefix", route.strip_prefix.as_ref()),
+        ("google_credentials", route.google_credentials.as_ref()),
     ];
     for (key, switch) in switches {
         if let Some(message) = switch.and_then(Switch::invalid) {

@@ -33,6 +33,14 @@ fn token_parts(authorization: &[u8], prefix: &str) -> Option<(u64, u128)> {
     Some((run.parse().ok()?, expiry.parse().ok()?))
 }
 
+/// GETs `url` with `client`, bounded by [`within`].
+pub(crate) async fn get(client: &TestClient, url: String) -> http::Response<hyper::body::Incoming> {
+    let request = Request::get(url).body(empty()).expect("request");
+    within("keyrelay's answer", client.request(request))
+        .await
+        .expect("response")
+}
+
 pub(crate) fn now_ms() -> u128 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -274,4 +282,22 @@ pub(crate) async fn expired_means_503_and_nothing_forwarded(
         &[("route", "default")],
     );
     assert!(left.is_some_and(|left| left <= 0.0), "{left:?}");
+}
+
+/// Once `relay`'s source works again: `/readyz` recovers, a request gets
+/// 200, and no expired token ever reached the upstream. Stops keyrelay
+/// (run at `RUST_LOG=trace`) and returns its log for the leak scans.
+pub(crate) async fn recovered_then_log(
+    upstream: &CheckingUpstream,
+    relay: &mut AdminRelay,
+) -> String {
+    relay.wait_for_readyz(200).await;
+    assert_eq!(
+        get(&http1_client(), relay.url("/v1/models")).await.status(),
+        200
+    );
+    assert_eq!(upstream.rejected(), Vec::<String>::new());
+    let log = relay.process.stop_and_output().await;
+    assert!(log.contains("TRACE"), "trace logging was on:\n{log}");
+    log
 }

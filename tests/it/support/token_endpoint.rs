@@ -1,14 +1,22 @@
-//! An OAuth2 token endpoint (client credentials, RFC 6749 §4.4) for the
-//! OAuth2 tests, on a thread and runtime of its own: keyrelay's first token
-//! request happens while its configuration loads, which blocks the test's
-//! runtime.
+//! A token endpoint for the OAuth2 and Google tests, on a thread and
+//! runtime of its own: keyrelay's first token request happens while its
+//! configuration loads, which blocks the test's runtime.
 //!
-//! It checks each request as an authorization server would (POST, a form
-//! body, `grant_type=client_credentials`, the scope, the client id and
-//! secret by the one authentication method it is set to accept) and
-//! answers a token `PREFIX<n>-<expiry in ms>` that lives `lifetime`, which
-//! [`super::expiring::CheckingUpstream`] reads back. Anything wrong gets
-//! 401 `invalid_client` (or 400 `invalid_request`), and is recorded.
+//! It checks each request as the real server would, by its [`Grant`]:
+//! - client credentials (RFC 6749 §4.4): POST, a form body,
+//!   `grant_type=client_credentials`, the scope, the client id and secret
+//!   by the one authentication method it is set to accept;
+//! - Google's JWT-bearer grant (RFC 7523): the assertion's RS256 signature
+//!   verified with the service account's public key (ring's
+//!   `UnparsedPublicKey`), then its header and claims (`iss`, `aud`,
+//!   `scope`, `iat`, `exp`);
+//! - Google's metadata server: a GET of the default account's token with
+//!   `Metadata-Flavor: Google` and the scopes asked for.
+//!
+//! It answers a token `PREFIX<n>-<expiry in ms>` that lives `lifetime`,
+//! which [`super::expiring::CheckingUpstream`] reads back. Anything wrong
+//! gets a 4xx (`invalid_client`, `invalid_grant`, or the metadata
+//! server's 403), and is recorded.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -43,11 +51,43 @@ pub(crate) enum Method {
     Post,
 }
 
+/// What the endpoint checks.
+#[derive(Clone)]
+pub(crate) enum Grant {
+    /// Client credentials, authenticated by this method.
+    Client(Method),
+    /// The JWT-bearer grant of a Google service account.
+    JwtBearer(ServiceAccount),
+    /// Google's metadata server.
+    Metadata,
+}
+
+/// The service account the JWT-bearer endpoint knows.
+#[derive(Clone)]
+pub(crate) struct ServiceAccount {
+    /// Its `client_email`, the assertion's `iss`.
+    pub(crate) client_email: String,
+    /// Its key's id, the assertion's `kid`.
+    pub(crate) key_id: String,
+    /// Its public key, PKCS#1 `RSAPublicKey` DER.
+    pub(crate) public_key: Vec<u8>,
+}
+
+/// The JWT-bearer grant's `grant_type`.
+const JWT_BEARER: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
+/// The scope keyrelay asks Google for by default.
+pub(crate) const GOOGLE_SCOPE: &str = "https://www.googleapis.com/auth/cloud-platform";
+/// Where the metadata server serves the default account's token.
+const METADATA_PATH: &str = "/computeMetadata/v1/instance/service-accounts/default/token";
+
 #[derive(Default)]
 struct State {
     issued: u64,
     refused: Vec<String>,
     down: bool,
+    /// The public key the JWT-bearer endpoint verifies with instead of the
+    /// account's (the account's key deleted, a rotation gone wrong).
+    other_key: Option<Vec<u8>>,
 }
 
 /// The running endpoint; stopped when dropped.
@@ -60,15 +100,23 @@ pub(crate) struct TokenEndpoint {
 impl TokenEndpoint {
     /// Accepts `method` only and issues tokens living `lifetime` seconds.
     pub(crate) fn start(method: Method, lifetime: f64) -> Self {
+        Self::with_grant(Grant::Client(method), lifetime)
+    }
+
+    /// Checks requests by `grant` and issues tokens living `lifetime` seconds.
+    pub(crate) fn with_grant(grant: Grant, lifetime: f64) -> Self {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         listener.set_nonblocking(true).expect("nonblocking");
-        let url = format!(
-            "http://{}/oauth2/v2.0/token",
-            listener.local_addr().expect("addr")
-        );
+        let path = match grant {
+            Grant::Client(_) => "/oauth2/v2.0/token",
+            Grant::JwtBearer(_) => "/token",
+            Grant::Metadata => METADATA_PATH,
+        };
+        let url = format!("http://{}{path}", listener.local_addr().expect("addr"));
         let state = Arc::new(Mutex::new(State::default()));
         let (stop, stopped) = oneshot::channel::<()>();
         let shared = Arc::clone(&state);
+        let url_for_check = url.clone();
         std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -82,12 +130,16 @@ impl TokenEndpoint {
                             continue;
                         };
                         let state = Arc::clone(&shared);
+                        let grant = grant.clone();
+                        let url = url_for_check.clone();
                         tokio::spawn(async move {
                             let service = service_fn(move |request| {
                                 let state = Arc::clone(&state);
+                                let grant = grant.clone();
+                                let url = url.clone();
                                 async move {
                                     Ok::<_, Infallible>(
-                                        answer(request, method, lifetime, &state).await,
+                                        answer(request, &grant, &url, lifetime, &state).await,
                                     )
                                 }
                             });
@@ -125,15 +177,28 @@ impl TokenEndpoint {
         self.state.lock().expect("lock").refused.clone()
     }
 
+    /// The `host:port` it listens on (`GCE_METADATA_HOST`).
+    pub(crate) fn host(&self) -> String {
+        let rest = self.url.strip_prefix("http://").expect("http URL");
+        rest.split_once('/').expect("a path").0.to_owned()
+    }
+
     /// While down, every request gets 503 `temporarily_unavailable`.
     pub(crate) fn set_down(&self, down: bool) {
         self.state.lock().expect("lock").down = down;
+    }
+
+    /// Verifies assertions with `public_key` (PKCS#1 DER) rather than the
+    /// account's own; `None`: the account's again.
+    pub(crate) fn verify_with(&self, public_key: Option<Vec<u8>>) {
+        self.state.lock().expect("lock").other_key = public_key;
     }
 }
 
 async fn answer(
     request: Request<Incoming>,
-    method: Method,
+    grant: &Grant,
+    url: &str,
     lifetime: f64,
     state: &Mutex<State>,
 ) -> Response<Full<Bytes>> {
@@ -146,12 +211,23 @@ async fn answer(
     if state.lock().expect("lock").down {
         return json(503, r#"{"error": "temporarily_unavailable"}"#.to_owned());
     }
-    match check(&head, &body, method) {
-        Err(problem) => {
+    let checked = match grant {
+        Grant::Client(method) => {
+            check(&head, &body, *method).map_err(|p| (401, "invalid_client", p))
+        }
+        Grant::JwtBearer(account) => {
+            let key = state.lock().expect("lock").other_key.clone();
+            let key = key.as_deref().unwrap_or(&account.public_key);
+            check_assertion(&head, &body, account, key, url).map_err(|p| (400, "invalid_grant", p))
+        }
+        Grant::Metadata => check_metadata(&head).map_err(|p| (403, "forbidden", p)),
+    };
+    match checked {
+        Err((status, code, problem)) => {
             state.lock().expect("lock").refused.push(problem.clone());
             json(
-                401,
-                format!(r#"{{"error": "invalid_client", "error_description": "{problem}"}}"#),
+                status,
+                format!(r#"{{"error": "{code}", "error_description": "{problem}"}}"#),
             )
         }
         Ok(()) => {
@@ -213,6 +289,78 @@ fn check(head: &http::request::Parts, body: &[u8], method: Method) -> Result<(),
     }
 }
 
+/// What Google's token endpoint checks of a JWT-bearer request: the
+/// grant type, then the assertion's RS256 signature against `public_key`,
+/// then its header and claims.
+fn check_assertion(
+    head: &http::request::Parts,
+    body: &[u8],
+    account: &ServiceAccount,
+    public_key: &[u8],
+    url: &str,
+) -> Result<(), String> {
+    use ring::signature::{UnparsedPublicKey, RSA_PKCS1_2048_8192_SHA256};
+    if head.method != http::Method::POST {
+        return Err(format!("method {}", head.method));
+    }
+    let form = parse_form(std::str::from_utf8(body).map_err(|_| "body not UTF-8")?);
+    if form.get("grant_type").map(String::as_str) != Some(JWT_BEARER) {
+        return Err("grant_type".to_owned());
+    }
+    let assertion = form.get("assertion").ok_or("no assertion")?;
+    let parts: Vec<&str> = assertion.split('.').collect();
+    let [header, claims, signature] = parts[..] else {
+        return Err("the assertion is not a JWS".to_owned());
+    };
+    let base64url = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let signature = base64url
+        .decode(signature)
+        .map_err(|_| "signature encoding")?;
+    UnparsedPublicKey::new(&RSA_PKCS1_2048_8192_SHA256, public_key)
+        .verify(format!("{header}.{claims}").as_bytes(), &signature)
+        .map_err(|_| "Invalid JWT Signature.")?;
+    let json = |part: &str| -> Result<serde_json::Value, String> {
+        let bytes = base64url.decode(part).map_err(|_| "part encoding")?;
+        serde_json::from_slice(&bytes).map_err(|err| format!("part JSON: {err}"))
+    };
+    let (header, claims) = (json(header)?, json(claims)?);
+    let expected_header = serde_json::json!({"alg": "RS256", "typ": "JWT", "kid": account.key_id});
+    if header != expected_header {
+        return Err(format!("header {header}"));
+    }
+    let now = (now_ms() / 1000) as i64;
+    let iat = claims["iat"].as_i64().ok_or("iat")?;
+    let exp = claims["exp"].as_i64().ok_or("exp")?;
+    let expected = [
+        (claims["iss"] == account.client_email.as_str(), "iss"),
+        (claims["aud"] == url, "aud"),
+        (claims["scope"] == GOOGLE_SCOPE, "scope"),
+        ((iat - now).abs() <= 60, "iat"),
+        (exp == iat + 3600, "exp"),
+    ];
+    match expected.iter().find(|(fine, _)| !fine) {
+        Some((_, claim)) => Err(format!("claim {claim} in {claims}")),
+        None => Ok(()),
+    }
+}
+
+/// What the metadata server checks: a GET of the default account's token
+/// with `Metadata-Flavor: Google` (anything else is refused, as the real
+/// one refuses), asking for the default scope.
+fn check_metadata(head: &http::request::Parts) -> Result<(), String> {
+    if head.headers.get("metadata-flavor").map(|v| v.as_bytes()) != Some(b"Google") {
+        return Err("Missing Metadata-Flavor:Google header.".to_owned());
+    }
+    if head.method != http::Method::GET || head.uri.path() != METADATA_PATH {
+        return Err(format!("{} {}", head.method, head.uri.path()));
+    }
+    let query = parse_form(head.uri.query().unwrap_or_default());
+    if query.get("scopes").map(String::as_str) != Some(GOOGLE_SCOPE) {
+        return Err(format!("scopes {:?}", head.uri.query()));
+    }
+    Ok(())
+}
+
 fn parse_form(body: &str) -> HashMap<String, String> {
     body.split('&')
         .filter_map(|pair| pair.split_once('='))
@@ -246,4 +394,90 @@ fn json(status: u16, body: String) -> Response<Full<Bytes>> {
         .header("content-type", "application/json")
         .body(Full::new(Bytes::from(body)))
         .expect("response")
+}
+
+/// An RSA key made at test time (2048 bits, by the test environment's
+/// Python `cryptography`; ring signs and verifies but cannot generate RSA
+/// keys), so no private key is checked in.
+pub(crate) struct RsaKey {
+    /// The private key as PKCS#8 PEM, as Google's key files hold it.
+    pub(crate) pkcs8_pem: String,
+    /// The same key as PKCS#1 PEM (`BEGIN RSA PRIVATE KEY`), which a key
+    /// file must not hold.
+    pub(crate) pkcs1_pem: String,
+    /// The public key, PKCS#1 `RSAPublicKey` DER (ring's verifying form).
+    pub(crate) public_der: Vec<u8>,
+}
+
+const MAKE_RSA_KEY: &str = r#"
+import base64, json
+from cryptography.hazmat.primitives import serialization as s
+from cryptography.hazmat.primitives.asymmetric import rsa
+key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+private = lambda form: key.private_bytes(s.Encoding.PEM, form, s.NoEncryption()).decode()
+public = key.public_key().public_bytes(s.Encoding.DER, s.PublicFormat.PKCS1)
+print(json.dumps({"pkcs8": private(s.PrivateFormat.PKCS8),
+                  "pkcs1": private(s.PrivateFormat.TraditionalOpenSSL),
+                  "public": base64.b64encode(public).decode()}))
+"#;
+
+impl RsaKey {
+    pub(crate) fn generate() -> Self {
+        let output = std::process::Command::new(super::python::interpreter())
+            .args(["-c", MAKE_RSA_KEY])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("run python");
+        assert!(
+            output.status.success(),
+            "making an RSA key failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let made: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON");
+        let text = |field: &str| made[field].as_str().expect(field).to_owned();
+        Self {
+            pkcs8_pem: text("pkcs8"),
+            pkcs1_pem: text("pkcs1"),
+            public_der: base64::engine::general_purpose::STANDARD
+                .decode(text("public"))
+                .expect("base64"),
+        }
+    }
+
+    /// The base64 lines of the private key, which must never be printed.
+    pub(crate) fn private_lines(&self) -> Vec<String> {
+        (self.pkcs8_pem.lines().chain(self.pkcs1_pem.lines()))
+            .filter(|line| !line.starts_with("-----") && line.len() > 20)
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+impl ServiceAccount {
+    /// The account `client_email` with `key`.
+    pub(crate) fn new(client_email: &str, key: &RsaKey) -> Self {
+        Self {
+            client_email: client_email.to_owned(),
+            key_id: "0123456789abcdef0123456789abcdef01234567".to_owned(),
+            public_key: key.public_der.clone(),
+        }
+    }
+
+    /// Its key file, as the Cloud console downloads it, with `private_key`
+    /// and `token_uri` as given.
+    pub(crate) fn key_file(&self, private_key: &str, token_uri: &str) -> String {
+        serde_json::json!({
+            "type": "service_account",
+            "project_id": "keyrelay-test",
+            "private_key_id": self.key_id,
+            "private_key": private_key,
+            "client_email": self.client_email,
+            "client_id": "112233445566778899000",
+            "auth_uri": "https://accounts.google.com/o/oauth2/auth",
+            "token_uri": token_uri,
+            "auth_provider_x509_cert_url": "https://www.googleapis.com/oauth2/v1/certs",
+            "universe_domain": "googleapis.com",
+        })
+        .to_string()
+    }
 }
