@@ -9,6 +9,7 @@
 //! client's path and query (byte for byte), so an absolute-form request such as
 //! `GET http://elsewhere/ HTTP/1.1` can never make keyrelay contact another host.
 
+mod auth_query;
 pub(crate) mod context;
 pub(crate) mod error;
 pub mod headers;
@@ -680,13 +681,16 @@ fn upstream_request(
         return Err(ClientError::ConnectNotSupported.into());
     }
     parts.uri = target.upstream_uri_for(matched, &parts.uri)?;
-    headers::prepare_request(
-        &mut parts.headers,
-        &target.credential.strip,
-        &target.credential.header,
-        // An expired credential is never sent: 503 credential_unavailable.
-        target.live.usable()?,
-    );
+    // An expired credential is never sent: 503 credential_unavailable.
+    let value = target.live.usable()?;
+    let header = match &target.credential.query {
+        Some(name) => {
+            parts.uri = auth_query::place(parts.uri, name, value.as_bytes())?;
+            None
+        }
+        None => Some((&target.credential.header, value)),
+    };
+    headers::prepare_request(&mut parts.headers, &target.credential.strip, header);
     for (name, value) in &target.set_headers {
         parts.headers.insert(name, value.clone());
     }

@@ -8,6 +8,7 @@
 mod support;
 
 mod access_log;
+mod auth_query;
 mod backpressure;
 mod budget_escapes;
 mod burst;

@@ -1,0 +1,240 @@
+//! `auth_query`: the credential placed in a query parameter of the
+//! upstream request (Gemini's `?key=`) instead of a header.
+//!
+//! The client's own parameters of that name are removed first, as a client's
+//! credential header is replaced: whatever the upstream's parser, it finds
+//! exactly one, keyrelay's, last. "Of that name" is read the way a lenient
+//! server would, so that no spelling slips past: the name percent-decoded
+//! (repeatedly), `+` as a space, surrounding spaces trimmed, any case, with
+//! or without a `[...]` suffix (`key[]`, `key[0]`), with or without `=`, and
+//! with `;` as a separator as well as `&`. The value is percent-encoded:
+//! every byte but RFC 3986's unreserved characters.
+//!
+//! The path is never touched: a `%3F` in it is part of a path segment, not
+//! a query.
+
+use std::borrow::Cow;
+
+use http::uri::{PathAndQuery, Uri};
+
+use crate::proxy::error::ClientError;
+
+/// Bytes kept as they are in an encoded value: RFC 3986's unreserved set.
+fn is_unreserved(byte: u8) -> bool {
+    byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~')
+}
+
+const HEX: &[u8; 16] = b"0123456789ABCDEF";
+
+/// Appends `value` percent-encoded to `out`.
+fn encode_into(out: &mut String, value: &[u8]) {
+    for &byte in value {
+        if is_unreserved(byte) {
+            out.push(char::from(byte));
+        } else {
+            out.push('%');
+            out.push(char::from(HEX[usize::from(byte >> 4)]));
+            out.push(char::from(HEX[usize::from(byte & 0xf)]));
+        }
+    }
+}
+
+fn hex_value(byte: u8) -> Option<u8> {
+    match byte {
+        b'0'..=b'9' => Some(byte - b'0'),
+        b'a'..=b'f' => Some(byte - b'a' + 10),
+        b'A'..=b'F' => Some(byte - b'A' + 10),
+        _ => None,
+    }
+}
+
+/// One round of form decoding: `%XX` to its byte, `+` to a space; a `%`
+/// not followed by two hex digits stays.
+fn decode_once(text: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(text.len());
+    let mut at = 0;
+    while at < text.len() {
+        match text[at] {
+            b'%' => match (text.get(at + 1), text.get(at + 2)) {
+                (Some(&high), Some(&low)) => match (hex_value(high), hex_value(low)) {
+                    (Some(high), Some(low)) => {
+                        out.push(high << 4 | low);
+                        at += 3;
+                    }
+                    _ => {
+                        out.push(b'%');
+                        at += 1;
+                    }
+                },
+                _ => {
+                    out.push(b'%');
+                    at += 1;
+                }
+            },
+            b'+' => {
+                out.push(b' ');
+                at += 1;
+            }
+            byte => {
+                out.push(byte);
+                at += 1;
+            }
+        }
+    }
+    out
+}
+
+/// True when the query parameter `piece` (`name=value`, or a bare `name`)
+/// names `name`, however it is spelled (see the module's doc).
+fn names(piece: &str, name: &str) -> bool {
+    let written = piece.split('=').next().unwrap_or_default().as_bytes();
+    let mut decoded = written.to_vec();
+    // Decoded until nothing changes (bounded): `%256Bey` is `key` to a
+    // server that decodes twice.
+    for _ in 0..4 {
+        let next = decode_once(&decoded);
+        if next == decoded {
+            break;
+        }
+        decoded = next;
+    }
+    let base = match decoded.iter().position(|&b| b == b'[') {
+        Some(bracket) => &decoded[..bracket],
+        None => &decoded[..],
+    };
+    base.trim_ascii().eq_ignore_ascii_case(name.as_bytes())
+}
+
+/// `query` without its parameters named `name`, as written otherwise (each
+/// kept parameter with the separator before it); unchanged when it has none.
+pub(crate) fn without<'q>(query: &'q str, name: &str) -> Cow<'q, str> {
+    let pieces = || {
+        let mut separator = None;
+        query.split_inclusive(['&', ';']).map(move |piece| {
+            let before = separator;
+            let (text, after) = match piece.strip_suffix(['&', ';']) {
+                Some(text) => (text, piece[text.len()..].chars().next()),
+                None => (piece, None),
+            };
+            separator = after;
+            (before, text)
+        })
+    };
+    if !pieces().any(|(_, piece)| names(piece, name)) {
+        return Cow::Borrowed(query);
+    }
+    let mut kept = String::with_capacity(query.len());
+    for (separator, piece) in pieces() {
+        if piece.is_empty() || names(piece, name) {
+            continue;
+        }
+        if !kept.is_empty() {
+            kept.push(separator.unwrap_or('&'));
+        }
+        kept.push_str(piece);
+    }
+    Cow::Owned(kept)
+}
+
+/// `uri` with the credential `value` in query parameter `name`, last,
+/// and every parameter of the client's that names `name` removed.
+pub(crate) fn place(uri: Uri, name: &str, value: &[u8]) -> Result<Uri, ClientError> {
+    let mut parts = uri.into_parts();
+    let (path, query) = match &parts.path_and_query {
+        Some(pq) => (pq.path(), pq.query()),
+        None => ("/", None),
+    };
+    let mut target = String::with_capacity(
+        path.len() + query.map_or(0, str::len) + name.len() + 2 + value.len() * 3,
+    );
+    target.push_str(path);
+    target.push('?');
+    if let Some(query) = query {
+        let kept = without(query, name);
+        if !kept.is_empty() {
+            target.push_str(&kept);
+            target.push('&');
+        }
+    }
+    target.push_str(name);
+    target.push('=');
+    encode_into(&mut target, value);
+    parts.path_and_query =
+        Some(PathAndQuery::try_from(target).map_err(|_| ClientError::BadRequestTarget)?);
+    Uri::from_parts(parts).map_err(|_| ClientError::BadRequestTarget)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn placed(target: &str) -> String {
+        let uri: Uri = format!("http://up.test{target}").parse().expect("uri");
+        let uri = place(uri, "key", b"k 1/+&=%").expect("placed");
+        uri.path_and_query().expect("pq").as_str().to_owned()
+    }
+
+    #[test]
+    fn the_key_goes_last_encoded_and_once() {
+        assert_eq!(placed("/v1/m"), "/v1/m?key=k%201%2F%2B%26%3D%25");
+        assert_eq!(
+            placed("/v1/m?alt=sse"),
+            "/v1/m?alt=sse&key=k%201%2F%2B%26%3D%25"
+        );
+        assert_eq!(placed("/v1/m?"), "/v1/m?key=k%201%2F%2B%26%3D%25");
+    }
+
+    #[test]
+    fn every_spelling_of_a_clients_key_is_removed() {
+        for query in [
+            "key=theirs",
+            "key",
+            "key=",
+            "KEY=theirs",
+            "Key=a&key=b",
+            "%6Bey=theirs",
+            "%256Bey=theirs",
+            "%6b%65%79=theirs",
+            "key[]=theirs",
+            "key%5B%5D=theirs",
+            "key[0]=a&key[1]=b",
+            "+key+=theirs",
+            "%20key=theirs",
+            "key=a=b",
+            "&&key=theirs&&",
+            ";key=theirs",
+        ] {
+            assert_eq!(
+                placed(&format!("/p?{query}")),
+                "/p?key=k%201%2F%2B%26%3D%25",
+                "{query}"
+            );
+        }
+        assert_eq!(
+            placed("/p?alt=sse;key=theirs&x=1"),
+            "/p?alt=sse&x=1&key=k%201%2F%2B%26%3D%25"
+        );
+        assert_eq!(
+            placed("/p?a=1;b=2&key=theirs;c=3"),
+            "/p?a=1;b=2;c=3&key=k%201%2F%2B%26%3D%25"
+        );
+    }
+
+    #[test]
+    fn other_parameters_and_the_path_stay() {
+        assert_eq!(
+            placed("/m%3Fkey=x/y?keys=1&monkey=2&k=3&key_id=4&alt=sse"),
+            "/m%3Fkey=x/y?keys=1&monkey=2&k=3&key_id=4&alt=sse&key=k%201%2F%2B%26%3D%25"
+        );
+        // Nothing to remove: the client's query as it was.
+        assert_eq!(
+            placed("/p?q=a;b&&r=1"),
+            "/p?q=a;b&&r=1&key=k%201%2F%2B%26%3D%25"
+        );
+        // A `key` inside a value is the value's.
+        assert_eq!(
+            placed("/p?q=key%3Dx&r=key"),
+            "/p?q=key%3Dx&r=key&key=k%201%2F%2B%26%3D%25"
+        );
+    }
+}
