@@ -33,6 +33,7 @@ mod operations;
 mod providers;
 mod retries;
 mod routes;
+mod sdk_anthropic;
 mod sdk_openai;
 mod secrets;
 mod security;
