@@ -12,10 +12,17 @@
 //!
 //! The path is never touched: a `%3F` in it is part of a path segment, not
 //! a query.
+//!
+//! The upstream's answer can echo the URL, key included (a redirect that
+//! keeps the query): [`scrub_response`] takes it out of the response
+//! headers. Bodies are relayed untouched (nothing on the data path reads
+//! them for this).
 
 use std::borrow::Cow;
 
+use http::header::{CONTENT_LOCATION, LOCATION};
 use http::uri::{PathAndQuery, Uri};
+use http::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::proxy::error::ClientError;
 
@@ -164,6 +171,57 @@ pub(crate) fn place(uri: Uri, name: &str, value: &[u8]) -> Result<Uri, ClientErr
     Uri::from_parts(parts).map_err(|_| ClientError::BadRequestTarget)
 }
 
+/// `uri` (a `Location` value) without its query parameters named `name`;
+/// `None` when it has none.
+fn uri_without(uri: &str, name: &str) -> Option<String> {
+    let question = uri.find('?')?;
+    let end = uri[question..]
+        .find('#')
+        .map_or(uri.len(), |at| question + at);
+    let kept = match without(&uri[question + 1..end], name) {
+        Cow::Borrowed(_) => return None,
+        Cow::Owned(kept) => kept,
+    };
+    let mut clean = String::with_capacity(uri.len());
+    clean.push_str(&uri[..question]);
+    if !kept.is_empty() {
+        clean.push('?');
+        clean.push_str(&kept);
+    }
+    clean.push_str(&uri[end..]);
+    Some(clean)
+}
+
+/// Keeps the key out of an upstream's response headers: a redirect or
+/// `Content-Location` that echoes the request's URL (the query kept, as
+/// redirects often keep it) loses the parameter, and any other header
+/// holding the key (`value`, as sent or encoded) is removed.
+pub(crate) fn scrub_response(headers: &mut HeaderMap, name: &str, value: &[u8]) {
+    for header in [LOCATION, CONTENT_LOCATION] {
+        let clean = (headers.get(&header))
+            .and_then(|uri| uri.to_str().ok())
+            .and_then(|uri| uri_without(uri, name))
+            .and_then(|clean| HeaderValue::try_from(clean).ok());
+        if let Some(clean) = clean {
+            headers.insert(header, clean);
+        }
+    }
+    if value.is_empty() {
+        return;
+    }
+    let mut encoded = String::new();
+    encode_into(&mut encoded, value);
+    let holds =
+        |haystack: &[u8], needle: &[u8]| haystack.windows(needle.len()).any(|w| w == needle);
+    let leaking: Vec<HeaderName> = (headers.iter())
+        .filter(|(_, v)| holds(v.as_bytes(), value) || holds(v.as_bytes(), encoded.as_bytes()))
+        .map(|(name, _)| name.clone())
+        .collect();
+    for name in leaking {
+        headers.remove(name);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -218,6 +276,22 @@ mod tests {
             placed("/p?a=1;b=2&key=theirs;c=3"),
             "/p?a=1;b=2;c=3&key=k%201%2F%2B%26%3D%25"
         );
+    }
+
+    #[test]
+    fn responses_lose_the_key() {
+        let mut headers = HeaderMap::new();
+        let up = |text: &str| HeaderValue::try_from(text).expect("value");
+        headers.insert(LOCATION, up("https://u.test/v1/m/?alt=sse&key=k%201#frag"));
+        headers.insert(CONTENT_LOCATION, up("/v1/m?key=k%201"));
+        headers.insert("link", up("<https://u.test/?key=k%201>; rel=next"));
+        headers.insert("x-echo", up("key k 1"));
+        headers.insert("x-kept", up("other"));
+        scrub_response(&mut headers, "key", b"k 1");
+        assert_eq!(headers[LOCATION], "https://u.test/v1/m/?alt=sse#frag");
+        assert_eq!(headers[CONTENT_LOCATION], "/v1/m");
+        assert!(!headers.contains_key("link") && !headers.contains_key("x-echo"));
+        assert_eq!(headers["x-kept"], "other");
     }
 
     #[test]

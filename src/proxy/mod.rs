@@ -330,7 +330,7 @@ impl Shared {
             Some(attempts) => attempts.first_target(&self.routes),
             None => route,
         };
-        let (response, lease) = loop {
+        let (mut response, lease) = loop {
             let upstream_request = upstream_request(route, target, parts, body, upgrade.take())?;
             let sent = self
                 .send_to(worker, target, upstream_request, upgrading, record)
@@ -379,6 +379,13 @@ impl Shared {
             // requests pipelined on it. The upstream connection has switched
             // too: the lease drops it (it is never reusable after a 101).
             return Err(UpstreamError::UnrequestedUpgrade.into());
+        }
+        if let Some(name) = &target.credential.query {
+            auth_query::scrub_response(
+                response.headers_mut(),
+                name,
+                target.live.current().as_bytes(),
+            );
         }
         if target.index != route.index {
             record.set_upstream(&target.name);

@@ -346,3 +346,70 @@ async fn the_query_key_never_appears_in_trace_logs_or_answers_http1() {
 async fn the_query_key_never_appears_in_trace_logs_or_answers_http2() {
     scan_at_trace(true).await;
 }
+
+/// An upstream that echoes the request's URL in its answer (a redirect that
+/// keeps the query, a `Link`, a debugging header) does not hand the key to
+/// the client: `Location` loses the parameter, other headers holding the
+/// key are removed.
+#[tokio::test]
+async fn the_key_is_taken_out_of_the_upstreams_response_headers() {
+    let mut upstream = MockUpstream::start().await;
+    let mut sources = sources(
+        &upstream.url(),
+        &[("provider", "gemini"), ("auth_query", "key")],
+    );
+    sources
+        .env
+        .insert("GEMINI_API_KEY".to_owned(), GEMINI_KEY.to_owned());
+    let relay = Relay::from_sources(&sources).await;
+    let pending = tokio::spawn(
+        http1_client().request(
+            Request::get(relay.url("/v1beta/models?alt=sse"))
+                .body(empty())
+                .expect("request"),
+        ),
+    );
+    let exchange = upstream.next().await;
+    let echoed = format!("{}{}", upstream.url(), exchange.request.uri());
+    assert!(
+        echoed.ends_with(&format!("?alt=sse&key={GEMINI_KEY_ENCODED}")),
+        "{echoed}"
+    );
+    exchange.respond(
+        http::Response::builder()
+            .status(301)
+            .header(
+                "location",
+                format!("{echoed}#top").replace("/models?", "/models/?"),
+            )
+            .header("content-location", &echoed)
+            .header("link", format!("<{echoed}>; rel=next"))
+            .header("x-debug-key", GEMINI_KEY)
+            .header("x-upstream", "kept")
+            .body(empty())
+            .expect("response"),
+    );
+    let response = within("response", pending)
+        .await
+        .expect("join")
+        .expect("response");
+    assert_eq!(response.status(), 301);
+    let headers = response.headers();
+    assert_eq!(
+        headers["location"],
+        format!("{}/v1beta/models/?alt=sse#top", upstream.url())
+    );
+    assert_eq!(
+        headers["content-location"],
+        format!("{}/v1beta/models?alt=sse", upstream.url())
+    );
+    assert!(!headers.contains_key("link"), "{headers:?}");
+    assert!(!headers.contains_key("x-debug-key"), "{headers:?}");
+    assert_eq!(headers["x-upstream"], "kept");
+    let all = format!("{headers:?}");
+    assert!(
+        !all.contains(GEMINI_KEY_ENCODED) && !all.contains(GEMINI_KEY),
+        "{all}"
+    );
+    relay.stop().await;
+}
