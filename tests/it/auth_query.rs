@@ -328,6 +328,8 @@ async fn scan_at_trace(http2: bool) {
 
     let output = relay.stop_and_output().await;
     assert!(output.contains("TRACE"), "trace logging was on:\n{output}");
+    // The startup line names where the key goes, never the key.
+    assert!(output.contains("query=\"key\""), "{output}");
     for text in answers.iter().chain([&output]) {
         assert!(!text.contains(KEY), "the key appeared in:\n{text}");
         assert!(
