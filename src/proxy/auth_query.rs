@@ -6,7 +6,8 @@
 //! exactly one, keyrelay's, last. "Of that name" is read the way a lenient
 //! server would, so that no spelling slips past: the name percent-decoded
 //! (repeatedly), `+` as a space, surrounding spaces trimmed, any case, with
-//! or without a `[...]` suffix (`key[]`, `key[0]`), with or without `=`, and
+//! or without a `[...]` suffix (`key[]`, `key[0]`) or anything after a NUL
+//! (`key%00`), with or without `=`, and
 //! with `;` as a separator as well as `&`. The value is percent-encoded:
 //! every byte but RFC 3986's unreserved characters.
 //!
@@ -105,7 +106,8 @@ fn names(piece: &str, name: &str) -> bool {
         }
         decoded = next;
     }
-    let base = match decoded.iter().position(|&b| b == b'[') {
+    // A C-string parser stops at a NUL.
+    let base = match decoded.iter().position(|&b| b == b'[' || b == 0) {
         Some(bracket) => &decoded[..bracket],
         None => &decoded[..],
     };
@@ -255,6 +257,8 @@ mod tests {
             "%6b%65%79=theirs",
             "key[]=theirs",
             "key%5B%5D=theirs",
+            "key%00=theirs",
+            "key%00x=theirs",
             "key[0]=a&key[1]=b",
             "+key+=theirs",
             "%20key=theirs",

@@ -89,6 +89,7 @@ async fn the_gemini_preset_with_auth_query_sends_the_key_last_in_the_query_only(
         "alt=sse&KEY=theirs&%6Bey=theirs&key[]=theirs;key=theirs",
         "key&alt=sse&key=",
         "%256Bey=theirs&alt=sse&+key+=theirs&key%5B0%5D=theirs",
+        "alt=sse&key%00=theirs&Key%00.x=theirs",
     ] {
         let seen_request = seen(&relay, &recorder, &format!("{STREAM_PATH}?{client_query}")).await;
         assert_eq!(seen_request.target, expected, "{client_query}");
