@@ -25,6 +25,7 @@ use http::header::{CONTENT_LOCATION, LOCATION};
 use http::uri::{PathAndQuery, Uri};
 use http::{HeaderMap, HeaderName, HeaderValue};
 
+use crate::guard::paths::hex_value;
 use crate::proxy::error::ClientError;
 
 /// Bytes kept as they are in an encoded value: RFC 3986's unreserved set.
@@ -44,15 +45,6 @@ fn encode_into(out: &mut String, value: &[u8]) {
             out.push(char::from(HEX[usize::from(byte >> 4)]));
             out.push(char::from(HEX[usize::from(byte & 0xf)]));
         }
-    }
-}
-
-fn hex_value(byte: u8) -> Option<u8> {
-    match byte {
-        b'0'..=b'9' => Some(byte - b'0'),
-        b'a'..=b'f' => Some(byte - b'a' + 10),
-        b'A'..=b'F' => Some(byte - b'A' + 10),
-        _ => None,
     }
 }
 

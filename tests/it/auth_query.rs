@@ -46,11 +46,9 @@ async fn seen(relay: &Relay, recorder: &Recorder, target: &str) -> SeenRequest {
     seen.remove(0)
 }
 
-fn gemini_sources(recorder: &Recorder) -> keyrelay::config::Sources {
-    let mut sources = sources(
-        &recorder.url(),
-        &[("provider", "gemini"), ("auth_query", "key")],
-    );
+/// The gemini preset with `auth_query = "key"`, [`GEMINI_KEY`] in its variable.
+fn gemini_sources(upstream: &str) -> keyrelay::config::Sources {
+    let mut sources = sources(upstream, &[("provider", "gemini"), ("auth_query", "key")]);
     sources
         .env
         .insert("GEMINI_API_KEY".to_owned(), GEMINI_KEY.to_owned());
@@ -60,7 +58,7 @@ fn gemini_sources(recorder: &Recorder) -> keyrelay::config::Sources {
 #[tokio::test]
 async fn the_gemini_preset_with_auth_query_sends_the_key_last_in_the_query_only() {
     let recorder = Recorder::start().await;
-    let relay = Relay::from_sources(&gemini_sources(&recorder)).await;
+    let relay = Relay::from_sources(&gemini_sources(&recorder.url())).await;
     let expected = format!("{STREAM_PATH}?alt=sse&key={GEMINI_KEY_ENCODED}");
     let seen_request = seen(&relay, &recorder, &format!("{STREAM_PATH}?alt=sse")).await;
     assert_eq!(seen_request.method, "POST");
@@ -357,14 +355,7 @@ async fn the_query_key_never_appears_in_trace_logs_or_answers_http2() {
 #[tokio::test]
 async fn the_key_is_taken_out_of_the_upstreams_response_headers() {
     let mut upstream = MockUpstream::start().await;
-    let mut sources = sources(
-        &upstream.url(),
-        &[("provider", "gemini"), ("auth_query", "key")],
-    );
-    sources
-        .env
-        .insert("GEMINI_API_KEY".to_owned(), GEMINI_KEY.to_owned());
-    let relay = Relay::from_sources(&sources).await;
+    let relay = Relay::from_sources(&gemini_sources(&upstream.url())).await;
     let pending = tokio::spawn(
         http1_client().request(
             Request::get(relay.url("/v1beta/models?alt=sse"))
