@@ -237,6 +237,27 @@ fn auth_query_settings_that_cannot_work_stop_startup_naming_them() {
         .find(|r| r.name == "default")
         .expect("default");
     assert_eq!(default.credential.query, None);
+
+    // A route turning an inherited auth_query off uses its own header.
+    let file = temp_file(
+        "auth-query",
+        "off.toml",
+        "auth_query = \"key\"\n\n[[routes]]\nname = \"h\"\nprefix = \"/h\"\n\
+         upstream = \"https://h.test\"\nkey_env = \"BASETEN_API_KEY\"\nauth_query = \"\"\n\
+         auth_header = \"api-key\"\n",
+    );
+    let mut off = crate::support::sources("https://a.test", &[]);
+    off.file = Some(file.0.clone());
+    let config = keyrelay::config::load(&off).expect("loads");
+    let route = config.routes.iter().find(|r| r.name == "h").expect("h");
+    assert_eq!(route.credential.query, None);
+    assert_eq!(route.credential.header, "api-key");
+    let default = config
+        .routes
+        .iter()
+        .find(|r| r.name == "default")
+        .expect("default");
+    assert_eq!(default.credential.query.as_deref(), Some("key"));
 }
 
 /// keyrelay as a process at RUST_LOG=trace, the key in the query of every
