@@ -192,6 +192,9 @@ pub async fn run_with_metrics(
             upstream = %route.upstream,
             key_source = %key_source(&route.credential),
             header = %route.credential.header,
+            // With auth_query the key goes in this query parameter, and
+            // the header is only removed from clients' requests.
+            query = route.credential.query.as_deref(),
             expires_in_secs = route.live.seconds_left().map(|left| left.max(0.0) as u64),
             "route"
         );

@@ -208,8 +208,12 @@ pub struct Credential {
     pub lifetime: Option<Lifetime>,
     /// The template the key is rendered with (kept to re-render a reloaded key).
     pub template: String,
-    /// Header the credential goes into.
+    /// Header the credential goes into; with `query`, the header only
+    /// removed from clients' requests.
     pub header: HeaderName,
+    /// The query parameter the credential goes in instead of `header`
+    /// (`auth_query`), a checked name.
+    pub query: Option<String>,
     /// Rendered, sensitive header value as loaded (a reloaded key file
     /// changes the route's live copy, not this).
     pub value: HeaderValue,
@@ -304,6 +308,9 @@ struct RawConfig {
     key_env: String,
     auth_header: String,
     auth_template: String,
+    /// Off (empty) by default, which the loader does not set.
+    #[serde(default)]
+    auth_query: String,
     strip_request_headers: Vec<String>,
     key_file: Option<String>,
     key_command: Vec<String>,

@@ -152,6 +152,12 @@ pub const SETTINGS: &[Setting] = &[
         kind: Kind::Text,
     },
     Setting {
+        key: "auth_query",
+        default: "",
+        help: "Query parameter the key goes in instead of a header (e.g. key, for Gemini's ?key=): added last, replacing any the client sent; auth_header is then only removed from clients' requests.",
+        kind: Kind::Text,
+    },
+    Setting {
         key: "strip_request_headers",
         default: "authorization,proxy-authorization,x-api-key,cookie",
         help: "Client credential headers removed before forwarding (comma list).",

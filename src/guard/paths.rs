@@ -231,8 +231,8 @@ pub fn ambiguity(path: &str) -> Option<&'static str> {
     None
 }
 
-/// The value of one hex digit.
-fn hex_value(digit: u8) -> Option<u8> {
+/// The value of one hex digit (of a percent-escape).
+pub(crate) fn hex_value(digit: u8) -> Option<u8> {
     match digit {
         b'0'..=b'9' => Some(digit - b'0'),
         b'a'..=b'f' => Some(digit - b'a' + 10),

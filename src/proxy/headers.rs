@@ -60,14 +60,14 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
 /// Prepares a client's request headers for the upstream.
 ///
 /// Drops `Trailer`, hop-by-hop headers and every client credential in
-/// `strip`, then sets `credential_header` to
-/// `credential`. Order matters: injection comes last so that nothing a client
-/// sends, not even `Connection: authorization`, can remove or replace the key.
+/// `strip`, then sets the `credential` header (name and value), if any (a
+/// route with `auth_query` puts its key in the query instead). Order matters:
+/// injection comes last so that nothing a client sends, not even
+/// `Connection: authorization`, can remove or replace the key.
 pub fn prepare_request(
     headers: &mut HeaderMap,
     strip: &[HeaderName],
-    credential_header: &HeaderName,
-    credential: HeaderValue,
+    credential: Option<(&HeaderName, HeaderValue)>,
 ) {
     // `Host` is left alone: `set_version` in proxy/mod.rs replaces or
     // removes it once the upstream's HTTP version is known, and nowhere else.
@@ -80,7 +80,9 @@ pub fn prepare_request(
             headers.remove(name);
         }
     }
-    headers.insert(credential_header.clone(), credential);
+    if let Some((name, value)) = credential {
+        headers.insert(name.clone(), value);
+    }
 }
 
 /// The WebSocket upgrade an HTTP/1.1 request asks for (an `Upgrade:
@@ -278,7 +280,11 @@ mod tests {
             HeaderName::from_static("proxy-authorization"),
         ];
         let injected = HeaderValue::from_static("Api-Key real");
-        prepare_request(&mut headers, &strip, &AUTHORIZATION, injected.clone());
+        prepare_request(
+            &mut headers,
+            &strip,
+            Some((&AUTHORIZATION, injected.clone())),
+        );
         assert_eq!(
             headers.get_all(AUTHORIZATION).iter().collect::<Vec<_>>(),
             [&injected]
@@ -295,7 +301,11 @@ mod tests {
         let mut headers = map(&[("authorization", "Bearer placeholder")]);
         let name = HeaderName::from_static("baseten-authorization");
         let value = HeaderValue::from_static("Api-Key real");
-        prepare_request(&mut headers, &[AUTHORIZATION, name.clone()], &name, value);
+        prepare_request(
+            &mut headers,
+            &[AUTHORIZATION, name.clone()],
+            Some((&name, value)),
+        );
         assert!(headers.get(AUTHORIZATION).is_none());
         assert_eq!(headers.get(&name).expect("injected"), "Api-Key real");
     }

@@ -9,6 +9,7 @@
 //! client's path and query (byte for byte), so an absolute-form request such as
 //! `GET http://elsewhere/ HTTP/1.1` can never make keyrelay contact another host.
 
+mod auth_query;
 pub(crate) mod context;
 pub(crate) mod error;
 pub mod headers;
@@ -343,7 +344,7 @@ impl Shared {
             Some(attempts) => attempts.first_target(&self.routes),
             None => route,
         };
-        let (response, lease) = loop {
+        let (mut response, lease) = loop {
             let upstream_request = upstream_request(route, target, parts, body, upgrade.take())?;
             let sent = self
                 .send_to(worker, target, upstream_request, upgrading, record)
@@ -393,6 +394,13 @@ impl Shared {
             // requests pipelined on it. The upstream connection has switched
             // too: the lease drops it (it is never reusable after a 101).
             return Err(UpstreamError::UnrequestedUpgrade.into());
+        }
+        if let Some(name) = &target.credential.query {
+            auth_query::scrub_response(
+                response.headers_mut(),
+                name,
+                target.live.current().as_bytes(),
+            );
         }
         if target.index != route.index {
             record.set_upstream(&target.name);
@@ -710,13 +718,16 @@ fn upstream_request(
         return Err(ClientError::ConnectNotSupported.into());
     }
     parts.uri = target.upstream_uri_for(matched, &parts.uri)?;
-    headers::prepare_request(
-        &mut parts.headers,
-        &target.credential.strip,
-        &target.credential.header,
-        // An expired credential is never sent: 503 credential_unavailable.
-        target.live.usable()?,
-    );
+    // An expired credential is never sent: 503 credential_unavailable.
+    let value = target.live.usable()?;
+    let header = match &target.credential.query {
+        Some(name) => {
+            parts.uri = auth_query::place(parts.uri, name, value.as_bytes())?;
+            None
+        }
+        None => Some((&target.credential.header, value)),
+    };
+    headers::prepare_request(&mut parts.headers, &target.credential.strip, header);
     for (name, value) in &target.set_headers {
         parts.headers.insert(name, value.clone());
     }

@@ -827,3 +827,26 @@ strip_prefix = false
         ],
     );
 }
+
+#[test]
+fn an_auth_query_that_is_no_plain_parameter_name_exits_64() {
+    for name in ["a&b", "key=x", "k y"] {
+        let output = run(
+            &["--upstream", "https://a.test", "--auth-query", name],
+            &[("BASETEN_API_KEY", KEY)],
+        );
+        assert_usage_error(&output, &["auth_query", "not a plain query parameter name"]);
+    }
+    let output = run(
+        &[
+            "--upstream",
+            "https://a.test",
+            "--auth-query",
+            "key",
+            "--auth-header",
+            "x-goog-api-key",
+        ],
+        &[("BASETEN_API_KEY", KEY)],
+    );
+    assert_usage_error(&output, &["auth_header", "auth_query"]);
+}

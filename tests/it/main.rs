@@ -8,6 +8,7 @@
 mod support;
 
 mod access_log;
+mod auth_query;
 mod backpressure;
 mod budget_escapes;
 mod burst;
@@ -33,6 +34,7 @@ mod operations;
 mod providers;
 mod retries;
 mod routes;
+mod sdk_anthropic;
 mod sdk_openai;
 mod secrets;
 mod security;

@@ -251,7 +251,7 @@ fn the_readme_provider_configs_load() {
         let file = temp_file("providers", "readme.toml", &block);
         let mut sources = sources("http://127.0.0.1:9", &[]);
         sources.file = Some(file.0.clone());
-        for name in ["ANTHROPIC_API_KEY", "OPENAI_API_KEY"] {
+        for name in ["ANTHROPIC_API_KEY", "OPENAI_API_KEY", "GEMINI_API_KEY"] {
             sources.env.insert(name.to_owned(), KEY.to_owned());
         }
         let config = keyrelay::config::load(&sources)

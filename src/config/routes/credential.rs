@@ -33,6 +33,8 @@ pub(super) struct CredentialSpec<'a> {
     pub(super) outbound: &'a Outbound,
     pub(super) header: &'a str,
     pub(super) template: &'a str,
+    /// `auth_query`, checked by [`query_name`].
+    pub(super) query: Option<String>,
     pub(super) strip: &'a [String],
 }
 
@@ -266,6 +268,8 @@ pub(super) fn credential(
     let (Some(header), Some(value)) = (header, value) else {
         return (None, key);
     };
+    // With auth_query the header is still removed from clients' requests:
+    // a client's own key there must not reach the upstream either.
     if !strip.contains(&header) {
         strip.push(header.clone());
     }
@@ -276,10 +280,73 @@ pub(super) fn credential(
         lifetime,
         template: template.to_owned(),
         header,
+        query: spec.query.clone(),
         value,
         strip,
     };
     (Some(credential), key)
+}
+
+/// The characters an `auth_query` name may have: RFC 3986's unreserved
+/// ones, which need no encoding and mean the same to every server.
+fn is_query_name_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_' | '~')
+}
+
+/// The route's `auth_query`: `Ok(None)` when off (empty), the name when
+/// it is one, `Err` (reported) when it is not a plain parameter name or
+/// an `auth_header` set beside it would name nothing.
+pub(super) fn query_name(
+    query: &Inherit<String>,
+    header: &Inherit<String>,
+    scope: &Scope,
+    found: &mut Problems,
+) -> Result<Option<String>, ()> {
+    let name = query.value.trim();
+    if name.is_empty() {
+        return Ok(None);
+    }
+    // A problem with an inherited value is the top level's, reported there.
+    let setting = match query.from {
+        Source::Own => scope.setting("auth_query"),
+        Source::Top => "auth_query".to_owned(),
+    };
+    let mut ok = true;
+    if !name.chars().all(is_query_name_char) {
+        if query.from == Source::Own {
+            found.report(
+                &setting,
+                format!(
+                    "{name:?} is not a plain query parameter name: use letters, digits and \
+                     - . _ ~ only (such as key)"
+                ),
+            );
+        }
+        ok = false;
+    }
+    // auth_header written where auth_query applies would name nothing.
+    let both_inherited = query.from == Source::Top && header.from == Source::Top;
+    if super::written(header, "auth_header", scope) && !both_inherited {
+        let why = match query.from {
+            Source::Own => format!(
+                "auth_query = {name:?} is set too: the key goes in the query, so this header \
+                 would only be removed from requests, never carry the key; leave auth_header \
+                 out (or auth_query, to send the key in the header)"
+            ),
+            Source::Top => format!(
+                "the route inherits the top-level auth_query = {name:?}, so the key goes in \
+                 the query and this header would never carry it; set auth_query = \"\" in the \
+                 route to send the key in the header"
+            ),
+        };
+        found.report(&scope.setting("auth_header"), why);
+        ok = false;
+    }
+    if ok {
+        Ok(Some(name.to_owned()))
+    } else {
+        Err(())
+    }
 }
 
 /// The route's `key_command` with its timing settings, when it sets one

@@ -50,7 +50,7 @@ use http::{HeaderName, HeaderValue};
 use serde::Deserialize;
 
 use self::credential::{
-    credential, key_header, static_headers, strip_grpc_stage_headers, CredentialSpec,
+    credential, key_header, query_name, static_headers, strip_grpc_stage_headers, CredentialSpec,
 };
 use self::google::GoogleSettings;
 use self::oauth::{OAuthSettings, Outbound};
@@ -65,6 +65,7 @@ use super::settings::default_of;
 use super::{Credential, RawConfig, UpstreamHttp, UpstreamUrl};
 use crate::config::baseten::Stage;
 use crate::guard::paths::PathPolicy;
+use crate::secrets::key::KEY_PLACEHOLDER;
 use crate::usage::BudgetLimit;
 
 /// A route as written in the config file; numbers and switches as text,
@@ -105,6 +106,7 @@ pub(super) struct RawRoute {
     google_scopes: Option<Vec<String>>,
     auth_header: Option<String>,
     auth_template: Option<String>,
+    auth_query: Option<String>,
     strip_request_headers: Option<Vec<String>>,
     strip_prefix: Option<Switch>,
     allowed_paths: Option<Vec<String>>,
@@ -236,11 +238,17 @@ fn policy_parts(
         "auth_header",
         preset.map(|p| p.auth_header),
     );
-    let template = preset_value(
-        &policy.auth_template,
-        "auth_template",
-        preset.map(|p| p.auth_template),
-    );
+    let query = query_name(&policy.auth_query, &policy.auth_header, scope, found);
+    let template = match &query {
+        // A preset's template is made for its header; in a query the key
+        // goes bare unless auth_template is written.
+        Ok(Some(_)) if !written(&policy.auth_template, "auth_template", scope) => KEY_PLACEHOLDER,
+        _ => preset_value(
+            &policy.auth_template,
+            "auth_template",
+            preset.map(|p| p.auth_template),
+        ),
+    };
     let set_request_headers = with_preset_headers(&policy.set_request_headers.value, preset);
     let (mut credential, key) = credential(
         &CredentialSpec {
@@ -254,6 +262,7 @@ fn policy_parts(
             outbound: key.outbound,
             header: key_header(header, grpc_headers.is_some()),
             template,
+            query: query.clone().ok().flatten(),
             strip: &policy.strip_request_headers.value,
         },
         scope,
@@ -270,7 +279,7 @@ fn policy_parts(
     );
     strip_grpc_stage_headers(credential.as_mut(), grpc_headers.is_some());
     PolicyParts {
-        credential,
+        credential: credential.filter(|_| query.is_ok()),
         set_headers,
         paths: path_policy(&policy.allowed_paths, prefix, scope, found),
         budgets: budgets(&policy.token_budget.value, scope, found),
@@ -754,6 +763,16 @@ fn preset_value<'a>(
     match preset {
         Some(value) if setting.from == Source::Top || setting.value == default_of(key) => value,
         _ => &setting.value,
+    }
+}
+
+/// True when the route (or, for the default route, the top level) wrote
+/// this setting itself rather than leaving it to its default.
+fn written(setting: &Inherit<String>, key: &str, scope: &Scope) -> bool {
+    match (scope.0.is_some(), setting.from) {
+        (true, Source::Own) => true,
+        (true, Source::Top) => false,
+        (false, _) => setting.value.trim() != default_of(key),
     }
 }
 

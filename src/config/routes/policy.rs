@@ -224,6 +224,7 @@ impl AtDefault for Switch {
 route_policy! {
     auth_header: String,
     auth_template: String,
+    auth_query: String,
     strip_request_headers: Vec<String>,
     set_request_headers: Vec<String>,
     allowed_paths: Vec<String>,
