@@ -113,7 +113,9 @@ def main():
         "http.response.status_code": 503 if args.case == "failed" else 200,
         "keyrelay.route": "default",
         "keyrelay.outcome": "ok",
-        "server.address": "127.0.0.1",
+        "keyrelay.upstream.address": "127.0.0.1",
+        "url.scheme": "http",
+        "gen_ai.operation.name": "chat",
     }
     if args.case == "failed":
         # Relayed as the upstream answered it after the last attempt: a
