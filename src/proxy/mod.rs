@@ -51,7 +51,7 @@ use crate::telemetry::metrics::{Metrics, RouteMetrics};
 use crate::telemetry::record::{AccessRecord, Metered, Outcome};
 use crate::telemetry::trace::span::{Attribute, Value};
 use crate::telemetry::trace::Tracer;
-use crate::usage::inspect::RequestCaps;
+use crate::usage::inspect::{self, RequestCaps};
 use crate::usage::stream_usage::UsageEventStrip;
 use crate::usage::{Budgets, UsageTap};
 use error::{ClientError, ProxyError, Refusal, UpstreamError};
@@ -240,6 +240,14 @@ impl Proxy {
         if let Some(tracer) = &shared.tracer {
             let route = matched.map(|route| route.name.as_str());
             request.record.trace(tracer, &parts.headers, route);
+            // The model where the path names it (Gemini, Vertex, Azure
+            // deployments, Bedrock); one named only in the body is
+            // reported by the response (gen_ai.response.model).
+            if let Some(span) = request.record.span().filter(|span| span.sampled()) {
+                if let Some(model) = inspect::path_model(parts.uri.path()) {
+                    span.set("gen_ai.request.model", model.as_str());
+                }
+            }
         }
         let mut failure = FailureContext::default();
 

@@ -141,10 +141,20 @@ fn message(out: &mut Vec<u8>, field: u32, body: impl FnOnce(&mut Vec<u8>)) {
     tag(out, field, WIRE_LEN);
     let start = out.len();
     body(out);
-    let length = out.len() - start;
-    let mut prefix = Vec::with_capacity(5);
-    varint(&mut prefix, length as u64);
-    out.splice(start..start, prefix);
+    let mut length = (out.len() - start) as u64;
+    let mut prefix = [0u8; 10];
+    let mut used = 0;
+    loop {
+        prefix[used] = length as u8 & 0x7f;
+        length >>= 7;
+        if length == 0 {
+            used += 1;
+            break;
+        }
+        prefix[used] |= 0x80;
+        used += 1;
+    }
+    out.splice(start..start, prefix[..used].iter().copied());
 }
 
 #[cfg(test)]

@@ -173,18 +173,11 @@ impl ActiveSpan {
         }
     }
 
-    /// What the request's path says it asks a model for: the operation
-    /// (`gen_ai.operation.name`) and the model where the path names one
-    /// (Gemini, Vertex, Azure deployments, Bedrock). A model named only
-    /// in the body is reported by the response (`gen_ai.response.model`),
-    /// not read from the request for this.
+    /// The GenAI operation the request's path asks for
+    /// (`gen_ai.operation.name`), where it names one.
     pub(crate) fn describe_request(&mut self, path: &str) {
-        let operation = operation(path);
-        if let Some(operation) = operation {
+        if let Some(operation) = operation(path) {
             self.set("gen_ai.operation.name", Value::Static(operation));
-        }
-        if let Some(model) = crate::usage::inspect::path_model(path) {
-            self.set("gen_ai.request.model", model.as_str());
         }
     }
 
@@ -212,7 +205,8 @@ impl ActiveSpan {
             return;
         }
         let mut attributes = std::mem::take(&mut self.attributes);
-        attributes.push(attribute("http.request.method", line.method));
+        attributes.reserve(20);
+        attributes.push(attribute("http.request.method", method(line.method)));
         attributes.push(attribute("url.path", line.path));
         // keyrelay's listeners speak plain HTTP (TCP or a Unix socket).
         attributes.push(attribute("url.scheme", Value::Static("http")));
@@ -313,6 +307,15 @@ impl ActiveSpan {
                 (&"keyrelay.route", Value::Text(route)) => Some(&**route),
                 _ => None,
             })
+    }
+}
+
+/// A method as an attribute value: the common ones without a copy.
+fn method(name: &str) -> Value {
+    const KNOWN: [&str; 7] = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"];
+    match KNOWN.iter().find(|known| **known == name) {
+        Some(known) => Value::Static(known),
+        None => Value::from(name),
     }
 }
 
