@@ -28,6 +28,7 @@ use crate::secrets::credential::LiveCredential;
 use crate::secrets::google::GoogleCredentials;
 use crate::secrets::key_command::{Fetched, KeyCommand, Lifetime};
 use crate::secrets::oauth::OAuthClient;
+use crate::secrets::secret_file;
 
 /// Where an expiring credential comes from.
 #[derive(Debug, Clone)]
@@ -144,9 +145,14 @@ pub async fn keep_fresh(refresher: Refresher, first: Lifetime) {
     let mut next = refresh_time(first);
     let mut failures = 0u32;
     let mut last_forced: Option<Instant> = None;
+    // An operator's SIGHUP fetches a new value now, as it re-reads key files.
+    let mut hangups = secret_file::hangups();
     loop {
         tokio::select! {
             () = tokio::time::sleep_until(next.into()) => {}
+            Some(()) = async { hangups.as_mut()?.recv().await } => {
+                tracing::info!(%route, source = source.setting(), "SIGHUP: refreshing the credential now");
+            }
             () = live.rejected() => {
                 if last_forced.is_some_and(|at| at.elapsed() < REJECTION_INTERVAL) {
                     continue;

@@ -275,10 +275,12 @@ pub fn watch_secret(
 
 /// SIGHUP, which asks for a re-read between polls.
 #[cfg(unix)]
-type Hangups = tokio::signal::unix::Signal;
+pub(crate) type Hangups = tokio::signal::unix::Signal;
 
+/// A SIGHUP stream (`None` if the handler cannot be installed; always on
+/// Windows, which has none).
 #[cfg(unix)]
-fn hangups() -> Option<Hangups> {
+pub(crate) fn hangups() -> Option<Hangups> {
     signal(SignalKind::hangup())
         .map_err(
             |err| tracing::warn!(error = %err, "no SIGHUP handler; secret files are still polled"),
@@ -288,17 +290,17 @@ fn hangups() -> Option<Hangups> {
 
 /// Windows has no SIGHUP: the poll alone re-reads the file.
 #[cfg(not(unix))]
-enum Hangups {}
+pub(crate) enum Hangups {}
 
 #[cfg(not(unix))]
 impl Hangups {
-    async fn recv(&mut self) -> Option<()> {
+    pub(crate) async fn recv(&mut self) -> Option<()> {
         match *self {}
     }
 }
 
 #[cfg(not(unix))]
-fn hangups() -> Option<Hangups> {
+pub(crate) fn hangups() -> Option<Hangups> {
     None
 }
 

@@ -235,3 +235,33 @@ fn the_readme_credential_configs_load() {
         }
     }
 }
+
+#[tokio::test]
+async fn sighup_runs_the_helper_now_as_it_rereads_key_files() {
+    let upstream = CheckingUpstream::start(TOKEN_PREFIX).await;
+    // An hour's token: nothing but the signal would run the helper again.
+    let helper = Helper::new(3600.0);
+    let mut command = ops::command(&upstream.url);
+    command
+        .args(["--auth-template", "Bearer {key}"])
+        .env("KEYRELAY_KEY_COMMAND", helper.argv().join(","));
+    let relay = AdminRelay::spawn(command).await;
+    relay.wait_for_sigterm_handler().await;
+    assert_eq!(helper.runs(), 1, "the run at startup");
+    relay.signal("HUP").await;
+    ops::eventually("the helper to run again", || async {
+        (helper.runs() == 2).then_some(())
+    })
+    .await;
+    relay
+        .wait_for_log("SIGHUP: refreshing the credential now", 1)
+        .await;
+    // The new token is sent once it is in place (the helper has printed it).
+    let client = http1_client();
+    ops::eventually("the second token upstream", || async {
+        assert_eq!(get(&client, relay.url("/v1/models")).await.status(), 200);
+        upstream.runs_seen().contains(&2).then_some(())
+    })
+    .await;
+    assert!(upstream.rejected().is_empty(), "{:?}", upstream.rejected());
+}
