@@ -152,6 +152,8 @@ pub async fn run_with_metrics(
             .collect(),
     );
     background.spawn(telemetry::logging::report_dropped_lines());
+    #[cfg(unix)]
+    background.spawn(ops::signals::hangups_reload_only());
     if let Some(path) = config.usage_state_file.clone() {
         background.spawn(usage::state_file::keep_saved(path, Arc::clone(&budgets)));
     }

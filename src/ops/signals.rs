@@ -14,6 +14,24 @@ use tokio::signal::windows::{ctrl_break, ctrl_c, ctrl_close, ctrl_shutdown};
 #[cfg(windows)]
 use tokio::signal::windows::{CtrlBreak, CtrlC, CtrlClose, CtrlShutdown};
 
+/// Keeps SIGHUP from ending the process. `systemctl reload` (and many
+/// supervisors) send it to mean "reload"; keyrelay's reloaders (key files,
+/// access-token files, expiring credentials) each listen for it, but with
+/// none configured its default action would kill the proxy. Installs the
+/// handler now; the future logs each SIGHUP.
+#[cfg(unix)]
+pub fn hangups_reload_only() -> impl Future<Output = ()> {
+    let hangups = signal(SignalKind::hangup()).ok();
+    async move {
+        let Some(mut hangups) = hangups else {
+            return;
+        };
+        while hangups.recv().await.is_some() {
+            tracing::info!("SIGHUP: re-reading key and access-token files and refreshing expiring credentials, where configured");
+        }
+    }
+}
+
 /// Exit status when a second signal cuts the drain short (128 + SIGTERM; the
 /// same on Windows, so scripts see one value).
 const EXIT_ON_SECOND_SIGNAL: i32 = 143;

@@ -324,3 +324,20 @@ async fn a_connection_that_sent_nothing_does_not_hold_up_the_drain() {
         "keyrelay sent nothing to the silent connection"
     );
 }
+
+#[tokio::test]
+async fn sighup_with_nothing_to_reload_is_logged_not_fatal() {
+    // `systemctl reload keyrelay` on a service whose key comes from the
+    // environment: no key file, no token files, nothing expiring.
+    let mut upstream = MockUpstream::start().await;
+    let relay = AdminRelay::spawn(ops::command(&upstream.url())).await;
+    relay.wait_for_sigterm_handler().await;
+    relay.signal("HUP").await;
+    relay.wait_for_log("SIGHUP: re-reading", 1).await;
+    let client = http1_client();
+    let request = http::Request::get(relay.url("/v1/models"))
+        .body(empty())
+        .expect("request");
+    let (_, response) = round_trip(&client, &mut upstream, request, ok("{}")).await;
+    assert_eq!(response.status(), 200, "still serving after SIGHUP");
+}
