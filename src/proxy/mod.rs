@@ -243,8 +243,13 @@ impl Proxy {
             // The model where the path names it (Gemini, Vertex, Azure
             // deployments, Bedrock); one named only in the body is
             // reported by the response (gen_ai.response.model).
+            let path = parts.uri.path();
+            // Most paths name no model: skip the decoding that finds one.
+            let may_name_model = memchr::memmem::find(path.as_bytes(), b"odel").is_some()
+                || memchr::memmem::find(path.as_bytes(), b"eployments").is_some()
+                || path.contains('%');
             if let Some(span) = request.record.span().filter(|span| span.sampled()) {
-                if let Some(model) = inspect::path_model(parts.uri.path()) {
+                if let Some(model) = may_name_model.then(|| inspect::path_model(path)).flatten() {
                     span.set("gen_ai.request.model", model.as_str());
                 }
             }

@@ -1,14 +1,17 @@
 //! The exporter task: takes finished spans off the queue and sends them to
 //! the collector in batches, by OTLP over HTTP (protobuf) or gRPC.
 //!
-//! A batch leaves when it is full (`OTEL_BSP_MAX_EXPORT_BATCH_SIZE`) or
-//! when its oldest span has waited `OTEL_BSP_SCHEDULE_DELAY`. A failed
+//! The queue is sent every `OTEL_BSP_SCHEDULE_DELAY`, in batches of at
+//! most `OTEL_BSP_MAX_EXPORT_BATCH_SIZE`, and at once when a batch's worth
+//! is waiting. The task is not woken per span: under load a wake-up per
+//! request from every serving thread cost more than the span itself. A failed
 //! export is tried once more after a second when the collector said so
 //! (HTTP 429/502/503/504, gRPC UNAVAILABLE and the like) or could not be
 //! reached; then its spans are counted as failed and let go, so a
 //! collector that is down costs memory for one batch, not for its outage.
 //! On shutdown, [`ExporterHandle::flush`] sends what is queued.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -20,9 +23,8 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use prometheus_client::metrics::counter::Counter;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::task::JoinHandle;
-use tokio::time::Instant;
 
 use crate::config::traces::{OtlpProtocol, TraceSettings};
 use crate::telemetry::logging;
@@ -41,6 +43,7 @@ type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Byte
 /// Sends queued spans to the collector; run it with [`Exporter::spawn`].
 pub struct Exporter {
     queued: mpsc::Receiver<SpanData>,
+    batch_full: Arc<Notify>,
     client: HttpsClient,
     url: Uri,
     protocol: OtlpProtocol,
@@ -70,6 +73,7 @@ impl Exporter {
     pub(super) fn new(
         settings: &TraceSettings,
         queued: mpsc::Receiver<SpanData>,
+        batch_full: Arc<Notify>,
         metrics: &Metrics,
         extra_ca_certs: &[rustls::pki_types::CertificateDer<'static>],
     ) -> std::io::Result<Self> {
@@ -101,6 +105,7 @@ impl Exporter {
         };
         Ok(Self {
             queued,
+            batch_full,
             client,
             url,
             protocol: settings.protocol,
@@ -125,36 +130,39 @@ impl Exporter {
 
     async fn run(mut self, mut stopped: oneshot::Receiver<()>) {
         let mut batch = Vec::with_capacity(self.max_batch);
-        let mut due = Instant::now() + self.schedule_delay;
         loop {
-            let room = self.max_batch - batch.len();
             tokio::select! {
                 biased;
                 _ = &mut stopped => break,
-                received = self.queued.recv_many(&mut batch, room), if room > 0 => {
-                    if received == 0 {
-                        break;
-                    }
-                    if batch.len() == received {
-                        // The batch's first span: it waits at most the delay.
-                        due = Instant::now() + self.schedule_delay;
-                    }
-                    if batch.len() < self.max_batch {
-                        continue;
-                    }
-                }
-                () = tokio::time::sleep_until(due), if !batch.is_empty() => {}
+                () = self.batch_full.notified() => {}
+                () = tokio::time::sleep(self.schedule_delay) => {}
             }
-            self.export(&mut batch, true).await;
+            if !self.send_queued(&mut batch, true).await {
+                // Every sender is gone: nothing more can come.
+                return;
+            }
         }
         // Shutdown: what is queued goes out, without retries.
-        while let Ok(span) = self.queued.try_recv() {
-            batch.push(span);
-            if batch.len() == self.max_batch {
-                self.export(&mut batch, false).await;
+        self.send_queued(&mut batch, false).await;
+    }
+
+    /// Sends everything queued now, a batch at a time; false once the
+    /// queue is closed.
+    async fn send_queued(&mut self, batch: &mut Vec<SpanData>, retry: bool) -> bool {
+        let open = loop {
+            match self.queued.try_recv() {
+                Ok(span) => {
+                    batch.push(span);
+                    if batch.len() == self.max_batch {
+                        self.export(batch, retry).await;
+                    }
+                }
+                Err(mpsc::error::TryRecvError::Empty) => break true,
+                Err(mpsc::error::TryRecvError::Disconnected) => break false,
             }
-        }
-        self.export(&mut batch, false).await;
+        };
+        self.export(batch, retry).await;
+        open
     }
 
     /// Sends `batch` and empties it.

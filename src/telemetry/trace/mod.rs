@@ -14,7 +14,7 @@ pub mod span;
 
 use http::HeaderMap;
 use prometheus_client::metrics::counter::Counter;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 
 use crate::config::traces::{Sampler, TraceSettings};
@@ -27,6 +27,10 @@ use std::sync::Arc;
 pub struct Tracer {
     sampler: Sampler,
     queue: mpsc::Sender<SpanData>,
+    /// Wakes the exporter when a batch is full; otherwise it wakes on its
+    /// own schedule, so a span costs no cross-thread wake-up.
+    batch_full: Arc<Notify>,
+    max_batch: usize,
     dropped: Counter,
 }
 
@@ -39,12 +43,21 @@ impl Tracer {
         extra_ca_certs: &[rustls::pki_types::CertificateDer<'static>],
     ) -> std::io::Result<(Arc<Self>, export::Exporter)> {
         let (queue, queued) = mpsc::channel(settings.max_queue.max(1));
+        let batch_full = Arc::new(Notify::new());
+        let exporter = export::Exporter::new(
+            settings,
+            queued,
+            Arc::clone(&batch_full),
+            metrics,
+            extra_ca_certs,
+        )?;
         let tracer = Arc::new(Self {
             sampler: settings.sampler,
             queue,
+            batch_full,
+            max_batch: settings.max_batch.max(1),
             dropped: metrics.trace_spans("dropped"),
         });
-        let exporter = export::Exporter::new(settings, queued, metrics, extra_ca_certs)?;
         Ok((tracer, exporter))
     }
 
@@ -61,6 +74,11 @@ impl Tracer {
     fn queue(&self, span: SpanData) {
         if self.queue.try_send(span).is_err() {
             self.dropped.inc();
+            return;
+        }
+        let queued = self.queue.max_capacity() - self.queue.capacity();
+        if queued >= self.max_batch {
+            self.batch_full.notify_one();
         }
     }
 }
