@@ -493,3 +493,38 @@ fn trace_settings_keyrelay_would_misread_stop_startup_naming_them() {
     let config = keyrelay::config::load(&disabled).expect("valid");
     assert!(config.traces.is_none());
 }
+
+#[tokio::test]
+async fn what_a_client_sends_is_bounded_in_the_span() {
+    let mut upstream = MockUpstream::start().await;
+    let mut collector = MockUpstream::start().await;
+    let relay = traced_relay(&upstream, &collector, &[], &[]).await;
+    let client = http1_client();
+    let long_path = format!("/v1/{}", "p".repeat(20_000));
+    let long_state = format!("vendor={}", "s".repeat(2_000));
+    let request = Request::get(relay.url(&long_path))
+        .header("traceparent", traceparent("01"))
+        .header("tracestate", &long_state)
+        .body(empty())
+        .expect("request");
+    let (seen, _) = round_trip(&client, &mut upstream, request, ok("{}")).await;
+    // Propagated whole: keyrelay does not edit the caller's state.
+    assert_eq!(seen["tracestate"], long_state.as_str());
+    let (spans, raw) = next_spans(&mut collector).await;
+    let path = spans[0].text("url.path").expect("url.path");
+    assert!(
+        path.len() <= 1024 && long_path.starts_with(path),
+        "{}",
+        path.len()
+    );
+    assert!(
+        spans[0].trace_state.is_empty(),
+        "an overlong tracestate is not recorded"
+    );
+    assert!(
+        raw.len() < 4096,
+        "the export stays small: {} bytes",
+        raw.len()
+    );
+    relay.stop().await;
+}

@@ -29,10 +29,31 @@ pub enum Value {
     Float(f64),
 }
 
+/// Longest text attribute, in bytes: paths, ids and model names come from
+/// clients, and a queue of spans must not hold 2,048 copies of a 64 KiB
+/// path (`OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT` in the SDKs, unlimited there).
+pub const MAX_TEXT: usize = 1024;
+
+/// Longest `tracestate` kept: the W3C recommendation asks vendors to
+/// propagate at least 512 characters; a longer one is not recorded.
+pub const MAX_TRACE_STATE: usize = 512;
+
 impl From<&str> for Value {
     fn from(text: &str) -> Self {
-        Self::Text(text.into())
+        Self::Text(truncated(text, MAX_TEXT).into())
     }
+}
+
+/// `text` cut to at most `limit` bytes, at a character boundary.
+fn truncated(text: &str, limit: usize) -> &str {
+    if text.len() <= limit {
+        return text;
+    }
+    let mut end = limit;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
 }
 
 /// One attribute: a key from the semantic conventions (or `keyrelay.*`).
@@ -284,6 +305,7 @@ impl ActiveSpan {
                 .trace_state
                 .as_ref()
                 .and_then(|state| state.to_str().ok())
+                .filter(|state| state.len() <= MAX_TRACE_STATE)
                 .map(Into::into),
             name,
             start_unix_nano: self.start_unix_nano,
@@ -350,7 +372,17 @@ fn operation(path: &str) -> Option<&'static str> {
 
 #[cfg(test)]
 mod tests {
-    use super::operation;
+    use super::{operation, truncated, Value, MAX_TEXT};
+
+    #[test]
+    fn client_texts_are_bounded_at_a_character_boundary() {
+        let long = "é".repeat(MAX_TEXT);
+        let Value::Text(kept) = Value::from(long.as_str()) else {
+            panic!("text");
+        };
+        assert!(kept.len() <= MAX_TEXT && kept.len() >= MAX_TEXT - 1);
+        assert_eq!(truncated("short", 3), "sho");
+    }
 
     #[test]
     fn operations_by_path() {
