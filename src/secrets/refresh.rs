@@ -132,8 +132,20 @@ fn backoff(failures: u32) -> Duration {
 }
 
 /// Runs the refresher until dropped. `first` is the lifetime of the value
-/// fetched at startup (already in `live`).
-pub async fn keep_fresh(refresher: Refresher, first: Lifetime) {
+/// fetched at startup (already in `live`). Its SIGHUP handler is installed
+/// now, not when the task first runs, so a SIGHUP right after startup is
+/// not lost.
+pub fn keep_fresh(refresher: Refresher, first: Lifetime) -> impl std::future::Future<Output = ()> {
+    // An operator's SIGHUP fetches a new value now, as it re-reads key files.
+    let hangups = secret_file::hangups();
+    refresh_loop(refresher, first, hangups)
+}
+
+async fn refresh_loop(
+    refresher: Refresher,
+    first: Lifetime,
+    mut hangups: Option<secret_file::Hangups>,
+) {
     let Refresher {
         route,
         source,
@@ -145,8 +157,6 @@ pub async fn keep_fresh(refresher: Refresher, first: Lifetime) {
     let mut next = refresh_time(first);
     let mut failures = 0u32;
     let mut last_forced: Option<Instant> = None;
-    // An operator's SIGHUP fetches a new value now, as it re-reads key files.
-    let mut hangups = secret_file::hangups();
     loop {
         tokio::select! {
             () = tokio::time::sleep_until(next.into()) => {}
