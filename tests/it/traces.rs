@@ -465,6 +465,15 @@ fn trace_settings_keyrelay_would_misread_stop_startup_naming_them() {
             "a password is never echoed: {err}"
         );
     }
+    // A protocol with no collector would do nothing.
+    let lone = sources("http://127.0.0.1:9", &[("otlp_protocol", "grpc")]);
+    let err = keyrelay::config::load(&lone)
+        .expect_err("refused")
+        .to_string();
+    assert!(
+        err.contains("otlp_protocol") && err.contains("otlp_endpoint"),
+        "{err}"
+    );
     // Collector headers are secret: a bad value is named, never shown.
     let mut headers = sources(
         "http://127.0.0.1:9",

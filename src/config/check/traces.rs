@@ -48,7 +48,16 @@ pub(super) fn check(
         var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"),
         var("OTEL_EXPORTER_OTLP_ENDPOINT"),
     ) {
-        ("", None, None) => return Ok(None),
+        ("", None, None) => {
+            // A protocol for no collector would silently do nothing.
+            if !raw.otlp_protocol.as_deref().unwrap_or("").trim().is_empty() {
+                return Err(found.refuse(
+                    "otlp_protocol",
+                    "is set, but no collector is: set otlp_endpoint (or OTEL_EXPORTER_OTLP_ENDPOINT)",
+                ));
+            }
+            return Ok(None);
+        }
         ("", Some(traces), _) => (traces, "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", true),
         ("", None, Some(base)) => (base, "OTEL_EXPORTER_OTLP_ENDPOINT", false),
         (setting, _, _) => (setting, "otlp_endpoint", false),
