@@ -275,6 +275,9 @@ RUN_START_S=$SECONDS
 # ---------------------------------------------------------------- upstream
 
 log "starting the mock upstream"
+# Made before the upstream starts: on a busy machine the loop below may
+# read it before the background shell has opened it (and awk then fails).
+: >"$WORK/upstream.out"
 "${RUNAS[@]}" "$UPSTREAM_BIN" --threads "$NPROC" --key "$KEY" >"$WORK/upstream.out" 2>"$WORK/upstream.err" &
 UPSTREAM_PID=$!
 PIDS+=("$UPSTREAM_PID")
@@ -686,16 +689,23 @@ phase_burst() {
 }
 
 phase_hold() {
-  local count=$1 slot=$2 out=$WORK/$TARGET.hold$1.txt
+  local count=$1 slot=$2 out=$WORK/$TARGET.hold$1.txt idle_kb peak_kb
   echo "label hold_$slot $count" >>"$RESULTS"
-  [ "$TARGET" = direct ] || reset_peak "${TARGET_PIDS[@]}"
+  if [ "$TARGET" != direct ]; then
+    idle_kb=$(status_kb VmRSS "${TARGET_PIDS[@]}")
+    reset_peak "${TARGET_PIDS[@]}"
+  fi
   "$LOADGEN" hold --addr "$ADDR" --auth "$(loadgen_auth)" --streams "$count" --secs "$HOLD_SECS" \
     >"$out" 2>"$out.err" || fail "$TARGET with $count streams: $(cat "$out.err")"
   record "hold_${slot}_completed" "$(value_of completed "$out")"
   record "hold_${slot}_failed" "$(value_of failed "$out")"
   record "hold_${slot}_peak_open" "$(value_of peak_open "$out")"
-  [ "$TARGET" = direct ] ||
-    record "hold_${slot}_peak_rss_mib" "$(mib "$(status_kb VmHWM "${TARGET_PIDS[@]}")")"
+  if [ "$TARGET" != direct ]; then
+    peak_kb=$(status_kb VmHWM "${TARGET_PIDS[@]}")
+    record "hold_${slot}_peak_rss_mib" "$(mib "$peak_kb")"
+    record "hold_${slot}_kib_per_stream" "$(awk -v p="$peak_kb" -v i="$idle_kb" -v n="$count" \
+      'BEGIN { printf "%.1f", (p - i) / n }')"
+  fi
   log "$TARGET $count streams: $(tr '\n' ' ' <"$out") $(head -c 300 "$out.err")"
 }
 
@@ -886,7 +896,8 @@ $([ "$FOREIGN_PCT" -le 5 ] || printf '> **Warning:** other processes used %s%% o
   lasting ${HOLD_SECS} s (a 48-byte record every 500 ms), opened with at most 128
   connections in progress at once; *completed* = every record and the final chunk
   arrived; *peak open* = streams whose headers had arrived and body had not ended,
-  at the busiest moment. Peak RSS as for bulk.
+  at the busiest moment. Peak RSS as for bulk; KiB per held stream = (peak RSS −
+  RSS just before the phase) / streams, over the plain HTTP/1.1 upstream.
 - **Token chunks**: $CHUNK_STREAMS streams at once (opened 128 at a time), each a
   32-byte record every 50 ms for ${CHUNK_SECS} s, as an LLM's tokens arrive; proxy CPU
   (user + system, all its processes) over the phase divided by the chunks the
