@@ -1400,6 +1400,32 @@ fn sections() -> Vec<(&'static str, Vec<Row>)> {
             ],
         ),
         (
+            "HTTP/2 upstream (haproxy and keyrelay talking HTTP/2 over TLS to the terminator)",
+            vec![
+                row(
+                    "h2_hold_peak_rss_mib",
+                    "held streams: proxy peak RSS (MiB)",
+                    Low,
+                    1,
+                    &[],
+                ),
+                row(
+                    "h2_hold_kib_per_stream",
+                    "held streams: KiB per stream above idle",
+                    Low,
+                    1,
+                    &[],
+                ),
+                row(
+                    "h2_hold_failed",
+                    "held streams failed",
+                    Low,
+                    0,
+                    &[AtMost(0.0)],
+                ),
+            ],
+        ),
+        (
             "Burst (connections opened at once, each for a one-record stream)",
             vec![
                 row(
