@@ -19,6 +19,8 @@ RUN rustup target add "$(uname -m)-unknown-linux-musl" \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
+# The patched hyper of Cargo.toml's [patch.crates-io] (patches/hyper/PATCH.md).
+COPY patches ./patches
 COPY src ./src
 # The cache mounts keep the crate downloads and compiled dependencies between
 # builds (the target directory one per platform, since a multi-platform build

@@ -52,6 +52,9 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# Made before the upstream starts: on a busy machine the loop below may
+# read it before the background shell has opened it (and awk then fails).
+: >"$WORK/upstream.out"
 "$EXAMPLES/bench-upstream" --threads 2 --key bench-key >"$WORK/upstream.out" 2>&1 &
 PIDS+=($!)
 UPSTREAM=

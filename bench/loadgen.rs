@@ -1292,6 +1292,13 @@ fn sections() -> Vec<(&'static str, Vec<Row>)> {
                     1,
                     &[AtMostNginx(1.0)],
                 ),
+                row(
+                    "hold_a_kib_per_stream",
+                    "A streams: KiB per stream above the RSS before",
+                    Low,
+                    1,
+                    &[AtMostNginx(1.0)],
+                ),
                 row("hold_b_completed", "B streams: completed", High, 0, &[]),
                 row("hold_b_failed", "B streams: failed", Low, 0, &[AtMost(0.0)]),
                 row(
@@ -1304,6 +1311,13 @@ fn sections() -> Vec<(&'static str, Vec<Row>)> {
                 row(
                     "hold_b_peak_rss_mib",
                     "B streams: proxy peak RSS (MiB)",
+                    Low,
+                    1,
+                    &[],
+                ),
+                row(
+                    "hold_b_kib_per_stream",
+                    "B streams: KiB per stream above the RSS before",
                     Low,
                     1,
                     &[],
@@ -1379,6 +1393,32 @@ fn sections() -> Vec<(&'static str, Vec<Row>)> {
                 row(
                     "tls_burst_failed",
                     "burst: streams failed",
+                    Low,
+                    0,
+                    &[AtMost(0.0)],
+                ),
+            ],
+        ),
+        (
+            "HTTP/2 upstream (haproxy and keyrelay talking HTTP/2 over TLS to the terminator)",
+            vec![
+                row(
+                    "h2_hold_peak_rss_mib",
+                    "held streams: proxy peak RSS (MiB)",
+                    Low,
+                    1,
+                    &[],
+                ),
+                row(
+                    "h2_hold_kib_per_stream",
+                    "held streams: KiB per stream above idle",
+                    Low,
+                    1,
+                    &[],
+                ),
+                row(
+                    "h2_hold_failed",
+                    "held streams failed",
                     Low,
                     0,
                     &[AtMost(0.0)],

@@ -225,6 +225,14 @@ reset_peak() {
 
 mib() { awk -v kb="$1" 'BEGIN { printf "%.1f", kb / 1024 }'; }
 
+# KiB per held stream: peak KiB $1 over the KiB before $2, divided by the
+# streams open at once at the busiest moment (loadgen hold output $3). A
+# target whose streams ramp up slower than they last (the smoke run holds
+# each for 1 s) never holds them all at once.
+kib_per_stream() {
+  awk -v p="$1" -v i="$2" '$1 == "peak_open" && $2 > 0 { printf "%.1f", (p - i) / $2 }' "$3"
+}
+
 # Busy CPU ticks of the whole machine (all CPUs, idle and iowait excluded).
 machine_busy_ticks() { awk '$1 == "cpu" { print $2 + $3 + $4 + $7 + $8 + $9; exit }' /proc/stat; }
 
@@ -275,6 +283,9 @@ RUN_START_S=$SECONDS
 # ---------------------------------------------------------------- upstream
 
 log "starting the mock upstream"
+# Made before the upstream starts: on a busy machine the loop below may
+# read it before the background shell has opened it (and awk then fails).
+: >"$WORK/upstream.out"
 "${RUNAS[@]}" "$UPSTREAM_BIN" --threads "$NPROC" --key "$KEY" >"$WORK/upstream.out" 2>"$WORK/upstream.err" &
 UPSTREAM_PID=$!
 PIDS+=("$UPSTREAM_PID")
@@ -340,6 +351,10 @@ chmod 644 "$TLS_DIR"/*
 chmod 777 "$TLS_DIR"
 TLS_PORT=$("$LOADGEN" free-port)
 TLS_ADDR=127.0.0.1:$TLS_PORT
+# The same terminator speaks HTTP/2 (ALPN h2) on a second port, for the
+# HTTP/2-upstream phase (haproxy and keyrelay; nginx cannot proxy to HTTP/2).
+H2_PORT=$("$LOADGEN" free-port)
+H2_ADDR=127.0.0.1:$H2_PORT
 {
   nginx_preamble "$TLS_DIR" 1
   cat <<EOF
@@ -350,6 +365,7 @@ TLS_ADDR=127.0.0.1:$TLS_PORT
     }
     server {
         listen 127.0.0.1:$TLS_PORT ssl backlog=4096;
+        listen 127.0.0.1:$H2_PORT ssl http2 backlog=4096;
         ssl_certificate $TLS_DIR/server.pem;
         ssl_certificate_key $TLS_DIR/server.key;
         location / {
@@ -409,6 +425,7 @@ EOF
 write_haproxy_conf() {
   local dir=$1 port=$2 server=$UPSTREAM_ADDR
   [ "${3:-}" = tls ] && server="$TLS_ADDR ssl verify required ca-file $TLS_DIR/ca.pem sni str(localhost) verifyhost localhost"
+  [ "${3:-}" = h2 ] && server="$H2_ADDR ssl verify required ca-file $TLS_DIR/ca.pem sni str(localhost) verifyhost localhost alpn h2"
   mkdir -p "$dir"
   cat >"$dir/haproxy.cfg" <<EOF
 global
@@ -661,8 +678,7 @@ phase_tls() {
   peak_kb=$(status_kb VmHWM "${tls_pids[@]}")
   record tls_hold_failed "$(value_of failed "$out")"
   record tls_hold_peak_rss_mib "$(mib "$peak_kb")"
-  record tls_hold_kib_per_stream "$(awk -v p="$peak_kb" -v i="$idle_kb" -v n="$TLS_HOLD" \
-    'BEGIN { printf "%.1f", (p - i) / n }')"
+  record tls_hold_kib_per_stream "$(kib_per_stream "$peak_kb" "$idle_kb" "$out")"
 
   out=$dir/burst.txt
   "$LOADGEN" burst --addr "$addr" --streams "$BURST_STREAMS" >"$out" 2>"$out.err" ||
@@ -671,6 +687,43 @@ phase_tls() {
   record tls_burst_failed "$(value_of failed "$out")"
   log "$TARGET over the TLS upstream: $(awk '/Requests\/sec/ { print $2 " req/s" }' "$dir/wrk.txt")," \
     "$(tr '\n' ' ' <"$dir/hold.txt") $(tr '\n' ' ' <"$out")"
+  stop_pid "$pid"
+}
+
+# haproxy and keyrelay configured for HTTP/2 to the TLS terminator, started
+# for this phase only: memory per held stream (streams share connections).
+phase_h2() {
+  local dir=$WORK/$TARGET-h2 port addr pid out idle_kb peak_kb h2_pids=()
+  port=$("$LOADGEN" free-port)
+  addr=127.0.0.1:$port
+  mkdir -p "$dir"
+  chmod 777 "$dir"
+  case "$TARGET" in
+    haproxy)
+      write_haproxy_conf "$dir" "$port" h2
+      "${RUNAS[@]}" "$HAPROXY" -db -f "$dir/haproxy.cfg" >"$dir/out" 2>"$dir/err" &
+      ;;
+    keyrelay)
+      env BASETEN_API_KEY=$KEY "${RUNAS[@]}" "$KEYRELAY" --listen "$addr" --upstream-http2 \
+        --upstream "https://127.0.0.1:$H2_PORT" --ca-file "$TLS_DIR/ca.pem" >"$dir/out" 2>"$dir/err" &
+      ;;
+  esac
+  pid=$!
+  PIDS+=("$pid")
+  "$LOADGEN" wait-ready --addr "$addr" --timeout-ms 15000 >/dev/null 2>"$dir/ready.err" ||
+    fail "$TARGET with the HTTP/2 upstream never answered 200: $(cat "$dir/ready.err"); $(tail -5 "$dir/err")"
+  mapfile -t h2_pids < <(target_pids "$pid")
+  sleep 0.5
+  idle_kb=$(status_kb VmRSS "${h2_pids[@]}")
+  out=$dir/hold.txt
+  reset_peak "${h2_pids[@]}"
+  "$LOADGEN" hold --addr "$addr" --streams "$TLS_HOLD" --secs "$HOLD_SECS" >"$out" 2>"$out.err" ||
+    fail "$TARGET with $TLS_HOLD streams over the HTTP/2 upstream: $(cat "$out.err")"
+  peak_kb=$(status_kb VmHWM "${h2_pids[@]}")
+  record h2_hold_failed "$(value_of failed "$out")"
+  record h2_hold_peak_rss_mib "$(mib "$peak_kb")"
+  record h2_hold_kib_per_stream "$(kib_per_stream "$peak_kb" "$idle_kb" "$out")"
+  log "$TARGET over the HTTP/2 upstream: $(tr '\n' ' ' <"$out")"
   stop_pid "$pid"
 }
 
@@ -686,16 +739,22 @@ phase_burst() {
 }
 
 phase_hold() {
-  local count=$1 slot=$2 out=$WORK/$TARGET.hold$1.txt
+  local count=$1 slot=$2 out=$WORK/$TARGET.hold$1.txt idle_kb peak_kb
   echo "label hold_$slot $count" >>"$RESULTS"
-  [ "$TARGET" = direct ] || reset_peak "${TARGET_PIDS[@]}"
+  if [ "$TARGET" != direct ]; then
+    idle_kb=$(status_kb VmRSS "${TARGET_PIDS[@]}")
+    reset_peak "${TARGET_PIDS[@]}"
+  fi
   "$LOADGEN" hold --addr "$ADDR" --auth "$(loadgen_auth)" --streams "$count" --secs "$HOLD_SECS" \
     >"$out" 2>"$out.err" || fail "$TARGET with $count streams: $(cat "$out.err")"
   record "hold_${slot}_completed" "$(value_of completed "$out")"
   record "hold_${slot}_failed" "$(value_of failed "$out")"
   record "hold_${slot}_peak_open" "$(value_of peak_open "$out")"
-  [ "$TARGET" = direct ] ||
-    record "hold_${slot}_peak_rss_mib" "$(mib "$(status_kb VmHWM "${TARGET_PIDS[@]}")")"
+  if [ "$TARGET" != direct ]; then
+    peak_kb=$(status_kb VmHWM "${TARGET_PIDS[@]}")
+    record "hold_${slot}_peak_rss_mib" "$(mib "$peak_kb")"
+    record "hold_${slot}_kib_per_stream" "$(kib_per_stream "$peak_kb" "$idle_kb" "$out")"
+  fi
   log "$TARGET $count streams: $(tr '\n' ' ' <"$out") $(head -c 300 "$out.err")"
 }
 
@@ -738,6 +797,9 @@ each_target() {
     if [ "$1" = phase_tls ]; then
       case "$TARGET" in direct | keyrelay-warn) continue ;; esac
     fi
+    if [ "$1" = phase_h2 ]; then
+      case "$TARGET" in haproxy | keyrelay) ;; *) continue ;; esac
+    fi
     ADDR=${T_ADDR[$TARGET]}
     read -ra TARGET_PIDS <<<"${T_PIDS[$TARGET]}"
     "$@"
@@ -765,6 +827,8 @@ log "=== burst of $BURST_STREAMS connections"
 each_target phase_burst
 log "=== TLS upstream: $TLS_HOLD held streams, wrk -c32, burst of $BURST_STREAMS"
 each_target phase_tls
+log "=== HTTP/2 upstream (TLS): $TLS_HOLD held streams"
+each_target phase_h2
 log "=== cancellation"
 each_target phase_cancel
 slot=a
@@ -886,7 +950,9 @@ $([ "$FOREIGN_PCT" -le 5 ] || printf '> **Warning:** other processes used %s%% o
   lasting ${HOLD_SECS} s (a 48-byte record every 500 ms), opened with at most 128
   connections in progress at once; *completed* = every record and the final chunk
   arrived; *peak open* = streams whose headers had arrived and body had not ended,
-  at the busiest moment. Peak RSS as for bulk.
+  at the busiest moment. Peak RSS as for bulk; KiB per held stream = (peak RSS −
+  RSS just before the phase) / peak open, over the plain HTTP/1.1 upstream
+  (the TLS and HTTP/2 phases below divide the same way).
 - **Token chunks**: $CHUNK_STREAMS streams at once (opened 128 at a time), each a
   32-byte record every 50 ms for ${CHUNK_SECS} s, as an LLM's tokens arrive; proxy CPU
   (user + system, all its processes) over the phase divided by the chunks the
@@ -898,6 +964,10 @@ $([ "$FOREIGN_PCT" -le 5 ] || printf '> **Warning:** other processes used %s%% o
   required ca-file\`; keyrelay \`--upstream https://... --ca-file\`, HTTP/1.1):
   CPU per request at wrk -c32 for ${SMALL_SECS}s (the terminator's CPU not counted),
   peak RSS with $TLS_HOLD held streams and KiB per stream above idle, and the burst.
+- **HTTP/2 upstream**: the same terminator also serves HTTP/2 (ALPN h2) on a
+  second port; haproxy (\`alpn h2\` on its server line) and keyrelay
+  (\`--upstream-http2\`) are started again with it: peak RSS with $TLS_HOLD held
+  streams and KiB per stream above idle. nginx cannot proxy to an HTTP/2 upstream.
 - **Burst**: $BURST_STREAMS connections opened at once with no pacing (one
   thread, every connect issued before any completes), each asking for a stream whose
   one record comes at once; the time until every stream had its record, and the

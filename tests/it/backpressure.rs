@@ -202,6 +202,60 @@ async fn large_upload_reaches_upstream_intact_with_bounded_memory() {
     );
 }
 
+/// What a held stream may cost keyrelay while it waits between two frames
+/// (an LLM answer between two tokens), in resident KiB per stream. Both of
+/// the stream's connections (the client's and the upstream's) used to keep
+/// hyper's 8 KiB read buffer and 8 KiB header buffer for their whole life,
+/// about 32 KiB per stream, and the upstream connection's request channel
+/// 13 KiB more; the patched hyper (patches/hyper) releases the buffers
+/// while a connection waits and boxes the channel's requests, which leaves
+/// the tasks and the request state: 11 KiB measured (debug and release
+/// builds alike), against 31 before and 19 with the buffers alone.
+const HELD_STREAM_LIMIT_KIB: u64 = 16;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_streams_keep_no_idle_buffers_between_frames() {
+    const STREAMS: usize = 400;
+    rlimit::increase_nofile_limit(4 * STREAMS as u64 + 1024).expect("raise RLIMIT_NOFILE");
+    let mut upstream = MockUpstream::start().await;
+    let relay = spawn_relay_process(&upstream.url()).await;
+
+    // One stream first, so that what the first request sets up once (the
+    // pool, the runtime's first blocks) is not counted per stream.
+    let (mut client, mut tx) = open_held_stream(&mut upstream, relay.addr, 0).await;
+    send_frame(&mut tx, &mut client, 0, 1).await;
+    drop(tx);
+    drop(client);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = relay.rss_kib();
+
+    let mut streams = Vec::with_capacity(STREAMS);
+    for i in 1..=STREAMS {
+        streams.push(open_held_stream(&mut upstream, relay.addr, i).await);
+    }
+    for (i, (client, tx)) in streams.iter_mut().enumerate() {
+        send_frame(tx, client, i + 1, 1).await;
+    }
+    // Every stream has had its head and a frame, and now waits.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let held = relay.rss_kib();
+    let per_stream = held.saturating_sub(before) / STREAMS as u64;
+    println!(
+        "{STREAMS} held streams: keyrelay RSS {before} KiB before, {held} KiB with them held: \
+         {per_stream} KiB per stream"
+    );
+
+    // The released buffers come back when the next frame arrives.
+    for (i, (client, tx)) in streams.iter_mut().enumerate() {
+        send_frame(tx, client, i + 1, 2).await;
+    }
+    assert!(
+        per_stream <= HELD_STREAM_LIMIT_KIB,
+        "a held stream costs keyrelay {per_stream} KiB while it waits (at most \
+         {HELD_STREAM_LIMIT_KIB}): idle connection buffers or hyper's 32-request channel block are kept"
+    );
+}
+
 // ---------------------------------------------------------------------------
 // Helpers local to this file
 // ---------------------------------------------------------------------------
@@ -213,6 +267,66 @@ async fn spawn_relay_process(upstream: &str) -> RelayProcess {
         .args(["--listen", "127.0.0.1:0", "--upstream", upstream])
         .env("BASETEN_API_KEY", KEY);
     RelayProcess::spawn(command).await
+}
+
+/// A raw HTTP/1.1 client's streaming request `i` through keyrelay, answered
+/// by the mock upstream with a chunked response it keeps open: the client's
+/// socket (response head read) and the upstream's body sender.
+async fn open_held_stream(
+    upstream: &mut MockUpstream,
+    relay: std::net::SocketAddr,
+    i: usize,
+) -> (BufReader<TcpStream>, Sender<Bytes, BoxError>) {
+    let mut client = TcpStream::connect(relay).await.expect("connect");
+    client
+        .write_all(format!("GET /v1/held/{i} HTTP/1.1\r\nHost: localhost\r\n\r\n").as_bytes())
+        .await
+        .expect("write request");
+    let (tx, _dropped) = upstream.next().await.respond_streaming();
+    let mut client = BufReader::new(client);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        within("the response head", client.read_line(&mut line))
+            .await
+            .expect("read head");
+        assert!(!line.is_empty(), "keyrelay closed stream {i}");
+        if line == "\r\n" {
+            break;
+        }
+    }
+    (client, tx)
+}
+
+/// Sends frame `n` of stream `i` from the upstream and reads it whole (one
+/// chunk) at the client.
+async fn send_frame(
+    tx: &mut Sender<Bytes, BoxError>,
+    client: &mut BufReader<TcpStream>,
+    i: usize,
+    n: usize,
+) {
+    let frame = format!("data: stream {i} token {n}\n\n");
+    tx.send_data(Bytes::from(frame.clone()))
+        .await
+        .expect("upstream sends a frame");
+    let mut size = String::new();
+    within("the chunk size", client.read_line(&mut size))
+        .await
+        .expect("read chunk size");
+    assert_eq!(
+        usize::from_str_radix(size.trim_end(), 16).expect("chunk size"),
+        frame.len()
+    );
+    let mut chunk = vec![0; frame.len() + 2];
+    within("the chunk", client.read_exact(&mut chunk))
+        .await
+        .expect("read chunk");
+    assert_eq!(
+        &chunk[..frame.len()],
+        frame.as_bytes(),
+        "frame {n} of stream {i}"
+    );
 }
 
 /// The 8-byte word at stream offset `pos` (a multiple of 8). Multiplying by an
