@@ -13,8 +13,9 @@
 //! - a status is retried only for the route's `retry_methods`; connection
 //!   failures, where nothing left keyrelay, for every method;
 //! - `retry_attempts` per request, and a [`RetryBudget`] per route;
-//! - waits are the upstream's `Retry-After`, else exponential backoff with
-//!   jitter, and a wait beyond `retry_max_wait` relays the answer at once;
+//! - waits are exponential backoff with jitter, or the upstream's longer
+//!   `Retry-After`, and a wait beyond `retry_max_wait` relays the answer at
+//!   once;
 //! - a target failing `eject_after` times in a row is skipped for
 //!   `eject_for` ([`TargetHealth`]).
 //!
@@ -270,10 +271,13 @@ impl<'r> Attempts<'r> {
         }
         let now = tokio::time::Instant::now();
         let at = self.position(target);
-        // This target's own wait: what it asked for, else the backoff.
-        // (A backoff is cut to the cap; a Retry-After beyond it is the
-        // upstream's word, and is not waited out.)
-        let own_wait = retry_after.unwrap_or_else(|| backoff(self.made).min(self.policy.max_wait));
+        // This target's own wait: the backoff, or longer if it asked for
+        // longer. (A backoff is cut to the cap; a Retry-After beyond it is
+        // the upstream's word, and is not waited out. A shorter one, down
+        // to `Retry-After: 0` on every answer, does not make keyrelay
+        // hammer it back to back.)
+        let floor = backoff(self.made).min(self.policy.max_wait);
+        let own_wait = retry_after.map_or(floor, |asked| asked.max(floor));
         self.not_before[at] = Some(now + own_wait);
         // Along the list, skipping targets whose path policy refuses the
         // request, and ejected targets unless all are. (The route itself
