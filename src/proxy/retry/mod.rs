@@ -202,7 +202,6 @@ impl<'r> Attempts<'r> {
         result: AttemptResult<'_>,
         routes: &'r RouteTable,
     ) -> Next<'r> {
-        let metrics = &self.route.metrics;
         let elapsed = self.started.elapsed();
         let retryable = match result {
             AttemptResult::Answered(status, _) => self
@@ -214,9 +213,7 @@ impl<'r> Attempts<'r> {
             if matches!(result, AttemptResult::Answered(..)) {
                 target.health.succeeded();
             }
-            metrics.upstream_attempt(&target.name, "relayed");
-            self.finish(&result, target, elapsed);
-            return Next::Relay;
+            return self.relay(&result, target, elapsed, "relayed");
         }
         target
             .health
@@ -225,21 +222,17 @@ impl<'r> Attempts<'r> {
             AttemptResult::Answered(_, headers) => retry_after(headers),
             AttemptResult::Failed { .. } => None,
         };
-        let Some(decision) = self.plan(target, retry_after, routes) else {
-            return self.give_up(&result, target, elapsed);
+        let planned = self
+            .plan(target, retry_after, routes)
+            .and_then(|(next, wait)| {
+                let body = self.body.again(self.route).ok_or("body_not_kept")?;
+                Ok((next, wait, body))
+            });
+        let (next, wait, body) = match planned {
+            Ok(planned) => planned,
+            Err(why) => return self.relay(&result, target, elapsed, why),
         };
-        let (next, wait) = match decision {
-            Ok(next_and_wait) => next_and_wait,
-            Err(why) => {
-                metrics.upstream_attempt(&target.name, why);
-                self.finish(&result, target, elapsed);
-                return Next::Relay;
-            }
-        };
-        let Some(body) = self.body.again(self.route) else {
-            return self.give_up(&result, target, elapsed);
-        };
-        metrics.upstream_attempt(&target.name, "retried");
+        self.route.metrics.upstream_attempt(&target.name, "retried");
         self.timings.push(timing(&result, target, elapsed));
         self.made += 1;
         self.started = tokio::time::Instant::now() + wait;
@@ -251,19 +244,19 @@ impl<'r> Attempts<'r> {
         }
     }
 
-    /// Where and after what wait the next attempt goes, or why none does;
-    /// `None` when the body was not kept.
+    /// Where and after what wait the next attempt goes, or why none does
+    /// (the outcome the attempt is counted under).
     fn plan(
         &mut self,
         target: &'r Route,
         retry_after: Option<Duration>,
         routes: &'r RouteTable,
-    ) -> Option<Result<(&'r Route, Duration), &'static str>> {
+    ) -> Result<(&'r Route, Duration), &'static str> {
         if self.made > self.policy.attempts {
-            return Some(Err("attempts_used"));
+            return Err("attempts_used");
         }
         if matches!(self.body, KeptBody::NotKept) {
-            return None;
+            return Err("body_not_kept");
         }
         let candidates = self.candidates();
         if self.not_before.is_empty() {
@@ -291,24 +284,24 @@ impl<'r> Attempts<'r> {
             .unwrap_or(admitted[0]);
         let wait = self.not_before[next].map_or(Duration::ZERO, |until| until - now);
         if wait > self.policy.max_wait {
-            return Some(Err("wait_over_cap"));
+            return Err("wait_over_cap");
         }
         if !self.route.retry_budget.try_retry() {
-            return Some(Err("budget_exhausted"));
+            return Err("budget_exhausted");
         }
-        Some(Ok((self.target(routes, next), wait)))
+        Ok((self.target(routes, next), wait))
     }
 
-    /// A `retry_on` match that is relayed because its body was not kept.
-    fn give_up(
+    /// This attempt's answer (or failure) goes to the client, counted under
+    /// `outcome`.
+    fn relay(
         &mut self,
         result: &AttemptResult<'_>,
         target: &Route,
         elapsed: Duration,
+        outcome: &'static str,
     ) -> Next<'r> {
-        self.route
-            .metrics
-            .upstream_attempt(&target.name, "body_not_kept");
+        self.route.metrics.upstream_attempt(&target.name, outcome);
         self.finish(result, target, elapsed);
         Next::Relay
     }
@@ -366,7 +359,7 @@ impl<'r> Attempts<'r> {
         }
         // Also without rules: a route refuses TRACE unless its rules name it.
         let path = target.local_path_for(self.route, self.head.uri.path());
-        methods::check_path(target, &self.head.parts(), &path).is_ok()
+        methods::check_path(target, &self.head.method, &self.head.headers, &path).is_ok()
     }
 
     fn usable(&self, routes: &'r RouteTable, at: usize) -> bool {
