@@ -262,7 +262,7 @@ fn lists(value: &HeaderValue, token: &str) -> bool {
 fn check_prepare_request(original: &HeaderMap, choice: u8) {
     let (name, value, strip) = credential(choice);
     let mut headers = original.clone();
-    headers::prepare_request(&mut headers, &strip, &name, value.clone());
+    headers::prepare_request(&mut headers, &strip, Some((&name, value.clone())));
 
     let injected: Vec<&HeaderValue> = headers.get_all(&name).iter().collect();
     assert_eq!(injected, [&value], "credential header present exactly once");

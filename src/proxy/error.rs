@@ -144,12 +144,16 @@ pub enum ClientError {
          /v1/chat/completions; drop the stage prefix"
     )]
     StagedPathOnRegionalHost,
-    /// The client's request body was malformed or cut short.
-    #[error(
-        "the request body is malformed or ended early (bad chunk framing, or the \
-         connection closed before the announced length)"
-    )]
+    /// The client's request body was malformed.
+    #[error("the request body is malformed (bad chunk framing)")]
     BadRequestBody,
+    /// The client went away before its request body ended. Nobody reads
+    /// the answer; the access log and metrics count it as cancelled.
+    #[error(
+        "the client closed the connection (or cancelled the stream) before the end of \
+         the announced request body"
+    )]
+    ClientClosedRequest,
     /// A rule of the route needs the body read and it cannot be.
     #[error(
         "this route's request rules (allowed_models, max_output_tokens, their \
@@ -232,6 +236,7 @@ impl ProxyError {
         match self {
             Self::Upstream(error) if error.is_timeout() => Outcome::Timeout,
             Self::Upstream(_) => Outcome::UpstreamError,
+            Self::Client(ClientError::ClientClosedRequest) => Outcome::ClientCancelled,
             Self::Refused(_) | Self::Client(_) => Outcome::Rejected,
         }
     }
@@ -302,6 +307,7 @@ impl ProxyError {
             Cause::BodyTooLarge(limit) => Refusal::PayloadTooLarge(*limit).into(),
             Cause::BodyTimeout(limit) => ClientError::RequestBodyTimeout(*limit).into(),
             Cause::BadBody => ClientError::BadRequestBody.into(),
+            Cause::ClientGone => ClientError::ClientClosedRequest.into(),
             Cause::Tls(tls) => UpstreamError::Tls(describe_tls(tls)).into(),
             Cause::Dns => UpstreamError::Dns.into(),
             Cause::Refused => UpstreamError::Refused.into(),
@@ -358,6 +364,7 @@ impl ClientError {
             Self::ConnectNotSupported => StatusCode::METHOD_NOT_ALLOWED,
             Self::BadRequestTarget
             | Self::BadRequestBody
+            | Self::ClientClosedRequest
             | Self::StagedPathOnRegionalHost
             | Self::UnreadableBody
             | Self::AmbiguousPath(_) => StatusCode::BAD_REQUEST,
@@ -371,6 +378,7 @@ impl ClientError {
             Self::ConnectNotSupported => "connect_not_supported",
             Self::BadRequestTarget => "bad_request_target",
             Self::BadRequestBody => "bad_request_body",
+            Self::ClientClosedRequest => "client_closed_request",
             Self::StagedPathOnRegionalHost => "staged_path_on_regional_host",
             Self::UnsupportedTransferCoding => "unsupported_transfer_coding",
             Self::UnreadableBody => "unreadable_request_body",

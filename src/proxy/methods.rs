@@ -14,17 +14,19 @@ use crate::proxy::route_table::Route;
 /// front ends, Express's method-override and Symfony obey them on a POST).
 /// Each must pass.
 pub(super) fn check(route: &Route, parts: &http::request::Parts) -> Result<(), ProxyError> {
-    check_path(route, parts, parts.uri.path())
+    check_path(route, &parts.method, &parts.headers, parts.uri.path())
 }
 
-/// [`check`] for the request as if it had asked for `path` (a fallback
-/// route's view of a request that arrived on another route).
+/// [`check`] for a `method` request with `headers` as if it had asked for
+/// `path` (a fallback route's view of a request that arrived on another
+/// route).
 pub(super) fn check_path(
     route: &Route,
-    parts: &http::request::Parts,
+    method: &Method,
+    headers: &HeaderMap,
     path: &str,
 ) -> Result<(), ProxyError> {
-    for method in std::iter::once(parts.method.clone()).chain(overridden(&parts.headers)) {
+    for method in std::iter::once(method.clone()).chain(overridden(headers)) {
         if let Some(echoing) = echoing_method(&method) {
             if !route.paths.names(&method, path) {
                 return Err(Refusal::MethodNotAllowed(echoing).into());

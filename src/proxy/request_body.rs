@@ -383,6 +383,32 @@ impl Drop for RequestBody {
 #[derive(Debug)]
 pub(crate) struct ClientBodyError(pub hyper::Error);
 
+impl ClientBodyError {
+    /// True when the client went away rather than sent a malformed body:
+    /// its HTTP/1 connection ended (closed or reset) before the end of the
+    /// body, or it cancelled its HTTP/2 stream.
+    pub(crate) fn client_gone(&self) -> bool {
+        use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
+        let mut current = StdError::source(&self.0);
+        // Bounded: an error chain is finite.
+        while let Some(err) = current {
+            if let Some(io) = err.downcast_ref::<std::io::Error>() {
+                if matches!(
+                    io.kind(),
+                    UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe
+                ) {
+                    return true;
+                }
+            }
+            if let Some(h2) = err.downcast_ref::<h2::Error>() {
+                return h2.reason() == Some(h2::Reason::CANCEL);
+            }
+            current = err.source();
+        }
+        self.0.is_incomplete_message()
+    }
+}
+
 impl fmt::Display for ClientBodyError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(

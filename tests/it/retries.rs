@@ -19,6 +19,20 @@
 //! - make a route fail every request: `the_retry_budget_caps_attempts_against_a_failing_upstream`;
 //! - fail over to a route with another credential, hoping the first route's
 //!   key goes along: `failover_uses_the_fallbacks_own_credential_and_path_then_returns`.
+//! - send a body in another shape (chunked or HTTP/2 with trailers, gzip,
+//!   multipart, a DATA frame past its Content-Length) hoping a replay
+//!   differs from what the first attempt got:
+//!   `a_chunked_upload_with_trailers_is_passed_through_not_retried`,
+//!   `an_http2_upload_with_trailers_is_sent_again_as_it_was_sent_first`,
+//!   `encoded_and_oddly_typed_uploads_are_replayed_byte_for_byte`,
+//!   `a_body_longer_than_its_declared_length_is_never_replayed_short`;
+//! - reach a fallback's key with a path its rules refuse (`/v1/x/`,
+//!   `/v1/./x`, `/v1/%2e%2e/admin`): `failover_holds_odd_paths_to_the_fallbacks_rules`;
+//! - leave during the wait or the replay: `a_client_gone_during_the_wait_*`,
+//!   `a_client_gone_during_the_replay_gets_no_third_attempt`;
+//! - an upstream asking for `Retry-After: 0` forever, or sending 103 Early
+//!   Hints before its 503: `a_retry_after_of_zero_on_every_answer_still_waits_the_backoff`,
+//!   `early_hints_before_a_503_are_never_relayed_twice`.
 
 use crate::support;
 
@@ -34,6 +48,7 @@ use keyrelay::config::Sources;
 use ops::AdminRelay;
 use support::reliability::report;
 use support::*;
+use support::{h2_frames, raw};
 
 const ATTEMPTS: &str = "keyrelay_upstream_attempts_total";
 
@@ -89,10 +104,7 @@ async fn a_429_with_retry_after_is_retried_after_the_wait_and_shows_each_attempt
     );
     second.respond(ok(r#"{"choices": []}"#));
 
-    let response = within("the answer", pending)
-        .await
-        .expect("join")
-        .expect("response");
+    let response = answered(pending).await;
     assert_eq!(response.status(), 200);
     assert!(
         waited >= Duration::from_secs(1),
@@ -153,10 +165,7 @@ async fn a_retry_after_beyond_the_cap_is_relayed_at_once() {
         .next()
         .await
         .respond(answer(429, &[("retry-after", "30")]));
-    let response = within("the 429", pending)
-        .await
-        .expect("join")
-        .expect("response");
+    let response = answered(pending).await;
     let took = started.elapsed();
     assert_eq!(response.status(), 429);
     assert_eq!(header_values(response.headers(), "retry-after"), ["30"]);
@@ -164,8 +173,7 @@ async fn a_retry_after_beyond_the_cap_is_relayed_at_once() {
         took < Duration::from_secs(2),
         "relayed at once, not waited: {took:?}"
     );
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(upstream.nothing_received(), "not retried");
+    no_further_attempt(&mut upstream, 200, "not retried").await;
 
     // A hostile upstream's Retry-After past any clock's range.
     let pending = tokio::spawn(client.request(post(&relay.url("/v1/chat/completions"), "{}")));
@@ -174,10 +182,7 @@ async fn a_retry_after_beyond_the_cap_is_relayed_at_once() {
         .next()
         .await
         .respond(answer(429, &[("retry-after", &huge)]));
-    let response = within("the 429", pending)
-        .await
-        .expect("join")
-        .expect("response");
+    let response = answered(pending).await;
     assert_eq!(response.status(), 429, "relayed, keyrelay still standing");
     report(
         "issue25",
@@ -204,10 +209,7 @@ async fn a_stream_cut_after_the_first_token_is_never_sent_again() {
     let exchange = upstream.next().await;
     let (mut sender, _dropped) = exchange
         .respond_streaming_with(Response::builder().header("content-type", "text/event-stream"));
-    let response = within("the head", pending)
-        .await
-        .expect("join")
-        .expect("response");
+    let response = answered(pending).await;
     assert_eq!(response.status(), 200);
     let mut body = response.into_body();
     // Lockstep: the first token reaches the client before the upstream dies.
@@ -229,8 +231,7 @@ async fn a_stream_cut_after_the_first_token_is_never_sent_again() {
         "the cut stream is aborted visibly, not ended cleanly: {end:?}"
     );
     // Bounded: a retry would have reached the upstream well within this.
-    tokio::time::sleep(Duration::from_millis(600)).await;
-    assert!(upstream.nothing_received(), "one attempt, never a second");
+    no_further_attempt(&mut upstream, 600, "one attempt, never a second").await;
     report(
         "issue25",
         &[
@@ -243,15 +244,7 @@ async fn a_stream_cut_after_the_first_token_is_never_sent_again() {
 #[tokio::test]
 async fn an_upload_answered_early_is_replayed_whole() {
     let mut upstream = MockUpstream::start().await;
-    let relay = Relay::start(
-        &upstream.url(),
-        &[
-            ("retry_on", "503"),
-            ("retry_methods", "POST"),
-            ("retry_max_wait", "50ms"),
-        ],
-    )
-    .await;
+    let relay = retrying_posts(&upstream.url(), &[]).await;
     let client = http1_client();
     // 200 KiB, streamed in 8 KiB parts with its length declared.
     let upload: Bytes = (0..200 * 1024)
@@ -295,10 +288,7 @@ async fn an_upload_answered_early_is_replayed_whole() {
         .await
         .expect("join");
     assert!(first_read <= upload.len());
-    let response = within("the answer", pending)
-        .await
-        .expect("join")
-        .expect("response");
+    let response = answered(pending).await;
     assert_eq!(response.status(), 200);
     within("the upload", feeder).await.expect("feeder");
     report(
@@ -313,16 +303,7 @@ async fn an_upload_answered_early_is_replayed_whole() {
 #[tokio::test]
 async fn uploads_keyrelay_cannot_replay_whole_are_never_retried() {
     let mut upstream = MockUpstream::start().await;
-    let relay = Relay::start(
-        &upstream.url(),
-        &[
-            ("retry_on", "503"),
-            ("retry_methods", "POST"),
-            ("retry_buffer", "64KiB"),
-            ("retry_max_wait", "50ms"),
-        ],
-    )
-    .await;
+    let relay = retrying_posts(&upstream.url(), &[("retry_buffer", "64KiB")]).await;
     let client = http1_client();
 
     // Over retry_buffer, length declared.
@@ -331,10 +312,7 @@ async fn uploads_keyrelay_cannot_replay_whole_are_never_retried() {
     let mut exchange = upstream.next().await;
     assert_eq!(read_body(&mut exchange).await.len(), 200 * 1024);
     exchange.respond(answer(503, &[]));
-    let response = within("the 503", pending)
-        .await
-        .expect("join")
-        .expect("response");
+    let response = answered(pending).await;
     assert_eq!(response.status(), 503, "passed through");
 
     // Chunked: no declared length, so keyrelay cannot know it will have it whole.
@@ -350,23 +328,16 @@ async fn uploads_keyrelay_cannot_replay_whole_are_never_retried() {
     let mut exchange = upstream.next().await;
     assert_eq!(read_body(&mut exchange).await, "{}");
     exchange.respond(answer(503, &[]));
-    let response = within("the 503", pending)
-        .await
-        .expect("join")
-        .expect("response");
+    let response = answered(pending).await;
     assert_eq!(response.status(), 503, "passed through");
 
     // Within retry_buffer: retried (the control for the two above).
     let pending = tokio::spawn(client.request(post(&relay.url("/v1/files"), "{}")));
     upstream.next().await.respond(answer(503, &[]));
     upstream.next().await.respond(ok("done"));
-    let response = within("the answer", pending)
-        .await
-        .expect("join")
-        .expect("response");
+    let response = answered(pending).await;
     assert_eq!(response.status(), 200);
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(upstream.nothing_received(), "4 attempts in all, no more");
+    no_further_attempt(&mut upstream, 200, "4 attempts in all, no more").await;
     report(
         "issue25",
         &[
@@ -388,18 +359,12 @@ async fn statuses_are_retried_only_for_retry_methods_and_connect_failures_for_al
     let client = http1_client();
     let pending = tokio::spawn(client.request(post(&relay.url("/v1/chat/completions"), "{}")));
     upstream.next().await.respond(answer(503, &[]));
-    let response = within("the 503", pending)
-        .await
-        .expect("join")
-        .expect("response");
+    let response = answered(pending).await;
     assert_eq!(response.status(), 503);
     let pending = tokio::spawn(client.get(relay.url("/v1/models").parse().expect("uri")));
     upstream.next().await.respond(answer(503, &[]));
     upstream.next().await.respond(ok("[]"));
-    let response = within("the GET", pending)
-        .await
-        .expect("join")
-        .expect("response");
+    let response = answered(pending).await;
     assert_eq!(response.status(), 200, "a GET is retried by default");
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(upstream.nothing_received());
@@ -431,37 +396,8 @@ async fn statuses_are_retried_only_for_retry_methods_and_connect_failures_for_al
 
 #[tokio::test]
 async fn the_retry_budget_caps_attempts_against_a_failing_upstream() {
-    let mut upstream = MockUpstream::start().await;
-    let relay = Relay::start(
-        &upstream.url(),
-        &[
-            ("retry_on", "503"),
-            ("retry_attempts", "3"),
-            ("retry_max_wait", "10ms"),
-        ],
-    )
-    .await;
-    let attempts = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let counted = std::sync::Arc::clone(&attempts);
-    let failing = tokio::spawn(async move {
-        loop {
-            upstream.next().await.respond(answer(503, &[]));
-            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        }
-    });
-    let client = http1_client();
     let requests = 50;
-    for _ in 0..requests {
-        let response = within(
-            "a 503",
-            client.get(relay.url("/v1/models").parse().expect("uri")),
-        )
-        .await
-        .expect("response");
-        assert_eq!(response.status(), 503);
-    }
-    failing.abort();
-    let seen = attempts.load(std::sync::atomic::Ordering::SeqCst);
+    let seen = failing_attempts(requests, false).await;
     // Unbounded, 50 requests x 4 attempts = 200. The budget: 20% of the
     // requests in the last 10 s, at least 10 retries.
     assert_eq!(
@@ -507,10 +443,7 @@ async fn failover_uses_the_fallbacks_own_credential_and_path_then_returns() {
             "the primary's key stays home"
         );
         exchange.respond_full(200, "from backup");
-        let response = within("the answer", pending)
-            .await
-            .expect("join")
-            .expect("response");
+        let response = answered(pending).await;
         assert_eq!(
             header_values(response.headers(), "x-keyrelay-upstream"),
             ["backup"]
@@ -540,10 +473,7 @@ async fn failover_uses_the_fallbacks_own_credential_and_path_then_returns() {
             [EXPECTED_AUTH]
         );
         exchange.respond_full(200, "from primary");
-        let response = within("the answer", pending)
-            .await
-            .expect("join")
-            .expect("response");
+        let response = answered(pending).await;
         assert_eq!(
             header_values(response.headers(), "x-keyrelay-upstream"),
             ["primary"]
@@ -585,10 +515,7 @@ async fn only_the_attempt_that_answered_is_charged_to_the_budget() {
             .body(full(usage))
             .expect("response"),
     );
-    let response = within("the answer", pending)
-        .await
-        .expect("join")
-        .expect("response");
+    let response = answered(pending).await;
     assert_eq!(response.status(), 200);
     body_bytes(response).await;
     // What the answer reported, once: not a second reservation or estimate
@@ -631,11 +558,7 @@ async fn a_client_gone_during_the_wait_is_not_sent_again() {
     // Gone while keyrelay waits out the Retry-After.
     tokio::time::sleep(Duration::from_millis(100)).await;
     pending.abort();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert!(
-        upstream.nothing_received(),
-        "nobody to answer: no second attempt"
-    );
+    no_further_attempt(&mut upstream, 1500, "nobody to answer: no second attempt").await;
 }
 
 #[tokio::test]
@@ -666,10 +589,7 @@ async fn an_http2_upstream_gets_the_same_body_again_on_a_new_stream() {
         "the same bytes on a new stream"
     );
     second.respond(ok("{}"));
-    let response = within("the answer", pending)
-        .await
-        .expect("join")
-        .expect("response");
+    let response = answered(pending).await;
     assert_eq!(response.status(), 200);
     assert_eq!(
         upstream_connections(&upstream),
@@ -680,49 +600,27 @@ async fn an_http2_upstream_gets_the_same_body_again_on_a_new_stream() {
 
 #[tokio::test]
 async fn concurrent_requests_share_one_retry_budget() {
-    let mut upstream = MockUpstream::start().await;
-    let relay = Relay::start(
-        &upstream.url(),
-        &[
-            ("retry_on", "503"),
-            ("retry_attempts", "3"),
-            ("retry_max_wait", "10ms"),
-        ],
-    )
-    .await;
-    let attempts = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let counted = std::sync::Arc::clone(&attempts);
-    let failing = tokio::spawn(async move {
-        loop {
-            upstream.next().await.respond(answer(503, &[]));
-            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        }
-    });
-    let client = http1_client();
-    let requests = 20;
-    let all = (0..requests).map(|_| {
-        let uri = relay.url("/v1/models").parse().expect("uri");
-        client.get(uri)
-    });
-    for response in within("20 concurrent 503s", futures_join_all(all)).await {
-        assert_eq!(response.expect("response").status(), 503);
+    // Bounded in time: `failing_attempts` waits for all within one step.
+    for requests in [20, 50] {
+        let seen = failing_attempts(requests, true).await;
+        // 4 attempts each unbounded; the budget allows max(20% of the
+        // requests, 10) = 10 retries, however the requests interleave
+        // across the serving threads.
+        assert_eq!(
+            seen,
+            requests + 10,
+            "{seen} attempts for {requests} concurrent requests"
+        );
+        report(
+            "issue25",
+            &[
+                &format!(
+                    "{requests} concurrent requests against a 100% failing upstream, retry_attempts 3"
+                ),
+                &format!("{seen} attempts (unbounded: {})", requests * 4),
+            ],
+        );
     }
-    failing.abort();
-    let seen = attempts.load(std::sync::atomic::Ordering::SeqCst);
-    // 20 x 4 unbounded; the budget's floor of 10 retries holds across
-    // the serving threads however the requests interleave.
-    assert_eq!(
-        seen,
-        requests + 10,
-        "{seen} attempts for {requests} concurrent requests"
-    );
-    report(
-        "issue25",
-        &[
-            "20 concurrent requests against a 100% failing upstream, retry_attempts 3",
-            &format!("{seen} attempts (unbounded: 80)"),
-        ],
-    );
 }
 
 /// Awaits every future, in order (the tests take no `futures` crate).
@@ -821,16 +719,13 @@ async fn failover_holds_the_request_to_the_fallbacks_allowed_paths() {
     let exchange = backup.next().await;
     assert_eq!(exchange.request.uri(), "/openai/v1/chat/completions");
     exchange.respond_full(200, "from backup");
-    let response = within("the answer", pending)
-        .await
-        .expect("join")
-        .expect("response");
+    let response = answered(pending).await;
     assert_eq!(response.status(), 200);
 }
 
 #[tokio::test]
 async fn a_fallback_that_cannot_take_the_path_is_skipped_not_blamed_on_the_client() {
-    let mut primary = MockUpstream::start().await;
+    let primary = MockUpstream::start().await;
     // The fallback is a Baseten regional host, which takes bare paths
     // only: a staged path is not one it can be sent.
     let toml = format!(
@@ -860,11 +755,7 @@ key_env = "OTHER_KEY"
     let client = http1_client();
     let url = relay.url("/v1/environments/staging/predict");
     // The primary fails every attempt.
-    let failing = tokio::spawn(async move {
-        loop {
-            primary.next().await.respond(answer(503, &[]));
-        }
-    });
+    let (failing, _) = always_failing(primary, &[]);
     let response = within("the answer", client.request(post(&url, "{}")))
         .await
         .expect("response");
@@ -894,10 +785,7 @@ async fn after_the_cool_down_one_request_probes_an_ejected_route() {
         let pending = tokio::spawn(client.request(post(&url, "{}")));
         primary.next().await.respond(answer(503, &[]));
         backup.next().await.respond_full(200, "from backup");
-        within("the answer", pending)
-            .await
-            .expect("join")
-            .expect("response");
+        answered(pending).await;
     }
     tokio::time::sleep(Duration::from_millis(1100)).await;
 
@@ -915,10 +803,7 @@ async fn after_the_cool_down_one_request_probes_an_ejected_route() {
     }
     probe.respond_full(200, "from primary");
     for request in pending {
-        let response = within("the answer", request)
-            .await
-            .expect("join")
-            .expect("response");
+        let response = answered(request).await;
         assert_eq!(response.status(), 200);
     }
 }
@@ -947,8 +832,8 @@ async fn a_trace_the_route_allows_never_fails_over_to_a_route_that_refuses_it() 
 }
 
 /// The answer to `request` (on the primary of [`primary_and_backup`])
-/// when the primary answers each of its 3 attempts with 503; a panic if
-/// one goes to the backup instead, whose key is not for it.
+/// when the primary answers each of its attempts with 503; a panic if one
+/// goes to the backup instead, whose key is not for it.
 async fn kept_off_the_backup<F>(
     primary: &mut MockUpstream,
     backup: &mut MockUpstream,
@@ -960,19 +845,503 @@ where
         > + Send
         + 'static,
 {
-    let pending = tokio::spawn(request);
-    let failing = async {
-        for _ in 0..3 {
-            primary.next().await.respond(answer(503, &[]));
+    let mut pending = tokio::spawn(request);
+    let answer_of = async {
+        // Bounded: each attempt is answered at once, and the request ends
+        // within retry_attempts of them.
+        loop {
+            tokio::select! {
+                response = &mut pending => return response,
+                exchange = primary.next() => exchange.respond(answer(503, &[])),
+            }
         }
-        within("the 503", pending).await
     };
     tokio::select! {
-        response = failing => response.expect("join").expect("response"),
+        response = within("the answer", answer_of) => response.expect("join").expect("response"),
         exchange = backup.next() => panic!(
             "{} {} went to the backup, whose policy refuses it",
             exchange.request.method(),
             exchange.request.uri()
         ),
     }
+}
+
+/// A request on its way, spawned so the test can answer at the upstream.
+type Pending = tokio::task::JoinHandle<
+    Result<Response<hyper::body::Incoming>, hyper_util::client::legacy::Error>,
+>;
+
+/// The response a [`Pending`] request got, bounded.
+async fn answered(pending: Pending) -> Response<hyper::body::Incoming> {
+    within("the answer", pending)
+        .await
+        .expect("join")
+        .expect("response")
+}
+
+/// Answers every request at `upstream` with 503 and `headers` until the
+/// task is aborted; counts them.
+fn always_failing(
+    mut upstream: MockUpstream,
+    headers: &'static [(&'static str, &'static str)],
+) -> (
+    tokio::task::JoinHandle<()>,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    let attempts = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = std::sync::Arc::clone(&attempts);
+    let failing = tokio::spawn(async move {
+        while let Some(exchange) = upstream.recv().await {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            exchange.respond(answer(503, headers));
+        }
+    });
+    (failing, attempts)
+}
+
+/// The attempts a 100% failing upstream sees for `requests` GETs, sent
+/// one after the other or all at once, with retry_attempts 3 and the
+/// default budget.
+async fn failing_attempts(requests: usize, at_once: bool) -> usize {
+    let upstream = MockUpstream::start().await;
+    let relay = Relay::start(
+        &upstream.url(),
+        &[
+            ("retry_on", "503"),
+            ("retry_attempts", "3"),
+            ("retry_max_wait", "10ms"),
+        ],
+    )
+    .await;
+    let (failing, attempts) = always_failing(upstream, &[]);
+    let client = http1_client();
+    let get = || client.get(relay.url("/v1/models").parse().expect("uri"));
+    if at_once {
+        let all = within(
+            "concurrent 503s",
+            futures_join_all((0..requests).map(|_| get())),
+        )
+        .await;
+        for response in all {
+            assert_eq!(response.expect("response").status(), 503);
+        }
+    } else {
+        for _ in 0..requests {
+            let response = within("a 503", get()).await.expect("response");
+            assert_eq!(response.status(), 503);
+        }
+    }
+    failing.abort();
+    attempts.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+/// Waits `millis` (well past any retry's wait in the test), then asserts
+/// that no further request reached `upstream`.
+async fn no_further_attempt(upstream: &mut MockUpstream, millis: u64, what: &str) {
+    tokio::time::sleep(Duration::from_millis(millis)).await;
+    assert!(upstream.nothing_received(), "{what}");
+}
+
+/// keyrelay retrying POSTs that meet a 503, after at most 50 ms.
+async fn retrying_posts(upstream: &str, extra: &[(&str, &str)]) -> Relay {
+    let mut settings = vec![
+        ("retry_on", "503"),
+        ("retry_methods", "POST"),
+        ("retry_max_wait", "50ms"),
+    ];
+    settings.extend_from_slice(extra);
+    Relay::start(upstream, &settings).await
+}
+
+#[tokio::test]
+async fn a_chunked_upload_with_trailers_is_passed_through_not_retried() {
+    let mut upstream = MockUpstream::start().await;
+    let relay = retrying_posts(&upstream.url(), &[]).await;
+    let mut client = raw::RawConn::connect(relay.addr).await;
+    client
+        .send(format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: {}\r\n\
+                 Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\
+                 Trailer: x-digest\r\n\r\n2\r\n{{}}\r\n0\r\nx-digest: sha-256=abc\r\n\r\n",
+            relay.addr
+        ))
+        .await;
+    let mut exchange = upstream.next().await;
+    assert!(exchange.request.headers().get("trailer").is_none());
+    let sent = within("the body", exchange.request.body_mut().collect())
+        .await
+        .expect("body");
+    assert!(sent.trailers().is_none(), "request trailers are dropped");
+    assert_eq!(sent.to_bytes(), "{}");
+    exchange.respond(answer(503, &[]));
+    assert_eq!(client.read_response().await.status(), 503, "passed through");
+    no_further_attempt(&mut upstream, 200, "no declared length: 1 attempt").await;
+    report(
+        "issue25",
+        &[
+            "503 for a chunked HTTP/1.1 upload with a trailer",
+            "passed through after 1 attempt (no declared length); the trailer was not forwarded",
+        ],
+    );
+}
+
+#[tokio::test]
+async fn an_http2_upload_with_trailers_is_sent_again_as_it_was_sent_first() {
+    let mut upstream = MockUpstream::start().await;
+    let relay = retrying_posts(&upstream.url(), &[]).await;
+    let client = h2c_client();
+    let (mut sender, channel) = http_body_util::channel::Channel::<Bytes, _>::new(2);
+    let prompt = r#"{"model": "m", "messages": []}"#;
+    let request = Request::post(relay.url("/v1/chat/completions"))
+        .header("content-length", prompt.len())
+        .header("trailer", "x-digest")
+        .body(channel.boxed())
+        .expect("request");
+    let pending = tokio::spawn(client.request(request));
+    within(
+        "the body",
+        sender.send_data(Bytes::from_static(prompt.as_bytes())),
+    )
+    .await
+    .expect("send");
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("x-digest", "sha-256=abc".parse().expect("value"));
+    within("the trailers", sender.send_trailers(trailers))
+        .await
+        .expect("send");
+    let mut seen = Vec::new();
+    for status in [503, 200] {
+        let mut exchange = upstream.next().await;
+        let sent = within("the body", exchange.request.body_mut().collect())
+            .await
+            .expect("body");
+        seen.push((sent.trailers().cloned(), sent.to_bytes()));
+        exchange.respond(answer(status, &[]));
+    }
+    assert_eq!(answered(pending).await.status(), 200);
+    // Request trailers are dropped for every attempt alike (request_body.rs):
+    // the replay is what the first attempt sent, not less.
+    assert_eq!(seen[0], seen[1], "the same body and trailers twice");
+    assert_eq!(seen[1], (None, Bytes::from_static(prompt.as_bytes())));
+    report(
+        "issue25",
+        &[
+            "503 for an HTTP/2 upload with a declared length and trailers",
+            "retried; both attempts got the same bytes and no trailers (request trailers are never forwarded)",
+        ],
+    );
+}
+
+#[tokio::test]
+async fn encoded_and_oddly_typed_uploads_are_replayed_byte_for_byte() {
+    let mut upstream = MockUpstream::start().await;
+    let relay = retrying_posts(&upstream.url(), &[]).await;
+    let client = http1_client();
+    // A gzip header, NULs, bytes that are no UTF-8, CRLFs.
+    let mut upload = vec![0x1f, 0x8b, 0x08, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0xff];
+    upload.extend((0..70_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8));
+    upload.extend_from_slice(b"\r\n\r\n\x00\xc3\x28");
+    let upload = Bytes::from(upload);
+    let shapes = [
+        (Some("gzip"), "application/json"),
+        (Some("br, gzip"), "application/octet-stream"),
+        (None, "multipart/form-data; boundary=----x"),
+        (None, "text/plain; charset=utf-16"),
+    ];
+    for (encoding, kind) in shapes {
+        let mut request = Request::post(relay.url("/v1/files"))
+            .header("content-type", kind)
+            .header("content-length", upload.len());
+        if let Some(encoding) = encoding {
+            request = request.header("content-encoding", encoding);
+        }
+        let request = request.body(full(upload.clone())).expect("request");
+        let pending = tokio::spawn(client.request(request));
+        for status in [503, 200] {
+            let mut exchange = upstream.next().await;
+            let headers = exchange.request.headers().clone();
+            assert_eq!(header_values(&headers, "content-type"), [kind]);
+            assert_eq!(
+                headers
+                    .get("content-encoding")
+                    .map(|v| v.to_str().expect("text")),
+                encoding
+            );
+            let sent = read_body(&mut exchange).await;
+            assert!(sent == upload, "{kind}: byte for byte, attempt {status}");
+            exchange.respond(answer(status, &[]));
+        }
+        assert_eq!(answered(pending).await.status(), 200);
+    }
+    report(
+        "issue25",
+        &[
+            "503 for 70 KB uploads sent gzip / br encoded, multipart, UTF-16 text",
+            "each retried once with the same bytes and the same Content-Type and Content-Encoding",
+        ],
+    );
+}
+
+#[tokio::test]
+async fn a_body_longer_than_its_declared_length_is_never_replayed_short() {
+    let mut upstream = MockUpstream::start().await;
+    let relay = retrying_posts(&upstream.url(), &[("retry_buffer", "64KiB")]).await;
+
+    // HTTP/1.1: the body is the declared 10 bytes; the rest is the next
+    // request on the connection (and no request at all).
+    let mut client = raw::RawConn::connect(relay.addr).await;
+    let mut bytes = format!(
+        "POST /v1/files HTTP/1.1\r\nHost: {}\r\nContent-Length: 10\r\n\r\n",
+        relay.addr
+    )
+    .into_bytes();
+    bytes.extend(std::iter::repeat_n(b'x', 100 * 1024));
+    let _ = client.try_send(&bytes).await;
+    for status in [503, 200] {
+        let mut exchange = upstream.next().await;
+        assert_eq!(read_body(&mut exchange).await, "xxxxxxxxxx");
+        exchange.respond(answer(status, &[]));
+    }
+    assert_eq!(client.read_response().await.status(), 200);
+
+    // HTTP/2: a DATA frame beyond the declared length resets the stream;
+    // no attempt may get a body that ends cleanly.
+    let mut h2 = h2_frames::H2Conn::open(relay.addr).await;
+    let authority = relay.addr.to_string();
+    let fields = [
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":authority", &authority),
+        (":path", "/v1/files"),
+        ("content-length", "10"),
+    ];
+    h2.send(&h2_frames::headers_frame(1, &fields, false)).await;
+    h2.send_lossy(&h2_frames::frame(
+        0x0,
+        h2_frames::FLAG_END_STREAM,
+        1,
+        &[b'y'; 1000],
+    ))
+    .await;
+    let status = h2.response_status(1).await;
+    let mut clean = Vec::new();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    while let Ok(Some(mut exchange)) =
+        tokio::time::timeout(Duration::from_millis(100), upstream.recv()).await
+    {
+        if let Ok(body) = exchange.request.body_mut().collect().await {
+            clean.push(body.to_bytes());
+        }
+        exchange.respond(answer(503, &[]));
+    }
+    assert!(
+        clean.is_empty(),
+        "an attempt got a clean short body: {clean:?}"
+    );
+    report(
+        "issue25",
+        &[
+            "Content-Length: 10 with 100 KiB sent (HTTP/1.1), and with a 1000-byte DATA frame (HTTP/2)",
+            &format!(
+                "HTTP/1.1: both attempts got the declared 10 bytes; HTTP/2: {}, no attempt got a clean short body",
+                status.map_or("stream reset".to_owned(), |s| format!("status {s}"))
+            ),
+        ],
+    );
+}
+
+#[tokio::test]
+async fn failover_holds_odd_paths_to_the_fallbacks_rules() {
+    let mut primary = MockUpstream::start().await;
+    let mut backup = MockUpstream::start().await;
+    let relay = primary_and_backup(
+        &primary.url(),
+        &backup.url(),
+        RETRY_POST,
+        r#"allowed_paths = ["POST /backup/x"]"#,
+    )
+    .await;
+    let client = http1_client();
+    let odd = [
+        "/v1/x/",
+        "/v1/./x",
+        "/v1/%2e%2e/admin",
+        "/v1/x/..",
+        "/v1/.%2E/x",
+        "/v1//x",
+    ];
+    // The path the backup allows fails over (the control); first, as
+    // the primary's 503s below eject it.
+    let pending = tokio::spawn(client.request(post(&relay.url("/v1/x"), "{}")));
+    primary.next().await.respond(answer(503, &[]));
+    let exchange = backup.next().await;
+    assert_eq!(exchange.request.uri(), "/openai/v1/x");
+    exchange.respond_full(200, "from backup");
+    assert_eq!(answered(pending).await.status(), 200);
+    let mut statuses = Vec::new();
+    for path in odd {
+        let request = client.request(post(&relay.url(path), "{}"));
+        let response = kept_off_the_backup(&mut primary, &mut backup, request).await;
+        statuses.push(format!("{path} {}", response.status().as_u16()));
+    }
+    report(
+        "issue25",
+        &[
+            "failover to a fallback allowing only POST /backup/x, for /v1/x/, /v1/./x, /v1/%2e%2e/admin, /v1/x/.., /v1/.%2E/x, /v1//x",
+            &format!("none reached the backup ({}); only /v1/x failed over", statuses.join(", ")),
+        ],
+    );
+}
+
+#[tokio::test]
+async fn a_retry_after_of_zero_on_every_answer_still_waits_the_backoff() {
+    let upstream = MockUpstream::start().await;
+    let relay = Relay::start(&upstream.url(), &[("retry_on", "503")]).await;
+    let (failing, attempts) = always_failing(upstream, &[("retry-after", "0")]);
+    let client = http1_client();
+    let started = Instant::now();
+    let response = within(
+        "the 503",
+        client.get(relay.url("/v1/models").parse().expect("uri")),
+    )
+    .await
+    .expect("response");
+    let took = started.elapsed();
+    assert_eq!(response.status(), 503);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    failing.abort();
+    let seen = attempts.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(seen, 3, "1 + retry_attempts (2)");
+    // The backoff's floors: 125 ms before the first retry, 250 ms before
+    // the second.
+    assert!(
+        took >= Duration::from_millis(375),
+        "waited the backoff, not back to back: {took:?}"
+    );
+    report(
+        "issue25",
+        &[
+            "503 with Retry-After: 0 on every answer",
+            &format!(
+                "{seen} attempts (retry_attempts 2), over {} ms: the backoff is waited",
+                took.as_millis()
+            ),
+        ],
+    );
+}
+
+#[tokio::test]
+async fn early_hints_before_a_503_are_never_relayed_twice() {
+    let mut upstream = raw::RawUpstream::start().await;
+    let relay = Relay::start(
+        &upstream.url(),
+        &[("retry_on", "503"), ("retry_max_wait", "50ms")],
+    )
+    .await;
+    let mut client = raw::RawConn::connect(relay.addr).await;
+    client
+        .send(format!(
+            "GET /v1/models HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+            relay.addr
+        ))
+        .await;
+    let hints = "HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n";
+    for last in [
+        "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
+    ] {
+        let mut conn = upstream.next_conn().await;
+        conn.read_head().await;
+        conn.send(format!("{hints}{last}")).await;
+    }
+    let ending = client.read_to_end().await;
+    let text = String::from_utf8_lossy(&ending.bytes);
+    assert!(text.matches(" 103 ").count() <= 1, "{text}");
+    assert_eq!(text.matches("HTTP/1.1 200 ").count(), 1, "{text}");
+    assert!(!text.contains(" 503 "), "{text}");
+    assert!(text.ends_with("ok"), "{text}");
+    report(
+        "issue25",
+        &[
+            "103 Early Hints, then 503; then 103 and 200",
+            &format!(
+                "one 200 relayed; 103s relayed: {}",
+                text.matches(" 103 ").count()
+            ),
+        ],
+    );
+}
+
+#[tokio::test]
+async fn a_client_gone_during_the_wait_releases_its_reservation() {
+    let mut upstream = MockUpstream::start().await;
+    let mut command = ops::command(&upstream.url());
+    command.args(["--retry-on", "429", "--retry-methods", "POST"]);
+    command.args(["--token-budget", "200/day"]);
+    let relay = AdminRelay::spawn(command).await;
+    let client = http1_client();
+    // Holds all of the budget while it is in flight.
+    let body = r#"{"model": "m", "max_tokens": 1000}"#;
+    let pending = tokio::spawn(client.request(post(&relay.url("/v1/chat/completions"), body)));
+    upstream
+        .next()
+        .await
+        .respond(answer(429, &[("retry-after", "1")]));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    pending.abort();
+    relay
+        .process
+        .wait_for_log("outcome=\"client_cancelled\"", 1)
+        .await;
+    no_further_attempt(&mut upstream, 1200, "no second attempt").await;
+    // The reservation went with the request: the next one is sent.
+    let pending = tokio::spawn(client.request(post(&relay.url("/v1/chat/completions"), body)));
+    upstream.next().await.respond(ok("{}"));
+    assert_eq!(answered(pending).await.status(), 200);
+}
+
+#[tokio::test]
+async fn a_client_gone_during_the_replay_gets_no_third_attempt() {
+    let mut upstream = MockUpstream::start().await;
+    let mut command = ops::command(&upstream.url());
+    command.args(["--retry-on", "503", "--retry-methods", "POST"]);
+    command.args(["--retry-max-wait", "50ms"]);
+    let relay = AdminRelay::spawn(command).await;
+    let mut client = raw::RawConn::connect(relay.addr()).await;
+    client
+        .send(format!(
+            "POST /v1/files HTTP/1.1\r\nHost: {}\r\nContent-Length: 1000\r\n\r\n",
+            relay.addr()
+        ))
+        .await;
+    client.send([b'z'; 500]).await;
+    let _first = upstream
+        .next()
+        .await
+        .respond_before_reading(answer(503, &[]));
+    // The second attempt gets the kept half, then the client is gone.
+    let mut second = upstream.next().await;
+    let mut got = 0;
+    while got < 500 {
+        let frame = within("the replayed half", second.request.body_mut().frame())
+            .await
+            .expect("a frame")
+            .expect("data");
+        got += frame.data_ref().map_or(0, Bytes::len);
+    }
+    drop(client);
+    let rest = within("the body's end", second.request.body_mut().collect()).await;
+    assert!(rest.is_err(), "the replay is aborted, not ended short");
+    relay
+        .process
+        .wait_for_log("outcome=\"client_cancelled\"", 1)
+        .await;
+    no_further_attempt(&mut upstream, 300, "no third attempt").await;
+    report(
+        "issue25",
+        &[
+            "client gone halfway through the second attempt's body",
+            "the upstream saw that body aborted, no third attempt; logged client_cancelled",
+        ],
+    );
 }

@@ -13,8 +13,9 @@
 //! - a status is retried only for the route's `retry_methods`; connection
 //!   failures, where nothing left keyrelay, for every method;
 //! - `retry_attempts` per request, and a [`RetryBudget`] per route;
-//! - waits are the upstream's `Retry-After`, else exponential backoff with
-//!   jitter, and a wait beyond `retry_max_wait` relays the answer at once;
+//! - waits are exponential backoff with jitter, or the upstream's longer
+//!   `Retry-After`, and a wait beyond `retry_max_wait` relays the answer at
+//!   once;
 //! - a target failing `eject_after` times in a row is skipped for
 //!   `eject_for` ([`TargetHealth`]).
 //!
@@ -201,7 +202,6 @@ impl<'r> Attempts<'r> {
         result: AttemptResult<'_>,
         routes: &'r RouteTable,
     ) -> Next<'r> {
-        let metrics = &self.route.metrics;
         let elapsed = self.started.elapsed();
         let retryable = match result {
             AttemptResult::Answered(status, _) => self
@@ -213,9 +213,7 @@ impl<'r> Attempts<'r> {
             if matches!(result, AttemptResult::Answered(..)) {
                 target.health.succeeded();
             }
-            metrics.upstream_attempt(&target.name, "relayed");
-            self.finish(&result, target, elapsed);
-            return Next::Relay;
+            return self.relay(&result, target, elapsed, "relayed");
         }
         target
             .health
@@ -224,21 +222,17 @@ impl<'r> Attempts<'r> {
             AttemptResult::Answered(_, headers) => retry_after(headers),
             AttemptResult::Failed { .. } => None,
         };
-        let Some(decision) = self.plan(target, retry_after, routes) else {
-            return self.give_up(&result, target, elapsed);
+        let planned = self
+            .plan(target, retry_after, routes)
+            .and_then(|(next, wait)| {
+                let body = self.body.again(self.route).ok_or("body_not_kept")?;
+                Ok((next, wait, body))
+            });
+        let (next, wait, body) = match planned {
+            Ok(planned) => planned,
+            Err(why) => return self.relay(&result, target, elapsed, why),
         };
-        let (next, wait) = match decision {
-            Ok(next_and_wait) => next_and_wait,
-            Err(why) => {
-                metrics.upstream_attempt(&target.name, why);
-                self.finish(&result, target, elapsed);
-                return Next::Relay;
-            }
-        };
-        let Some(body) = self.body.again(self.route) else {
-            return self.give_up(&result, target, elapsed);
-        };
-        metrics.upstream_attempt(&target.name, "retried");
+        self.route.metrics.upstream_attempt(&target.name, "retried");
         self.timings.push(timing(&result, target, elapsed));
         self.made += 1;
         self.started = tokio::time::Instant::now() + wait;
@@ -250,19 +244,19 @@ impl<'r> Attempts<'r> {
         }
     }
 
-    /// Where and after what wait the next attempt goes, or why none does;
-    /// `None` when the body was not kept.
+    /// Where and after what wait the next attempt goes, or why none does
+    /// (the outcome the attempt is counted under).
     fn plan(
         &mut self,
         target: &'r Route,
         retry_after: Option<Duration>,
         routes: &'r RouteTable,
-    ) -> Option<Result<(&'r Route, Duration), &'static str>> {
+    ) -> Result<(&'r Route, Duration), &'static str> {
         if self.made > self.policy.attempts {
-            return Some(Err("attempts_used"));
+            return Err("attempts_used");
         }
         if matches!(self.body, KeptBody::NotKept) {
-            return None;
+            return Err("body_not_kept");
         }
         let candidates = self.candidates();
         if self.not_before.is_empty() {
@@ -270,10 +264,13 @@ impl<'r> Attempts<'r> {
         }
         let now = tokio::time::Instant::now();
         let at = self.position(target);
-        // This target's own wait: what it asked for, else the backoff.
-        // (A backoff is cut to the cap; a Retry-After beyond it is the
-        // upstream's word, and is not waited out.)
-        let own_wait = retry_after.unwrap_or_else(|| backoff(self.made).min(self.policy.max_wait));
+        // This target's own wait: the backoff, or longer if it asked for
+        // longer. (A backoff is cut to the cap; a Retry-After beyond it is
+        // the upstream's word, and is not waited out. A shorter one, down
+        // to `Retry-After: 0` on every answer, does not make keyrelay
+        // hammer it back to back.)
+        let floor = backoff(self.made).min(self.policy.max_wait);
+        let own_wait = retry_after.map_or(floor, |asked| asked.max(floor));
         self.not_before[at] = Some(now + own_wait);
         // Along the list, skipping targets whose path policy refuses the
         // request, and ejected targets unless all are. (The route itself
@@ -287,24 +284,24 @@ impl<'r> Attempts<'r> {
             .unwrap_or(admitted[0]);
         let wait = self.not_before[next].map_or(Duration::ZERO, |until| until - now);
         if wait > self.policy.max_wait {
-            return Some(Err("wait_over_cap"));
+            return Err("wait_over_cap");
         }
         if !self.route.retry_budget.try_retry() {
-            return Some(Err("budget_exhausted"));
+            return Err("budget_exhausted");
         }
-        Some(Ok((self.target(routes, next), wait)))
+        Ok((self.target(routes, next), wait))
     }
 
-    /// A `retry_on` match that is relayed because its body was not kept.
-    fn give_up(
+    /// This attempt's answer (or failure) goes to the client, counted under
+    /// `outcome`.
+    fn relay(
         &mut self,
         result: &AttemptResult<'_>,
         target: &Route,
         elapsed: Duration,
+        outcome: &'static str,
     ) -> Next<'r> {
-        self.route
-            .metrics
-            .upstream_attempt(&target.name, "body_not_kept");
+        self.route.metrics.upstream_attempt(&target.name, outcome);
         self.finish(result, target, elapsed);
         Next::Relay
     }
@@ -362,7 +359,7 @@ impl<'r> Attempts<'r> {
         }
         // Also without rules: a route refuses TRACE unless its rules name it.
         let path = target.local_path_for(self.route, self.head.uri.path());
-        methods::check_path(target, &self.head.parts(), &path).is_ok()
+        methods::check_path(target, &self.head.method, &self.head.headers, &path).is_ok()
     }
 
     fn usable(&self, routes: &'r RouteTable, at: usize) -> bool {

@@ -52,8 +52,11 @@ pub(crate) enum Cause {
     BodyTooLarge(u64),
     /// The client paused its body longer than `request_body_timeout`.
     BodyTimeout(Duration),
-    /// The client's body was malformed or cut short.
+    /// The client's body was malformed.
     BadBody,
+    /// The client went away before its body ended (its connection closed
+    /// before the announced length, or it reset its HTTP/2 stream).
+    ClientGone,
     // On a connection: the upstream.
     /// The connection closed before the response head (a stale connection
     /// not sent again, or one lost under the request).
@@ -225,6 +228,7 @@ struct Found {
     body_too_large: Option<u64>,
     body_timeout: Option<Duration>,
     client_body: bool,
+    client_gone: bool,
     dns: bool,
     refused: bool,
     timed_out: bool,
@@ -233,7 +237,10 @@ struct Found {
 
 impl Found {
     fn inspect(&mut self, err: &(dyn StdError + 'static)) {
-        self.client_body |= err.is::<ClientBodyError>();
+        if let Some(body) = err.downcast_ref::<ClientBodyError>() {
+            self.client_body = true;
+            self.client_gone |= body.client_gone();
+        }
         if let Some(too_large) = err.downcast_ref::<BodyTooLarge>() {
             self.body_too_large = Some(too_large.0);
         }
@@ -265,6 +272,8 @@ impl Found {
             Cause::BodyTooLarge(limit)
         } else if let Some(limit) = self.body_timeout {
             Cause::BodyTimeout(limit)
+        } else if self.client_gone {
+            Cause::ClientGone
         } else if self.client_body {
             Cause::BadBody
         } else if let Some(tls) = self.tls {
