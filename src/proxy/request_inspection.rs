@@ -12,12 +12,12 @@ use hyper::body::Incoming;
 
 use crate::proxy::context::RequestContext;
 use crate::proxy::error::{ClientError, ProxyError, Refusal};
-use crate::proxy::request_body::RequestBody;
+use crate::proxy::request_body::{ClientBodyError, RequestBody};
 use crate::proxy::route_table::Route;
 use crate::proxy::Shared;
 use crate::telemetry::metrics::RouteMetrics;
 use crate::usage::budget::Refused;
-use crate::usage::inspect::{self, Broken, ReadBody, Unparsed};
+use crate::usage::inspect::{self, Broken, ReadBody, ReadFailed, Unparsed};
 use crate::usage::stream_usage;
 use crate::usage::Estimate;
 
@@ -76,7 +76,14 @@ impl Shared {
                 .map(|limit| ProxyError::from(Refusal::PayloadTooLarge(limit)))
         };
         let bytes = match inspect::read(body).await {
-            Err(_) => return Err(ClientError::BadRequestBody.into()),
+            // A client that went away is not one that sent a bad body.
+            Err(ReadFailed::Malformed(err)) => {
+                return Err(match ClientBodyError(err).client_gone() {
+                    true => ClientError::ClientClosedRequest.into(),
+                    false => ClientError::BadRequestBody.into(),
+                });
+            }
+            Err(ReadFailed::TooSlow) => return Err(ClientError::BadRequestBody.into()),
             Ok(ReadBody::Longer { head, rest }) => {
                 if let Some(refused) = too_large(head.len()) {
                     return Err(refused);

@@ -1284,3 +1284,24 @@ async fn a_model_named_in_the_query_is_checked_with_or_without_a_body() {
     assert!(escaped.is_empty(), "not refused: {escaped:#?}");
     assert!(upstream.nothing_received(), "refused before the upstream");
 }
+
+#[tokio::test]
+async fn a_client_gone_while_its_body_is_read_for_the_budget_is_client_cancelled() {
+    // A budgeted route reads a JSON body to estimate it before forwarding.
+    let mut upstream = MockUpstream::start().await;
+    let relay = relay_with(&["--token-budget", "1000000/day"], &upstream).await;
+    let mut client = crate::support::raw::RawConn::connect(relay.addr()).await;
+    client
+        .send(format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{\"model\":",
+            relay.addr()
+        ))
+        .await;
+    drop(client);
+    let log = relay
+        .process
+        .wait_for_log("outcome=\"client_cancelled\"", 1)
+        .await;
+    assert!(!log.contains("bad_request_body"), "{log}");
+    assert!(upstream.nothing_received(), "nothing was forwarded");
+}

@@ -23,10 +23,11 @@ pub enum ReadBody {
 }
 
 /// Why a body could not be read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum ReadFailed {
-    /// The client's framing was bad or it went away.
-    Malformed,
+    /// The client's framing was bad or it went away (hyper's error says
+    /// which).
+    Malformed(hyper::Error),
     /// It did not arrive within [`READ_LIMIT`].
     TooSlow,
 }
@@ -52,7 +53,7 @@ pub async fn read(mut body: Incoming) -> Result<ReadBody, ReadFailed> {
         loop {
             match body.frame().await {
                 None => return Ok(ReadBody::Whole(buffer.freeze())),
-                Some(Err(_)) => return Err(ReadFailed::Malformed),
+                Some(Err(err)) => return Err(ReadFailed::Malformed(err)),
                 Some(Ok(frame)) => {
                     // Request trailers are not forwarded from a read body.
                     let Ok(data) = frame.into_data() else {
