@@ -110,6 +110,7 @@ impl OAuthClient {
                 extra_ca_certs: &client.extra_ca_certs,
                 timeout: client.timeout,
                 ttl: client.ttl,
+                required_header: None,
             };
             endpoint.token(request, &[&client.secret]).await
         })
@@ -190,6 +191,11 @@ pub(crate) struct Endpoint<'a> {
     pub(crate) timeout: Duration,
     /// The lifetime of a token answered without `expires_in`.
     pub(crate) ttl: Duration,
+    /// A header the answer must carry with this value, or it is not from
+    /// the server meant (the metadata server's `Metadata-Flavor: Google`,
+    /// which google-auth checks too: anything else answering at that
+    /// address, a captive portal, a proxy, is not trusted with a token).
+    pub(crate) required_header: Option<(&'static str, &'static str)>,
 }
 
 impl Endpoint<'_> {
@@ -245,6 +251,14 @@ impl Endpoint<'_> {
             .await
             .map_err(|err| format!("cannot reach {url}: {}", logging::causes(&err)))?;
         let status = response.status();
+        if let Some((name, value)) = self.required_header {
+            if response.headers().get(name).map(HeaderValue::as_bytes) != Some(value.as_bytes()) {
+                return Err(format!(
+                    "{url} answered {status} without \"{name}: {value}\"; it is not the server \
+                     expected there"
+                ));
+            }
+        }
         let body = Limited::new(response.into_body(), MAX_ANSWER)
             .collect()
             .await
