@@ -18,7 +18,7 @@
 
 use std::fmt;
 use std::io::Read;
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -282,51 +282,68 @@ struct Output {
 }
 
 /// Runs `argv` with no stdin, waiting at most `timeout` (then it is
-/// killed), keeping at most [`MAX_STDOUT`] of stdout (more is an error) and
-/// [`MAX_STDERR`] of stderr.
+/// killed, with everything it started), keeping at most [`MAX_STDOUT`] of
+/// stdout (more is an error) and [`MAX_STDERR`] of stderr.
+///
+/// Only stdout is waited for until the deadline. stderr is for the log:
+/// a process the helper left behind (an agent it started) may hold it
+/// open for good, and that costs the run [`PIPE_GRACE`] at most, never
+/// its whole timeout.
 fn run_bounded(argv: &[String], timeout: Duration) -> Result<Output, String> {
     let deadline = Instant::now() + timeout;
     let (program, args) = argv
         .split_first()
         .ok_or_else(|| "the command is empty".to_owned())?;
-    let mut child = Command::new(program)
+    let mut command = Command::new(program);
+    command
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stderr(Stdio::piped());
+    // A group of its own, so that stopping it stops what it started too
+    // (`sh -c` runs its commands as children).
+    #[cfg(unix)]
+    std::os::unix::process::CommandExt::process_group(&mut command, 0);
+    let mut child = command
         .spawn()
         .map_err(|err| format!("cannot start {program}: {err}"))?;
     let stdout = reader(child.stdout.take(), MAX_STDOUT);
     let stderr = reader(child.stderr.take(), MAX_STDERR);
+    let said = |stderr: &mpsc::Receiver<Drained>| {
+        (stderr.recv_timeout(PIPE_GRACE))
+            .map(|read| read.text())
+            .unwrap_or_default()
+    };
     let status = loop {
         match child.try_wait() {
             Ok(Some(status)) => break status,
             Ok(None) if Instant::now() < deadline => std::thread::sleep(POLL),
             Ok(None) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                let said = stderr.recv_timeout(PIPE_GRACE).map(|read| read.text());
+                stop(&mut child);
                 return Err(format!(
                     "{program} did not finish within key_command_timeout ({timeout:?}) and was killed{}",
-                    stderr_part(&said.unwrap_or_default())
+                    stderr_part(&said(&stderr))
                 ));
             }
-            Err(err) => return Err(format!("waiting for {program} failed: {err}")),
+            Err(err) => {
+                stop(&mut child);
+                return Err(format!("waiting for {program} failed: {err}"));
+            }
         }
     };
     let wait = deadline
         .saturating_duration_since(Instant::now())
         .max(PIPE_GRACE);
-    let stderr = stderr
-        .recv_timeout(wait)
-        .map(|read| read.text())
-        .unwrap_or_default();
     let Ok(stdout) = stdout.recv_timeout(wait) else {
+        // What holds it is what the helper left running: stopped too.
+        stop(&mut child);
         return Err(format!(
-            "{program} exited but its stdout stayed open (a process it started holds it?){}",
-            stderr_part(&stderr)
+            "{program} exited but its stdout stayed open until key_command_timeout \
+             (a process it started holds it?){}",
+            stderr_part(&said(&stderr))
         ));
     };
+    let stderr = said(&stderr);
     if stdout.overflowed {
         return Err(format!(
             "{program} printed more than {MAX_STDOUT} bytes on stdout{}",
@@ -338,6 +355,18 @@ fn run_bounded(argv: &[String], timeout: Duration) -> Result<Output, String> {
         stdout: stdout.bytes,
         stderr,
     })
+}
+
+/// Kills the helper's process group (itself and whatever it started and
+/// left in it) and reaps the helper.
+fn stop(child: &mut Child) {
+    #[cfg(unix)]
+    {
+        let group = rustix::process::Pid::from_child(child);
+        let _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 /// One pipe, read to its end.
