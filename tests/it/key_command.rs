@@ -359,3 +359,26 @@ fn a_leftover_holding_only_stderr_does_not_hold_up_the_run() {
     loaded.expect("the key was printed");
     assert!(took < std::time::Duration::from_secs(2), "{took:?}");
 }
+
+/// What a helper prints is checked before it goes in a header: a line
+/// break or NUL (header injection) and non-ASCII (which `http` would send
+/// as obs-text) alike stop keyrelay with exit 64 naming key_command, the
+/// value never quoted.
+#[test]
+fn a_token_no_header_can_carry_is_refused_without_quoting_it() {
+    for printed in [
+        format!(r"printf '{TOKEN_PREFIX}a\r\nx-injected: 1'"),
+        format!(r"printf '{TOKEN_PREFIX}a\000b'"),
+        format!("printf '{TOKEN_PREFIX}caf\u{e9}'"),
+        format!(r#"printf '{{"token": "{TOKEN_PREFIX}\u00e9"}}'"#),
+    ] {
+        let (loaded, _) = load_with_script(&printed, "5s");
+        let err = loaded.expect_err(&printed);
+        assert!(
+            err.contains("key_command: the key from command sh")
+                && err.contains("not allowed in an HTTP header value"),
+            "{printed}: {err}"
+        );
+        assert!(!err.contains(TOKEN_PREFIX), "{err}");
+    }
+}
