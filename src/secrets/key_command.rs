@@ -133,7 +133,7 @@ impl KeyCommand {
                 stderr_part(&stderr)
             )
         })?;
-        let expires = match printed.expiry {
+        let lifetime = match printed.expiry {
             Expiry::In(seconds) => started.checked_add(seconds),
             Expiry::At(at) => at
                 .duration_since(SystemTime::now())
@@ -141,10 +141,10 @@ impl KeyCommand {
                 .and_then(|left| Instant::now().checked_add(left)),
             Expiry::Unstated => started.checked_add(self.ttl),
         }
-        .filter(|at| *at > Instant::now())
+        .and_then(|expires| Lifetime::until(started, expires))
         .ok_or_else(|| {
             format!(
-                "{} printed a token that has already expired (check the clock, or its expires_at / expires_in){}",
+                "{} printed a token that {SHORT_LIVED} (check the clock, or its expires_at / expires_in){}",
                 self.program(),
                 stderr_part(&stderr)
             )
@@ -152,23 +152,33 @@ impl KeyCommand {
         let stderr = printed.key.mask_in(&stderr);
         Ok(Fetched {
             key: printed.key,
-            lifetime: Lifetime::until(started, expires),
+            lifetime,
             stderr,
         })
     }
 }
 
+/// The least a fetched value must have left to count as fetched: one that
+/// expires sooner (`expires_in: 0.05`, a clock far off) is a failure,
+/// tried again after a backoff, rather than a source run again and again
+/// as fast as it answers.
+const MIN_LIFETIME: Duration = Duration::from_secs(1);
+
+/// How a value with less than [`MIN_LIFETIME`] left is described.
+pub(crate) const SHORT_LIVED: &str = "has already expired or expires within a second";
+
 impl Lifetime {
     /// The lifetime of a value asked for at `started` (the fetch ends now)
     /// whose source says it expires at `expires`: used until the margin
-    /// before it.
-    pub(crate) fn until(started: Instant, expires: Instant) -> Self {
+    /// before it. `None` when less than [`MIN_LIFETIME`] would be left.
+    pub(crate) fn until(started: Instant, expires: Instant) -> Option<Self> {
         let lifetime = expires.saturating_duration_since(started);
-        Self {
+        let expires = expires - EXPIRY_MARGIN.min(lifetime / 10);
+        (expires.saturating_duration_since(Instant::now()) >= MIN_LIFETIME).then(|| Self {
             started,
             took: started.elapsed(),
-            expires: expires - EXPIRY_MARGIN.min(lifetime / 10),
-        }
+            expires,
+        })
     }
 }
 

@@ -33,7 +33,7 @@ use rustls::pki_types::CertificateDer;
 use zeroize::Zeroizing;
 
 use crate::secrets::key::ApiKey;
-use crate::secrets::key_command::{Fetched, Lifetime};
+use crate::secrets::key_command::{Fetched, Lifetime, SHORT_LIVED};
 use crate::telemetry::logging;
 
 /// The most a token endpoint's answer may hold: a JWT access token with
@@ -219,13 +219,13 @@ impl Endpoint<'_> {
                 )
             })??;
         let answer = read_answer(url, status, &body, masked)?;
-        let expires = started
+        let lifetime = started
             .checked_add(answer.expires_in.unwrap_or(self.ttl))
-            .filter(|at| *at > Instant::now())
-            .ok_or_else(|| format!("{url} issued a token that has already expired"))?;
+            .and_then(|expires| Lifetime::until(started, expires))
+            .ok_or_else(|| format!("{url} issued a token that {SHORT_LIVED}"))?;
         Ok(Fetched {
             key: answer.token,
-            lifetime: Lifetime::until(started, expires),
+            lifetime,
             stderr: String::new(),
         })
     }

@@ -382,3 +382,23 @@ fn a_token_no_header_can_carry_is_refused_without_quoting_it() {
         assert!(!err.contains(TOKEN_PREFIX), "{err}");
     }
 }
+
+/// A value that expires within a second of being fetched is a failed
+/// run (tried again after a backoff), not one refreshed as fast as the
+/// helper answers: at startup, exit 64 naming key_command.
+#[test]
+fn a_token_that_lives_less_than_a_second_is_a_failed_run() {
+    for printed in [
+        r#"echo '{"token": "kc-secret-short", "expires_in": 0.5}'"#,
+        r#"echo '{"token": "kc-secret-short", "expires_in": 0}'"#,
+    ] {
+        let (loaded, _) = load_with_script(printed, "5s");
+        let err = loaded.expect_err(printed);
+        assert!(
+            err.contains("key_command: its first run failed")
+                && err.contains("expires within a second"),
+            "{printed}: {err}"
+        );
+        assert!(!err.contains(TOKEN_PREFIX), "{err}");
+    }
+}

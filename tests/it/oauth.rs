@@ -194,6 +194,23 @@ async fn a_failing_first_token_request_stops_keyrelay_with_64() {
     assert!(!stderr.contains(CLIENT_SECRET), "{stderr}");
 }
 
+/// A token answered with `expires_in` under a second is a failed
+/// request (tried again after a backoff), not one asked for again as fast
+/// as the endpoint answers.
+#[test]
+fn a_token_that_lives_less_than_a_second_is_a_failed_request() {
+    let endpoint = TokenEndpoint::start(Method::Basic, 0.5);
+    let err = keyrelay::config::load(&oauth_sources("http://127.0.0.1:9", &endpoint, "basic"))
+        .expect_err("a token living 0.5 s")
+        .to_string();
+    assert!(
+        err.contains("oauth_token_url: the first token request failed")
+            && err.contains("expires within a second"),
+        "{err}"
+    );
+    assert!(!err.contains(TOKEN_PREFIX), "{err}");
+}
+
 #[test]
 fn configuration_mistakes_name_their_setting() {
     let endpoint = TokenEndpoint::start(Method::Basic, 60.0);
