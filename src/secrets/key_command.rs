@@ -219,6 +219,15 @@ fn parse_stdout(stdout: &[u8]) -> Result<Printed, String> {
     if text.is_empty() {
         return Err("nothing on stdout".to_owned());
     }
+    // `jq .token` without -r prints the token in quotes; no key starts
+    // with a quote or a bracket, so this is JSON, and not the kind read.
+    if text.starts_with(['"', '[']) {
+        return Err(
+            "a JSON string or array, not the bare key or a JSON object with \"token\" \
+             (jq -r prints a string bare)"
+                .to_owned(),
+        );
+    }
     if !text.starts_with('{') {
         return Ok(Printed {
             key: ApiKey::new(text.to_owned()),

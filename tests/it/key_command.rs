@@ -402,3 +402,21 @@ fn a_token_that_lives_less_than_a_second_is_a_failed_run() {
         assert!(!err.contains(TOKEN_PREFIX), "{err}");
     }
 }
+
+/// `jq .token` without `-r` prints the token in quotes: not sent quoted
+/// (the upstream's 401 would be all the user saw) but reported.
+#[test]
+fn a_quoted_token_is_reported_not_sent_with_its_quotes() {
+    for printed in [
+        format!(r#"echo '"{TOKEN_PREFIX}quoted"'"#),
+        format!(r#"echo '["{TOKEN_PREFIX}listed"]'"#),
+    ] {
+        let (loaded, _) = load_with_script(&printed, "5s");
+        let err = loaded.expect_err(&printed);
+        assert!(
+            err.contains("key_command: its first run failed") && err.contains("jq -r"),
+            "{printed}: {err}"
+        );
+        assert!(!err.contains(TOKEN_PREFIX), "{err}");
+    }
+}
