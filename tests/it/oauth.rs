@@ -279,6 +279,28 @@ fn configuration_mistakes_name_their_setting() {
     );
 }
 
+/// A token URL with credentials in it (`https://id:secret@idp/token`)
+/// would put them in every log line naming the endpoint: refused at
+/// startup, the URL not quoted.
+#[test]
+fn a_token_url_with_credentials_in_it_is_refused_unquoted() {
+    let endpoint = TokenEndpoint::start(Method::Basic, 60.0);
+    let mut sources = oauth_sources("http://127.0.0.1:9", &endpoint, "basic");
+    let in_url = "pw-in-the-url-7c1";
+    let with_credentials = endpoint
+        .url()
+        .replace("http://", &format!("http://app:{in_url}@"));
+    sources.set("oauth_token_url", OverrideValue::Text(with_credentials));
+    let err = keyrelay::config::load(&sources)
+        .expect_err("credentials in the URL")
+        .to_string();
+    assert!(
+        err.contains("oauth_token_url: holds credentials (user:password@host)"),
+        "{err}"
+    );
+    assert!(!err.contains(in_url), "{err}");
+}
+
 /// The README's OAuth2 configs load, their token URL pointed at a local
 /// endpoint (the flag wins over the file, as it would for a user).
 #[test]
