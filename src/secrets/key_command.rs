@@ -284,13 +284,21 @@ fn json_expiry(json: &serde_json::Value) -> Result<Expiry, String> {
     }
     match json.get("expires_in").filter(|v| !v.is_null()) {
         None => Ok(Expiry::Unstated),
-        Some(seconds) => seconds
-            .as_f64()
-            .filter(|s| s.is_finite() && *s >= 0.0)
-            .and_then(|s| Duration::try_from_secs_f64(s).ok())
+        Some(seconds) => seconds_of(seconds)
             .map(Expiry::In)
             .ok_or_else(|| "an expires_in that is not a number of seconds".to_owned()),
     }
+}
+
+/// An `expires_in` as every source writes it: a number of seconds, or
+/// one in a string (Azure AD v1 wrote "3599"); `None` if it is not one
+/// (negative, too large for a `Duration`, not a number).
+pub(crate) fn seconds_of(value: &serde_json::Value) -> Option<Duration> {
+    value
+        .as_f64()
+        .or_else(|| value.as_str().and_then(|s| s.trim().parse().ok()))
+        .filter(|s| s.is_finite() && *s >= 0.0)
+        .and_then(|s| Duration::try_from_secs_f64(s).ok())
 }
 
 /// What a finished run left.
@@ -500,6 +508,20 @@ mod tests {
             .expect("runs");
         assert_eq!(header(&fetched), TOKEN);
         assert_left(&fetched, 985.0..=990.0);
+    }
+
+    #[test]
+    fn expires_in_reads_as_every_source_writes_it() {
+        let fetched = sh(&format!(
+            r#"echo '{{"token": "{TOKEN}", "expires_in": " 100 "}}'"#
+        ))
+        .run()
+        .expect("a number in a string");
+        assert_left(&fetched, 89.0..=90.0);
+        for bad in ["-5", "1e300", "18446744073709551616", "\"soon\"", "[1]"] {
+            let value: serde_json::Value = serde_json::from_str(bad).expect(bad);
+            assert_eq!(seconds_of(&value), None, "{bad}");
+        }
     }
 
     #[test]

@@ -33,7 +33,7 @@ use rustls::pki_types::CertificateDer;
 use zeroize::Zeroizing;
 
 use crate::secrets::key::ApiKey;
-use crate::secrets::key_command::{Fetched, Lifetime, SHORT_LIVED};
+use crate::secrets::key_command::{seconds_of, Fetched, Lifetime, SHORT_LIVED};
 use crate::telemetry::logging;
 
 /// The most a token endpoint's answer may hold: a JWT access token with
@@ -299,17 +299,9 @@ fn read_answer(
     }
     let expires_in = match json.get("expires_in").filter(|v| !v.is_null()) {
         None => None,
-        // Azure AD v1 wrote it as a string ("3599").
-        Some(seconds) => Some(
-            seconds
-                .as_f64()
-                .or_else(|| seconds.as_str().and_then(|s| s.trim().parse().ok()))
-                .filter(|s| s.is_finite() && *s >= 0.0)
-                .and_then(|s| Duration::try_from_secs_f64(s).ok())
-                .ok_or_else(|| {
-                    format!("{url} answered an expires_in that is not a number of seconds")
-                })?,
-        ),
+        Some(seconds) => Some(seconds_of(seconds).ok_or_else(|| {
+            format!("{url} answered an expires_in that is not a number of seconds")
+        })?),
     };
     let serde_json::Value::String(token) = json
         .get_mut("access_token")
