@@ -357,10 +357,15 @@ impl Shared {
             Some(attempts) => attempts.first_target(&self.routes),
             None => route,
         };
+        // The credential the answer was asked with: the one to keep out of
+        // it, though the route's may have rotated while the upstream thought.
+        let mut sent_credential;
         let (mut response, lease) = loop {
-            let upstream_request = upstream_request(route, target, parts, body, upgrade.take())?;
+            let request;
+            (request, sent_credential) =
+                upstream_request(route, target, parts, body, upgrade.take())?;
             let sent = self
-                .send_to(worker, target, upstream_request, upgrading, record)
+                .send_to(worker, target, request, upgrading, record)
                 .await;
             if let Ok((response, _)) = &sent {
                 // A 401 or 403 asks an expiring credential's source for a
@@ -409,11 +414,7 @@ impl Shared {
             return Err(UpstreamError::UnrequestedUpgrade.into());
         }
         if let Some(name) = &target.credential.query {
-            auth_query::scrub_response(
-                response.headers_mut(),
-                name,
-                target.live.current().as_bytes(),
-            );
+            auth_query::scrub_response(response.headers_mut(), name, sent_credential.as_bytes());
         }
         if target.index != route.index {
             record.set_upstream(&target.name);
@@ -717,7 +718,7 @@ fn switch_protocols(
 /// Turns the client's request on route `matched` into the upstream's on
 /// route `target` (the same route, or a fallback of it): new target,
 /// scrubbed headers, `target`'s credential and static headers, same
-/// method and body.
+/// method and body; with the credential it carries.
 /// The HTTP version and `Host` are set once the route has chosen the
 /// version ([`set_version`]).
 fn upstream_request(
@@ -726,7 +727,7 @@ fn upstream_request(
     mut parts: http::request::Parts,
     body: RequestBody,
     upgrade: Option<HeaderValue>,
-) -> Result<Request<RequestBody>, ProxyError> {
+) -> Result<(Request<RequestBody>, HeaderValue), ProxyError> {
     if parts.method == Method::CONNECT {
         return Err(ClientError::ConnectNotSupported.into());
     }
@@ -738,7 +739,7 @@ fn upstream_request(
             parts.uri = auth_query::place(parts.uri, name, value.as_bytes())?;
             None
         }
-        None => Some((&target.credential.header, value)),
+        None => Some((&target.credential.header, value.clone())),
     };
     headers::prepare_request(&mut parts.headers, &target.credential.strip, header);
     for (name, value) in &target.set_headers {
@@ -747,7 +748,7 @@ fn upstream_request(
     if let Some(protocol) = upgrade {
         headers::restore_upgrade(&mut parts.headers, protocol);
     }
-    Ok(Request::from_parts(parts, body))
+    Ok((Request::from_parts(parts, body), value))
 }
 
 /// The HTTP version the request goes with, and its `Host`: the one place

@@ -57,6 +57,9 @@ pub const CREDENTIALS_ENV: &str = "GOOGLE_APPLICATION_CREDENTIALS";
 /// The path of the default service account's token on the metadata server.
 const METADATA_TOKEN_PATH: &str = "/computeMetadata/v1/instance/service-accounts/default/token";
 
+/// The header the metadata server's requests and answers carry.
+const METADATA_FLAVOR: (&str, &str) = ("metadata-flavor", "Google");
+
 /// The JWT-bearer grant's `grant_type` (RFC 7523 §2.1).
 const JWT_BEARER: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
 
@@ -251,19 +254,20 @@ impl GoogleCredentials {
         let credentials = self.clone();
         on_own_thread(async move {
             let options = &credentials.options;
-            let (url, request, assertion) = match &credentials.kind {
+            let (url, request, assertion, required_header) = match &credentials.kind {
                 Kind::ServiceAccount(account) => {
                     let assertion = account.assertion(&options.scopes, unix_now())?;
                     let request = account.request(&assertion)?;
-                    (&account.token_uri, request, Some(assertion))
+                    (&account.token_uri, request, Some(assertion), None)
                 }
-                Kind::Metadata(url) => (url, metadata_request(url)?, None),
+                Kind::Metadata(url) => (url, metadata_request(url)?, None, Some(METADATA_FLAVOR)),
             };
             let endpoint = Endpoint {
                 url,
                 extra_ca_certs: &options.extra_ca_certs,
                 timeout: options.timeout,
                 ttl: options.ttl,
+                required_header,
             };
             endpoint.token(request, &Vec::from_iter(&assertion)).await
         })
@@ -321,7 +325,7 @@ impl ServiceAccount {
 /// The metadata server's token request.
 fn metadata_request(url: &Uri) -> Result<Request<Full<Bytes>>, String> {
     Request::get(url.clone())
-        .header("metadata-flavor", "Google")
+        .header(METADATA_FLAVOR.0, METADATA_FLAVOR.1)
         .header(ACCEPT, "application/json")
         .body(Full::new(Bytes::new()))
         .map_err(|err| format!("cannot build the request to {url}: {err}"))

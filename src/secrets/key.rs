@@ -32,6 +32,12 @@ impl ApiKey {
     /// deliberately says nothing about the key itself.
     pub fn header_value(&self, template: &str) -> Result<HeaderValue, InvalidKeyBytes> {
         let rendered = template.replace(KEY_PLACEHOLDER, &self.0);
+        // `http` takes bytes 0x80-0xFF (obs-text), but no key or token is
+        // anything but ASCII: one with `é` in it is a paste or encoding
+        // mistake of its source, reported rather than sent.
+        if !rendered.is_ascii() {
+            return Err(InvalidKeyBytes);
+        }
         let mut value =
             HeaderValue::from_maybe_shared(Bytes::from(rendered)).map_err(|_| InvalidKeyBytes)?;
         value.set_sensitive(true);
@@ -86,7 +92,10 @@ pub struct InvalidKeyBytes;
 
 impl fmt::Display for InvalidKeyBytes {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("contains characters that are not allowed in an HTTP header value")
+        f.write_str(
+            "contains characters that are not allowed in an HTTP header value \
+             (line breaks, control characters or non-ASCII)",
+        )
     }
 }
 

@@ -18,7 +18,7 @@
 
 use std::fmt;
 use std::io::Read;
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -133,7 +133,7 @@ impl KeyCommand {
                 stderr_part(&stderr)
             )
         })?;
-        let expires = match printed.expiry {
+        let lifetime = match printed.expiry {
             Expiry::In(seconds) => started.checked_add(seconds),
             Expiry::At(at) => at
                 .duration_since(SystemTime::now())
@@ -141,10 +141,10 @@ impl KeyCommand {
                 .and_then(|left| Instant::now().checked_add(left)),
             Expiry::Unstated => started.checked_add(self.ttl),
         }
-        .filter(|at| *at > Instant::now())
+        .and_then(|expires| Lifetime::until(started, expires))
         .ok_or_else(|| {
             format!(
-                "{} printed a token that has already expired (check the clock, or its expires_at / expires_in){}",
+                "{} printed a token that {SHORT_LIVED} (check the clock, or its expires_at / expires_in){}",
                 self.program(),
                 stderr_part(&stderr)
             )
@@ -152,23 +152,33 @@ impl KeyCommand {
         let stderr = printed.key.mask_in(&stderr);
         Ok(Fetched {
             key: printed.key,
-            lifetime: Lifetime::until(started, expires),
+            lifetime,
             stderr,
         })
     }
 }
 
+/// The least a fetched value must have left to count as fetched: one that
+/// expires sooner (`expires_in: 0.05`, a clock far off) is a failure,
+/// tried again after a backoff, rather than a source run again and again
+/// as fast as it answers.
+const MIN_LIFETIME: Duration = Duration::from_secs(1);
+
+/// How a value with less than [`MIN_LIFETIME`] left is described.
+pub(crate) const SHORT_LIVED: &str = "has already expired or expires within a second";
+
 impl Lifetime {
     /// The lifetime of a value asked for at `started` (the fetch ends now)
     /// whose source says it expires at `expires`: used until the margin
-    /// before it.
-    pub(crate) fn until(started: Instant, expires: Instant) -> Self {
+    /// before it. `None` when less than [`MIN_LIFETIME`] would be left.
+    pub(crate) fn until(started: Instant, expires: Instant) -> Option<Self> {
         let lifetime = expires.saturating_duration_since(started);
-        Self {
+        let expires = expires - EXPIRY_MARGIN.min(lifetime / 10);
+        (expires.saturating_duration_since(Instant::now()) >= MIN_LIFETIME).then(|| Self {
             started,
             took: started.elapsed(),
-            expires: expires - EXPIRY_MARGIN.min(lifetime / 10),
-        }
+            expires,
+        })
     }
 }
 
@@ -208,6 +218,15 @@ fn parse_stdout(stdout: &[u8]) -> Result<Printed, String> {
     let text = text.trim();
     if text.is_empty() {
         return Err("nothing on stdout".to_owned());
+    }
+    // `jq .token` without -r prints the token in quotes; no key starts
+    // with a quote or a bracket, so this is JSON, and not the kind read.
+    if text.starts_with(['"', '[']) {
+        return Err(
+            "a JSON string or array, not the bare key or a JSON object with \"token\" \
+             (jq -r prints a string bare)"
+                .to_owned(),
+        );
     }
     if !text.starts_with('{') {
         return Ok(Printed {
@@ -265,13 +284,21 @@ fn json_expiry(json: &serde_json::Value) -> Result<Expiry, String> {
     }
     match json.get("expires_in").filter(|v| !v.is_null()) {
         None => Ok(Expiry::Unstated),
-        Some(seconds) => seconds
-            .as_f64()
-            .filter(|s| s.is_finite() && *s >= 0.0)
-            .and_then(|s| Duration::try_from_secs_f64(s).ok())
+        Some(seconds) => seconds_of(seconds)
             .map(Expiry::In)
             .ok_or_else(|| "an expires_in that is not a number of seconds".to_owned()),
     }
+}
+
+/// An `expires_in` as every source writes it: a number of seconds, or
+/// one in a string (Azure AD v1 wrote "3599"); `None` if it is not one
+/// (negative, too large for a `Duration`, not a number).
+pub(crate) fn seconds_of(value: &serde_json::Value) -> Option<Duration> {
+    value
+        .as_f64()
+        .or_else(|| value.as_str().and_then(|s| s.trim().parse().ok()))
+        .filter(|s| s.is_finite() && *s >= 0.0)
+        .and_then(|s| Duration::try_from_secs_f64(s).ok())
 }
 
 /// What a finished run left.
@@ -282,51 +309,68 @@ struct Output {
 }
 
 /// Runs `argv` with no stdin, waiting at most `timeout` (then it is
-/// killed), keeping at most [`MAX_STDOUT`] of stdout (more is an error) and
-/// [`MAX_STDERR`] of stderr.
+/// killed, with everything it started), keeping at most [`MAX_STDOUT`] of
+/// stdout (more is an error) and [`MAX_STDERR`] of stderr.
+///
+/// Only stdout is waited for until the deadline. stderr is for the log:
+/// a process the helper left behind (an agent it started) may hold it
+/// open for good, and that costs the run [`PIPE_GRACE`] at most, never
+/// its whole timeout.
 fn run_bounded(argv: &[String], timeout: Duration) -> Result<Output, String> {
     let deadline = Instant::now() + timeout;
     let (program, args) = argv
         .split_first()
         .ok_or_else(|| "the command is empty".to_owned())?;
-    let mut child = Command::new(program)
+    let mut command = Command::new(program);
+    command
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stderr(Stdio::piped());
+    // A group of its own, so that stopping it stops what it started too
+    // (`sh -c` runs its commands as children).
+    #[cfg(unix)]
+    std::os::unix::process::CommandExt::process_group(&mut command, 0);
+    let mut child = command
         .spawn()
         .map_err(|err| format!("cannot start {program}: {err}"))?;
     let stdout = reader(child.stdout.take(), MAX_STDOUT);
     let stderr = reader(child.stderr.take(), MAX_STDERR);
+    let said = |stderr: &mpsc::Receiver<Drained>| {
+        (stderr.recv_timeout(PIPE_GRACE))
+            .map(|read| read.text())
+            .unwrap_or_default()
+    };
     let status = loop {
         match child.try_wait() {
             Ok(Some(status)) => break status,
             Ok(None) if Instant::now() < deadline => std::thread::sleep(POLL),
             Ok(None) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                let said = stderr.recv_timeout(PIPE_GRACE).map(|read| read.text());
+                stop(&mut child);
                 return Err(format!(
                     "{program} did not finish within key_command_timeout ({timeout:?}) and was killed{}",
-                    stderr_part(&said.unwrap_or_default())
+                    stderr_part(&said(&stderr))
                 ));
             }
-            Err(err) => return Err(format!("waiting for {program} failed: {err}")),
+            Err(err) => {
+                stop(&mut child);
+                return Err(format!("waiting for {program} failed: {err}"));
+            }
         }
     };
     let wait = deadline
         .saturating_duration_since(Instant::now())
         .max(PIPE_GRACE);
-    let stderr = stderr
-        .recv_timeout(wait)
-        .map(|read| read.text())
-        .unwrap_or_default();
     let Ok(stdout) = stdout.recv_timeout(wait) else {
+        // What holds it is what the helper left running: stopped too.
+        stop(&mut child);
         return Err(format!(
-            "{program} exited but its stdout stayed open (a process it started holds it?){}",
-            stderr_part(&stderr)
+            "{program} exited but its stdout stayed open until key_command_timeout \
+             (a process it started holds it?){}",
+            stderr_part(&said(&stderr))
         ));
     };
+    let stderr = said(&stderr);
     if stdout.overflowed {
         return Err(format!(
             "{program} printed more than {MAX_STDOUT} bytes on stdout{}",
@@ -338,6 +382,18 @@ fn run_bounded(argv: &[String], timeout: Duration) -> Result<Output, String> {
         stdout: stdout.bytes,
         stderr,
     })
+}
+
+/// Kills the helper's process group (itself and whatever it started and
+/// left in it) and reaps the helper.
+fn stop(child: &mut Child) {
+    #[cfg(unix)]
+    {
+        let group = rustix::process::Pid::from_child(child);
+        let _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 /// One pipe, read to its end.
@@ -452,6 +508,20 @@ mod tests {
             .expect("runs");
         assert_eq!(header(&fetched), TOKEN);
         assert_left(&fetched, 985.0..=990.0);
+    }
+
+    #[test]
+    fn expires_in_reads_as_every_source_writes_it() {
+        let fetched = sh(&format!(
+            r#"echo '{{"token": "{TOKEN}", "expires_in": " 100 "}}'"#
+        ))
+        .run()
+        .expect("a number in a string");
+        assert_left(&fetched, 89.0..=90.0);
+        for bad in ["-5", "1e300", "18446744073709551616", "\"soon\"", "[1]"] {
+            let value: serde_json::Value = serde_json::from_str(bad).expect(bad);
+            assert_eq!(seconds_of(&value), None, "{bad}");
+        }
     }
 
     #[test]

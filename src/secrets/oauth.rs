@@ -33,7 +33,7 @@ use rustls::pki_types::CertificateDer;
 use zeroize::Zeroizing;
 
 use crate::secrets::key::ApiKey;
-use crate::secrets::key_command::{Fetched, Lifetime};
+use crate::secrets::key_command::{seconds_of, Fetched, Lifetime, SHORT_LIVED};
 use crate::telemetry::logging;
 
 /// The most a token endpoint's answer may hold: a JWT access token with
@@ -110,6 +110,7 @@ impl OAuthClient {
                 extra_ca_certs: &client.extra_ca_certs,
                 timeout: client.timeout,
                 ttl: client.ttl,
+                required_header: None,
             };
             endpoint.token(request, &[&client.secret]).await
         })
@@ -190,6 +191,11 @@ pub(crate) struct Endpoint<'a> {
     pub(crate) timeout: Duration,
     /// The lifetime of a token answered without `expires_in`.
     pub(crate) ttl: Duration,
+    /// A header the answer must carry with this value, or it is not from
+    /// the server meant (the metadata server's `Metadata-Flavor: Google`,
+    /// which google-auth checks too: anything else answering at that
+    /// address, a captive portal, a proxy, is not trusted with a token).
+    pub(crate) required_header: Option<(&'static str, &'static str)>,
 }
 
 impl Endpoint<'_> {
@@ -213,13 +219,13 @@ impl Endpoint<'_> {
                 )
             })??;
         let answer = read_answer(url, status, &body, masked)?;
-        let expires = started
+        let lifetime = started
             .checked_add(answer.expires_in.unwrap_or(self.ttl))
-            .filter(|at| *at > Instant::now())
-            .ok_or_else(|| format!("{url} issued a token that has already expired"))?;
+            .and_then(|expires| Lifetime::until(started, expires))
+            .ok_or_else(|| format!("{url} issued a token that {SHORT_LIVED}"))?;
         Ok(Fetched {
             key: answer.token,
-            lifetime: Lifetime::until(started, expires),
+            lifetime,
             stderr: String::new(),
         })
     }
@@ -245,6 +251,14 @@ impl Endpoint<'_> {
             .await
             .map_err(|err| format!("cannot reach {url}: {}", logging::causes(&err)))?;
         let status = response.status();
+        if let Some((name, value)) = self.required_header {
+            if response.headers().get(name).map(HeaderValue::as_bytes) != Some(value.as_bytes()) {
+                return Err(format!(
+                    "{url} answered {status} without \"{name}: {value}\"; it is not the server \
+                     expected there"
+                ));
+            }
+        }
         let body = Limited::new(response.into_body(), MAX_ANSWER)
             .collect()
             .await
@@ -285,17 +299,9 @@ fn read_answer(
     }
     let expires_in = match json.get("expires_in").filter(|v| !v.is_null()) {
         None => None,
-        // Azure AD v1 wrote it as a string ("3599").
-        Some(seconds) => Some(
-            seconds
-                .as_f64()
-                .or_else(|| seconds.as_str().and_then(|s| s.trim().parse().ok()))
-                .filter(|s| s.is_finite() && *s >= 0.0)
-                .and_then(|s| Duration::try_from_secs_f64(s).ok())
-                .ok_or_else(|| {
-                    format!("{url} answered an expires_in that is not a number of seconds")
-                })?,
-        ),
+        Some(seconds) => Some(seconds_of(seconds).ok_or_else(|| {
+            format!("{url} answered an expires_in that is not a number of seconds")
+        })?),
     };
     let serde_json::Value::String(token) = json
         .get_mut("access_token")

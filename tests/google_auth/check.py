@@ -89,10 +89,12 @@ def serve(handler):
     return server, f"127.0.0.1:{server.server_address[1]}"
 
 
-def answer(handler, status, body):
+def answer(handler, status, body, headers=()):
     data = json.dumps(body).encode()
     handler.send_response(status)
     handler.send_header("content-type", "application/json")
+    for name, value in headers:
+        handler.send_header(name, value)
     handler.send_header("content-length", str(len(data)))
     handler.end_headers()
     handler.wfile.write(data)
@@ -140,26 +142,34 @@ def token_endpoint(cert_pem, audience_box):
 
 def metadata_server():
     """A metadata server that refuses requests without Metadata-Flavor:
-    Google, as the real one does; its record: (path and query, flavor)."""
+    Google, as the real one does, and like it says Metadata-Flavor: Google
+    on every answer (google-auth and keyrelay check it); its record: (path
+    and query, flavor)."""
     seen = []
+    flavor_header = [("Metadata-Flavor", "Google")]
 
     class Handler(Quiet):
         def do_GET(self):
             flavor = self.headers.get("Metadata-Flavor")
             seen.append((self.path, flavor))
             if flavor != "Google":
-                answer(self, 403, {"error": "Missing Metadata-Flavor:Google header."})
+                answer(self, 403, {"error": "Missing Metadata-Flavor:Google header."}, flavor_header)
                 return
             path = urllib.parse.urlsplit(self.path).path
             if path == METADATA_PATH.removesuffix("token"):
                 # google-auth asks who the account is first, then asks for
                 # that account's token by the name answered here.
-                answer(self, 200, {"email": "default", "aliases": ["default"], "scopes": [SCOPE]})
+                answer(self, 200, {"email": "default", "aliases": ["default"], "scopes": [SCOPE]}, flavor_header)
                 return
             if path != METADATA_PATH:
-                answer(self, 404, {"error": "not found"})
+                answer(self, 404, {"error": "not found"}, flavor_header)
                 return
-            answer(self, 200, {"access_token": f"md-token-{len(seen)}", "expires_in": 3599, "token_type": "Bearer"})
+            answer(
+                self,
+                200,
+                {"access_token": f"md-token-{len(seen)}", "expires_in": 3599, "token_type": "Bearer"},
+                flavor_header,
+            )
 
     return Handler, seen
 
@@ -225,7 +235,7 @@ def stop(process):
 
 def main():
     binary = sys.argv[1]
-    env = {k: v for k, v in os.environ.items() if k not in ("GOOGLE_APPLICATION_CREDENTIALS", "GCE_METADATA_HOST")}
+    env = {k: v for k, v in os.environ.items() if k not in ("GOOGLE_APPLICATION_CREDENTIALS", "GCE_METADATA_HOST", "KEYRELAY_BIN")}
     env.update(RUST_LOG="trace", NO_PROXY="127.0.0.1", no_proxy="127.0.0.1")
     work = tempfile.mkdtemp(prefix="keyrelay-google-auth.")
     pem, cert = make_key()

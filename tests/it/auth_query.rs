@@ -428,3 +428,73 @@ async fn the_key_is_taken_out_of_the_upstreams_response_headers() {
     );
     relay.stop().await;
 }
+
+/// The key taken out of an answer is the one its request carried, not
+/// the route's current one: an upstream that answers after the credential
+/// rotated (a long first byte, a stream's headers) and echoes the key it
+/// was sent still does not hand it to the client.
+#[tokio::test]
+async fn the_key_a_request_carried_is_taken_out_of_an_answer_after_a_rotation() {
+    let mut upstream = MockUpstream::start().await;
+    let dir = unique_temp_path("auth-query", "rotating");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let runs = dir.join("runs");
+    // Each run prints a new key (qk-secret-<run>) living 2 s: refreshed
+    // after about 1.4 s.
+    let script = format!(
+        r#"n=$(( $(cat {runs} 2>/dev/null || echo 0) + 1 )); echo $n > {runs}; echo '{{"token": "qk-secret-'$n'", "expires_in": 2}}'"#,
+        runs = runs.display()
+    );
+    let mut sources = gemini_sources(&upstream.url());
+    sources.set(
+        "key_command",
+        OverrideValue::List(vec!["sh".into(), "-c".into(), script]),
+    );
+    let relay = Relay::from_sources(&sources).await;
+    let pending = tokio::spawn(
+        http1_client().request(
+            Request::get(relay.url("/v1beta/models"))
+                .body(empty())
+                .expect("request"),
+        ),
+    );
+    let exchange = upstream.next().await;
+    let uri = exchange.request.uri().to_string();
+    let sent = uri
+        .split_once("key=")
+        .expect("the key in the query")
+        .1
+        .to_owned();
+    assert!(sent.starts_with("qk-secret-"), "{uri}");
+    // The upstream thinks until the route's key has rotated.
+    let run_count = || {
+        std::fs::read_to_string(&runs)
+            .ok()
+            .and_then(|n| n.trim().parse::<u32>().ok())
+            .unwrap_or(0)
+    };
+    let first = run_count();
+    within("a rotation", async {
+        while run_count() == first {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    exchange.respond(
+        http::Response::builder()
+            .header("x-debug-key", &sent)
+            .header("x-upstream", "kept")
+            .body(empty())
+            .expect("response"),
+    );
+    let response = within("response", pending)
+        .await
+        .expect("join")
+        .expect("response");
+    let headers = response.headers();
+    assert_eq!(headers["x-upstream"], "kept");
+    assert!(!format!("{headers:?}").contains(&sent), "{headers:?}");
+    relay.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -165,6 +165,48 @@ async fn metadata_server_tokens_rotate_beside_a_stream_and_never_arrive_expired(
     relay.stop().await;
 }
 
+/// Something else answering at the metadata server's address (a captive
+/// portal, a proxy) is not trusted with a token: google-auth checks the
+/// answer's `Metadata-Flavor: Google` too. At startup: exit 64 naming
+/// `google_credentials`; at a refresh: the old token until it expires,
+/// then 503 `credential_unavailable`.
+#[tokio::test]
+async fn a_metadata_answer_without_metadata_flavor_is_not_trusted() {
+    let metadata = TokenEndpoint::with_grant(Grant::Metadata, 1.5);
+    metadata.set_not_google(true);
+    let mut sources = vertex_sources("http://127.0.0.1:9", &[]);
+    sources
+        .env
+        .insert("GCE_METADATA_HOST".to_owned(), metadata.host());
+    let err = keyrelay::config::load(&sources)
+        .expect_err("an answer that is not Google's")
+        .to_string();
+    assert!(
+        err.contains("google_credentials: the first token request")
+            && err.contains("without \"metadata-flavor: Google\""),
+        "{err}"
+    );
+    assert!(!err.contains(TOKEN_PREFIX), "{err}");
+
+    metadata.set_not_google(false);
+    let upstream = CheckingUpstream::start(TOKEN_PREFIX).await;
+    let mut command = ops::command(&upstream.url);
+    command
+        .args(["--provider", "vertex"])
+        .env("GCE_METADATA_HOST", metadata.host())
+        .env("RUST_LOG", "trace");
+    let mut relay = AdminRelay::spawn(command).await;
+    assert_eq!(
+        get(&http1_client(), relay.url("/v1/models")).await.status(),
+        200
+    );
+    metadata.set_not_google(true);
+    expired_means_503_and_nothing_forwarded(&upstream, &relay).await;
+    metadata.set_not_google(false);
+    let log = recovered_then_log(&upstream, &mut relay).await;
+    assert!(log.contains("without \"metadata-flavor: Google\""), "{log}");
+}
+
 #[tokio::test]
 async fn a_key_the_endpoint_stops_accepting_means_503_after_expiry_never_a_stale_token() {
     let upstream = CheckingUpstream::start(TOKEN_PREFIX).await;

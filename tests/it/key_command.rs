@@ -265,3 +265,158 @@ async fn sighup_runs_the_helper_now_as_it_rereads_key_files() {
     .await;
     assert!(upstream.rejected().is_empty(), "{:?}", upstream.rejected());
 }
+
+/// Whether process `pid` still runs (a zombie waiting for its reaper
+/// counts as gone).
+fn running(pid: &str) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let state = stat.rsplit_once(") ")?.1.chars().next()?;
+            Some(state != 'Z' && state != 'X')
+        })
+        .unwrap_or(false)
+}
+
+/// Whether process `pid` stops within a few seconds.
+fn stops(pid: &str) -> bool {
+    (0..300).any(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        !running(pid)
+    })
+}
+
+/// Loads a configuration whose `key_command` is `sh -c script` (with
+/// `key_command_timeout` = `timeout`): the outcome and how long it took.
+fn load_with_script(
+    script: &str,
+    timeout: &str,
+) -> (
+    Result<keyrelay::config::Config, String>,
+    std::time::Duration,
+) {
+    let mut sources = sources("http://127.0.0.1:9", &[("key_command_timeout", timeout)]);
+    sources.set(
+        "key_command",
+        keyrelay::config::OverrideValue::List(vec!["sh".into(), "-c".into(), script.into()]),
+    );
+    let started = std::time::Instant::now();
+    let loaded = keyrelay::config::load(&sources).map_err(|err| err.to_string());
+    (loaded, started.elapsed())
+}
+
+/// A helper that hangs is killed at `key_command_timeout` with what it
+/// started (`sh -c` runs its commands as children): nothing is left
+/// running per attempt, however often the refresher tries again. One whose
+/// leftover holds its stdout fails at the timeout, not at twice it, and
+/// the leftover is stopped too.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_helper_is_stopped_with_everything_it_started() {
+    let dir = unique_temp_path("key-command", "group");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let pid_file = dir.join("pid");
+    let pid_file = pid_file.to_str().expect("UTF-8 path");
+
+    let (loaded, took) = load_with_script(&format!("sleep 300 & echo $! > {pid_file}; wait"), "1s");
+    let err = loaded.expect_err("a hung helper");
+    assert!(
+        err.contains("did not finish within key_command_timeout"),
+        "{err}"
+    );
+    assert!(took < std::time::Duration::from_secs(3), "{took:?}");
+    let pid = std::fs::read_to_string(pid_file)
+        .expect("pid")
+        .trim()
+        .to_owned();
+    assert!(stops(&pid), "the helper's child {pid} still runs");
+
+    let (loaded, took) = load_with_script(
+        &format!("echo {TOKEN_PREFIX}held; sleep 300 & echo $! > {pid_file}"),
+        "1s",
+    );
+    let err = loaded.expect_err("stdout held open");
+    assert!(err.contains("stdout stayed open"), "{err}");
+    assert!(!err.contains(TOKEN_PREFIX), "{err}");
+    assert!(took < std::time::Duration::from_millis(1900), "{took:?}");
+    let pid = std::fs::read_to_string(pid_file)
+        .expect("pid")
+        .trim()
+        .to_owned();
+    assert!(stops(&pid), "the helper's child {pid} still runs");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A helper that leaves an agent running with its stderr (stdout closed)
+/// has printed its key: the run succeeds at once, not at the timeout
+/// (stderr is only for the log).
+#[test]
+fn a_leftover_holding_only_stderr_does_not_hold_up_the_run() {
+    let (loaded, took) = load_with_script(
+        &format!("echo {TOKEN_PREFIX}fine; sleep 5 > /dev/null &"),
+        "5s",
+    );
+    loaded.expect("the key was printed");
+    assert!(took < std::time::Duration::from_secs(2), "{took:?}");
+}
+
+/// Asserts that a helper printing what `script` prints stops keyrelay
+/// (exit 64) with a message holding each of `expected`, never quoting
+/// what it printed.
+fn assert_refused(script: &str, expected: &[&str]) {
+    let (loaded, _) = load_with_script(script, "5s");
+    let err = loaded.expect_err(script);
+    assert!(
+        expected.iter().all(|part| err.contains(part)),
+        "{script}: {err}"
+    );
+    assert!(!err.contains(TOKEN_PREFIX), "{err}");
+}
+
+/// What a helper prints is checked before it goes in a header: a line
+/// break or NUL (header injection) and non-ASCII (which `http` would send
+/// as obs-text) alike stop keyrelay with exit 64 naming key_command, the
+/// value never quoted.
+#[test]
+fn a_token_no_header_can_carry_is_refused_without_quoting_it() {
+    for printed in [
+        format!(r"printf '{TOKEN_PREFIX}a\r\nx-injected: 1'"),
+        format!(r"printf '{TOKEN_PREFIX}a\000b'"),
+        format!("printf '{TOKEN_PREFIX}caf\u{e9}'"),
+        format!(r#"printf '{{"token": "{TOKEN_PREFIX}\u00e9"}}'"#),
+    ] {
+        let expected = [
+            "key_command: the key from command sh",
+            "not allowed in an HTTP header value",
+        ];
+        assert_refused(&printed, &expected);
+    }
+}
+
+/// A value that expires within a second of being fetched is a failed
+/// run (tried again after a backoff), not one refreshed as fast as the
+/// helper answers: at startup, exit 64 naming key_command.
+#[test]
+fn a_token_that_lives_less_than_a_second_is_a_failed_run() {
+    for expires_in in ["0.5", "0"] {
+        let printed =
+            format!(r#"echo '{{"token": "{TOKEN_PREFIX}short", "expires_in": {expires_in}}}'"#);
+        let expected = [
+            "key_command: its first run failed",
+            "expires within a second",
+        ];
+        assert_refused(&printed, &expected);
+    }
+}
+
+/// `jq .token` without `-r` prints the token in quotes: not sent quoted
+/// (the upstream's 401 would be all the user saw) but reported.
+#[test]
+fn a_quoted_token_is_reported_not_sent_with_its_quotes() {
+    for printed in [
+        format!(r#"echo '"{TOKEN_PREFIX}quoted"'"#),
+        format!(r#"echo '["{TOKEN_PREFIX}listed"]'"#),
+    ] {
+        assert_refused(&printed, &["key_command: its first run failed", "jq -r"]);
+    }
+}

@@ -200,7 +200,8 @@ async fn unusable_key_files_keep_the_previous_key_until_a_good_one_appears() {
 
     // Ordered so that no two cases in a row share a problem (see
     // kept_after_reread).
-    const NOT_A_HEADER: &str = "contains characters that are not allowed in an HTTP header value";
+    const NOT_A_HEADER: &str = "contains characters that are not allowed in an HTTP header value \
+                                (line breaks, control characters or non-ASCII)";
     for (what, contents, problem) in [
         ("whitespace only", Some(" \n\t\n"), "is empty"),
         (

@@ -194,6 +194,23 @@ async fn a_failing_first_token_request_stops_keyrelay_with_64() {
     assert!(!stderr.contains(CLIENT_SECRET), "{stderr}");
 }
 
+/// A token answered with `expires_in` under a second is a failed
+/// request (tried again after a backoff), not one asked for again as fast
+/// as the endpoint answers.
+#[test]
+fn a_token_that_lives_less_than_a_second_is_a_failed_request() {
+    let endpoint = TokenEndpoint::start(Method::Basic, 0.5);
+    let err = keyrelay::config::load(&oauth_sources("http://127.0.0.1:9", &endpoint, "basic"))
+        .expect_err("a token living 0.5 s")
+        .to_string();
+    assert!(
+        err.contains("oauth_token_url: the first token request failed")
+            && err.contains("expires within a second"),
+        "{err}"
+    );
+    assert!(!err.contains(TOKEN_PREFIX), "{err}");
+}
+
 #[test]
 fn configuration_mistakes_name_their_setting() {
     let endpoint = TokenEndpoint::start(Method::Basic, 60.0);
@@ -260,6 +277,28 @@ fn configuration_mistakes_name_their_setting() {
         err.contains("\"azure\".oauth_token_url: the route also sets key_env"),
         "{err}"
     );
+}
+
+/// A token URL with credentials in it (`https://id:secret@idp/token`)
+/// would put them in every log line naming the endpoint: refused at
+/// startup, the URL not quoted.
+#[test]
+fn a_token_url_with_credentials_in_it_is_refused_unquoted() {
+    let endpoint = TokenEndpoint::start(Method::Basic, 60.0);
+    let mut sources = oauth_sources("http://127.0.0.1:9", &endpoint, "basic");
+    let in_url = "pw-in-the-url-7c1";
+    let with_credentials = endpoint
+        .url()
+        .replace("http://", &format!("http://app:{in_url}@"));
+    sources.set("oauth_token_url", OverrideValue::Text(with_credentials));
+    let err = keyrelay::config::load(&sources)
+        .expect_err("credentials in the URL")
+        .to_string();
+    assert!(
+        err.contains("oauth_token_url: holds credentials (user:password@host)"),
+        "{err}"
+    );
+    assert!(!err.contains(in_url), "{err}");
 }
 
 /// The README's OAuth2 configs load, their token URL pointed at a local

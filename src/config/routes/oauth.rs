@@ -165,6 +165,20 @@ fn token_url(
         written.trim().parse::<Uri>().ok().filter(|url| {
             url.host().is_some() && matches!(url.scheme_str(), Some("https" | "http"))
         });
+    // Credentials in the URL would be in every log line and message that
+    // names the endpoint; the URL is not quoted here either.
+    if url
+        .as_ref()
+        .and_then(Uri::authority)
+        .is_some_and(|authority| authority.as_str().contains('@'))
+    {
+        found.report(
+            &setting,
+            "holds credentials (user:password@host), which would reach the log; set the \
+             client's in oauth_client_id and oauth_client_secret_env or _file",
+        );
+        return None;
+    }
     let Some(url) = url else {
         found.report(
             &setting,

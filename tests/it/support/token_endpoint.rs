@@ -88,6 +88,9 @@ struct State {
     /// The public key the JWT-bearer endpoint verifies with instead of the
     /// account's (the account's key deleted, a rotation gone wrong).
     other_key: Option<Vec<u8>>,
+    /// The metadata server's answers lack `Metadata-Flavor: Google`
+    /// (something else answering at its address).
+    not_google: bool,
 }
 
 /// The running endpoint; stopped when dropped.
@@ -188,6 +191,12 @@ impl TokenEndpoint {
         self.state.lock().expect("lock").down = down;
     }
 
+    /// The metadata server answers without `Metadata-Flavor: Google`
+    /// (a captive portal or proxy answering at its address), tokens and all.
+    pub(crate) fn set_not_google(&self, not_google: bool) {
+        self.state.lock().expect("lock").not_google = not_google;
+    }
+
     /// Verifies assertions with `public_key` (PKCS#1 DER) rather than the
     /// account's own; `None`: the account's again.
     pub(crate) fn verify_with(&self, public_key: Option<Vec<u8>>) {
@@ -237,12 +246,19 @@ async fn answer(
                 state.issued
             };
             let expiry = now_ms() + (lifetime * 1000.0) as u128;
-            json(
+            let mut answer = json(
                 200,
                 format!(
                     r#"{{"access_token": "{TOKEN_PREFIX}{n}-{expiry}", "token_type": "Bearer", "expires_in": {lifetime}}}"#
                 ),
-            )
+            );
+            // The real metadata server says what it is on every answer.
+            if matches!(grant, Grant::Metadata) && !state.lock().expect("lock").not_google {
+                answer
+                    .headers_mut()
+                    .insert("metadata-flavor", http::HeaderValue::from_static("Google"));
+            }
+            answer
         }
     }
 }
