@@ -96,6 +96,7 @@ async fn a_streamed_chat_is_one_span_in_the_callers_trace_with_its_tokens() {
         .header("content-type", "application/json")
         .header("traceparent", traceparent("01"))
         .header("tracestate", "vendor=opaque")
+        .header("tracestate", "other=2")
         .body(full(r#"{"model":"llama","stream":true}"#))
         .expect("request");
     let mut stream = HeldStream::open_request(&client, &mut upstream, request, sse()).await;
@@ -105,7 +106,7 @@ async fn a_streamed_chat_is_one_span_in_the_callers_trace_with_its_tokens() {
     let (trace, parent, flags) = parts_of(sent["traceparent"].to_str().expect("ascii"));
     assert_eq!((trace.as_str(), flags.as_str()), (CALLER_TRACE, "01"));
     assert_ne!(parent, CALLER_SPAN, "keyrelay's own span id goes upstream");
-    assert_eq!(sent["tracestate"], "vendor=opaque");
+    assert_eq!(sent["tracestate"], "vendor=opaque,other=2");
 
     // Streamed in lockstep: tracing holds nothing back.
     for frame in [
@@ -126,7 +127,10 @@ async fn a_streamed_chat_is_one_span_in_the_callers_trace_with_its_tokens() {
     assert_eq!(otlp::hex(&span.span_id), parent, "the id the upstream saw");
     assert_eq!(span.kind, SPAN_KIND_SERVER);
     assert_eq!(span.name, "POST default");
-    assert_eq!(span.trace_state, "vendor=opaque");
+    assert_eq!(
+        span.trace_state, "vendor=opaque,other=2",
+        "every header's entries"
+    );
     assert_eq!(span.flags & 0xff, 1, "sampled");
     assert_eq!(span.flags & 0x300, 0x300, "a remote parent");
     assert!(span.end_time_unix_nano > span.start_time_unix_nano);

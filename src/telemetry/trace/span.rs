@@ -144,7 +144,7 @@ impl ActiveSpan {
         };
         let trace_id = parent.map_or_else(TraceId::random, |parent| parent.trace_id);
         // The caller's vendors' state travels on only within its trace.
-        let trace_state = parent.and_then(|_| headers.get(TRACESTATE)).cloned();
+        let trace_state = parent.and_then(|_| joined(headers.get_all(TRACESTATE)));
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();
@@ -330,6 +330,22 @@ impl ActiveSpan {
                 _ => None,
             })
     }
+}
+
+/// Several `tracestate` headers are one list (W3C: combined as fields
+/// of one header are), so the upstream gets every vendor's entry.
+fn joined(values: http::header::GetAll<'_, HeaderValue>) -> Option<HeaderValue> {
+    let mut values = values.iter();
+    let first = values.next()?;
+    let Some(second) = values.next() else {
+        return Some(first.clone());
+    };
+    let mut all = first.as_bytes().to_vec();
+    for value in std::iter::once(second).chain(values) {
+        all.push(b',');
+        all.extend_from_slice(value.as_bytes());
+    }
+    HeaderValue::from_bytes(&all).ok()
 }
 
 /// A method as an attribute value: the common ones without a copy.
