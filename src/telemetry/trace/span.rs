@@ -72,10 +72,6 @@ impl Attribute {
     }
 }
 
-fn attribute(key: &'static str, value: impl Into<Value>) -> Attribute {
-    Attribute::new(key, value)
-}
-
 impl From<i64> for Value {
     fn from(number: i64) -> Self {
         Self::Int(number)
@@ -190,7 +186,7 @@ impl ActiveSpan {
     /// Adds an attribute known during the request (route, upstream host).
     pub(crate) fn set(&mut self, key: &'static str, value: impl Into<Value>) {
         if self.sampled {
-            self.attributes.push(attribute(key, value));
+            self.attributes.push(Attribute::new(key, value));
         }
     }
 
@@ -227,48 +223,57 @@ impl ActiveSpan {
         }
         let mut attributes = std::mem::take(&mut self.attributes);
         attributes.reserve(20);
-        attributes.push(attribute("http.request.method", method(line.method)));
-        attributes.push(attribute("url.path", line.path));
+        attributes.push(Attribute::new("http.request.method", method(line.method)));
+        attributes.push(Attribute::new("url.path", line.path));
         // keyrelay's listeners speak plain HTTP (TCP or a Unix socket).
-        attributes.push(attribute("url.scheme", Value::Static("http")));
+        attributes.push(Attribute::new("url.scheme", Value::Static("http")));
         if let Some(status) = line.status {
-            attributes.push(attribute("http.response.status_code", i64::from(status)));
+            attributes.push(Attribute::new(
+                "http.response.status_code",
+                i64::from(status),
+            ));
         }
-        attributes.push(attribute("http.response.body.size", line.bytes as i64));
-        attributes.push(attribute("keyrelay.outcome", Value::Static(line.outcome)));
+        attributes.push(Attribute::new("http.response.body.size", line.bytes as i64));
+        attributes.push(Attribute::new(
+            "keyrelay.outcome",
+            Value::Static(line.outcome),
+        ));
         if let Some(id) = line.request_id {
-            attributes.push(attribute("keyrelay.request_id", id));
+            attributes.push(Attribute::new("keyrelay.request_id", id));
         }
         if let Some(token) = line.token {
-            attributes.push(attribute("keyrelay.access_token", token));
+            attributes.push(Attribute::new("keyrelay.access_token", token));
         }
         if let Some(attempts) = line.attempts {
-            attributes.push(attribute("keyrelay.attempts", i64::from(attempts)));
+            attributes.push(Attribute::new("keyrelay.attempts", i64::from(attempts)));
         }
         if let Some(upstream) = line.upstream {
-            attributes.push(attribute("keyrelay.upstream.route", upstream));
+            attributes.push(Attribute::new("keyrelay.upstream.route", upstream));
         }
         if let Some(prompt) = line.usage.prompt {
-            attributes.push(attribute("gen_ai.usage.input_tokens", prompt as i64));
+            attributes.push(Attribute::new("gen_ai.usage.input_tokens", prompt as i64));
         }
         if let Some(completion) = line.usage.completion {
-            attributes.push(attribute("gen_ai.usage.output_tokens", completion as i64));
+            attributes.push(Attribute::new(
+                "gen_ai.usage.output_tokens",
+                completion as i64,
+            ));
         }
         if let Some(cached) = line.usage.cached {
-            attributes.push(attribute(
+            attributes.push(Attribute::new(
                 "gen_ai.usage.cache_read.input_tokens",
                 cached as i64,
             ));
         }
         if let Some(ttft) = line.ttft {
-            attributes.push(attribute(
+            attributes.push(Attribute::new(
                 "keyrelay.time_to_first_token",
                 Value::Float(ttft.as_secs_f64()),
             ));
             self.event_after(ttft, "first_token");
         }
         if let Some(rate) = line.tokens_per_second {
-            attributes.push(attribute(
+            attributes.push(Attribute::new(
                 "keyrelay.output_tokens_per_second",
                 Value::Float(rate),
             ));
@@ -277,12 +282,12 @@ impl ActiveSpan {
             self.event_after(ttfb, "first_byte");
         }
         let status = if failed {
-            attributes.push(attribute("error.type", Value::Static(line.outcome)));
+            attributes.push(Attribute::new("error.type", Value::Static(line.outcome)));
             Status::Error(line.outcome)
         } else {
             match line.status {
                 Some(code) if code >= 500 => {
-                    attributes.push(attribute(
+                    attributes.push(Attribute::new(
                         "error.type",
                         Value::Text(code.to_string().into()),
                     ));
