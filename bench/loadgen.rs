@@ -1297,7 +1297,7 @@ fn sections() -> Vec<(&'static str, Vec<Row>)> {
                     "A streams: KiB per stream above the RSS before",
                     Low,
                     1,
-                    &[AtMostNginx(1.0)],
+                    &[AtMostNginx(1.0), NoWorseThanBestPeer],
                 ),
                 row("hold_b_completed", "B streams: completed", High, 0, &[]),
                 row("hold_b_failed", "B streams: failed", Low, 0, &[AtMost(0.0)]),
@@ -1374,7 +1374,7 @@ fn sections() -> Vec<(&'static str, Vec<Row>)> {
                     "held streams: KiB per stream above idle",
                     Low,
                     1,
-                    &[],
+                    &[AtMostNginx(1.0), NoWorseThanBestPeer],
                 ),
                 row(
                     "tls_hold_failed",
@@ -1414,10 +1414,51 @@ fn sections() -> Vec<(&'static str, Vec<Row>)> {
                     "held streams: KiB per stream above idle",
                     Low,
                     1,
-                    &[],
+                    &[NoWorseThanBestPeer],
                 ),
                 row(
                     "h2_hold_failed",
+                    "held streams failed",
+                    Low,
+                    0,
+                    &[AtMost(0.0)],
+                ),
+            ],
+        ),
+        (
+            "Memory given back (a fresh process, plain HTTP/1.1 upstream, as a new pod starts)",
+            vec![
+                row("given_idle_rss_mib", "idle RSS (MiB)", Low, 1, &[]),
+                row(
+                    "given_peak_rss_mib",
+                    "peak RSS with the held streams (MiB)",
+                    Low,
+                    1,
+                    &[],
+                ),
+                row(
+                    "given_kib_per_stream",
+                    "KiB per held stream above idle",
+                    Low,
+                    1,
+                    &[AtMostNginx(1.0), NoWorseThanBestPeer],
+                ),
+                row(
+                    "given_after_rss_mib",
+                    "RSS W s after the streams ended (MiB)",
+                    Low,
+                    1,
+                    &[],
+                ),
+                row(
+                    "given_after_ratio",
+                    "RSS W s after / idle RSS",
+                    Low,
+                    2,
+                    &[AtMost(1.5)],
+                ),
+                row(
+                    "given_failed",
                     "held streams failed",
                     Low,
                     0,
@@ -1535,6 +1576,10 @@ fn report(flags: &Flags) -> Result<(), String> {
     }
     let hold_a = labels.get("hold_a").cloned().unwrap_or_else(|| "A".into());
     let hold_b = labels.get("hold_b").cloned().unwrap_or_else(|| "B".into());
+    let given_wait = labels
+        .get("given_wait")
+        .cloned()
+        .unwrap_or_else(|| "W".into());
 
     let mut out = String::new();
     let mut misses = Vec::new();
@@ -1557,7 +1602,8 @@ fn report(flags: &Flags) -> Result<(), String> {
             let label = row
                 .label
                 .replacen("A streams", &format!("{hold_a} streams"), 1)
-                .replacen("B streams", &format!("{hold_b} streams"), 1);
+                .replacen("B streams", &format!("{hold_b} streams"), 1)
+                .replacen("W s after", &format!("{given_wait} s after"), 1);
             let _ = write!(out, "| {label} |");
             for target in TARGETS {
                 let _ = write!(

@@ -38,6 +38,8 @@
 #   BENCH_CHUNK_STREAMS     token-chunk streams (a 32-byte chunk every 50 ms)  2000 / 100
 #   BENCH_CHUNK_SECS        how long each token-chunk stream lasts  10 / 2
 #   BENCH_TLS_HOLD          held streams in the TLS-upstream phase   2000 / 200
+#   BENCH_GIVEN_HOLD        held streams in a fresh process (memory given back)  2000 / 200
+#   BENCH_GIVEN_WAIT        seconds after they end that its RSS is read  60 / 3
 #   BENCH_BURST_STREAMS     connections opened at once in the burst 1500 / 200
 #   BENCH_CANCEL_TRIALS     disconnects measured                    20 / 3
 #   BENCH_CANCEL_INTERVAL_MS  gap between records of those streams 50 / 20
@@ -77,6 +79,8 @@ if [ "$SMOKE" = 1 ]; then
   CHUNK_STREAMS=${BENCH_CHUNK_STREAMS:-100}
   CHUNK_SECS=${BENCH_CHUNK_SECS:-2}
   TLS_HOLD=${BENCH_TLS_HOLD:-200}
+  GIVEN_HOLD=${BENCH_GIVEN_HOLD:-200}
+  GIVEN_WAIT=${BENCH_GIVEN_WAIT:-3}
   CANCEL_TRIALS=${BENCH_CANCEL_TRIALS:-3}
   CANCEL_INTERVAL_MS=${BENCH_CANCEL_INTERVAL_MS:-20}
 else
@@ -93,6 +97,8 @@ else
   CHUNK_STREAMS=${BENCH_CHUNK_STREAMS:-2000}
   CHUNK_SECS=${BENCH_CHUNK_SECS:-10}
   TLS_HOLD=${BENCH_TLS_HOLD:-2000}
+  GIVEN_HOLD=${BENCH_GIVEN_HOLD:-2000}
+  GIVEN_WAIT=${BENCH_GIVEN_WAIT:-60}
   CANCEL_TRIALS=${BENCH_CANCEL_TRIALS:-20}
   CANCEL_INTERVAL_MS=${BENCH_CANCEL_INTERVAL_MS:-50}
 fi
@@ -628,33 +634,49 @@ phase_chunks() {
   log "$TARGET token chunks: $(tr '\n' ' ' <"$out") $(head -c 300 "$out.err")"
 }
 
+# Starts a fresh process of the current target for one phase on 127.0.0.1:$2,
+# its files in $1, talking to the upstream of kind $3: plain (the mock
+# itself), tls (HTTPS to the TLS terminator) or h2 (HTTP/2 over TLS; haproxy
+# and keyrelay only). Sets FRESH_PID and FRESH_PIDS once it answers 200.
+start_fresh() {
+  local dir=$1 port=$2 kind=$3 addr=127.0.0.1:$2 upstream=()
+  mkdir -p "$dir"
+  chmod 777 "$dir"
+  case "$kind" in
+    plain) upstream=(--upstream "http://$UPSTREAM_ADDR") ;;
+    tls) upstream=(--upstream "https://127.0.0.1:$TLS_PORT" --ca-file "$TLS_DIR/ca.pem") ;;
+    h2) upstream=(--upstream-http2 --upstream "https://127.0.0.1:$H2_PORT" --ca-file "$TLS_DIR/ca.pem") ;;
+  esac
+  case "$TARGET" in
+    nginx)
+      write_nginx_conf "$dir" "$port" "$kind"
+      "${RUNAS[@]}" "$NGINX" -p "$dir" -e stderr -c "$dir/nginx.conf" >"$dir/out" 2>"$dir/err" &
+      ;;
+    haproxy)
+      write_haproxy_conf "$dir" "$port" "$kind"
+      "${RUNAS[@]}" "$HAPROXY" -db -f "$dir/haproxy.cfg" >"$dir/out" 2>"$dir/err" &
+      ;;
+    keyrelay)
+      env BASETEN_API_KEY=$KEY "${RUNAS[@]}" "$KEYRELAY" --listen "$addr" "${upstream[@]}" \
+        >"$dir/out" 2>"$dir/err" &
+      ;;
+  esac
+  FRESH_PID=$!
+  PIDS+=("$FRESH_PID")
+  "$LOADGEN" wait-ready --addr "$addr" --timeout-ms 15000 >/dev/null 2>"$dir/ready.err" ||
+    fail "$TARGET ($kind upstream) never answered 200: $(cat "$dir/ready.err"); $(tail -5 "$dir/err")"
+  mapfile -t FRESH_PIDS < <(target_pids "$FRESH_PID")
+}
+
 # The same proxy configured for the HTTPS upstream (the TLS terminator),
 # started for this phase only: CPU per request, memory per held stream, burst.
 phase_tls() {
   local dir=$WORK/$TARGET-tls port addr pid out before after requests tls_pids=()
   port=$("$LOADGEN" free-port)
   addr=127.0.0.1:$port
-  mkdir -p "$dir"
-  chmod 777 "$dir"
-  case "$TARGET" in
-    nginx)
-      write_nginx_conf "$dir" "$port" tls
-      "${RUNAS[@]}" "$NGINX" -p "$dir" -e stderr -c "$dir/nginx.conf" >"$dir/out" 2>"$dir/err" &
-      ;;
-    haproxy)
-      write_haproxy_conf "$dir" "$port" tls
-      "${RUNAS[@]}" "$HAPROXY" -db -f "$dir/haproxy.cfg" >"$dir/out" 2>"$dir/err" &
-      ;;
-    keyrelay)
-      env BASETEN_API_KEY=$KEY "${RUNAS[@]}" "$KEYRELAY" --listen "$addr" \
-        --upstream "https://127.0.0.1:$TLS_PORT" --ca-file "$TLS_DIR/ca.pem" >"$dir/out" 2>"$dir/err" &
-      ;;
-  esac
-  pid=$!
-  PIDS+=("$pid")
-  "$LOADGEN" wait-ready --addr "$addr" --timeout-ms 15000 >/dev/null 2>"$dir/ready.err" ||
-    fail "$TARGET with the TLS upstream never answered 200: $(cat "$dir/ready.err"); $(tail -5 "$dir/err")"
-  mapfile -t tls_pids < <(target_pids "$pid")
+  start_fresh "$dir" "$port" tls
+  pid=$FRESH_PID
+  tls_pids=("${FRESH_PIDS[@]}")
   sleep 0.5
   local idle_kb
   idle_kb=$(status_kb VmRSS "${tls_pids[@]}")
@@ -696,23 +718,9 @@ phase_h2() {
   local dir=$WORK/$TARGET-h2 port addr pid out idle_kb peak_kb h2_pids=()
   port=$("$LOADGEN" free-port)
   addr=127.0.0.1:$port
-  mkdir -p "$dir"
-  chmod 777 "$dir"
-  case "$TARGET" in
-    haproxy)
-      write_haproxy_conf "$dir" "$port" h2
-      "${RUNAS[@]}" "$HAPROXY" -db -f "$dir/haproxy.cfg" >"$dir/out" 2>"$dir/err" &
-      ;;
-    keyrelay)
-      env BASETEN_API_KEY=$KEY "${RUNAS[@]}" "$KEYRELAY" --listen "$addr" --upstream-http2 \
-        --upstream "https://127.0.0.1:$H2_PORT" --ca-file "$TLS_DIR/ca.pem" >"$dir/out" 2>"$dir/err" &
-      ;;
-  esac
-  pid=$!
-  PIDS+=("$pid")
-  "$LOADGEN" wait-ready --addr "$addr" --timeout-ms 15000 >/dev/null 2>"$dir/ready.err" ||
-    fail "$TARGET with the HTTP/2 upstream never answered 200: $(cat "$dir/ready.err"); $(tail -5 "$dir/err")"
-  mapfile -t h2_pids < <(target_pids "$pid")
+  start_fresh "$dir" "$port" h2
+  pid=$FRESH_PID
+  h2_pids=("${FRESH_PIDS[@]}")
   sleep 0.5
   idle_kb=$(status_kb VmRSS "${h2_pids[@]}")
   out=$dir/hold.txt
@@ -725,6 +733,48 @@ phase_h2() {
   record h2_hold_kib_per_stream "$(kib_per_stream "$peak_kb" "$idle_kb" "$out")"
   log "$TARGET over the HTTP/2 upstream: $(tr '\n' ' ' <"$out")"
   stop_pid "$pid"
+}
+
+# A fresh process of each proxy in front of the plain upstream, as a new pod
+# starts: idle RSS, peak RSS with $GIVEN_HOLD held streams, and (in
+# given_back_finish, once every target has held its streams) RSS $GIVEN_WAIT s
+# after its streams ended: what a burst leaves behind.
+declare -A GIVEN_PID GIVEN_PIDS GIVEN_IDLE GIVEN_ENDED
+phase_given_back() {
+  local dir=$WORK/$TARGET-given-back port out peak_kb
+  port=$("$LOADGEN" free-port)
+  start_fresh "$dir" "$port" plain
+  sleep 0.5
+  GIVEN_PID[$TARGET]=$FRESH_PID
+  GIVEN_PIDS[$TARGET]="${FRESH_PIDS[*]}"
+  GIVEN_IDLE[$TARGET]=$(status_kb VmRSS "${FRESH_PIDS[@]}")
+  record given_idle_rss_mib "$(mib "${GIVEN_IDLE[$TARGET]}")"
+  out=$dir/hold.txt
+  reset_peak "${FRESH_PIDS[@]}"
+  "$LOADGEN" hold --addr "127.0.0.1:$port" --streams "$GIVEN_HOLD" --secs "$HOLD_SECS" >"$out" 2>"$out.err" ||
+    fail "$TARGET (fresh) with $GIVEN_HOLD streams: $(cat "$out.err")"
+  GIVEN_ENDED[$TARGET]=$SECONDS
+  peak_kb=$(status_kb VmHWM "${FRESH_PIDS[@]}")
+  record given_failed "$(value_of failed "$out")"
+  record given_peak_rss_mib "$(mib "$peak_kb")"
+  record given_kib_per_stream "$(kib_per_stream "$peak_kb" "${GIVEN_IDLE[$TARGET]}" "$out")"
+  log "$TARGET fresh, $GIVEN_HOLD streams: $(tr '\n' ' ' <"$out")"
+}
+
+# RSS of each fresh process $GIVEN_WAIT s after its own streams ended (the
+# targets' waits overlap, so the phase costs one wait, not three).
+given_back_finish() {
+  local pids=() after_kb
+  for TARGET in nginx haproxy keyrelay; do
+    [ -n "${GIVEN_PID[$TARGET]:-}" ] || continue
+    while [ $((SECONDS - GIVEN_ENDED[$TARGET])) -lt "$GIVEN_WAIT" ]; do sleep 1; done
+    read -ra pids <<<"${GIVEN_PIDS[$TARGET]}"
+    after_kb=$(status_kb VmRSS "${pids[@]}")
+    record given_after_rss_mib "$(mib "$after_kb")"
+    record given_after_ratio "$(awk -v a="$after_kb" -v i="${GIVEN_IDLE[$TARGET]}" 'BEGIN { printf "%.2f", a / i }')"
+    log "$TARGET fresh: $(mib "$after_kb") MiB ${GIVEN_WAIT} s after its streams ended (idle $(mib "${GIVEN_IDLE[$TARGET]}"))"
+    stop_pid "${GIVEN_PID[$TARGET]}"
+  done
 }
 
 phase_burst() {
@@ -794,7 +844,7 @@ each_target() {
     if [ "$TARGET" = keyrelay-warn ]; then
       case "$1" in phase_small | phase_burst | phase_chunks) ;; *) continue ;; esac
     fi
-    if [ "$1" = phase_tls ]; then
+    if [ "$1" = phase_tls ] || [ "$1" = phase_given_back ]; then
       case "$TARGET" in direct | keyrelay-warn) continue ;; esac
     fi
     if [ "$1" = phase_h2 ]; then
@@ -829,6 +879,10 @@ log "=== TLS upstream: $TLS_HOLD held streams, wrk -c32, burst of $BURST_STREAMS
 each_target phase_tls
 log "=== HTTP/2 upstream (TLS): $TLS_HOLD held streams"
 each_target phase_h2
+echo "label given_wait $GIVEN_WAIT" >>"$RESULTS"
+log "=== memory given back: fresh processes, $GIVEN_HOLD held streams, RSS $GIVEN_WAIT s after"
+each_target phase_given_back
+given_back_finish
 log "=== cancellation"
 each_target phase_cancel
 slot=a
@@ -968,6 +1022,11 @@ $([ "$FOREIGN_PCT" -le 5 ] || printf '> **Warning:** other processes used %s%% o
   second port; haproxy (\`alpn h2\` on its server line) and keyrelay
   (\`--upstream-http2\`) are started again with it: peak RSS with $TLS_HOLD held
   streams and KiB per stream above idle. nginx cannot proxy to an HTTP/2 upstream.
+- **Memory given back**: a fresh process of each proxy in front of the plain
+  upstream (as a new pod starts): idle RSS half a second after it first
+  answered, peak RSS with $GIVEN_HOLD streams held ${HOLD_SECS} s, KiB per held stream
+  above that idle figure, and RSS ${GIVEN_WAIT} s after its streams ended, also as a
+  ratio of idle (keyrelay's upstream pool closes idle connections after 20 s).
 - **Burst**: $BURST_STREAMS connections opened at once with no pacing (one
   thread, every connect issued before any completes), each asking for a stream whose
   one record comes at once; the time until every stream had its record, and the
