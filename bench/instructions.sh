@@ -30,6 +30,9 @@
 # the mock upstream's /v1/traces): what a span costs, encoding and export
 # included. The plain run is the "tracing off" figure.
 #
+# INSTRUCTIONS_BIN counts another build instead of target/release/keyrelay
+# (e.g. the static musl binary of the release archives and the image).
+#
 # Needs valgrind and python3 (installed with apt-get when missing and root).
 set -euo pipefail
 export LC_ALL=C
@@ -59,6 +62,7 @@ fi
 
 log "building keyrelay and the mock upstream (release)"
 cargo build --release --quiet --bin keyrelay --example bench-upstream
+KEYRELAY=${INSTRUCTIONS_BIN:-$ROOT/target/release/keyrelay}
 
 WORK=$(mktemp -d /tmp/keyrelay-instructions.XXXXXX)
 PIDS=()
@@ -125,7 +129,7 @@ count() {
     trace_env=(OTEL_EXPORTER_OTLP_ENDPOINT="http://$UPSTREAM" OTEL_TRACES_SAMPLER=always_on)
   fi
   env "${trace_env[@]}" BASETEN_API_KEY=bench-key valgrind --tool=callgrind --callgrind-out-file="$out" \
-    "$ROOT/target/release/keyrelay" --listen "127.0.0.1:$port" --upstream "http://$UPSTREAM" "$@" \
+    "$KEYRELAY" --listen "127.0.0.1:$port" --upstream "http://$UPSTREAM" "$@" \
     >"$WORK/keyrelay.$amount.log" 2>&1 &
   pid=$!
   PIDS+=("$pid")
