@@ -512,7 +512,7 @@ impl Shared {
             match via {
                 Via::Http2(pool) => (pool.send(request).await)
                     .map(|(response, slot)| (response, Lease::Http2(slot))),
-                Via::Http1 => (upstreams.http1.send(request).await)
+                Via::Http1 => (upstreams.http1.send(request, &target.origin).await)
                     .map(|(response, lease)| (response, Lease::Http1(lease))),
             }
             .map_err(|err| failed(&err))
