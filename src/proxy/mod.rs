@@ -512,7 +512,7 @@ impl Shared {
             match via {
                 Via::Http2(pool) => (pool.send(request).await)
                     .map(|(response, slot)| (response, Lease::Http2(slot))),
-                Via::Http1 => (upstreams.http1.send(request).await)
+                Via::Http1 => (upstreams.http1.send(request, &target.origin).await)
                     .map(|(response, lease)| (response, Lease::Http1(lease))),
             }
             .map_err(|err| failed(&err))
@@ -574,7 +574,13 @@ impl Shared {
             {
                 tap.read_model();
             }
-            if let Some(why) = UsageTap::unreadable(parts.status, &parts.headers) {
+            // A tap means the body is readable; only an answer without one
+            // can be one that carries usage unreadably.
+            if let Some(why) = tap
+                .is_none()
+                .then(|| UsageTap::unreadable(parts.status, &parts.headers))
+                .flatten()
+            {
                 request.record.metrics().usage_unread(why);
             }
             tap
@@ -649,29 +655,41 @@ fn metered(status: StatusCode, headers: &http::HeaderMap) -> Option<Metered> {
         // Text a server did not label is still generated text.
         return Some(Metered::Json);
     };
-    let media = content_type
-        .to_str()
-        .ok()?
-        .split(';')
-        .next()?
-        .trim()
-        .to_ascii_lowercase();
-    match media.as_str() {
-        "text/event-stream" => Some(Metered::Sse),
-        "application/x-ndjson"
-        | "application/ndjson"
-        | "application/jsonl"
-        | "application/x-jsonlines"
-        | "application/jsonlines"
-        | "application/json-seq"
-        | "application/stream+json"
-        | "application/x-json-stream" => Some(Metered::Lines),
-        "application/json" => Some(Metered::Json),
-        media if media.starts_with("text/") || media.ends_with("+json") => Some(Metered::Json),
+    let media = content_type.to_str().ok()?.split(';').next()?.trim();
+    // Compared without case, in place: no lowercased copy per response.
+    let is = |name: &str| media.eq_ignore_ascii_case(name);
+    if is("text/event-stream") {
+        Some(Metered::Sse)
+    } else if LINE_MEDIA_TYPES.iter().any(|name| is(name)) {
+        Some(Metered::Lines)
+    } else if is("application/json")
+        || media
+            .get(..5)
+            .is_some_and(|start| start.eq_ignore_ascii_case("text/"))
+        || media
+            .len()
+            .checked_sub(5)
+            .and_then(|at| media.get(at..))
+            .is_some_and(|end| end.eq_ignore_ascii_case("+json"))
+    {
+        Some(Metered::Json)
+    } else {
         // Audio, images, binary: not metered (see the README).
-        _ => None,
+        None
     }
 }
+
+/// Media types of streams of JSON documents, one per line.
+const LINE_MEDIA_TYPES: [&str; 8] = [
+    "application/x-ndjson",
+    "application/ndjson",
+    "application/jsonl",
+    "application/x-jsonlines",
+    "application/jsonlines",
+    "application/json-seq",
+    "application/stream+json",
+    "application/x-json-stream",
+];
 
 /// True when keyrelay added `include_usage` to the request and the answer
 /// is a stream: the usage event it carries was not the client's to see.

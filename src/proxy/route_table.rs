@@ -36,6 +36,9 @@ pub struct Route {
     /// here rather than formatted by hyper's client on every request (HTTP/2
     /// requests send `:authority` instead).
     pub host: Option<HeaderValue>,
+    /// `scheme://authority/` of the upstream: the HTTP/1.1 pool's key for
+    /// its connections, built once here rather than from each request's URI.
+    pub origin: http::Uri,
     stage: Option<Stage>,
     /// Header, scrub list, template and key source.
     pub credential: Credential,
@@ -80,6 +83,7 @@ impl RouteTable {
                 strip_prefix: config.strip_prefix,
                 upstream: config.upstream.clone(),
                 host: host_header(&config.upstream),
+                origin: config.upstream.origin(),
                 stage: config.stage.clone(),
                 credential: config.credential.clone(),
                 live: Arc::new(LiveCredential::with_expiry(

@@ -135,8 +135,10 @@ impl UsageTap {
             return None;
         }
         let media_type = headers.get(CONTENT_TYPE)?.to_str().ok()?;
-        let media_type = media_type.split(';').next()?.trim().to_ascii_lowercase();
-        if media_type != "text/event-stream" && media_type != "application/json" {
+        let media_type = media_type.split(';').next()?.trim();
+        if !media_type.eq_ignore_ascii_case("text/event-stream")
+            && !media_type.eq_ignore_ascii_case("application/json")
+        {
             return None;
         }
         let encoded = headers

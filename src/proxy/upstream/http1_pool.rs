@@ -39,7 +39,6 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http::uri::{Parts, PathAndQuery};
 use http::Method;
 use http::{Request, Response, Uri};
 use hyper::body::{Body, Incoming};
@@ -150,17 +149,19 @@ impl Http1Pool {
     }
 
     /// Sends `request` (its URI absolute, its `Host` set by the caller: see
-    /// `set_version` in `proxy/mod.rs`) on an idle connection to its origin,
-    /// or on a new one, and returns the response with the lease on its
-    /// connection.
+    /// `set_version` in `proxy/mod.rs`) on an idle connection to `origin`
+    /// (`scheme://authority/` of the request's URI, which the route built
+    /// once), or on a new one, and returns the response with the lease on
+    /// its connection.
     pub(crate) async fn send(
         &self,
         mut request: Request<RequestBody>,
+        origin: &Uri,
     ) -> Result<(Response<Incoming>, Http1Lease), SendError> {
-        let origin = origin_of(request.uri());
+        debug_assert!(same_origin(origin, request.uri()));
         *request.uri_mut() = origin_form(request.uri());
 
-        let index = self.inner.origin_index(&origin);
+        let index = self.inner.origin_index(origin);
         // What a resend needs, copied once a connection opened before this
         // request takes it, and only for requests that may have one.
         let mut resendable: Option<Resendable> = None;
@@ -170,7 +171,7 @@ impl Http1Pool {
         loop {
             let mut conn = match self.inner.checkout(index) {
                 Some(conn) => conn,
-                None => match self.inner.connector.spare_for(&origin) {
+                None => match self.inner.connector.spare_for(origin) {
                     Some(io) => self.handshake(io).await?,
                     None => break,
                 },
@@ -206,7 +207,7 @@ impl Http1Pool {
 
         // A connection dialled for this request: what fails here is not a
         // stale connection, and is not sent again.
-        let io = self.inner.connector.dial(origin).await?;
+        let io = self.inner.connector.dial(origin.clone()).await?;
         let mut conn = self.handshake(io).await?;
         match conn.sender.try_send_request(request).await {
             Ok(response) => Ok((response, self.lease(index, conn))),
@@ -439,15 +440,6 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for CountReads<T> {
 
 fn same_origin(a: &Uri, b: &Uri) -> bool {
     a.scheme() == b.scheme() && a.authority() == b.authority()
-}
-
-/// `scheme://authority/` of an absolute URI: what is dialled, and the pool's key.
-fn origin_of(uri: &Uri) -> Uri {
-    let mut parts = Parts::default();
-    parts.scheme = uri.scheme().cloned();
-    parts.authority = uri.authority().cloned();
-    parts.path_and_query = Some(PathAndQuery::from_static("/"));
-    Uri::from_parts(parts).unwrap_or_default()
 }
 
 /// The request target an HTTP/1.1 request line carries: path and query.
