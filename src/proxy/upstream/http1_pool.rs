@@ -33,6 +33,7 @@
 //!   the request and may be closing), else a connection dialled for the
 //!   request.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -225,11 +226,9 @@ impl Http1Pool {
             .handshake(io)
             .await
             .map_err(SendError::connecting)?;
-        tokio::spawn(async move {
-            // WebSocket upgrades leave hyper through the connection here.
-            if let Err(err) = connection.with_upgrades().await {
-                tracing::debug!(error = %err, "upstream connection ended with an error");
-            }
+        // WebSocket upgrades leave hyper through the connection here.
+        tokio::spawn(ConnectionTask {
+            connection: connection.with_upgrades(),
         });
         Ok(Conn { sender, read })
     }
@@ -345,6 +344,29 @@ async fn reap(pool: Weak<Inner>) {
             state.reaping = false;
             return;
         }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// An upstream connection's task: hyper's connection, run to its end,
+    /// its error logged. Written out rather than as an `async` block, which
+    /// would hold the connection twice for its whole life (the captured
+    /// value and the future awaiting it: 3.5 KiB a task instead of 1.8;
+    /// issue 29).
+    struct ConnectionTask<C> {
+        #[pin]
+        connection: C,
+    }
+}
+
+impl<C: Future<Output = hyper::Result<()>>> Future for ConnectionTask<C> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if let Err(err) = std::task::ready!(self.project().connection.poll(cx)) {
+            tracing::debug!(error = %err, "upstream connection ended with an error");
+        }
+        Poll::Ready(())
     }
 }
 
