@@ -229,6 +229,14 @@ impl Future for Connection {
     }
 }
 
+/// Awaits the future in `slot`, or never if there is none yet.
+async fn awaited<F: Future<Output = ()> + Unpin>(slot: &mut Option<F>) {
+    match slot {
+        Some(future) => future.await,
+        None => std::future::pending().await,
+    }
+}
+
 /// One client connection, from its first bytes to its end: served by hyper,
 /// closed gracefully when keyrelay drains or when it has had no request in
 /// flight for `client_idle_timeout`, and cut if it then will not finish.
@@ -273,10 +281,10 @@ async fn serve_connection(
         }
     };
     tokio::pin!(idle);
-    // Polled only once the idle close began: a client that
-    // never completes the GOAWAY exchange is cut after it.
-    let cut = client_idle::idle_for(after_goaway, client_idle::GOAWAY_GRACE);
-    tokio::pin!(cut);
+    // Made only once the idle close began, and boxed: a client that never
+    // completes the GOAWAY exchange is cut after it. Most connections never
+    // get there, and a held stream's task need not carry its timer.
+    let mut cut = None;
     // Drain and idleness end a connection the same way:
     // hyper finishes what is in flight (HTTP/2: GOAWAY).
     let mut closing = false;
@@ -293,8 +301,12 @@ async fn serve_connection(
                 connection.as_mut().graceful_shutdown();
                 closing = true;
                 idle_closing = true;
+                cut = Some(Box::pin(client_idle::idle_for(
+                    after_goaway.clone(),
+                    client_idle::GOAWAY_GRACE,
+                )));
             }
-            () = &mut cut, if idle_closing => {
+            () = awaited(&mut cut), if idle_closing => {
                 tracing::debug!(%peer, "idle connection did not finish closing; dropping it");
                 break Ok(());
             }

@@ -24,6 +24,13 @@ impl<T: Buf> BufList<T> {
     pub(crate) fn bufs_cnt(&self) -> usize {
         self.bufs.len()
     }
+
+    /// Frees the queue's storage if nothing is queued.
+    pub(crate) fn release_if_empty(&mut self) {
+        if self.bufs.is_empty() && self.bufs.capacity() != 0 {
+            self.bufs = VecDeque::new();
+        }
+    }
 }
 
 impl<T: Buf> Buf for BufList<T> {

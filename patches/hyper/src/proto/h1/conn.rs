@@ -512,12 +512,31 @@ where
     fn force_io_read(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
         debug_assert!(!self.state.is_read_closed());
 
-        let result = ready!(self.io.poll_read_from_io(cx));
+        let result = match self.io.poll_read_from_io(cx) {
+            Poll::Ready(result) => result,
+            Poll::Pending => {
+                self.release_cached_headers();
+                return Poll::Pending;
+            }
+        };
         Poll::Ready(result.map_err(|e| {
             trace!(error = %e, "force_io_read; io error");
             self.state.close();
             e
         }))
+    }
+
+    /// Called when a read between messages' heads returned `Pending` (a
+    /// server writing a body, watching for a closed peer; a client idle
+    /// between requests): when it found nothing to read (the connection
+    /// waits for its peer, and `Buffered` has released its empty buffers),
+    /// the header map kept for reuse by the next message is released too.
+    /// The next head allocates its own, as the first one did. Not where a
+    /// head is awaited: there the map is about to be reused.
+    fn release_cached_headers(&mut self) {
+        if self.io.is_read_blocked() {
+            self.state.cached_headers = None;
+        }
     }
 
     fn maybe_notify(&mut self, cx: &mut Context<'_>) {
@@ -854,6 +873,11 @@ where
 
     pub(crate) fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         ready!(Pin::new(&mut self.io).poll_flush(cx))?;
+        if let Writing::Body(..) = self.state.writing {
+            // A streamed body's next frame may be far away (a held stream):
+            // the emptied write queue's storage is not kept until then.
+            self.io.release_write_queue();
+        }
         self.try_keep_alive(cx);
         trace!("flushed({}): {:?}", T::LOG, self.state);
         Poll::Ready(Ok(()))

@@ -329,6 +329,12 @@ where
         self.write_buf.release_headers_if_empty();
     }
 
+    /// Releases the write queue's storage if nothing is queued (see
+    /// `Conn::poll_flush`).
+    pub(crate) fn release_write_queue(&mut self) {
+        self.write_buf.release_queue_if_empty();
+    }
+
     pub(crate) fn into_inner(self) -> (T, Bytes) {
         (self.io, self.read_buf.freeze())
     }
@@ -672,6 +678,12 @@ impl<B: Buf> WriteBuf<B> {
         if self.headers.remaining() == 0 && self.headers.bytes.capacity() != 0 {
             self.headers = Cursor::new(Vec::new());
         }
+    }
+
+    /// Releases the write queue's storage when it is empty: after a flush
+    /// it keeps its capacity (a few slots) for the connection's life.
+    fn release_queue_if_empty(&mut self) {
+        self.queue.release_if_empty();
     }
 }
 
