@@ -834,3 +834,47 @@ fn retry_event(
         Attribute::new("keyrelay.wait", Value::Float(wait.as_secs_f64())),
     ]
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn metered_as(content_type: Option<&str>) -> Option<Metered> {
+        let mut headers = http::HeaderMap::new();
+        if let Some(value) = content_type {
+            headers.insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_str(value).unwrap(),
+            );
+        }
+        metered(StatusCode::OK, &headers)
+    }
+
+    /// Budgets charge what `metered` names: an upstream's spelling of a
+    /// media type (case, parameters, spaces) must not turn a charged answer
+    /// into an uncharged one.
+    #[test]
+    fn media_types_are_metered_however_they_are_spelled() {
+        for (content_type, expected) in [
+            (Some("text/event-stream"), Some(Metered::Sse)),
+            (Some("TEXT/Event-Stream; charset=utf-8"), Some(Metered::Sse)),
+            (Some("  text/event-stream  ;x=1"), Some(Metered::Sse)),
+            (Some("Application/X-NDJSON"), Some(Metered::Lines)),
+            (Some("application/jsonl"), Some(Metered::Lines)),
+            (Some("APPLICATION/JSON"), Some(Metered::Json)),
+            (Some("application/vnd.api+JSON"), Some(Metered::Json)),
+            (Some("Text/Plain"), Some(Metered::Json)),
+            (None, Some(Metered::Json)),
+            (Some("text"), None),
+            (Some("+json"), Some(Metered::Json)), // charged: the safe side
+            (Some("image/png"), None),
+            (Some("application/octet-stream"), None),
+        ] {
+            assert_eq!(metered_as(content_type), expected, "{content_type:?}");
+        }
+        assert_eq!(
+            metered(StatusCode::BAD_GATEWAY, &http::HeaderMap::new()),
+            None
+        );
+    }
+}
