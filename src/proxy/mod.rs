@@ -839,12 +839,12 @@ fn retry_event(
 mod tests {
     use super::*;
 
-    fn metered_as(content_type: Option<&str>) -> Option<Metered> {
+    fn metered_as(content_type: Option<&'static str>) -> Option<Metered> {
         let mut headers = http::HeaderMap::new();
         if let Some(value) = content_type {
             headers.insert(
                 http::header::CONTENT_TYPE,
-                http::HeaderValue::from_str(value).unwrap(),
+                http::HeaderValue::from_static(value),
             );
         }
         metered(StatusCode::OK, &headers)
