@@ -650,6 +650,19 @@ impl RelayProcess {
         self.output_after_exit().await
     }
 
+    /// Once the process has exited: waits (bounded by [`STEP`]) until its
+    /// stderr has been read to the end, so that [`log`](Self::log) holds
+    /// every line it wrote. Its exit and its last lines reach the test as
+    /// two events, and the copying task may not have had its turn yet when
+    /// the exit is seen: a log read then can miss the lines written last.
+    pub(crate) async fn wait_for_log_end(&mut self) {
+        if let Some(reader) = self.reader.take() {
+            within("keyrelay's stderr to end", reader)
+                .await
+                .expect("stderr reader");
+        }
+    }
+
     /// Waits (bounded) for the process to exit and for its stderr to be
     /// read to the end, then returns stderr followed by stdout.
     async fn output_after_exit(&mut self) -> String {
@@ -664,11 +677,7 @@ impl RelayProcess {
         )
         .await
         .expect("stdout");
-        if let Some(reader) = self.reader.take() {
-            within("keyrelay's stderr", reader)
-                .await
-                .expect("stderr reader");
-        }
+        self.wait_for_log_end().await;
         self.log() + &printed
     }
 

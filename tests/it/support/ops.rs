@@ -118,15 +118,19 @@ impl AdminRelay {
         .await;
     }
 
-    /// Waits at most `bound` for the process to exit.
+    /// Waits at most `bound` for the process to exit, then for the rest of
+    /// its log ([`super::RelayProcess::wait_for_log_end`]): after this,
+    /// `process.log()` holds every line the process wrote.
     pub(crate) async fn exit_within(&mut self, bound: Duration) -> ExitStatus {
-        match tokio::time::timeout(bound, self.process.child.wait()).await {
+        let status = match tokio::time::timeout(bound, self.process.child.wait()).await {
             Ok(status) => status.expect("wait for keyrelay"),
             Err(_) => panic!(
                 "keyrelay did not exit within {bound:?}; log:\n{}",
                 self.process.log()
             ),
-        }
+        };
+        self.process.wait_for_log_end().await;
+        status
     }
 
     /// True while the process has not exited.
