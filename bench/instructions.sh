@@ -32,6 +32,13 @@
 #
 # INSTRUCTIONS_BIN counts another build instead of target/release/keyrelay
 # (e.g. the static musl binary of the release archives and the image).
+# INSTRUCTIONS_KEEP=DIR keeps callgrind's output files there, to read where
+# the instructions go: build with symbols for that (the release profile
+# strips them), e.g.
+#   CARGO_PROFILE_RELEASE_STRIP=false CARGO_PROFILE_RELEASE_DEBUG=line-tables-only \
+#     cargo build --release --target-dir /tmp/prof --bin keyrelay
+#   INSTRUCTIONS_BIN=/tmp/prof/release/keyrelay INSTRUCTIONS_KEEP=/tmp/cg bench/instructions.sh
+#   callgrind_annotate --inclusive=yes /tmp/cg/callgrind.5000.0.out | head -60
 #
 # Needs valgrind and python3 (installed with apt-get when missing and root).
 set -euo pipefail
@@ -144,6 +151,10 @@ count() {
   fi
   kill -TERM "$pid"
   wait "$pid" || true
+  if [ -n "${INSTRUCTIONS_KEEP:-}" ]; then
+    mkdir -p "$INSTRUCTIONS_KEEP"
+    cp "$out" "$INSTRUCTIONS_KEEP/"
+  fi
   awk '/^summary:/ { print $2 }' "$out"
 }
 
